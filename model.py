@@ -415,6 +415,25 @@ TINY_CONFIG = dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], vocab
                    bos_token_id=1, eos_token_id=2, pad_token_id=2)
 
 
+# Shapes of real checkpoints, for dry runs and benchmarks without downloading anything (values from their
+# config.json files on the hub). `ModelConfig.from_json(SHAPES[name])` builds the config.
+_QWEN25 = dict(model_type="qwen2", vocab_size=151936, rms_norm_eps=1e-6, rope_theta=1000000.0,
+               max_position_embeddings=32768, bos_token_id=151643, eos_token_id=151645)
+SHAPES = {
+    "smollm2-135m": dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, rms_norm_eps=1e-5,
+                         rope_theta=100000.0, tie_word_embeddings=True, max_position_embeddings=8192),
+    "qwen2.5-0.5b": dict(_QWEN25, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                         num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True),
+    "qwen2.5-1.5b": dict(_QWEN25, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                         num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True),
+    "qwen2.5-3b": dict(_QWEN25, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                       num_attention_heads=16, num_key_value_heads=2, tie_word_embeddings=True),
+    "qwen2.5-7b": dict(_QWEN25, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                       num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False),
+}
+
+
 def cache_dir() -> Path:
     """Where converted and generated checkpoints live: $DR_CACHE_DIR, else ~/.cache/deepresearch."""
     return Path(os.environ.get("DR_CACHE_DIR", Path.home() / ".cache" / "deepresearch"))
