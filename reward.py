@@ -29,7 +29,8 @@ What it deliberately does not do
 - No torch and no I/O, except the optional judge (HTTP via `requests`, imported lazily, and its cache file).
 
 How to run
-- Library only: `from reward import reward, f1, Judge`. Tests: `python -m pytest tests/test_reward.py tests/test_judge.py -x -q`.
+- Library only: `from reward import reward, f1, Judge`.
+- Tests (CPU, offline): `python -m pytest tests/test_reward.py tests/test_judge.py -x -q`.
 - The judge against any OpenAI-compatible server: `Judge(JudgeConfig(base_url="http://host:8000/v1",
   model="gpt-4o-mini", api_key_env="OPENAI_API_KEY", cache_path="runs/judge.jsonl"))`; eval.py wires it up.
 """
