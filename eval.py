@@ -1,0 +1,485 @@
+"""Run a research agent over benchmark questions and write per-question trajectories plus per-source metrics.
+
+What it does
+- Loads a checkpoint (a local HF folder, a hub id, or "tiny") and a data file (the reference's parquet or our JSONL
+  schema, see data/prepare.py), runs the agent loop (`rollout.rollout`, greedy by default) with a chosen search back
+  end, cache mode and reader, and appends one JSON line per finished question to `<out_dir>/trajectories.jsonl`:
+  question, gold, every turn with its tool call and observation, the answer and its scores.
+- Resumable: ids already in trajectories.jsonl are skipped, so a killed run continues where it stopped (each batch of
+  `--batch_size` questions is written as soon as it finishes; a torn last line is cut off at start).
+- Sharded under torchrun: rank r takes every world_size-th unfinished question; ranks append to the same file under
+  an exclusive file lock; rank 0 scores and writes the summary after a barrier.
+- Scores (reward.py): the reference word-set F1 and EM, SQuAD EM/F1, the format check on the policy's own turns, and
+  MBE (an LLM judge, exact match counted correct without a call) when `--judge_base_url` is set. Writes
+  `summary.json` and `summary.md`: per data source and overall, F1, EM, SQuAD-F1/EM, MBE, mean turns, tool calls,
+  format-error rate; and the metadata a result depends on (model, back end, cache file and its hash, corpus hash,
+  date, top-k, max turns, reader, judge model, data file hash, git commit).
+- `--score_only=true` re-scores an existing trajectories.jsonl (e.g. after adding a judge) without loading a model.
+
+What it does not do: sampling several answers per question (pass@k), training, or hiding failures: a question
+whose trajectory ended in a format error scores 0 F1 (as in the reference) and counts in the format-error rate.
+
+How to run
+    python eval.py --preset=tiny --data=../shared/held_out_data/dev.parquet --limit=14          # CPU, seconds
+    python eval.py --model=runs/ckpt/step_100 --data=../shared/held_out_data/test.parquet --backend=serper \\
+        --cache=runs/search.sqlite --reader=llm --device=cuda                                      # 1 GPU
+    torchrun --standalone --nproc_per_node=8 eval.py --preset=deepresearcher --model=PATH         # 8 GPUs
+    python eval.py --score_only=true --out_dir=runs/eval --judge_base_url=https://api.openai.com/v1
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import fcntl
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from reward import Judge, JudgeConfig, reward, squad_em, squad_f1
+
+ROOT = Path(__file__).resolve().parent
+
+
+@dataclass
+class Config:
+    # what to run
+    model: str = "HuggingFaceTB/SmolLM2-135M-Instruct"  # checkpoint folder, hub id, or "tiny"
+    data: str = "../shared/held_out_data/dev.parquet"   # .parquet (reference columns) or .jsonl (our schema)
+    out_dir: str = "runs/eval"
+    limit: int = 0                  # first N rows of the data file (0 = all), before sharding and resumption
+    sources: str = ""               # comma-separated data sources to keep ("" = all)
+    # agent (rollout.RolloutConfig)
+    protocol: str = "tags"          # tags | dr
+    max_turns: int = 10
+    max_new_tokens: int = 512       # per turn
+    max_len: int = 8192             # context per trajectory
+    temperature: float = 0.0        # greedy, as the paper evaluates
+    top_p: float = 1.0
+    n_slots: int = 64
+    batch_size: int = 64            # questions per rollout call; the unit of progress saved to disk
+    on_bad_call: str = "error_observation"
+    date: str = ""                  # date shown in the system prompt ("" = today); fix it for reproducible runs
+    seed: int = 0
+    # search and reading (browse.BrowseConfig)
+    backend: str = "local"          # local | serper | searxng
+    top_k: int = 10
+    corpus: str = ""                # local back end's corpus JSONL ("" = the embedded default)
+    cache: str = ""                 # SQLite search/page cache file ("" = none)
+    cache_mode: str = "replay_or_live"
+    reader: str = "extract"         # extract | llm
+    llm_base_url: str = ""          # reading agent's OpenAI-compatible endpoint (reader=llm)
+    llm_model: str = ""
+    # judge (MBE)
+    judge_base_url: str = ""        # "" = no judge, MBE not reported
+    judge_model: str = "gpt-4o-mini"
+    judge_api_key_env: str = "OPENAI_API_KEY"
+    judge_cache: str = ""           # "" = <out_dir>/judge_cache.jsonl
+    # runtime
+    device: str = "auto"            # auto | cpu | cuda
+    dtype: str = "auto"             # auto (bf16 on cuda, fp32 on cpu) | float32 | bfloat16
+    score_only: bool = False
+
+
+PRESETS: dict[str, dict] = {
+    # tiny random model + offline local search: the whole path in seconds on a CPU (tests, smoke runs)
+    "tiny": dict(model="tiny", backend="local", reader="extract", max_turns=3, max_new_tokens=24, max_len=2048,
+                 n_slots=16, batch_size=8, date="2025-01-01", out_dir="runs/eval-tiny", device="cpu"),
+    # SmolLM2-135M-Instruct (offline from the bundled GGUF) on the local corpus: a real but small model
+    "smol": dict(model="HuggingFaceTB/SmolLM2-135M-Instruct", backend="local", max_turns=4, max_new_tokens=256,
+                 max_len=4096, out_dir="runs/eval-smol"),
+    # the paper's evaluation set-up: Qwen2.5-7B-Instruct (or a trained checkpoint), Google via Serper, top 10,
+    # reading agent, up to 10 turns of at most 2000 new tokens, ~32k context, greedy
+    "deepresearcher": dict(model="Qwen/Qwen2.5-7B-Instruct", protocol="dr", backend="serper", top_k=10,
+                           reader="llm", max_turns=10, max_new_tokens=2000, max_len=32768, n_slots=64,
+                           data="../shared/held_out_data/test.parquet", out_dir="runs/eval-deepresearcher"),
+}
+
+
+# ----------------------------------------------------------------------------------------------- config parsing
+
+def _convert(value: str, typ, key: str):
+    typ = {"int": int, "float": float, "bool": bool, "str": str}.get(typ, typ) if isinstance(typ, str) else typ
+    if typ is bool:
+        if value.lower() in ("1", "true", "yes"):
+            return True
+        if value.lower() in ("0", "false", "no"):
+            return False
+        raise SystemExit(f"--{key} expects true/false, got {value!r}")
+    try:
+        return typ(value)
+    except ValueError:
+        raise SystemExit(f"--{key} expects {typ.__name__}, got {value!r}") from None
+
+
+def parse_config(cls, argv: list[str], presets: dict[str, dict]):
+    """`--preset=NAME` first, then `--key=value` overrides, typed; unknown keys and bad values stop with a message.
+
+    A local stand-in with the signature the contracts give train.parse_config; see notes in the final report."""
+    kv = {}
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            raise SystemExit(f"expected --key=value, got {arg!r}")
+        k, v = arg[2:].split("=", 1)
+        kv[k.replace("-", "_")] = v
+    cfg = cls()
+    types = {f.name: f.type for f in fields(cls)}
+    if "preset" in kv:
+        name = kv.pop("preset")
+        if name not in presets:
+            raise SystemExit(f"unknown preset {name!r}; known: {', '.join(presets)}")
+        for k, v in presets[name].items():
+            setattr(cfg, k, v)
+    for k, v in kv.items():
+        if k not in types:
+            raise SystemExit(f"unknown option --{k}; known: {', '.join(types)}")
+        setattr(cfg, k, _convert(v, types[k], k))
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------- files
+
+def sha256_file(path: str | os.PathLike | None, max_bytes: int | None = None) -> str | None:
+    """Hex sha256 of a file (None when there is none); hashes only the first max_bytes when given."""
+    if not path or not Path(path).is_file():
+        return None
+    h, left = hashlib.sha256(), max_bytes
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20 if left is None else min(1 << 20, left)):
+            h.update(chunk)
+            if left is not None:
+                left -= len(chunk)
+                if left <= 0:
+                    break
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def locked(path: Path):
+    """Exclusive lock shared by all ranks (and by a second eval started by mistake) on the output file."""
+    with open(str(path) + ".lock", "w") as lk:
+        fcntl.flock(lk, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lk, fcntl.LOCK_UN)
+
+
+def repair_tail(path: Path) -> None:
+    """Cut a torn last line (a crash mid-write) so that the next append starts on a fresh line."""
+    if not path.exists():
+        return
+    with locked(path), open(path, "rb+") as fh:
+        data = fh.read()
+        if data and not data.endswith(b"\n"):
+            fh.truncate(data.rfind(b"\n") + 1)
+
+
+def append_records(path: Path, records: list[dict]) -> None:
+    blob = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    with locked(path), open(path, "a", encoding="utf-8") as fh:
+        fh.write(blob)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def load_records(path: Path) -> list[dict]:
+    """Records of trajectories.jsonl; a torn line is skipped; a repeated id keeps its last record."""
+    if not path.exists():
+        return []
+    by_id: dict[str, dict] = {}
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            by_id[rec["id"]] = rec
+    return list(by_id.values())
+
+
+# ----------------------------------------------------------------------------------------------- scoring
+
+def _n_tool_calls(rec: dict) -> tuple[int, int]:
+    st = rec.get("stats") or {}
+    tools = [t.get("tool") for t in rec["turns"]]
+    n_search = st.get("n_search", sum(t in ("web_search", "search") for t in tools))
+    n_browse = st.get("n_browse", sum(t in ("browse_webpage", "browse") for t in tools))
+    return int(n_search), int(n_browse)
+
+
+def score_record(rec: dict) -> dict:
+    """Scores from the policy's own turn texts and the gold answers (observations are never format-checked)."""
+    r = reward([t["text"] for t in rec["turns"]], rec["gold"])
+    ans = r.answer if r.format_ok else None
+    n_search, n_browse = _n_tool_calls(rec)
+    return {"reward": r.score, "format_ok": r.format_ok, "format_reason": r.reason, "f1": r.f1, "em": r.em,
+            "squad_f1": squad_f1(ans, rec["gold"]) if ans is not None else 0.0,
+            "squad_em": squad_em(ans, rec["gold"]) if ans is not None else 0.0,
+            "answer": r.answer, "n_turns": len(rec["turns"]), "n_search": n_search, "n_browse": n_browse}
+
+
+def judge_records(records: list[dict], judge: Judge) -> None:
+    """Add MBE to each record's scores in place (a format error is incorrect, as in the reference, with no call)."""
+    items = [(r["question"], r["gold"], r["scores"]["answer"] if r["scores"]["format_ok"] else None)
+             for r in records]
+    for rec, v in zip(records, judge.judge_many(items)):
+        rec["scores"]["mbe"] = v.correct
+        rec["scores"]["judge"] = asdict(v)
+
+
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def summarize(records: list[dict]) -> dict:
+    """Per-source and overall metrics. MBE averages judged questions; unjudged ones are counted, not guessed."""
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for r in records:
+        groups[r["source"]].append(r)
+    groups = dict(sorted(groups.items()))
+    groups["overall"] = list(records)
+    out = {}
+    for name, recs in groups.items():
+        s = [r["scores"] for r in recs]
+        row = {"n": len(recs)}
+        for k in ("f1", "em", "squad_f1", "squad_em"):
+            row[k] = _mean([x[k] for x in s])
+        judged = [x["mbe"] for x in s if x.get("mbe") is not None]
+        if any("mbe" in x for x in s):
+            row["mbe"] = _mean(judged)
+            row["n_unjudged"] = sum(1 for x in s if "mbe" in x and x["mbe"] is None)
+        row["mean_turns"] = _mean([x["n_turns"] for x in s])
+        row["mean_tool_calls"] = _mean([x["n_search"] + x["n_browse"] for x in s])
+        row["mean_search"] = _mean([x["n_search"] for x in s])
+        row["mean_browse"] = _mean([x["n_browse"] for x in s])
+        row["format_error_rate"] = _mean([0.0 if x["format_ok"] else 1.0 for x in s])
+        out[name] = row
+    return out
+
+
+def render_md(summary: dict) -> str:
+    cols = [("n", "n"), ("f1", "F1 (ref)"), ("em", "EM"), ("squad_f1", "SQuAD-F1"), ("squad_em", "SQuAD-EM"),
+            ("mbe", "MBE"), ("mean_turns", "turns"), ("mean_tool_calls", "tool calls"),
+            ("format_error_rate", "format err")]
+    has_mbe = any("mbe" in row for row in summary["metrics"].values())
+    cols = [c for c in cols if c[0] != "mbe" or has_mbe]
+    lines = ["# Evaluation summary", "", "| source | " + " | ".join(c[1] for c in cols) + " |",
+             "|---|" + "---:|" * len(cols)]
+    for name, row in summary["metrics"].items():
+        cells = []
+        for k, _ in cols:
+            v = row.get(k)
+            cells.append("-" if v is None else str(v) if k == "n" else
+                         f"{100 * v:.1f}" if k in ("f1", "em", "squad_f1", "squad_em", "mbe", "format_error_rate")
+                         else f"{v:.2f}")
+        lines.append(f"| {'**overall**' if name == 'overall' else name} | " + " | ".join(cells) + " |")
+    lines += ["", "Scores are percentages. F1 (ref) is the reference's word-set F1 (articles kept), 0 on a format "
+              "error; SQuAD columns remove articles and count repeated words.", "", "## Run", ""]
+    lines += [f"- {k}: `{v}`" for k, v in summary["meta"].items() if k != "config"]
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(out_dir: Path, records: list[dict], meta: dict) -> dict:
+    summary = {"metrics": summarize(records), "meta": meta}
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    (out_dir / "summary.md").write_text(render_md(summary))
+    return summary
+
+
+def rescore(cfg: Config, out_dir: Path, meta: dict | None = None, ids: set[str] | None = None) -> dict:
+    """Score the records of trajectories.jsonl (judge included when set), rewrite it, write the summaries.
+
+    `ids`: summarise (and judge) only these questions; the file keeps every record it had, e.g. from an earlier
+    run without --limit."""
+    path = out_dir / "trajectories.jsonl"
+    everything = load_records(path)
+    records = [r for r in everything if ids is None or r["id"] in ids]
+    if not records:
+        raise SystemExit(f"{path} has no trajectories to score")
+    for rec in everything:
+        # fresh scores; MBE only when a judge is set now (its on-disk cache makes re-judging free)
+        rec["scores"] = score_record(rec)
+    judge_model = None
+    if cfg.judge_base_url:
+        judge = Judge(JudgeConfig(base_url=cfg.judge_base_url, model=cfg.judge_model,
+                                  api_key_env=cfg.judge_api_key_env,
+                                  cache_path=cfg.judge_cache or str(out_dir / "judge_cache.jsonl")))
+        judge_records(records, judge)
+        judge_model = cfg.judge_model
+        print("judge: " + " | ".join(f"{k} {v}" for k, v in sorted(judge.stats.items())))
+    with locked(path):  # atomic rewrite, so a crash here never loses trajectories
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in everything), encoding="utf-8")
+        tmp.replace(path)
+    if meta is None:  # score-only: keep the run's metadata, update the judge
+        old = out_dir / "summary.json"
+        meta = json.loads(old.read_text())["meta"] if old.exists() else {}
+    meta = dict(meta, judge_model=judge_model, scored_at=_dt.datetime.now().isoformat(timespec="seconds"))
+    summary = write_summary(out_dir, records, meta)
+    print(render_md(summary).split("\n## Run")[0])
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------- running the agent
+
+def _agent_modules():
+    """rollout / browse entry points, from their final home or their drafts while those are being folded in."""
+    try:
+        from rollout import RolloutConfig, rollout
+    except ImportError:
+        from rollout_agent import RolloutConfig, rollout
+    try:
+        from browse import BrowseConfig, Browser
+    except ImportError:
+        from browse_read import BrowseConfig, Browser
+    return rollout, RolloutConfig, Browser, BrowseConfig
+
+
+def _only_fields(cls, values: dict) -> dict:
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in values.items() if k in names}
+
+
+def default_corpus(cfg: Config) -> str | None:
+    if cfg.corpus or cfg.backend != "local":
+        return cfg.corpus or None
+    try:
+        from data.wiki_corpus import default_corpus_path
+        return str(default_corpus_path())
+    except (ImportError, AttributeError, OSError):
+        return None
+
+
+def trajectory_record(ex: dict, traj) -> dict:
+    turns = [asdict(t) if hasattr(t, "__dataclass_fields__") else dict(t) for t in traj.turns]
+    return {"id": ex["id"], "source": ex["source"], "question": ex["question"], "gold": ex["answers"],
+            "answer": traj.answer, "status": traj.status, "turns": turns, "stats": dict(traj.stats),
+            "n_tokens": len(traj.tokens), "prompt_len": traj.prompt_len}
+
+
+def setup_dist() -> tuple[int, int]:
+    """(rank, world_size); initialises torch.distributed only under torchrun with more than one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        import torch
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            dist.init_process_group(backend)
+    return int(os.environ.get("RANK", "0")), world
+
+
+def barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def run_meta(cfg: Config, model_path: str | None, corpus: str | None) -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"model": cfg.model, "model_path": model_path, "data": cfg.data, "data_sha256": sha256_file(cfg.data),
+            "limit": cfg.limit, "sources": cfg.sources or "all", "protocol": cfg.protocol, "backend": cfg.backend,
+            "cache": cfg.cache or None, "cache_mode": cfg.cache_mode, "cache_sha256": sha256_file(cfg.cache),
+            "corpus": corpus, "corpus_sha256": sha256_file(corpus), "top_k": cfg.top_k, "max_turns": cfg.max_turns,
+            "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "reader": cfg.reader,
+            "reader_model": cfg.llm_model or None, "judge_model": cfg.judge_model if cfg.judge_base_url else None,
+            "date": cfg.date or _dt.date.today().isoformat(), "git_commit": commit,
+            "finished_at": _dt.datetime.now().isoformat(timespec="seconds"), "config": asdict(cfg)}
+
+
+def run_agent(cfg: Config, todo: list[dict], path: Path, rank: int, world: int) -> tuple[str, str | None]:
+    """Run the agent over `todo` in batches, appending each finished batch; returns (model path, corpus)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from model import Transformer, resolve_model
+
+    rollout, RolloutConfig, Browser, BrowseConfig = _agent_modules()
+    device = cfg.device
+    if device == "auto":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32,
+             "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
+    model_path = resolve_model(cfg.model)
+    corpus = default_corpus(cfg)
+    if not todo:
+        return model_path, corpus
+    tok = AutoTokenizer.from_pretrained(model_path)
+    model = Transformer.from_pretrained(model_path, dtype=dtype, device=device).eval()
+    rcfg = RolloutConfig(**_only_fields(RolloutConfig, dict(
+        protocol=cfg.protocol, max_turns=cfg.max_turns, max_new_tokens=cfg.max_new_tokens, max_len=cfg.max_len,
+        temperature=cfg.temperature, top_p=cfg.top_p, n_slots=cfg.n_slots, on_bad_call=cfg.on_bad_call,
+        date=cfg.date or None)))
+    bcfg = BrowseConfig(**_only_fields(BrowseConfig, dict(
+        backend=cfg.backend, top_k=cfg.top_k, corpus=corpus, cache=cfg.cache or None, cache_mode=cfg.cache_mode,
+        reader=cfg.reader, llm_base_url=cfg.llm_base_url or None, llm_model=cfg.llm_model or None)))
+    browser = Browser(bcfg)
+    try:
+        t0, done = time.time(), 0
+        for b in range(0, len(todo), cfg.batch_size):
+            chunk = todo[b:b + cfg.batch_size]
+            with torch.no_grad():
+                trajs = rollout(model, tok, [e["question"] for e in chunk], [e["answers"] for e in chunk], browser,
+                                rcfg, group_size=1, seed=cfg.seed)
+            recs = [trajectory_record(ex, tr) for ex, tr in zip(chunk, trajs)]
+            for rec in recs:
+                rec["scores"] = score_record(rec)
+            append_records(path, recs)
+            done += len(chunk)
+            mean_f1 = sum(r["scores"]["f1"] for r in recs) / len(recs)
+            print(f"rank {rank} | done {done}/{len(todo)} | batch_f1 {mean_f1:.3f} | "
+                  f"{(time.time() - t0) / done:.2f} s/question", flush=True)
+    finally:
+        browser.close()
+    return model_path, corpus
+
+
+def main(cfg: Config) -> dict | None:
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "trajectories.jsonl"
+    if cfg.score_only:
+        return rescore(cfg, out_dir)
+    from data.prepare import load_examples
+
+    rank, world = setup_dist()
+    examples = load_examples(cfg.data, limit=cfg.limit or None)
+    if cfg.sources:
+        keep = set(cfg.sources.split(","))
+        examples = [e for e in examples if e["source"] in keep]
+    repair_tail(path)
+    finished = {r["id"] for r in load_records(path)}
+    todo = [e for e in examples if e["id"] not in finished]
+    if rank == 0:
+        print(json.dumps(asdict(cfg), indent=2))
+        print(f"{len(examples)} questions, {len(examples) - len(todo)} already in {path}, {len(todo)} to run "
+              f"on {world} rank(s)")
+        (out_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    model_path, corpus = run_agent(cfg, todo[rank::world], path, rank, world)
+    barrier(world)
+    if rank != 0:
+        return None
+    wanted = {e["id"] for e in examples}
+    # score only this run's questions: the file may hold more (an earlier run without --limit)
+    all_recs = load_records(path)
+    missing = wanted - {r["id"] for r in all_recs}
+    if missing:
+        raise SystemExit(f"{len(missing)} questions have no trajectory (a rank failed?); run again to finish them")
+    return rescore(cfg, out_dir, meta=run_meta(cfg, model_path, corpus), ids=wanted)
+
+
+if __name__ == "__main__":
+    main(parse_config(Config, sys.argv[1:], PRESETS))
