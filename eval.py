@@ -470,6 +470,10 @@ def main(cfg: Config) -> dict | None:
         (out_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
     model_path, corpus = run_agent(cfg, todo[rank::world], path, rank, world)
     barrier(world)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()  # rank 0 scores alone (the judge may take minutes; no collective waits on it)
     if rank != 0:
         return None
     wanted = {e["id"] for e in examples}

@@ -226,3 +226,83 @@ def test_tiny_preset_end_to_end(tmp_path):
         assert row["f1"] is not None and row["em"] is not None
     recs = ev.load_records(Path(cfg.out_dir) / "trajectories.jsonl")
     assert len(recs) == 14 and all(r["turns"] for r in recs)
+
+
+# ----------------------------------------------------------------------------------------------- data/prepare.py
+
+@needs_dev
+def test_prepare_reads_reference_parquet_and_jsonl(tmp_path):
+    from data.prepare import Config, load_examples, main
+
+    exs = load_examples(DEV)
+    assert len(exs) == 875 and set(exs[0]) == {"id", "source", "question", "answers"}
+    assert {e["source"] for e in exs} == {"nq", "tq", "hotpotqa", "2wiki", "musique", "Bamboogle", "popqa"}
+    tq = next(e for e in exs if e["id"] == "tq_qg_3477")
+    assert "turkey" in tq["answers"] and tq["question"].startswith("Lasting from 1299")
+    out = tmp_path / "dev.jsonl"
+    main(Config(src="parquet", input=str(DEV), out=str(out), limit=5))
+    again = load_examples(out)
+    assert again == exs[:5]
+    (tmp_path / "dup.jsonl").write_text('{"id": "a", "question": "q", "answers": ["x"]}\n' * 2)
+    with pytest.raises(ValueError, match="duplicate"):
+        load_examples(tmp_path / "dup.jsonl")
+
+
+def test_contamination_filter(monkeypatch):
+    import sys
+    import types
+
+    from data.prepare import contains_gold, contaminated
+
+    assert contains_gold("It is Paris, of course.", ["paris"])
+    assert not contains_gold("Parisian food", ["Paris"])        # whole words only
+    assert not contains_gold("anything", [""])
+
+    class Tok:
+        eos_token_id = 0
+
+        def apply_chat_template(self, msgs, add_generation_prompt, tokenize):
+            return [len(msgs[0]["content"])]
+
+        def decode(self, ids, skip_special_tokens=True):
+            return {1: "I think Paris", 2: "no clue"}[ids[0]]
+
+    calls = []
+
+    def fake_generate(model, prompts, max_new_tokens, temperature=1.0, stop_token_ids=(), seed=0, **kw):
+        calls.append(len(prompts))
+        # question 0's second sample names the gold; question 1 never does
+        return [[1] if i == 1 else [2] for i in range(len(prompts))]
+
+    monkeypatch.setitem(sys.modules, "rollout", types.SimpleNamespace(generate=fake_generate))
+    exs = [{"question": "Capital of France?", "answers": ["Paris"]}, {"question": "Capital of Peru?",
+                                                                      "answers": ["Lima"]}]
+    assert contaminated(None, Tok(), exs, k=2) == [True, False] and calls == [4]
+
+
+@needs_dev
+@pytest.mark.slow
+def test_torchrun_two_ranks_share_the_work(tmp_path):
+    import subprocess
+    import sys
+
+    tests = Path(__file__).resolve().parent
+    script = tmp_path / "run.py"
+    script.write_text(f"""import sys
+sys.path[:0] = [{str(tests.parent)!r}, {str(tests)!r}]
+import eval as ev
+import test_eval as te
+agent = te.FakeAgent()
+ev._agent_modules = lambda: (agent.rollout, te.FakeRolloutConfig, te.FakeBrowser, te.FakeBrowseConfig)
+ev.main(ev.parse_config(ev.Config, sys.argv[1:], ev.PRESETS))
+print("SEEN", len(agent.seen), flush=True)
+""")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           "--preset=tiny", f"--data={DEV}", "--limit=7", "--batch_size=2", f"--out_dir={out}"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tests.parent)
+    assert res.returncode == 0, res.stderr[-3000:]
+    seen = sorted(int(line.split()[1]) for line in res.stdout.splitlines() if line.startswith("SEEN"))
+    assert seen == [3, 4]                                    # rank 0: ids 0,2,4,6; rank 1: ids 1,3,5
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["metrics"]["overall"]["n"] == 7
