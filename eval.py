@@ -146,7 +146,13 @@ def parse_config(cls, argv: list[str], presets: dict[str, dict]):
 # ----------------------------------------------------------------------------------------------- files
 
 def sha256_file(path: str | os.PathLike | None, max_bytes: int | None = None) -> str | None:
-    """Hex sha256 of a file (None when there is none); hashes only the first max_bytes when given."""
+    # the SQLite cache is hashed as its main file: rows still in the -wal file are not covered (close it first)
+    """Hex sha256 of a file, or of a folder's files (names and contents, sorted); None when there is none."""
+    if path and Path(path).is_dir():
+        h = hashlib.sha256()
+        for f in sorted(p for p in Path(path).rglob("*") if p.is_file()):
+            h.update(f"{f.relative_to(path)}\0{sha256_file(f)}\n".encode())
+        return h.hexdigest()
     if not path or not Path(path).is_file():
         return None
     h, left = hashlib.sha256(), max_bytes
@@ -334,11 +340,17 @@ def _agent_modules():
     try:
         from rollout import RolloutConfig, rollout
     except ImportError:
-        from rollout_agent import RolloutConfig, rollout
+        try:
+            from rollout_agent import RolloutConfig, rollout
+        except ImportError as e:
+            raise SystemExit(f"eval.py needs rollout.rollout / RolloutConfig (or rollout_agent.py): {e}") from e
     try:
         from browse import BrowseConfig, Browser
     except ImportError:
-        from browse_read import BrowseConfig, Browser
+        try:
+            from browse_read import BrowseConfig, Browser
+        except ImportError as e:
+            raise SystemExit(f"eval.py needs browse.Browser / BrowseConfig (or browse_read.py): {e}") from e
     return rollout, RolloutConfig, Browser, BrowseConfig
 
 
