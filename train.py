@@ -1,0 +1,1023 @@
+"""Train a deep research agent with GRPO: rollouts in a (local or real) web, F1 rewards, a clipped policy update.
+
+What it does, each step
+1. takes `batch_size` questions (rank r gets every world-th one), and on each rank runs `rollout.rollout` with the
+   policy unsharded once (FSDP2 all-gathers the weights a single time, not once per decoded token), `group_size`
+   trajectories per question;
+2. scores each trajectory with `reward.reward` on the policy's own turn texts (-1 format error, else word-set F1);
+3. turns rewards into group advantages and takes one or more clipped policy-gradient steps on the sampled tokens;
+4. logs one line, metrics.jsonl, a few full trajectories, reward.png; saves a checkpoint every `save_every` steps.
+
+The objective (all choices are config keys). For a question q, G trajectories o_1..o_G with rewards r_i:
+    A_i   = r_i - mean(r)                                  (norm_adv_by_std=False, Dr.GRPO)
+    A_i   = (r_i - mean(r)) / (std(r) + 1e-6)              (norm_adv_by_std=True, GRPO; std unbiased as in verl)
+For every token t that the policy sampled (loss_mask 1; prompt, tool observations and padding are 0):
+    rho_t = exp(logp_theta(t) - logp_old(t))               (logp_old from a training forward before the update)
+    pg_t  = max(-A_i rho_t, -A_i clip(rho_t, 1 - clip_low, 1 + clip_high))       (clip-higher when they differ)
+    kl_t  = clamp(exp(ref_t - logp_t) - (ref_t - logp_t) - 1, -10, 10)           (low_var_kl / k3; only kl_coef>0)
+    l_t   = pg_t + kl_coef * kl_t - entropy_coef * H_t     (H_t: entropy of the policy's next-token distribution)
+aggregated over a mini-batch (sums taken over all ranks and micro-batches, so the result does not depend on how
+the batch is split):
+    loss_agg="seq-mean-token-mean"      mean over sequences of (mean over that sequence's tokens)      (GRPO paper)
+    loss_agg="token-mean"               sum over all tokens / number of tokens                 (DAPO; verl default)
+    loss_agg="seq-mean-token-sum-norm"  sum over sequences of (token sum / loss_agg_const) / number of sequences
+                                                                                                     (Dr.GRPO)
+With kl_coef == 0 the frozen reference model is not even loaded. Logits are divided by the sampling temperature
+before the log-softmax, so logp_theta is the distribution the sampler drew from.
+
+Departures from the paper / the reference implementation (verl + vLLM + Ray)
+- One process per GPU, launched by torchrun; generation runs inside the training process on the unsharded policy
+  with our own KV-cached engine (rollout.py), not vLLM; no Ray, no weight re-sync between engines.
+- The update trains on the exact token ids the sampler produced (the reference re-rendered text and re-tokenised).
+- logp_old is recomputed by a training forward when there are several mini-batches or epochs; with one of each
+  (the default) the update is exactly on-policy and logp_old = logp_theta.detach() (ratio 1, no extra forward).
+- loss_agg default "token-mean" (what the reference's verl actually computed), the paper states GRPO's
+  sequence-mean; both, and Dr.GRPO's constant, are switches. Optional filtering of zero-variance groups (DAPO,
+  without resampling). The mini-batch size of the reference is not stated in the paper; we do one update per step.
+- Search back ends: Serper (the paper), SearxNG or a local Wikipedia web (the default, offline); the reading agent
+  can be an OpenAI-compatible LLM or a local extractive reader (`reader=extract`, the CPU default).
+- Checkpoints are torch.distributed.checkpoint shards (+ an HF export per step), written atomically.
+
+How to run
+    python train.py                                                   # CPU: SmolLM2-135M-Instruct, local web
+    python train.py --preset=tiny --steps=3                           # tiny random model, seconds per step
+    python train.py --preset=deepresearcher --dry_run=True            # memory per GPU before launching
+    torchrun --standalone --nproc_per_node=2 train.py --preset=tiny --steps=2          # 2 CPU processes (gloo)
+    torchrun --standalone --nproc_per_node=8 train.py --preset=deepresearcher         # one 8-GPU node (NCCL)
+    torchrun --nnodes=4 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
+        train.py --preset=deepresearcher --out_dir=/shared/fs/run1                    # multi-node, shared out_dir
+    python train.py --preset=tiny --resume=True                       # continue from the latest checkpoint
+Any Config field can be overridden with --key=value; unknown keys are rejected with the closest matches.
+
+What it deliberately does not do: value models / GAE, reward models, sequence packing across trajectories,
+tensor or pipeline parallelism, asynchronous (off-policy) rollouts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import difflib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+import types
+import typing
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent
+if str(ROOT) not in sys.path:  # `torchrun train.py` from another folder: make model.py & co importable
+    sys.path.insert(0, str(ROOT))
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class Config:
+    # model and data
+    model: str = "HuggingFaceTB/SmolLM2-135M-Instruct"  # hub id, local HF folder, or "tiny" (model.resolve_model)
+    data: str = "data/offline_qa/train.jsonl"  # .jsonl / .parquet (data/prepare.py schema); "" = built-in samples
+    out_dir: str = "runs/train"
+    # steps and batch
+    steps: int = 30
+    batch_size: int = 8             # questions per step, over all ranks (divisible by world size)
+    group_size: int = 4             # trajectories per question (G)
+    # agent (rollout.RolloutConfig; fields with the same names are passed on)
+    protocol: str = "tags"          # tags | dr
+    max_turns: int = 4
+    max_new_tokens: int = 256       # per turn
+    max_len: int = 4096             # context per trajectory
+    temperature: float = 1.0
+    top_p: float = 1.0
+    n_slots: int = 32               # concurrent rows in the rollout engine, per rank
+    on_bad_call: str = "error_observation"
+    date: str = ""                  # date in the system prompt ("" = today); fixed in tests for reproducibility
+    # search and reading (browse.BrowseConfig; fields with the same names are passed on)
+    backend: str = "local"          # local | serper | searxng
+    top_k: int = 10
+    corpus: str = ""                # local back end's corpus ("" = the embedded default)
+    cache: str = ""                 # SQLite search/page cache ("" = none)
+    cache_mode: str = "replay_or_live"
+    reader: str = "extract"         # extract | llm
+    llm_base_url: str = ""
+    llm_model: str = ""
+    # optimisation
+    lr: float = 1e-6
+    warmup_steps: int = 0           # linear warm-up, then constant (the paper: constant)
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    grad_clip: float = 1.0
+    # loss (see the module docstring)
+    clip_low: float = 0.2
+    clip_high: float = 0.2          # > clip_low = DAPO's clip-higher (e.g. 0.28)
+    loss_agg: str = "token-mean"    # seq-mean-token-mean (GRPO) | token-mean (DAPO) | seq-mean-token-sum-norm (Dr.GRPO)
+    loss_agg_const: float = 0.0     # Dr.GRPO's constant; 0 = max_turns * max_new_tokens
+    norm_adv_by_std: bool = True
+    filter_groups: bool = False     # drop groups whose rewards are all equal (they carry no signal)
+    kl_coef: float = 0.0            # 0 = no reference model in memory
+    kl_type: str = "low_var_kl"     # only k3 is implemented (the paper's)
+    entropy_coef: float = 0.0
+    n_minibatches: int = 1          # optimizer steps per batch and epoch
+    ppo_epochs: int = 1
+    micro_tokens: int = 8192        # token budget (rows x padded length) of one forward/backward, per rank
+    # runtime
+    device: str = "auto"            # auto | cpu | cuda
+    activation_checkpointing: bool = False
+    cpu_offload: bool = False       # FSDP2 CPUOffloadPolicy: sharded params, grads and Adam state live on the CPU
+    export_dtype: str = "auto"      # HF export dtype: auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16
+    seed: int = 0
+    # checkpoints and logging
+    save_every: int = 10            # steps; a final checkpoint is always written
+    keep_last: int = 2
+    resume: bool = False            # continue from the latest checkpoint in out_dir/ckpt
+    n_log_rollouts: int = 2         # full trajectories dumped per step to rollouts/step_NNNNNN.jsonl
+    plot_every: int = 5             # reward.png every N steps (and at the end)
+    min_entropy: float = 1e-3       # mean token entropy below this for 3 steps in a row = collapse: stop
+    wandb_project: str = ""         # "" = off; imported lazily
+    tensorboard: bool = False
+    dry_run: bool = False           # print the per-GPU memory estimate and exit
+    world_size: int = 0             # dry run only: world size to estimate for (0 = the current one)
+
+
+# Named overrides of the defaults. The default itself is the embedded offline run (CPU, no internet).
+PRESETS: dict[str, dict] = {
+    # tiny random model + local search: the whole loop in seconds per step (tests, smoke runs)
+    "tiny": dict(model="tiny", data="", out_dir="runs/train-tiny", steps=3, batch_size=4, group_size=2, max_turns=2,
+                 max_new_tokens=16, max_len=1024, n_slots=8, lr=1e-3, date="2025-01-01", save_every=2,
+                 micro_tokens=4096, plot_every=1),
+    # the paper's recipe on one or more 8-GPU nodes
+    "deepresearcher": dict(model="Qwen/Qwen2.5-7B-Instruct", data="data/train.jsonl", out_dir="runs/deepresearcher",
+                           steps=100, batch_size=256, group_size=16, protocol="dr", max_turns=10,
+                           max_new_tokens=2000, max_len=32768, n_slots=512, temperature=1.0, backend="serper",
+                           reader="llm", lr=1e-6, weight_decay=0.01, grad_clip=1.0, clip_low=0.2, clip_high=0.2,
+                           kl_coef=0.001, kl_type="low_var_kl", entropy_coef=0.001, micro_tokens=32768,
+                           activation_checkpointing=True, save_every=10),
+}
+
+
+def _convert(key: str, value: str, typ):
+    """'--key=value' text -> the field's type; bool accepts true/false/1/0/yes/no; Optional[X] accepts 'none'."""
+    if isinstance(typ, str):  # `from __future__ import annotations` leaves annotations as strings
+        typ = eval(typ, {"typing": typing}, {})  # noqa: S307 (field annotations of our own dataclass)
+    args = typing.get_args(typ)
+    if typing.get_origin(typ) in (typing.Union, types.UnionType):  # X | None
+        if value.lower() in ("none", "null"):
+            return None
+        typ = next(a for a in args if a is not type(None))
+    if typ is bool:
+        if value.lower() in ("1", "true", "yes"):
+            return True
+        if value.lower() in ("0", "false", "no"):
+            return False
+        raise SystemExit(f"--{key} expects true or false, got {value!r}")
+    try:
+        return typ(value)
+    except ValueError:
+        raise SystemExit(f"--{key} expects {typ.__name__}, got {value!r}") from None
+
+
+def parse_config(cls, argv: list[str], presets: dict[str, dict]):
+    """Defaults <- `--preset=NAME` <- `--key=value` overrides (typed). Unknown keys stop with the closest matches."""
+    overrides: dict[str, str] = {}
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            raise SystemExit(f"expected --key=value, got {arg!r}")
+        k, v = arg[2:].split("=", 1)
+        overrides[k.replace("-", "_")] = v
+    names = {f.name: f.type for f in fields(cls)}
+    preset = overrides.pop("preset", None)
+    values: dict = {}
+    if preset is not None:
+        if preset not in presets:
+            raise SystemExit(f"unknown preset {preset!r}; known: {', '.join(presets)}")
+        values.update(presets[preset])
+    for k, v in overrides.items():
+        if k not in names:
+            close = difflib.get_close_matches(k, list(names), n=3, cutoff=0.5)
+            hint = f"; did you mean {', '.join('--' + c for c in close)}?" if close else ""
+            raise SystemExit(f"unknown option --{k}{hint} (all options: {', '.join(names)})")
+        values[k] = _convert(k, v, names[k])
+    return cls(**values)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Distributed setup: torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them we are a single process.
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str = "auto") -> Dist:
+    """Process group (NCCL on GPU, gloo on CPU) when launched by torchrun; a plain single process otherwise."""
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if use_cuda and not torch.cuda.is_available():
+        raise SystemExit("--device=cuda but CUDA is not available")
+    if "RANK" not in os.environ:
+        return Dist(device=torch.device("cuda", 0) if use_cuda else torch.device("cpu"))
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    dev = torch.device("cuda", local) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
+    return Dist(rank=rank, world=world, local_rank=local, device=dev)
+
+
+def _is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def barrier() -> None:
+    if _is_dist():
+        dist.barrier()
+
+
+def all_reduce(values: list[float], op: str = "sum", device=None) -> list[float]:
+    """Reduce a few floats over ranks in one collective (float64, so sums of counts stay exact)."""
+    if not _is_dist():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
+    return t.tolist()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model: load, shard with FSDP2, unshard for rollouts
+
+
+def fsdp_modules(model) -> list:
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def build_model(path: str, cfg: Config, d: Dist, trainable: bool = True):
+    """Load an HF checkpoint and, when distributed or on GPU, shard it with FSDP2 (each block, then the root).
+
+    Rank 0 reads the weights; the other ranks build on the meta device and receive their shards by broadcast, so
+    host memory holds one full copy per node, not one per GPU. Master weights stay fp32; on GPU the forward and
+    backward run in bf16 (MixedPrecisionPolicy) with fp32 gradient reduction.
+    """
+    from model import ModelConfig, Transformer
+
+    use_fsdp = d.world > 1 or d.device.type == "cuda"
+    if not use_fsdp:
+        model = Transformer.from_pretrained(path, dtype=torch.float32, device=d.device)
+    else:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+        if d.main:
+            full = Transformer.from_pretrained(path, dtype=torch.float32, device="cpu")
+            full_sd = full.state_dict()
+        else:
+            full_sd = {}
+        with torch.device("meta"):
+            model = Transformer(ModelConfig.from_json(path))
+        kw = {}
+        if d.device.type == "cuda":
+            kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if cfg.cpu_offload:
+            kw["offload_policy"] = CPUOffloadPolicy()
+        for block in model.model.layers:
+            fully_shard(block, **kw)
+        fully_shard(model, **kw)  # the root group holds embeddings, final norm and (tied or not) lm_head
+        model.to_empty(device="cpu" if cfg.cpu_offload else d.device)
+        if model.config.tie_word_embeddings:  # to_empty keeps the tie, but be explicit: one parameter, two names
+            model.lm_head.weight = model.model.embed_tokens.weight
+        opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        set_model_state_dict(model, full_sd, options=opts)
+        del full_sd
+    model.gradient_checkpointing = cfg.activation_checkpointing and trainable
+    if not trainable:
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+    return model
+
+
+@contextlib.contextmanager
+def unsharded(model):
+    """All-gather every FSDP group once, keep them gathered for the whole rollout, reshard after.
+
+    Without this, every decoded token would all-gather every layer (FSDP reshards after each forward).
+    """
+    mods = fsdp_modules(model)
+    for m in mods:
+        m.unshard()
+        m.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield model
+    finally:
+        for m in mods:
+            m.reshard()
+            m.set_reshard_after_forward(True, recurse=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data: a fixed permutation per epoch, a global cursor, rank r takes every world-th question of the batch
+
+SAMPLE_QUESTIONS = [  # for `data=""`: smoke runs and tests without a prepared data file
+    ("What is the capital of France?", ["Paris"]), ("Who wrote Hamlet?", ["William Shakespeare", "Shakespeare"]),
+    ("What is the largest planet in the Solar System?", ["Jupiter"]), ("What is the chemical symbol of gold?", ["Au"]),
+    ("In which country is the city of Kyoto?", ["Japan"]), ("Who painted the Mona Lisa?", ["Leonardo da Vinci"]),
+    ("What is the longest river in Africa?", ["Nile", "the Nile"]), ("What language is spoken in Brazil?",
+                                                                     ["Portuguese"]),
+    ("Which element has atomic number 1?", ["Hydrogen"]), ("What is the capital of Australia?", ["Canberra"]),
+    ("Who developed the theory of general relativity?", ["Albert Einstein"]), ("What is the currency of Japan?",
+                                                                               ["Yen", "Japanese yen"]),
+]
+
+
+def load_questions(path: str) -> list[dict]:
+    """[{question, answers}] from a data file (data/prepare.py's reader) or the built-in samples."""
+    if not path:
+        return [{"question": q, "answers": a} for q, a in SAMPLE_QUESTIONS]
+    p = Path(path) if Path(path).is_absolute() or Path(path).exists() else ROOT / path
+    if not p.exists():
+        raise SystemExit(f"--data={path}: file not found; build it with the scripts in data/ "
+                         f"or pass --data='' for the built-in sample questions")
+    from data.prepare import load_examples
+
+    return [{"question": e["question"], "answers": e["answers"]} for e in load_examples(p)]
+
+
+def batch_indices(n: int, step: int, batch_size: int, seed: int) -> list[int]:
+    """Indices of the questions of global step `step`: epochs are seeded permutations, read in order.
+
+    A pure function of (n, step, batch, seed), so the data position after a resume is exact by construction."""
+    out = []
+    for pos in range(step * batch_size, (step + 1) * batch_size):
+        epoch, i = divmod(pos, n)
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        out.append(int(torch.randperm(n, generator=g)[i]))
+    return out
+
+
+def rng_seed(seed: int, step: int, rank: int) -> int:
+    """Seed of the generator used at (seed, step, rank): distinct streams, reproducible after a resume."""
+    return (seed * 1_000_003 + step) * 65_537 + rank
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Advantages and the loss. Pure functions of tensors; they never modify their inputs.
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, norm_by_std: bool = True, eps: float = 1e-6):
+    """rewards (N,) question-major (G consecutive per question) -> advantages (N,).
+
+    A = r - mean(group), divided by (std(group) + eps) when norm_by_std (unbiased std, as verl's GRPO)."""
+    r = rewards.reshape(-1, group_size).to(torch.float32)  # (Q, G)
+    a = r - r.mean(dim=1, keepdim=True)
+    if norm_by_std and group_size > 1:
+        a = a / (r.std(dim=1, keepdim=True) + eps)
+    return a.reshape(-1)
+
+
+def zero_variance_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(N,) rewards -> (Q,) bool: every trajectory of the question got the same reward (advantage 0: no signal)."""
+    r = rewards.reshape(-1, group_size)
+    return (r == r[:, :1]).all(dim=1)
+
+
+def policy_loss(logp, old_logp, advantages, mask, *, clip_low=0.2, clip_high=0.2, loss_agg="token-mean",
+                ref_logp=None, kl_coef=0.0, entropy=None, entropy_coef=0.0, agg_const=1.0, norm=None):
+    """The clipped GRPO surrogate on masked tokens, aggregated; returns (loss, stats).
+
+    logp, old_logp, ref_logp, entropy, mask: (B, T); advantages: (B,). Only positions with mask 1 count, and
+    `torch.where` (not a multiplication) keeps even inf/NaN at mask-0 positions out of the value and the gradient.
+    norm: the denominator (tokens for token-mean, sequences otherwise) summed over the whole mini-batch on every
+    rank; None = this call's own count (a plain mean).
+    """
+    m = mask.bool()
+    zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
+    logp = torch.where(m, logp, zero)
+    old = torch.where(m, old_logp.to(logp.dtype), zero)
+    adv = advantages.to(logp.dtype)[:, None]  # (B, 1)
+    log_ratio = (logp - old).clamp(-20.0, 20.0)  # as verl: exp() of a huge drift would overflow
+    ratio = torch.exp(log_ratio)  # (B, T)
+    pg1 = -adv * ratio
+    pg2 = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    per_tok = torch.maximum(pg1, pg2)  # pessimistic bound: the clipped term wins when it is larger
+    stats = {}
+    if kl_coef > 0:
+        d = torch.where(m, ref_logp.to(logp.dtype), zero) - logp
+        kl = (torch.exp(d) - d - 1.0).clamp(-10.0, 10.0)  # k3: unbiased, non-negative, low variance
+        per_tok = per_tok + kl_coef * kl
+        stats["kl"] = kl.detach()
+    if entropy_coef > 0:
+        per_tok = per_tok - entropy_coef * torch.where(m, entropy, zero)
+    per_tok = torch.where(m, per_tok, zero)
+    n_tok = m.sum(dim=1)  # (B,)
+    if loss_agg == "token-mean":
+        total = per_tok.sum()
+        denom = norm if norm is not None else n_tok.sum().clamp(min=1)
+    elif loss_agg == "seq-mean-token-mean":
+        total = (per_tok.sum(dim=1) / n_tok.clamp(min=1)).sum()
+        denom = norm if norm is not None else per_tok.shape[0]
+    elif loss_agg == "seq-mean-token-sum-norm":
+        total = (per_tok.sum(dim=1) / agg_const).sum()
+        denom = norm if norm is not None else per_tok.shape[0]
+    else:
+        raise ValueError(f"loss_agg={loss_agg!r}: use token-mean, seq-mean-token-mean or seq-mean-token-sum-norm")
+    stats["clipped"] = ((pg2 > pg1) & m).detach()  # tokens where the clip was active
+    stats["ratio"] = ratio.detach()
+    return total / denom, stats
+
+
+def token_logprobs(model, tokens, mask, temperature: float = 1.0, with_entropy: bool = False):
+    """Per-token log-probs of `tokens[:, 1:]` under the model, only where `mask[:, 1:]` is 1.
+
+    tokens, mask: (B, T). Returns logp (B, T-1) and entropy (B, T-1) or None, zero where the mask is 0. Logits are
+    computed only at the sampled positions (`logits_at`), which is most of the memory saved on long observations.
+    """
+    tgt_mask = mask[:, 1:].bool()  # (B, T-1): token t+1 is predicted from position t
+    B, T1 = tgt_mask.shape
+    k = max(int(tgt_mask.sum(dim=1).max()), 1)
+    # time indices of the masked positions, packed left, padded with 0 (their results are discarded below)
+    order = torch.sort((~tgt_mask).to(torch.int8), dim=1, stable=True).indices[:, :k]  # (B, K)
+    valid = torch.gather(tgt_mask, 1, order)  # (B, K)
+    logits = model(tokens[:, :-1], logits_at=order).float()  # (B, K, V)
+    if temperature > 0 and temperature != 1.0:
+        logits = logits / temperature
+    logz = torch.logsumexp(logits, dim=-1)  # (B, K)
+    tgt = torch.gather(tokens[:, 1:], 1, order)  # (B, K)
+    lp = torch.gather(logits, 2, tgt[:, :, None]).squeeze(-1) - logz  # (B, K)
+    ent = None
+    if with_entropy:
+        p = torch.softmax(logits, dim=-1)
+        ent = logz - (p * logits).sum(dim=-1)  # H = logZ - E_p[logit]
+    zero = torch.zeros((), dtype=lp.dtype, device=lp.device)
+    out = torch.zeros(B, T1, dtype=lp.dtype, device=lp.device).scatter(1, order, torch.where(valid, lp, zero))
+    if ent is not None:
+        ent = torch.zeros(B, T1, dtype=lp.dtype, device=lp.device).scatter(1, order, torch.where(valid, ent, zero))
+    return out, ent
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The update: mini-batches (optimizer steps) of micro-batches (forward/backward within a token budget)
+
+
+@dataclass
+class Sample:
+    """One trajectory as the update sees it."""
+    tokens: list[int]
+    loss_mask: list[int]
+    advantage: float
+    old_logp: torch.Tensor | None = None  # (T-1,) set before the update when needed
+    ref_logp: torch.Tensor | None = None  # (T-1,)
+
+
+def micro_batches(lengths: list[int], budget: int) -> list[list[int]]:
+    """Group sequence indices so that rows x longest row <= budget (a longer single row goes alone).
+
+    Sorting by length first keeps padding small; the order within a mini-batch does not change the result."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    out, cur, longest = [], [], 0
+    for i in order:
+        L = max(longest, lengths[i])
+        if cur and (len(cur) + 1) * L > budget:
+            out.append(cur)
+            cur, L = [], lengths[i]
+        cur.append(i)
+        longest = L
+    if cur:
+        out.append(cur)
+    return out
+
+
+def collate(samples: list[Sample], device, pad_id: int = 0):
+    """Right-padded (B, T) tokens and mask; old/ref logps padded to (B, T-1); advantages (B,)."""
+    T = max(len(s.tokens) for s in samples)
+    tok = torch.full((len(samples), T), pad_id, dtype=torch.long)
+    msk = torch.zeros((len(samples), T), dtype=torch.long)
+    for i, s in enumerate(samples):
+        tok[i, : len(s.tokens)] = torch.tensor(s.tokens)
+        msk[i, : len(s.loss_mask)] = torch.tensor(s.loss_mask)
+
+    def pad(get):
+        if get(samples[0]) is None:
+            return None
+        out = torch.zeros((len(samples), T - 1), dtype=torch.float32)
+        for i, s in enumerate(samples):
+            out[i, : len(get(s))] = get(s)
+        return out.to(device)
+
+    adv = torch.tensor([s.advantage for s in samples], dtype=torch.float32, device=device)
+    return tok.to(device), msk.to(device), adv, pad(lambda s: s.old_logp), pad(lambda s: s.ref_logp)
+
+
+def _dummy_backward(model, device) -> None:
+    """A rank with fewer micro-batches than another still has to join FSDP's collectives: a zero-loss pass."""
+    tok = torch.zeros((1, 2), dtype=torch.long, device=device)
+    (model(tok, logits_at=torch.zeros((1, 1), dtype=torch.long, device=device)).sum() * 0.0).backward()
+
+
+@torch.no_grad()
+def fill_logprobs(model, samples: list[Sample], cfg: Config, d: Dist, attr: str) -> list[Sample]:
+    """New Samples with `attr` (old_logp / ref_logp) from a no-grad forward of `model`, in micro-batches."""
+    out = list(samples)
+    lengths = [len(s.tokens) for s in samples]
+    groups = micro_batches(lengths, cfg.micro_tokens)
+    n = int(all_reduce([len(groups)], "max", _comm_device(d))[0])
+    for j in range(n):
+        if j >= len(groups):
+            model(torch.zeros((1, 2), dtype=torch.long, device=d.device))  # keep FSDP's collectives in step
+            continue
+        idx = groups[j]
+        tok, msk, _, _, _ = collate([samples[i] for i in idx], d.device)
+        lp, _ = token_logprobs(model, tok, msk, _train_temperature(cfg))
+        for row, i in enumerate(idx):
+            out[i] = dataclasses.replace(samples[i], **{attr: lp[row, : lengths[i] - 1].float().cpu()})
+    return out
+
+
+def _train_temperature(cfg: Config) -> float:
+    return cfg.temperature if cfg.temperature > 0 else 1.0
+
+
+def _comm_device(d: Dist):
+    return d.device if (_is_dist() and dist.get_backend() == "nccl") else "cpu"
+
+
+def lr_at(step: int, cfg: Config) -> float:
+    """Linear warm-up over `warmup_steps`, then constant (the paper's schedule is constant 1e-6)."""
+    return cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else cfg.lr
+
+
+def update(model, optimizer, samples: list[Sample], cfg: Config, d: Dist, step: int, ref_model=None) -> dict:
+    """Policy-gradient steps on this rank's samples; every rank calls it, even with no samples. Returns metrics."""
+    comm = _comm_device(d)
+    multi = cfg.n_minibatches * cfg.ppo_epochs > 1
+    if multi:  # the policy moves between mini-batches: freeze logp_old with a training forward first
+        samples = fill_logprobs(model, samples, cfg, d, "old_logp")
+    if cfg.kl_coef > 0:
+        samples = fill_logprobs(ref_model, samples, cfg, d, "ref_logp")
+    for g in optimizer.param_groups:
+        g["lr"] = lr_at(step, cfg)
+    const = cfg.loss_agg_const or float(cfg.max_turns * cfg.max_new_tokens)
+    sums = dict(loss=0.0, entropy=0.0, kl=0.0, clipfrac=0.0, ratio=0.0, tokens=0.0)
+    grad_norms, finite = [], True
+    nb = cfg.n_minibatches
+    for _ in range(cfg.ppo_epochs):
+        for mb in range(nb):
+            part = samples[mb * len(samples) // nb: (mb + 1) * len(samples) // nb]
+            lengths = [len(s.tokens) for s in part]
+            n_tok_local = sum(sum(s.loss_mask[1:]) for s in part)
+            # the denominators are over the whole mini-batch on all ranks, so micro-batching and sharding do not
+            # change the loss; FSDP averages gradients over ranks, hence the factor `world` below
+            n_tok, n_seq = all_reduce([n_tok_local, len(part)], "sum", comm)
+            norm = n_tok if cfg.loss_agg == "token-mean" else n_seq
+            groups = micro_batches(lengths, cfg.micro_tokens) if part else []
+            n_micro = int(all_reduce([len(groups)], "max", comm)[0])
+            for j in range(n_micro):
+                if j >= len(groups) or norm == 0:
+                    _dummy_backward(model, d.device)
+                    continue
+                tok, msk, adv, old, ref = collate([part[i] for i in groups[j]], d.device)
+                logp, ent = token_logprobs(model, tok, msk, _train_temperature(cfg), with_entropy=True)
+                if not cfg.entropy_coef > 0:
+                    ent = ent.detach()  # measured for the log, not trained on
+                old = old if multi else logp.detach()
+                loss, st = policy_loss(logp, old, adv, msk[:, 1:], clip_low=cfg.clip_low, clip_high=cfg.clip_high,
+                                       loss_agg=cfg.loss_agg, ref_logp=ref, kl_coef=cfg.kl_coef, entropy=ent,
+                                       entropy_coef=cfg.entropy_coef, agg_const=const, norm=norm)
+                (loss * d.world).backward()
+                m = msk[:, 1:].bool()
+                sums["loss"] += float(loss.detach())
+                sums["entropy"] += float(ent.detach()[m].sum())
+                sums["kl"] += float(st["kl"][m].sum()) if "kl" in st else 0.0
+                sums["clipfrac"] += float(st["clipped"].sum())
+                sums["ratio"] += float(st["ratio"][m].sum())
+                sums["tokens"] += float(m.sum())
+            gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else 1e30)
+            gn = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)
+            grad_norms.append(gn)
+            if math.isfinite(gn):
+                optimizer.step()
+            else:
+                finite = False  # a NaN/inf gradient is never applied; the caller stops the run
+            optimizer.zero_grad(set_to_none=True)
+    tot = all_reduce([sums[k] for k in sums], "sum", comm)
+    s = dict(zip(sums, tot))
+    t = max(s["tokens"], 1.0)
+    # `loss` is per rank already normalised by the global count: its sum over ranks is the mini-batch loss
+    return {"loss": s["loss"] / (cfg.n_minibatches * cfg.ppo_epochs), "entropy": s["entropy"] / t, "kl": s["kl"] / t,
+            "clipfrac": s["clipfrac"] / t, "ratio": s["ratio"] / t, "grad_norm": max(grad_norms, default=0.0),
+            "finite": finite, "train_tokens": s["tokens"]}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints: out_dir/ckpt/step_NNNNNN/{dcp/, hf/, state.json, rng_rank{r}.pt}, written to a .tmp folder first
+
+
+def ckpt_root(cfg: Config) -> Path:
+    return Path(cfg.out_dir) / "ckpt"
+
+
+def latest_checkpoint(cfg: Config) -> Path | None:
+    """The newest complete step folder (a .tmp folder is a save that was killed: ignored)."""
+    root = ckpt_root(cfg)
+    done = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")
+                  and (p / "state.json").exists()) if root.exists() else []
+    return done[-1] if done else None
+
+
+def _export_dtype(cfg: Config, d: Dist):
+    if cfg.export_dtype == "auto":
+        return torch.bfloat16 if d.device.type == "cuda" else torch.float32
+    return getattr(torch, cfg.export_dtype)
+
+
+def save_checkpoint(model, optimizer, tokenizer, cfg: Config, d: Dist, step: int, history: list[dict]) -> Path:
+    """Sharded model + optimizer (DCP), step, RNG, data position, HF export; atomic via temp folder + rename."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+
+    from model import save_pretrained
+
+    final = ckpt_root(cfg) / f"step_{step:06d}"
+    tmp = final.with_name(final.name + ".tmp")
+    if d.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    msd, osd = get_state_dict(model, optimizer)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / "dcp"))
+    torch.save({"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state() if d.device.type == "cuda" else None}, tmp / f"rng_rank{d.rank}.pt")
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if d.main:
+        dt = _export_dtype(cfg, d)
+        save_pretrained(model, tmp / "hf", state_dict={k: v.to(dt) for k, v in full.items()})
+        tokenizer.save_pretrained(tmp / "hf")
+        state = {"step": step, "data_position": step * cfg.batch_size, "world_size": d.world,
+                 "config": asdict(cfg), "history": history}
+        (tmp / "state.json").write_text(json.dumps(state))
+    del full
+    barrier()
+    if d.main:
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)  # the step folder appears complete or not at all
+        done = sorted(p for p in ckpt_root(cfg).glob("step_*") if not p.name.endswith(".tmp"))
+        for old in done[: max(len(done) - cfg.keep_last, 0)]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return final
+
+
+def load_checkpoint(path: Path, model, optimizer, d: Dist) -> dict:
+    """Restore model + optimizer shards in place (any world size: DCP reshards) and RNG; returns state.json."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    msd, osd = get_state_dict(model, optimizer)
+    sd = {"model": msd, "optim": osd}
+    dcp.load(sd, checkpoint_id=str(path / "dcp"))
+    set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    rng = path / f"rng_rank{d.rank}.pt"
+    if rng.exists():
+        r = torch.load(rng, weights_only=False)
+        torch.set_rng_state(r["torch"])
+        if r["cuda"] is not None and d.device.type == "cuda":
+            torch.cuda.set_rng_state(r["cuda"])
+    return json.loads((path / "state.json").read_text())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Logging
+
+
+def format_line(step: int, m: dict) -> str:
+    """`step 3 | reward 0.123 | f1 0.2 | ...`: one line per step, greppable."""
+    parts = [f"step {step}"]
+    for k, v in m.items():
+        if isinstance(v, float):
+            parts.append(f"{k} {v:.4g}")
+        elif isinstance(v, (int, str)):
+            parts.append(f"{k} {v}")
+    return " | ".join(parts)
+
+
+def plot_rewards(history: list[dict], path: Path) -> None:
+    """reward.png: mean reward, F1 and format-error rate per step (matplotlib, no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [h["step"] for h in history]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label in (("reward", "mean reward"), ("f1", "F1"), ("format_error", "format-error rate")):
+        ax.plot(steps, [h.get(key, float("nan")) for h in history], marker="o", ms=3, label=label)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def trajectory_record(traj, rew, adv: float, tokenizer) -> dict:
+    """A full trajectory as JSON: decoded text, every turn, reward and advantage."""
+    turns = [asdict(t) if dataclasses.is_dataclass(t) else dict(t) for t in traj.turns]
+    return {"question": traj.question, "gold": traj.gold, "status": traj.status, "answer": traj.answer,
+            "reward": rew.score, "f1": rew.f1, "format_ok": rew.format_ok, "reason": rew.reason, "advantage": adv,
+            "n_tokens": len(traj.tokens), "n_sampled": sum(traj.loss_mask), "stats": traj.stats,
+            "text": tokenizer.decode(traj.tokens), "turns": turns}
+
+
+class Loggers:
+    """metrics.jsonl always; wandb / TensorBoard only when asked (imported here, lazily)."""
+
+    def __init__(self, cfg: Config, d: Dist):
+        self.on, self.wandb, self.tb = d.main, None, None
+        self.out = Path(cfg.out_dir)
+        if not self.on:
+            return
+        if cfg.wandb_project:
+            import wandb
+
+            self.wandb = wandb.init(project=cfg.wandb_project, config=asdict(cfg), dir=cfg.out_dir)
+        if cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(self.out / "tb"))
+
+    def log(self, step: int, m: dict) -> None:
+        if not self.on:
+            return
+        with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"step": step, **m}) + "\n")
+        nums = {k: v for k, v in m.items() if isinstance(v, (int, float))}
+        if self.wandb is not None:
+            self.wandb.log(nums, step=step)
+        if self.tb is not None:
+            for k, v in nums.items():
+                self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+        if self.tb is not None:
+            self.tb.close()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Dry run: memory per GPU before launching
+
+
+def model_config_for(name: str):
+    """A ModelConfig without downloading weights: model.SHAPES for known hub ids, else the resolved folder."""
+    from model import SHAPES, ModelConfig, resolve_model
+
+    low = name.lower()
+    for key, shape in SHAPES.items():
+        if key in low:
+            return ModelConfig.from_json(shape)
+    return ModelConfig.from_json(resolve_model(name))
+
+
+def estimate_memory(cfg: Config, world: int, mcfg) -> dict[str, float]:
+    """Bytes per GPU, by kind. Approximate (no allocator fragmentation, no NCCL buffers) but in the right units.
+
+    Sharded fp32 master weights, grads and two Adam moments (16 bytes/param / world, on the CPU with cpu_offload);
+    the rollout holds the full bf16 weights plus the KV cache; training holds one or two unsharded bf16 blocks, the
+    activations of one micro-batch (bf16; with checkpointing only each block's input is kept) and its fp32 logits.
+    """
+    from model import KVCache
+
+    n, L, h = mcfg.n_params, mcfg.num_hidden_layers, mcfg.hidden_size
+    kv, inter, V = mcfg.num_key_value_heads * mcfg.head_dim, mcfg.intermediate_size, mcfg.vocab_size
+    per_block = (n - V * h * (1 if mcfg.tie_word_embeddings else 2)) / L
+    off = 0.0 if cfg.cpu_offload else 1.0
+    T = cfg.micro_tokens
+    per_tok_layer = 2 * (6 * h + 2 * kv + 4 * inter)  # bf16 elements kept for backward in one block
+    if cfg.activation_checkpointing:
+        acts = T * (L * h * 2 + per_tok_layer)
+    else:
+        acts = T * L * per_tok_layer
+    rows = min(cfg.n_slots, max(cfg.batch_size * cfg.group_size // world, 1))
+    m = {
+        "params (fp32, sharded)": off * 4 * n / world,
+        "grads (fp32, sharded)": off * 4 * n / world,
+        "adam state (2 x fp32, sharded)": off * 8 * n / world,
+        "reference model (bf16, sharded)": (2 * n / world if cfg.kl_coef > 0 else 0.0),
+        "rollout: unsharded bf16 weights": 2 * n,
+        "rollout: KV cache (bf16)": float(KVCache.nbytes_for(mcfg, rows, cfg.max_len, torch.bfloat16)),
+        "train: gathered blocks (2 x bf16)": 2 * 2 * per_block,
+        "train: activations": float(acts),
+        "train: logits (fp32, x3 for softmax+grad)": 3 * 4 * T * V,
+    }
+    states = sum(v for k, v in m.items() if not k.startswith(("rollout", "train")))
+    m["peak in rollout"] = states + m["rollout: unsharded bf16 weights"] + m["rollout: KV cache (bf16)"]
+    m["peak in training"] = states + sum(v for k, v in m.items() if k.startswith("train"))
+    return m
+
+
+def dry_run(cfg: Config, d: Dist) -> dict:
+    world = cfg.world_size or d.world
+    mcfg = model_config_for(cfg.model)
+    m = estimate_memory(cfg, world, mcfg)
+    if d.main:
+        print(f"dry run: {cfg.model} ({mcfg.n_params / 1e9:.2f} B params), world size {world}, "
+              f"{cfg.micro_tokens} tokens per micro-batch, KV cache for {cfg.max_len} tokens"
+              f"{', activation checkpointing' if cfg.activation_checkpointing else ''}"
+              f"{', CPU offload' if cfg.cpu_offload else ''}")
+        for k, v in m.items():
+            print(f"  {k:<45} {v / 2**30:9.2f} GiB")
+        if torch.cuda.is_available():
+            cap = torch.cuda.get_device_properties(0).total_memory
+            peak = max(m["peak in rollout"], m["peak in training"])
+            print(f"  fits on this GPU ({cap / 2**30:.0f} GiB): {'yes' if peak < 0.9 * cap else 'NO'}")
+    return m
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loop
+
+
+def _import_agent():
+    """rollout/browse entry points; the drafts (rollout_agent.py, browse_read.py) until they are folded in."""
+    try:
+        from rollout import RolloutConfig, rollout
+    except ImportError:
+        from rollout_agent import RolloutConfig, rollout
+    try:
+        from browse import BrowseConfig, Browser
+    except ImportError:
+        from browse_read import BrowseConfig, Browser
+    return rollout, RolloutConfig, Browser, BrowseConfig
+
+
+def _subconfig(cls, cfg: Config, **extra):
+    """Build another file's config dataclass from the fields of ours that have the same names."""
+    names = {f.name for f in fields(cls)}
+    kw = {k: v for k, v in asdict(cfg).items() if k in names}
+    kw.update({k: v for k, v in extra.items() if k in names})
+    if "date" in kw and not kw["date"]:
+        kw["date"] = None
+    for k in ("corpus", "cache", "llm_base_url", "llm_model"):  # "" = unset: let the other file's default stand
+        if k in kw and kw[k] == "":
+            kw.pop(k)
+    return cls(**kw)
+
+
+def main(cfg: Config) -> dict:
+    """Run training; returns the last step's metrics (tests use it)."""
+    d = setup_distributed(cfg.device)
+    if cfg.dry_run:
+        return dry_run(cfg, d)
+    if cfg.batch_size % d.world:
+        raise SystemExit(f"batch_size={cfg.batch_size} must be divisible by the world size {d.world}")
+    if cfg.kl_coef > 0 and cfg.kl_type != "low_var_kl":
+        raise SystemExit(f"kl_type={cfg.kl_type!r}: only low_var_kl (k3) is implemented")
+    out = Path(cfg.out_dir)
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "rollouts").mkdir(exist_ok=True)
+        print(json.dumps(asdict(cfg), indent=2))
+        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    torch.manual_seed(cfg.seed)
+    from transformers import AutoTokenizer
+
+    from model import resolve_model
+    from reward import reward
+
+    path = resolve_model(cfg.model) if d.main else None
+    if _is_dist():  # rank 0 resolves (and may build/convert) once; the others wait for the folder
+        box = [path]
+        dist.broadcast_object_list(box, src=0)
+        path = box[0]
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = build_model(path, cfg, d)
+    ref_model = build_model(path, cfg, d, trainable=False) if cfg.kl_coef > 0 else None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  weight_decay=cfg.weight_decay, eps=1e-8)
+    questions = load_questions(cfg.data)
+    start, history = 0, []
+    if cfg.resume:
+        ck = latest_checkpoint(cfg)
+        if ck is None:
+            if d.main:
+                print(f"--resume=True but no checkpoint in {ckpt_root(cfg)}: starting from step 0")
+        else:
+            state = load_checkpoint(ck, model, optimizer, d)
+            start, history = state["step"], state.get("history", [])
+            if d.main:
+                print(f"resumed from {ck} at step {start}")
+    rollout, RolloutConfig, Browser, BrowseConfig = _import_agent()
+    rcfg = _subconfig(RolloutConfig, cfg)
+    browser = Browser(_subconfig(BrowseConfig, cfg))
+    logs = Loggers(cfg, d)
+    from tqdm import tqdm
+
+    bar = tqdm(range(start, cfg.steps), desc="train", disable=not d.main, initial=start, total=cfg.steps)
+    last, low_entropy, saved_at, stop = {}, 0, None, ""
+    try:
+        for step in bar:
+            t0 = time.perf_counter()
+            idx = batch_indices(len(questions), step, cfg.batch_size, cfg.seed)[d.rank:: d.world]
+            qs = [questions[i]["question"] for i in idx]
+            golds = [questions[i]["answers"] for i in idx]
+            if d.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            # ---- rollout on the unsharded policy (one all-gather for the whole rollout)
+            model.eval()
+            with torch.no_grad(), unsharded(model):
+                trajs = rollout(model, tokenizer, qs, golds, browser, rcfg, group_size=cfg.group_size,
+                                seed=rng_seed(cfg.seed, step, d.rank))
+            model.train()
+            t1 = time.perf_counter()
+            # ---- rewards and advantages (groups never straddle ranks: questions are sharded, not trajectories)
+            rews = [reward([t.text for t in tr.turns], tr.gold) for tr in trajs]
+            r = torch.tensor([x.score for x in rews], dtype=torch.float32)
+            adv = group_advantages(r, cfg.group_size, cfg.norm_adv_by_std)
+            zero_var = zero_variance_groups(r, cfg.group_size)
+            keep = [i for i in range(len(trajs)) if not (cfg.filter_groups and bool(zero_var[i // cfg.group_size]))]
+            samples = [Sample(trajs[i].tokens, trajs[i].loss_mask, float(adv[i])) for i in keep]
+            # ---- update
+            um = update(model, optimizer, samples, cfg, d, step, ref_model)
+            t2 = time.perf_counter()
+            # ---- metrics (all-reduced: sums and counts over ranks)
+            n_sampled = sum(sum(tr.loss_mask) for tr in trajs)
+            tool_s = sum(getattr(t, "tool_s", 0.0) or 0.0 for tr in trajs for t in tr.turns)
+            vals = [float(r.sum()), float((r * r).sum()), sum(x.f1 for x in rews), sum(x.em for x in rews),
+                    sum(not x.format_ok for x in rews), float(zero_var.sum()), len(zero_var),
+                    sum(len(tr.turns) for tr in trajs), sum(tr.stats.get("n_search", 0) for tr in trajs),
+                    sum(tr.stats.get("n_browse", 0) for tr in trajs), n_sampled,
+                    sum(len(tr.tokens) for tr in trajs), len(trajs), tool_s]
+            (rs, rs2, f1s, ems, fe, zv, ng, turns, ns, nbw, nsamp, ntot, N, tool_s) = all_reduce(
+                vals, "sum", _comm_device(d))
+            peak = torch.cuda.max_memory_allocated() / 2**30 if d.device.type == "cuda" else 0.0
+            tg, tl, peak = all_reduce([t1 - t0, t2 - t1, peak], "max", _comm_device(d))
+            N = max(N, 1.0)
+            mean = rs / N
+            m = {"reward": mean, "reward_std": math.sqrt(max(rs2 / N - mean * mean, 0.0)), "f1": f1s / N,
+                 "em": ems / N, "format_error": fe / N, "zero_var_groups": zv / max(ng, 1.0), "turns": turns / N,
+                 "search_calls": ns / N, "browse_calls": nbw / N, "response_len": nsamp / N, "seq_len": ntot / N,
+                 "entropy": um["entropy"], "kl": um["kl"], "clipfrac": um["clipfrac"], "loss": um["loss"],
+                 "grad_norm": um["grad_norm"], "lr": lr_at(step, cfg), "time_rollout": tg,
+                 "time_tools_sum": tool_s / d.world, "time_learn": tl,
+                 "tok_per_s": (nsamp + um["train_tokens"]) / max(tg + tl, 1e-9), "peak_mem_gib": peak}
+            last = m
+            history.append({"step": step + 1, **{k: m[k] for k in ("reward", "f1", "format_error")}})
+            if d.main:
+                tqdm.write(format_line(step + 1, m))
+                logs.log(step + 1, m)
+                dump = [trajectory_record(trajs[i], rews[i], float(adv[i]), tokenizer)
+                        for i in range(min(cfg.n_log_rollouts, len(trajs)))]
+                with open(out / "rollouts" / f"step_{step + 1:06d}.jsonl", "w", encoding="utf-8") as fh:
+                    fh.writelines(json.dumps(x, ensure_ascii=False) + "\n" for x in dump)
+                if cfg.plot_every and (step + 1) % cfg.plot_every == 0:
+                    plot_rewards(history, out / "reward.png")
+            # ---- health checks (the metrics are all-reduced, so every rank takes the same decision)
+            if not um["finite"] or not all(math.isfinite(m[k]) for k in ("loss", "reward", "entropy")):
+                stop = (f"step {step + 1}: loss or gradient is NaN/inf; the update was not applied. Stopping; the "
+                        f"last good checkpoint is {latest_checkpoint(cfg)}. Lower --lr or check the data.")
+                break
+            low_entropy = low_entropy + 1 if um["train_tokens"] and m["entropy"] < cfg.min_entropy else 0
+            if low_entropy >= 3:
+                stop = (f"step {step + 1}: entropy {m['entropy']:.2e} < min_entropy={cfg.min_entropy} for 3 steps "
+                        f"(the policy collapsed to near-deterministic outputs). Stopping.")
+            if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps or stop:
+                saved_at = save_checkpoint(model, optimizer, tokenizer, cfg, d, step + 1, history)
+            if stop:
+                break
+    finally:
+        browser.close()
+        logs.close()
+    if d.main:
+        if history:
+            plot_rewards(history, out / "reward.png")
+        if stop:
+            print(stop, file=sys.stderr)
+        print(f"done: {len(history) and history[-1]['step']} steps; last checkpoint {saved_at or latest_checkpoint(cfg)}")
+    if _is_dist():
+        dist.destroy_process_group()
+    return last
+
+
+if __name__ == "__main__":
+    main(parse_config(Config, sys.argv[1:], PRESETS))
