@@ -306,3 +306,50 @@ print("SEEN", len(agent.seen), flush=True)
     assert seen == [3, 4]                                    # rank 0: ids 0,2,4,6; rank 1: ids 1,3,5
     summary = json.loads((out / "summary.json").read_text())
     assert summary["metrics"]["overall"]["n"] == 7
+
+
+class StubSession:
+    def web_search(self, queries):
+        return "1. Stub page\nhttps://example.org/a\nA page that mentions <answer>Paris</answer> in its text."
+
+    def browse_webpage(self, urls):
+        return "Nothing relevant."
+
+
+class StubBrowser:
+    """The Browser interface (session(question), close()) without any web: for the real agent loop."""
+
+    def __init__(self, cfg=None):
+        self.cfg = cfg
+
+    def session(self, question):
+        return StubSession()
+
+    def close(self):
+        pass
+
+
+def _real_rollout_available() -> bool:
+    try:
+        try:
+            from rollout import RolloutConfig, rollout  # noqa: F401
+        except ImportError:
+            from rollout_agent import RolloutConfig, rollout  # noqa: F401
+        return True
+    except (ImportError, SystemExit):
+        return False
+
+
+@needs_dev
+@pytest.mark.skipif(not _real_rollout_available(), reason="rollout (engine + agent loop) not importable yet")
+def test_real_agent_loop_with_stub_browser(tmp_path, monkeypatch):
+    try:
+        from rollout import RolloutConfig, rollout
+    except ImportError:
+        from rollout_agent import RolloutConfig, rollout
+    monkeypatch.setattr(ev, "_agent_modules", lambda: (rollout, RolloutConfig, StubBrowser, FakeBrowseConfig))
+    cfg = make_cfg(tmp_path, limit=4, batch_size=4)
+    s = ev.main(cfg)
+    assert s["metrics"]["overall"]["n"] == 4
+    recs = ev.load_records(Path(cfg.out_dir) / "trajectories.jsonl")
+    assert all(r["turns"] and "scores" in r for r in recs)
