@@ -361,8 +361,9 @@ def _agent_modules():
 
 
 def _only_fields(cls, values: dict) -> dict:
+    """The keys `cls` has, minus unset (None) values, so the other file's defaults stand."""
     names = {f.name for f in fields(cls)}
-    return {k: v for k, v in values.items() if k in names}
+    return {k: v for k, v in values.items() if k in names and v is not None}
 
 
 def default_corpus(cfg: Config) -> str | None:
@@ -440,7 +441,7 @@ def run_agent(cfg: Config, todo: list[dict], path: Path, rank: int, world: int) 
     rcfg = RolloutConfig(**_only_fields(RolloutConfig, dict(
         protocol=cfg.protocol, max_turns=cfg.max_turns, max_new_tokens=cfg.max_new_tokens, max_len=cfg.max_len,
         temperature=cfg.temperature, top_p=cfg.top_p, n_slots=cfg.n_slots, on_bad_call=cfg.on_bad_call,
-        date=cfg.date or None)))
+        date=cfg.date or None)))  # date None is dropped: the real date
     bcfg = BrowseConfig(**_only_fields(BrowseConfig, dict(
         backend=cfg.backend, top_k=cfg.top_k, corpus=corpus, cache=cfg.cache or None, cache_mode=cfg.cache_mode,
         reader=cfg.reader, llm_base_url=cfg.llm_base_url or None, llm_model=cfg.llm_model or None)))
