@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import warnings
 import difflib
 import json
 import math
@@ -129,7 +130,7 @@ class Config:
     entropy_coef: float = 0.0
     n_minibatches: int = 1          # optimizer steps per batch and epoch
     ppo_epochs: int = 1
-    micro_tokens: int = 8192        # token budget (rows x padded length) of one forward/backward, per rank
+    micro_tokens: int = 4096        # token budget (rows x padded length) of one forward/backward, per rank
     # runtime
     device: str = "auto"            # auto | cpu | cuda
     activation_checkpointing: bool = False
@@ -155,12 +156,13 @@ PRESETS: dict[str, dict] = {
     "tiny": dict(model="tiny", data="", out_dir="runs/train-tiny", steps=3, batch_size=4, group_size=2, max_turns=2,
                  max_new_tokens=16, max_len=1024, n_slots=8, lr=1e-3, date="2025-01-01", save_every=2,
                  micro_tokens=4096, plot_every=1),
-    # the paper's recipe on one or more 8-GPU nodes
+    # the paper's recipe on one or more 8-GPU nodes. n_slots: the engine preallocates max_len of KV cache per row
+    # (56 KiB/token for the 7B), so 16 rows x 32k tokens = 28 GiB; `--dry_run=True` shows the whole budget.
     "deepresearcher": dict(model="Qwen/Qwen2.5-7B-Instruct", data="data/train.jsonl", out_dir="runs/deepresearcher",
                            steps=100, batch_size=256, group_size=16, protocol="dr", max_turns=10,
-                           max_new_tokens=2000, max_len=32768, n_slots=512, temperature=1.0, backend="serper",
+                           max_new_tokens=2000, max_len=32768, n_slots=16, temperature=1.0, backend="serper",
                            reader="llm", lr=1e-6, weight_decay=0.01, grad_clip=1.0, clip_low=0.2, clip_high=0.2,
-                           kl_coef=0.001, kl_type="low_var_kl", entropy_coef=0.001, micro_tokens=32768,
+                           kl_coef=0.001, kl_type="low_var_kl", entropy_coef=0.001, micro_tokens=8192,
                            activation_checkpointing=True, save_every=10),
 }
 
@@ -232,7 +234,18 @@ def setup_distributed(device: str = "auto") -> Dist:
     if use_cuda and not torch.cuda.is_available():
         raise SystemExit("--device=cuda but CUDA is not available")
     if "RANK" not in os.environ:
-        return Dist(device=torch.device("cuda", 0) if use_cuda else torch.device("cpu"))
+        if not use_cuda:
+            return Dist()  # a plain CPU process: no process group, no FSDP
+        # one GPU without torchrun: a 1-rank group anyway, so FSDP2 gives the same bf16 mixed precision as on 8
+        torch.cuda.set_device(0)
+        if not dist.is_initialized():
+            import socket
+
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+            dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+        return Dist(device=torch.device("cuda", 0))
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     dev = torch.device("cuda", local) if use_cuda else torch.device("cpu")
     if use_cuda:
@@ -279,31 +292,15 @@ def build_model(path: str, cfg: Config, d: Dist, trainable: bool = True):
     """
     from model import ModelConfig, Transformer
 
-    use_fsdp = d.world > 1 or d.device.type == "cuda"
-    if not use_fsdp:
+    if not _is_dist():
         model = Transformer.from_pretrained(path, dtype=torch.float32, device=d.device)
     else:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
-        if d.main:
-            full = Transformer.from_pretrained(path, dtype=torch.float32, device="cpu")
-            full_sd = full.state_dict()
-        else:
-            full_sd = {}
+        full_sd = Transformer.from_pretrained(path, dtype=torch.float32, device="cpu").state_dict() if d.main else {}
         with torch.device("meta"):
             model = Transformer(ModelConfig.from_json(path))
-        kw = {}
-        if d.device.type == "cuda":
-            kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        if cfg.cpu_offload:
-            kw["offload_policy"] = CPUOffloadPolicy()
-        for block in model.model.layers:
-            fully_shard(block, **kw)
-        fully_shard(model, **kw)  # the root group holds embeddings, final norm and (tied or not) lm_head
-        model.to_empty(device="cpu" if cfg.cpu_offload else d.device)
-        if model.config.tie_word_embeddings:  # to_empty keeps the tie, but be explicit: one parameter, two names
-            model.lm_head.weight = model.model.embed_tokens.weight
+        apply_fsdp(model, d, cfg.cpu_offload)
         opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
         set_model_state_dict(model, full_sd, options=opts)
         del full_sd
@@ -312,6 +309,26 @@ def build_model(path: str, cfg: Config, d: Dist, trainable: bool = True):
         model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
+    return model
+
+
+def apply_fsdp(model, d: Dist, cpu_offload: bool = False):
+    """FSDP2 in place: each transformer block is one all-gather unit, the root holds the rest; then allocate the
+    local shards (a model built on the meta device gets uninitialised storage: load or init it afterwards)."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    kw = {}
+    if d.device.type == "cuda":  # fp32 master weights, bf16 compute, fp32 gradient reduction
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if cpu_offload:
+        kw["offload_policy"] = CPUOffloadPolicy()
+    for block in model.model.layers:
+        fully_shard(block, **kw)
+    fully_shard(model, **kw)  # the root group: embeddings, final norm and (tied or not) lm_head
+    if any(p.is_meta for p in model.parameters()):
+        model.to_empty(device="cpu" if cpu_offload else d.device)
+        if model.config.tie_word_embeddings:  # keep one parameter under both names
+            model.lm_head.weight = model.model.embed_tokens.weight
     return model
 
 
@@ -662,7 +679,9 @@ def save_checkpoint(model, optimizer, tokenizer, cfg: Config, d: Dist, step: int
         tmp.mkdir(parents=True)
     barrier()
     msd, osd = get_state_dict(model, optimizer)
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / "dcp"))
+    with warnings.catch_warnings():  # single process: DCP warns that it "assumes" no process group, as intended
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / "dcp"))
     torch.save({"torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state() if d.device.type == "cuda" else None}, tmp / f"rng_rank{d.rank}.pt")
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -692,7 +711,9 @@ def load_checkpoint(path: Path, model, optimizer, d: Dist) -> dict:
 
     msd, osd = get_state_dict(model, optimizer)
     sd = {"model": msd, "optim": osd}
-    dcp.load(sd, checkpoint_id=str(path / "dcp"))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(sd, checkpoint_id=str(path / "dcp"))
     set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
     rng = path / f"rng_rank{d.rank}.pt"
     if rng.exists():
@@ -1013,7 +1034,8 @@ def main(cfg: Config) -> dict:
             plot_rewards(history, out / "reward.png")
         if stop:
             print(stop, file=sys.stderr)
-        print(f"done: {len(history) and history[-1]['step']} steps; last checkpoint {saved_at or latest_checkpoint(cfg)}")
+        ck = saved_at or latest_checkpoint(cfg)
+        print(f"done: {len(history) and history[-1]['step']} steps; last checkpoint {ck}")
     if _is_dist():
         dist.destroy_process_group()
     return last

@@ -1,0 +1,142 @@
+"""Update throughput of train.py's policy step (forward + backward + AdamW over trajectories), in tokens per second.
+
+What it measures: `train.update` itself (micro-batching by token budget, per-token logprobs at the sampled
+positions only, the clipped loss, grad clipping, the optimizer step) on random trajectories of `--seq` tokens whose
+first quarter is the prompt (loss mask 0), the rest sampled (mask 1) but for one masked "observation" span.
+
+- CPU (default): the tiny shape and a SmolLM2-135M-shaped model in fp32, single process. The baseline, timed in
+  the same run, is the same update with the naive log-prob computation (logits at every position, full
+  log-softmax, then gather); it prints speedup_vs_full_logits.
+- `--device=cuda`: Qwen2.5-0.5B- and 1.5B-shaped random models, FSDP2 on one GPU (a 1-rank process group), bf16
+  compute with fp32 master weights, 4k-token sequences; prints tokens/s and
+  MFU = 6 * params * tokens / time / peak (peak 989e12 FLOP/s: H100 SXM bf16 dense; --peak_flops to change).
+  6 * params counts forward + backward matmuls with the weights; attention scores and the recompute of activation
+  checkpointing are not counted (the usual convention), so MFU is a lower bound on the hardware utilisation.
+
+Run
+    python bench/train.py                                               # CPU, both small shapes
+    python bench/train.py --device=cuda                                 # 1 GPU: qwen2.5-0.5b and 1.5b at 4k
+    python bench/train.py --device=cuda --shapes=qwen2.5-1.5b --micro_tokens=16384 --checkpointing=true
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import train  # noqa: E402
+from model import SHAPES, TINY_CONFIG, ModelConfig, Transformer  # noqa: E402
+
+
+@dataclass
+class Args:
+    device: str = "cpu"
+    shapes: str = ""             # comma-separated; "" = tiny,smollm2-135m on CPU, qwen2.5-0.5b,qwen2.5-1.5b on CUDA
+    seq: int = 0                 # tokens per trajectory; 0 = 256 on CPU, 4096 on CUDA
+    n_seqs: int = 0              # trajectories per update; 0 = 4 on CPU, 8 on CUDA
+    micro_tokens: int = 0        # token budget per forward/backward; 0 = 2 * seq
+    checkpointing: bool = False  # activation checkpointing
+    iters: int = 3
+    warmup: int = 1
+    peak_flops: float = 989e12   # H100 SXM bf16 dense
+    baseline: bool = True        # CPU: also time the full-logits baseline
+
+
+def full_logits_logprobs(model, tokens, mask, temperature=1.0, with_entropy=False):
+    """The naive way: logits at every position, log-softmax over the vocabulary, gather the targets."""
+    logits = model(tokens[:, :-1]).float()  # (B, T-1, V)
+    logp_all = torch.log_softmax(logits / temperature, dim=-1)
+    m = mask[:, 1:].bool()
+    lp = logp_all.gather(2, tokens[:, 1:, None]).squeeze(-1) * m
+    ent = -(logp_all.exp() * logp_all).sum(-1) * m if with_entropy else None
+    return lp, ent
+
+
+def make_samples(n: int, seq: int, vocab: int, seed: int = 0) -> list[train.Sample]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        mask = [0] * (seq // 4) + [1] * (seq - seq // 4)
+        a = seq // 2
+        mask[a: a + seq // 8] = [0] * (seq // 8)  # an observation span
+        out.append(train.Sample(torch.randint(0, vocab, (seq,), generator=g).tolist(), mask, float(i % 3) - 1.0))
+    return out
+
+
+def build(shape: str, d: train.Dist, checkpointing: bool):
+    cfg = ModelConfig.from_json(TINY_CONFIG if shape == "tiny" else SHAPES[shape])
+    torch.manual_seed(0)
+    if d.device.type == "cuda":
+        with torch.device("meta"):
+            model = Transformer(cfg)
+        train.apply_fsdp(model, d)
+    else:
+        model = Transformer(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.02)
+            else:
+                p.fill_(1.0 if "norm" in name else 0.0)
+    model.gradient_checkpointing = checkpointing
+    model.train()
+    return model, cfg
+
+
+def time_update(model, samples, cfg: train.Config, d: train.Dist, iters: int, warmup: int) -> float:
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.01)
+    for i in range(warmup + iters):
+        if i == warmup:
+            if d.device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+        m = train.update(model, opt, samples, cfg, d, step=0)
+        assert m["finite"], "non-finite gradient in the benchmark"
+    if d.device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / iters
+
+
+def main(a: Args) -> None:
+    d = train.setup_distributed(a.device)
+    cuda = d.device.type == "cuda"
+    shapes = a.shapes.split(",") if a.shapes else (["qwen2.5-0.5b", "qwen2.5-1.5b"] if cuda else ["tiny", "smollm2-135m"])
+    seq = a.seq or (4096 if cuda else 256)
+    n = a.n_seqs or (8 if cuda else 4)
+    budget = a.micro_tokens or 2 * seq
+    cfg = train.Config(micro_tokens=budget, loss_agg="token-mean", grad_clip=1.0)
+    dev_name = torch.cuda.get_device_name(0) if cuda else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"device {dev_name} | torch {torch.__version__} | {n} trajectories x {seq} tokens | micro-batch budget "
+          f"{budget} tokens | checkpointing {a.checkpointing}")
+    for shape in shapes:
+        model, mcfg = build(shape, d, a.checkpointing)
+        samples = make_samples(n, seq, mcfg.vocab_size)
+        tokens = n * seq
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        t = time_update(model, samples, cfg, d, a.iters, a.warmup)
+        line = f"{shape:<14} params {mcfg.n_params / 1e6:8.1f} M | update {t * 1e3:9.1f} ms | {tokens / t:10.0f} tok/s"
+        if cuda:
+            mfu = 6 * mcfg.n_params * tokens / t / a.peak_flops
+            line += f" | MFU {100 * mfu:5.1f}% | peak mem {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
+        elif a.baseline:
+            real = train.token_logprobs
+            train.token_logprobs = full_logits_logprobs
+            try:
+                tb = time_update(model, samples, cfg, d, a.iters, a.warmup)
+            finally:
+                train.token_logprobs = real
+            line += f" | full-logits baseline {tokens / tb:10.0f} tok/s | speedup_vs_full_logits {tb / t:.3f}"
+        print(line, flush=True)
+        del model
+
+
+if __name__ == "__main__":
+    main(train.parse_config(Args, sys.argv[1:], {}))
