@@ -581,7 +581,8 @@ def lr_at(step: int, cfg: Config) -> float:
     return cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else cfg.lr
 
 
-def update(model, optimizer, samples: list[Sample], cfg: Config, d: Dist, step: int, ref_model=None) -> dict:
+def update(model, optimizer, samples: list[Sample], cfg: Config, d: Dist, step: int, ref_model=None,
+           show_progress: bool = True) -> dict:
     """Policy-gradient steps on this rank's samples; every rank calls it, even with no samples. Returns metrics."""
     comm = _comm_device(d)
     multi = cfg.n_minibatches * cfg.ppo_epochs > 1
@@ -595,6 +596,9 @@ def update(model, optimizer, samples: list[Sample], cfg: Config, d: Dist, step: 
     sums = dict(loss=0.0, entropy=0.0, kl=0.0, clipfrac=0.0, ratio=0.0, tokens=0.0)
     grad_norms, finite = [], True
     nb = cfg.n_minibatches
+    from tqdm import tqdm
+
+    bar = tqdm(total=0, desc="update", unit="micro-batch", leave=False, disable=not (d.main and show_progress))
     for _ in range(cfg.ppo_epochs):
         for mb in range(nb):
             part = samples[mb * len(samples) // nb: (mb + 1) * len(samples) // nb]
@@ -604,10 +608,15 @@ def update(model, optimizer, samples: list[Sample], cfg: Config, d: Dist, step: 
             # change the loss; FSDP averages gradients over ranks, hence the factor `world` below
             n_tok, n_seq = all_reduce([n_tok_local, len(part)], "sum", comm)
             norm = n_tok if cfg.loss_agg == "token-mean" else n_seq
+            if n_tok == 0:  # nothing to learn from on any rank (e.g. every group filtered): no step at all, so
+                continue    # neither weight decay nor Adam's moments move on an empty batch
             groups = micro_batches(lengths, cfg.micro_tokens) if part else []
             n_micro = int(all_reduce([len(groups)], "max", comm)[0])
+            bar.total += n_micro
+            bar.refresh()
             for j in range(n_micro):
-                if j >= len(groups) or norm == 0:
+                bar.update()
+                if j >= len(groups):
                     _dummy_backward(model, d.device)
                     continue
                 tok, msk, adv, old, ref = collate([part[i] for i in groups[j]], d.device)
@@ -634,6 +643,7 @@ def update(model, optimizer, samples: list[Sample], cfg: Config, d: Dist, step: 
             else:
                 finite = False  # a NaN/inf gradient is never applied; the caller stops the run
             optimizer.zero_grad(set_to_none=True)
+    bar.close()
     tot = all_reduce([sums[k] for k in sums], "sum", comm)
     s = dict(zip(sums, tot))
     t = max(s["tokens"], 1.0)

@@ -43,7 +43,7 @@ class Args:
     n_seqs: int = 0              # trajectories per update; 0 = 4 on CPU, 8 on CUDA
     micro_tokens: int = 0        # token budget per forward/backward; 0 = 2 * seq
     checkpointing: bool = False  # activation checkpointing
-    iters: int = 3
+    iters: int = 5
     warmup: int = 1
     peak_flops: float = 989e12   # H100 SXM bf16 dense
     baseline: bool = True        # CPU: also time the full-logits baseline
@@ -90,24 +90,45 @@ def build(shape: str, d: train.Dist, checkpointing: bool):
     return model, cfg
 
 
-def time_update(model, samples, cfg: train.Config, d: train.Dist, iters: int, warmup: int) -> float:
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.01)
-    for i in range(warmup + iters):
-        if i == warmup:
-            if d.device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-        m = train.update(model, opt, samples, cfg, d, step=0)
-        assert m["finite"], "non-finite gradient in the benchmark"
+def one_update(model, opt, samples, cfg: train.Config, d: train.Dist) -> float:
+    """Seconds for one `train.update` call (synchronised on GPU)."""
     if d.device.type == "cuda":
         torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / iters
+    t0 = time.perf_counter()
+    m = train.update(model, opt, samples, cfg, d, step=0, show_progress=False)
+    assert m["finite"], "non-finite gradient in the benchmark"
+    if d.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def time_updates(model, samples, cfg, d, iters: int, warmup: int, baseline: bool) -> tuple[float, float | None]:
+    """Median seconds per update, ours and (optionally) the full-logits baseline, alternated iteration by
+    iteration so that load from other jobs on a shared machine hits both alike."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.01)
+    real = train.token_logprobs
+    ours, base = [], []
+    for i in range(warmup + iters):
+        t = one_update(model, opt, samples, cfg, d)
+        if i >= warmup:
+            ours.append(t)
+        if baseline:
+            train.token_logprobs = full_logits_logprobs
+            try:
+                t = one_update(model, opt, samples, cfg, d)
+            finally:
+                train.token_logprobs = real
+            if i >= warmup:
+                base.append(t)
+    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    return med(ours), (med(base) if base else None)
 
 
 def main(a: Args) -> None:
     d = train.setup_distributed(a.device)
     cuda = d.device.type == "cuda"
-    shapes = a.shapes.split(",") if a.shapes else (["qwen2.5-0.5b", "qwen2.5-1.5b"] if cuda else ["tiny", "smollm2-135m"])
+    default = ["qwen2.5-0.5b", "qwen2.5-1.5b"] if cuda else ["tiny", "smollm2-135m"]
+    shapes = a.shapes.split(",") if a.shapes else default
     seq = a.seq or (4096 if cuda else 256)
     n = a.n_seqs or (8 if cuda else 4)
     budget = a.micro_tokens or 2 * seq
@@ -121,18 +142,12 @@ def main(a: Args) -> None:
         tokens = n * seq
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        t = time_update(model, samples, cfg, d, a.iters, a.warmup)
+        t, tb = time_updates(model, samples, cfg, d, a.iters, a.warmup, a.baseline and not cuda)
         line = f"{shape:<14} params {mcfg.n_params / 1e6:8.1f} M | update {t * 1e3:9.1f} ms | {tokens / t:10.0f} tok/s"
         if cuda:
             mfu = 6 * mcfg.n_params * tokens / t / a.peak_flops
             line += f" | MFU {100 * mfu:5.1f}% | peak mem {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
-        elif a.baseline:
-            real = train.token_logprobs
-            train.token_logprobs = full_logits_logprobs
-            try:
-                tb = time_update(model, samples, cfg, d, a.iters, a.warmup)
-            finally:
-                train.token_logprobs = real
+        elif tb is not None:
             line += f" | full-logits baseline {tokens / tb:10.0f} tok/s | speedup_vs_full_logits {tb / t:.3f}"
         print(line, flush=True)
         del model
