@@ -501,6 +501,7 @@ class Sample:
     loss_mask: list[int]
     advantage: float
     old_logp: torch.Tensor | None = None  # (T-1,) set before the update when needed
+    sampler_logp: list[float] | None = None  # the engine's log-probs (same length as tokens), for a diagnostic
     ref_logp: torch.Tensor | None = None  # (T-1,)
 
 
@@ -541,6 +542,16 @@ def collate(samples: list[Sample], device, pad_id: int = 0):
 
     adv = torch.tensor([s.advantage for s in samples], dtype=torch.float32, device=device)
     return tok.to(device), msk.to(device), adv, pad(lambda s: s.old_logp), pad(lambda s: s.ref_logp)
+
+
+def _sampler_logp(samples: list[Sample], shape, device):
+    """(B, T-1) engine log-probs aligned with token_logprobs' output (target t+1 at index t), or None."""
+    if any(s.sampler_logp is None for s in samples):
+        return None
+    out = torch.zeros(shape, dtype=torch.float32)
+    for i, s in enumerate(samples):
+        out[i, : len(s.sampler_logp) - 1] = torch.tensor(s.sampler_logp[1:], dtype=torch.float32)
+    return out.to(device)
 
 
 def _dummy_backward(model, device) -> None:
@@ -593,13 +604,13 @@ def update(model, optimizer, samples: list[Sample], cfg: Config, d: Dist, step: 
     for g in optimizer.param_groups:
         g["lr"] = lr_at(step, cfg)
     const = cfg.loss_agg_const or float(cfg.max_turns * cfg.max_new_tokens)
-    sums = dict(loss=0.0, entropy=0.0, kl=0.0, clipfrac=0.0, ratio=0.0, tokens=0.0)
+    sums = dict(loss=0.0, entropy=0.0, kl=0.0, clipfrac=0.0, ratio=0.0, tokens=0.0, logp_diff=0.0, diff_tokens=0.0)
     grad_norms, finite = [], True
     nb = cfg.n_minibatches
     from tqdm import tqdm
 
     bar = tqdm(total=0, desc="update", unit="micro-batch", leave=False, disable=not (d.main and show_progress))
-    for _ in range(cfg.ppo_epochs):
+    for epoch in range(cfg.ppo_epochs):
         for mb in range(nb):
             part = samples[mb * len(samples) // nb: (mb + 1) * len(samples) // nb]
             lengths = [len(s.tokens) for s in part]
@@ -619,7 +630,8 @@ def update(model, optimizer, samples: list[Sample], cfg: Config, d: Dist, step: 
                 if j >= len(groups):
                     _dummy_backward(model, d.device)
                     continue
-                tok, msk, adv, old, ref = collate([part[i] for i in groups[j]], d.device)
+                micro = [part[i] for i in groups[j]]
+                tok, msk, adv, old, ref = collate(micro, d.device)
                 logp, ent = token_logprobs(model, tok, msk, _train_temperature(cfg), with_entropy=True)
                 if not cfg.entropy_coef > 0:
                     ent = ent.detach()  # measured for the log, not trained on
@@ -635,6 +647,10 @@ def update(model, optimizer, samples: list[Sample], cfg: Config, d: Dist, step: 
                 sums["clipfrac"] += float(st["clipped"].sum())
                 sums["ratio"] += float(st["ratio"][m].sum())
                 sums["tokens"] += float(m.sum())
+                eng = _sampler_logp(micro, logp.shape, d.device) if epoch == 0 and mb == 0 else None
+                if eng is not None:  # engine vs training forward: large gaps mean the sampler is not the policy
+                    sums["logp_diff"] += float((logp.detach() - eng)[m].abs().sum())
+                    sums["diff_tokens"] += float(m.sum())
             gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else 1e30)
             gn = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)
             grad_norms.append(gn)
@@ -650,7 +666,7 @@ def update(model, optimizer, samples: list[Sample], cfg: Config, d: Dist, step: 
     # `loss` is per rank already normalised by the global count: its sum over ranks is the mini-batch loss
     return {"loss": s["loss"] / (cfg.n_minibatches * cfg.ppo_epochs), "entropy": s["entropy"] / t, "kl": s["kl"] / t,
             "clipfrac": s["clipfrac"] / t, "ratio": s["ratio"] / t, "grad_norm": max(grad_norms, default=0.0),
-            "finite": finite, "train_tokens": s["tokens"]}
+            "finite": finite, "train_tokens": s["tokens"], "logp_diff": s["logp_diff"] / max(s["diff_tokens"], 1.0)}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -936,11 +952,11 @@ def main(cfg: Config) -> dict:
     from model import resolve_model
     from reward import reward
 
-    path = resolve_model(cfg.model) if d.main else None
-    if _is_dist():  # rank 0 resolves (and may build/convert) once; the others wait for the folder
-        box = [path]
-        dist.broadcast_object_list(box, src=0)
-        path = box[0]
+    # the first process of each node resolves (downloads or converts) the model into that node's cache, then the
+    # others find it there; only rank 0 reads the weights, the others need config.json and the tokenizer
+    path = resolve_model(cfg.model) if d.local_rank == 0 else None
+    barrier()
+    path = path or resolve_model(cfg.model)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = build_model(path, cfg, d)
     ref_model = build_model(path, cfg, d, trainable=False) if cfg.kl_coef > 0 else None
@@ -987,7 +1003,8 @@ def main(cfg: Config) -> dict:
             adv = group_advantages(r, cfg.group_size, cfg.norm_adv_by_std)
             zero_var = zero_variance_groups(r, cfg.group_size)
             keep = [i for i in range(len(trajs)) if not (cfg.filter_groups and bool(zero_var[i // cfg.group_size]))]
-            samples = [Sample(trajs[i].tokens, trajs[i].loss_mask, float(adv[i])) for i in keep]
+            samples = [Sample(trajs[i].tokens, trajs[i].loss_mask, float(adv[i]), sampler_logp=trajs[i].logprobs)
+                       for i in keep]
             # ---- update
             um = update(model, optimizer, samples, cfg, d, step, ref_model)
             t2 = time.perf_counter()
@@ -1001,7 +1018,12 @@ def main(cfg: Config) -> dict:
                     sum(len(tr.tokens) for tr in trajs), len(trajs), tool_s]
             (rs, rs2, f1s, ems, fe, zv, ng, turns, ns, nbw, nsamp, ntot, N, tool_s) = all_reduce(
                 vals, "sum", _comm_device(d))
-            peak = torch.cuda.max_memory_allocated() / 2**30 if d.device.type == "cuda" else 0.0
+            if d.device.type == "cuda":
+                peak = torch.cuda.max_memory_allocated() / 2**30
+            else:  # the process's peak resident memory (Linux reports KiB)
+                import resource
+
+                peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
             tg, tl, peak = all_reduce([t1 - t0, t2 - t1, peak], "max", _comm_device(d))
             N = max(N, 1.0)
             mean = rs / N
@@ -1009,7 +1031,7 @@ def main(cfg: Config) -> dict:
                  "em": ems / N, "format_error": fe / N, "zero_var_groups": zv / max(ng, 1.0), "turns": turns / N,
                  "search_calls": ns / N, "browse_calls": nbw / N, "response_len": nsamp / N, "seq_len": ntot / N,
                  "entropy": um["entropy"], "kl": um["kl"], "clipfrac": um["clipfrac"], "loss": um["loss"],
-                 "grad_norm": um["grad_norm"], "lr": lr_at(step, cfg), "time_rollout": tg,
+                 "grad_norm": um["grad_norm"], "logp_diff": um["logp_diff"], "lr": lr_at(step, cfg), "time_rollout": tg,
                  "time_tools_sum": tool_s / d.world, "time_learn": tl,
                  "tok_per_s": (nsamp + um["train_tokens"]) / max(tg + tl, 1e-9), "peak_mem_gib": peak}
             last = m

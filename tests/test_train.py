@@ -293,6 +293,7 @@ def fake_rollout(model, tokenizer, questions, golds, browser, cfg, group_size=1,
         prompt = tokenizer.encode(q)[:12]
         for _ in range(group_size):
             toks, mask = list(prompt), [0] * len(prompt)
+            lps = [0.0] * len(prompt)
             for part in range(2):
                 for _ in range(n):
                     logits = model(torch.tensor([toks], device=dev), logits_at=torch.tensor([[len(toks) - 1]],
@@ -300,13 +301,15 @@ def fake_rollout(model, tokenizer, questions, golds, browser, cfg, group_size=1,
                     p = torch.softmax(logits[0, -1].float().cpu(), -1)
                     toks.append(int(torch.multinomial(p, 1, generator=g)))
                     mask.append(1)
+                    lps.append(float(torch.log(p[toks[-1]])))
                 if part == 0:
                     toks += [11, 12, 13]  # the "observation": forced, never trained on
                     mask += [0, 0, 0]
+                    lps += [0.0, 0.0, 0.0]
             first = toks[len(prompt)]
             ans = gold[0] if first % 2 == 0 else "no idea"
             text = f"<think>t</think><answer>{ans}</answer>" if first % 3 else "<think>oops"
-            out.append(FakeTrajectory(q, gold, qi, toks, mask, [0.0] * len(toks), len(prompt), [FakeTurn(text)], ans,
+            out.append(FakeTrajectory(q, gold, qi, toks, mask, lps, len(prompt), [FakeTurn(text)], ans,
                                       "answered", {"n_search": 1, "n_browse": 0}))
     return out
 
@@ -351,6 +354,7 @@ def test_loop_resume_exact_and_hf_export(tmp_path, tiny_qwen2, monkeypatch):
     for k in ("reward", "f1", "format_error", "zero_var_groups", "entropy", "kl", "clipfrac", "grad_norm",
               "time_rollout", "time_learn", "tok_per_s", "turns", "search_calls", "response_len"):
         assert k in lines[0], k
+    assert lines[0]["logp_diff"] < 1e-4  # the training forward reproduces the sampler's log-probs
     assert (a / "reward.png").stat().st_size > 0 and (a / "config.json").exists()
     dump = [json.loads(x) for x in (a / "rollouts" / "step_000001.jsonl").read_text().splitlines()]
     assert dump and "text" in dump[0] and dump[0]["turns"]
