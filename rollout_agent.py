@@ -349,7 +349,7 @@ def rollout(model, tokenizer, questions: list[str], golds: list[list[str]], brow
         forced = before + body + frame.after_ids
         t = row.traj
         if len(t.tokens) + len(forced) + cfg.min_turn_tokens > cfg.max_len:
-            turn.error = (turn.error or "") + "observation does not fit in the context budget"
+            turn.error = "; ".join(filter(None, [turn.error, "observation does not fit in the context budget"]))
             finish(slot, "context_limit")
             return
         t.tokens += forced
@@ -422,6 +422,8 @@ def rollout(model, tokenizer, questions: list[str], golds: list[list[str]], brow
     with ThreadPoolExecutor(max_workers=cfg.tool_threads, thread_name_prefix="tool") as pool:
         while queue or rows:
             admit()
+            if queue and not rows:
+                raise ValueError(f"the engine has {engine.n_free} free slots, a group needs {G}")
             if engine.n_decoding:
                 for fin in engine.step():
                     on_finished(fin)

@@ -406,3 +406,8 @@ def test_real_engine_tokens_and_logprobs_match_model(tiny_qwen2):
         lp = torch.log_softmax(logits[0, :-1], -1).gather(1, torch.tensor(t.tokens[1:])[:, None])[:, 0]
         want = torch.tensor([t.logprobs[i] for i in pos])
         assert torch.allclose(lp[[i - 1 for i in pos]], want, atol=2e-3), (lp[[i - 1 for i in pos]], want)
+
+
+def test_group_larger_than_engine_fails_fast(tok):
+    with pytest.raises(ValueError, match="a group needs 3"):
+        run(tok, search_browse_answer("tags"), group_size=3, n_slots=2)
