@@ -287,7 +287,7 @@ def build_model(path: str, cfg: Config, d: Dist, trainable: bool = True):
     """Load an HF checkpoint and, when distributed or on GPU, shard it with FSDP2 (each block, then the root).
 
     Rank 0 reads the weights; the other ranks build on the meta device and receive their shards by broadcast, so
-    host memory holds one full copy per node, not one per GPU. Master weights stay fp32; on GPU the forward and
+    the job holds one full host copy in all, not one per GPU. Master weights stay fp32; on GPU the forward and
     backward run in bf16 (MixedPrecisionPolicy) with fp32 gradient reduction.
     """
     from model import ModelConfig, Transformer
@@ -461,7 +461,8 @@ def policy_loss(logp, old_logp, advantages, mask, *, clip_low=0.2, clip_high=0.2
     return total / denom, stats
 
 
-def token_logprobs(model, tokens, mask, temperature: float = 1.0, with_entropy: bool = False):
+def token_logprobs(model, tokens, mask, temperature: float = 1.0, with_entropy: bool = False,
+                   entropy_grad: bool = True):
     """Per-token log-probs of `tokens[:, 1:]` under the model, only where `mask[:, 1:]` is 1.
 
     tokens, mask: (B, T). Returns logp (B, T-1) and entropy (B, T-1) or None, zero where the mask is 0. Logits are
@@ -480,9 +481,10 @@ def token_logprobs(model, tokens, mask, temperature: float = 1.0, with_entropy: 
     tgt = torch.gather(tokens[:, 1:], 1, order)  # (B, K)
     lp = torch.gather(logits, 2, tgt[:, :, None]).squeeze(-1) - logz  # (B, K)
     ent = None
-    if with_entropy:
-        p = torch.softmax(logits, dim=-1)
-        ent = logz - (p * logits).sum(dim=-1)  # H = logZ - E_p[logit]
+    if with_entropy:  # without entropy_grad it is only logged: no autograd graph over another (B, K, V) tensor
+        with torch.set_grad_enabled(torch.is_grad_enabled() and entropy_grad):
+            p = torch.softmax(logits, dim=-1)
+            ent = logz - (p * logits).sum(dim=-1)  # H = logZ - E_p[logit]
     zero = torch.zeros((), dtype=lp.dtype, device=lp.device)
     out = torch.zeros(B, T1, dtype=lp.dtype, device=lp.device).scatter(1, order, torch.where(valid, lp, zero))
     if ent is not None:
@@ -632,9 +634,8 @@ def update(model, optimizer, samples: list[Sample], cfg: Config, d: Dist, step: 
                     continue
                 micro = [part[i] for i in groups[j]]
                 tok, msk, adv, old, ref = collate(micro, d.device)
-                logp, ent = token_logprobs(model, tok, msk, _train_temperature(cfg), with_entropy=True)
-                if not cfg.entropy_coef > 0:
-                    ent = ent.detach()  # measured for the log, not trained on
+                logp, ent = token_logprobs(model, tok, msk, _train_temperature(cfg), with_entropy=True,
+                                           entropy_grad=cfg.entropy_coef > 0)
                 old = old if multi else logp.detach()
                 loss, st = policy_loss(logp, old, adv, msk[:, 1:], clip_low=cfg.clip_low, clip_high=cfg.clip_high,
                                        loss_agg=cfg.loss_agg, ref_logp=ref, kl_coef=cfg.kl_coef, entropy=ent,

@@ -49,13 +49,16 @@ class Args:
     baseline: bool = True        # CPU: also time the full-logits baseline
 
 
-def full_logits_logprobs(model, tokens, mask, temperature=1.0, with_entropy=False):
+def full_logits_logprobs(model, tokens, mask, temperature=1.0, with_entropy=False, entropy_grad=True):
     """The naive way: logits at every position, log-softmax over the vocabulary, gather the targets."""
     logits = model(tokens[:, :-1]).float()  # (B, T-1, V)
     logp_all = torch.log_softmax(logits / temperature, dim=-1)
     m = mask[:, 1:].bool()
     lp = logp_all.gather(2, tokens[:, 1:, None]).squeeze(-1) * m
-    ent = -(logp_all.exp() * logp_all).sum(-1) * m if with_entropy else None
+    ent = None
+    if with_entropy:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and entropy_grad):
+            ent = -(logp_all.exp() * logp_all).sum(-1) * m
     return lp, ent
 
 
