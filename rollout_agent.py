@@ -94,7 +94,7 @@ class RolloutConfig:
     date: str | None = None            # today's date in the system prompt; None = the real date
     tool_threads: int = 32             # concurrent tool calls (each blocks on the web)
     min_turn_tokens: int = 64          # an observation must leave this much room for the next turn
-    obs_role: str = "auto"             # chat role of observations: "tool" | "user" | "auto" (tool if the template has it)
+    obs_role: str = "auto"             # role of observations: "tool" | "user" | "auto" (tool if the template has one)
 
 
 # ------------------------------------------------------------------------------------------------ prompt

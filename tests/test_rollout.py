@@ -194,8 +194,10 @@ def search_browse_answer(protocol):
                     "<think>look it up</think><search>capital of France | France capital city</search>")
         if turn == 1:
             url = ctx[ctx.rindex("https://example.org/"):].split()[0]
+            if protocol == "tags":
+                return f"<think>read it</think><browse>{url}</browse>"
             return (f'<think>read it</think><tool_call>{{"name": "browse_webpage", "arguments": {{"url_list": '
-                    f'["{url}"]}}}}</tool_call>' if protocol == "dr" else f"<think>read it</think><browse>{url}</browse>")
+                    f'["{url}"]}}}}</tool_call>')
         return "<think>found it</think><answer>Paris</answer>"
     return policy
 
