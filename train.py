@@ -477,14 +477,14 @@ def token_logprobs(model, tokens, mask, temperature: float = 1.0, with_entropy: 
     logits = model(tokens[:, :-1], logits_at=order).float()  # (B, K, V)
     if temperature > 0 and temperature != 1.0:
         logits = logits / temperature
-    logz = torch.logsumexp(logits, dim=-1)  # (B, K)
+    logp_all = torch.log_softmax(logits, dim=-1)  # (B, K, V); its backward needs only this output
+    del logits
     tgt = torch.gather(tokens[:, 1:], 1, order)  # (B, K)
-    lp = torch.gather(logits, 2, tgt[:, :, None]).squeeze(-1) - logz  # (B, K)
+    lp = torch.gather(logp_all, 2, tgt[:, :, None]).squeeze(-1)  # (B, K)
     ent = None
     if with_entropy:  # without entropy_grad it is only logged: no autograd graph over another (B, K, V) tensor
         with torch.set_grad_enabled(torch.is_grad_enabled() and entropy_grad):
-            p = torch.softmax(logits, dim=-1)
-            ent = logz - (p * logits).sum(dim=-1)  # H = logZ - E_p[logit]
+            ent = -(logp_all.exp() * logp_all).sum(dim=-1)  # (B, K)
     zero = torch.zeros((), dtype=lp.dtype, device=lp.device)
     out = torch.zeros(B, T1, dtype=lp.dtype, device=lp.device).scatter(1, order, torch.where(valid, lp, zero))
     if ent is not None:
