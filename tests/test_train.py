@@ -435,3 +435,35 @@ def test_tiny_preset_real_agent(tmp_path):
     p = _torchrun(tmp_path, ["--preset=tiny", "--steps=2", f"--out_dir={tmp_path / 'run'}"], fake=False)
     assert "step 2 |" in p.stdout + p.stderr
     assert (tmp_path / "run" / "ckpt" / "step_000002" / "hf" / "config.json").exists()
+
+
+def test_kl_entropy_minibatches_filter_single_process(tmp_path, tiny_qwen2, monkeypatch):
+    """The reference model (kl_coef > 0), entropy bonus, 2 mini-batches x 2 epochs (logp_old recomputed) and
+    zero-variance filtering all run; the reference model is not built when kl_coef == 0."""
+    monkeypatch.setattr(train, "_import_agent", fake_agent)
+    built = []
+    real_build = train.build_model
+
+    def spy(path, cfg, d, trainable=True):
+        built.append(trainable)
+        return real_build(path, cfg, d, trainable)
+
+    monkeypatch.setattr(train, "build_model", spy)
+    args = _cfg(tmp_path / "a", tiny_qwen2, steps=2, kl_coef=0.1, entropy_coef=0.01, n_minibatches=2, ppo_epochs=2,
+                filter_groups=True, clip_high=0.28, loss_agg="seq-mean-token-mean")
+    m = train.main(parse_config(Config, args, PRESETS))
+    assert built == [True, False] and math.isfinite(m["loss"]) and m["kl"] >= 0
+    built.clear()
+    train.main(parse_config(Config, _cfg(tmp_path / "b", tiny_qwen2, steps=1), PRESETS))
+    assert built == [True]
+
+
+@pytest.mark.slow
+def test_torchrun_kl_minibatches(tmp_path, tiny_qwen2):
+    """FSDP2 with a sharded frozen reference model and several optimizer steps per batch, on 2 gloo ranks."""
+    args = _cfg(tmp_path / "run", tiny_qwen2, steps=2, kl_coef=0.1, entropy_coef=0.01, n_minibatches=2,
+                filter_groups=True, loss_agg="seq-mean-token-sum-norm")
+    p = _torchrun(tmp_path, args)
+    assert "step 2 |" in p.stdout + p.stderr
+    m = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(x["loss"]) and math.isfinite(x["kl"]) for x in m)
