@@ -386,20 +386,56 @@ def test_nan_stops_cleanly(tmp_path, tiny_qwen2, monkeypatch):
     assert not (tmp_path / "ckpt").exists() or not list((tmp_path / "ckpt").glob("step_*"))
 
 
+class StubSession:
+    def web_search(self, queries):
+        return "1. Paris\nhttps://example.org/paris\nParis is the capital of France."
+
+    def browse_webpage(self, urls):
+        return "Paris is the capital and largest city of France."
+
+
+class StubBrowser:
+    """Answers every search and browse the same way: the real agent loop without a web."""
+
+    def __init__(self, cfg):
+        pass
+
+    def session(self, question):
+        return StubSession()
+
+    def close(self):
+        pass
+
+
+def real_rollout_stub_browser():
+    rollout, RolloutConfig, _, _ = real_agent_parts()
+    return rollout, RolloutConfig, StubBrowser, FakeBrowseConfig
+
+
+def real_agent_parts():
+    try:
+        from rollout import RolloutConfig, rollout
+    except ImportError:
+        from rollout_agent import RolloutConfig, rollout
+    return rollout, RolloutConfig, None, None
+
+
 LAUNCH = textwrap.dedent("""
     import sys
     sys.path.insert(0, {tests!r})
     sys.path.insert(0, {root!r})
     import train, test_train
-    if {fake!r}:
+    if {agent!r} == "fake":
         train._import_agent = test_train.fake_agent
+    elif {agent!r} == "stub_browser":
+        train._import_agent = test_train.real_rollout_stub_browser
     train.main(train.parse_config(train.Config, sys.argv[1:], train.PRESETS))
 """)
 
 
-def _torchrun(tmp_path, args, fake=True):
+def _torchrun(tmp_path, args, agent="fake"):
     script = tmp_path / "launch.py"
-    script.write_text(LAUNCH.format(tests=str(HERE), root=str(HERE.parent), fake=fake))
+    script.write_text(LAUNCH.format(tests=str(HERE), root=str(HERE.parent), agent=agent))
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), *args]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
@@ -432,7 +468,7 @@ def _real_agent_available():
 @pytest.mark.skipif(not _real_agent_available(), reason="rollout.py / browse.py not importable yet")
 def test_tiny_preset_real_agent(tmp_path):
     """`torchrun --nproc_per_node=2 train.py --preset=tiny --steps=2` with the real agent and local search."""
-    p = _torchrun(tmp_path, ["--preset=tiny", "--steps=2", f"--out_dir={tmp_path / 'run'}"], fake=False)
+    p = _torchrun(tmp_path, ["--preset=tiny", "--steps=2", f"--out_dir={tmp_path / 'run'}"], agent="real")
     assert "step 2 |" in p.stdout + p.stderr
     assert (tmp_path / "run" / "ckpt" / "step_000002" / "hf" / "config.json").exists()
 
@@ -467,3 +503,35 @@ def test_torchrun_kl_minibatches(tmp_path, tiny_qwen2):
     assert "step 2 |" in p.stdout + p.stderr
     m = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(math.isfinite(x["loss"]) and math.isfinite(x["kl"]) for x in m)
+
+
+def _rollout_importable():
+    try:
+        real_agent_parts()
+        return True
+    except ImportError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _rollout_importable(), reason="rollout.py / rollout_agent.py not importable yet")
+def test_torchrun_real_rollout_resume_exact(tmp_path, tiny_qwen2):
+    """The real engine and agent loop (stub web) under FSDP2 on 2 gloo ranks: 2 steps + resume == 3 steps."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    kw = dict(max_new_tokens=16, micro_tokens=2048)
+    p = _torchrun(tmp_path, _cfg(a, tiny_qwen2, steps=3, **kw), agent="stub_browser")
+    assert "step 3 |" in p.stdout + p.stderr
+    _torchrun(tmp_path, _cfg(b, tiny_qwen2, steps=2, **kw), agent="stub_browser")
+    _torchrun(tmp_path, _cfg(b, tiny_qwen2, steps=3, resume=True, **kw), agent="stub_browser")
+    wa, wb = _hf_weights(a / "ckpt" / "step_000003"), _hf_weights(b / "ckpt" / "step_000003")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    m = [json.loads(x) for x in (a / "metrics.jsonl").read_text().splitlines()]
+    assert m[0]["logp_diff"] < 1e-3  # the engine's sampling log-probs agree with the training forward
+
+
+def test_entropy_collapse_stops_with_a_checkpoint(tmp_path, tiny_qwen2, monkeypatch):
+    monkeypatch.setattr(train, "_import_agent", fake_agent)
+    train.main(parse_config(Config, _cfg(tmp_path, tiny_qwen2, steps=6, save_every=100, min_entropy=1e9),
+                            PRESETS))
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 3  # 3 low-entropy steps, then stop
+    assert train.latest_checkpoint(Config(out_dir=str(tmp_path))).name == "step_000003"
