@@ -112,7 +112,7 @@ class Config:
     llm_base_url: str = ""
     llm_model: str = ""
     # optimisation
-    lr: float = 1e-6
+    lr: float = 1e-5                # a 135M model and a few dozen steps; the paper's 1e-6 is in the deepresearcher preset
     warmup_steps: int = 0           # linear warm-up, then constant (the paper: constant)
     weight_decay: float = 0.01
     adam_beta1: float = 0.9
@@ -796,6 +796,14 @@ def trajectory_record(traj, rew, adv: float, tokenizer) -> dict:
             "text": tokenizer.decode(traj.tokens), "turns": turns}
 
 
+def _truncate_metrics(path: Path, step: int) -> None:
+    """After a resume from `step`, drop the lines of steps that will be run again (the run died after them)."""
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    path.write_text("".join(ln + "\n" for ln in keep))
+
+
 class Loggers:
     """metrics.jsonl always; wandb / TensorBoard only when asked (imported here, lazily)."""
 
@@ -958,6 +966,8 @@ def main(cfg: Config) -> dict:
     path = resolve_model(cfg.model) if d.local_rank == 0 else None
     barrier()
     path = path or resolve_model(cfg.model)
+    if d.main:  # record which folder the model name resolved to, next to the config
+        (out / "config.json").write_text(json.dumps({**asdict(cfg), "resolved_model_path": str(path)}, indent=2))
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = build_model(path, cfg, d)
     ref_model = build_model(path, cfg, d, trainable=False) if cfg.kl_coef > 0 else None
@@ -975,6 +985,7 @@ def main(cfg: Config) -> dict:
             start, history = state["step"], state.get("history", [])
             if d.main:
                 print(f"resumed from {ck} at step {start}")
+                _truncate_metrics(out / "metrics.jsonl", start)
     rollout, RolloutConfig, Browser, BrowseConfig = _import_agent()
     rcfg = _subconfig(RolloutConfig, cfg)
     browser = Browser(_subconfig(BrowseConfig, cfg))
