@@ -37,6 +37,17 @@ Departures from the paper / the reference implementation (verl + vLLM + Ray)
 - Search back ends: Serper (the paper), SearxNG or a local Wikipedia web (the default, offline); the reading agent
   can be an OpenAI-compatible LLM or a local extractive reader (`reader=extract`, the CPU default).
 - Checkpoints are torch.distributed.checkpoint shards (+ an HF export per step), written atomically.
+- The reward reads only the policy's own turns (reward.py); the reference's format check also read web text.
+- The default run (no preset) is ours, not the paper's: SmolLM2-135M-Instruct on a CPU, 8 questions x 4, 4 turns
+  of 256 tokens, lr 1e-5, no KL; `--preset=deepresearcher` is the paper's recipe (its n_slots=16 and
+  micro_tokens=8192 are our memory choices for 8 x 80 GB, see `--dry_run=True`).
+
+Metrics (one `key value | ...` line per step on rank 0, and metrics.jsonl): reward, reward_std, f1, em,
+format_error (rate), zero_var_groups (share of groups with equal rewards), turns / search_calls / browse_calls per
+trajectory, response_len (sampled tokens), seq_len, entropy, kl, clipfrac, loss, grad_norm, logp_diff (mean
+|engine log-prob - training log-prob| on the first mini-batch: ~0 unless sampler and trainer disagree), lr,
+time_rollout (wall), time_tools_sum (tool seconds summed over calls, per rank; they overlap with decoding),
+time_learn, tok_per_s, peak_mem_gib (GPU allocator peak, or the process's peak RSS on a CPU).
 
 How to run
     python train.py                                                   # CPU: SmolLM2-135M-Instruct, local web
@@ -112,7 +123,7 @@ class Config:
     llm_base_url: str = ""
     llm_model: str = ""
     # optimisation
-    lr: float = 1e-5                # a 135M model and a few dozen steps; the paper's 1e-6 is in the deepresearcher preset
+    lr: float = 1e-5                # 135M model, few dozen steps; the paper's 1e-6 is in the deepresearcher preset
     warmup_steps: int = 0           # linear warm-up, then constant (the paper: constant)
     weight_decay: float = 0.01
     adam_beta1: float = 0.9
