@@ -574,11 +574,14 @@ def _dummy_backward(model, device) -> None:
 
 
 @torch.no_grad()
-def fill_logprobs(model, samples: list[Sample], cfg: Config, d: Dist, attr: str) -> list[Sample]:
-    """New Samples with `attr` (old_logp / ref_logp) from a no-grad forward of `model`, in micro-batches."""
+def fill_logprobs(model, samples: list[Sample], cfg: Config, d: Dist, attr: str, only=None) -> list[Sample]:
+    """New Samples with `attr` (old_logp / ref_logp) from a no-grad forward of `model`, in micro-batches.
+
+    only: indices of the samples that need it (default all); the others are returned unchanged."""
     out = list(samples)
     lengths = [len(s.tokens) for s in samples]
-    groups = micro_batches(lengths, cfg.micro_tokens)
+    todo = list(range(len(samples))) if only is None else list(only)
+    groups = [[todo[k] for k in g] for g in micro_batches([lengths[i] for i in todo], cfg.micro_tokens)]
     n = int(all_reduce([len(groups)], "max", _comm_device(d))[0])
     for j in range(n):
         if j >= len(groups):
@@ -610,8 +613,13 @@ def update(model, optimizer, samples: list[Sample], cfg: Config, d: Dist, step: 
     """Policy-gradient steps on this rank's samples; every rank calls it, even with no samples. Returns metrics."""
     comm = _comm_device(d)
     multi = cfg.n_minibatches * cfg.ppo_epochs > 1
+    # With no KL and no entropy term, a trajectory with advantage exactly 0 (e.g. its whole group got the same
+    # reward) adds exactly 0 to the loss and its gradient: it still counts in the denominators below, but its
+    # forward/backward is skipped. Early in training most groups are like that, so this is most of the time saved.
+    skip_zero = cfg.kl_coef == 0 and cfg.entropy_coef == 0
+    active = [i for i, s in enumerate(samples) if not (skip_zero and s.advantage == 0.0)]
     if multi:  # the policy moves between mini-batches: freeze logp_old with a training forward first
-        samples = fill_logprobs(model, samples, cfg, d, "old_logp")
+        samples = fill_logprobs(model, samples, cfg, d, "old_logp", only=active)
     if cfg.kl_coef > 0:
         samples = fill_logprobs(ref_model, samples, cfg, d, "ref_logp")
     for g in optimizer.param_groups:
@@ -626,7 +634,6 @@ def update(model, optimizer, samples: list[Sample], cfg: Config, d: Dist, step: 
     for epoch in range(cfg.ppo_epochs):
         for mb in range(nb):
             part = samples[mb * len(samples) // nb: (mb + 1) * len(samples) // nb]
-            lengths = [len(s.tokens) for s in part]
             n_tok_local = sum(sum(s.loss_mask[1:]) for s in part)
             # the denominators are over the whole mini-batch on all ranks, so micro-batching and sharding do not
             # change the loss; FSDP averages gradients over ranks, hence the factor `world` below
@@ -634,8 +641,11 @@ def update(model, optimizer, samples: list[Sample], cfg: Config, d: Dist, step: 
             norm = n_tok if cfg.loss_agg == "token-mean" else n_seq
             if n_tok == 0:  # nothing to learn from on any rank (e.g. every group filtered): no step at all, so
                 continue    # neither weight decay nor Adam's moments move on an empty batch
-            groups = micro_batches(lengths, cfg.micro_tokens) if part else []
+            work = [s for s in part if not (skip_zero and s.advantage == 0.0)]
+            groups = micro_batches([len(s.tokens) for s in work], cfg.micro_tokens) if work else []
             n_micro = int(all_reduce([len(groups)], "max", comm)[0])
+            if n_micro == 0:  # every trajectory on every rank has advantage 0: nothing to apply, not even decay
+                continue
             bar.total += n_micro
             bar.refresh()
             for j in range(n_micro):
@@ -643,7 +653,7 @@ def update(model, optimizer, samples: list[Sample], cfg: Config, d: Dist, step: 
                 if j >= len(groups):
                     _dummy_backward(model, d.device)
                     continue
-                micro = [part[i] for i in groups[j]]
+                micro = [work[i] for i in groups[j]]
                 tok, msk, adv, old, ref = collate(micro, d.device)
                 logp, ent = token_logprobs(model, tok, msk, _train_temperature(cfg), with_entropy=True,
                                            entropy_grad=cfg.entropy_coef > 0)

@@ -218,6 +218,28 @@ def test_update_does_not_depend_on_micro_batching(tiny_qwen2):
         assert torch.allclose(params[0], params[1], atol=1e-6, rtol=1e-4)
 
 
+def test_update_equals_one_step_on_the_full_batch_loss(tiny_qwen2):
+    """train.update (micro-batches, zero-advantage rows skipped but counted) == SGD on the plain batch loss."""
+    from model import Transformer
+
+    g = torch.Generator().manual_seed(2)
+    samples = []
+    for i, a in enumerate([1.0, 0.0, -0.5, 0.0]):
+        n = 8 + 2 * i
+        samples.append(Sample(torch.randint(0, 49152, (n,), generator=g).tolist(), [0] * 3 + [1] * (n - 3), a))
+    ours = Transformer.from_pretrained(tiny_qwen2)
+    cfg = Config(micro_tokens=16, grad_clip=0.0, lr=0.5)
+    train.update(ours, torch.optim.SGD(ours.parameters(), lr=0.5), samples, cfg, train.Dist(), step=0)
+    ref = Transformer.from_pretrained(tiny_qwen2)
+    tok, msk, adv, _, _ = train.collate(samples, "cpu")
+    logp, _ = token_logprobs(ref, tok, msk)
+    loss, _ = policy_loss(logp, logp.detach(), adv, msk[:, 1:], loss_agg="token-mean")
+    loss.backward()
+    torch.optim.SGD(ref.parameters(), lr=0.5).step()
+    for (k, p), q in zip(ours.named_parameters(), ref.parameters()):
+        assert torch.allclose(p, q, atol=1e-6), k
+
+
 def test_dry_run_deepresearcher_estimate():
     cfg = parse_config(Config, ["--preset=deepresearcher", "--world_size=8"], PRESETS)
     m = train.dry_run(cfg, train.Dist())
