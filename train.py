@@ -834,11 +834,17 @@ class Loggers:
         if not self.on:
             return
         if cfg.wandb_project:
-            import wandb
+            try:
+                import wandb
+            except ImportError:
+                raise SystemExit("--wandb_project needs the wandb package: pip install wandb") from None
 
             self.wandb = wandb.init(project=cfg.wandb_project, config=asdict(cfg), dir=cfg.out_dir)
         if cfg.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise SystemExit("--tensorboard=True needs the tensorboard package: pip install tensorboard") from None
 
             self.tb = SummaryWriter(str(self.out / "tb"))
 

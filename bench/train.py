@@ -76,7 +76,7 @@ def make_samples(n: int, seq: int, vocab: int, seed: int = 0) -> list[train.Samp
 def build(shape: str, d: train.Dist, checkpointing: bool):
     cfg = ModelConfig.from_json(TINY_CONFIG if shape == "tiny" else SHAPES[shape])
     torch.manual_seed(0)
-    if d.device.type == "cuda":
+    if train._is_dist():  # FSDP2 as in train.py (always on GPU: a 1-rank group; on CPU only under torchrun)
         with torch.device("meta"):
             model = Transformer(cfg)
         train.apply_fsdp(model, d)
