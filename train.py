@@ -202,6 +202,11 @@ def _convert(key: str, value: str, typ):
 def parse_config(cls, argv: list[str], presets: dict[str, dict]):
     """Defaults <- `--preset=NAME` <- `--key=value` overrides (typed). Unknown keys stop with the closest matches."""
     overrides: dict[str, str] = {}
+    if any(a in ("-h", "--help") for a in argv):
+        print(f"options (--key=value), with defaults; presets: {', '.join(presets) or 'none'}")
+        for f in fields(cls):
+            print(f"  --{f.name}={getattr(cls(), f.name)!r}")
+        raise SystemExit(0)
     for arg in argv:
         if not arg.startswith("--") or "=" not in arg:
             raise SystemExit(f"expected --key=value, got {arg!r}")
