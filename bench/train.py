@@ -69,7 +69,8 @@ def make_samples(n: int, seq: int, vocab: int, seed: int = 0) -> list[train.Samp
         mask = [0] * (seq // 4) + [1] * (seq - seq // 4)
         a = seq // 2
         mask[a: a + seq // 8] = [0] * (seq // 8)  # an observation span
-        out.append(train.Sample(torch.randint(0, vocab, (seq,), generator=g).tolist(), mask, float(i % 3) - 1.0))
+        adv = 1.0 if i % 2 else -1.0  # never 0: update() skips zero-advantage rows
+        out.append(train.Sample(torch.randint(0, vocab, (seq,), generator=g).tolist(), mask, adv))
     return out
 
 
