@@ -979,6 +979,8 @@ def main(cfg: Config) -> dict:
         return dry_run(cfg, d)
     if cfg.batch_size % d.world:
         raise SystemExit(f"batch_size={cfg.batch_size} must be divisible by the world size {d.world}")
+    if cfg.cpu_offload and d.device.type != "cuda":
+        raise SystemExit("--cpu_offload=True moves FSDP's sharded state from GPU to host memory: it needs GPUs")
     if cfg.kl_coef > 0 and cfg.kl_type != "low_var_kl":
         raise SystemExit(f"kl_type={cfg.kl_type!r}: only low_var_kl (k3) is implemented")
     out = Path(cfg.out_dir)
