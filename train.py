@@ -951,11 +951,19 @@ def _import_agent():
     try:
         from rollout import RolloutConfig, rollout
     except ImportError:
-        from rollout_agent import RolloutConfig, rollout
+        try:
+            from rollout_agent import RolloutConfig, rollout
+        except ImportError as e:
+            raise SystemExit(f"the agent loop is missing: neither rollout.rollout nor rollout_agent.rollout "
+                             f"imports ({e})") from e
     try:
         from browse import BrowseConfig, Browser
     except ImportError:
-        from browse_read import BrowseConfig, Browser
+        try:
+            from browse_read import BrowseConfig, Browser
+        except ImportError as e:
+            raise SystemExit(f"the browser is missing: neither browse.Browser nor browse_read.Browser imports "
+                             f"({e})") from e
     return rollout, RolloutConfig, Browser, BrowseConfig
 
 
@@ -983,6 +991,7 @@ def main(cfg: Config) -> dict:
         raise SystemExit("--cpu_offload=True moves FSDP's sharded state from GPU to host memory: it needs GPUs")
     if cfg.kl_coef > 0 and cfg.kl_type != "low_var_kl":
         raise SystemExit(f"kl_type={cfg.kl_type!r}: only low_var_kl (k3) is implemented")
+    rollout, RolloutConfig, Browser, BrowseConfig = _import_agent()  # fail before loading a model, not after
     out = Path(cfg.out_dir)
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
@@ -1020,7 +1029,6 @@ def main(cfg: Config) -> dict:
             if d.main:
                 print(f"resumed from {ck} at step {start}")
                 _truncate_metrics(out / "metrics.jsonl", start)
-    rollout, RolloutConfig, Browser, BrowseConfig = _import_agent()
     rcfg = _subconfig(RolloutConfig, cfg)
     browser = Browser(_subconfig(BrowseConfig, cfg))
     logs = Loggers(cfg, d)

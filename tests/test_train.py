@@ -482,7 +482,7 @@ def _real_agent_available():
     try:
         train._import_agent()
         return True
-    except ImportError:
+    except (ImportError, SystemExit):
         return False
 
 
