@@ -1,0 +1,844 @@
+"""The agent's web, search side: search back ends, a record/replay cache, and an embedded offline web.
+
+What it does
+- `SearchResult(title, url, snippet, rank)`: what every back end returns, rank 1 first.
+- `make_backend(name, *, top_k=10, corpus=None, cache=None, **opts)` -> a back end with
+  `search(queries) -> list[list[SearchResult]]` (raises `SearchError` with a `.kind`) and
+  `search_or_error(queries) -> list[list[SearchResult] | SearchError]` (errors as values, one per query):
+  - `serper`: Google through the Serper API (key from $SERPER_API_KEY; options gl, hl, location). A missing key fails
+    at construction; 401/403 stop at once (kind "auth"); 429 and 5xx back off with full jitter, honouring
+    Retry-After, for at most `max_tries` tries; every request has a timeout. The key never appears in a message,
+    an exception or a repr.
+  - `searxng`: a SearXNG instance's JSON API (`url=` or $SEARXNG_URL; the instance must allow `format=json`).
+  - `local`: BM25 over a JSONL corpus (`id, title, url, text` a line; default: the embedded ~10k Wikipedia summaries
+    from data/wiki_corpus.py), chunked into ~100-word passages. The index is tantivy (Rust, on disk, memory-mapped:
+    chosen by measurement over bm25s and SQLite FTS5, see bench/RESULTS.md), built once per corpus hash in
+    $DR_CACHE_DIR/bm25/ and shared by processes. Results carry LocalWeb URLs, one hit per article.
+- `LocalWeb(corpus)`: serves each corpus record as a real HTML page at http://127.0.0.1:PORT/wiki/<id>, in a daemon
+  thread. The port is derived from the corpus hash and bound with SO_REUSEPORT, so every torchrun rank serves the
+  same URLs (and a recorded cache replays on another run or machine); the local back end starts it itself.
+- `Cache(path, mode, max_age_s)`: one SQLite (WAL) file for search results and pages, `get(kind, key)` /
+  `put(kind, key, value)`, safe across threads and processes. Modes: live (no cache), record (live, write all),
+  replay (cache only; a miss raises `CacheMiss` with the exact key), replay_or_live. Entries keep their fetch time.
+- `Stats`: queries, cache hits, API calls, failures by kind, latency, estimated dollars; per back end (`.stats`),
+  per call (`search_detailed`), and per step (`stats.snapshot()` differences).
+
+What it does not do
+- No page fetching or reading (browse_read.py, to be folded in here); no dense retrieval; no torch.
+
+How to run
+    python browse.py search "highest mountain on Earth" --backend=local --top_k=5
+    SERPER_API_KEY=... python browse.py search "who wrote hamlet" "capital of peru" --backend=serper \\
+        --cache=runs/web.sqlite --cache_mode=record
+    python browse.py search "who wrote hamlet" --backend=serper --cache=runs/web.sqlite --cache_mode=replay
+    python browse.py serve [--corpus=FILE] [--port=N]         # browse the embedded web at the printed URL
+"""
+
+from __future__ import annotations
+
+import email.utils
+import fcntl
+import hashlib
+import html
+import json
+import os
+import random
+import re
+import shutil
+import socket
+import sqlite3
+import sys
+import threading
+import time
+import unicodedata
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, quote, unquote, urlsplit
+
+SERPER_URL = "https://google.serper.dev/search"
+SERPER_USD_PER_QUERY = 0.001  # Serper's list price at volume, ~$1 per 1k queries (Nov 2026); an estimate, not a bill
+CACHE_MODES = ("live", "record", "replay", "replay_or_live")
+INDEX_VERSION = 2  # bump when the index schema or chunking changes: old indexes are then rebuilt, not misread
+
+
+def cache_dir() -> Path:
+    """$DR_CACHE_DIR, else ~/.cache/deepresearch (shared with model.py and data/wiki_corpus.py)."""
+    return Path(os.environ.get("DR_CACHE_DIR", Path.home() / ".cache" / "deepresearch"))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Records and errors
+
+@dataclass
+class SearchResult:
+    title: str
+    url: str
+    snippet: str
+    rank: int  # 1-based position in the back end's list
+
+
+class SearchError(RuntimeError):
+    """A failed search. kind: auth | rate_limit | server | timeout | network | malformed | http | config."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(f"{kind}: {message}")
+        self.kind = kind
+
+
+class CacheMiss(LookupError):
+    """Replay mode and the cache has no (fresh) entry. `.key` is the exact key (kind, key string)."""
+
+    def __init__(self, kind: str, key: str):
+        super().__init__(f"cache miss in replay mode: kind={kind!r} key={key}")
+        self.kind, self.key = kind, key
+
+
+@dataclass
+class Stats:
+    """Counters of one back end (cumulative) or of one call/step (a difference of snapshots)."""
+    queries: int = 0
+    cache_hits: int = 0
+    api_calls: int = 0          # HTTP requests sent (retries included) or local index lookups
+    failures: dict = field(default_factory=dict)  # kind -> count, counted per failed query
+    latency_s: float = 0.0      # wall time spent answering queries (cache hits included)
+    cost_usd: float = 0.0       # estimated API spend
+
+    def add(self, other: "Stats") -> None:
+        self.queries += other.queries
+        self.cache_hits += other.cache_hits
+        self.api_calls += other.api_calls
+        self.latency_s += other.latency_s
+        self.cost_usd += other.cost_usd
+        for k, v in other.failures.items():
+            self.failures[k] = self.failures.get(k, 0) + v
+
+    def snapshot(self) -> dict:
+        d = asdict(self)
+        d["failures"] = dict(self.failures)
+        return d
+
+    @staticmethod
+    def diff(after: dict, before: dict) -> dict:
+        """Per-step numbers from two snapshots."""
+        out = {k: after[k] - before.get(k, 0) for k in after if k != "failures"}
+        fails = {k: v - before.get("failures", {}).get(k, 0) for k, v in after["failures"].items()}
+        out["failures"] = {k: v for k, v in fails.items() if v}
+        return out
+
+
+def normalize_query(q: str) -> str:
+    """Cache-key form of a query: NFKC, lowercase, single spaces (search engines ignore case and spacing)."""
+    return " ".join(unicodedata.normalize("NFKC", q).lower().split())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Cache
+
+class Cache:
+    """Record/replay store for search results ("search") and fetched pages ("page") in one SQLite WAL file.
+
+    get(kind, key) -> dict | None and put(kind, key, value). What `get` does depends on the mode:
+      live: always None (and put does nothing); record: always None (the caller goes live), put writes;
+      replay: the entry, or CacheMiss(kind, key); replay_or_live: the entry or None, put writes.
+    With max_age_s, an entry older than that counts as absent. Each thread gets its own connection (sqlite3
+    connections are not shareable across threads) and a forked child opens new ones; WAL lets readers run while
+    one process writes, and busy_timeout makes concurrent writers wait instead of failing.
+    """
+
+    def __init__(self, path: str | os.PathLike | None, mode: str = "replay_or_live", max_age_s: float | None = None):
+        if mode not in CACHE_MODES:
+            raise ValueError(f"cache mode {mode!r}: use one of {', '.join(CACHE_MODES)}")
+        if path is None and mode != "live":
+            raise ValueError(f"cache mode {mode!r} needs a cache file (--cache=FILE)")
+        self.path, self.mode, self.max_age_s = (str(path) if path else None), mode, max_age_s
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self.stats = {"lookups": 0, "hits": 0, "misses": 0, "stale": 0, "puts": 0}
+        if self.path:
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            con = self._con()
+            with con:
+                con.execute("CREATE TABLE IF NOT EXISTS entries (kind TEXT NOT NULL, key TEXT NOT NULL, "
+                            "value TEXT NOT NULL, fetched_at REAL NOT NULL, PRIMARY KEY (kind, key)) WITHOUT ROWID")
+
+    def _con(self) -> sqlite3.Connection:
+        con = getattr(self._local, "con", None)
+        if con is None or self._local.pid != os.getpid():  # a connection must not cross a fork
+            con = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
+            con.execute("PRAGMA journal_mode=WAL")
+            con.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable against process crashes, fast
+            con.execute("PRAGMA busy_timeout=60000")
+            self._local.con, self._local.pid = con, os.getpid()
+        return con
+
+    def _count(self, name: str) -> None:
+        with self._lock:
+            self.stats[name] += 1
+
+    def get(self, kind: str, key: str, with_time: bool = False):
+        """The cached value (or (value, fetched_at) with with_time), None when absent; see the class docstring."""
+        if self.mode in ("live", "record"):
+            return None
+        self._count("lookups")
+        row = self._con().execute("SELECT value, fetched_at FROM entries WHERE kind=? AND key=?",
+                                  (kind, key)).fetchone()
+        if row is not None and self.max_age_s is not None and time.time() - row[1] > self.max_age_s:
+            self._count("stale")
+            row = None
+        if row is None:
+            self._count("misses")
+            if self.mode == "replay":
+                raise CacheMiss(kind, key)
+            return None
+        self._count("hits")
+        value = json.loads(row[0])
+        return (value, row[1]) if with_time else value
+
+    def put(self, kind: str, key: str, value: dict, fetched_at: float | None = None) -> None:
+        """Store (or replace) an entry; a no-op in live and replay modes (replay never changes the shared file)."""
+        if self.mode in ("live", "replay"):
+            return
+        self._count("puts")
+        self._con().execute("INSERT OR REPLACE INTO entries (kind, key, value, fetched_at) VALUES (?, ?, ?, ?)",
+                            (kind, key, json.dumps(value, ensure_ascii=False),
+                             time.time() if fetched_at is None else fetched_at))
+
+    def __len__(self) -> int:
+        if not self.path:
+            return 0
+        return self._con().execute("SELECT COUNT(*) FROM entries").fetchone()[0]
+
+    def close(self) -> None:
+        con = getattr(self._local, "con", None)
+        if con is not None:
+            con.close()
+            self._local.con = None
+
+
+def search_key(backend: str, query: str, top_k: int, options: dict) -> str:
+    """The exact cache key of one search: JSON of (back end, normalised query, top-k, sorted options)."""
+    return json.dumps([backend, normalize_query(query), top_k, sorted(options.items())], ensure_ascii=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Back ends: a shared driver (cache, stats, concurrency) around each back end's `_search_one`
+
+@dataclass
+class SearchCall:
+    """One `search_detailed` call: results or an error per query, and the call's own stats."""
+    results: list  # list[list[SearchResult] | SearchError]
+    stats: dict
+
+
+class Backend:
+    name = "?"
+    usd_per_query = 0.0
+
+    def __init__(self, top_k: int = 10, cache: Cache | None = None, n_threads: int = 4):
+        self.top_k, self.cache = int(top_k), cache
+        self.stats = Stats()
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=n_threads, thread_name_prefix=f"search-{self.name}")
+        self.options: dict = {}  # whatever changes the results; part of the cache key
+
+    # subclasses: one query -> list[SearchResult]; raise SearchError; `st` counts api_calls
+    def _search_one(self, query: str, st: Stats) -> list[SearchResult]:
+        raise NotImplementedError
+
+    def _one(self, query: str) -> tuple[list[SearchResult] | SearchError, Stats]:
+        st = Stats(queries=1)
+        t0 = time.perf_counter()
+        key = search_key(self.name, query, self.top_k, self.options)
+        try:
+            hit = self.cache.get("search", key) if self.cache is not None else None  # CacheMiss propagates
+            if hit is not None:
+                st.cache_hits = 1
+                out = [SearchResult(**r) for r in hit["results"]]
+            else:
+                out = self._search_one(query, st)
+                st.cost_usd = self.usd_per_query
+                if self.cache is not None:
+                    self.cache.put("search", key, {"query": query, "results": [asdict(r) for r in out]})
+        except SearchError as e:
+            st.failures[e.kind] = 1
+            out = e
+        st.latency_s = time.perf_counter() - t0
+        with self._lock:
+            self.stats.add(st)
+        return out, st
+
+    def search_detailed(self, queries: list[str]) -> SearchCall:
+        """Run queries concurrently; errors come back as values. CacheMiss (replay) is raised: it is a set-up
+        problem (wrong cache file or mode), not a web failure the policy should see."""
+        if isinstance(queries, str):
+            queries = [queries]
+        pairs = list(self._pool.map(self._one, queries)) if len(queries) > 1 else [self._one(q) for q in queries]
+        total = Stats()
+        for _, st in pairs:
+            total.add(st)
+        return SearchCall([r for r, _ in pairs], total.snapshot())
+
+    def search_or_error(self, queries: list[str]) -> list:
+        return self.search_detailed(queries).results
+
+    def search(self, queries: list[str]) -> list[list[SearchResult]]:
+        """Results per query; raises the first SearchError (use search_or_error to get errors as values)."""
+        out = self.search_or_error(queries)
+        for r in out:
+            if isinstance(r, SearchError):
+                raise r
+        return out
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)
+
+    def __repr__(self) -> str:  # never shows secrets: only the name and the public options
+        return f"{type(self).__name__}(top_k={self.top_k}, options={self.options})"
+
+
+def _retry_after_s(value: str | None) -> float | None:
+    """Retry-After as seconds: a number, or an HTTP date."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
+class _HTTPBackend(Backend):
+    """Retries with full-jitter exponential backoff; honours Retry-After (capped); stops at once on 401/403."""
+
+    def __init__(self, top_k=10, cache=None, *, timeout=10.0, max_tries=4, backoff_s=1.0, max_backoff_s=30.0,
+                 n_threads=4, secret: str | None = None):
+        super().__init__(top_k, cache, n_threads)
+        self.timeout, self.max_tries = float(timeout), int(max_tries)
+        self.backoff_s, self.max_backoff_s = float(backoff_s), float(max_backoff_s)
+        self._secret = secret  # scrubbed from every message we build
+        self._tls = threading.local()
+
+    def _scrub(self, text: str) -> str:
+        text = str(text)
+        if self._secret:
+            text = text.replace(self._secret, "***")
+        return text[:300]
+
+    def _session(self):
+        import requests  # here, so `import browse` stays cheap for users of the local back end only
+        s = getattr(self._tls, "session", None)
+        if s is None:
+            s = self._tls.session = requests.Session()  # one per thread: Session is not documented thread-safe
+        return s
+
+    def _request(self, method: str, url: str, st: Stats, **kw) -> dict:
+        import requests
+        last: SearchError | None = None
+        for attempt in range(self.max_tries):
+            st.api_calls += 1
+            wait = None
+            try:
+                r = self._session().request(method, url, timeout=self.timeout, **kw)
+            except requests.Timeout:
+                last = SearchError("timeout", f"{self.name}: no answer within {self.timeout:g}s")
+            except requests.RequestException as e:
+                last = SearchError("network", f"{self.name}: {type(e).__name__}: {self._scrub(e)}")
+            else:
+                if r.status_code in (401, 403):
+                    # retrying a bad key only burns quota and time: stop with a message that says what to check
+                    raise SearchError("auth", f"{self.name}: HTTP {r.status_code} ({self._auth_hint()})")
+                if r.status_code == 429 or r.status_code >= 500:
+                    kind = "rate_limit" if r.status_code == 429 else "server"
+                    last = SearchError(kind, f"{self.name}: HTTP {r.status_code} after {attempt + 1} tries")
+                    wait = _retry_after_s(r.headers.get("Retry-After"))
+                elif r.status_code != 200:
+                    raise SearchError("http", f"{self.name}: HTTP {r.status_code}: {self._scrub(r.text)}")
+                else:
+                    try:
+                        return r.json()
+                    except ValueError:
+                        # a proxy's HTML error page or a truncated body; retrying rarely helps, say what we got
+                        raise SearchError("malformed", f"{self.name}: response is not JSON: {self._scrub(r.text)!r}")
+            if attempt + 1 < self.max_tries:
+                backoff = random.uniform(0, min(self.max_backoff_s, self.backoff_s * 2 ** attempt))  # full jitter
+                time.sleep(min(self.max_backoff_s, wait) if wait is not None else backoff)
+        assert last is not None
+        raise last
+
+    def _auth_hint(self) -> str:
+        return "check the URL and access rules"
+
+
+class SerperBackend(_HTTPBackend):
+    """Google results through https://serper.dev. Options: gl (country), hl (language), location."""
+    name = "serper"
+    usd_per_query = SERPER_USD_PER_QUERY
+
+    def __init__(self, top_k=10, cache=None, *, api_key: str | None = None, gl: str = "us", hl: str = "en",
+                 location: str | None = None, url: str = SERPER_URL, **kw):
+        key = api_key or os.environ.get("SERPER_API_KEY", "")
+        if not key and not (cache is not None and cache.mode == "replay"):  # replay needs no key: no request is made
+            raise SearchError("config", "the serper back end needs an API key: export SERPER_API_KEY=<your key> "
+                                        "(get one at https://serper.dev), or use --backend=local / --backend=searxng")
+        super().__init__(top_k, cache, secret=key, **kw)
+        self.url = url
+        self.options = {k: v for k, v in (("gl", gl), ("hl", hl), ("location", location)) if v}
+
+    def _auth_hint(self) -> str:
+        return "the Serper API key in SERPER_API_KEY was rejected or has no credit"
+
+    def _search_one(self, query, st):
+        body = {"q": query, "num": self.top_k, **self.options}
+        data = self._request("POST", self.url, st, json=body,
+                             headers={"X-API-KEY": self._secret, "Content-Type": "application/json"})
+        organic = data.get("organic") if isinstance(data, dict) else None
+        if not isinstance(organic, list):
+            raise SearchError("malformed", f"serper: no 'organic' list in the response (keys: {list(data)[:8]})"
+                              if isinstance(data, dict) else "serper: response is not a JSON object")
+        out = []
+        for r in organic:
+            if isinstance(r, dict) and r.get("link"):
+                out.append(SearchResult(str(r.get("title", "")), str(r["link"]), str(r.get("snippet", "")),
+                                        len(out) + 1))
+        return out[: self.top_k]
+
+
+class SearxngBackend(_HTTPBackend):
+    """A SearXNG instance's JSON API (GET /search?q=..&format=json). Options: language, categories, engines."""
+    name = "searxng"
+
+    def __init__(self, top_k=10, cache=None, *, url: str | None = None, language: str = "en",
+                 categories: str | None = None, engines: str | None = None, **kw):
+        url = url or os.environ.get("SEARXNG_URL", "")
+        if not url:
+            raise SearchError("config", "the searxng back end needs the instance URL: --searxng_url=http://host:8080 "
+                                        "or export SEARXNG_URL=...")
+        super().__init__(top_k, cache, **kw)
+        self.url = url.rstrip("/")
+        self.options = {k: v for k, v in (("language", language), ("categories", categories),
+                                          ("engines", engines)) if v}
+        self.options["url"] = self.url  # different instances give different results
+
+    def _auth_hint(self) -> str:
+        return "the SearXNG instance refused the request; is format=json enabled in its settings.yml?"
+
+    def _search_one(self, query, st):
+        params = {"q": query, "format": "json", **{k: v for k, v in self.options.items() if k != "url"}}
+        data = self._request("GET", self.url + "/search", st, params=params)
+        results = data.get("results") if isinstance(data, dict) else None
+        if not isinstance(results, list):
+            raise SearchError("malformed", "searxng: no 'results' list in the response")
+        out = []
+        for r in results:
+            if isinstance(r, dict) and r.get("url"):
+                out.append(SearchResult(str(r.get("title", "")), str(r["url"]), str(r.get("content", "")),
+                                        len(out) + 1))
+        return out[: self.top_k]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Local BM25 over a JSONL corpus (tantivy)
+
+def corpus_hash(path: str | os.PathLike) -> str:
+    """sha1 of the corpus bytes (+ index version), memoised by (path, size, mtime) so a 13 GB corpus is hashed once."""
+    path = Path(path).resolve()
+    st = path.stat()
+    memo_file = cache_dir() / "bm25" / "hashes.json"
+    tag = f"{path}|{st.st_size}|{st.st_mtime_ns}|{INDEX_VERSION}"
+    try:
+        memo = json.loads(memo_file.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    if tag in memo:
+        return memo[tag]
+    h = hashlib.sha1(f"v{INDEX_VERSION}".encode())
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    digest = h.hexdigest()[:16]
+    memo[tag] = digest
+    memo_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = memo_file.with_name(f".hashes.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(memo))
+    os.replace(tmp, memo_file)
+    return digest
+
+
+def chunk_words(text: str, max_words: int = 100) -> list[str]:
+    """~max_words-word passages (the Wikipedia-2018 DPR convention); a short tail joins the previous passage."""
+    words = text.split()
+    if len(words) <= max_words:
+        return [" ".join(words)] if words else []
+    parts = [words[i:i + max_words] for i in range(0, len(words), max_words)]
+    if len(parts) > 1 and len(parts[-1]) < max_words // 4:
+        tail = parts.pop()
+        parts[-1] = parts[-1] + tail
+    return [" ".join(p) for p in parts]
+
+
+_QUERY_WORD = re.compile(r"\w+", re.UNICODE)
+# Words left out of the proximity phrase only (they still count in BM25): question words and function words.
+_STOPWORDS = frozenset("a an the of on in at to for by with from and or is are was were be been who what when where "
+                       "which how did does do whose whom that this it its as into".split())
+
+
+class BM25Index:
+    """A tantivy index of passages (title and body stemmed, BM25), on disk and memory-mapped.
+
+    Each passage stores its article id, title, text, passage number and the article's byte offset in the JSONL, so
+    LocalWeb can serve the full article without holding the corpus in RAM. Built once per corpus hash into
+    $DR_CACHE_DIR/bm25/<hash>/ under a file lock (other processes wait, then open it).
+    """
+
+    def __init__(self, corpus: str | os.PathLike, index_dir: str | os.PathLike | None = None, max_words: int = 100,
+                 verbose: bool = False):
+        import tantivy
+        self._tantivy = tantivy
+        self.corpus = str(Path(corpus).resolve())
+        self.hash = corpus_hash(self.corpus)
+        root = Path(index_dir) if index_dir else cache_dir() / "bm25"
+        self.dir = root / f"{self.hash}-w{max_words}"
+        self.max_words = max_words
+        self.build_s = 0.0
+        if not (self.dir / "DONE").exists():
+            root.mkdir(parents=True, exist_ok=True)
+            with open(root / f"{self.dir.name}.lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # one builder per node; the others block here, then find DONE
+                if not (self.dir / "DONE").exists():
+                    self._build(verbose)
+        self.index = tantivy.Index.open(str(self.dir))
+        self.searcher = self.index.searcher()
+        self.n_passages = self.searcher.num_docs
+
+    @staticmethod
+    def _schema():
+        import tantivy
+        sb = tantivy.SchemaBuilder()
+        sb.add_text_field("id", stored=True, tokenizer_name="raw")  # exact lookups by article id
+        sb.add_text_field("title", stored=True, index_option="basic")
+        # contents = title + passage, searched as one field (as pyserini/DPR index Wikipedia): a separate title field
+        # gets its own BM25 with tiny length norms, and one word of a short title then outranks the passage that
+        # answers the query ("Earth" above "Mount Everest" for "highest mountain on Earth"). Adding Wikipedia's
+        # short descriptions made our probe queries worse (K2: "Second-highest mountain on Earth"), so they are not.
+        sb.add_text_field("contents", stored=False, tokenizer_name="en_stem")
+        sb.add_text_field("body", stored=True, index_option="basic")
+        sb.add_integer_field("pno", stored=True)      # passage number within the article
+        sb.add_integer_field("offset", stored=True)   # byte offset of the article's JSONL line
+        return sb.build()
+
+    def _build(self, verbose: bool) -> None:
+        t0 = time.perf_counter()
+        tmp = self.dir.with_name(self.dir.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        index = self._tantivy.Index(self._schema(), path=str(tmp))
+        writer = index.writer(heap_size=512_000_000, num_threads=min(4, os.cpu_count() or 1))
+        n = 0
+        with open(self.corpus, "rb") as f:
+            offset = 0
+            for line in f:
+                here, offset = offset, offset + len(line)
+                if not line.strip():
+                    continue
+                rec = json.loads(line)
+                for pno, passage in enumerate(chunk_words(str(rec.get("text", "")), self.max_words)):
+                    title = str(rec.get("title", ""))
+                    writer.add_document(self._tantivy.Document(id=str(rec["id"]), title=title, body=passage,
+                                                               contents=f"{title}\n{passage}", pno=pno, offset=here))
+                    n += 1
+                if verbose and n and n % 1_000_000 == 0:
+                    print(f"indexed {n:,} passages", file=sys.stderr, flush=True)
+        writer.commit()
+        writer.wait_merging_threads()
+        (tmp / "DONE").write_text(json.dumps({"corpus": self.corpus, "passages": n}))
+        shutil.rmtree(self.dir, ignore_errors=True)
+        os.replace(tmp, self.dir)  # readers only ever see a finished index
+        self.build_s = time.perf_counter() - t0
+
+    def query(self, text: str, k: int) -> list[dict]:
+        """Top-k passages as dicts (id, title, body, pno, offset, score).
+
+        BM25 over the query's words (OR), plus a proximity bonus: the query's content words as a phrase with slop 2.
+        Plain BM25 puts Mount Everest ("the highest mountain on Earth above sea level") 7th for "highest mountain on
+        Earth", behind articles that repeat "highest"; the bonus lifts passages that say the query's words together
+        (rank 2, behind Karakoram's "second highest mountain on Earth") and changed no other probe we tried.
+        """
+        words = _QUERY_WORD.findall(text.lower())  # lowercase: AND/OR/NOT would otherwise be operators
+        if not words:
+            return []
+        content = [w for w in words if w not in _STOPWORDS]
+        qs = " ".join(words)
+        if len(content) > 1:
+            qs += ' "%s"~2' % " ".join(content)
+        q = self.index.parse_query(qs, ["contents"])
+        out = []
+        for score, addr in self.searcher.search(q, k).hits:
+            d = self.searcher.doc(addr)
+            out.append({"id": d["id"][0], "title": d["title"][0], "body": d["body"][0], "pno": d["pno"][0],
+                        "offset": d["offset"][0], "score": score})
+        return out
+
+    def lookup(self, doc_id: str) -> dict | None:
+        """The full corpus record of an article id (read from the JSONL at its offset), or None."""
+        q = self._tantivy.Query.term_query(self.index.schema, "id", doc_id)
+        hits = self.searcher.search(q, 1).hits
+        if not hits:
+            return None
+        offset = self.searcher.doc(hits[0][1])["offset"][0]
+        with open(self.corpus, "rb") as f:
+            f.seek(offset)
+            return json.loads(f.readline())
+
+
+_INDEXES: dict = {}
+_INDEXES_LOCK = threading.Lock()
+
+
+def open_index(corpus: str | os.PathLike, **kw) -> BM25Index:
+    """One BM25Index per (corpus, options) per process: the back end and LocalWeb share it."""
+    key = (str(Path(corpus).resolve()), tuple(sorted(kw.items())))
+    with _INDEXES_LOCK:
+        if key not in _INDEXES:
+            _INDEXES[key] = BM25Index(corpus, **kw)
+        return _INDEXES[key]
+
+
+def _snippet(text: str, n_chars: int = 300) -> str:
+    if len(text) <= n_chars:
+        return text
+    return text[:n_chars].rsplit(" ", 1)[0] + " ..."
+
+
+class LocalBackend(Backend):
+    """BM25 over a JSONL corpus; results point at LocalWeb pages (one hit per article, its best passage)."""
+    name = "local"
+
+    def __init__(self, top_k=10, cache=None, *, corpus: str | None = None, index_dir: str | None = None,
+                 max_words: int = 100, serve: bool = True, port: int | None = None, snippet_chars: int = 300,
+                 n_threads: int = 4):
+        super().__init__(top_k, cache, n_threads)
+        if corpus is None:
+            sys.path.insert(0, str(Path(__file__).resolve().parent / "data"))
+            from wiki_corpus import default_corpus_path
+            corpus = default_corpus_path()
+        self.index = open_index(corpus, index_dir=index_dir, max_words=max_words)
+        self.web = LocalWeb(corpus, port=port, index=self.index) if serve else None
+        self.base_url = self.web.base_url if self.web else f"http://127.0.0.1:{default_port(self.index.hash)}"
+        self.snippet_chars = snippet_chars
+        # the corpus hash keys the cache: another corpus gives other results under the same query
+        self.options = {"corpus": self.index.hash}
+
+    def url_for(self, doc_id: str) -> str:
+        return f"{self.base_url}/wiki/{quote(doc_id, safe='')}"
+
+    def _search_one(self, query, st):
+        st.api_calls += 1
+        seen, out = set(), []
+        # a few passages per article can rank high; over-fetch, keep each article's best passage
+        for p in self.index.query(query, self.top_k * 3):
+            if p["id"] in seen:
+                continue
+            seen.add(p["id"])
+            out.append(SearchResult(p["title"], self.url_for(p["id"]), _snippet(p["body"], self.snippet_chars),
+                                    len(out) + 1))
+            if len(out) == self.top_k:
+                break
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# LocalWeb: the corpus as HTML pages on 127.0.0.1
+
+def default_port(corpus_hash_hex: str) -> int:
+    """A port fixed by the corpus (30000-44999, below Linux's ephemeral range), so URLs are the same across ranks,
+    runs and machines, and a recorded cache replays elsewhere. $DR_LOCALWEB_PORT overrides."""
+    env = os.environ.get("DR_LOCALWEB_PORT")
+    return int(env) if env else 30000 + int(corpus_hash_hex[:8], 16) % 15000
+
+
+def _page_html(rec: dict) -> str:
+    title = html.escape(str(rec.get("title", rec.get("id", ""))))
+    paras = [p.strip() for p in str(rec.get("text", "")).split("\n") if p.strip()]
+    desc = f'<p class="description"><i>{html.escape(rec["description"])}</i></p>\n' if rec.get("description") else ""
+    body = "\n".join(f"<p>{html.escape(p)}</p>" for p in paras)
+    src = (f'<p class="source">Source: <a href="{html.escape(rec["url"])}">{html.escape(rec["url"])}</a> '
+           "(CC BY-SA 4.0)</p>") if rec.get("url") else ""
+    return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{title}</title></head>\n"
+            f"<body><article><h1>{title}</h1>\n{desc}{body}\n</article>\n<footer>{src}</footer></body></html>\n")
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server_version = "LocalWeb/1"
+
+    def log_message(self, *args):  # quiet: thousands of fetches per training step
+        pass
+
+    def _send(self, code: int, body: str, ctype: str = "text/html; charset=utf-8") -> None:
+        data = body.encode("utf-8")
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    def do_HEAD(self):
+        self.do_GET()
+
+    def do_GET(self):
+        web: LocalWeb = self.server.web  # type: ignore[attr-defined]
+        parts = urlsplit(self.path)
+        if parts.path == "/__localweb__":
+            return self._send(200, json.dumps({"corpus_hash": web.index.hash}), "application/json")
+        if parts.path.startswith("/wiki/"):
+            rec = web.index.lookup(unquote(parts.path[len("/wiki/"):]))
+            if rec is None:
+                return self._send(404, "<html><body><h1>Not found</h1></body></html>")
+            return self._send(200, _page_html(rec))
+        if parts.path == "/search":  # a human-friendly view for poking at the embedded web in a browser
+            q = parse_qs(parts.query).get("q", [""])[0]
+            items = "".join(f'<li><a href="/wiki/{quote(p["id"], safe="")}">{html.escape(p["title"])}</a></li>'
+                            for p in web.index.query(q, 10))
+            return self._send(200, f"<html><body><h1>{html.escape(q)}</h1><ol>{items}</ol></body></html>")
+        if parts.path == "/":
+            return self._send(200, "<html><body><form action=/search><input name=q></form></body></html>")
+        return self._send(404, "<html><body><h1>Not found</h1></body></html>")
+
+
+class _ReusePortServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128
+
+    def server_bind(self):
+        # SO_REUSEPORT: every torchrun rank binds the same port and the kernel spreads connections over them, so a
+        # rank exiting early never breaks another rank's URLs.
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
+def _probe(port: int) -> str | None:
+    """The corpus hash of a LocalWeb on this port, "" for something else listening, None for nothing."""
+    import urllib.request
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/__localweb__", timeout=2) as r:
+            return json.loads(r.read()).get("corpus_hash", "")
+    except (OSError, ValueError):
+        # connection refused -> free; an HTTP error or garbage -> someone else's server
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return ""
+        except OSError:
+            return None
+
+
+class LocalWeb:
+    """Serves a JSONL corpus as HTML at `base_url`/wiki/<id> from a daemon thread (see the module docstring)."""
+
+    def __init__(self, corpus: str | os.PathLike, port: int | None = None, index: BM25Index | None = None):
+        self.index = index or open_index(corpus)
+        want = default_port(self.index.hash) if port is None else int(port)
+        owner = _probe(want) if want else None
+        if owner not in (None, self.index.hash):  # another program, or a LocalWeb of another corpus: do not share
+            want = 0
+        try:
+            self.server = _ReusePortServer(("127.0.0.1", want), _Handler)
+        except OSError:
+            self.server = _ReusePortServer(("127.0.0.1", 0), _Handler)  # taken without SO_REUSEPORT: any free port
+        self.server.web = self  # type: ignore[attr-defined]
+        self.port = self.server.server_address[1]
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self._thread = threading.Thread(target=self.server.serve_forever, name="localweb", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Factory and CLI
+
+def make_backend(name: str, *, top_k: int = 10, corpus: str | None = None, cache: Cache | None = None, **opts):
+    """serper | searxng | local -> a back end object (see the module docstring). opts go to the back end."""
+    if name == "serper":
+        return SerperBackend(top_k, cache, **opts)
+    if name == "searxng":
+        return SearxngBackend(top_k, cache, **opts)
+    if name == "local":
+        return LocalBackend(top_k, cache, corpus=corpus, **opts)
+    raise ValueError(f"unknown search back end {name!r}: use serper, searxng or local")
+
+
+def _parse_flags(argv: list[str]) -> tuple[list[str], dict]:
+    pos, flags = [], {}
+    for a in argv:
+        if a.startswith("--"):
+            k, sep, v = a[2:].partition("=")
+            if not sep:
+                sys.exit(f"flags are --key=value, got {a!r}")
+            flags[k] = v
+        else:
+            pos.append(a)
+    return pos, flags
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    usage = ("usage: python browse.py search QUERY... [--backend=local|serper|searxng] [--top_k=10] [--cache=FILE] "
+             "[--cache_mode=live|record|replay|replay_or_live] [--corpus=FILE] [--searxng_url=URL]\n"
+             "       python browse.py serve [--corpus=FILE] [--port=N]")
+    if not argv or argv[0] not in ("search", "serve"):
+        print(usage, file=sys.stderr)
+        return 2
+    pos, flags = _parse_flags(argv[1:])
+    known = {"backend", "top_k", "cache", "cache_mode", "corpus", "searxng_url", "port", "max_age_s"}
+    if set(flags) - known:
+        print(f"unknown flags {sorted(set(flags) - known)}\n{usage}", file=sys.stderr)
+        return 2
+    if argv[0] == "serve":
+        if flags.get("corpus") is None:
+            sys.path.insert(0, str(Path(__file__).resolve().parent / "data"))
+            from wiki_corpus import default_corpus_path
+            flags["corpus"] = default_corpus_path()
+        web = LocalWeb(flags["corpus"], port=int(flags["port"]) if "port" in flags else None)
+        print(f"serving {flags['corpus']} at {web.base_url}/  (Ctrl-C to stop)", flush=True)
+        try:
+            web._thread.join()
+        except KeyboardInterrupt:
+            web.close()
+        return 0
+    if not pos:
+        print(usage, file=sys.stderr)
+        return 2
+    mode = flags.get("cache_mode", "replay_or_live" if flags.get("cache") else "live")
+    try:
+        cache = Cache(flags.get("cache"), mode, float(flags["max_age_s"]) if "max_age_s" in flags else None)
+        opts = {"url": flags["searxng_url"]} if "searxng_url" in flags else {}
+        if "port" in flags:
+            opts["port"] = int(flags["port"])
+        backend = make_backend(flags.get("backend", "local"), top_k=int(flags.get("top_k", 10)),
+                               corpus=flags.get("corpus"), cache=cache, **opts)
+        call = backend.search_detailed(pos)
+    except CacheMiss as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    except (SearchError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = {"results": {}, "errors": {}, "stats": call.stats}
+    for q, r in zip(pos, call.results):
+        if isinstance(r, SearchError):
+            out["errors"][q] = str(r)
+        else:
+            out["results"][q] = [asdict(x) for x in r]
+    print(json.dumps(out, indent=2, ensure_ascii=False))
+    return 1 if out["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
