@@ -633,6 +633,11 @@ class LocalBackend(Backend):
         # the corpus hash keys the cache: another corpus gives other results under the same query
         self.options = {"corpus": self.index.hash}
 
+    def close(self) -> None:
+        super().close()
+        if self.web is not None:
+            self.web.close()
+
     def url_for(self, doc_id: str) -> str:
         return f"{self.base_url}/wiki/{quote(doc_id, safe='')}"
 
@@ -752,12 +757,16 @@ class LocalWeb:
         self.server.web = self  # type: ignore[attr-defined]
         self.port = self.server.server_address[1]
         self.base_url = f"http://127.0.0.1:{self.port}"
+        self._closed = False
         self._thread = threading.Thread(target=self.server.serve_forever, name="localweb", daemon=True)
         self._thread.start()
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        """Stop serving (idempotent). Other processes' servers on the same port keep answering."""
+        if not self._closed:
+            self._closed = True
+            self.server.shutdown()
+            self.server.server_close()
 
 
 # ---------------------------------------------------------------------------------------------------------------------

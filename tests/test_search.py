@@ -113,8 +113,7 @@ def test_local_custom_corpus(tmp_path, monkeypatch):
         assert "Rottnest" in urllib.request.urlopen(hit[0].url, timeout=5).read().decode()
         assert b.index.n_passages == 20 * 2 + 1  # 210 words -> 2 passages each
     finally:
-        b.web.close()
-        b.close()
+        b.close()  # stops its LocalWeb too
 
 
 # ---------------------------------------------------------------------------------------------------------------------
