@@ -1,4 +1,4 @@
-"""The agent's web, search side: search back ends, a record/replay cache, and an embedded offline web.
+"""The agent's web: search back ends, a record/replay cache, an embedded offline web, page fetching and reading.
 
 What it does
 - `SearchResult(title, url, snippet, rank)`: what every back end returns, rank 1 first.
@@ -23,8 +23,27 @@ What it does
 - `Stats`: queries, cache hits, API calls, failures by kind, latency, estimated dollars; per back end (`.stats`),
   per call (`search_detailed`), and per step (`stats.snapshot()` differences).
 
+- `fetch(url)` -> `FetchResult(ok, status, url, text, error, elapsed_s, ...)`, never raises: http(s) only, hosts that
+  resolve to private/loopback/link-local/reserved addresses refused (checked on every redirect hop; the embedded web
+  is allow-listed), one wall-clock deadline over connect, trickling bodies and retries (429/5xx/connection errors,
+  jittered backoff, Retry-After), a byte cap, charset fallbacks, gzip; HTML through trafilatura (BeautifulSoup
+  fallback), text as is, PDF through pypdf, anything else "unsupported content type".
+- `Fetcher` / `fetch_many(urls)`: a thread pool, results in input order, at most `per_host` requests per host,
+  pages recorded/replayed in the Cache, stats (pages, bytes, latency, failures by kind).
+- Readers (what browse_webpage returns): a page is split into `chunk_chars` chunks and read chunk by chunk, at most
+  `max_chunks` per call, resuming where the last call stopped; only new information is returned.
+  `extract` (default, no model): BM25 over the chunk's passages vs the question and the search queries, the best
+  new ones up to `page_chars`. `llm`: any OpenAI-compatible endpoint extracts info, decides whether to read on and
+  keeps a short summary per search (replies cached). Any object with `read(page, question, queries)` can be
+  passed as `Browser(cfg, reader=...)` (the seam for a policy-as-reader).
+- `Browser(BrowseConfig)` (one per process, thread-safe) and `Browser.session(question)` (one per trajectory):
+  `Session.web_search(queries)` / `Session.browse_webpage(urls)` return the observation text and never raise.
+  Only URLs from the trajectory's most recent search are readable (the reference rule).
+
 What it does not do
-- No page fetching or reading (browse_read.py, to be folded in here); no dense retrieval; no torch.
+- No dense retrieval; no JavaScript rendering; no torch. A DNS answer that changes between the address check and
+  the connection (DNS rebinding) is not caught: fetch untrusted policies' URLs where the private network holds
+  nothing to steal.
 
 How to run
     python browse.py search "highest mountain on Earth" --backend=local --top_k=5
@@ -32,6 +51,7 @@ How to run
         --cache=runs/web.sqlite --cache_mode=record
     python browse.py search "who wrote hamlet" --backend=serper --cache=runs/web.sqlite --cache_mode=replay
     python browse.py serve [--corpus=FILE] [--port=N]         # browse the embedded web at the printed URL
+    python browse.py fetch https://example.org/ [--allow_private=1]   # one page's readable text, as JSON
 """
 
 from __future__ import annotations
@@ -770,6 +790,797 @@ class LocalWeb:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Fetching pages: `fetch` (one URL, never raises) and `Fetcher` (thread pool, per-host limit, cache, stats)
+
+USER_AGENT = "Mozilla/5.0 (compatible; deepresearch-agent/0.1; +https://github.com/)"
+MAX_BYTES = 5_000_000  # a page is cut here (after decompression); the readers never need more
+HTML_TYPES = ("text/html", "application/xhtml+xml")
+TEXT_TYPES = ("application/json", "application/xml", "application/javascript")
+
+
+@dataclass
+class FetchResult:
+    ok: bool
+    status: int | None      # HTTP status of the last response (None when no response came)
+    url: str                # the final URL, after redirects
+    text: str = ""          # readable text (main content of HTML, text as is, PDF text)
+    error: str | None = None  # a short reason when not ok: "timeout after 10 s", "HTTP 404 Not Found", ...
+    elapsed_s: float = 0.0
+    content_type: str = ""
+    n_bytes: int = 0        # body bytes read (after decompression)
+    title: str = ""
+    kind: str = ""          # failure kind: bad_url blocked dns timeout network http redirects unsupported empty cache_miss
+    truncated: bool = False  # the body was cut at max_bytes
+    cached: bool = False
+
+
+def _ip_blocked(ip) -> bool:
+    if ip.version == 6 and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return (ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_reserved
+            or ip.is_unspecified)
+
+
+def check_url(url: str, allow_private: bool = False, allow_hosts=()) -> tuple[str, str] | None:
+    """None when `url` may be fetched, else (kind, reason). The URLs come from a model, so only http(s) is allowed,
+    and a host that resolves to a loopback, private, link-local, multicast or reserved address is refused unless
+    allow_private or `host:port` (or `host`) is in allow_hosts. Run on every redirect hop. (A DNS answer that changes
+    between this check and the connection is not caught: run the fetcher where the private network has nothing to
+    steal, or behind an egress proxy, when the policy is untrusted.)"""
+    import ipaddress
+    try:
+        p = urlsplit(url.strip())
+        port = p.port or (443 if p.scheme == "https" else 80)
+    except (ValueError, AttributeError):
+        return "bad_url", "not a valid URL"
+    if not p.scheme:
+        return "bad_url", "not a URL (no http:// or https://)"
+    if p.scheme not in ("http", "https"):
+        return "blocked", f"scheme {p.scheme!r} is not allowed, only http and https"
+    host = (p.hostname or "").rstrip(".")
+    if not host:
+        return "bad_url", "the URL has no host"
+    if allow_private or f"{host}:{port}" in allow_hosts or host in allow_hosts:
+        return None
+    try:
+        addrs = {ai[4][0] for ai in socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)}
+    except (OSError, UnicodeError, ValueError):
+        return "dns", f"could not resolve host {host}"
+    for a in addrs:
+        if _ip_blocked(ipaddress.ip_address(a.split("%")[0])):
+            return "blocked", f"{host} resolves to a private or reserved address ({a})"
+    return None
+
+
+_thread = threading.local()
+
+
+def _http_session():
+    """One requests.Session per thread (connection reuse; Session objects are not thread-safe)."""
+    import requests
+    s = getattr(_thread, "http", None)
+    if s is None:
+        s = _thread.http = requests.Session()
+        s.headers.update({"User-Agent": USER_AGENT, "Accept-Encoding": "gzip, deflate"})
+    return s
+
+
+def _sock_timeout(resp, seconds: float) -> None:
+    """Bound the next socket read by the time left (urllib3 keeps the read timeout it started with)."""
+    try:
+        resp.raw._fp.fp.raw._sock.settimeout(max(seconds, 0.01))
+    except (AttributeError, OSError):
+        pass
+
+
+def _read_body(resp, deadline: float, max_bytes: int) -> tuple[bytes, bool, str | None]:
+    """(body, truncated, None) or (partial, False, "timeout" | "network"): read as bytes arrive, so a server that
+    trickles cannot hold the thread past the deadline."""
+    import urllib3
+    buf = bytearray()
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return bytes(buf), False, "timeout"
+        _sock_timeout(resp, left)
+        try:
+            chunk = resp.raw.read1(65536, decode_content=True)
+        except (TimeoutError, socket.timeout, urllib3.exceptions.ReadTimeoutError):
+            return bytes(buf), False, "timeout"
+        except (urllib3.exceptions.HTTPError, OSError):
+            return bytes(buf), False, "network"
+        if not chunk:
+            return bytes(buf), False, None
+        buf += chunk
+        if len(buf) >= max_bytes:
+            return bytes(buf[:max_bytes]), True, None
+
+
+_META_CHARSET = re.compile(rb"""<meta[^>]+charset=["']?([A-Za-z0-9_\-:.]+)""", re.I)
+
+
+def decode_body(body: bytes, declared: str | None = None, is_html: bool = False) -> str:
+    """Bytes -> str: the declared charset (header, then <meta>), then UTF-8, then charset_normalizer's guess, then
+    UTF-8 with replacement characters. A wrong declaration falls through to the next guess."""
+    cands = [declared]
+    if is_html and (m := _META_CHARSET.search(body[:4096])):
+        cands.append(m.group(1).decode("ascii", "ignore"))
+    for enc in [c for c in cands if c] + ["utf-8"]:
+        try:
+            return body.decode(enc)
+        except (LookupError, UnicodeDecodeError):
+            pass
+    try:
+        import charset_normalizer
+        best = charset_normalizer.from_bytes(body[:500_000]).best()
+        if best is not None:
+            return body.decode(best.encoding, errors="replace")
+    except Exception:  # a detector failure must not lose the page
+        pass
+    return body.decode("utf-8", errors="replace")
+
+
+def _squeeze(text: str) -> str:
+    lines = (" ".join(ln.split()) for ln in text.splitlines())
+    return "\n".join(ln for ln in lines if ln)
+
+
+_DROP_TAGS = ("script", "style", "noscript", "nav", "header", "footer", "aside", "form", "iframe", "svg", "template")
+
+
+def html_to_text(page: str) -> tuple[str, str]:
+    """(title, main text) of an HTML page: trafilatura's main-content extraction (boilerplate, navigation, scripts
+    out; headings, paragraphs, lists and tables kept), BeautifulSoup with those tags removed as the fallback when
+    trafilatura finds little."""
+    m = re.search(r"<title[^>]*>(.*?)</title>", page[:20000], re.I | re.S)
+    title = " ".join(html.unescape(m.group(1)).split()) if m else ""
+    try:
+        import trafilatura
+        text = trafilatura.extract(page, include_comments=False, include_tables=True) or ""
+    except Exception:  # trafilatura can choke on hostile markup; the fallback still reads it
+        text = ""
+    if len(text) < 200:
+        from bs4 import BeautifulSoup
+        soup = BeautifulSoup(page, "lxml")
+        for t in soup(_DROP_TAGS):
+            t.decompose()
+        alt = _squeeze(soup.get_text("\n"))
+        text = alt if len(alt) > len(text) else text
+    return title, _squeeze(text)
+
+
+def pdf_to_text(body: bytes) -> str:
+    import io
+    from pypdf import PdfReader
+    return _squeeze("\n".join((p.extract_text() or "") for p in PdfReader(io.BytesIO(body)).pages))
+
+
+def _page_from_body(body: bytes, ctype_header: str) -> tuple[str, str, str | None]:
+    """(title, text, error) from a response body and its Content-Type header."""
+    ctype, _, params = ctype_header.partition(";")
+    ctype = ctype.strip().lower()
+    m = re.search(r"charset=[\"']?([^;\"'\s]+)", params, re.I)
+    charset = m.group(1) if m else None
+    head = body[:2048]
+    if not ctype:  # no header: sniff
+        low = head.lstrip().lower()
+        ctype = ("application/pdf" if head.startswith(b"%PDF") else
+                 "text/html" if low.startswith((b"<!doctype html", b"<html")) else "text/plain")
+    if ctype == "application/pdf":
+        try:
+            return "", pdf_to_text(body), None
+        except Exception as e:
+            return "", "", f"unreadable PDF ({type(e).__name__})"
+    if ctype not in HTML_TYPES and not ctype.startswith("text/") and ctype not in TEXT_TYPES:
+        return "", "", f"unsupported content type {ctype}"
+    if b"\x00" in head:
+        return "", "", f"binary content served as {ctype}"
+    text = decode_body(body, charset, ctype in HTML_TYPES)
+    if ctype in HTML_TYPES:
+        return (*html_to_text(text), None)
+    return "", _squeeze(text), None
+
+
+def _fail(url: str, kind: str, error: str, status: int | None = None, **kw) -> FetchResult:
+    return FetchResult(False, status, url, error=error, kind=kind, **kw)
+
+
+def _fetch_once(sess, url: str, deadline: float, timeout: float, max_bytes: int, max_redirects: int,
+                allow_private: bool, allow_hosts) -> tuple[FetchResult, float | None]:
+    """One try, following redirects by hand (each hop is checked). Returns (result, retry): retry is None when
+    the result is final, else the seconds to wait before another try (0 = use the backoff)."""
+    import requests
+    import urllib3
+    cur = url
+    for _ in range(max_redirects + 1):
+        bad = check_url(cur, allow_private, allow_hosts)
+        if bad:
+            return _fail(cur, *bad), None
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return _fail(cur, "timeout", f"timeout after {timeout:g} s"), None
+        try:
+            resp = sess.get(cur, stream=True, allow_redirects=False, timeout=urllib3.Timeout(total=left))
+        except requests.exceptions.Timeout:
+            return _fail(cur, "timeout", f"timeout after {timeout:g} s"), None
+        except requests.exceptions.ConnectionError as e:
+            reason = "connection refused" if "refused" in str(e).lower() else "connection failed"
+            return _fail(cur, "network", reason), 0.0
+        except (requests.exceptions.RequestException, ValueError, UnicodeError) as e:
+            return _fail(cur, "bad_url", f"not a fetchable URL ({type(e).__name__})"), None
+        with resp:
+            code = resp.status_code
+            if resp.is_redirect:
+                cur = requests.compat.urljoin(cur, resp.headers["location"])
+                continue
+            ctype = resp.headers.get("content-type", "")
+            if code == 429 or code >= 500:
+                wait = _retry_after_s(resp.headers.get("retry-after"))
+                return _fail(cur, "http", f"HTTP {code} {resp.reason or ''}".strip(), code), (wait or 0.0)
+            if code >= 400:
+                return _fail(cur, "http", f"HTTP {code} {resp.reason or ''}".strip(), code), None
+            body, truncated, err = _read_body(resp, deadline, max_bytes)
+        if err == "timeout":
+            return _fail(cur, "timeout", f"timeout after {timeout:g} s (page sent too slowly)", code), None
+        if err:
+            return _fail(cur, "network", "connection lost while reading the page", code), 0.0
+        if not body.strip():
+            return _fail(cur, "empty", "empty page", code, content_type=ctype), None
+        title, text, why = _page_from_body(body, ctype)
+        if why:
+            return _fail(cur, "unsupported", why, code, content_type=ctype, n_bytes=len(body)), None
+        if not text:
+            return _fail(cur, "empty", "no readable text on the page", code, content_type=ctype,
+                         n_bytes=len(body)), None
+        return FetchResult(True, code, cur, text, None, 0.0, ctype, len(body), title, "", truncated), None
+    return _fail(cur, "redirects", f"more than {max_redirects} redirects"), None
+
+
+def fetch(url: str, *, timeout: float = 10.0, max_bytes: int = MAX_BYTES, allow_private: bool = False,
+          allow_hosts=(), max_redirects: int = 5, max_tries: int = 3, backoff_s: float = 0.5) -> FetchResult:
+    """Fetch one URL and return its readable text; never raises. The whole call, retries included, ends within
+    `timeout` seconds (plus the last socket read's scheduling slack). Connection errors, 429 and 5xx are retried
+    with jittered exponential backoff, honouring Retry-After, at most `max_tries` tries and never past the deadline."""
+    t0 = time.monotonic()
+    deadline = t0 + timeout
+    try:
+        sess = _http_session()
+        for attempt in range(max_tries):
+            res, retry = _fetch_once(sess, url, deadline, timeout, max_bytes, max_redirects, allow_private,
+                                     allow_hosts)
+            if retry is None or attempt == max_tries - 1:
+                break
+            wait = retry or backoff_s * 2 ** attempt * random.uniform(0.5, 1.5)
+            if time.monotonic() + wait >= deadline:
+                if retry:  # Retry-After asks for more time than is left
+                    res.error += f" (retry after {retry:g} s exceeds the {timeout:g} s timeout)"
+                break
+            time.sleep(wait)
+    except Exception as e:  # a bug or a library surprise must not take a rollout down: report it as a result
+        res = _fail(url, "network", f"fetch failed ({type(e).__name__}: {str(e)[:100]})")
+    res.elapsed_s = time.monotonic() - t0
+    return res
+
+
+@dataclass
+class FetchStats:
+    pages: int = 0
+    ok: int = 0
+    cache_hits: int = 0
+    bytes: int = 0
+    latency_s: float = 0.0
+    failures: dict = field(default_factory=dict)  # kind -> count
+
+    def snapshot(self) -> dict:
+        return {**asdict(self), "failures": dict(self.failures)}
+
+
+def page_key(url: str) -> str:
+    """Cache key of a page: the URL without its #fragment."""
+    return url.split("#", 1)[0].strip()
+
+
+class Fetcher:
+    """fetch() behind a thread pool: `fetch_many(urls)` returns results in input order; at most `per_host`
+    requests to one host at a time; pages go through the record/replay Cache (kind "page"); `.stats` counts
+    pages, bytes, latency, cache hits and failures by kind. Thread-safe; one per Browser."""
+
+    def __init__(self, *, cache: Cache | None = None, n_threads: int = 32, per_host: int = 8, **fetch_kw):
+        self.cache, self.per_host, self.fetch_kw = cache, per_host, fetch_kw
+        self.stats = FetchStats()
+        self._lock = threading.Lock()
+        self._hosts: dict[str, threading.BoundedSemaphore] = {}
+        self._pool = ThreadPoolExecutor(max_workers=n_threads, thread_name_prefix="fetch")
+
+    def _host_slot(self, url: str) -> threading.BoundedSemaphore:
+        try:
+            host = (urlsplit(url).netloc or "").lower()
+        except ValueError:
+            host = ""
+        with self._lock:
+            return self._hosts.setdefault(host, threading.BoundedSemaphore(self.per_host))
+
+    def fetch(self, url: str) -> FetchResult:
+        t0 = time.monotonic()
+        key = page_key(str(url))
+        res = None
+        if self.cache is not None:
+            try:
+                hit = self.cache.get("page", key)
+                if hit is not None:
+                    res = FetchResult(**{**hit, "cached": True})
+            except CacheMiss:
+                res = _fail(key, "cache_miss", "page not in the replay cache (record it first, or use "
+                                               "cache_mode=replay_or_live)")
+        if res is None:
+            with self._host_slot(key):
+                res = fetch(key, **self.fetch_kw)
+            # keep what another run would see again: pages and permanent failures, not timeouts or outages
+            if self.cache is not None and (res.ok or res.kind in ("http", "unsupported", "empty")) \
+                    and not (res.status or 0) >= 500 and res.status != 429:
+                self.cache.put("page", key, asdict(res))
+        res.elapsed_s = time.monotonic() - t0
+        with self._lock:
+            st = self.stats
+            st.pages += 1
+            st.ok += res.ok
+            st.cache_hits += res.cached
+            st.bytes += res.n_bytes
+            st.latency_s += res.elapsed_s
+            if not res.ok:
+                st.failures[res.kind] = st.failures.get(res.kind, 0) + 1
+        return res
+
+    def fetch_many(self, urls: list[str]) -> list[FetchResult]:
+        if len(urls) <= 1:
+            return [self.fetch(u) for u in urls]
+        return list(self._pool.map(self.fetch, urls))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)
+
+
+def fetch_many(urls: list[str], *, n_threads: int = 32, per_host: int = 8, cache: Cache | None = None,
+               **fetch_kw) -> list[FetchResult]:
+    """Many URLs at once, results in input order (a one-off Fetcher; a Browser keeps one for its lifetime)."""
+    f = Fetcher(cache=cache, n_threads=n_threads, per_host=per_host, **fetch_kw)
+    try:
+        return f.fetch_many(list(urls))
+    finally:
+        f.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reading: a page is split into chunks; a reader goes chunk by chunk and returns only new, relevant information
+
+@dataclass
+class PageState:
+    """One trajectory's reading of one page: where reading stopped, what was already returned, and the reader's
+    short memory per search (the queries that led here)."""
+    url: str
+    title: str
+    chunks: list[str]
+    pos: int = 0                                  # the chunk reading resumes at
+    returned: set = field(default_factory=set)    # passages already shown (extract reader)
+    memory: dict = field(default_factory=dict)    # queries -> summary so far (llm reader)
+
+
+def chunk_text(text: str, chunk_chars: int) -> list[str]:
+    """Split at paragraph boundaries into pieces of at most ~chunk_chars (a longer paragraph is cut)."""
+    chunks, cur = [], ""
+    for para in text.split("\n"):
+        while len(para) > chunk_chars:
+            chunks.append(para[:chunk_chars])
+            para = para[chunk_chars:]
+        if cur and len(cur) + 1 + len(para) > chunk_chars:
+            chunks.append(cur)
+            cur = ""
+        cur = f"{cur}\n{para}" if cur else para
+    return chunks + ([cur] if cur else [])
+
+
+_WORD = re.compile(r"\w+")
+_STOP = frozenset("a an and are as at be by for from has have he her his how in is it its of on or she that the "
+                  "their there this to was were what when where which who whom whose why with".split())
+
+
+def _terms(text: str) -> list[str]:
+    return [w for w in _WORD.findall(text.lower()) if w not in _STOP]
+
+
+def passages(chunk: str, max_chars: int = 600) -> list[str]:
+    """Paragraphs, long ones cut at sentence ends into pieces of about max_chars."""
+    out = []
+    for para in chunk.split("\n"):
+        para = para.strip()
+        while len(para) > max_chars:
+            cut = para.rfind(". ", 0, max_chars)
+            cut = cut + 1 if cut > max_chars // 3 else max_chars
+            out.append(para[:cut].strip())
+            para = para[cut:].strip()
+        if para:
+            out.append(para)
+    return out
+
+
+def bm25_scores(query_terms: list[str], docs: list[list[str]], k1: float = 1.2, b: float = 0.75) -> list[float]:
+    import math
+    n = len(docs)
+    if not n or not query_terms:
+        return [0.0] * n
+    avg = sum(map(len, docs)) / n or 1.0
+    df = {t: sum(t in set(d) for d in docs) for t in set(query_terms)}
+    out = []
+    for d in docs:
+        tf = {}
+        for w in d:
+            tf[w] = tf.get(w, 0) + 1
+        s = 0.0
+        for t in set(query_terms):
+            if t in tf:
+                idf = math.log(1 + (n - df[t] + 0.5) / (df[t] + 0.5))
+                s += idf * tf[t] * (k1 + 1) / (tf[t] + k1 * (1 - b + b * len(d) / avg))
+        out.append(s)
+    return out
+
+
+class ExtractReader:
+    """No model: BM25-rank the chunk's passages against the question and the search queries, return the best new
+    ones (in page order) up to `page_chars`; when a chunk has nothing new and relevant, read on to the next one,
+    at most `max_chunks` chunks per call. Deterministic and free. On a first visit where nothing matches, the
+    page's opening passage is returned (it usually says what the page is about)."""
+    name = "extract"
+
+    def __init__(self, cfg: "BrowseConfig"):
+        self.cfg = cfg
+
+    def read(self, page: PageState, question: str, queries: list[str]) -> str:
+        q = _terms(" ".join([question, *queries]))
+        first_visit = not page.returned
+        for _ in range(self.cfg.max_chunks):
+            if page.pos >= len(page.chunks):
+                break
+            ps = passages(page.chunks[page.pos])
+            fresh = [i for i, p in enumerate(ps) if p not in page.returned]
+            scores = bm25_scores(q, [_terms(ps[i]) for i in fresh])
+            ranked = [i for s, i in sorted(zip(scores, fresh), key=lambda x: -x[0]) if s > 0]
+            if first_visit and not ranked and fresh and page.pos == 0:
+                ranked = fresh[:1]
+            keep, budget = [], self.cfg.page_chars
+            for i in ranked:
+                if len(ps[i]) <= budget or not keep:
+                    keep.append(i)
+                    budget -= len(ps[i])
+                if budget <= 0:
+                    break
+            if keep:
+                page.returned.update(ps[i] for i in keep)
+                return "\n".join(ps[i][:self.cfg.page_chars] for i in sorted(keep))
+            page.pos += 1  # nothing new and relevant here: read on
+        return ""
+
+
+READER_PROMPT = """You read one part of a web page for a research assistant and extract what helps answer its question.
+
+Question: {question}
+Search queries that led to this page: {queries}
+What you noted on this page so far: {memory}
+
+Page part {part} of {parts} ({url}):
+<page>
+{chunk}
+</page>
+
+Reply with JSON only, no other text:
+{{"extracted_info": "facts from this part that help answer the question, quoted or closely paraphrased, with numbers and names exact; empty string if none",
+ "read_more": true or false (whether the next part of the page is likely to help),
+ "summary": "a one or two sentence note of what this page has said so far that matters for the question"}}"""
+
+
+class ReaderError(RuntimeError):
+    pass
+
+
+def chat_completion(base_url: str, model: str, messages: list[dict], *, api_key: str | None = None,
+                    timeout: float = 60.0, max_tries: int = 3, max_tokens: int = 1024) -> str:
+    """One temperature-0 call to an OpenAI-compatible /chat/completions endpoint; the reply's text. Retries
+    connection errors, 429 and 5xx (bounded, jittered); raises ReaderError with a reason that never holds the key."""
+    import requests
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    body = {"model": model, "messages": messages, "temperature": 0, "max_tokens": max_tokens}
+    why = ""
+    for attempt in range(max_tries):
+        if attempt:
+            time.sleep(min(8.0, 0.5 * 2 ** attempt) * random.uniform(0.5, 1.5))
+        try:
+            r = requests.post(base_url.rstrip("/") + "/chat/completions", json=body, headers=headers, timeout=timeout)
+        except requests.exceptions.RequestException as e:
+            why = f"reader endpoint {base_url} unreachable ({type(e).__name__}); is the server up?"
+            continue
+        if r.status_code in (401, 403):
+            raise ReaderError(f"reader endpoint refused the key (HTTP {r.status_code}): check the API key variable")
+        if r.status_code == 429 or r.status_code >= 500:
+            why = f"reader endpoint answered HTTP {r.status_code}"
+            continue
+        if r.status_code >= 400:
+            raise ReaderError(f"reader endpoint answered HTTP {r.status_code}: {r.text[:200]}")
+        try:
+            return r.json()["choices"][0]["message"]["content"] or ""
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise ReaderError("reader endpoint sent a reply that is not a chat completion") from None
+    raise ReaderError(why + f" after {max_tries} tries")
+
+
+def parse_reader_reply(text: str) -> dict | None:
+    """{"extracted_info": str, "read_more": bool, "summary": str} from a model's reply, or None."""
+    m = re.search(r"\{.*\}", text, re.S)
+    if not m:
+        return None
+    try:
+        d = json.loads(m.group(0))
+    except ValueError:
+        return None
+    if not isinstance(d, dict) or "extracted_info" not in d:
+        return None
+    more = d.get("read_more", False)
+    more = more.strip().lower() in ("yes", "true", "1") if isinstance(more, str) else bool(more)
+    return {"extracted_info": str(d.get("extracted_info") or "").strip(), "read_more": more,
+            "summary": str(d.get("summary") or "").strip()}
+
+
+class LLMReader:
+    """A reading model behind any OpenAI-compatible endpoint (a local vLLM/SGLang server or a hosted model): per
+    chunk it returns extracted info, whether to read on, and a running summary (kept per page per search). Replies
+    are cached (Cache kind "read", keyed by model and prompt), so a replayed run reads the same way."""
+    name = "llm"
+
+    def __init__(self, cfg: "BrowseConfig", cache: Cache | None = None):
+        if not cfg.llm_base_url or not cfg.llm_model:
+            raise ValueError("reader=llm needs llm_base_url and llm_model (an OpenAI-compatible endpoint, e.g. "
+                             "--llm_base_url=http://localhost:8000/v1 --llm_model=Qwen/Qwen2.5-7B-Instruct); "
+                             "or use reader=extract, which needs no model")
+        self.cfg, self.cache = cfg, cache
+        self.api_key = os.environ.get(cfg.llm_api_key_env) if cfg.llm_api_key_env else None
+        self.calls = self.failures = 0
+
+    def _ask(self, prompt: str) -> dict:
+        key = hashlib.sha256(json.dumps([self.cfg.llm_model, prompt]).encode()).hexdigest()
+        if self.cache is not None:
+            try:
+                hit = self.cache.get("read", key)
+            except CacheMiss:
+                raise ReaderError("reading not in the replay cache") from None
+            if hit is not None:
+                return hit
+        self.calls += 1
+        text = chat_completion(self.cfg.llm_base_url, self.cfg.llm_model, [{"role": "user", "content": prompt}],
+                               api_key=self.api_key, timeout=self.cfg.llm_timeout)
+        reply = parse_reader_reply(text)
+        if reply is None:
+            raise ReaderError("the reading model's reply was not the JSON asked for")
+        if self.cache is not None:
+            self.cache.put("read", key, reply)
+        return reply
+
+    def read(self, page: PageState, question: str, queries: list[str]) -> str:
+        mem_key = " | ".join(queries)
+        memory = page.memory.get(mem_key, "")
+        infos = []
+        for _ in range(self.cfg.max_chunks):  # bounded: the reference could loop on a page forever
+            if page.pos >= len(page.chunks):
+                break
+            prompt = READER_PROMPT.format(question=question, queries="; ".join(queries) or "(none)",
+                                          memory=memory or "(nothing yet)", part=page.pos + 1,
+                                          parts=len(page.chunks), url=page.url, chunk=page.chunks[page.pos])
+            try:
+                reply = self._ask(prompt)
+            except ReaderError:
+                self.failures += 1
+                if infos:  # keep what was read; the next browse resumes at this chunk
+                    break
+                raise
+            page.pos += 1
+            if reply["extracted_info"] and reply["extracted_info"] not in infos:
+                infos.append(reply["extracted_info"])
+            memory = reply["summary"] or memory
+            if not reply["read_more"]:
+                break
+        page.memory[mem_key] = memory
+        return "\n".join(infos)[:self.cfg.page_chars]
+
+
+def make_reader(cfg: "BrowseConfig", cache: Cache | None = None):
+    """extract | llm. The seam for a `policy` reader (the trained model reading through our engine): any object
+    with `read(page: PageState, question, queries) -> str`, passed as Browser(cfg, reader=...)."""
+    if cfg.reader == "extract":
+        return ExtractReader(cfg)
+    if cfg.reader == "llm":
+        return LLMReader(cfg, cache)
+    raise ValueError(f"unknown reader {cfg.reader!r}: use extract or llm (or pass a reader object to Browser)")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Observations: what the policy sees after web_search and browse_webpage
+
+def _cut(text: str, n: int) -> str:
+    return text if len(text) <= n else text[:max(n - 4, 0)].rstrip() + " ..."
+
+
+def render_search(queries: list[str], results: list, snippet_chars: int = 300, budget: int = 4000) -> str:
+    """One block per query: rank, title, URL, snippet; failures as one line. Each query gets an equal share."""
+    share = budget // max(len(queries), 1)
+    blocks = []
+    for q, res in zip(queries, results):
+        if isinstance(res, Exception):
+            blocks.append(f'Search "{q}" failed: {res}.')
+        elif not res:
+            blocks.append(f'Search "{q}": no results.')
+        else:
+            lines = [f'Search "{q}":'] + [f"{r.rank}. {r.title}\n{r.url}\n{_cut(r.snippet, snippet_chars)}"
+                                           for r in res]
+            blocks.append(_cut("\n".join(lines), share))
+    return "\n\n".join(blocks)
+
+
+def render_browse(items: list[tuple[str, str | None, str | None]], budget: int = 4000) -> str:
+    """items: (url, information or None, error or None) per URL -> one block per page."""
+    share = budget // max(len(items), 1)
+    blocks = []
+    for url, info, err in items:
+        if err:
+            blocks.append(f"Page {url}: {err}.")
+        elif not info:
+            blocks.append(f"Page {url}: nothing new on this page about the question.")
+        else:
+            blocks.append(_cut(f"Page {url}:\n{info}", share))
+    return "\n\n".join(blocks)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Browser (shared, thread-safe) and Session (one per trajectory): the two tools the policy calls
+
+@dataclass
+class BrowseConfig:
+    backend: str = "local"              # local | serper | searxng
+    top_k: int = 10                     # results per query (the reference: 10)
+    corpus: str | None = None           # local back end's JSONL corpus (None = the embedded Wikipedia summaries)
+    searxng_url: str | None = None
+    cache: str | None = None            # SQLite record/replay file for searches, pages and readings
+    cache_mode: str = "replay_or_live"
+    max_age_s: float | None = None
+    reader: str = "extract"             # extract | llm
+    max_queries: int = 3                # queries per web_search call (the reference: 3)
+    max_urls: int = 3                   # URLs per browse_webpage call
+    chunk_chars: int = 40_000           # page chunk a reader takes at once (the reference: ~40k characters)
+    max_chunks: int = 4                 # chunks read per page per call (bounds the reading loop)
+    page_chars: int = 1500              # information returned per page per call
+    snippet_chars: int = 300
+    obs_chars: int = 4000               # the whole observation
+    llm_base_url: str | None = None     # reader=llm: OpenAI-compatible endpoint
+    llm_model: str | None = None
+    llm_api_key_env: str = "OPENAI_API_KEY"  # read from the environment, never logged; empty for local servers
+    llm_timeout: float = 60.0
+    n_threads: int = 32                 # fetch pool
+    per_host: int = 8                   # concurrent requests to one host
+    timeout: float = 10.0               # per page, retries included
+    max_bytes: int = MAX_BYTES
+    allow_private: bool = False         # fetch private/loopback addresses (the embedded web is always allowed)
+    allow_hosts: tuple = ()             # extra host or host:port entries admitted past the private-address guard
+
+
+class Session:
+    """One trajectory's tools. `web_search(queries)` and `browse_webpage(urls)` return the observation text and
+    never raise. Only URLs from the most recent search are readable (the reference rule); re-browsing a page
+    resumes where its reading stopped."""
+
+    def __init__(self, browser: "Browser", question: str):
+        self.browser, self.question = browser, question
+        self.queries: list[str] = []
+        self.urls: dict[str, SearchResult] = {}  # url -> result, from the most recent search
+        self.pages: dict[str, PageState] = {}
+
+    @staticmethod
+    def _clean(items, limit: int) -> tuple[list[str], int]:
+        if isinstance(items, str):
+            items = [items]
+        out = []
+        for x in items if isinstance(items, (list, tuple)) else []:
+            x = " ".join(str(x).split())
+            if x and x not in out:
+                out.append(x)
+        return out[:limit], max(len(out) - limit, 0)
+
+    def web_search(self, queries) -> str:
+        cfg = self.browser.cfg
+        queries, dropped = self._clean(queries, cfg.max_queries)
+        if not queries:
+            return "web_search needs at least one non-empty query."
+        try:
+            results = self.browser.backend.search_or_error(queries)
+        except CacheMiss as e:
+            self.browser._count("search_cache_miss")
+            results = [SearchError("cache_miss", f"not in the replay cache ({e.kind})")] * len(queries)
+        self.queries = queries
+        self.urls = {r.url: r for res in results if not isinstance(res, Exception) for r in res}
+        obs = render_search(queries, results, cfg.snippet_chars, cfg.obs_chars)
+        if dropped:
+            obs += f"\n\n(only the first {cfg.max_queries} queries were run)"
+        return obs
+
+    def browse_webpage(self, urls) -> str:
+        cfg = self.browser.cfg
+        urls, dropped = self._clean(urls, cfg.max_urls)
+        if not urls:
+            return "browse_webpage needs at least one URL from your most recent web_search."
+        if not self.urls:
+            return "Search first: browse_webpage reads URLs from your most recent web_search results."
+        readable = [u for u in urls if u in self.urls]
+        fetched = dict(zip(readable, self.browser.fetcher.fetch_many(readable)))
+        items = []
+        for u in urls:
+            if u not in fetched:
+                items.append((u, None, "not in your most recent search results; browse one of their URLs"))
+                continue
+            res = fetched[u]
+            if not res.ok:
+                items.append((u, None, f"could not be fetched: {res.error}"))
+                continue
+            page = self.pages.get(u)
+            if page is None:
+                page = self.pages[u] = PageState(u, res.title, chunk_text(res.text, cfg.chunk_chars))
+            try:
+                items.append((u, self.browser.reader.read(page, self.question, self.queries), None))
+            except ReaderError as e:
+                self.browser._count("reader_errors")
+                items.append((u, None, f"fetched, but the reading model failed: {e}"))
+        obs = render_browse(items, cfg.obs_chars)
+        if dropped:
+            obs += f"\n\n(only the first {cfg.max_urls} URLs were read)"
+        return obs
+
+
+class Browser:
+    """The web of a run, shared by every trajectory of a process (thread-safe): a search back end, a page fetcher
+    with its pool, a reader, and one record/replay Cache under all three. `session(question)` per trajectory."""
+
+    def __init__(self, cfg: BrowseConfig | None = None, *, reader=None, backend=None):
+        self.cfg = cfg = cfg or BrowseConfig()
+        self.cache = Cache(cfg.cache, cfg.cache_mode, cfg.max_age_s) if cfg.cache else None
+        if backend is None:
+            opts = {"url": cfg.searxng_url} if cfg.backend == "searxng" and cfg.searxng_url else {}
+            backend = make_backend(cfg.backend, top_k=cfg.top_k, corpus=cfg.corpus, cache=self.cache, **opts)
+        self.backend = backend
+        allow = tuple(cfg.allow_hosts)
+        if getattr(backend, "base_url", None):  # the embedded web on 127.0.0.1 is the one private host allowed
+            allow += (urlsplit(backend.base_url).netloc,)
+        self.fetcher = Fetcher(cache=self.cache, n_threads=cfg.n_threads, per_host=cfg.per_host, timeout=cfg.timeout,
+                               max_bytes=cfg.max_bytes, allow_private=cfg.allow_private, allow_hosts=allow)
+        self.reader = reader if reader is not None else make_reader(cfg, self.cache)
+        self.counts: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def _count(self, name: str) -> None:
+        with self._lock:
+            self.counts[name] = self.counts.get(name, 0) + 1
+
+    def session(self, question: str) -> Session:
+        return Session(self, question)
+
+    @property
+    def stats(self) -> dict:
+        out = {"search": self.backend.stats.snapshot(), "fetch": self.fetcher.stats.snapshot(), **self.counts}
+        if isinstance(self.reader, LLMReader):
+            out["reader"] = {"calls": self.reader.calls, "failures": self.reader.failures}
+        return out
+
+    def close(self) -> None:
+        self.fetcher.close()
+        self.backend.close()
+        if self.cache is not None:
+            self.cache.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Factory and CLI
 
 def make_backend(name: str, *, top_k: int = 10, corpus: str | None = None, cache: Cache | None = None, **opts):
@@ -800,7 +1611,15 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     usage = ("usage: python browse.py search QUERY... [--backend=local|serper|searxng] [--top_k=10] [--cache=FILE] "
              "[--cache_mode=live|record|replay|replay_or_live] [--corpus=FILE] [--searxng_url=URL]\n"
-             "       python browse.py serve [--corpus=FILE] [--port=N]")
+             "       python browse.py serve [--corpus=FILE] [--port=N]\n"
+             "       python browse.py fetch URL... [--allow_private=1] [--timeout=10]")
+    if argv and argv[0] == "fetch":
+        pos, flags = _parse_flags(argv[1:])
+        for url in pos:
+            r = fetch(url, allow_private=flags.get("allow_private", "0") not in ("0", "false", ""),
+                      timeout=float(flags.get("timeout", 10)))
+            print(json.dumps(asdict(r), indent=2, ensure_ascii=False))
+        return 0 if pos else 2
     if not argv or argv[0] not in ("search", "serve"):
         print(usage, file=sys.stderr)
         return 2
