@@ -342,21 +342,9 @@ def rescore(cfg: Config, out_dir: Path, meta: dict | None = None, ids: set[str] 
 # ----------------------------------------------------------------------------------------------- running the agent
 
 def _agent_modules():
-    """rollout / browse entry points, from their final home or their drafts while those are being folded in."""
-    try:
-        from rollout import RolloutConfig, rollout
-    except ImportError:
-        try:
-            from rollout_agent import RolloutConfig, rollout
-        except ImportError as e:
-            raise SystemExit(f"eval.py needs rollout.rollout / RolloutConfig (or rollout_agent.py): {e}") from e
-    try:
-        from browse import BrowseConfig, Browser
-    except ImportError:
-        try:
-            from browse_read import BrowseConfig, Browser
-        except ImportError as e:
-            raise SystemExit(f"eval.py needs browse.Browser / BrowseConfig (or browse_read.py): {e}") from e
+    """rollout / browse entry points (a function, so tests can swap in fakes)."""
+    from browse import BrowseConfig, Browser
+    from rollout import RolloutConfig, rollout
     return rollout, RolloutConfig, Browser, BrowseConfig
 
 

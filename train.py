@@ -946,23 +946,9 @@ def dry_run(cfg: Config, d: Dist) -> dict:
 
 
 def _import_agent():
-    """rollout/browse entry points; the drafts (rollout_agent.py, browse_read.py) until they are folded in."""
-    try:
-        from rollout import RolloutConfig, rollout
-    except ImportError:
-        try:
-            from rollout_agent import RolloutConfig, rollout
-        except ImportError as e:
-            raise SystemExit(f"the agent loop is missing: neither rollout.rollout nor rollout_agent.rollout "
-                             f"imports ({e})") from e
-    try:
-        from browse import BrowseConfig, Browser
-    except ImportError:
-        try:
-            from browse_read import BrowseConfig, Browser
-        except ImportError as e:
-            raise SystemExit(f"the browser is missing: neither browse.Browser nor browse_read.Browser imports "
-                             f"({e})") from e
+    """rollout/browse entry points (a function, so tests can swap in fakes)."""
+    from browse import BrowseConfig, Browser
+    from rollout import RolloutConfig, rollout
     return rollout, RolloutConfig, Browser, BrowseConfig
 
 

@@ -25,7 +25,6 @@ import argparse
 import math
 import random
 import sys
-import tempfile
 import time
 from bisect import bisect_right
 from concurrent.futures import ThreadPoolExecutor
@@ -40,11 +39,8 @@ sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != 
 from model import SHAPES, ModelConfig, Transformer, resolve_model  # noqa: E402
 from rollout import Engine, SamplingParams  # noqa: E402
 
-try:
-    from rollout import STOP_STRINGS, RolloutConfig, obs_frame, parse_turn, render_prompt, rollout, stop_token_ids
-except ImportError:  # the agent loop is drafted beside the engine until it is folded in
-    from rollout_agent import (STOP_STRINGS, RolloutConfig, obs_frame, parse_turn, render_prompt, rollout,
-                               stop_token_ids)
+from rollout import (STOP_STRINGS, RolloutConfig, obs_frame, parse_turn, render_prompt, rollout,  # noqa: E402
+                     stop_token_ids)
 
 WORDS = ("the of and a to in is was for on that by with as from his at which an are it be this were city river "
          "born film album year team war king state first its after new two also had has one during population "

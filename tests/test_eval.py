@@ -3,7 +3,6 @@
 The agent is faked in most tests (a scripted rollout) so they check eval.py's own logic fast; the last test runs the
 real tiny preset (rollout + browse + model) when those files are importable."""
 
-import importlib.util
 import json
 import threading
 from dataclasses import dataclass, field
@@ -210,13 +209,7 @@ def test_score_only_with_judge(tmp_path, fake_agent):
     assert "MBE" in (Path(cfg.out_dir) / "summary.md").read_text()
 
 
-def _agent_available() -> bool:
-    has = lambda m: importlib.util.find_spec(m) is not None  # noqa: E731
-    return (has("rollout") or has("rollout_agent")) and (has("browse") or has("browse_read"))
-
-
 @needs_dev
-@pytest.mark.skipif(not _agent_available(), reason="rollout / browse not written yet")
 def test_tiny_preset_end_to_end(tmp_path):
     cfg = make_cfg(tmp_path, limit=14)
     s = ev.main(cfg)
@@ -329,24 +322,9 @@ class StubBrowser:
         pass
 
 
-def _real_rollout_available() -> bool:
-    try:
-        try:
-            from rollout import RolloutConfig, rollout  # noqa: F401
-        except ImportError:
-            from rollout_agent import RolloutConfig, rollout  # noqa: F401
-        return True
-    except (ImportError, SystemExit):
-        return False
-
-
 @needs_dev
-@pytest.mark.skipif(not _real_rollout_available(), reason="rollout (engine + agent loop) not importable yet")
 def test_real_agent_loop_with_stub_browser(tmp_path, monkeypatch):
-    try:
-        from rollout import RolloutConfig, rollout
-    except ImportError:
-        from rollout_agent import RolloutConfig, rollout
+    from rollout import RolloutConfig, rollout
     monkeypatch.setattr(ev, "_agent_modules", lambda: (rollout, RolloutConfig, StubBrowser, FakeBrowseConfig))
     cfg = make_cfg(tmp_path, limit=4, batch_size=4)
     s = ev.main(cfg)

@@ -3,48 +3,18 @@
 Most tests drive the loop with a scripted fake engine (same API as rollout.Engine: submit/step/append/release)
 whose "policy" is a function of the row's context, so behaviour can be forced; it records every token it puts in
 a row's cache and which of them it sampled, so the trajectories can be checked against it exactly. The last tests
-use the real Engine with the tiny random model (skipped until the engine lands).
+use the real Engine with the tiny random model.
 Run: pytest tests/test_rollout.py -x -q
 """
 
-import sys
 import threading
 import time
-import types
-from dataclasses import dataclass
 
 import pytest
 
-try:  # the engine may not have landed yet: stand in for its two records so the loop can be imported
-    import rollout as _engine_mod
-    HAVE_ENGINE = hasattr(_engine_mod, "Engine")
-except ImportError:
-    HAVE_ENGINE = False
-if not HAVE_ENGINE:
-    @dataclass
-    class SamplingParams:
-        temperature: float = 1.0
-        top_p: float = 1.0
-        top_k: int = 0
-        max_new_tokens: int = 256
-        stop_token_ids: tuple = ()
-        stop_strings: tuple = ()
+from rollout import Finished
 
-    @dataclass
-    class Finished:
-        slot: int
-        tokens: list
-        logprobs: list
-        reason: str
-
-    sys.modules["rollout"] = types.SimpleNamespace(SamplingParams=SamplingParams, Finished=Finished, Engine=None)
-else:
-    from rollout import Finished
-
-try:
-    from rollout import RolloutConfig, obs_frame, parse_turn, render_prompt, rollout, system_prompt
-except ImportError:
-    from rollout_agent import RolloutConfig, obs_frame, parse_turn, render_prompt, rollout, system_prompt
+from rollout import RolloutConfig, obs_frame, parse_turn, render_prompt, rollout, system_prompt
 
 QWEN_TEMPLATE = (  # the parts of Qwen2.5-Instruct's template that matter here (system, tool role -> user turn)
     "{%- for message in messages %}"
@@ -384,7 +354,6 @@ def test_continuous_batching_reuses_slots(tok):
 
 # ------------------------------------------------------------------------------------------------ real engine
 
-@pytest.mark.skipif(not HAVE_ENGINE, reason="rollout.Engine has not landed yet")
 def test_real_engine_tokens_and_logprobs_match_model(tiny_qwen2):
     """With the real engine and a random model: every trajectory's sampled logprobs equal a plain forward's."""
     import torch

@@ -435,10 +435,7 @@ def real_rollout_stub_browser():
 
 
 def real_agent_parts():
-    try:
-        from rollout import RolloutConfig, rollout
-    except ImportError:
-        from rollout_agent import RolloutConfig, rollout
+    from rollout import RolloutConfig, rollout
     return rollout, RolloutConfig, None, None
 
 
@@ -478,16 +475,7 @@ def test_torchrun_two_gloo_processes_resume_exact(tmp_path, tiny_qwen2):
     assert len(list((a / "ckpt" / "step_000003" / "dcp").glob("*.distcp"))) == 2  # one shard file per rank
 
 
-def _real_agent_available():
-    try:
-        train._import_agent()
-        return True
-    except (ImportError, SystemExit):
-        return False
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not _real_agent_available(), reason="rollout.py / browse.py not importable yet")
 def test_tiny_preset_real_agent(tmp_path):
     """`torchrun --nproc_per_node=2 train.py --preset=tiny --steps=2` with the real agent and local search."""
     p = _torchrun(tmp_path, ["--preset=tiny", "--steps=2", f"--out_dir={tmp_path / 'run'}"], agent="real")
@@ -527,16 +515,7 @@ def test_torchrun_kl_minibatches(tmp_path, tiny_qwen2):
     assert all(math.isfinite(x["loss"]) and math.isfinite(x["kl"]) for x in m)
 
 
-def _rollout_importable():
-    try:
-        real_agent_parts()
-        return True
-    except ImportError:
-        return False
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not _rollout_importable(), reason="rollout.py / rollout_agent.py not importable yet")
 def test_torchrun_real_rollout_resume_exact(tmp_path, tiny_qwen2):
     """The real engine and agent loop (stub web) under FSDP2 on 2 gloo ranks: 2 steps + resume == 3 steps."""
     a, b = tmp_path / "a", tmp_path / "b"
