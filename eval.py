@@ -65,6 +65,8 @@ class Config:
     n_slots: int = 64
     batch_size: int = 64            # questions per rollout call; the unit of progress saved to disk
     on_bad_call: str = "error_observation"
+    prompt: str = "reference"       # system prompt: reference (the paper's) | short (~40 tokens, small models)
+    turn_prefixes: str = ""         # forced text opening turns 1, 2, ..., comma-separated (e.g. "<search>,<answer>")
     date: str = ""                  # date shown in the system prompt ("" = today); fix it for reproducible runs
     seed: int = 0
     # search and reading (browse.BrowseConfig)
@@ -74,6 +76,9 @@ class Config:
     cache: str = ""                 # SQLite search/page cache file ("" = none)
     cache_mode: str = "replay_or_live"
     reader: str = "extract"         # extract | llm
+    snippet_chars: int = 300        # characters of each search result's snippet the policy sees
+    page_chars: int = 1500          # information a reader returns per page per call
+    obs_chars: int = 4000           # the whole observation
     llm_base_url: str = ""          # reading agent's OpenAI-compatible endpoint (reader=llm)
     llm_model: str = ""
     # judge (MBE)
@@ -429,10 +434,12 @@ def run_agent(cfg: Config, todo: list[dict], path: Path, rank: int, world: int) 
     rcfg = RolloutConfig(**_only_fields(RolloutConfig, dict(
         protocol=cfg.protocol, max_turns=cfg.max_turns, max_new_tokens=cfg.max_new_tokens, max_len=cfg.max_len,
         temperature=cfg.temperature, top_p=cfg.top_p, n_slots=cfg.n_slots, on_bad_call=cfg.on_bad_call,
+        prompt=cfg.prompt, turn_prefixes=cfg.turn_prefixes,
         date=cfg.date or None)))  # date None is dropped: the real date
     bcfg = BrowseConfig(**_only_fields(BrowseConfig, dict(
         backend=cfg.backend, top_k=cfg.top_k, corpus=corpus, cache=cfg.cache or None, cache_mode=cfg.cache_mode,
-        reader=cfg.reader, llm_base_url=cfg.llm_base_url or None, llm_model=cfg.llm_model or None)))
+        reader=cfg.reader, llm_base_url=cfg.llm_base_url or None, llm_model=cfg.llm_model or None,
+        snippet_chars=cfg.snippet_chars, page_chars=cfg.page_chars, obs_chars=cfg.obs_chars)))
     browser = Browser(bcfg)
     try:
         t0, done = time.time(), 0

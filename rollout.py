@@ -388,6 +388,10 @@ class RolloutConfig:
     tool_threads: int = 32             # concurrent tool calls (each blocks on the web)
     min_turn_tokens: int = 64          # an observation must leave this much room for the next turn
     obs_role: str = "auto"             # role of observations: "tool" | "user" | "auto" (tool if the template has one)
+    prompt: str = "reference"          # system prompt: "reference" (the paper's, ~440 tokens) | "short" (~40 tokens)
+    turn_prefixes: tuple | str = ()    # forced text opening turn i (loss mask 0), e.g. ("<search>", "<answer>") or
+    #                                    "<search>,<answer>": a scaffold for models too small to find the format
+    #                                    alone (SmolLM2-135M); () = none, the reference
 
 
 # ------------------------------------------------------------------------------------------------ prompt
@@ -414,8 +418,22 @@ _CALL_FORMAT = {
 }
 
 
-def system_prompt(protocol: str, date: str | None = None) -> str:
-    """The reference system prompt's content in our own words, with the tools rendered as JSON schemas."""
+_SHORT_CALLS = {
+    "dr": ('Search with <tool_call>{"name": "web_search", "arguments": {"query": ["your query"]}}</tool_call>. '
+           'Read a result with <tool_call>{"name": "browse_webpage", "arguments": {"url_list": ["its url"]}}'
+           '</tool_call>.'),
+    "tags": "Search with <search>your query</search>. Read a result with <browse>its url</browse>.",
+}
+
+
+def system_prompt(protocol: str, date: str | None = None, style: str = "reference") -> str:
+    """The reference system prompt's content in our own words, with the tools rendered as JSON schemas; or, with
+    style="short", three sentences (~40 tokens) for small models and CPU budgets: the tools and the answer tag."""
+    if style == "short":
+        return (f"You answer questions by searching the web. {_SHORT_CALLS[protocol]} "
+                "Answer with <answer>short answer</answer>.")
+    if style != "reference":
+        raise ValueError(f"prompt style must be 'reference' or 'short', got {style!r}")
     date = date or _dt.date.today().isoformat()
     tools = "\n".join(json.dumps(t) for t in TOOLS)
     return (
@@ -433,9 +451,10 @@ def system_prompt(protocol: str, date: str | None = None) -> str:
     )
 
 
-def render_prompt(tokenizer, question: str, protocol: str, date: str | None = None) -> list[int]:
+def render_prompt(tokenizer, question: str, protocol: str, date: str | None = None, style: str = "reference"
+                  ) -> list[int]:
     """Prompt token ids: system + user message and the assistant header, through the tokenizer's chat template."""
-    sys_text = system_prompt(protocol, date)
+    sys_text = system_prompt(protocol, date, style)
     try:
         text = tokenizer.apply_chat_template([{"role": "system", "content": sys_text},
                                               {"role": "user", "content": question}],
@@ -616,6 +635,10 @@ def rollout(model, tokenizer, questions: list[str], golds: list[list[str]], brow
     sampling = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
                               stop_token_ids=stop_token_ids(tokenizer), stop_strings=STOP_STRINGS[cfg.protocol])
     frame = obs_frame(tokenizer, cfg.obs_role)
+    tp = cfg.turn_prefixes
+    prefixes = [p for p in tp.split(",")] if isinstance(tp, str) and tp else [str(p) for p in tp or ()]
+    prefix_ids = [tokenizer.encode(p, add_special_tokens=False) if p else [] for p in prefixes]
+    prefix = lambda i: (prefixes[i], prefix_ids[i]) if i < len(prefixes) else ("", [])  # noqa: E731
     specials = list(getattr(tokenizer, "all_special_tokens", []))
     out: list[Trajectory | None] = [None] * (len(questions) * G)
     queue = deque(range(len(questions)))
@@ -639,7 +662,7 @@ def rollout(model, tokenizer, questions: list[str], golds: list[list[str]], brow
             # the turn already closed itself with eos/<|im_end|>; do not close it twice
             before = tokenizer.encode(frame.before[len(tokenizer.decode([last_token])):], add_special_tokens=False)
         body = tokenizer.encode(_defang(observation, specials), add_special_tokens=False)
-        forced = before + body + frame.after_ids
+        forced = before + body + frame.after_ids + prefix(row.n_turns)[1]
         t = row.traj
         if len(t.tokens) + len(forced) + cfg.min_turn_tokens > cfg.max_len:
             turn.error = "; ".join(filter(None, [turn.error, "observation does not fit in the context budget"]))
@@ -657,7 +680,7 @@ def rollout(model, tokenizer, questions: list[str], golds: list[list[str]], brow
         t.tokens += fin.tokens
         t.loss_mask += [1] * len(fin.tokens)
         t.logprobs += list(fin.logprobs)
-        text = tokenizer.decode(fin.tokens, skip_special_tokens=True)
+        text = prefix(row.n_turns)[0] + tokenizer.decode(fin.tokens, skip_special_tokens=True)
         act = parse_turn(text, cfg.protocol)
         turn = Turn(text=text, tool=act.tool, args=act.args, observation=None, error=act.error,
                     n_tokens=len(fin.tokens), gen_s=time.perf_counter() - row.t_turn, tool_s=0.0)
@@ -696,19 +719,20 @@ def rollout(model, tokenizer, questions: list[str], golds: list[list[str]], brow
         """Queued questions take free slots, a whole group at a time (its prompt is prefilled once)."""
         while queue and engine.n_free >= G:
             qi = queue.popleft()
-            prompt = render_prompt(tokenizer, questions[qi], cfg.protocol, cfg.date)
+            prompt = render_prompt(tokenizer, questions[qi], cfg.protocol, cfg.date, cfg.prompt)
             now = time.perf_counter()
-            trajs = [Trajectory(question=questions[qi], gold=list(golds[qi]), group=qi, tokens=list(prompt),
-                                loss_mask=[0] * len(prompt), logprobs=[0.0] * len(prompt), prompt_len=len(prompt),
+            first = prompt + prefix(0)[1]  # the first turn's forced prefix rides with the prompt's prefill
+            trajs = [Trajectory(question=questions[qi], gold=list(golds[qi]), group=qi, tokens=list(first),
+                                loss_mask=[0] * len(first), logprobs=[0.0] * len(first), prompt_len=len(prompt),
                                 turns=[], answer=None, status="", stats=dict(n_search=0, n_browse=0, n_bad_calls=0))
                      for _ in range(G)]
             for g, tr in enumerate(trajs):
                 out[qi * G + g] = tr
-            if len(prompt) + cfg.min_turn_tokens > cfg.max_len:  # nothing to decode: never occupy a slot
+            if len(first) + cfg.min_turn_tokens > cfg.max_len:  # nothing to decode: never occupy a slot
                 for tr in trajs:
                     tr.status, tr.stats["n_turns"] = "context_limit", 0
                 continue
-            slots = engine.submit(prompt, sampling, n=G)
+            slots = engine.submit(first, sampling, n=G)
             for slot, tr in zip(slots, trajs):
                 rows[slot] = _Row(traj=tr, session=browser.session(questions[qi]), t_start=now, t_turn=now)
 

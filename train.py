@@ -111,6 +111,8 @@ class Config:
     top_p: float = 1.0
     n_slots: int = 32               # concurrent rows in the rollout engine, per rank
     on_bad_call: str = "error_observation"
+    prompt: str = "reference"       # system prompt: reference (the paper's) | short (~40 tokens, small models)
+    turn_prefixes: str = ""         # forced text opening turns 1, 2, ..., comma-separated (e.g. "<search>,<answer>")
     date: str = ""                  # date in the system prompt ("" = today); fixed in tests for reproducibility
     # search and reading (browse.BrowseConfig; fields with the same names are passed on)
     backend: str = "local"          # local | serper | searxng
@@ -119,6 +121,9 @@ class Config:
     cache: str = ""                 # SQLite search/page cache ("" = none)
     cache_mode: str = "replay_or_live"
     reader: str = "extract"         # extract | llm
+    snippet_chars: int = 300        # characters of each search result's snippet the policy sees
+    page_chars: int = 1500          # information a reader returns per page per call
+    obs_chars: int = 4000           # the whole observation
     llm_base_url: str = ""
     llm_model: str = ""
     # optimisation
