@@ -96,9 +96,11 @@ PRESETS: dict[str, dict] = {
     # tiny random model + offline local search: the whole path in seconds on a CPU (tests, smoke runs)
     "tiny": dict(model="tiny", backend="local", reader="extract", max_turns=3, max_new_tokens=24, max_len=2048,
                  n_slots=16, batch_size=8, date="2025-01-01", out_dir="runs/eval-tiny", device="cpu"),
-    # SmolLM2-135M-Instruct (offline from the bundled GGUF) on the local corpus: a real but small model
-    "smol": dict(model="HuggingFaceTB/SmolLM2-135M-Instruct", backend="local", max_turns=4, max_new_tokens=256,
-                 max_len=4096, out_dir="runs/eval-smol"),
+    # the embedded offline default, as train.py's default trains it: SmolLM2-135M-Instruct (or --model=<trained
+    # checkpoint>/hf), the offline dev split, local search, the short prompt and the search-then-answer scaffold
+    "offline": dict(model="HuggingFaceTB/SmolLM2-135M-Instruct", data="data/qa_dev.jsonl", backend="local",
+                    max_turns=2, max_new_tokens=24, max_len=1024, prompt="short", turn_prefixes="<search>,<answer>",
+                    top_k=3, snippet_chars=200, obs_chars=1000, n_slots=32, batch_size=64, out_dir="runs/eval-offline"),
     # the paper's evaluation set-up: Qwen2.5-7B-Instruct (or a trained checkpoint), Google via Serper, top 10,
     # reading agent, up to 10 turns of at most 2000 new tokens, ~32k context, greedy
     "deepresearcher": dict(model="Qwen/Qwen2.5-7B-Instruct", protocol="dr", backend="serper", top_k=10,

@@ -96,38 +96,38 @@ if str(ROOT) not in sys.path:  # `torchrun train.py` from another folder: make m
 class Config:
     # model and data
     model: str = "HuggingFaceTB/SmolLM2-135M-Instruct"  # hub id, local HF folder, or "tiny" (model.resolve_model)
-    data: str = "data/offline_qa/train.jsonl"  # .jsonl / .parquet (data/prepare.py schema); "" = built-in samples
+    data: str = "data/qa_train.jsonl"  # .jsonl / .parquet (data/prepare.py schema); "" = built-in samples
     out_dir: str = "runs/train"
     # steps and batch
-    steps: int = 30
+    steps: int = 18                 # ~30 min on 2 CPU cores
     batch_size: int = 8             # questions per step, over all ranks (divisible by world size)
     group_size: int = 4             # trajectories per question (G)
     # agent (rollout.RolloutConfig; fields with the same names are passed on)
     protocol: str = "tags"          # tags | dr
-    max_turns: int = 4
-    max_new_tokens: int = 256       # per turn
-    max_len: int = 4096             # context per trajectory
-    temperature: float = 1.0
+    max_turns: int = 2              # the default scaffold: one search, then the answer
+    max_new_tokens: int = 24        # per turn: a query or a short answer
+    max_len: int = 1024             # context per trajectory
+    temperature: float = 0.7        # the paper: 1.0; a 135M model at 1.0 mostly writes noise
     top_p: float = 1.0
     n_slots: int = 32               # concurrent rows in the rollout engine, per rank
     on_bad_call: str = "error_observation"
-    prompt: str = "reference"       # system prompt: reference (the paper's) | short (~40 tokens, small models)
-    turn_prefixes: str = ""         # forced text opening turns 1, 2, ..., comma-separated (e.g. "<search>,<answer>")
+    prompt: str = "short"           # system prompt: reference (the paper's) | short (~40 tokens, small models)
+    turn_prefixes: str = "<search>,<answer>"  # forced text opening turns 1, 2, ..., comma-separated (e.g. "<search>,<answer>")
     date: str = ""                  # date in the system prompt ("" = today); fixed in tests for reproducibility
     # search and reading (browse.BrowseConfig; fields with the same names are passed on)
     backend: str = "local"          # local | serper | searxng
-    top_k: int = 10
+    top_k: int = 3                  # results per query (the paper: 10)
     corpus: str = ""                # local back end's corpus ("" = the embedded default)
     cache: str = ""                 # SQLite search/page cache ("" = none)
     cache_mode: str = "replay_or_live"
     reader: str = "extract"         # extract | llm
-    snippet_chars: int = 300        # characters of each search result's snippet the policy sees
+    snippet_chars: int = 200        # characters of each search result's snippet the policy sees
     page_chars: int = 1500          # information a reader returns per page per call
-    obs_chars: int = 4000           # the whole observation
+    obs_chars: int = 1000           # the whole observation
     llm_base_url: str = ""
     llm_model: str = ""
     # optimisation
-    lr: float = 1e-5                # 135M model, few dozen steps; the paper's 1e-6 is in the deepresearcher preset
+    lr: float = 2e-5                # 135M model, few dozen steps; the paper's 1e-6 is in the deepresearcher preset
     warmup_steps: int = 0           # linear warm-up, then constant (the paper: constant)
     weight_decay: float = 0.01
     adam_beta1: float = 0.9
@@ -153,11 +153,11 @@ class Config:
     export_dtype: str = "auto"      # HF export dtype: auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16
     seed: int = 0
     # checkpoints and logging
-    save_every: int = 10            # steps; a final checkpoint is always written
+    save_every: int = 6            # steps; a final checkpoint is always written
     keep_last: int = 2
     resume: bool = False            # continue from the latest checkpoint in out_dir/ckpt
     n_log_rollouts: int = 2         # full trajectories dumped per step to rollouts/step_NNNNNN.jsonl
-    plot_every: int = 5             # reward.png every N steps (and at the end)
+    plot_every: int = 3             # reward.png every N steps (and at the end)
     min_entropy: float = 1e-3       # mean token entropy below this for 3 steps in a row = collapse: stop
     wandb_project: str = ""         # "" = off; imported lazily
     tensorboard: bool = False
@@ -176,6 +176,7 @@ PRESETS: dict[str, dict] = {
     "deepresearcher": dict(model="Qwen/Qwen2.5-7B-Instruct", data="data/train.jsonl", out_dir="runs/deepresearcher",
                            steps=100, batch_size=256, group_size=16, protocol="dr", max_turns=10,
                            max_new_tokens=2000, max_len=32768, n_slots=16, temperature=1.0, backend="serper",
+                           prompt="reference", turn_prefixes="", top_k=10, snippet_chars=300, obs_chars=4000,
                            reader="llm", lr=1e-6, weight_decay=0.01, grad_clip=1.0, clip_low=0.2, clip_high=0.2,
                            kl_coef=0.001, kl_type="low_var_kl", entropy_coef=0.001, micro_tokens=8192,
                            activation_checkpointing=True, save_every=10),
