@@ -55,8 +55,8 @@ def candidates(recs: list[dict]) -> tuple[list[dict], dict[str, str]]:
     """Template questions before the answerability check, and the country -> capital table."""
     by_title = {r["title"]: r for r in recs}
     descs = collections.Counter((r.get("description") or "").strip().lower() for r in recs)
-    # an opening word keeps its capital only when descriptions also capitalise it mid-phrase ("German", "Roman")
-    proper = {w for r in recs for w in (r.get("description") or "").split()[1:] if w[:1].isupper()}
+    # an opening word keeps its capital only when the corpus also capitalises it mid-sentence ("German", "Roman")
+    proper = {w for r in recs for w in re.findall(r"(?<=[a-z,] )[A-Z][\w-]*", r.get("text", ""))}
     lower_words = {w.lower() for r in recs for w in (r.get("description") or "").split()[:1] if w not in proper}
     countries = {r["title"] for r in recs if (r.get("description") or "").startswith("Country")}
     facts = []

@@ -1,0 +1,99 @@
+"""data/build_qa.py (the offline QA set) and the committed splits. Run: pytest tests/test_qa.py -q"""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "data"))
+import build_qa  # noqa: E402
+from reward import normalize  # noqa: E402
+
+ARTICLES = [
+    dict(id="Lima", title="Lima", description="Capital and largest city of Peru",
+         text="Lima is the capital and largest city of Peru. It is located in the valleys of the Chillon, Rimac and "
+              "Lurin rivers, in the desert zone of the central coastal part of the country."),
+    dict(id="Peru", title="Peru", description="Country in South America",
+         text="Peru is a country in western South America. Its capital and largest city is Lima. Peru has a "
+              "population of over 32 million."),
+    dict(id="Chile", title="Chile", description="Country in South America",
+         text="Chile is a country in western South America. Its capital and largest city is Santiago."),
+    dict(id="Cusco", title="Cusco", description="City in Peru",
+         text="Cusco is a city in southeastern Peru, near the Sacred Valley of the Andes mountain range."),
+    dict(id="Bertolt_Brecht", title="Bertolt Brecht", description="German playwright and poet (1898–1956)",
+         text="Bertolt Brecht was a German theatre practitioner, playwright, and poet of the Weimar Republic."),
+    dict(id="Mount_Everest", title="Mount Everest", description="Highest mountain on planet Earth",
+         text="Mount Everest is the highest mountain on Earth above sea level, in the Himalayas."),
+    dict(id="Kiwi", title="Kiwi", description="Flightless bird native to New Zealand",
+         text="Kiwi are flightless birds endemic to New Zealand, about the size of a domestic chicken."),
+]
+
+
+@pytest.fixture()
+def corpus(tmp_path, monkeypatch):
+    monkeypatch.setenv("DR_CACHE_DIR", str(tmp_path / "cache"))  # the BM25 index of this corpus lives here
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("".join(json.dumps({**a, "url": f"https://en.wikipedia.org/wiki/{a['id']}"}) + "\n"
+                            for a in ARTICLES))
+    return str(path)
+
+
+def test_templates_on_hand_written_articles(corpus):
+    facts, capital = build_qa.candidates([json.loads(x) for x in open(corpus)])
+    qa = {(f["t"], f["q"]): f["a"] for f in facts}
+    assert qa[("who", "Who was the German playwright and poet born in 1898?")] == "Bertolt Brecht"
+    assert qa[("what", "What is the highest mountain on planet Earth?")] == "Mount Everest"
+    assert qa[("country", "In which country is Cusco?")] == "Peru"
+    assert qa[("capital", "What is the capital of the country where Cusco is located?")] == "Lima"
+    assert capital == {"Peru": "Lima", "Chile": "Santiago"}
+    # the plural-looking description "Flightless bird ..." is fine; countries are never "what" answers
+    assert not any(f["a"] in ("Peru", "Chile") and f["t"] == "what" for f in facts)
+
+
+def test_answerability_check(corpus):
+    check = build_qa.Checker(corpus, k=2)
+    good = dict(t="what", q="What is the highest mountain on planet Earth?", a="Mount Everest", doc="Mount_Everest")
+    assert build_qa.verify(good, check) == ["Mount_Everest"]
+    # the answer is in the corpus, but not in what the search returns for this query: rejected
+    far = dict(t="country", q="Which bird cannot fly?", a="Santiago", doc="Kiwi")
+    assert build_qa.verify(far, check) is None
+    # the described article must itself come up for who/what questions, not merely some article with the title
+    wrong_doc = dict(t="what", q="What is the capital and largest city of Peru?", a="Lima", doc="Kiwi")
+    assert build_qa.verify(wrong_doc, check) is None
+    # an answer given away by the question is rejected
+    assert build_qa.verify(dict(t="country", q="Is Lima in Peru?", a="Peru", doc="Lima"), check) is None
+    # two hops: each hop's answer must be found by its own query
+    two = dict(t="capital", q="What is the capital of the country where Cusco is located?", a="Lima",
+               doc="Cusco", hop1="Peru", doc2="Peru")
+    support = build_qa.verify(two, check)
+    assert support is not None and support[1] == "Peru"
+    assert "Peru" in next(a["text"] for a in ARTICLES if a["id"] == support[0])
+    assert build_qa.verify({**two, "a": "Santiago"}, check) is None  # Santiago is not what "capital of Peru" finds
+
+
+def test_build_is_deterministic(corpus):
+    a = build_qa.build(corpus, n_train=5, n_dev=5, seed=3)
+    b = build_qa.build(corpus, n_train=5, n_dev=5, seed=3)
+    assert a == b and sum(map(len, a.values())) >= 3
+
+
+def _load(name):
+    return [json.loads(x) for x in open(ROOT / "data" / name, encoding="utf-8")]
+
+
+def test_committed_splits():
+    train, dev = _load("qa_train.jsonl"), _load("qa_dev.jsonl")
+    assert len(train) >= 2000 and len(dev) >= 200
+    for r in train + dev:
+        assert set(r) >= {"id", "source", "question", "answers", "hops", "support"}
+        assert r["source"] in ("wiki_offline_1hop", "wiki_offline_2hop") and r["hops"] in (1, 2)
+        assert r["answers"] and all(a.strip() for a in r["answers"])
+        assert normalize(r["answers"][0]) not in normalize(r["question"])
+        assert len(r["support"]) == r["hops"]
+    assert len({r["id"] for r in train + dev}) == len(train) + len(dev)
+    assert not {r["question"] for r in train} & {r["question"] for r in dev}
+    # split by the article a question is about: no dev question is about a training question's article
+    assert not {r["support"][0] for r in train if r["hops"] == 1} & {r["support"][0] for r in dev if r["hops"] == 1}
+    assert sum(r["hops"] == 1 for r in train) / len(train) >= 0.7 and any(r["hops"] == 2 for r in dev)
