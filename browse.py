@@ -899,6 +899,17 @@ def _read_body(resp, deadline: float, max_bytes: int) -> tuple[bytes, bool, str 
 _META_CHARSET = re.compile(rb"""<meta[^>]+charset=["']?([A-Za-z0-9_\-:.]+)""", re.I)
 
 
+_LATIN = {"cp1250", "cp1252", "latin_1", "iso8859_2", "iso8859_15", "iso8859_9", "cp1254", "mac_roman", "cp1257"}
+
+
+def _decodes(body: bytes, enc: str) -> bool:
+    try:
+        body.decode(enc)
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
 def decode_body(body: bytes, declared: str | None = None, is_html: bool = False) -> str:
     """Bytes -> str: the declared charset (header, then <meta>), then UTF-8, then charset_normalizer's guess, then
     UTF-8 with replacement characters. A wrong declaration falls through to the next guess."""
@@ -914,7 +925,9 @@ def decode_body(body: bytes, declared: str | None = None, is_html: bool = False)
         import charset_normalizer
         best = charset_normalizer.from_bytes(body[:500_000]).best()
         if best is not None:
-            return body.decode(best.encoding, errors="replace")
+            # a short Western text is ambiguous among the Latin code pages; cp1252 is the web's usual mislabel
+            enc = "cp1252" if best.encoding in _LATIN and _decodes(body, "cp1252") else best.encoding
+            return body.decode(enc, errors="replace")
     except Exception:  # a detector failure must not lose the page
         pass
     return body.decode("utf-8", errors="replace")
