@@ -418,20 +418,17 @@ _CALL_FORMAT = {
 }
 
 
-_SHORT_CALLS = {
-    "dr": ('Search with <tool_call>{"name": "web_search", "arguments": {"query": ["your query"]}}</tool_call>. '
-           'Read a result with <tool_call>{"name": "browse_webpage", "arguments": {"url_list": ["its url"]}}'
-           '</tool_call>.'),
-    "tags": "Search with <search>your query</search>. Read a result with <browse>its url</browse>.",
+_SHORT_CALLS = {  # search only: placeholder words are what a small model copies ("its url" became every query)
+    "dr": 'Search with <tool_call>{"name": "web_search", "arguments": {"query": ["query"]}}</tool_call>.',
+    "tags": "Search with <search>query</search>.",
 }
 
 
 def system_prompt(protocol: str, date: str | None = None, style: str = "reference") -> str:
     """The reference system prompt's content in our own words, with the tools rendered as JSON schemas; or, with
-    style="short", three sentences (~40 tokens) for small models and CPU budgets: the tools and the answer tag."""
+    style="short", three sentences (~30 tokens) for small models and CPU budgets: search and the answer tag."""
     if style == "short":
-        return (f"You answer questions by searching the web. {_SHORT_CALLS[protocol]} "
-                "Answer with <answer>short answer</answer>.")
+        return f"You answer questions by searching the web. {_SHORT_CALLS[protocol]} Answer with <answer>answer</answer>."
     if style != "reference":
         raise ValueError(f"prompt style must be 'reference' or 'short', got {style!r}")
     date = date or _dt.date.today().isoformat()

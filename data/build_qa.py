@@ -55,8 +55,10 @@ def candidates(recs: list[dict]) -> tuple[list[dict], dict[str, str]]:
     """Template questions before the answerability check, and the country -> capital table."""
     by_title = {r["title"]: r for r in recs}
     descs = collections.Counter((r.get("description") or "").strip().lower() for r in recs)
-    # an opening word keeps its capital only when the corpus also capitalises it mid-sentence ("German", "Roman")
-    proper = {w for r in recs for w in re.findall(r"(?<=[a-z,] )[A-Z][\w-]*", r.get("text", ""))}
+    # an opening word keeps its capital when the corpus text capitalises it mid-sentence more often than not
+    # ("German", "Roman"; not "Water" or "Inner", which also open names)
+    mid = collections.Counter(w for r in recs for w in re.findall(r"(?<=[a-z,] )[\w-]+", r.get("text", "")))
+    proper = {w for w in mid if w[:1].isupper() and mid[w] > mid.get(w.lower(), 0)}
     lower_words = {w.lower() for r in recs for w in (r.get("description") or "").split()[:1] if w not in proper}
     countries = {r["title"] for r in recs if (r.get("description") or "").startswith("Country")}
     facts = []
