@@ -1,151 +1,445 @@
-"""rollout.py, part 1: the engine is exact (vs a no-cache loop and transformers), seeded, stops where it should.
-Tiny random checkpoints from conftest, float32, CPU. Run: pytest tests/test_engine.py -q
+"""The generation engine (rollout.py, first half: sample, Engine, generate) against plain forwards and transformers.
+
+What is checked: greedy tokens on ragged batches equal a no-cache argmax loop and transformers' `generate`; the
+logits of a row in a ragged batch, and after park + append, equal the row run alone / re-prefilled; seeds,
+temperature, top-k and top-p; stop token ids, stop strings (also one spanning two tokens), per-row max_new_tokens
+and the end of the cache, with their `reason`; group sharing (submit with n=G) against G separate prefills;
+continuous batching (a released slot takes a new prompt mid-run); returned logprobs; the KV-cache memory check.
+
+Models: the conftest tiny random checkpoints in fp32 (tiny_qwen2, tiny_llama), plus "sharp" variants made with
+conftest's make_tiny_checkpoint and a larger init (initializer_range=0.5): the default init gives near-uniform logits
+and a greedy row repeats one token forever, which would hide position or cache bugs; the sharp models give a
+different token at almost every step.
+Run: python -m pytest -x -q tests/test_engine.py        (CPU, offline, ~20 s)
 """
 
 import pytest
 import torch
 
+from conftest import make_tiny_checkpoint
 from model import Transformer
-from rollout import Engine, SamplingParams, generate
+from rollout import Engine, SamplingParams, generate, memory_check
 
-PROMPTS = [[5, 17, 300], [9, 8, 7, 6, 5, 4, 3, 2, 1], list(range(100, 117)), [42, 43, 44, 45, 46]]
+GREEDY = SamplingParams(temperature=0.0, max_new_tokens=10)
+LENGTHS = (5, 17, 9, 30, 1, 12)  # ragged prompts; 1 = a single-token prompt
+# cached vs no-cache attention sums in another order: fp32 noise ~1.5e-4 on the sharp models (logit std ~4);
+# a wrong position or cache row shows up as O(1) differences
+VS_PLAIN = dict(atol=3e-4, rtol=0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _threads():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2 shared cores; tiny matmuls gain nothing from threads
+    yield
+    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")
-def model(tiny_qwen2):
-    torch.manual_seed(0)
-    return Transformer.from_pretrained(tiny_qwen2, dtype=torch.float32).eval()
+def sharp_qwen2(tmp_path_factory, tokenizer_dir):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("sharp_qwen2"), "qwen2", tie=True, seed=1,
+                                initializer_range=0.5, tokenizer_dir=tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def sharp_llama(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("sharp_llama"), "llama", tie=False, seed=2,
+                                initializer_range=0.5)
+
+
+_models: dict = {}
+
+
+def load(path) -> Transformer:
+    if path not in _models:
+        _models[path] = Transformer.from_pretrained(path).eval()  # fp32
+    return _models[path]
+
+
+@pytest.fixture(scope="module")
+def model(sharp_qwen2):
+    return load(sharp_qwen2)
 
 
 @pytest.fixture(scope="module")
 def tok(tokenizer_dir):
     from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(tokenizer_dir)
 
 
+def make_prompts(lengths=LENGTHS, seed=0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 49152, (n,), generator=g).tolist() for n in lengths]
+
+
 @torch.no_grad()
-def logprobs_alone(model, seq: list[int], start: int, temperature: float = 1.0) -> list[float]:
-    """log p(seq[t] | seq[:t]) for t >= start from one no-cache forward of the row alone."""
-    logits = model(torch.tensor([seq]))[0].float() / temperature
-    lp = torch.log_softmax(logits, -1)
-    return [lp[t - 1, seq[t]].item() for t in range(start, len(seq))]
+def plain_logits(model, seq: list[int]) -> torch.Tensor:
+    """No-cache forward of one sequence: (T, V) fp32 logits, on the CPU."""
+    return model(torch.tensor([seq], device=next(model.parameters()).device))[0].float().cpu()
 
 
 @torch.no_grad()
 def argmax_loop(model, prompt: list[int], n: int) -> list[int]:
+    """The reference greedy decoder: a full forward of the whole sequence for every new token, no cache."""
     seq = list(prompt)
     for _ in range(n):
-        seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+        seq.append(int(plain_logits(model, seq)[-1].argmax()))
     return seq[len(prompt):]
 
 
-def run_until_done(eng: Engine, slots: list[int]) -> dict:
-    done = {}
-    while len(done) < len(slots):
+def run(eng: Engine, slots) -> dict:
+    """Step until every slot in `slots` has finished its turn; returns slot -> Finished."""
+    done: dict = {}
+    for _ in range(10_000):
         for f in eng.step():
+            assert f.slot not in done, "a slot finished twice in one turn"
             done[f.slot] = f
-    return done
+        if all(s in done for s in slots):
+            return done
+    raise AssertionError("engine did not finish")
 
 
-def test_greedy_ragged_matches_no_cache_loop_and_transformers(model, tiny_qwen2):
+class Recorder(torch.nn.Module):
+    """Wraps a model for the engine and keeps, for every call, {cache row: fp32 logits of the row's last token}."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.config, self.calls = inner, inner.config, []
+
+    def forward(self, tokens, positions=None, cache=None, rows=None, kv_len=None, logits_at=None):
+        out = self.inner(tokens, positions=positions, cache=cache, rows=rows, kv_len=kv_len, logits_at=logits_at)
+        rows = range(tokens.shape[0]) if rows is None else rows.tolist()
+        self.calls.append({int(r): out[b, -1].float().clone() for b, r in enumerate(rows)})
+        return out
+
+
+# ------------------------------------------------------------------------------------------------ greedy parity
+
+@pytest.mark.parametrize("which", ["sharp_qwen2", "sharp_llama", "tiny_qwen2", "tiny_llama"])
+def test_greedy_ragged_matches_argmax_loop_and_transformers(which, request):
     from transformers import AutoModelForCausalLM
-    out = generate(model, PROMPTS, max_new_tokens=12, temperature=0.0)
-    hf = AutoModelForCausalLM.from_pretrained(tiny_qwen2, dtype=torch.float32).eval()
-    hf.generation_config.eos_token_id = None  # no stop: compare all 12 tokens
-    for p, got in zip(PROMPTS, out):
-        assert got == argmax_loop(model, p, 12)
-        ref = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                          max_new_tokens=12, do_sample=False, pad_token_id=0)
-        assert got == ref[0, len(p):].tolist()
+
+    path = request.getfixturevalue(which)
+    model, n = load(path), 12
+    prompts = make_prompts()
+    ours = generate(model, prompts, n, temperature=0.0)  # all six ragged prompts in one batch
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    hf.generation_config.eos_token_id = None  # run all n tokens, as ours does without stop ids
+    for p, got in zip(prompts, ours):
+        assert got == argmax_loop(model, p, n)
+        with torch.no_grad():
+            ids = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                              max_new_tokens=n, do_sample=False, pad_token_id=0)
+        assert got == ids[0, len(p):].tolist()
+    if which.startswith("sharp"):  # the check has teeth: rows are not one repeated token
+        assert all(len(set(o)) > n // 2 for o in ours), ours
 
 
-def test_ragged_rows_equal_rows_alone(model):
-    out = generate(model, PROMPTS, max_new_tokens=8, temperature=1.0, seed=3, return_logprobs=True)
-    for p, (toks, lps) in zip(PROMPTS, out):
-        ref = logprobs_alone(model, p + toks, len(p))
-        assert torch.allclose(torch.tensor(lps), torch.tensor(ref), atol=1e-4), (lps, ref)
+def test_greedy_independent_of_batching(model):
+    prompts = make_prompts()
+    alone = [generate(model, [p], 10, temperature=0.0)[0] for p in prompts]
+    assert generate(model, prompts, 10, temperature=0.0) == alone
+    assert generate(model, prompts, 10, temperature=0.0, n_slots=2) == alone  # continuous batching, 2 slots
+
+
+# ------------------------------------------------------------------------------------------------ logits
+
+@pytest.mark.parametrize("prefill_tokens", [8192, 24])  # 24: the ragged prefill is split into several chunks
+def test_ragged_batch_logits_equal_row_alone(model, prefill_tokens):
+    prompts, n = make_prompts((5, 17, 9)), 6
+    sp = SamplingParams(temperature=0.0, max_new_tokens=n)
+    rec = Recorder(model)
+    eng = Engine(rec, n_slots=3, max_len=64, prefill_tokens=prefill_tokens)
+    slots = [g[0] for g in eng.submit_many(prompts, sp)]
+    done = run(eng, slots)
+    for s, p in zip(slots, prompts):
+        batch = torch.stack([c[s] for c in rec.calls if s in c])[: n]  # prefill, then one per decode step
+        assert batch.shape[0] == n
+        solo_rec = Recorder(model)
+        solo = Engine(solo_rec, n_slots=1, max_len=64)
+        solo.submit(p, sp)
+        assert run(solo, [0])[0].tokens == done[s].tokens
+        alone = torch.stack([c[0] for c in solo_rec.calls])[: n]
+        torch.testing.assert_close(batch, alone, atol=1e-4, rtol=0)
+        # and both equal a plain causal forward over prompt + generated tokens
+        full = plain_logits(model, p + done[s].tokens)[len(p) - 1: len(p) - 1 + n]
+        torch.testing.assert_close(batch, full, **VS_PLAIN)
 
 
 def test_park_append_equals_reprefill(model):
-    eng = Engine(model, n_slots=3, max_len=64, seed=1)
-    sp = SamplingParams(temperature=0.8, max_new_tokens=5)
-    slots = eng.submit_many([PROMPTS[0], PROMPTS[2]], sp)
-    first = run_until_done(eng, [s[0] for s in slots])
-    assert all(f.reason == "length" for f in first.values())
-    s = slots[0][0]
-    forced = [7, 700, 70, 7000]
-    eng.append(s, forced, sp)  # the other row stays parked, untouched
-    again = run_until_done(eng, [s])[s]
-    seq = PROMPTS[0] + first[s].tokens + forced + again.tokens
-    assert eng.length(s) == len(seq)  # the row holds exactly prompt + turn + forced + turn
-    ref = logprobs_alone(model, seq, len(seq) - len(again.tokens), temperature=0.8)
-    assert torch.allclose(torch.tensor(again.logprobs), torch.tensor(ref), atol=1e-4)
-    ref1 = logprobs_alone(model, PROMPTS[0] + first[s].tokens, len(PROMPTS[0]), temperature=0.8)
-    assert torch.allclose(torch.tensor(first[s].logprobs), torch.tensor(ref1), atol=1e-4)
+    """Row 0 parks after 3 tokens while row 1 keeps decoding (row 0 sits inside the decoded block); forced tokens
+    appended to row 0 give the same logits and continuation as prefilling the whole sequence from scratch."""
+    pa, pb = make_prompts((7, 11), seed=4)
+    forced = make_prompts((6,), seed=5)[0]
+    rec = Recorder(model)
+    eng = Engine(rec, n_slots=2, max_len=96)
+    a = eng.submit(pa, SamplingParams(temperature=0.0, max_new_tokens=3))[0]
+    b = eng.submit(pb, SamplingParams(temperature=0.0, max_new_tokens=12))[0]
+    assert (a, b) == (0, 1)
+    first = run(eng, [a])[a]
+    assert first.reason == "length" and len(first.tokens) == 3
+    for _ in range(4):  # row 1 decodes while row 0 is parked
+        assert eng.step() == []
+    assert eng.length(a) == len(pa) + 3  # the last sampled token is pending, counted in the length
+    eng.append(a, forced, SamplingParams(temperature=0.0, max_new_tokens=5))
+    appended = rec.calls[-1][a]  # the append's prefill: logits after the last forced token
+    assert eng.length(a) == len(pa) + 3 + len(forced) + 1
+    seq = pa + first.tokens + forced
+    torch.testing.assert_close(appended, plain_logits(model, seq)[-1], **VS_PLAIN)
+    fresh_rec = Recorder(model)
+    fresh = Engine(fresh_rec, n_slots=1, max_len=96)
+    fresh.submit(seq, SamplingParams(temperature=0.0, max_new_tokens=5))
+    torch.testing.assert_close(appended, fresh_rec.calls[0][0], atol=1e-4, rtol=0)
+    done = run(eng, [a, b])
+    assert done[a].tokens == run(fresh, [0])[0].tokens == argmax_loop(model, seq, 5)
+    assert first.tokens == argmax_loop(model, pa, 3)
+    assert done[b].tokens == argmax_loop(model, pb, 12)  # the parked row did not disturb its neighbour
+    # a second turn on the same row: append again (row 1 is parked now)
+    eng.append(a, forced[:2], SamplingParams(temperature=0.0, max_new_tokens=4))
+    seq2 = seq + done[a].tokens + forced[:2]
+    assert run(eng, [a])[a].tokens == argmax_loop(model, seq2, 4)
 
 
-def test_seeds_and_truncation(model):
-    a = generate(model, PROMPTS, 10, temperature=1.0, seed=0)
-    assert a == generate(model, PROMPTS, 10, temperature=1.0, seed=0)
-    assert a != generate(model, PROMPTS, 10, temperature=1.0, seed=1)
-    greedy = generate(model, PROMPTS, 10, temperature=0.0, seed=0)
-    assert greedy == generate(model, PROMPTS, 10, temperature=0.0, seed=123)
-    assert generate(model, PROMPTS, 10, temperature=1.0, seed=5, top_k=1) == greedy
-    assert generate(model, PROMPTS, 10, temperature=1.0, seed=5, top_p=1e-6) == greedy
+# ------------------------------------------------------------------------------------------------ sampling
+
+def test_seed_determinism_and_temperature_zero(model):
+    prompts = make_prompts((5, 9, 13))
+    s1 = generate(model, prompts, 8, temperature=1.0, seed=1)
+    assert s1 == generate(model, prompts, 8, temperature=1.0, seed=1)
+    s2 = generate(model, prompts, 8, temperature=1.0, seed=2)
+    assert all(a != b for a, b in zip(s1, s2))
+    greedy = [argmax_loop(model, p, 8) for p in prompts]
+    assert s1 != greedy
+    assert generate(model, prompts, 8, temperature=0.0, seed=1) == greedy
+    assert generate(model, prompts, 8, temperature=0.0, seed=2) == greedy
+    assert generate(model, prompts, 8, temperature=1.0, top_k=1, seed=3) == greedy
+    assert generate(model, prompts, 8, temperature=1.0, top_p=1e-6, seed=4) == greedy
 
 
-def test_stop_ids_strings_and_length(model, tok):
-    greedy = generate(model, [PROMPTS[1]], 12, temperature=0.0)[0]
-    stop = greedy[4]
-    cut = greedy[:greedy.index(stop) + 1]
-    assert generate(model, [PROMPTS[1]], 12, temperature=0.0, stop_token_ids=[stop])[0] == cut
-    # a stop string made of the end of one token and the start of the next one
-    texts = [tok.decode([t]) for t in greedy]
-    k = next(i for i in range(2, 11) if texts[i] and texts[i + 1])
-    s = texts[k][-1] + texts[k + 1][0]
-    decode = lambda ids: tok.decode(ids)  # noqa: E731
-    first = next(j for j in range(1, 13) if s in tok.decode(greedy[:j]))
-    eng = Engine(model, 1, 64, decode=decode)
-    (slot,), = eng.submit_many([PROMPTS[1]], SamplingParams(temperature=0.0, max_new_tokens=12, stop_strings=(s,)))
-    f = run_until_done(eng, [slot])[slot]
-    assert f.reason == "stop_string" and f.tokens == greedy[:first]
-    eng.release(slot)
-    (slot,), = eng.submit_many([PROMPTS[1]], SamplingParams(temperature=0.0, max_new_tokens=3))
-    f = run_until_done(eng, [slot])[slot]
-    assert f.reason == "length" and f.tokens == greedy[:3]
+def ranks_and_nucleus(model, prompt, tokens, temperature, top_p):
+    """For each sampled token: its rank in the logits that produced it, and the size of the top_p nucleus there."""
+    logits = plain_logits(model, prompt + tokens)[len(prompt) - 1: -1] / temperature  # (n, V)
+    probs, order = logits.softmax(-1).sort(-1, descending=True)
+    ranks = (order == torch.tensor(tokens)[:, None]).float().argmax(-1)
+    nucleus = (probs.cumsum(-1) < top_p - 1e-4).sum(-1) + 1  # smallest prefix reaching top_p (fp slack)
+    return ranks, nucleus
+
+
+def test_top_k_and_top_p_restrict_support(model):
+    prompts, n, temp = make_prompts((4, 8, 12, 16)), 16, 1.5
+    topk = generate(model, prompts, n, temperature=temp, top_k=3, seed=5)
+    ranks = torch.cat([ranks_and_nucleus(model, p, t, temp, 1.0)[0] for p, t in zip(prompts, topk)])
+    assert ranks.max() <= 2 and ranks.max() > 0  # inside the top 3, and not just greedy
+
+    free = generate(model, prompts, n, temperature=temp, seed=6)
+    nuc = generate(model, prompts, n, temperature=temp, top_p=0.5, seed=6)
+    outside_free = outside_nuc = 0
+    for p, tf, tn in zip(prompts, free, nuc):
+        r, size = ranks_and_nucleus(model, p, tf, temp, 0.5)
+        outside_free += int((r >= size).sum())
+        r, size = ranks_and_nucleus(model, p, tn, temp, 0.5 + 2e-4)  # +slack: never reject a boundary token
+        outside_nuc += int((r >= size).sum())
+        assert (r > 0).any() or size.max() == 1
+    assert outside_free > 0  # unrestricted sampling does leave the nucleus: the check below can fail
+    assert outside_nuc == 0
+
+
+def test_logprobs_are_temperature_scaled_log_softmax(model):
+    prompts = make_prompts((6, 14, 3))
+    for temp, top_k in [(1.0, 0), (0.7, 0), (1.3, 20)]:  # with top-k: logprob before truncation (documented)
+        out = generate(model, prompts, 8, temperature=temp, top_k=top_k, seed=7, return_logprobs=True)
+        for p, (toks, lps) in zip(prompts, out):
+            assert len(lps) == len(toks) == 8
+            logits = plain_logits(model, p + toks)[len(p) - 1: -1]  # (8, V)
+            want = torch.log_softmax(logits / temp, -1).gather(1, torch.tensor(toks)[:, None])[:, 0]
+            torch.testing.assert_close(torch.tensor(lps), want, atol=1e-4, rtol=0)
+            if temp != 1.0:  # the temperature matters: unscaled log-softmax would differ
+                unscaled = torch.log_softmax(logits, -1).gather(1, torch.tensor(toks)[:, None])[:, 0]
+                assert (unscaled - want).abs().max() > 1e-2
+
+
+# ------------------------------------------------------------------------------------------------ stopping
+
+def test_stop_token_ids_and_per_row_lengths(model):
+    pa, pb, pc = make_prompts((6, 10, 4), seed=8)
+    ref_a, ref_b, ref_c = (argmax_loop(model, p, 12) for p in (pa, pb, pc))
+    j = next(i for i in range(3, 12) if ref_a[i] not in ref_a[:i])  # first occurrence at index j
+    eng = Engine(model, n_slots=4, max_len=64)
+    a = eng.submit(pa, SamplingParams(temperature=0.0, max_new_tokens=12, stop_token_ids=(ref_a[j], 7)))[0]
+    b = eng.submit(pb, SamplingParams(temperature=0.0, max_new_tokens=9))[0]
+    c = eng.submit(pc, SamplingParams(temperature=0.0, max_new_tokens=3))[0]
+    # a stop id that is the very first sampled token: the row stops at admission and comes out of the next step
+    d = eng.submit(pb, SamplingParams(temperature=0.0, max_new_tokens=9, stop_token_ids=(ref_b[0],)))[0]
+    first = eng.step()
+    assert any(f.slot == d and f.tokens == ref_b[:1] and f.reason == "stop_token" for f in first)
+    done = run(eng, [a, b, c])
+    assert done[a].tokens == ref_a[: j + 1] and done[a].reason == "stop_token"
+    assert done[b].tokens == ref_b[:9] and done[b].reason == "length"
+    assert done[c].tokens == ref_c[:3] and done[c].reason == "length"
+    assert len(done[a].logprobs) == len(done[a].tokens)
+    # generate(): the returned tokens end with the stop token
+    assert generate(model, [pa], 12, temperature=0.0, stop_token_ids=(ref_a[j],)) == [ref_a[: j + 1]]
+
+
+def test_stop_strings(model, tok):
+    prompt = make_prompts((8,), seed=9)[0]
+    ref = argmax_loop(model, prompt, 40)
+    pieces = [tok.decode([t]) for t in ref]
+    text_upto = lambda k: tok.decode(ref[:k])  # noqa: E731
+
+    def first_stop(s):  # the token index that completes `s` in the decoded turn
+        return next(k for k in range(len(ref)) if s in text_upto(k + 1))
+
+    # a stop string spanning two tokens: the end of one printable token and the start of the next
+    spans = [pieces[i][-2:] + pieces[i + 1][:2] for i in range(2, len(ref) - 1)
+             if pieces[i].isascii() and pieces[i + 1].isascii() and pieces[i].strip() and pieces[i + 1].strip()]
+    span = next(s for s in spans if s not in pieces[first_stop(s)])  # not inside a single token
+    k = first_stop(span)
+    assert span not in text_upto(k) and span not in pieces[k] and k >= 1
+    one = next(p for p in pieces[k + 2:] if p.isascii() and len(p.strip()) >= 3).strip()  # inside one token
+    k1 = first_stop(one)
+    assert k1 > k + 1
+
+    eng = Engine(model, n_slots=3, max_len=96, decode=tok.decode)
+    s_span = eng.submit(prompt, SamplingParams(temperature=0.0, max_new_tokens=40, stop_strings=(span,)))[0]
+    s_one = eng.submit(prompt, SamplingParams(temperature=0.0, max_new_tokens=40, stop_strings=("\x00\x01", one)))[0]
+    s_none = eng.submit(prompt, SamplingParams(temperature=0.0, max_new_tokens=40))[0]
+    done = run(eng, [s_span, s_one, s_none])
+    assert done[s_span].tokens == ref[: k + 1] and done[s_span].reason == "stop_string"
+    assert done[s_one].tokens == ref[: k1 + 1] and done[s_one].reason == "stop_string"
+    assert done[s_none].tokens == ref and done[s_none].reason == "length"
+    assert generate(model, [prompt], 40, temperature=0.0, stop_strings=(span,), decode=tok.decode) == [ref[: k + 1]]
+
+
+def test_stop_strings_without_decode_fail_loudly(model):
+    """A stop string the engine cannot check (no `decode`) must be an error, not silently ignored."""
+    with pytest.raises((ValueError, RuntimeError)):
+        generate(model, make_prompts((5,)), 8, temperature=0.0, stop_strings=("a",))
+    eng = Engine(model, n_slots=1, max_len=32)  # decode=None
+    with pytest.raises((ValueError, RuntimeError)):
+        eng.submit([5, 6, 7], SamplingParams(temperature=0.0, max_new_tokens=8, stop_strings=("a",)))
 
 
 def test_context_limit(model):
-    eng = Engine(model, 1, max_len=len(PROMPTS[2]) + 4)
-    (slot,), = eng.submit_many([PROMPTS[2]], SamplingParams(temperature=0.0, max_new_tokens=50))
-    f = run_until_done(eng, [slot])[slot]
-    assert f.reason == "context" and len(f.tokens) <= 5
+    prompt = make_prompts((10,), seed=10)[0]
+    eng = Engine(model, n_slots=1, max_len=16)
+    s = eng.submit(prompt, SamplingParams(temperature=0.0, max_new_tokens=100))[0]
+    f = run(eng, [s])[s]
+    assert f.reason == "context" and f.tokens == argmax_loop(model, prompt, 16 - 10)
+    assert eng.length(s) == 16
+    with pytest.raises(ValueError):  # a parked row at the end of its cache takes no more tokens
+        eng.append(s, [5], GREEDY)
 
+
+def test_misuse_fails_fast(model):
+    eng = Engine(model, n_slots=2, max_len=32)
+    with pytest.raises(ValueError):
+        eng.submit(list(range(3, 40)), GREEDY)  # longer than the cache
+    with pytest.raises(RuntimeError):
+        eng.submit([5, 6], GREEDY, n=3)  # more rows than slots
+    s = eng.submit([5, 6], GREEDY)[0]
+    with pytest.raises(RuntimeError):
+        eng.append(s, [7], GREEDY)  # decoding, not parked
+
+
+def test_generate_no_prompts(model):
+    assert generate(model, [], 8, temperature=0.0) == []
+
+
+# ------------------------------------------------------------------------------------------------ groups, batching
 
 def test_group_sharing_equals_separate_prefills(model):
-    sp = SamplingParams(temperature=0.0, max_new_tokens=8)
-    eng = Engine(model, 6, 64)
-    group = eng.submit(PROMPTS[2], sp, n=3)
-    alone = [eng.submit(PROMPTS[2], sp, n=1)[0] for _ in range(3)]
-    done = run_until_done(eng, group + alone)
-    ref = done[alone[0]]
-    for s in group + alone:
-        assert done[s].tokens == ref.tokens
-        assert torch.allclose(torch.tensor(done[s].logprobs), torch.tensor(ref.logprobs), atol=1e-5)
-    # sampled rows of a group differ from each other (each row draws its own tokens)
-    eng2 = Engine(model, 4, 64, seed=0)
-    g = eng2.submit(PROMPTS[2], SamplingParams(temperature=1.0, max_new_tokens=8), n=4)
-    rows = run_until_done(eng2, g)
-    assert len({tuple(rows[s].tokens) for s in g}) > 1
+    prompt, other = make_prompts((13, 6), seed=11)
+    ref = argmax_loop(model, prompt, 10)
+    eng = Engine(model, n_slots=5, max_len=64)
+    group = eng.submit(prompt, GREEDY, n=4)
+    o = eng.submit(other, GREEDY)[0]
+    assert len(set(group + [o])) == 5 and eng.n_free == 0 and eng.n_decoding == 5
+    sep = Engine(model, n_slots=4, max_len=64)
+    singles = [sep.submit(prompt, GREEDY)[0] for _ in range(4)]
+    L = len(prompt)  # the copied cache rows equal separately prefilled ones
+    torch.testing.assert_close(eng.cache.k[:, group, :, :L], sep.cache.k[:, singles, :, :L], atol=1e-6, rtol=0)
+    torch.testing.assert_close(eng.cache.v[:, group, :, :L], sep.cache.v[:, singles, :, :L], atol=1e-6, rtol=0)
+    done = run(eng, group + [o])
+    assert all(done[s].tokens == ref for s in group)
+    assert done[o].tokens == argmax_loop(model, other, 10)
 
 
-def test_continuous_batching_slot_reuse(model):
-    many = PROMPTS * 2
-    wide = generate(model, many, 9, temperature=0.0)
-    narrow = generate(model, many, 9, temperature=0.0, n_slots=2)  # slots freed and refilled while others decode
-    assert narrow == wide
+def test_submit_many_groups_of_several_prompts(model):
+    """submit_many(prompts, n=G): one ragged prefill, each prompt's cache copied into its own G rows."""
+    prompts = make_prompts((11, 4, 7), seed=15)
+    eng = Engine(model, n_slots=7, max_len=48)
+    groups = eng.submit_many(prompts, GREEDY, n=2)
+    assert [len(g) for g in groups] == [2, 2, 2] and len({s for g in groups for s in g}) == 6
+    done = run(eng, [s for g in groups for s in g])
+    for p, g in zip(prompts, groups):
+        ref = argmax_loop(model, p, 10)
+        assert [done[s].tokens for s in g] == [ref, ref]
 
 
-def test_memory_check_message(model):
-    with pytest.raises(MemoryError, match=r"KV cache needs .* GiB but only .* GiB is free"):
+def test_group_sharing_sampled(model):
+    prompt = make_prompts((13,), seed=12)[0]
+    sp = SamplingParams(temperature=1.0, max_new_tokens=8)
+
+    def group_run(seed):
+        eng = Engine(model, n_slots=4, max_len=64, seed=seed)
+        slots = eng.submit(prompt, sp, n=4)
+        done = run(eng, slots)
+        return [done[s] for s in slots]
+
+    rows = group_run(13)
+    assert len({tuple(f.tokens) for f in rows}) == 4  # a group samples independent rows
+    assert [f.tokens for f in group_run(13)] == [f.tokens for f in rows]
+    for f in rows:  # every row's logprobs are those of the prompt's true continuation: the copied cache is right
+        logits = plain_logits(model, prompt + f.tokens)[len(prompt) - 1: -1]
+        want = torch.log_softmax(logits, -1).gather(1, torch.tensor(f.tokens)[:, None])[:, 0]
+        torch.testing.assert_close(torch.tensor(f.logprobs), want, atol=1e-4, rtol=0)
+    # One generator, rows drawn in slot order: the group and 4 separate submits of the prompt get the same draws.
+    sep = Engine(model, n_slots=4, max_len=64, seed=13)
+    slots = [sep.submit(prompt, sp)[0] for _ in range(4)]
+    got = run(sep, slots)
+    assert [got[s].tokens for s in slots] == [f.tokens for f in rows]
+
+
+def test_continuous_batching_released_slot_takes_new_prompt(model):
+    pa, pb, pc = make_prompts((9, 15, 4), seed=14)
+    eng = Engine(model, n_slots=2, max_len=64)
+    a = eng.submit(pa, SamplingParams(temperature=0.0, max_new_tokens=3))[0]
+    b = eng.submit(pb, SamplingParams(temperature=0.0, max_new_tokens=14))[0]
+    fa = run(eng, [a])[a]
+    eng.release(a)
+    assert eng.n_free == 1 and eng.length(a) == 0
+    assert eng.step() == [] and eng.n_decoding == 1  # row b decodes next to a free slot
+    c = eng.submit(pc, SamplingParams(temperature=0.0, max_new_tokens=6))[0]
+    assert c == a  # the released slot is reused while b is mid-turn
+    done = run(eng, [b, c])
+    assert fa.tokens == argmax_loop(model, pa, 3)
+    assert done[b].tokens == argmax_loop(model, pb, 14)
+    assert done[c].tokens == argmax_loop(model, pc, 6)
+
+
+# ------------------------------------------------------------------------------------------------ memory
+
+def test_memory_check_absurd_cache_fails_clearly(model):
+    with pytest.raises(MemoryError, match=r"KV cache needs .* GiB .* lower n_slots"):
         Engine(model, n_slots=100_000, max_len=1_000_000)
+    with pytest.raises(MemoryError, match="GiB"):
+        memory_check(2**62, torch.device("cpu"))
+    memory_check(2**20, torch.device("cpu"))  # 1 MiB fits
+    Engine(model, n_slots=2, max_len=32)  # a sane cache still builds
+
+
+# ------------------------------------------------------------------------------------------------ CUDA
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_ragged_greedy_and_logprobs(sharp_qwen2):
+    model = Transformer.from_pretrained(sharp_qwen2, device="cuda").eval()  # fp32
+    prompts = make_prompts()
+    assert generate(model, prompts, 10, temperature=0.0) == [argmax_loop(model, p, 10) for p in prompts]
+    out = generate(model, prompts, 8, temperature=0.8, seed=3, return_logprobs=True)
+    for p, (toks, lps) in zip(prompts, out):
+        logits = plain_logits(model, p + toks)[len(p) - 1: -1]
+        want = torch.log_softmax(logits / 0.8, -1).gather(1, torch.tensor(toks)[:, None])[:, 0]
+        torch.testing.assert_close(torch.tensor(lps), want, atol=1e-3, rtol=0)
