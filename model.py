@@ -34,7 +34,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
+
+# Masked attention (the KV-cache path) skips cuDNN's kernel: on an H100 with torch 2.11 it spent ~10 ms of CPU per
+# call (a graph build each time), 80 ms per decode step of a 24-layer model; the efficient kernel takes masks.
+MASKED_SDPA = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config
@@ -221,7 +226,8 @@ class Attention(nn.Module):
             G = self.n_heads // self.n_kv
             qg = q.reshape(B, self.n_kv, G * T, hd)  # (B, Hkv, G*T, D)
             mg = mask[:, None, None].expand(B, 1, G, T, kv_len).reshape(B, 1, G * T, kv_len)
-            y = F.scaled_dot_product_attention(qg, keys, vals, attn_mask=mg)  # (B, Hkv, G*T, D)
+            with sdpa_kernel(MASKED_SDPA):
+                y = F.scaled_dot_product_attention(qg, keys, vals, attn_mask=mg)  # (B, Hkv, G*T, D)
             y = y.reshape(B, self.n_heads, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * hd))
 

@@ -219,6 +219,7 @@ class Engine:
 
     def submit_many(self, prompts: list[list[int]], sampling: SamplingParams, n: int = 1) -> list[list[int]]:
         """Like submit for several prompts at once: one ragged prefill for all of them."""
+        self._check(sampling)
         free = [s for s in range(self.n_slots) if self.state[s] == FREE]
         if len(free) < n * len(prompts):
             raise RuntimeError(f"{len(prompts)} prompts x {n} need {n * len(prompts)} free slots, {len(free)} free")
@@ -241,12 +242,17 @@ class Engine:
         """Append forced tokens to a parked row (prefilled at its own offset); the row decodes a new turn."""
         if self.state[slot] != PARKED:
             raise RuntimeError(f"slot {slot} is not parked")
+        self._check(sampling)
         seq = ([self.pending[slot]] if self.pending[slot] is not None else []) + list(tokens)
         if self.cached[slot] + len(seq) >= self.max_len:
             raise ValueError(f"slot {slot}: {self.length(slot)} + {len(tokens)} tokens exceed max_len={self.max_len}")
         self.pending[slot] = None
         logits = self._prefill([seq], [slot])
         self._start_turn([slot], logits, sampling)
+
+    def _check(self, sampling: SamplingParams) -> None:
+        if sampling.stop_strings and self.decode is None:  # never silently ignore a stop the caller asked for
+            raise ValueError("stop_strings need the engine's `decode` (e.g. Engine(..., decode=tokenizer.decode))")
 
     # ----------------------------------------------------------------------------------------------- decode
     def _params(self, rows: list[int]):
@@ -321,6 +327,10 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: 
     """New token ids for each prompt (ending with the stop token when one was hit); continuous batching over
     `n_slots` rows (default: all prompts at once, at most 64)."""
     sp = SamplingParams(temperature, top_p, top_k, max_new_tokens, tuple(stop_token_ids), tuple(stop_strings))
+    if not prompts:
+        return []
+    if stop_strings and decode is None:
+        raise ValueError("stop_strings need `decode` (e.g. decode=tokenizer.decode)")
     n_slots = n_slots or max(1, min(len(prompts), 64))
     max_len = max_len or max(len(p) for p in prompts) + max_new_tokens + 1
     eng = Engine(model, n_slots, max_len, decode=decode, seed=seed)
