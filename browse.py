@@ -59,6 +59,7 @@ from __future__ import annotations
 import email.utils
 import fcntl
 import hashlib
+import heapq
 import html
 import json
 import os
@@ -855,6 +856,85 @@ def check_url(url: str, allow_private: bool = False, allow_hosts=()) -> tuple[st
 _thread = threading.local()
 
 
+class _Watchdog:
+    """The deadline of one fetch() on one thread. A socket timeout restarts at every byte, so a server that trickles
+    its status line or headers would hold the thread for hours; at the deadline this shuts the socket in use down
+    (the connection registers itself on `_thread.watchdog` when it waits for the response). One daemon thread serves
+    every watchdog of the process from a heap of deadlines (a thread per fetch costs ~1 ms to start)."""
+    _cond = threading.Condition()
+    _heap: list = []  # (deadline, seq, watchdog); cancelled ones are dropped when they reach the top
+    _seq = 0
+    _thread: threading.Thread | None = None
+
+    def __init__(self, seconds: float):
+        self.sock, self.fired, self.done = None, False, False
+        cls = _Watchdog
+        with cls._cond:
+            cls._seq += 1
+            entry = (time.monotonic() + seconds, cls._seq, self)
+            heapq.heappush(cls._heap, entry)
+            if cls._thread is None:
+                cls._thread = threading.Thread(target=cls._run, name="fetch-watchdog", daemon=True)
+                cls._thread.start()
+            if cls._heap[0] is entry:  # a new earliest deadline: wake the thread to sleep less
+                cls._cond.notify()
+
+    @staticmethod
+    def _run() -> None:
+        cls = _Watchdog
+        with cls._cond:
+            while True:
+                now = time.monotonic()
+                while cls._heap and (cls._heap[0][2].done or cls._heap[0][0] <= now):
+                    w = heapq.heappop(cls._heap)[2]
+                    if not w.done:
+                        w.fire()
+                cls._cond.wait(cls._heap[0][0] - now if cls._heap else None)
+
+    @staticmethod
+    def _after_fork() -> None:  # a forked child has no watchdog thread, and the lock may have been held
+        _Watchdog._cond, _Watchdog._heap, _Watchdog._thread = threading.Condition(), [], None
+
+    def attach(self, sock) -> None:
+        self.sock = sock
+        if self.fired:
+            self.fire()
+
+    def fire(self) -> None:
+        self.fired = True
+        if self.sock is not None:
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cancel(self) -> None:
+        self.done = True
+        self.sock = None
+
+
+os.register_at_fork(after_in_child=_Watchdog._after_fork)
+
+_WATCHED_POOLS: dict = {}
+
+
+def _watched_pools() -> dict:
+    """urllib3 pool classes whose connections hand their socket to this thread's watchdog before reading headers."""
+    if not _WATCHED_POOLS:
+        from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+
+        def watched(pool_cls):
+            class Conn(pool_cls.ConnectionCls):
+                def getresponse(self, *a, **kw):
+                    w = getattr(_thread, "watchdog", None)
+                    if w is not None:
+                        w.attach(self.sock)
+                    return super().getresponse(*a, **kw)
+            return type("Watched" + pool_cls.__name__, (pool_cls,), {"ConnectionCls": Conn})
+        _WATCHED_POOLS.update(http=watched(HTTPConnectionPool), https=watched(HTTPSConnectionPool))
+    return _WATCHED_POOLS
+
+
 def _http_session():
     """One requests.Session per thread (connection reuse; Session objects are not thread-safe)."""
     import requests
@@ -862,6 +942,8 @@ def _http_session():
     if s is None:
         s = _thread.http = requests.Session()
         s.headers.update({"User-Agent": USER_AGENT, "Accept-Encoding": "gzip, deflate"})
+        for adapter in s.adapters.values():  # (a proxy from the environment gets urllib3's plain pools)
+            adapter.poolmanager.pool_classes_by_scheme = _watched_pools()
     return s
 
 
@@ -888,9 +970,9 @@ def _read_body(resp, deadline: float, max_bytes: int) -> tuple[bytes, bool, str 
         except (TimeoutError, socket.timeout, urllib3.exceptions.ReadTimeoutError):
             return bytes(buf), False, "timeout"
         except (urllib3.exceptions.HTTPError, OSError):
-            return bytes(buf), False, "network"
-        if not chunk:
-            return bytes(buf), False, None
+            return bytes(buf), False, "timeout" if time.monotonic() >= deadline else "network"
+        if not chunk:  # the end of the page, or the watchdog shut the socket at the deadline
+            return bytes(buf), False, "timeout" if time.monotonic() >= deadline else None
         buf += chunk
         if len(buf) >= max_bytes:
             return bytes(buf[:max_bytes]), True, None
@@ -938,7 +1020,9 @@ def _squeeze(text: str) -> str:
     return "\n".join(ln for ln in lines if ln)
 
 
-_DROP_TAGS = ("script", "style", "noscript", "nav", "header", "footer", "aside", "form", "iframe", "svg", "template")
+# (the <title> is FetchResult.title; left in, it would also open the text)
+_DROP_TAGS = ("title", "script", "style", "noscript", "nav", "header", "footer", "aside", "form", "iframe", "svg",
+              "template")
 
 
 def html_to_text(page: str) -> tuple[str, str]:
@@ -1017,6 +1101,8 @@ def _fetch_once(sess, url: str, deadline: float, timeout: float, max_bytes: int,
         except requests.exceptions.Timeout:
             return _fail(cur, "timeout", f"timeout after {timeout:g} s"), None
         except requests.exceptions.ConnectionError as e:
+            if time.monotonic() >= deadline:  # the watchdog cut a response that came too slowly
+                return _fail(cur, "timeout", f"timeout after {timeout:g} s (response sent too slowly)"), None
             reason = "connection refused" if "refused" in str(e).lower() else "connection failed"
             return _fail(cur, "network", reason), 0.0
         except (requests.exceptions.RequestException, ValueError, UnicodeError) as e:
@@ -1056,6 +1142,7 @@ def fetch(url: str, *, timeout: float = 10.0, max_bytes: int = MAX_BYTES, allow_
     with jittered exponential backoff, honouring Retry-After, at most `max_tries` tries and never past the deadline."""
     t0 = time.monotonic()
     deadline = t0 + timeout
+    _thread.watchdog = watchdog = _Watchdog(timeout)
     try:
         sess = _http_session()
         for attempt in range(max_tries):
@@ -1071,6 +1158,9 @@ def fetch(url: str, *, timeout: float = 10.0, max_bytes: int = MAX_BYTES, allow_
             time.sleep(wait)
     except Exception as e:  # a bug or a library surprise must not take a rollout down: report it as a result
         res = _fail(url, "network", f"fetch failed ({type(e).__name__}: {str(e)[:100]})")
+    finally:
+        watchdog.cancel()
+        _thread.watchdog = None
     res.elapsed_s = time.monotonic() - t0
     return res
 
@@ -1315,8 +1405,9 @@ def chat_completion(base_url: str, model: str, messages: list[dict], *, api_key:
         if r.status_code == 429 or r.status_code >= 500:
             why = f"reader endpoint answered HTTP {r.status_code}"
             continue
-        if r.status_code >= 400:
-            raise ReaderError(f"reader endpoint answered HTTP {r.status_code}: {r.text[:200]}")
+        if r.status_code >= 400:  # the body may echo the request's headers: never show the key
+            text = r.text.replace(api_key, "<key>") if api_key else r.text
+            raise ReaderError(f"reader endpoint answered HTTP {r.status_code}: {text[:200]}")
         try:
             return r.json()["choices"][0]["message"]["content"] or ""
         except (ValueError, KeyError, IndexError, TypeError):
