@@ -170,7 +170,7 @@ PRESETS: dict[str, dict] = {
     # tiny random model + local search: the whole loop in seconds per step (tests, smoke runs)
     "tiny": dict(model="tiny", data="", out_dir="runs/train-tiny", steps=3, batch_size=4, group_size=2, max_turns=2,
                  max_new_tokens=16, max_len=1024, n_slots=8, lr=1e-3, date="2025-01-01", save_every=2,
-                 micro_tokens=4096, plot_every=1),
+                 micro_tokens=4096, plot_every=1, temperature=1.0),
     # the paper's recipe on one or more 8-GPU nodes. n_slots: the engine preallocates max_len of KV cache per row
     # (56 KiB/token for the 7B), so 16 rows x 32k tokens = 28 GiB; `--dry_run=True` shows the whole budget.
     "deepresearcher": dict(model="Qwen/Qwen2.5-7B-Instruct", data="data/train.jsonl", out_dir="runs/deepresearcher",

@@ -228,7 +228,7 @@ def test_update_equals_one_step_on_the_full_batch_loss(tiny_qwen2):
         n = 8 + 2 * i
         samples.append(Sample(torch.randint(0, 49152, (n,), generator=g).tolist(), [0] * 3 + [1] * (n - 3), a))
     ours = Transformer.from_pretrained(tiny_qwen2)
-    cfg = Config(micro_tokens=16, grad_clip=0.0, lr=0.5)
+    cfg = Config(micro_tokens=16, grad_clip=0.0, lr=0.5, temperature=1.0)
     train.update(ours, torch.optim.SGD(ours.parameters(), lr=0.5), samples, cfg, train.Dist(), step=0)
     ref = Transformer.from_pretrained(tiny_qwen2)
     tok, msk, adv, _, _ = train.collate(samples, "cpu")
