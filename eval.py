@@ -65,7 +65,7 @@ class Config:
     n_slots: int = 64
     batch_size: int = 64            # questions per rollout call; the unit of progress saved to disk
     on_bad_call: str = "error_observation"
-    prompt: str = "reference"       # system prompt: reference (the paper's) | short (~40 tokens, small models)
+    prompt: str = "reference"       # system prompt: reference (the paper's) | short (~30 tokens, small models)
     turn_prefixes: str = ""         # forced text opening turns 1, 2, ..., comma-separated (e.g. "<search>,<answer>")
     date: str = ""                  # date shown in the system prompt ("" = today); fix it for reproducible runs
     seed: int = 0

@@ -38,8 +38,10 @@ Departures from the paper / the reference implementation (verl + vLLM + Ray)
   can be an OpenAI-compatible LLM or a local extractive reader (`reader=extract`, the CPU default).
 - Checkpoints are torch.distributed.checkpoint shards (+ an HF export per step), written atomically.
 - The reward reads only the policy's own turns (reward.py); the reference's format check also read web text.
-- The default run (no preset) is ours, not the paper's: SmolLM2-135M-Instruct on a CPU, 8 questions x 4, 4 turns
-  of 256 tokens, lr 1e-5, no KL; `--preset=deepresearcher` is the paper's recipe (its n_slots=16 and
+- The default run (no preset) is ours, not the paper's: SmolLM2-135M-Instruct on a CPU, 8 questions x 4, 6 steps,
+  lr 2e-5, temperature 0.7, no KL, a 30-token system prompt and a scaffold that forces turn 1 to open with
+  `<search>` and turn 2 with `<answer>` (a 135M model never finds the format alone; see the README), top-3
+  results, turns of at most 24 tokens; `--preset=deepresearcher` is the paper's recipe (its n_slots=16 and
   micro_tokens=8192 are our memory choices for 8 x 80 GB, see `--dry_run=True`).
 
 Metrics (one `key value | ...` line per step on rank 0, and metrics.jsonl): reward, reward_std, f1, em,
@@ -111,8 +113,8 @@ class Config:
     top_p: float = 1.0
     n_slots: int = 32               # concurrent rows in the rollout engine, per rank
     on_bad_call: str = "error_observation"
-    prompt: str = "short"           # system prompt: reference (the paper's) | short (~40 tokens, small models)
-    turn_prefixes: str = "<search>,<answer>"  # forced text opening turns 1, 2, ..., comma-separated (e.g. "<search>,<answer>")
+    prompt: str = "short"           # system prompt: reference (the paper's) | short (~30 tokens, small models)
+    turn_prefixes: str = "<search>,<answer>"  # forced text opening turns 1, 2, ... (comma-separated; "" = none)
     date: str = ""                  # date in the system prompt ("" = today); fixed in tests for reproducibility
     # search and reading (browse.BrowseConfig; fields with the same names are passed on)
     backend: str = "local"          # local | serper | searxng
@@ -153,7 +155,7 @@ class Config:
     export_dtype: str = "auto"      # HF export dtype: auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16
     seed: int = 0
     # checkpoints and logging
-    save_every: int = 3            # steps; a final checkpoint is always written
+    save_every: int = 3             # steps; a final checkpoint is always written
     keep_last: int = 2
     resume: bool = False            # continue from the latest checkpoint in out_dir/ckpt
     n_log_rollouts: int = 2         # full trajectories dumped per step to rollouts/step_NNNNNN.jsonl
