@@ -810,7 +810,7 @@ class FetchResult:
     content_type: str = ""
     n_bytes: int = 0        # body bytes read (after decompression)
     title: str = ""
-    kind: str = ""          # failure kind: bad_url blocked dns timeout network http redirects unsupported empty cache_miss
+    kind: str = ""          # failure: bad_url blocked dns timeout network http redirects unsupported empty cache_miss
     truncated: bool = False  # the body was cut at max_bytes
     cached: bool = False
 

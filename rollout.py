@@ -15,9 +15,9 @@ A row's last sampled token is "pending": it is returned at once but enters the c
 What it deliberately does not do: paged attention, speculative decoding, beam search, CUDA graphs (the eager
 decode step is a single `model(...)` call over a contiguous block of rows, so wrapping it later is easy).
 
-Part 2, the research-agent loop (`rollout()`): runs many trajectories at once on the engine. Every row decodes a turn; a row whose turn
-ends in a tool call is *parked* and its call goes to a thread pool (the browser session does the web work), while
-the other rows keep decoding. When the observation arrives it is tokenised, wrapped in the chat template's
+Part 2, the research-agent loop (`rollout()`): runs many trajectories at once on the engine. Every row decodes a
+turn; a row whose turn ends in a tool call is *parked* and its call goes to a thread pool (the browser session does
+the web work), while the other rows keep decoding. When the observation arrives it is tokenised, wrapped in the chat template's
 tool/user turn plus the next assistant header, and appended to that row as forced tokens; the row resumes.
 A finished trajectory releases its slot and the next queued question (a GRPO group of G rows, submitted with n=G
 so its prompt is prefilled once) takes it. When every row is parked the loop blocks on the futures: no busy-wait.
@@ -441,7 +441,8 @@ def system_prompt(protocol: str, date: str | None = None, style: str = "referenc
     """The reference system prompt's content in our own words, with the tools rendered as JSON schemas; or, with
     style="short", three sentences (~30 tokens) for small models and CPU budgets: search and the answer tag."""
     if style == "short":
-        return f"You answer questions by searching the web. {_SHORT_CALLS[protocol]} Answer with <answer>answer</answer>."
+        return (f"You answer questions by searching the web. {_SHORT_CALLS[protocol]} "
+                "Answer with <answer>answer</answer>.")
     if style != "reference":
         raise ValueError(f"prompt style must be 'reference' or 'short', got {style!r}")
     date = date or _dt.date.today().isoformat()

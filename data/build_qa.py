@@ -2,7 +2,8 @@
 
 What it does: reads the corpus JSONL (data/wiki_corpus.py; each article has a title, a short Wikipedia description
 and a summary), writes questions from templates, keeps only those that are verified answerable, and splits by
-the article a question is about, so no dev question is about an article a training question is about. Reproducible: same corpus + seed -> same files.
+the article a question is about, so no dev question is about an article a training question is about.
+Reproducible: same corpus + seed -> same files.
 
 Templates (answers are short: a title, a country, a city):
 - `who` (1 hop, people): description "German playwright and poet (1898–1956)" -> "Who was the German playwright and
