@@ -63,6 +63,7 @@ def make_pages(n: int) -> list[bytes]:
 
 def start_servers(pages: list[bytes], latency: float, n: int) -> list[ThreadingHTTPServer]:
     class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive, as real web servers do (http.server defaults to 1.0)
         def log_message(self, *a):
             pass
 

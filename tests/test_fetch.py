@@ -404,6 +404,30 @@ def test_pool_order_and_per_host_limit(srv, other):
     assert st["pages"] == 24 and st["ok"] == 24 and st["bytes"] > 24 * 300 and st["failures"] == {}
 
 
+def test_extraction_slots(srv, monkeypatch):
+    """HTML -> text runs in at most EXTRACT_SLOTS threads at once (CPU work under the GIL), however many fetch."""
+    state = {"active": 0, "peak": 0}
+    lock, real = threading.Lock(), browse._page_from_body
+
+    def counting(body, ctype):
+        with lock:
+            state["active"] += 1
+            state["peak"] = max(state["peak"], state["active"])
+        time.sleep(0.05)
+        try:
+            return real(body, ctype)
+        finally:
+            with lock:
+                state["active"] -= 1
+
+    monkeypatch.setattr(browse, "_page_from_body", counting)
+    f = Fetcher(n_threads=16, timeout=5.0, allow_hosts=(srv.host,))
+    out = f.fetch_many([srv.base + "/article"] * 12)
+    f.close()
+    assert all(r.ok and "Range and habitat" in r.text for r in out)
+    assert state["peak"] == browse.EXTRACT_SLOTS == 2
+
+
 def test_pool_stats_failures_by_kind(srv):
     f = Fetcher(n_threads=4, timeout=2.0, allow_hosts=(srv.host,), backoff_s=0.05)
     out = f.fetch_many([srv.base + "/page", srv.base + "/404", "garbage", "http://10.0.0.1/", srv.base + "/png"])
