@@ -30,6 +30,7 @@ How to run
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as _dt
 import fcntl
 import hashlib
@@ -51,6 +52,8 @@ ROOT = Path(__file__).resolve().parent
 class Config:
     # what to run
     model: str = "HuggingFaceTB/SmolLM2-135M-Instruct"  # checkpoint folder, hub id, or "tiny"
+    agent: str = "model"            # model | first_title (no model: search the question, answer the first title)
+    #                                 | closed_book (the model answers with no tools, one turn)
     data: str = "../shared/held_out_data/dev.parquet"   # .parquet (reference columns) or .jsonl (our schema)
     out_dir: str = "runs/eval"
     limit: int = 0                  # first N rows of the data file (0 = all), before sharding and resumption
@@ -404,7 +407,8 @@ def run_meta(cfg: Config, model_path: str | None, corpus: str | None) -> dict:
                                 timeout=10).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         commit = None
-    return {"model": cfg.model, "model_path": model_path, "data": cfg.data, "data_sha256": sha256_file(cfg.data),
+    return {"agent": cfg.agent, "model": cfg.model if cfg.agent != "first_title" else None,
+            "model_path": model_path, "data": cfg.data, "data_sha256": sha256_file(cfg.data),
             "limit": cfg.limit, "sources": cfg.sources or "all", "protocol": cfg.protocol, "backend": cfg.backend,
             "cache": cfg.cache or None, "cache_mode": cfg.cache_mode, "cache_sha256": sha256_file(cfg.cache),
             "corpus": corpus, "corpus_sha256": sha256_file(corpus), "top_k": cfg.top_k, "max_turns": cfg.max_turns,
@@ -412,6 +416,25 @@ def run_meta(cfg: Config, model_path: str | None, corpus: str | None) -> dict:
             "reader_model": cfg.llm_model or None, "judge_model": cfg.judge_model if cfg.judge_base_url else None,
             "date": cfg.date or _dt.date.today().isoformat(), "git_commit": commit,
             "finished_at": _dt.datetime.now().isoformat(timespec="seconds"), "config": asdict(cfg)}
+
+
+def first_title_rollout(model, tokenizer, questions, golds, browser, cfg, group_size=1, seed=0) -> list:
+    """The no-model baseline (`--agent=first_title`): search the question as it is, answer the first result's title.
+
+    It goes through the same browser session the policy uses, so the observation is recorded as for an agent."""
+    from rollout import Trajectory, Turn
+
+    out = []
+    for qi, (q, gold) in enumerate(zip(questions, golds)):
+        obs = browser.session(q).web_search([q])
+        hits = browser.backend.search([q])[0]  # the same (cached) results, as records
+        title = hits[0].title if isinstance(hits, list) and hits else ""
+        turns = [Turn(f"<search>{q}</search>", "web_search", {"query": [q]}, obs, None, 0, 0.0, 0.0),
+                 Turn(f"<answer>{title}</answer>", None, None, None, None, 0, 0.0, 0.0)]
+        out.append(Trajectory(question=q, gold=list(gold), group=qi, tokens=[], loss_mask=[], logprobs=[],
+                              prompt_len=0, turns=turns, answer=title, status="answered",
+                              stats=dict(n_search=1, n_browse=0, n_bad_calls=0)))
+    return out
 
 
 def run_agent(cfg: Config, todo: list[dict], path: Path, rank: int, world: int) -> tuple[str, str | None]:
@@ -427,12 +450,20 @@ def run_agent(cfg: Config, todo: list[dict], path: Path, rank: int, world: int) 
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
     dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32,
              "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
-    model_path = resolve_model(cfg.model)
+    if cfg.agent not in ("model", "first_title", "closed_book"):
+        raise SystemExit(f"--agent={cfg.agent!r}: use model, first_title or closed_book")
+    model_path = resolve_model(cfg.model) if cfg.agent != "first_title" else None
     corpus = default_corpus(cfg)
     if not todo:
         return model_path, corpus
-    tok = AutoTokenizer.from_pretrained(model_path)
-    model = Transformer.from_pretrained(model_path, dtype=dtype, device=device).eval()
+    tok = model = None
+    if cfg.agent == "first_title":
+        rollout = first_title_rollout
+    else:
+        tok = AutoTokenizer.from_pretrained(model_path)
+        model = Transformer.from_pretrained(model_path, dtype=dtype, device=device).eval()
+    if cfg.agent == "closed_book":  # no tools: one turn, a prompt without them, no forced search
+        cfg = dataclasses.replace(cfg, prompt="closed_book", turn_prefixes="", max_turns=1)
     rcfg = RolloutConfig(**_only_fields(RolloutConfig, dict(
         protocol=cfg.protocol, max_turns=cfg.max_turns, max_new_tokens=cfg.max_new_tokens, max_len=cfg.max_len,
         temperature=cfg.temperature, top_p=cfg.top_p, n_slots=cfg.n_slots, on_bad_call=cfg.on_bad_call,

@@ -443,8 +443,10 @@ def system_prompt(protocol: str, date: str | None = None, style: str = "referenc
     if style == "short":
         return (f"You answer questions by searching the web. {_SHORT_CALLS[protocol]} "
                 "Answer with <answer>answer</answer>.")
+    if style == "closed_book":  # the no-tools baseline (eval.py --agent=closed_book)
+        return "You answer questions. Answer with <answer>answer</answer>."
     if style != "reference":
-        raise ValueError(f"prompt style must be 'reference' or 'short', got {style!r}")
+        raise ValueError(f"prompt style must be 'reference', 'short' or 'closed_book', got {style!r}")
     date = date or _dt.date.today().isoformat()
     tools = "\n".join(json.dumps(t) for t in TOOLS)
     return (

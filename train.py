@@ -163,6 +163,9 @@ class Config:
     min_entropy: float = 1e-3       # mean token entropy below this for 3 steps in a row = collapse: stop
     wandb_project: str = ""         # "" = off; imported lazily
     tensorboard: bool = False
+    eval_every: int = 5             # greedy dev F1 on `eval_n` fixed dev questions every N steps (0 = off)
+    eval_data: str = "data/qa_dev.jsonl"
+    eval_n: int = 64
     dry_run: bool = False           # print the per-GPU memory estimate and exit
     world_size: int = 0             # dry run only: world size to estimate for (0 = the current one)
 
@@ -172,7 +175,7 @@ PRESETS: dict[str, dict] = {
     # tiny random model + local search: the whole loop in seconds per step (tests, smoke runs)
     "tiny": dict(model="tiny", data="", out_dir="runs/train-tiny", steps=3, batch_size=4, group_size=2, max_turns=2,
                  max_new_tokens=16, max_len=1024, n_slots=8, lr=1e-3, date="2025-01-01", save_every=2,
-                 micro_tokens=4096, plot_every=1, temperature=1.0),
+                 micro_tokens=4096, plot_every=1, temperature=1.0, eval_every=3, eval_n=4),
     # the paper's recipe on one or more 8-GPU nodes. n_slots: the engine preallocates max_len of KV cache per row
     # (56 KiB/token for the 7B), so 16 rows x 32k tokens = 28 GiB; `--dry_run=True` shows the whole budget.
     "deepresearcher": dict(model="Qwen/Qwen2.5-7B-Instruct", data="data/train.jsonl", out_dir="runs/deepresearcher",
@@ -808,8 +811,12 @@ def plot_rewards(history: list[dict], path: Path) -> None:
 
     steps = [h["step"] for h in history]
     fig, ax = plt.subplots(figsize=(7, 4))
-    for key, label in (("reward", "mean reward"), ("f1", "F1"), ("format_error", "format-error rate")):
+    for key, label in (("reward", "mean reward"), ("f1", "F1 (training samples)"), ("format_error",
+                                                                                    "format-error rate")):
         ax.plot(steps, [h.get(key, float("nan")) for h in history], marker="o", ms=3, label=label)
+    dev = [(h["step"], h["dev_f1"]) for h in history if h.get("dev_f1") is not None]
+    if dev:  # the learning curve: greedy F1 on a fixed dev subset, measured every eval_every steps
+        ax.plot(*zip(*dev), marker="s", ms=5, lw=2, color="black", label="dev F1 (greedy)")
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -973,6 +980,21 @@ def _subconfig(cls, cfg: Config, **extra):
     return cls(**kw)
 
 
+def dev_f1(rollout, model, tokenizer, dev: list[dict], browser, rcfg, d: Dist) -> float:
+    """Greedy F1 on a fixed list of dev questions (the learning curve); each rank runs its share."""
+    from reward import reward
+
+    mine = dev[d.rank:: d.world]
+    model.eval()
+    with torch.no_grad(), unsharded(model):  # unsharded: the forwards need no collective, shares may differ
+        trajs = rollout(model, tokenizer, [q["question"] for q in mine], [q["answers"] for q in mine], browser,
+                        dataclasses.replace(rcfg, temperature=0.0), group_size=1, seed=0) if mine else []
+    model.train()
+    total, n = all_reduce([sum(reward([t.text for t in tr.turns], tr.gold).f1 for tr in trajs), len(trajs)],
+                          "sum", _comm_device(d))
+    return total / max(n, 1.0)
+
+
 def main(cfg: Config) -> dict:
     """Run training; returns the last step's metrics (tests use it)."""
     d = setup_distributed(cfg.device)
@@ -1024,6 +1046,11 @@ def main(cfg: Config) -> dict:
                 _truncate_metrics(out / "metrics.jsonl", start)
     rcfg = _subconfig(RolloutConfig, cfg)
     browser = Browser(_subconfig(BrowseConfig, cfg))
+    dev = load_questions(cfg.eval_data)[: cfg.eval_n] if cfg.eval_every > 0 else []
+    if dev and start == 0:  # the curve starts at the model we were given
+        history.append({"step": 0, "dev_f1": dev_f1(rollout, model, tokenizer, dev, browser, rcfg, d)})
+        if d.main:
+            print(f"step 0 | dev_f1 {history[-1]['dev_f1']:.4g} (greedy, {len(dev)} questions of {cfg.eval_data})")
     logs = Loggers(cfg, d)
     from tqdm import tqdm
 
@@ -1081,8 +1108,10 @@ def main(cfg: Config) -> dict:
                  "grad_norm": um["grad_norm"], "logp_diff": um["logp_diff"], "lr": lr_at(step, cfg), "time_rollout": tg,
                  "time_tools_sum": tool_s / d.world, "time_learn": tl,
                  "tok_per_s": (nsamp + um["train_tokens"]) / max(tg + tl, 1e-9), "peak_mem_gib": peak}
+            if dev and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
+                m["dev_f1"] = dev_f1(rollout, model, tokenizer, dev, browser, rcfg, d)
             last = m
-            history.append({"step": step + 1, **{k: m[k] for k in ("reward", "f1", "format_error")}})
+            history.append({"step": step + 1, **{k: m.get(k) for k in ("reward", "f1", "format_error", "dev_f1")}})
             if d.main:
                 tqdm.write(format_line(step + 1, m))
                 logs.log(step + 1, m)
