@@ -19,9 +19,10 @@ import pytest
 
 import browse
 from browse import BrowseConfig, Browser, Cache, Fetcher, fetch
+from data.localweb import page_html
 
 # A short page as the embedded web serves it (title, h1, one paragraph, a source footer).
-SHORT = browse._page_html({"id": "Kiwi", "title": "Kiwi", "text": "Kiwi are flightless birds endemic to New Zealand.",
+SHORT = page_html({"id": "Kiwi", "title": "Kiwi", "text": "Kiwi are flightless birds endemic to New Zealand.",
                            "url": "https://en.wikipedia.org/wiki/Kiwi"})
 
 PAGE = ("<html><head><title>Lima - Wiki</title><style>p{color:red}</style><script>var secret='js';</script></head>"
@@ -463,7 +464,6 @@ def test_page_record_replay(tmp_path):
 @pytest.fixture()
 def web(tmp_path, monkeypatch):
     monkeypatch.setenv("DR_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setenv("DR_LOCALWEB_PORT", "0")
     corpus = tmp_path / "corpus.jsonl"
     arts = [("Lima", "Lima is the capital and largest city of Peru. It was founded in 1535 by Francisco Pizarro."),
             ("Cusco", "Cusco is a city in southeastern Peru near the Sacred Valley."),
