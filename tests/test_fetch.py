@@ -1,4 +1,4 @@
-"""browse.py, fetching side: fetch() against local servers with injected faults, the SSRF guard, the Fetcher pool
+"""browse.py and webpage.py, fetching side: fetch() against local servers with injected faults, the SSRF guard, the Fetcher pool
 (input order, per-host limit, stats), page record/replay, and the Browser/Session rules on a tiny local corpus.
 Offline: servers on 127.0.0.1 only, admitted with allow_hosts (the guard refuses loopback by default).
 The readers have their own file, tests/test_reader.py.
@@ -18,6 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 import browse
+import webpage
 from browse import BrowseConfig, Browser, Cache, Fetcher, fetch
 from data.localweb import page_html
 
@@ -408,7 +409,7 @@ def test_pool_order_and_per_host_limit(srv, other):
 def test_extraction_slots(srv, monkeypatch):
     """HTML -> text runs in at most EXTRACT_SLOTS threads at once (CPU work under the GIL), however many fetch."""
     state = {"active": 0, "peak": 0}
-    lock, real = threading.Lock(), browse._page_from_body
+    lock, real = threading.Lock(), webpage._page_from_body
 
     def counting(body, ctype):
         with lock:
@@ -421,12 +422,12 @@ def test_extraction_slots(srv, monkeypatch):
             with lock:
                 state["active"] -= 1
 
-    monkeypatch.setattr(browse, "_page_from_body", counting)
+    monkeypatch.setattr(webpage, "_page_from_body", counting)
     f = Fetcher(n_threads=16, timeout=5.0, allow_hosts=(srv.host,))
     out = f.fetch_many([srv.base + "/article"] * 12)
     f.close()
     assert all(r.ok and "Range and habitat" in r.text for r in out)
-    assert state["peak"] == browse.EXTRACT_SLOTS == 2
+    assert state["peak"] == webpage.EXTRACT_SLOTS == 2
 
 
 def test_pool_stats_failures_by_kind(srv):
