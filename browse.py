@@ -944,19 +944,6 @@ def make_reader(cfg: "BrowseConfig", cache: Cache | None = None):
 # ---------------------------------------------------------------------------------------------------------------------
 # CLI
 
-def _parse_flags(argv: list[str]) -> tuple[list[str], dict]:
-    pos, flags = [], {}
-    for a in argv:
-        if a.startswith("--"):
-            k, sep, v = a[2:].partition("=")
-            if not sep:
-                sys.exit(f"flags are --key=value, got {a!r}")
-            flags[k] = v
-        else:
-            pos.append(a)
-    return pos, flags
-
-
 USAGE = ("usage: python browse.py search QUERY... [--backend=local|serper|searxng] [--top_k=10] [--cache=FILE] "
          "[--cache_mode=live|record|replay|replay_or_live] [--max_age_s=S] [--corpus=FILE] [--searxng_url=URL]\n"
          "       python browse.py fetch URL... [--allow_private=1] [--timeout=10]\n"
@@ -965,7 +952,8 @@ USAGE = ("usage: python browse.py search QUERY... [--backend=local|serper|searxn
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    pos, flags = _parse_flags(argv[1:])
+    pos = [a for a in argv[1:] if not a.startswith("--")]
+    flags = dict(a[2:].partition("=")[::2] for a in argv[1:] if a.startswith("--"))  # --key=value
     if argv[:1] == ["fetch"] and pos:
         for url in pos:
             r = fetch(url, allow_private=flags.get("allow_private", "0") not in ("0", "false", ""),

@@ -64,10 +64,14 @@ def _f1_one(pred: str, gold: str) -> float:
     p, g = set(normalize(pred).split()), set(normalize(gold).split())
     if not p or not g:  # the reference skips an empty side (score 0), it never divides by zero
         return 0.0
-    common = len(p & g)
+    return _overlap_f1(len(p & g), len(p), len(g))
+
+
+def _overlap_f1(common: int, n_pred: int, n_gold: int) -> float:
+    """F1 from the number of shared words and the two sizes (both metrics, sets or bags)."""
     if common == 0:
         return 0.0
-    precision, recall = common / len(p), common / len(g)
+    precision, recall = common / n_pred, common / n_gold
     return 2 * precision * recall / (precision + recall)
 
 
@@ -100,11 +104,7 @@ def _squad_f1_one(pred: str, gold: str) -> float:
     p, g = squad_normalize(pred).split(), squad_normalize(gold).split()
     if not p or not g:  # SQuAD v2 convention: both empty is a match, one empty is not
         return float(p == g)
-    common = sum((Counter(p) & Counter(g)).values())  # bag of words: repeats count
-    if common == 0:
-        return 0.0
-    precision, recall = common / len(p), common / len(g)
-    return 2 * precision * recall / (precision + recall)
+    return _overlap_f1(sum((Counter(p) & Counter(g)).values()), len(p), len(g))  # bag of words: repeats count
 
 
 def squad_f1(pred: str, gold: str | list[str]) -> float:

@@ -414,3 +414,13 @@ def fetch(url: str, *, timeout: float = 10.0, max_bytes: int = MAX_BYTES, allow_
         _thread.watchdog = None
     res.elapsed_s = time.monotonic() - t0
     return res
+
+
+def _retry_after_s(value: str | None) -> float | None:
+    """Retry-After in seconds (a number or an HTTP date, parsed by urllib3), None when absent or unreadable."""
+    from urllib3.exceptions import HTTPError
+    from urllib3.util.retry import Retry
+    try:
+        return Retry().parse_retry_after(value) if value else None
+    except (HTTPError, TypeError, ValueError, OverflowError):
+        return None

@@ -1,5 +1,6 @@
 """Benchmark of the search side of browse.py: local BM25 (tantivy, data/localweb.py) build time, memory and query
-latency, and the record/replay cache's lookup rate. Prints one line per figure; ratios against baselines measured in the same run.
+latency, and the record/replay cache's lookup rate. Prints one line per figure; ratios against baselines measured in
+the same run.
 
 What it measures
 1. The embedded corpus (~10k Wikipedia summaries): index build time (fresh index dir), RSS, p50/p99 per query over

@@ -1,5 +1,6 @@
-"""browse.py and webpage.py, fetching side: fetch() against local servers with injected faults, the SSRF guard, the Fetcher pool
-(input order, per-host limit, stats), page record/replay, and the Browser/Session rules on a tiny local corpus.
+"""browse.py and webpage.py, fetching: fetch() against local servers with injected faults, the SSRF guard, the
+Fetcher pool (input order, per-host limit, stats), page record/replay, and the Browser/Session rules on a tiny local
+corpus.
 Offline: servers on 127.0.0.1 only, admitted with allow_hosts (the guard refuses loopback by default).
 The readers have their own file, tests/test_reader.py.
 
