@@ -1,50 +1,54 @@
-"""The agent's web: the two tools it calls, search back ends, a record/replay cache, page fetching and reading.
+"""The agent's web, in the order the agent meets it: config, the two tools, search, page fetching, reading.
 
-What it does, in the order the agent meets it
-- `BrowseConfig`, then `Browser(cfg)` (one per process, thread-safe) and `Browser.session(question)` (one per
-  trajectory): `Session.web_search(queries)` / `Session.browse_webpage(urls)` return the observation text and never
-  raise. Only URLs from the trajectory's most recent search are readable (the reference rule).
-- Search back ends (`make_backend(name, top_k=10, corpus=None, cache=None, **opts)`), each with
+What it does
+- `BrowseConfig`; `Browser(cfg)` (one per process, thread-safe) and `Browser.session(question)` (one per trajectory):
+  `Session.web_search(queries)` / `Session.browse_webpage(urls)` return the observation text and never raise. Only
+  URLs from the trajectory's most recent search are readable (the reference rule).
+- Search back ends, `make_backend(name, top_k=10, corpus=None, cache=None, **opts)`, each with
   `search(queries) -> list[list[SearchResult] | SearchError]` (errors as values, one per query) and `.stats`:
-  - `serper`: Google through the Serper API (key from $SERPER_API_KEY; options gl, hl, location);
-  - `searxng`: a SearXNG instance's JSON API (`url=` or $SEARXNG_URL; the instance must allow `format=json`);
-  - `local`: BM25 over a JSONL corpus, default the embedded ~10k Wikipedia summaries, served as HTML by a
-    127.0.0.1 server; both live in data/localweb.py, imported only for this back end. Its result URLs are the
-    port-free `http://localweb/wiki/<id>`, which the fetcher maps to this process's server.
-  HTTP (the two APIs and the LLM reader alike) goes through one `requests` session with urllib3's `Retry`: a timeout
-  on every request; 429 and 5xx retried with jittered exponential backoff, honouring Retry-After (capped); 401/403
-  stop at once (kind "auth"); a key never appears in a message, an exception or a repr.
+  `serper` (Google through the Serper API, key in $SERPER_API_KEY), `searxng` (a SearXNG instance's JSON API,
+  `url=` or $SEARXNG_URL) and `local` (BM25 over the embedded ~10k Wikipedia summaries, served as HTML on
+  127.0.0.1; both in data/localweb.py, whose port-free `http://localweb/wiki/<id>` URLs the fetcher maps to this
+  process's server). HTTP goes through one `requests` session with urllib3's `Retry`: a timeout on every request,
+  429/5xx retried with jittered backoff and Retry-After, 401/403 at once (kind "auth"); a key never appears in a
+  message, an exception or a repr.
 - `Cache(path, mode, max_age_s)`: one SQLite (WAL) file for searches, pages and readings, safe across threads and
-  processes. Modes: live (no cache), record (live, write all), replay (cache only; a miss raises `CacheMiss` with
-  the exact key), replay_or_live.
-- `Fetcher.fetch_many(urls)`: pages through a thread pool, in input order, at most `per_host` requests per host,
-  cached, counted. One page is webpage.py's `fetch(url) -> FetchResult` (also `browse.fetch`): it never raises,
-  refuses private addresses (the embedded web is allow-listed), keeps one deadline and turns HTML/PDF into text.
-- Readers (what browse_webpage returns): a page is read in `chunk_chars` chunks, at most `max_chunks` per call,
-  resuming where the last call stopped, returning only new information. `extract` (default, no model): BM25 over the
-  chunk's passages against the question and queries. `llm`: an OpenAI-compatible endpoint extracts, decides whether
-  to read on and keeps a short summary per search (replies cached). Any object with `read(page, question, queries)`
-  can be passed as `Browser(cfg, reader=...)` (the seam for a policy-as-reader).
+  processes; modes live, record, replay (a miss raises `CacheMiss` with the exact key), replay_or_live.
+- `fetch(url) -> FetchResult` never raises: http(s) only, private addresses refused on every redirect hop
+  (`check_url`), one wall-clock deadline over connect, headers, a trickling body and retries (429, 5xx, connection
+  errors), a byte cap; HTML through trafilatura (BeautifulSoup fallback), PDF through pypdf, charsets through
+  charset_normalizer. `Fetcher.fetch_many(urls)` adds a thread pool (input order), a per-host limit, the cache and
+  stats.
+- Readers: a page is read in `chunk_chars` chunks, at most `max_chunks` per call, resuming where the last call
+  stopped, returning only new information. `extract` (default, no model): BM25 over the chunk's passages. `llm`: an
+  OpenAI-compatible endpoint extracts, decides whether to read on and keeps a short summary per search. Any object
+  with `read(page, question, queries)` can be passed as `Browser(cfg, reader=...)`.
 
 What it does not do
-- No dense retrieval, no JavaScript rendering, no torch; nothing of a page but its readable text reaches the policy.
+- No dense retrieval, no JavaScript rendering, no cookies, no torch; nothing of a page but its readable text reaches
+  the policy. A DNS answer that changes between the address check and the connection (rebinding) is not caught:
+  fetch an untrusted policy's URLs where the private network holds nothing to steal.
 
 How to run
     python browse.py search "highest mountain on Earth" --backend=local --top_k=5
-    SERPER_API_KEY=... python browse.py search "who wrote hamlet" "capital of peru" --backend=serper \\
-        --cache=runs/web.sqlite --cache_mode=record
-    python browse.py search "who wrote hamlet" --backend=serper --cache=runs/web.sqlite --cache_mode=replay
+    SERPER_API_KEY=... python browse.py search "who wrote hamlet" --backend=serper --cache=runs/web.sqlite \\
+        --cache_mode=record        # then --cache_mode=replay replays it without the key
     python browse.py fetch https://example.org/ [--allow_private=1]   # one page's readable text, as JSON
     python -m data.localweb                                           # browse the embedded web at the printed URL
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import html
+import io
 import json
 import math
 import os
+import random
 import re
+import socket
 import sqlite3
 import sys
 import threading
@@ -55,12 +59,11 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from webpage import MAX_BYTES, FetchResult, _fail, check_url, fetch  # noqa: F401  (browse.fetch, browse.check_url)
-
 SERPER_URL = "https://google.serper.dev/search"
 SERPER_USD_PER_QUERY = 0.001  # Serper's list price at volume, ~$1 per 1k queries (Nov 2026); an estimate, not a bill
 CACHE_MODES = ("live", "record", "replay", "replay_or_live")
 RETRY_STATUS = (429, 500, 502, 503, 504)  # worth another try; any other status is the answer
+MAX_BYTES = 5_000_000  # a page is cut here (after decompression); the readers never need more
 
 
 @dataclass
@@ -130,10 +133,11 @@ class Session:
             results = [SearchError("cache_miss", f"not in the replay cache ({e.kind})")] * len(queries)
         self.queries = queries
         self.urls = {r.url: r for res in results if not isinstance(res, Exception) for r in res}
-        obs = render_search(queries, results, cfg.snippet_chars, cfg.obs_chars)
-        if dropped:
-            obs += f"\n\n(only the first {cfg.max_queries} queries were run)"
-        return obs
+        blocks = [f'Search "{q}" failed: {res}.' if isinstance(res, Exception) else
+                  "\n".join([f'Search "{q}":' if res else f'Search "{q}": no results.'] +
+                            [f"{r.rank}. {r.title}\n{r.url}\n{_cut(r.snippet, cfg.snippet_chars)}" for r in res])
+                  for q, res in zip(queries, results)]
+        return _render(blocks, cfg.obs_chars, dropped and f"(only the first {cfg.max_queries} queries were run)")
 
     def browse_webpage(self, urls) -> str:
         cfg = self.browser.cfg
@@ -144,64 +148,38 @@ class Session:
             return "Search first: browse_webpage reads URLs from your most recent web_search results."
         readable = [u for u in urls if u in self.urls]
         fetched = dict(zip(readable, self.browser.fetcher.fetch_many(readable)))
-        items = []
+        blocks = []
         for u in urls:
             res = fetched.get(u)
             if res is None:
-                items.append((u, None, "not in your most recent search results; browse one of their URLs"))
+                blocks.append(f"Page {u}: not in your most recent search results; browse one of their URLs.")
             elif not res.ok:
-                items.append((u, None, f"could not be fetched: {res.error}"))
+                blocks.append(f"Page {u}: could not be fetched: {res.error}.")
             else:
-                items.append((u, *self._read(u, res)))
-        obs = render_browse(items, cfg.obs_chars)
-        if dropped:
-            obs += f"\n\n(only the first {cfg.max_urls} URLs were read)"
-        return obs
+                blocks.append(f"Page {u}:" + self._read(u, res))
+        return _render(blocks, cfg.obs_chars, dropped and f"(only the first {cfg.max_urls} URLs were read)")
 
-    def _read(self, url: str, res: "FetchResult") -> tuple[str | None, str | None]:
-        """(information, None) from the reader, or (None, error): a reader failure is an observation too."""
+    def _read(self, url: str, res: "FetchResult") -> str:
+        """What the reader found, as the rest of the page's block: a reader failure is an observation too."""
         page = self.pages.get(url)
         if page is None:
             page = self.pages[url] = PageState(url, res.title, chunk_text(res.text, self.browser.cfg.chunk_chars))
         try:
-            return self.browser.reader.read(page, self.question, self.queries), None
+            info = self.browser.reader.read(page, self.question, self.queries)
         except ReaderError as e:
             self.browser._count("reader_errors")
-            return None, f"fetched, but the reading model failed: {e}"
+            return f" fetched, but the reading model failed: {e}."
+        return "\n" + info if info else " nothing new on this page about the question."
 
 
 def _cut(text: str, n: int) -> str:
     return text if len(text) <= n else text[:max(n - 4, 0)].rstrip() + " ..."
 
 
-def render_search(queries: list[str], results: list, snippet_chars: int = 300, budget: int = 4000) -> str:
-    """One block per query: rank, title, URL, snippet; failures as one line. Each query gets an equal share."""
-    share = budget // max(len(queries), 1)
-    blocks = []
-    for q, res in zip(queries, results):
-        if isinstance(res, Exception):
-            blocks.append(f'Search "{q}" failed: {res}.')
-        elif not res:
-            blocks.append(f'Search "{q}": no results.')
-        else:
-            lines = [f'Search "{q}":'] + [f"{r.rank}. {r.title}\n{r.url}\n{_cut(r.snippet, snippet_chars)}"
-                                           for r in res]
-            blocks.append(_cut("\n".join(lines), share))
-    return "\n\n".join(blocks)
-
-
-def render_browse(items: list[tuple[str, str | None, str | None]], budget: int = 4000) -> str:
-    """items: (url, information or None, error or None) per URL -> one block per page."""
-    share = budget // max(len(items), 1)
-    blocks = []
-    for url, info, err in items:
-        if err:
-            blocks.append(f"Page {url}: {err}.")
-        elif not info:
-            blocks.append(f"Page {url}: nothing new on this page about the question.")
-        else:
-            blocks.append(_cut(f"Page {url}:\n{info}", share))
-    return "\n\n".join(blocks)
+def _render(blocks: list[str], budget: int, note: str | None) -> str:
+    """One observation: the blocks (one per query or page), each cut to an equal share of the budget, and a note."""
+    share = budget // max(len(blocks), 1)
+    return "\n\n".join([_cut(b, share) for b in blocks] + ([note] if note else []))
 
 
 class Browser:
@@ -353,13 +331,15 @@ class Backend:
         return f"{type(self).__name__}(top_k={self.top_k}, options={self.options})"
 
 
-_thread = threading.local()  # per-thread HTTP sessions (requests.Session is not thread-safe)
+_thread = threading.local()  # per thread: its requests.Sessions (not thread-safe), and the deadline of its fetch()
+USER_AGENT = "Mozilla/5.0 (compatible; deepresearch-agent/0.1; +https://github.com/)"
 
 
-def http_session(max_tries: int, backoff_s: float, max_backoff_s: float = 30.0):
+def http_session(max_tries: int = 1, backoff_s: float = 0.5, max_backoff_s: float = 30.0):
     """This thread's requests.Session for one retry policy: urllib3's Retry on the adapter does the retrying (any
     method, POST included: our requests are idempotent), sleeping backoff_s * 2**n plus jitter, or what Retry-After
-    asks, up to max_backoff_s; it returns the last 429/5xx response instead of raising, so callers can report it."""
+    asks, up to max_backoff_s; it returns the last 429/5xx response instead of raising, so callers can report it.
+    fetch() uses max_tries=1 and retries itself, within its deadline."""
     import requests
     from requests.adapters import HTTPAdapter
     from urllib3.util.retry import Retry
@@ -370,9 +350,22 @@ def http_session(max_tries: int, backoff_s: float, max_backoff_s: float = 30.0):
                       backoff_factor=backoff_s, backoff_jitter=backoff_s, backoff_max=max_backoff_s,
                       retry_after_max=int(max_backoff_s), raise_on_status=False)
         sessions[key] = s = requests.Session()
-        s.mount("http://", HTTPAdapter(max_retries=retry))
-        s.mount("https://", HTTPAdapter(max_retries=retry))
+        s.headers["User-Agent"] = USER_AGENT
+        for scheme in ("http://", "https://"):
+            s.mount(scheme, adapter := HTTPAdapter(max_retries=retry))
+            adapter.poolmanager.pool_classes_by_scheme = _deadline_pools()  # (a proxy gets urllib3's plain pools)
     return sessions[key]
+
+
+def _timed_out(e: Exception) -> bool:
+    """Whether a requests exception is a timeout. Retries used up on read timeouts reach us as a ConnectionError
+    around urllib3's ReadTimeoutError, and a refused connection is, oddly, a NewConnectionError, a subclass of
+    ConnectTimeoutError."""
+    import requests
+    from urllib3.exceptions import NewConnectionError, ReadTimeoutError
+    reason = getattr(e.args[0] if e.args else None, "reason", None)
+    return isinstance(e, requests.Timeout) and not isinstance(reason, NewConnectionError) or \
+        isinstance(reason, ReadTimeoutError)
 
 
 def http_json(method: str, url: str, *, name: str, timeout: float, max_tries: int = 3, backoff_s: float = 0.5,
@@ -389,11 +382,7 @@ def http_json(method: str, url: str, *, name: str, timeout: float, max_tries: in
     try:
         r = http_session(max_tries, backoff_s, max_backoff_s).request(method, url, timeout=timeout, **kw)
     except (requests.RequestException, urllib3.exceptions.HTTPError) as e:
-        # retries used up on read timeouts reach us as a ConnectionError around urllib3's ReadTimeoutError (and a
-        # refused connection is, oddly, a NewConnectionError, a subclass of ConnectTimeoutError)
-        reason = getattr(e.args[0] if e.args else None, "reason", None)
-        if isinstance(e, requests.Timeout) and not isinstance(reason, urllib3.exceptions.NewConnectionError) or \
-                isinstance(reason, urllib3.exceptions.ReadTimeoutError):
+        if _timed_out(e):
             raise fail("timeout", f"{name}: no answer within {timeout:g} s, {max_tries} tries") from None
         raise fail("network", f"{name} unreachable ({type(e).__name__}) after {max_tries} tries") from None
     tries = 1 + len(getattr(r.raw.retries, "history", ()) or ())
@@ -638,7 +627,291 @@ class Cache:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Fetching pages: `Fetcher` (thread pool, per-host limit, cache, stats) over webpage.fetch (one URL, never raises)
+# Fetching: `fetch(url) -> FetchResult` (one page, never raises; SSRF guard, one deadline, bytes -> text), then
+# `Fetcher` (thread pool, per-host limit, cache, stats) over it
+
+HTML_TYPES = ("text/html", "application/xhtml+xml")
+TEXT_TYPES = ("application/json", "application/xml", "application/javascript")
+
+
+@dataclass
+class FetchResult:
+    ok: bool
+    status: int | None      # HTTP status of the last response (None when no response came)
+    url: str                # the final URL, after redirects
+    text: str = ""          # readable text (main content of HTML, text as is, PDF text)
+    error: str | None = None  # a short reason when not ok: "timeout after 10 s", "HTTP 404 Not Found", ...
+    elapsed_s: float = 0.0
+    content_type: str = ""
+    n_bytes: int = 0        # body bytes read (after decompression)
+    title: str = ""
+    kind: str = ""          # failure: bad_url blocked dns timeout network http redirects unsupported empty cache_miss
+    truncated: bool = False  # the body was cut at max_bytes
+    cached: bool = False
+
+
+def check_url(url: str, allow_private: bool = False, allow_hosts=()) -> tuple[str, str] | None:
+    """None when `url` may be fetched, else (kind, reason). The URLs come from a model: http(s) only, and a host that
+    resolves to a loopback, private, link-local, multicast or reserved address is refused unless allow_private or
+    `host:port` (or `host`) is in allow_hosts. Run on every redirect hop."""
+    import ipaddress
+    try:
+        p = urlsplit(url.strip())
+        port = p.port or (443 if p.scheme == "https" else 80)
+    except (ValueError, AttributeError):
+        return "bad_url", "not a valid URL"
+    if not p.scheme:
+        return "bad_url", "not a URL (no http:// or https://)"
+    if p.scheme not in ("http", "https"):
+        return "blocked", f"scheme {p.scheme!r} is not allowed, only http and https"
+    host = (p.hostname or "").rstrip(".")
+    if not host:
+        return "bad_url", "the URL has no host"
+    if allow_private or f"{host}:{port}" in allow_hosts or host in allow_hosts:
+        return None
+    try:
+        addrs = {ai[4][0] for ai in socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)}
+    except (OSError, UnicodeError, ValueError):
+        return "dns", f"could not resolve host {host}"
+    for a in addrs:
+        ip = ipaddress.ip_address(a.split("%")[0])
+        ip = getattr(ip, "ipv4_mapped", None) or ip  # ::ffff:127.0.0.1 is 127.0.0.1
+        if ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_reserved \
+                or ip.is_unspecified:
+            return "blocked", f"{host} resolves to a private or reserved address ({a})"
+    return None
+
+
+class _DeadlineReader(io.RawIOBase):
+    """A response's socket reader (`raw`, the socket's SocketIO), each read bounded by the time left to the fetch()
+    this thread runs. A socket timeout restarts at every byte, so a server that trickles its status line, headers or
+    body would hold the thread for hours; here one wall-clock deadline covers them all, with no extra thread."""
+
+    def __init__(self, raw, sock, deadline: float):
+        self.raw, self.sock, self.deadline = raw, sock, deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the fetch deadline passed")
+        self.sock.settimeout(left)
+        return self.raw.readinto(buf)
+
+    def close(self) -> None:
+        super().close()
+        self.raw.close()  # (the socket closes once its last reader has)
+
+
+@functools.cache
+def _deadline_pools() -> dict:
+    """urllib3 pool classes whose responses read through a _DeadlineReader while their thread runs a fetch()."""
+    from http.client import HTTPResponse
+    from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+
+    class Response(HTTPResponse):
+        def __init__(self, sock, *a, **kw):
+            super().__init__(sock, *a, **kw)
+            if getattr(_thread, "deadline", None) is not None:
+                self.fp = io.BufferedReader(_DeadlineReader(self.fp.detach(), sock, _thread.deadline))
+
+    def pool(cls):
+        conn = type("Deadline" + cls.ConnectionCls.__name__, (cls.ConnectionCls,), {"response_class": Response})
+        return type("Deadline" + cls.__name__, (cls,), {"ConnectionCls": conn})
+    return {"http": pool(HTTPConnectionPool), "https": pool(HTTPSConnectionPool)}
+
+
+def _read_body(resp, max_bytes: int) -> tuple[bytes, bool, str | None]:
+    """(body, truncated, None) or (b"", False, "timeout" | "network"), read as bytes arrive (the deadline is in the
+    socket reads, see _DeadlineReader)."""
+    import urllib3
+    buf = bytearray()
+    while len(buf) < max_bytes:
+        try:
+            chunk = resp.raw.read1(65536, decode_content=True)
+        except (TimeoutError, urllib3.exceptions.ReadTimeoutError):
+            return b"", False, "timeout"
+        except (urllib3.exceptions.HTTPError, OSError):
+            return b"", False, "network"
+        if not chunk:
+            return bytes(buf), False, None
+        buf += chunk
+    return bytes(buf[:max_bytes]), True, None
+
+
+_META_CHARSET = re.compile(rb"""<meta[^>]+charset=["']?([A-Za-z0-9_\-:.]+)""", re.I)
+_LATIN = {"cp1250", "cp1252", "latin_1", "iso8859_2", "iso8859_15", "iso8859_9", "cp1254", "mac_roman", "cp1257"}
+
+
+def decode_body(body: bytes, declared: str | None = None, is_html: bool = False) -> str:
+    """Bytes -> str: the declared charset (header, then <meta>), then UTF-8, then charset_normalizer's guess (with
+    replacement characters). A wrong declaration falls through to the next guess."""
+    import charset_normalizer
+    meta = _META_CHARSET.search(body[:4096]) if is_html else None
+    for enc in filter(None, (declared, meta and meta.group(1).decode("ascii", "ignore"), "utf-8")):
+        try:
+            return body.decode(enc)
+        except (LookupError, UnicodeDecodeError):
+            pass
+    best = charset_normalizer.from_bytes(body[:500_000]).best()
+    enc = best.encoding if best is not None else "utf-8"
+    if enc in _LATIN:  # a short Western text is ambiguous among the Latin code pages; cp1252 is the web's usual one
+        try:
+            return body.decode("cp1252")
+        except UnicodeDecodeError:
+            pass
+    return body.decode(enc, errors="replace")
+
+
+def _squeeze(text: str) -> str:
+    lines = (" ".join(ln.split()) for ln in text.splitlines())
+    return "\n".join(ln for ln in lines if ln)
+
+
+# (the <title> is FetchResult.title; left in, it would also open the text)
+_DROP_TAGS = ("title", "script", "style", "noscript", "nav", "header", "footer", "aside", "form", "iframe", "svg",
+              "template")
+
+
+def html_to_text(page: str) -> tuple[str, str]:
+    """(title, main text) of an HTML page: trafilatura's main-content extraction (boilerplate, navigation, scripts
+    out; headings, paragraphs, lists and tables kept), BeautifulSoup with those tags removed as the fallback when
+    trafilatura finds little."""
+    m = re.search(r"<title[^>]*>(.*?)</title>", page[:20000], re.I | re.S)
+    title = " ".join(html.unescape(m.group(1)).split()) if m else ""
+    try:
+        import trafilatura
+        text = trafilatura.extract(page, include_comments=False, include_tables=True) or ""
+    except Exception:  # trafilatura can choke on hostile markup; the fallback still reads it
+        text = ""
+    if len(text) < 200:
+        from bs4 import BeautifulSoup
+        soup = BeautifulSoup(page, "lxml")
+        for t in soup(_DROP_TAGS):
+            t.decompose()
+        text = max(text, soup.get_text("\n"), key=lambda t: len(_squeeze(t)))
+    return title, _squeeze(text)
+
+
+# HTML/PDF -> text is CPU work under the GIL: threads running it at once only take turns, and with 32 of them the
+# switching cost more than the work (bench/browse.py: 7.6 -> 4.0 ms of CPU per page, 15x -> 21-25x speedup, with
+# 1-2 slots). Two slots, so that one pathological page cannot stall every other page's extraction.
+EXTRACT_SLOTS = 2
+_extracting = threading.BoundedSemaphore(EXTRACT_SLOTS)
+# a forked child may inherit the semaphore held by a thread that did not come along
+os.register_at_fork(after_in_child=lambda: globals().update(_extracting=threading.BoundedSemaphore(EXTRACT_SLOTS)))
+
+
+def page_text(body: bytes, ctype_header: str) -> tuple[str, str, str | None]:
+    """(title, text, error) from a response body and its Content-Type header: HTML through html_to_text, text as
+    is, PDF through pypdf; anything else is an error ("unsupported content type ...")."""
+    ctype, _, params = ctype_header.partition(";")
+    ctype = ctype.strip().lower()
+    m = re.search(r"charset=[\"']?([^;\"'\s]+)", params, re.I)
+    head = body[:2048]
+    if not ctype:  # no header: sniff
+        low = head.lstrip().lower()
+        ctype = ("application/pdf" if head.startswith(b"%PDF") else
+                 "text/html" if low.startswith((b"<!doctype html", b"<html")) else "text/plain")
+    if ctype == "application/pdf":
+        from pypdf import PdfReader
+        try:
+            return "", _squeeze("\n".join(p.extract_text() or "" for p in PdfReader(io.BytesIO(body)).pages)), None
+        except Exception as e:  # pypdf raises many types on broken files
+            return "", "", f"unreadable PDF ({type(e).__name__})"
+    if ctype not in HTML_TYPES and not ctype.startswith("text/") and ctype not in TEXT_TYPES:
+        return "", "", f"unsupported content type {ctype}"
+    if b"\x00" in head:
+        return "", "", f"binary content served as {ctype}"
+    text = decode_body(body, m and m.group(1), ctype in HTML_TYPES)
+    return (*html_to_text(text), None) if ctype in HTML_TYPES else ("", _squeeze(text), None)
+
+
+def _fail(url: str, kind: str, error: str, status: int | None = None, **kw) -> FetchResult:
+    return FetchResult(False, status, url, error=error, kind=kind, **kw)
+
+
+def _fetch_once(url: str, deadline: float, timeout: float, max_bytes: int, max_redirects: int,
+                allow_private: bool, allow_hosts) -> tuple[FetchResult, float | None]:
+    """One try, following redirects by hand (each hop is checked). Returns (result, retry): retry is None when
+    the result is final, else the seconds to wait before another try (0 = use the backoff)."""
+    import requests
+    late = f"timeout after {timeout:g} s"
+    for _ in range(max_redirects + 1):
+        if bad := check_url(url, allow_private, allow_hosts):
+            return _fail(url, *bad), None
+        if (left := deadline - time.monotonic()) <= 0:
+            return _fail(url, "timeout", late), None
+        try:
+            resp = http_session().get(url, stream=True, allow_redirects=False, timeout=left)
+        except (requests.RequestException, ValueError, UnicodeError) as e:
+            if _timed_out(e):
+                return _fail(url, "timeout", late), None
+            if isinstance(e, requests.ConnectionError):
+                return _fail(url, "network", "connection refused" if "refused" in str(e).lower() else
+                             "connection failed"), 0.0
+            return _fail(url, "bad_url", f"not a fetchable URL ({type(e).__name__})"), None
+        with resp:
+            code, ctype = resp.status_code, resp.headers.get("content-type", "")
+            if resp.is_redirect:
+                url = requests.compat.urljoin(url, resp.headers["location"])
+                continue
+            if code >= 400:  # 429 and 5xx are worth another try, after Retry-After when the server says
+                wait = _retry_after_s(resp.headers.get("retry-after")) or 0.0
+                return _fail(url, "http", f"HTTP {code} {resp.reason or ''}".strip(), code), \
+                    wait if code in RETRY_STATUS or code >= 500 else None
+            body, truncated, err = _read_body(resp, max_bytes)
+        if err:
+            return (_fail(url, "timeout", late, code), None) if err == "timeout" else \
+                (_fail(url, "network", "connection lost while reading the page", code), 0.0)
+        if not body.strip():
+            return _fail(url, "empty", "empty page", code, content_type=ctype), None
+        with _extracting:
+            title, text, why = page_text(body, ctype)
+        if why or not text:
+            return _fail(url, "unsupported" if why else "empty", why or "no readable text on the page", code,
+                         content_type=ctype, n_bytes=len(body)), None
+        return FetchResult(True, code, url, text, None, 0.0, ctype, len(body), title, "", truncated), None
+    return _fail(url, "redirects", f"more than {max_redirects} redirects"), None
+
+
+def fetch(url: str, *, timeout: float = 10.0, max_bytes: int = MAX_BYTES, allow_private: bool = False,
+          allow_hosts=(), max_redirects: int = 5, max_tries: int = 3, backoff_s: float = 0.5) -> FetchResult:
+    """Fetch one URL and return its readable text; never raises. The whole call, retries included, ends within
+    `timeout` seconds. Connection errors, 429 and 5xx are retried with jittered exponential backoff, honouring
+    Retry-After, at most `max_tries` tries and never past the deadline."""
+    t0 = time.monotonic()
+    _thread.deadline = deadline = t0 + timeout
+    try:
+        for attempt in range(max_tries):
+            res, retry = _fetch_once(url, deadline, timeout, max_bytes, max_redirects, allow_private, allow_hosts)
+            if retry is None or attempt == max_tries - 1:
+                break
+            wait = retry or backoff_s * 2 ** attempt * random.uniform(0.5, 1.5)
+            if time.monotonic() + wait >= deadline:
+                if retry:  # Retry-After asks for more time than is left
+                    res.error += f" (retry after {retry:g} s exceeds the {timeout:g} s timeout)"
+                break
+            time.sleep(wait)
+    except Exception as e:  # a bug or a library surprise must not take a rollout down: report it as a result
+        res = _fail(url, "network", f"fetch failed ({type(e).__name__}: {str(e)[:100]})")
+    finally:
+        _thread.deadline = None
+    res.elapsed_s = time.monotonic() - t0
+    return res
+
+
+def _retry_after_s(value: str | None) -> float | None:
+    """Retry-After in seconds (a number or an HTTP date, parsed by urllib3), None when absent or unreadable."""
+    from urllib3.exceptions import HTTPError
+    from urllib3.util.retry import Retry
+    try:
+        return Retry().parse_retry_after(value) if value else None
+    except (HTTPError, TypeError, ValueError, OverflowError):
+        return None
+
 
 def page_key(url: str) -> str:
     """Cache key of a page: the URL without its #fragment."""
@@ -954,38 +1227,32 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     pos = [a for a in argv[1:] if not a.startswith("--")]
     flags = dict(a[2:].partition("=")[::2] for a in argv[1:] if a.startswith("--"))  # --key=value
-    if argv[:1] == ["fetch"] and pos:
+    known = {"fetch": {"allow_private", "timeout"},
+             "search": {"backend", "top_k", "cache", "cache_mode", "corpus", "searxng_url", "max_age_s"}}
+    if argv[:1] not in (["fetch"], ["search"]) or not pos or set(flags) - known[argv[0]]:
+        print(USAGE, file=sys.stderr)
+        return 2
+    if argv[0] == "fetch":
         for url in pos:
             r = fetch(url, allow_private=flags.get("allow_private", "0") not in ("0", "false", ""),
                       timeout=float(flags.get("timeout", 10)))
             print(json.dumps(asdict(r), indent=2, ensure_ascii=False))
         return 0
-    unknown = set(flags) - {"backend", "top_k", "cache", "cache_mode", "corpus", "searxng_url", "max_age_s"}
-    if argv[:1] != ["search"] or not pos or unknown:
-        print((f"unknown flags {sorted(unknown)}\n" if unknown else "") + USAGE, file=sys.stderr)
-        return 2
-    mode = flags.get("cache_mode", "replay_or_live" if flags.get("cache") else "live")
     name = flags.get("backend", "local")
     opts = {"url": flags["searxng_url"]} if "searxng_url" in flags else {"serve": False} if name == "local" else {}
-    try:
-        cache = Cache(flags.get("cache"), mode, float(flags["max_age_s"]) if "max_age_s" in flags else None)
+    try:  # (the local back end needs no page server to list results)
+        cache = Cache(flags.get("cache"), flags.get("cache_mode", "replay_or_live" if "cache" in flags else "live"),
+                      float(flags["max_age_s"]) if "max_age_s" in flags else None)
         backend = make_backend(name, top_k=int(flags.get("top_k", 10)), corpus=flags.get("corpus"), cache=cache,
-                               **opts)  # (the local back end needs no page server to list results)
+                               **opts)
         results = backend.search(pos)
-    except CacheMiss as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
-    except (SearchError, ValueError) as e:
+    except (CacheMiss, SearchError, ValueError) as e:  # a set-up problem: say what to fix
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = {"results": {}, "errors": {}, "stats": backend.stats.snapshot()}
-    for q, r in zip(pos, results):
-        if isinstance(r, SearchError):
-            out["errors"][q] = str(r)
-        else:
-            out["results"][q] = [asdict(x) for x in r]
-    print(json.dumps(out, indent=2, ensure_ascii=False))
-    return 1 if out["errors"] else 0
+    errors = {q: str(r) for q, r in zip(pos, results) if isinstance(r, SearchError)}
+    print(json.dumps({"results": {q: [asdict(x) for x in r] for q, r in zip(pos, results) if q not in errors},
+                      "errors": errors, "stats": backend.stats.snapshot()}, indent=2, ensure_ascii=False))
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":

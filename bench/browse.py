@@ -106,13 +106,13 @@ def profile(urls: list[str], hosts: tuple, timeout: float) -> None:
     cum = {}
     for (file, _, fn), v in pstats.Stats(pr).stats.items():
         cum[(Path(file).name, fn)] = cum.get((Path(file).name, fn), 0.0) + v[3]
-    total = cum[("webpage.py", "fetch")]
-    phases = {"HTML -> text (html_to_text: trafilatura)": cum.get(("webpage.py", "html_to_text"), 0.0),
+    total = cum[("browse.py", "fetch")]
+    phases = {"HTML -> text (html_to_text: trafilatura)": cum.get(("browse.py", "html_to_text"), 0.0),
               "HTTP request + headers (requests Session.get)": cum.get(("sessions.py", "get"), 0.0),
-              "body read (_read_body)": cum.get(("webpage.py", "_read_body"), 0.0),
-              "charset (decode_body)": cum.get(("webpage.py", "decode_body"), 0.0),
-              "URL check (check_url)": cum.get(("webpage.py", "check_url"), 0.0)}
-    phases["the rest (watchdog, session, result)"] = total - sum(phases.values())
+              "body read (_read_body)": cum.get(("browse.py", "_read_body"), 0.0),
+              "charset (decode_body)": cum.get(("browse.py", "decode_body"), 0.0),
+              "URL check (check_url)": cum.get(("browse.py", "check_url"), 0.0)}
+    phases["the rest (session, result)"] = total - sum(phases.values())
     print(f"profile of 200 sequential fetches: {total / 200 * 1e3:.2f} ms CPU per page under cProfile (inflated ~4x)")
     for name, t in phases.items():
         print(f"  {name:<48}{t / total:6.1%}")
@@ -143,7 +143,6 @@ def main() -> None:
         ports = parent_end.recv()
 
     import browse
-    import webpage
     cfg = browse.BrowseConfig()
     threads = a.threads or cfg.n_threads
     per_host = a.per_host or cfg.per_host
@@ -155,7 +154,7 @@ def main() -> None:
           f"{per_host} per host")
     t0 = time.perf_counter()
     for p in pages:
-        webpage.html_to_text(p.decode())  # also imports trafilatura outside the timings
+        browse.html_to_text(p.decode())  # also imports trafilatura outside the timings
     extract_ms = (time.perf_counter() - t0) / len(pages) * 1e3
 
     def timed(fn):

@@ -1,4 +1,4 @@
-"""browse.py and webpage.py, fetching: fetch() against local servers with injected faults, the SSRF guard, the
+"""browse.py, fetching: fetch() against local servers with injected faults, the SSRF guard, the
 Fetcher pool (input order, per-host limit, stats), page record/replay, and the Browser/Session rules on a tiny local
 corpus.
 Offline: servers on 127.0.0.1 only, admitted with allow_hosts (the guard refuses loopback by default).
@@ -19,7 +19,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 import browse
-import webpage
 from browse import BrowseConfig, Browser, Cache, Fetcher, fetch
 from data.localweb import page_html
 
@@ -410,25 +409,25 @@ def test_pool_order_and_per_host_limit(srv, other):
 def test_extraction_slots(srv, monkeypatch):
     """HTML -> text runs in at most EXTRACT_SLOTS threads at once (CPU work under the GIL), however many fetch."""
     state = {"active": 0, "peak": 0}
-    lock, real = threading.Lock(), webpage._page_from_body
+    lock, real = threading.Lock(), browse.html_to_text
 
-    def counting(body, ctype):
+    def counting(page):
         with lock:
             state["active"] += 1
             state["peak"] = max(state["peak"], state["active"])
         time.sleep(0.05)
         try:
-            return real(body, ctype)
+            return real(page)
         finally:
             with lock:
                 state["active"] -= 1
 
-    monkeypatch.setattr(webpage, "_page_from_body", counting)
+    monkeypatch.setattr(browse, "html_to_text", counting)
     f = Fetcher(n_threads=16, timeout=5.0, allow_hosts=(srv.host,))
     out = f.fetch_many([srv.base + "/article"] * 12)
     f.close()
     assert all(r.ok and "Range and habitat" in r.text for r in out)
-    assert state["peak"] == webpage.EXTRACT_SLOTS == 2
+    assert state["peak"] == browse.EXTRACT_SLOTS == 2
 
 
 def test_pool_stats_failures_by_kind(srv):
