@@ -99,9 +99,7 @@ class BrowseConfig:
 # Session (one per trajectory) and Browser (shared, thread-safe): the two tools the policy calls
 
 class Session:
-    """One trajectory's tools. `web_search(queries)` and `browse_webpage(urls)` return the observation text and
-    never raise. Only URLs from the most recent search are readable (the reference rule); re-browsing a page
-    resumes where its reading stopped."""
+    """One trajectory's tools (see the module docstring); re-browsing a page resumes where its reading stopped."""
 
     def __init__(self, browser: "Browser", question: str):
         self.browser, self.question = browser, question
@@ -549,15 +547,10 @@ def search_key(backend: str, query: str, top_k: int, options: dict) -> str:
 
 
 class Cache:
-    """Record/replay store for searches ("search"), pages ("page") and readings ("read") in one SQLite WAL file.
-
-    get(kind, key) -> dict | None and put(kind, key, value). What `get` does depends on the mode:
-      live: always None (and put does nothing); record: always None (the caller goes live), put writes;
-      replay: the entry, or CacheMiss(kind, key); replay_or_live: the entry or None, put writes.
-    With max_age_s, an entry older than that counts as absent. Each thread gets its own connection (sqlite3
-    connections are not shareable across threads) and a forked child opens new ones; WAL lets readers run while
-    one process writes, and busy_timeout makes concurrent writers wait instead of failing.
-    """
+    """Record/replay store for searches ("search"), pages ("page") and readings ("read") in one SQLite WAL file:
+    get(kind, key) -> dict | None (always None in live and record modes; CacheMiss in replay) and put(kind, key,
+    value) (a no-op in live and replay). With max_age_s, an older entry counts as absent. One connection per thread
+    and per process (sqlite3 connections cross neither); WAL lets readers run while one process writes."""
 
     def __init__(self, path: str | os.PathLike | None, mode: str = "replay_or_live", max_age_s: float | None = None):
         if mode not in CACHE_MODES:
@@ -588,7 +581,6 @@ class Cache:
             self.stats[name] += 1
 
     def get(self, kind: str, key: str) -> dict | None:
-        """The cached value, None when absent; see the class docstring."""
         if self.mode in ("live", "record"):
             return None
         self._count("lookups")
@@ -606,7 +598,6 @@ class Cache:
         return json.loads(row[0])
 
     def put(self, kind: str, key: str, value: dict, fetched_at: float | None = None) -> None:
-        """Store (or replace) an entry; a no-op in live and replay modes (replay never changes the shared file)."""
         if self.mode in ("live", "replay"):
             return
         self._count("puts")
@@ -919,11 +910,9 @@ def page_key(url: str) -> str:
 
 
 class Fetcher:
-    """fetch() behind a thread pool: `fetch_many(urls)` returns results in input order; at most `per_host`
-    requests to one host at a time; pages go through the record/replay Cache (kind "page"); `.stats` counts
-    pages, bytes, latency, cache hits and failures by kind. `aliases` maps a canonical host (the embedded web's
-    "localweb") to the host:port that serves it in this process: URLs, cache keys and results keep the canonical
-    form, so they do not depend on the port. Thread-safe; one per Browser."""
+    """fetch() behind a thread pool, a per-host limit, the Cache (kind "page") and stats; thread-safe, one per
+    Browser. `aliases` maps a canonical host (the embedded web's "localweb") to the host:port serving it in this
+    process: URLs, cache keys and results keep the canonical form, so they do not depend on the port."""
 
     def __init__(self, *, cache: Cache | None = None, aliases: dict | None = None, n_threads: int = 32,
                  per_host: int = 8, **fetch_kw):
