@@ -1,71 +1,53 @@
-"""The agent's web: search back ends, a record/replay cache, an embedded offline web, page fetching and reading.
+"""The agent's web, in the order the agent meets it: config, the two tools, search, page fetching, reading.
 
 What it does
-- `SearchResult(title, url, snippet, rank)`: what every back end returns, rank 1 first.
-- `make_backend(name, *, top_k=10, corpus=None, cache=None, **opts)` -> a back end with
-  `search(queries) -> list[list[SearchResult]]` (raises `SearchError` with a `.kind`) and
-  `search_or_error(queries) -> list[list[SearchResult] | SearchError]` (errors as values, one per query):
-  - `serper`: Google through the Serper API (key from $SERPER_API_KEY; options gl, hl, location). A missing key fails
-    at construction; 401/403 stop at once (kind "auth"); 429 and 5xx back off with full jitter, honouring
-    Retry-After, for at most `max_tries` tries; every request has a timeout. The key never appears in a message,
-    an exception or a repr.
-  - `searxng`: a SearXNG instance's JSON API (`url=` or $SEARXNG_URL; the instance must allow `format=json`).
-  - `local`: BM25 over a JSONL corpus (`id, title, url, text` a line; default: the embedded ~10k Wikipedia summaries
-    from data/wiki_corpus.py), chunked into ~100-word passages. The index is tantivy (Rust, on disk, memory-mapped:
-    chosen by measurement over bm25s and SQLite FTS5, see bench/RESULTS.md), built once per corpus hash in
-    $DR_CACHE_DIR/bm25/ and shared by processes. Results carry LocalWeb URLs, one hit per article.
-- `LocalWeb(corpus)`: serves each corpus record as a real HTML page at http://127.0.0.1:PORT/wiki/<id>, in a daemon
-  thread. The port is derived from the corpus hash and bound with SO_REUSEPORT, so every torchrun rank serves the
-  same URLs (and a recorded cache replays on another run or machine); the local back end starts it itself.
-- `Cache(path, mode, max_age_s)`: one SQLite (WAL) file for search results and pages, `get(kind, key)` /
-  `put(kind, key, value)`, safe across threads and processes. Modes: live (no cache), record (live, write all),
-  replay (cache only; a miss raises `CacheMiss` with the exact key), replay_or_live. Entries keep their fetch time.
-- `Stats`: queries, cache hits, API calls, failures by kind, latency, estimated dollars; per back end (`.stats`),
-  per call (`search_detailed`), and per step (`stats.snapshot()` differences).
-
-- `fetch(url)` -> `FetchResult(ok, status, url, text, error, elapsed_s, ...)`, never raises: http(s) only, hosts that
-  resolve to private/loopback/link-local/reserved addresses refused (checked on every redirect hop; the embedded web
-  is allow-listed), one wall-clock deadline over connect, trickling bodies and retries (429/5xx/connection errors,
-  jittered backoff, Retry-After), a byte cap, charset fallbacks, gzip; HTML through trafilatura (BeautifulSoup
-  fallback), text as is, PDF through pypdf, anything else "unsupported content type".
-- `Fetcher` / `fetch_many(urls)`: a thread pool, results in input order, at most `per_host` requests per host,
-  pages recorded/replayed in the Cache, stats (pages, bytes, latency, failures by kind).
-- Readers (what browse_webpage returns): a page is split into `chunk_chars` chunks and read chunk by chunk, at most
-  `max_chunks` per call, resuming where the last call stopped; only new information is returned.
-  `extract` (default, no model): BM25 over the chunk's passages vs the question and the search queries, the best
-  new ones up to `page_chars`. `llm`: any OpenAI-compatible endpoint extracts info, decides whether to read on and
-  keeps a short summary per search (replies cached). Any object with `read(page, question, queries)` can be
-  passed as `Browser(cfg, reader=...)` (the seam for a policy-as-reader).
-- `Browser(BrowseConfig)` (one per process, thread-safe) and `Browser.session(question)` (one per trajectory):
-  `Session.web_search(queries)` / `Session.browse_webpage(urls)` return the observation text and never raise.
-  Only URLs from the trajectory's most recent search are readable (the reference rule).
+- `BrowseConfig`; `Browser(cfg)` (one per process, thread-safe) and `Browser.session(question)` (one per trajectory):
+  `Session.web_search(queries)` / `Session.browse_webpage(urls)` return the observation text and never raise. Only
+  URLs from the trajectory's most recent search are readable (the reference rule).
+- Search back ends, `make_backend(name, top_k=10, corpus=None, cache=None, **opts)`, each with
+  `search(queries) -> list[list[SearchResult] | SearchError]` (errors as values, one per query) and `.stats`:
+  `serper` (Google through the Serper API, key in $SERPER_API_KEY), `searxng` (a SearXNG instance's JSON API,
+  `url=` or $SEARXNG_URL) and `local` (BM25 over the embedded ~10k Wikipedia summaries, served as HTML on
+  127.0.0.1; both in data/localweb.py, whose port-free `http://localweb/wiki/<id>` URLs the fetcher maps to this
+  process's server). HTTP goes through one `requests` session with urllib3's `Retry`: a timeout on every request,
+  429/5xx retried with jittered backoff and Retry-After, 401/403 at once (kind "auth"); a key never appears in a
+  message, an exception or a repr.
+- `Cache(path, mode, max_age_s)`: one SQLite (WAL) file for searches, pages and readings, safe across threads and
+  processes; modes live, record, replay (a miss raises `CacheMiss` with the exact key), replay_or_live.
+- `fetch(url) -> FetchResult` never raises: http(s) only, private addresses refused on every redirect hop
+  (`check_url`), one wall-clock deadline over connect, headers, a trickling body and retries (429, 5xx, connection
+  errors), a byte cap; HTML through trafilatura (BeautifulSoup fallback), PDF through pypdf, charsets through
+  charset_normalizer. `Fetcher.fetch_many(urls)` adds a thread pool (input order), a per-host limit, the cache and
+  stats.
+- Readers: a page is read in `chunk_chars` chunks, at most `max_chunks` per call, resuming where the last call
+  stopped, returning only new information. `extract` (default, no model): BM25 over the chunk's passages. `llm`: an
+  OpenAI-compatible endpoint extracts, decides whether to read on and keeps a short summary per search. Any object
+  with `read(page, question, queries)` can be passed as `Browser(cfg, reader=...)`.
 
 What it does not do
-- No dense retrieval; no JavaScript rendering; no torch. A DNS answer that changes between the address check and
-  the connection (DNS rebinding) is not caught: fetch untrusted policies' URLs where the private network holds
-  nothing to steal.
+- No dense retrieval, no JavaScript rendering, no cookies, no torch; nothing of a page but its readable text reaches
+  the policy. A DNS answer that changes between the address check and the connection (rebinding) is not caught:
+  fetch an untrusted policy's URLs where the private network holds nothing to steal.
 
 How to run
     python browse.py search "highest mountain on Earth" --backend=local --top_k=5
-    SERPER_API_KEY=... python browse.py search "who wrote hamlet" "capital of peru" --backend=serper \\
-        --cache=runs/web.sqlite --cache_mode=record
-    python browse.py search "who wrote hamlet" --backend=serper --cache=runs/web.sqlite --cache_mode=replay
-    python browse.py serve [--corpus=FILE] [--port=N]         # browse the embedded web at the printed URL
+    SERPER_API_KEY=... python browse.py search "who wrote hamlet" --backend=serper --cache=runs/web.sqlite \\
+        --cache_mode=record        # then --cache_mode=replay replays it without the key
     python browse.py fetch https://example.org/ [--allow_private=1]   # one page's readable text, as JSON
+    python -m data.localweb                                           # browse the embedded web at the printed URL
 """
 
 from __future__ import annotations
 
-import email.utils
-import fcntl
+import functools
 import hashlib
-import heapq
 import html
+import io
 import json
+import math
 import os
 import random
 import re
-import shutil
 import socket
 import sqlite3
 import sys
@@ -73,24 +55,174 @@ import threading
 import time
 import unicodedata
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from urllib.parse import parse_qs, quote, unquote, urlsplit
+from urllib.parse import urlsplit
 
 SERPER_URL = "https://google.serper.dev/search"
 SERPER_USD_PER_QUERY = 0.001  # Serper's list price at volume, ~$1 per 1k queries (Nov 2026); an estimate, not a bill
 CACHE_MODES = ("live", "record", "replay", "replay_or_live")
-INDEX_VERSION = 2  # bump when the index schema or chunking changes: old indexes are then rebuilt, not misread
+RETRY_STATUS = (429, 500, 502, 503, 504)  # worth another try; any other status is the answer
+MAX_BYTES = 5_000_000  # a page is cut here (after decompression); the readers never need more
 
 
-def cache_dir() -> Path:
-    """$DR_CACHE_DIR, else ~/.cache/deepresearch (shared with model.py and data/wiki_corpus.py)."""
-    return Path(os.environ.get("DR_CACHE_DIR", Path.home() / ".cache" / "deepresearch"))
+@dataclass
+class BrowseConfig:
+    backend: str = "local"              # local | serper | searxng
+    top_k: int = 10                     # results per query (the reference: 10)
+    corpus: str | None = None           # local back end's JSONL corpus (None = the embedded Wikipedia summaries)
+    searxng_url: str | None = None
+    cache: str | None = None            # SQLite record/replay file for searches, pages and readings
+    cache_mode: str = "replay_or_live"
+    max_age_s: float | None = None
+    reader: str = "extract"             # extract | llm
+    max_queries: int = 3                # queries per web_search call (the reference: 3)
+    max_urls: int = 3                   # URLs per browse_webpage call
+    chunk_chars: int = 40_000           # page chunk a reader takes at once (the reference: ~40k characters)
+    max_chunks: int = 4                 # chunks read per page per call (bounds the reading loop)
+    page_chars: int = 1500              # information returned per page per call
+    snippet_chars: int = 300
+    obs_chars: int = 4000               # the whole observation
+    llm_base_url: str | None = None     # reader=llm: OpenAI-compatible endpoint
+    llm_model: str | None = None
+    llm_api_key_env: str = "OPENAI_API_KEY"  # read from the environment, never logged; empty for local servers
+    llm_timeout: float = 60.0
+    n_threads: int = 32                 # fetch pool
+    per_host: int = 8                   # concurrent requests to one host
+    timeout: float = 10.0               # per page, retries included
+    max_bytes: int = MAX_BYTES
+    allow_private: bool = False         # fetch private/loopback addresses (the embedded web is always allowed)
+    allow_hosts: tuple = ()             # extra host or host:port entries admitted past the private-address guard
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Records and errors
+# Session (one per trajectory) and Browser (shared, thread-safe): the two tools the policy calls
+
+class Session:
+    """One trajectory's tools (see the module docstring); re-browsing a page resumes where its reading stopped."""
+
+    def __init__(self, browser: "Browser", question: str):
+        self.browser, self.question = browser, question
+        self.queries: list[str] = []
+        self.urls: dict[str, SearchResult] = {}  # url -> result, from the most recent search
+        self.pages: dict[str, PageState] = {}
+
+    @staticmethod
+    def _clean(items, limit: int) -> tuple[list[str], int]:
+        """The policy's arguments as distinct non-empty strings (at most `limit`) and how many were dropped."""
+        if isinstance(items, str):
+            items = [items]
+        out = []
+        for x in items if isinstance(items, (list, tuple)) else []:
+            x = " ".join(str(x).split())
+            if x and x not in out:
+                out.append(x)
+        return out[:limit], max(len(out) - limit, 0)
+
+    def web_search(self, queries) -> str:
+        cfg = self.browser.cfg
+        queries, dropped = self._clean(queries, cfg.max_queries)
+        if not queries:
+            return "web_search needs at least one non-empty query."
+        try:
+            results = self.browser.backend.search(queries)
+        except CacheMiss as e:  # a set-up problem of the run, but the policy still gets an observation
+            self.browser._count("search_cache_miss")
+            results = [SearchError("cache_miss", f"not in the replay cache ({e.kind})")] * len(queries)
+        self.queries = queries
+        self.urls = {r.url: r for res in results if not isinstance(res, Exception) for r in res}
+        blocks = [f'Search "{q}" failed: {res}.' if isinstance(res, Exception) else
+                  "\n".join([f'Search "{q}":' if res else f'Search "{q}": no results.'] +
+                            [f"{r.rank}. {r.title}\n{r.url}\n{_cut(r.snippet, cfg.snippet_chars)}" for r in res])
+                  for q, res in zip(queries, results)]
+        return _render(blocks, cfg.obs_chars, dropped and f"(only the first {cfg.max_queries} queries were run)")
+
+    def browse_webpage(self, urls) -> str:
+        cfg = self.browser.cfg
+        urls, dropped = self._clean(urls, cfg.max_urls)
+        if not urls:
+            return "browse_webpage needs at least one URL from your most recent web_search."
+        if not self.urls:
+            return "Search first: browse_webpage reads URLs from your most recent web_search results."
+        readable = [u for u in urls if u in self.urls]
+        fetched = dict(zip(readable, self.browser.fetcher.fetch_many(readable)))
+        blocks = []
+        for u in urls:
+            res = fetched.get(u)
+            if res is None:
+                blocks.append(f"Page {u}: not in your most recent search results; browse one of their URLs.")
+            elif not res.ok:
+                blocks.append(f"Page {u}: could not be fetched: {res.error}.")
+            else:
+                blocks.append(f"Page {u}:" + self._read(u, res))
+        return _render(blocks, cfg.obs_chars, dropped and f"(only the first {cfg.max_urls} URLs were read)")
+
+    def _read(self, url: str, res: "FetchResult") -> str:
+        """What the reader found, as the rest of the page's block: a reader failure is an observation too."""
+        page = self.pages.get(url)
+        if page is None:
+            page = self.pages[url] = PageState(url, res.title, chunk_text(res.text, self.browser.cfg.chunk_chars))
+        try:
+            info = self.browser.reader.read(page, self.question, self.queries)
+        except ReaderError as e:
+            self.browser._count("reader_errors")
+            return f" fetched, but the reading model failed: {e}."
+        return "\n" + info if info else " nothing new on this page about the question."
+
+
+def _cut(text: str, n: int) -> str:
+    return text if len(text) <= n else text[:max(n - 4, 0)].rstrip() + " ..."
+
+
+def _render(blocks: list[str], budget: int, note: str | None) -> str:
+    """One observation: the blocks (one per query or page), each cut to an equal share of the budget, and a note."""
+    share = budget // max(len(blocks), 1)
+    return "\n\n".join([_cut(b, share) for b in blocks] + ([note] if note else []))
+
+
+class Browser:
+    """The web of a run, shared by every trajectory of a process (thread-safe): a search back end, a page fetcher
+    with its pool, a reader, and one record/replay Cache under all three. `session(question)` per trajectory."""
+
+    def __init__(self, cfg: BrowseConfig | None = None, *, reader=None, backend=None):
+        self.cfg = cfg = cfg or BrowseConfig()
+        self.cache = Cache(cfg.cache, cfg.cache_mode, cfg.max_age_s) if cfg.cache else None
+        if backend is None:
+            opts = {"url": cfg.searxng_url} if cfg.backend == "searxng" and cfg.searxng_url else {}
+            backend = make_backend(cfg.backend, top_k=cfg.top_k, corpus=cfg.corpus, cache=self.cache, **opts)
+        self.backend = backend
+        # the embedded web: its canonical host maps to this process's server, the one private host allowed
+        aliases = dict(getattr(backend, "aliases", {}))
+        self.fetcher = Fetcher(cache=self.cache, aliases=aliases, n_threads=cfg.n_threads, per_host=cfg.per_host,
+                               timeout=cfg.timeout, max_bytes=cfg.max_bytes, allow_private=cfg.allow_private,
+                               allow_hosts=tuple(cfg.allow_hosts) + tuple(aliases.values()))
+        self.reader = reader if reader is not None else make_reader(cfg, self.cache)
+        self.counts: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def _count(self, name: str) -> None:
+        with self._lock:
+            self.counts[name] = self.counts.get(name, 0) + 1
+
+    def session(self, question: str) -> Session:
+        return Session(self, question)
+
+    @property
+    def stats(self) -> dict:
+        out = {"search": self.backend.stats.snapshot(), "fetch": self.fetcher.stats.snapshot(), **self.counts}
+        if isinstance(self.reader, LLMReader):
+            out["reader"] = {"calls": self.reader.calls, "failures": self.reader.failures}
+        return out
+
+    def close(self) -> None:
+        self.fetcher.close()
+        self.backend.close()
+        if self.cache is not None:
+            self.cache.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Search: records, errors, stats, the shared driver, HTTP, and the three back ends
 
 @dataclass
 class SearchResult:
@@ -100,160 +232,53 @@ class SearchResult:
     rank: int  # 1-based position in the back end's list
 
 
-class SearchError(RuntimeError):
-    """A failed search. kind: auth | rate_limit | server | timeout | network | malformed | http | config."""
+class WebError(RuntimeError):
+    """A failed request, kept as a value the policy can be shown. kind: auth | rate_limit | server | timeout |
+    network | malformed | http | config | cache_miss; tries: the HTTP requests it took."""
 
-    def __init__(self, kind: str, message: str):
-        super().__init__(f"{kind}: {message}")
-        self.kind = kind
+    def __init__(self, kind: str, message: str, tries: int = 0):
+        super().__init__(message)
+        self.kind, self.tries = kind, tries
 
 
-class CacheMiss(LookupError):
-    """Replay mode and the cache has no (fresh) entry. `.key` is the exact key (kind, key string)."""
+class SearchError(WebError):
+    """A failed search; reads "kind: message"."""
 
-    def __init__(self, kind: str, key: str):
-        super().__init__(f"cache miss in replay mode: kind={kind!r} key={key}")
-        self.kind, self.key = kind, key
+    def __str__(self) -> str:
+        return f"{self.kind}: {super().__str__()}"
+
+
+class ReaderError(WebError):
+    """The reading model failed; the message goes into the observation."""
 
 
 @dataclass
 class Stats:
-    """Counters of one back end (cumulative) or of one call/step (a difference of snapshots)."""
+    """Counters of a search back end (queries, api_calls, cost_usd) or of a page fetcher (pages, ok, bytes): one
+    record for both, a side's unused fields stay 0. Owners add one record per query or page, under their lock."""
     queries: int = 0
+    pages: int = 0
+    ok: int = 0                 # pages read
     cache_hits: int = 0
     api_calls: int = 0          # HTTP requests sent (retries included) or local index lookups
-    failures: dict = field(default_factory=dict)  # kind -> count, counted per failed query
-    latency_s: float = 0.0      # wall time spent answering queries (cache hits included)
+    bytes: int = 0              # page bytes read
+    latency_s: float = 0.0      # wall time (cache hits included)
     cost_usd: float = 0.0       # estimated API spend
+    failures: dict = field(default_factory=dict)  # kind -> count
 
     def add(self, other: "Stats") -> None:
-        self.queries += other.queries
-        self.cache_hits += other.cache_hits
-        self.api_calls += other.api_calls
-        self.latency_s += other.latency_s
-        self.cost_usd += other.cost_usd
+        for f in fields(self):
+            if f.name != "failures":
+                setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
         for k, v in other.failures.items():
             self.failures[k] = self.failures.get(k, 0) + v
 
     def snapshot(self) -> dict:
-        d = asdict(self)
-        d["failures"] = dict(self.failures)
-        return d
-
-    @staticmethod
-    def diff(after: dict, before: dict) -> dict:
-        """Per-step numbers from two snapshots."""
-        out = {k: after[k] - before.get(k, 0) for k in after if k != "failures"}
-        fails = {k: v - before.get("failures", {}).get(k, 0) for k, v in after["failures"].items()}
-        out["failures"] = {k: v for k, v in fails.items() if v}
-        return out
-
-
-def normalize_query(q: str) -> str:
-    """Cache-key form of a query: NFKC, lowercase, single spaces (search engines ignore case and spacing)."""
-    return " ".join(unicodedata.normalize("NFKC", q).lower().split())
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Cache
-
-class Cache:
-    """Record/replay store for search results ("search") and fetched pages ("page") in one SQLite WAL file.
-
-    get(kind, key) -> dict | None and put(kind, key, value). What `get` does depends on the mode:
-      live: always None (and put does nothing); record: always None (the caller goes live), put writes;
-      replay: the entry, or CacheMiss(kind, key); replay_or_live: the entry or None, put writes.
-    With max_age_s, an entry older than that counts as absent. Each thread gets its own connection (sqlite3
-    connections are not shareable across threads) and a forked child opens new ones; WAL lets readers run while
-    one process writes, and busy_timeout makes concurrent writers wait instead of failing.
-    """
-
-    def __init__(self, path: str | os.PathLike | None, mode: str = "replay_or_live", max_age_s: float | None = None):
-        if mode not in CACHE_MODES:
-            raise ValueError(f"cache mode {mode!r}: use one of {', '.join(CACHE_MODES)}")
-        if path is None and mode != "live":
-            raise ValueError(f"cache mode {mode!r} needs a cache file (--cache=FILE)")
-        self.path, self.mode, self.max_age_s = (str(path) if path else None), mode, max_age_s
-        self._local = threading.local()
-        self._lock = threading.Lock()
-        self.stats = {"lookups": 0, "hits": 0, "misses": 0, "stale": 0, "puts": 0}
-        if self.path:
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-            con = self._con()
-            with con:
-                con.execute("CREATE TABLE IF NOT EXISTS entries (kind TEXT NOT NULL, key TEXT NOT NULL, "
-                            "value TEXT NOT NULL, fetched_at REAL NOT NULL, PRIMARY KEY (kind, key)) WITHOUT ROWID")
-
-    def _con(self) -> sqlite3.Connection:
-        con = getattr(self._local, "con", None)
-        if con is None or self._local.pid != os.getpid():  # a connection must not cross a fork
-            con = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
-            con.execute("PRAGMA journal_mode=WAL")
-            con.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable against process crashes, fast
-            con.execute("PRAGMA busy_timeout=60000")
-            self._local.con, self._local.pid = con, os.getpid()
-        return con
-
-    def _count(self, name: str) -> None:
-        with self._lock:
-            self.stats[name] += 1
-
-    def get(self, kind: str, key: str, with_time: bool = False):
-        """The cached value (or (value, fetched_at) with with_time), None when absent; see the class docstring."""
-        if self.mode in ("live", "record"):
-            return None
-        self._count("lookups")
-        row = self._con().execute("SELECT value, fetched_at FROM entries WHERE kind=? AND key=?",
-                                  (kind, key)).fetchone()
-        if row is not None and self.max_age_s is not None and time.time() - row[1] > self.max_age_s:
-            self._count("stale")
-            row = None
-        if row is None:
-            self._count("misses")
-            if self.mode == "replay":
-                raise CacheMiss(kind, key)
-            return None
-        self._count("hits")
-        value = json.loads(row[0])
-        return (value, row[1]) if with_time else value
-
-    def put(self, kind: str, key: str, value: dict, fetched_at: float | None = None) -> None:
-        """Store (or replace) an entry; a no-op in live and replay modes (replay never changes the shared file)."""
-        if self.mode in ("live", "replay"):
-            return
-        self._count("puts")
-        self._con().execute("INSERT OR REPLACE INTO entries (kind, key, value, fetched_at) VALUES (?, ?, ?, ?)",
-                            (kind, key, json.dumps(value, ensure_ascii=False),
-                             time.time() if fetched_at is None else fetched_at))
-
-    def __len__(self) -> int:
-        if not self.path:
-            return 0
-        return self._con().execute("SELECT COUNT(*) FROM entries").fetchone()[0]
-
-    def close(self) -> None:
-        con = getattr(self._local, "con", None)
-        if con is not None:
-            con.close()
-            self._local.con = None
-
-
-def search_key(backend: str, query: str, top_k: int, options: dict) -> str:
-    """The exact cache key of one search: JSON of (back end, normalised query, top-k, sorted options)."""
-    return json.dumps([backend, normalize_query(query), top_k, sorted(options.items())], ensure_ascii=False)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Back ends: a shared driver (cache, stats, concurrency) around each back end's `_search_one`
-
-@dataclass
-class SearchCall:
-    """One `search_detailed` call: results or an error per query, and the call's own stats."""
-    results: list  # list[list[SearchResult] | SearchError]
-    stats: dict
+        return {**asdict(self), "failures": dict(self.failures)}
 
 
 class Backend:
+    """What every back end shares: the cache, stats and a small pool around each one's `_search_one`."""
     name = "?"
     usd_per_query = 0.0
 
@@ -264,11 +289,11 @@ class Backend:
         self._pool = ThreadPoolExecutor(max_workers=n_threads, thread_name_prefix=f"search-{self.name}")
         self.options: dict = {}  # whatever changes the results; part of the cache key
 
-    # subclasses: one query -> list[SearchResult]; raise SearchError; `st` counts api_calls
     def _search_one(self, query: str, st: Stats) -> list[SearchResult]:
+        """Subclasses: one query's results; raise SearchError; count requests in st.api_calls."""
         raise NotImplementedError
 
-    def _one(self, query: str) -> tuple[list[SearchResult] | SearchError, Stats]:
+    def _one(self, query: str) -> list[SearchResult] | SearchError:
         st = Stats(queries=1)
         t0 = time.perf_counter()
         key = search_key(self.name, query, self.top_k, self.options)
@@ -288,29 +313,14 @@ class Backend:
         st.latency_s = time.perf_counter() - t0
         with self._lock:
             self.stats.add(st)
-        return out, st
+        return out
 
-    def search_detailed(self, queries: list[str]) -> SearchCall:
-        """Run queries concurrently; errors come back as values. CacheMiss (replay) is raised: it is a set-up
+    def search(self, queries: list[str]) -> list[list[SearchResult] | SearchError]:
+        """Results or a SearchError per query, run concurrently. CacheMiss (replay) is raised: it is a set-up
         problem (wrong cache file or mode), not a web failure the policy should see."""
         if isinstance(queries, str):
             queries = [queries]
-        pairs = list(self._pool.map(self._one, queries)) if len(queries) > 1 else [self._one(q) for q in queries]
-        total = Stats()
-        for _, st in pairs:
-            total.add(st)
-        return SearchCall([r for r, _ in pairs], total.snapshot())
-
-    def search_or_error(self, queries: list[str]) -> list:
-        return self.search_detailed(queries).results
-
-    def search(self, queries: list[str]) -> list[list[SearchResult]]:
-        """Results per query; raises the first SearchError (use search_or_error to get errors as values)."""
-        out = self.search_or_error(queries)
-        for r in out:
-            if isinstance(r, SearchError):
-                raise r
-        return out
+        return list(self._pool.map(self._one, queries)) if len(queries) > 1 else [self._one(q) for q in queries]
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
@@ -319,86 +329,114 @@ class Backend:
         return f"{type(self).__name__}(top_k={self.top_k}, options={self.options})"
 
 
-def _retry_after_s(value: str | None) -> float | None:
-    """Retry-After as seconds: a number, or an HTTP date."""
-    if not value:
-        return None
+_thread = threading.local()  # per thread: its requests.Sessions (not thread-safe), and the deadline of its fetch()
+USER_AGENT = "Mozilla/5.0 (compatible; deepresearch-agent/0.1; +https://github.com/)"
+
+
+def http_session(max_tries: int = 1, backoff_s: float = 0.5, max_backoff_s: float = 30.0):
+    """This thread's requests.Session for one retry policy: urllib3's Retry on the adapter does the retrying (any
+    method, POST included: our requests are idempotent), sleeping backoff_s * 2**n plus jitter, or what Retry-After
+    asks, up to max_backoff_s; it returns the last 429/5xx response instead of raising, so callers can report it.
+    fetch() uses max_tries=1 and retries itself, within its deadline."""
+    import requests
+    from requests.adapters import HTTPAdapter
+    from urllib3.util.retry import Retry
+    sessions = _thread.__dict__.setdefault("sessions", {})
+    key = (max_tries, backoff_s, max_backoff_s)
+    if key not in sessions:
+        retry = Retry(total=max_tries - 1, status_forcelist=RETRY_STATUS, allowed_methods=None,
+                      backoff_factor=backoff_s, backoff_jitter=backoff_s, backoff_max=max_backoff_s,
+                      retry_after_max=int(max_backoff_s), raise_on_status=False)
+        sessions[key] = s = requests.Session()
+        s.headers["User-Agent"] = USER_AGENT
+        for scheme in ("http://", "https://"):
+            s.mount(scheme, adapter := HTTPAdapter(max_retries=retry))
+            adapter.poolmanager.pool_classes_by_scheme = _deadline_pools()  # (a proxy gets urllib3's plain pools)
+    return sessions[key]
+
+
+def _timed_out(e: Exception) -> bool:
+    """Whether a requests exception is a timeout. Retries used up on read timeouts reach us as a ConnectionError
+    around urllib3's ReadTimeoutError, and a refused connection is, oddly, a NewConnectionError, a subclass of
+    ConnectTimeoutError."""
+    import requests
+    from urllib3.exceptions import NewConnectionError, ReadTimeoutError
+    reason = getattr(e.args[0] if e.args else None, "reason", None)
+    return isinstance(e, requests.Timeout) and not isinstance(reason, NewConnectionError) or \
+        isinstance(reason, ReadTimeoutError)
+
+
+def http_json(method: str, url: str, *, name: str, timeout: float, max_tries: int = 3, backoff_s: float = 0.5,
+              max_backoff_s: float = 30.0, secret: str = "", auth_hint: str = "check the key",
+              error: type = WebError, **kw):
+    """One JSON request through `http_session`: (parsed body, tries), or raises error(kind, message, tries). Every
+    message is cut short and has `secret` scrubbed out (servers echo keys back in their error bodies)."""
+    import requests
+    import urllib3
+
+    def fail(kind: str, message: str, tries: int = max_tries) -> WebError:
+        return error(kind, message.replace(secret, "***") if secret else message, tries)
+
     try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
+        r = http_session(max_tries, backoff_s, max_backoff_s).request(method, url, timeout=timeout, **kw)
+    except (requests.RequestException, urllib3.exceptions.HTTPError) as e:
+        if _timed_out(e):
+            raise fail("timeout", f"{name}: no answer within {timeout:g} s, {max_tries} tries") from None
+        raise fail("network", f"{name} unreachable ({type(e).__name__}) after {max_tries} tries") from None
+    tries = 1 + len(getattr(r.raw.retries, "history", ()) or ())
+    if r.status_code in (401, 403):  # retrying a bad key only burns quota and time: say what to check
+        raise fail("auth", f"{name} refused access (HTTP {r.status_code}): {auth_hint}", tries)
+    if r.status_code in RETRY_STATUS or r.status_code >= 500:
+        kind = "rate_limit" if r.status_code == 429 else "server"
+        raise fail(kind, f"{name} answered HTTP {r.status_code} after {tries} tries", tries)
+    if r.status_code != 200:
+        raise fail("http", f"{name} answered HTTP {r.status_code}: {r.text[:200]}", tries)
     try:
-        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError):
-        return None
+        return r.json(), tries
+    except ValueError:  # a proxy's HTML error page or a truncated body: say what we got
+        raise fail("malformed", f"{name}: the response is not JSON: {r.text[:200]!r}", tries) from None
 
 
 class _HTTPBackend(Backend):
-    """Retries with full-jitter exponential backoff; honours Retry-After (capped); stops at once on 401/403."""
+    """A search API over HTTP (`http_json`: timeouts, bounded retries, Retry-After, auth errors at once)."""
+    auth_hint = "check the URL and access rules"
 
     def __init__(self, top_k=10, cache=None, *, timeout=10.0, max_tries=4, backoff_s=1.0, max_backoff_s=30.0,
-                 n_threads=4, secret: str | None = None):
+                 n_threads=4, secret: str = ""):
         super().__init__(top_k, cache, n_threads)
         self.timeout, self.max_tries = float(timeout), int(max_tries)
         self.backoff_s, self.max_backoff_s = float(backoff_s), float(max_backoff_s)
-        self._secret = secret  # scrubbed from every message we build
-        self._tls = threading.local()
+        self._secret = secret
 
-    def _scrub(self, text: str) -> str:
-        text = str(text)
-        if self._secret:
-            text = text.replace(self._secret, "***")
-        return text[:300]
+    def _request(self, method: str, url: str, st: Stats, **kw):
+        try:
+            data, tries = http_json(method, url, name=self.name, timeout=self.timeout, max_tries=self.max_tries,
+                                    backoff_s=self.backoff_s, max_backoff_s=self.max_backoff_s, secret=self._secret,
+                                    auth_hint=self.auth_hint, error=SearchError, **kw)
+        except SearchError as e:
+            st.api_calls += e.tries
+            raise
+        st.api_calls += tries
+        return data
 
-    def _session(self):
-        import requests  # here, so `import browse` stays cheap for users of the local back end only
-        s = getattr(self._tls, "session", None)
-        if s is None:
-            s = self._tls.session = requests.Session()  # one per thread: Session is not documented thread-safe
-        return s
-
-    def _request(self, method: str, url: str, st: Stats, **kw) -> dict:
-        import requests
-        last: SearchError | None = None
-        for attempt in range(self.max_tries):
-            st.api_calls += 1
-            wait = None
-            try:
-                r = self._session().request(method, url, timeout=self.timeout, **kw)
-            except requests.Timeout:
-                last = SearchError("timeout", f"{self.name}: no answer within {self.timeout:g}s")
-            except requests.RequestException as e:
-                last = SearchError("network", f"{self.name}: {type(e).__name__}: {self._scrub(e)}")
-            else:
-                if r.status_code in (401, 403):
-                    # retrying a bad key only burns quota and time: stop with a message that says what to check
-                    raise SearchError("auth", f"{self.name}: HTTP {r.status_code} ({self._auth_hint()})")
-                if r.status_code == 429 or r.status_code >= 500:
-                    kind = "rate_limit" if r.status_code == 429 else "server"
-                    last = SearchError(kind, f"{self.name}: HTTP {r.status_code} after {attempt + 1} tries")
-                    wait = _retry_after_s(r.headers.get("Retry-After"))
-                elif r.status_code != 200:
-                    raise SearchError("http", f"{self.name}: HTTP {r.status_code}: {self._scrub(r.text)}")
-                else:
-                    try:
-                        return r.json()
-                    except ValueError:
-                        # a proxy's HTML error page or a truncated body; retrying rarely helps, say what we got
-                        raise SearchError("malformed", f"{self.name}: response is not JSON: {self._scrub(r.text)!r}")
-            if attempt + 1 < self.max_tries:
-                backoff = random.uniform(0, min(self.max_backoff_s, self.backoff_s * 2 ** attempt))  # full jitter
-                time.sleep(min(self.max_backoff_s, wait) if wait is not None else backoff)
-        assert last is not None
-        raise last
-
-    def _auth_hint(self) -> str:
-        return "check the URL and access rules"
+    def _results(self, data, key: str, url: str, snippet: str) -> list[SearchResult]:
+        """The list `data[key]` of result objects -> SearchResults (entries without a URL skipped), top_k of them."""
+        items = data.get(key) if isinstance(data, dict) else None
+        if not isinstance(items, list):
+            found = f"keys: {list(data)[:8]}" if isinstance(data, dict) else "not a JSON object"
+            raise SearchError("malformed", f"{self.name}: no {key!r} list in the response ({found})")
+        out = []
+        for r in items:
+            if isinstance(r, dict) and r.get(url):
+                out.append(SearchResult(str(r.get("title", "")), str(r[url]), str(r.get(snippet, "")), len(out) + 1))
+        return out[: self.top_k]
 
 
 class SerperBackend(_HTTPBackend):
     """Google results through https://serper.dev. Options: gl (country), hl (language), location."""
     name = "serper"
     usd_per_query = SERPER_USD_PER_QUERY
+    auth_hint = "the Serper API key in SERPER_API_KEY was rejected or has no credit"
 
     def __init__(self, top_k=10, cache=None, *, api_key: str | None = None, gl: str = "us", hl: str = "en",
                  location: str | None = None, url: str = SERPER_URL, **kw):
@@ -410,28 +448,16 @@ class SerperBackend(_HTTPBackend):
         self.url = url
         self.options = {k: v for k, v in (("gl", gl), ("hl", hl), ("location", location)) if v}
 
-    def _auth_hint(self) -> str:
-        return "the Serper API key in SERPER_API_KEY was rejected or has no credit"
-
     def _search_one(self, query, st):
-        body = {"q": query, "num": self.top_k, **self.options}
-        data = self._request("POST", self.url, st, json=body,
+        data = self._request("POST", self.url, st, json={"q": query, "num": self.top_k, **self.options},
                              headers={"X-API-KEY": self._secret, "Content-Type": "application/json"})
-        organic = data.get("organic") if isinstance(data, dict) else None
-        if not isinstance(organic, list):
-            raise SearchError("malformed", f"serper: no 'organic' list in the response (keys: {list(data)[:8]})"
-                              if isinstance(data, dict) else "serper: response is not a JSON object")
-        out = []
-        for r in organic:
-            if isinstance(r, dict) and r.get("link"):
-                out.append(SearchResult(str(r.get("title", "")), str(r["link"]), str(r.get("snippet", "")),
-                                        len(out) + 1))
-        return out[: self.top_k]
+        return self._results(data, "organic", "link", "snippet")
 
 
 class SearxngBackend(_HTTPBackend):
     """A SearXNG instance's JSON API (GET /search?q=..&format=json). Options: language, categories, engines."""
     name = "searxng"
+    auth_hint = "the SearXNG instance refused the request; is format=json enabled in its settings.yml?"
 
     def __init__(self, top_k=10, cache=None, *, url: str | None = None, language: str = "en",
                  categories: str | None = None, engines: str | None = None, **kw):
@@ -445,211 +471,26 @@ class SearxngBackend(_HTTPBackend):
                                           ("engines", engines)) if v}
         self.options["url"] = self.url  # different instances give different results
 
-    def _auth_hint(self) -> str:
-        return "the SearXNG instance refused the request; is format=json enabled in its settings.yml?"
-
     def _search_one(self, query, st):
         params = {"q": query, "format": "json", **{k: v for k, v in self.options.items() if k != "url"}}
-        data = self._request("GET", self.url + "/search", st, params=params)
-        results = data.get("results") if isinstance(data, dict) else None
-        if not isinstance(results, list):
-            raise SearchError("malformed", "searxng: no 'results' list in the response")
-        out = []
-        for r in results:
-            if isinstance(r, dict) and r.get("url"):
-                out.append(SearchResult(str(r.get("title", "")), str(r["url"]), str(r.get("content", "")),
-                                        len(out) + 1))
-        return out[: self.top_k]
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Local BM25 over a JSONL corpus (tantivy)
-
-def corpus_hash(path: str | os.PathLike) -> str:
-    """sha1 of the corpus bytes (+ index version), memoised by (path, size, mtime) so a 13 GB corpus is hashed once."""
-    path = Path(path).resolve()
-    st = path.stat()
-    memo_file = cache_dir() / "bm25" / "hashes.json"
-    tag = f"{path}|{st.st_size}|{st.st_mtime_ns}|{INDEX_VERSION}"
-    try:
-        memo = json.loads(memo_file.read_text())
-    except (OSError, ValueError):
-        memo = {}
-    if tag in memo:
-        return memo[tag]
-    h = hashlib.sha1(f"v{INDEX_VERSION}".encode())
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    digest = h.hexdigest()[:16]
-    memo[tag] = digest
-    memo_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = memo_file.with_name(f".hashes.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(memo))
-    os.replace(tmp, memo_file)
-    return digest
-
-
-def chunk_words(text: str, max_words: int = 100) -> list[str]:
-    """~max_words-word passages (the Wikipedia-2018 DPR convention); a short tail joins the previous passage."""
-    words = text.split()
-    if len(words) <= max_words:
-        return [" ".join(words)] if words else []
-    parts = [words[i:i + max_words] for i in range(0, len(words), max_words)]
-    if len(parts) > 1 and len(parts[-1]) < max_words // 4:
-        tail = parts.pop()
-        parts[-1] = parts[-1] + tail
-    return [" ".join(p) for p in parts]
-
-
-_QUERY_WORD = re.compile(r"\w+", re.UNICODE)
-# Words left out of the proximity phrase only (they still count in BM25): question words and function words.
-_STOPWORDS = frozenset("a an the of on in at to for by with from and or is are was were be been who what when where "
-                       "which how did does do whose whom that this it its as into".split())
-
-
-class BM25Index:
-    """A tantivy index of passages (title and body stemmed, BM25), on disk and memory-mapped.
-
-    Each passage stores its article id, title, text, passage number and the article's byte offset in the JSONL, so
-    LocalWeb can serve the full article without holding the corpus in RAM. Built once per corpus hash into
-    $DR_CACHE_DIR/bm25/<hash>/ under a file lock (other processes wait, then open it).
-    """
-
-    def __init__(self, corpus: str | os.PathLike, index_dir: str | os.PathLike | None = None, max_words: int = 100,
-                 verbose: bool = False):
-        import tantivy
-        self._tantivy = tantivy
-        self.corpus = str(Path(corpus).resolve())
-        self.hash = corpus_hash(self.corpus)
-        root = Path(index_dir) if index_dir else cache_dir() / "bm25"
-        self.dir = root / f"{self.hash}-w{max_words}"
-        self.max_words = max_words
-        self.build_s = 0.0
-        if not (self.dir / "DONE").exists():
-            root.mkdir(parents=True, exist_ok=True)
-            with open(root / f"{self.dir.name}.lock", "w") as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX)  # one builder per node; the others block here, then find DONE
-                if not (self.dir / "DONE").exists():
-                    self._build(verbose)
-        self.index = tantivy.Index.open(str(self.dir))
-        self.searcher = self.index.searcher()
-        self.n_passages = self.searcher.num_docs
-
-    @staticmethod
-    def _schema():
-        import tantivy
-        sb = tantivy.SchemaBuilder()
-        sb.add_text_field("id", stored=True, tokenizer_name="raw")  # exact lookups by article id
-        sb.add_text_field("title", stored=True, index_option="basic")
-        # contents = title + passage, searched as one field (as pyserini/DPR index Wikipedia): a separate title field
-        # gets its own BM25 with tiny length norms, and one word of a short title then outranks the passage that
-        # answers the query ("Earth" above "Mount Everest" for "highest mountain on Earth"). Adding Wikipedia's
-        # short descriptions made our probe queries worse (K2: "Second-highest mountain on Earth"), so they are not.
-        sb.add_text_field("contents", stored=False, tokenizer_name="en_stem")
-        sb.add_text_field("body", stored=True, index_option="basic")
-        sb.add_integer_field("pno", stored=True)      # passage number within the article
-        sb.add_integer_field("offset", stored=True)   # byte offset of the article's JSONL line
-        return sb.build()
-
-    def _build(self, verbose: bool) -> None:
-        t0 = time.perf_counter()
-        tmp = self.dir.with_name(self.dir.name + f".tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        index = self._tantivy.Index(self._schema(), path=str(tmp))
-        writer = index.writer(heap_size=512_000_000, num_threads=min(4, os.cpu_count() or 1))
-        n = 0
-        with open(self.corpus, "rb") as f:
-            offset = 0
-            for line in f:
-                here, offset = offset, offset + len(line)
-                if not line.strip():
-                    continue
-                rec = json.loads(line)
-                for pno, passage in enumerate(chunk_words(str(rec.get("text", "")), self.max_words)):
-                    title = str(rec.get("title", ""))
-                    writer.add_document(self._tantivy.Document(id=str(rec["id"]), title=title, body=passage,
-                                                               contents=f"{title}\n{passage}", pno=pno, offset=here))
-                    n += 1
-                if verbose and n and n % 1_000_000 == 0:
-                    print(f"indexed {n:,} passages", file=sys.stderr, flush=True)
-        writer.commit()
-        writer.wait_merging_threads()
-        (tmp / "DONE").write_text(json.dumps({"corpus": self.corpus, "passages": n}))
-        shutil.rmtree(self.dir, ignore_errors=True)
-        os.replace(tmp, self.dir)  # readers only ever see a finished index
-        self.build_s = time.perf_counter() - t0
-
-    def query(self, text: str, k: int) -> list[dict]:
-        """Top-k passages as dicts (id, title, body, pno, offset, score).
-
-        BM25 over the query's words (OR), plus a proximity bonus: the query's content words as a phrase with slop 2.
-        Plain BM25 puts Mount Everest ("the highest mountain on Earth above sea level") 7th for "highest mountain on
-        Earth", behind articles that repeat "highest"; the bonus lifts passages that say the query's words together
-        (rank 2, behind Karakoram's "second highest mountain on Earth") and changed no other probe we tried.
-        """
-        words = _QUERY_WORD.findall(text.lower())  # lowercase: AND/OR/NOT would otherwise be operators
-        if not words:
-            return []
-        content = [w for w in words if w not in _STOPWORDS]
-        qs = " ".join(words)
-        if len(content) > 1:
-            qs += ' "%s"~2' % " ".join(content)
-        q = self.index.parse_query(qs, ["contents"])
-        out = []
-        for score, addr in self.searcher.search(q, k).hits:
-            d = self.searcher.doc(addr)
-            out.append({"id": d["id"][0], "title": d["title"][0], "body": d["body"][0], "pno": d["pno"][0],
-                        "offset": d["offset"][0], "score": score})
-        return out
-
-    def lookup(self, doc_id: str) -> dict | None:
-        """The full corpus record of an article id (read from the JSONL at its offset), or None."""
-        q = self._tantivy.Query.term_query(self.index.schema, "id", doc_id)
-        hits = self.searcher.search(q, 1).hits
-        if not hits:
-            return None
-        offset = self.searcher.doc(hits[0][1])["offset"][0]
-        with open(self.corpus, "rb") as f:
-            f.seek(offset)
-            return json.loads(f.readline())
-
-
-_INDEXES: dict = {}
-_INDEXES_LOCK = threading.Lock()
-
-
-def open_index(corpus: str | os.PathLike, **kw) -> BM25Index:
-    """One BM25Index per (corpus, options) per process: the back end and LocalWeb share it."""
-    key = (str(Path(corpus).resolve()), tuple(sorted(kw.items())))
-    with _INDEXES_LOCK:
-        if key not in _INDEXES:
-            _INDEXES[key] = BM25Index(corpus, **kw)
-        return _INDEXES[key]
-
-
-def _snippet(text: str, n_chars: int = 300) -> str:
-    if len(text) <= n_chars:
-        return text
-    return text[:n_chars].rsplit(" ", 1)[0] + " ..."
+        return self._results(self._request("GET", self.url + "/search", st, params=params), "results", "url",
+                             "content")
 
 
 class LocalBackend(Backend):
-    """BM25 over a JSONL corpus; results point at LocalWeb pages (one hit per article, its best passage)."""
+    """BM25 over a JSONL corpus (data/localweb.py; None = the embedded Wikipedia summaries), one hit per article
+    (its best passage). URLs are the canonical http://localweb/wiki/<id>; with `serve`, this process's LocalWeb
+    serves them and `aliases` tells the fetcher its real address."""
     name = "local"
 
     def __init__(self, top_k=10, cache=None, *, corpus: str | None = None, index_dir: str | None = None,
-                 max_words: int = 100, serve: bool = True, port: int | None = None, snippet_chars: int = 300,
-                 n_threads: int = 4):
+                 max_words: int = 100, serve: bool = True, snippet_chars: int = 300, n_threads: int = 4):
+        from data import localweb  # only this back end needs the index (tantivy) and the page server
         super().__init__(top_k, cache, n_threads)
-        if corpus is None:
-            sys.path.insert(0, str(Path(__file__).resolve().parent / "data"))
-            from wiki_corpus import default_corpus_path
-            corpus = default_corpus_path()
-        self.index = open_index(corpus, index_dir=index_dir, max_words=max_words)
-        self.web = LocalWeb(corpus, port=port, index=self.index) if serve else None
-        self.base_url = self.web.base_url if self.web else f"http://127.0.0.1:{default_port(self.index.hash)}"
+        self.index = localweb.open_index(corpus, index_dir=index_dir, max_words=max_words)
+        self.web = localweb.LocalWeb(index=self.index) if serve else None
+        self.aliases = {localweb.HOST: self.web.netloc} if self.web else {}
+        self.base_url, self.page_url = f"http://{localweb.HOST}", localweb.page_url
         self.snippet_chars = snippet_chars
         # the corpus hash keys the cache: another corpus gives other results under the same query
         self.options = {"corpus": self.index.hash}
@@ -659,142 +500,127 @@ class LocalBackend(Backend):
         if self.web is not None:
             self.web.close()
 
-    def url_for(self, doc_id: str) -> str:
-        return f"{self.base_url}/wiki/{quote(doc_id, safe='')}"
-
     def _search_one(self, query, st):
         st.api_calls += 1
         seen, out = set(), []
         # a few passages per article can rank high; over-fetch, keep each article's best passage
         for p in self.index.query(query, self.top_k * 3):
-            if p["id"] in seen:
-                continue
-            seen.add(p["id"])
-            out.append(SearchResult(p["title"], self.url_for(p["id"]), _snippet(p["body"], self.snippet_chars),
-                                    len(out) + 1))
-            if len(out) == self.top_k:
-                break
+            if p["id"] not in seen and len(out) < self.top_k:
+                seen.add(p["id"])
+                body = p["body"]
+                if len(body) > self.snippet_chars:
+                    body = body[:self.snippet_chars].rsplit(" ", 1)[0] + " ..."
+                out.append(SearchResult(p["title"], self.page_url(p["id"]), body, len(out) + 1))
         return out
 
 
+def make_backend(name: str, *, top_k: int = 10, corpus: str | None = None, cache: Cache | None = None, **opts):
+    """serper | searxng | local -> a back end object (see the module docstring). opts go to the back end."""
+    if name == "serper":
+        return SerperBackend(top_k, cache, **opts)
+    if name == "searxng":
+        return SearxngBackend(top_k, cache, **opts)
+    if name == "local":
+        return LocalBackend(top_k, cache, corpus=corpus, **opts)
+    raise ValueError(f"unknown search back end {name!r}: use serper, searxng or local")
+
+
 # ---------------------------------------------------------------------------------------------------------------------
-# LocalWeb: the corpus as HTML pages on 127.0.0.1
+# Cache
 
-def default_port(corpus_hash_hex: str) -> int:
-    """A port fixed by the corpus (30000-44999, below Linux's ephemeral range), so URLs are the same across ranks,
-    runs and machines, and a recorded cache replays elsewhere. $DR_LOCALWEB_PORT overrides."""
-    env = os.environ.get("DR_LOCALWEB_PORT")
-    return int(env) if env else 30000 + int(corpus_hash_hex[:8], 16) % 15000
+class CacheMiss(LookupError):
+    """Replay mode and the cache has no (fresh) entry. `.key` is the exact key (kind, key string)."""
 
-
-def _page_html(rec: dict) -> str:
-    title = html.escape(str(rec.get("title", rec.get("id", ""))))
-    paras = [p.strip() for p in str(rec.get("text", "")).split("\n") if p.strip()]
-    desc = f'<p class="description"><i>{html.escape(rec["description"])}</i></p>\n' if rec.get("description") else ""
-    body = "\n".join(f"<p>{html.escape(p)}</p>" for p in paras)
-    src = (f'<p class="source">Source: <a href="{html.escape(rec["url"])}">{html.escape(rec["url"])}</a> '
-           "(CC BY-SA 4.0)</p>") if rec.get("url") else ""
-    return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{title}</title></head>\n"
-            f"<body><article><h1>{title}</h1>\n{desc}{body}\n</article>\n<footer>{src}</footer></body></html>\n")
+    def __init__(self, kind: str, key: str):
+        super().__init__(f"cache miss in replay mode: kind={kind!r} key={key}")
+        self.kind, self.key = kind, key
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server_version = "LocalWeb/1"
-
-    def log_message(self, *args):  # quiet: thousands of fetches per training step
-        pass
-
-    def _send(self, code: int, body: str, ctype: str = "text/html; charset=utf-8") -> None:
-        data = body.encode("utf-8")
-        self.send_response(code)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(data)
-
-    def do_HEAD(self):
-        self.do_GET()
-
-    def do_GET(self):
-        web: LocalWeb = self.server.web  # type: ignore[attr-defined]
-        parts = urlsplit(self.path)
-        if parts.path == "/__localweb__":
-            return self._send(200, json.dumps({"corpus_hash": web.index.hash}), "application/json")
-        if parts.path.startswith("/wiki/"):
-            rec = web.index.lookup(unquote(parts.path[len("/wiki/"):]))
-            if rec is None:
-                return self._send(404, "<html><body><h1>Not found</h1></body></html>")
-            return self._send(200, _page_html(rec))
-        if parts.path == "/search":  # a human-friendly view for poking at the embedded web in a browser
-            q = parse_qs(parts.query).get("q", [""])[0]
-            items = "".join(f'<li><a href="/wiki/{quote(p["id"], safe="")}">{html.escape(p["title"])}</a></li>'
-                            for p in web.index.query(q, 10))
-            return self._send(200, f"<html><body><h1>{html.escape(q)}</h1><ol>{items}</ol></body></html>")
-        if parts.path == "/":
-            return self._send(200, "<html><body><form action=/search><input name=q></form></body></html>")
-        return self._send(404, "<html><body><h1>Not found</h1></body></html>")
+def normalize_query(q: str) -> str:
+    """Cache-key form of a query: NFKC, lowercase, single spaces (search engines ignore case and spacing)."""
+    return " ".join(unicodedata.normalize("NFKC", q).lower().split())
 
 
-class _ReusePortServer(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 128
-
-    def server_bind(self):
-        # SO_REUSEPORT: every torchrun rank binds the same port and the kernel spreads connections over them, so a
-        # rank exiting early never breaks another rank's URLs.
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
+def search_key(backend: str, query: str, top_k: int, options: dict) -> str:
+    """The exact cache key of one search: JSON of (back end, normalised query, top-k, sorted options)."""
+    return json.dumps([backend, normalize_query(query), top_k, sorted(options.items())], ensure_ascii=False)
 
 
-def _probe(port: int) -> str | None:
-    """The corpus hash of a LocalWeb on this port, "" for something else listening, None for nothing."""
-    import urllib.request
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/__localweb__", timeout=2) as r:
-            return json.loads(r.read()).get("corpus_hash", "")
-    except (OSError, ValueError):
-        # connection refused -> free; an HTTP error or garbage -> someone else's server
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return ""
-        except OSError:
+class Cache:
+    """Record/replay store for searches ("search"), pages ("page") and readings ("read") in one SQLite WAL file:
+    get(kind, key) -> dict | None (always None in live and record modes; CacheMiss in replay) and put(kind, key,
+    value) (a no-op in live and replay). With max_age_s, an older entry counts as absent. One connection per thread
+    and per process (sqlite3 connections cross neither); WAL lets readers run while one process writes."""
+
+    def __init__(self, path: str | os.PathLike | None, mode: str = "replay_or_live", max_age_s: float | None = None):
+        if mode not in CACHE_MODES:
+            raise ValueError(f"cache mode {mode!r}: use one of {', '.join(CACHE_MODES)}")
+        if path is None and mode != "live":
+            raise ValueError(f"cache mode {mode!r} needs a cache file (--cache=FILE)")
+        self.path, self.mode, self.max_age_s = (str(path) if path else None), mode, max_age_s
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self.stats = {"lookups": 0, "hits": 0, "misses": 0, "stale": 0, "puts": 0}
+        if self.path:
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            self._con().execute("CREATE TABLE IF NOT EXISTS entries (kind TEXT NOT NULL, key TEXT NOT NULL, "
+                                "value TEXT NOT NULL, fetched_at REAL NOT NULL, PRIMARY KEY (kind, key)) WITHOUT ROWID")
+
+    def _con(self) -> sqlite3.Connection:
+        con = getattr(self._local, "con", None)
+        if con is None or self._local.pid != os.getpid():  # a connection must not cross a fork
+            con = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
+            con.execute("PRAGMA busy_timeout=60000")  # before WAL: switching the journal mode takes a lock too
+            con.execute("PRAGMA journal_mode=WAL")
+            con.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable against process crashes, fast
+            self._local.con, self._local.pid = con, os.getpid()
+        return con
+
+    def _count(self, name: str) -> None:
+        with self._lock:
+            self.stats[name] += 1
+
+    def get(self, kind: str, key: str) -> dict | None:
+        if self.mode in ("live", "record"):
             return None
+        self._count("lookups")
+        row = self._con().execute("SELECT value, fetched_at FROM entries WHERE kind=? AND key=?",
+                                  (kind, key)).fetchone()
+        if row is not None and self.max_age_s is not None and time.time() - row[1] > self.max_age_s:
+            self._count("stale")
+            row = None
+        if row is None:
+            self._count("misses")
+            if self.mode == "replay":
+                raise CacheMiss(kind, key)
+            return None
+        self._count("hits")
+        return json.loads(row[0])
 
+    def put(self, kind: str, key: str, value: dict, fetched_at: float | None = None) -> None:
+        if self.mode in ("live", "replay"):
+            return
+        self._count("puts")
+        self._con().execute("INSERT OR REPLACE INTO entries (kind, key, value, fetched_at) VALUES (?, ?, ?, ?)",
+                            (kind, key, json.dumps(value, ensure_ascii=False),
+                             time.time() if fetched_at is None else fetched_at))
 
-class LocalWeb:
-    """Serves a JSONL corpus as HTML at `base_url`/wiki/<id> from a daemon thread (see the module docstring)."""
-
-    def __init__(self, corpus: str | os.PathLike, port: int | None = None, index: BM25Index | None = None):
-        self.index = index or open_index(corpus)
-        want = default_port(self.index.hash) if port is None else int(port)
-        owner = _probe(want) if want else None
-        if owner not in (None, self.index.hash):  # another program, or a LocalWeb of another corpus: do not share
-            want = 0
-        try:
-            self.server = _ReusePortServer(("127.0.0.1", want), _Handler)
-        except OSError:
-            self.server = _ReusePortServer(("127.0.0.1", 0), _Handler)  # taken without SO_REUSEPORT: any free port
-        self.server.web = self  # type: ignore[attr-defined]
-        self.port = self.server.server_address[1]
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        self._closed = False
-        self._thread = threading.Thread(target=self.server.serve_forever, name="localweb", daemon=True)
-        self._thread.start()
+    def __len__(self) -> int:
+        if not self.path:
+            return 0
+        return self._con().execute("SELECT COUNT(*) FROM entries").fetchone()[0]
 
     def close(self) -> None:
-        """Stop serving (idempotent). Other processes' servers on the same port keep answering."""
-        if not self._closed:
-            self._closed = True
-            self.server.shutdown()
-            self.server.server_close()
+        con = getattr(self._local, "con", None)
+        if con is not None:
+            con.close()
+            self._local.con = None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Fetching pages: `fetch` (one URL, never raises) and `Fetcher` (thread pool, per-host limit, cache, stats)
+# Fetching: `fetch(url) -> FetchResult` (one page, never raises; SSRF guard, one deadline, bytes -> text), then
+# `Fetcher` (thread pool, per-host limit, cache, stats) over it
 
-USER_AGENT = "Mozilla/5.0 (compatible; deepresearch-agent/0.1; +https://github.com/)"
-MAX_BYTES = 5_000_000  # a page is cut here (after decompression); the readers never need more
 HTML_TYPES = ("text/html", "application/xhtml+xml")
 TEXT_TYPES = ("application/json", "application/xml", "application/javascript")
 
@@ -815,19 +641,10 @@ class FetchResult:
     cached: bool = False
 
 
-def _ip_blocked(ip) -> bool:
-    if ip.version == 6 and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
-    return (ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_reserved
-            or ip.is_unspecified)
-
-
 def check_url(url: str, allow_private: bool = False, allow_hosts=()) -> tuple[str, str] | None:
-    """None when `url` may be fetched, else (kind, reason). The URLs come from a model, so only http(s) is allowed,
-    and a host that resolves to a loopback, private, link-local, multicast or reserved address is refused unless
-    allow_private or `host:port` (or `host`) is in allow_hosts. Run on every redirect hop. (A DNS answer that changes
-    between this check and the connection is not caught: run the fetcher where the private network has nothing to
-    steal, or behind an egress proxy, when the policy is untrusted.)"""
+    """None when `url` may be fetched, else (kind, reason). The URLs come from a model: http(s) only, and a host that
+    resolves to a loopback, private, link-local, multicast or reserved address is refused unless allow_private or
+    `host:port` (or `host`) is in allow_hosts. Run on every redirect hop."""
     import ipaddress
     try:
         p = urlsplit(url.strip())
@@ -848,182 +665,95 @@ def check_url(url: str, allow_private: bool = False, allow_hosts=()) -> tuple[st
     except (OSError, UnicodeError, ValueError):
         return "dns", f"could not resolve host {host}"
     for a in addrs:
-        if _ip_blocked(ipaddress.ip_address(a.split("%")[0])):
+        ip = ipaddress.ip_address(a.split("%")[0])
+        ip = getattr(ip, "ipv4_mapped", None) or ip  # ::ffff:127.0.0.1 is 127.0.0.1
+        if ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_reserved \
+                or ip.is_unspecified:
             return "blocked", f"{host} resolves to a private or reserved address ({a})"
     return None
 
 
-_thread = threading.local()
+class _DeadlineReader(io.RawIOBase):
+    """A response's socket reader (`raw`, the socket's SocketIO), each read bounded by the time left to the fetch()
+    this thread runs. A socket timeout restarts at every byte, so a server that trickles its status line, headers or
+    body would hold the thread for hours; here one wall-clock deadline covers them all, with no extra thread."""
+
+    def __init__(self, raw, sock, deadline: float):
+        self.raw, self.sock, self.deadline = raw, sock, deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the fetch deadline passed")
+        self.sock.settimeout(left)
+        return self.raw.readinto(buf)
+
+    def close(self) -> None:
+        super().close()
+        self.raw.close()  # (the socket closes once its last reader has)
 
 
-class _Watchdog:
-    """The deadline of one fetch() on one thread. A socket timeout restarts at every byte, so a server that trickles
-    its status line or headers would hold the thread for hours; at the deadline this shuts the socket in use down
-    (the connection registers itself on `_thread.watchdog` when it waits for the response). One daemon thread serves
-    every watchdog of the process from a heap of deadlines (a thread per fetch costs ~1 ms to start)."""
-    _cond = threading.Condition()
-    _heap: list = []  # (deadline, seq, watchdog); cancelled ones are dropped when they reach the top
-    _seq = 0
-    _thread: threading.Thread | None = None
+@functools.cache
+def _deadline_pools() -> dict:
+    """urllib3 pool classes whose responses read through a _DeadlineReader while their thread runs a fetch()."""
+    from http.client import HTTPResponse
+    from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
-    def __init__(self, seconds: float):
-        self.sock, self.fired, self.done = None, False, False
-        cls = _Watchdog
-        with cls._cond:
-            cls._seq += 1
-            entry = (time.monotonic() + seconds, cls._seq, self)
-            heapq.heappush(cls._heap, entry)
-            if cls._thread is None:
-                cls._thread = threading.Thread(target=cls._run, name="fetch-watchdog", daemon=True)
-                cls._thread.start()
-            if cls._heap[0] is entry:  # a new earliest deadline: wake the thread to sleep less
-                cls._cond.notify()
+    class Response(HTTPResponse):
+        def __init__(self, sock, *a, **kw):
+            super().__init__(sock, *a, **kw)
+            if getattr(_thread, "deadline", None) is not None:
+                self.fp = io.BufferedReader(_DeadlineReader(self.fp.detach(), sock, _thread.deadline))
 
-    @staticmethod
-    def _run() -> None:
-        cls = _Watchdog
-        with cls._cond:
-            while True:
-                now = time.monotonic()
-                while cls._heap and (cls._heap[0][2].done or cls._heap[0][0] <= now):
-                    w = heapq.heappop(cls._heap)[2]
-                    if not w.done:
-                        w.fire()
-                cls._cond.wait(cls._heap[0][0] - now if cls._heap else None)
-
-    def attach(self, sock) -> None:
-        self.sock = sock
-        if self.fired:
-            self.fire()
-
-    def fire(self) -> None:
-        self.fired = True
-        if self.sock is not None:
-            try:
-                self.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def cancel(self) -> None:
-        self.done = True
-        self.sock = None
+    def pool(cls):
+        conn = type("Deadline" + cls.ConnectionCls.__name__, (cls.ConnectionCls,), {"response_class": Response})
+        return type("Deadline" + cls.__name__, (cls,), {"ConnectionCls": conn})
+    return {"http": pool(HTTPConnectionPool), "https": pool(HTTPSConnectionPool)}
 
 
-# HTML/PDF -> text is CPU work under the GIL: threads running it at once only take turns, and with 32 of them the
-# switching cost more than the work (bench/browse.py: 7.6 -> 4.0 ms of CPU per page, 15x -> 21-25x speedup, with
-# 1-2 slots). Two slots, so that one pathological page cannot stall every other page's extraction.
-EXTRACT_SLOTS = 2
-_extracting = threading.BoundedSemaphore(EXTRACT_SLOTS)
-
-
-def _after_fork() -> None:
-    """A forked child has no watchdog thread, and a lock may have been held by a thread that did not come along."""
-    global _extracting
-    _Watchdog._cond, _Watchdog._heap, _Watchdog._thread = threading.Condition(), [], None
-    _extracting = threading.BoundedSemaphore(EXTRACT_SLOTS)
-
-
-os.register_at_fork(after_in_child=_after_fork)
-
-
-_WATCHED_POOLS: dict = {}
-
-
-def _watched_pools() -> dict:
-    """urllib3 pool classes whose connections hand their socket to this thread's watchdog before reading headers."""
-    if not _WATCHED_POOLS:
-        from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
-
-        def watched(pool_cls):
-            class Conn(pool_cls.ConnectionCls):
-                def getresponse(self, *a, **kw):
-                    w = getattr(_thread, "watchdog", None)
-                    if w is not None:
-                        w.attach(self.sock)
-                    return super().getresponse(*a, **kw)
-            return type("Watched" + pool_cls.__name__, (pool_cls,), {"ConnectionCls": Conn})
-        _WATCHED_POOLS.update(http=watched(HTTPConnectionPool), https=watched(HTTPSConnectionPool))
-    return _WATCHED_POOLS
-
-
-def _http_session():
-    """One requests.Session per thread (connection reuse; Session objects are not thread-safe)."""
-    import requests
-    s = getattr(_thread, "http", None)
-    if s is None:
-        s = _thread.http = requests.Session()
-        s.headers.update({"User-Agent": USER_AGENT, "Accept-Encoding": "gzip, deflate"})
-        for adapter in s.adapters.values():  # (a proxy from the environment gets urllib3's plain pools)
-            adapter.poolmanager.pool_classes_by_scheme = _watched_pools()
-    return s
-
-
-def _sock_timeout(resp, seconds: float) -> None:
-    """Bound the next socket read by the time left (urllib3 keeps the read timeout it started with)."""
-    try:
-        resp.raw._fp.fp.raw._sock.settimeout(max(seconds, 0.01))
-    except (AttributeError, OSError):
-        pass
-
-
-def _read_body(resp, deadline: float, max_bytes: int) -> tuple[bytes, bool, str | None]:
-    """(body, truncated, None) or (partial, False, "timeout" | "network"): read as bytes arrive, so a server that
-    trickles cannot hold the thread past the deadline."""
+def _read_body(resp, max_bytes: int) -> tuple[bytes, bool, str | None]:
+    """(body, truncated, None) or (b"", False, "timeout" | "network"), read as bytes arrive (the deadline is in the
+    socket reads, see _DeadlineReader)."""
     import urllib3
     buf = bytearray()
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return bytes(buf), False, "timeout"
-        _sock_timeout(resp, left)
+    while len(buf) < max_bytes:
         try:
             chunk = resp.raw.read1(65536, decode_content=True)
-        except (TimeoutError, socket.timeout, urllib3.exceptions.ReadTimeoutError):
-            return bytes(buf), False, "timeout"
+        except (TimeoutError, urllib3.exceptions.ReadTimeoutError):
+            return b"", False, "timeout"
         except (urllib3.exceptions.HTTPError, OSError):
-            return bytes(buf), False, "timeout" if time.monotonic() >= deadline else "network"
-        if not chunk:  # the end of the page, or the watchdog shut the socket at the deadline
-            return bytes(buf), False, "timeout" if time.monotonic() >= deadline else None
+            return b"", False, "network"
+        if not chunk:
+            return bytes(buf), False, None
         buf += chunk
-        if len(buf) >= max_bytes:
-            return bytes(buf[:max_bytes]), True, None
+    return bytes(buf[:max_bytes]), True, None
 
 
 _META_CHARSET = re.compile(rb"""<meta[^>]+charset=["']?([A-Za-z0-9_\-:.]+)""", re.I)
-
-
 _LATIN = {"cp1250", "cp1252", "latin_1", "iso8859_2", "iso8859_15", "iso8859_9", "cp1254", "mac_roman", "cp1257"}
 
 
-def _decodes(body: bytes, enc: str) -> bool:
-    try:
-        body.decode(enc)
-        return True
-    except UnicodeDecodeError:
-        return False
-
-
 def decode_body(body: bytes, declared: str | None = None, is_html: bool = False) -> str:
-    """Bytes -> str: the declared charset (header, then <meta>), then UTF-8, then charset_normalizer's guess, then
-    UTF-8 with replacement characters. A wrong declaration falls through to the next guess."""
-    cands = [declared]
-    if is_html and (m := _META_CHARSET.search(body[:4096])):
-        cands.append(m.group(1).decode("ascii", "ignore"))
-    for enc in [c for c in cands if c] + ["utf-8"]:
+    """Bytes -> str: the declared charset (header, then <meta>), then UTF-8, then charset_normalizer's guess (with
+    replacement characters). A wrong declaration falls through to the next guess."""
+    import charset_normalizer
+    meta = _META_CHARSET.search(body[:4096]) if is_html else None
+    for enc in filter(None, (declared, meta and meta.group(1).decode("ascii", "ignore"), "utf-8")):
         try:
             return body.decode(enc)
         except (LookupError, UnicodeDecodeError):
             pass
-    try:
-        import charset_normalizer
-        best = charset_normalizer.from_bytes(body[:500_000]).best()
-        if best is not None:
-            # a short Western text is ambiguous among the Latin code pages; cp1252 is the web's usual mislabel
-            enc = "cp1252" if best.encoding in _LATIN and _decodes(body, "cp1252") else best.encoding
-            return body.decode(enc, errors="replace")
-    except Exception:  # a detector failure must not lose the page
-        pass
-    return body.decode("utf-8", errors="replace")
+    best = charset_normalizer.from_bytes(body[:500_000]).best()
+    enc = best.encoding if best is not None else "utf-8"
+    if enc in _LATIN:  # a short Western text is ambiguous among the Latin code pages; cp1252 is the web's usual one
+        try:
+            return body.decode("cp1252")
+        except UnicodeDecodeError:
+            pass
+    return body.decode(enc, errors="replace")
 
 
 def _squeeze(text: str) -> str:
@@ -1052,114 +782,102 @@ def html_to_text(page: str) -> tuple[str, str]:
         soup = BeautifulSoup(page, "lxml")
         for t in soup(_DROP_TAGS):
             t.decompose()
-        alt = _squeeze(soup.get_text("\n"))
-        text = alt if len(alt) > len(text) else text
+        text = max(text, soup.get_text("\n"), key=lambda t: len(_squeeze(t)))
     return title, _squeeze(text)
 
 
-def pdf_to_text(body: bytes) -> str:
-    import io
-    from pypdf import PdfReader
-    return _squeeze("\n".join((p.extract_text() or "") for p in PdfReader(io.BytesIO(body)).pages))
+# HTML/PDF -> text is CPU work under the GIL: threads running it at once only take turns, and with 32 of them the
+# switching cost more than the work (bench/browse.py: 7.6 -> 4.0 ms of CPU per page, 15x -> 21-25x speedup, with
+# 1-2 slots). Two slots, so that one pathological page cannot stall every other page's extraction.
+EXTRACT_SLOTS = 2
+_extracting = threading.BoundedSemaphore(EXTRACT_SLOTS)
+# a forked child may inherit the semaphore held by a thread that did not come along
+os.register_at_fork(after_in_child=lambda: globals().update(_extracting=threading.BoundedSemaphore(EXTRACT_SLOTS)))
 
 
-def _page_from_body(body: bytes, ctype_header: str) -> tuple[str, str, str | None]:
-    """(title, text, error) from a response body and its Content-Type header."""
+def page_text(body: bytes, ctype_header: str) -> tuple[str, str, str | None]:
+    """(title, text, error) from a response body and its Content-Type header: HTML through html_to_text, text as
+    is, PDF through pypdf; anything else is an error ("unsupported content type ...")."""
     ctype, _, params = ctype_header.partition(";")
     ctype = ctype.strip().lower()
     m = re.search(r"charset=[\"']?([^;\"'\s]+)", params, re.I)
-    charset = m.group(1) if m else None
     head = body[:2048]
     if not ctype:  # no header: sniff
         low = head.lstrip().lower()
         ctype = ("application/pdf" if head.startswith(b"%PDF") else
                  "text/html" if low.startswith((b"<!doctype html", b"<html")) else "text/plain")
     if ctype == "application/pdf":
+        from pypdf import PdfReader
         try:
-            return "", pdf_to_text(body), None
-        except Exception as e:
+            return "", _squeeze("\n".join(p.extract_text() or "" for p in PdfReader(io.BytesIO(body)).pages)), None
+        except Exception as e:  # pypdf raises many types on broken files
             return "", "", f"unreadable PDF ({type(e).__name__})"
     if ctype not in HTML_TYPES and not ctype.startswith("text/") and ctype not in TEXT_TYPES:
         return "", "", f"unsupported content type {ctype}"
     if b"\x00" in head:
         return "", "", f"binary content served as {ctype}"
-    text = decode_body(body, charset, ctype in HTML_TYPES)
-    if ctype in HTML_TYPES:
-        return (*html_to_text(text), None)
-    return "", _squeeze(text), None
+    text = decode_body(body, m and m.group(1), ctype in HTML_TYPES)
+    return (*html_to_text(text), None) if ctype in HTML_TYPES else ("", _squeeze(text), None)
 
 
 def _fail(url: str, kind: str, error: str, status: int | None = None, **kw) -> FetchResult:
     return FetchResult(False, status, url, error=error, kind=kind, **kw)
 
 
-def _fetch_once(sess, url: str, deadline: float, timeout: float, max_bytes: int, max_redirects: int,
+def _fetch_once(url: str, deadline: float, timeout: float, max_bytes: int, max_redirects: int,
                 allow_private: bool, allow_hosts) -> tuple[FetchResult, float | None]:
     """One try, following redirects by hand (each hop is checked). Returns (result, retry): retry is None when
     the result is final, else the seconds to wait before another try (0 = use the backoff)."""
     import requests
-    import urllib3
-    cur = url
+    late = f"timeout after {timeout:g} s"
     for _ in range(max_redirects + 1):
-        bad = check_url(cur, allow_private, allow_hosts)
-        if bad:
-            return _fail(cur, *bad), None
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return _fail(cur, "timeout", f"timeout after {timeout:g} s"), None
+        if bad := check_url(url, allow_private, allow_hosts):
+            return _fail(url, *bad), None
+        if (left := deadline - time.monotonic()) <= 0:
+            return _fail(url, "timeout", late), None
         try:
-            resp = sess.get(cur, stream=True, allow_redirects=False, timeout=urllib3.Timeout(total=left))
-        except requests.exceptions.Timeout:
-            return _fail(cur, "timeout", f"timeout after {timeout:g} s"), None
-        except requests.exceptions.ConnectionError as e:
-            if time.monotonic() >= deadline:  # the watchdog cut a response that came too slowly
-                return _fail(cur, "timeout", f"timeout after {timeout:g} s (response sent too slowly)"), None
-            reason = "connection refused" if "refused" in str(e).lower() else "connection failed"
-            return _fail(cur, "network", reason), 0.0
-        except (requests.exceptions.RequestException, ValueError, UnicodeError) as e:
-            return _fail(cur, "bad_url", f"not a fetchable URL ({type(e).__name__})"), None
+            resp = http_session().get(url, stream=True, allow_redirects=False, timeout=left)
+        except (requests.RequestException, ValueError, UnicodeError) as e:
+            if _timed_out(e):
+                return _fail(url, "timeout", late), None
+            if isinstance(e, requests.ConnectionError):
+                return _fail(url, "network", "connection refused" if "refused" in str(e).lower() else
+                             "connection failed"), 0.0
+            return _fail(url, "bad_url", f"not a fetchable URL ({type(e).__name__})"), None
         with resp:
-            code = resp.status_code
+            code, ctype = resp.status_code, resp.headers.get("content-type", "")
             if resp.is_redirect:
-                cur = requests.compat.urljoin(cur, resp.headers["location"])
+                url = requests.compat.urljoin(url, resp.headers["location"])
                 continue
-            ctype = resp.headers.get("content-type", "")
-            if code == 429 or code >= 500:
-                wait = _retry_after_s(resp.headers.get("retry-after"))
-                return _fail(cur, "http", f"HTTP {code} {resp.reason or ''}".strip(), code), (wait or 0.0)
-            if code >= 400:
-                return _fail(cur, "http", f"HTTP {code} {resp.reason or ''}".strip(), code), None
-            body, truncated, err = _read_body(resp, deadline, max_bytes)
-        if err == "timeout":
-            return _fail(cur, "timeout", f"timeout after {timeout:g} s (page sent too slowly)", code), None
+            if code >= 400:  # 429 and 5xx are worth another try, after Retry-After when the server says
+                wait = _retry_after_s(resp.headers.get("retry-after")) or 0.0
+                return _fail(url, "http", f"HTTP {code} {resp.reason or ''}".strip(), code), \
+                    wait if code in RETRY_STATUS or code >= 500 else None
+            body, truncated, err = _read_body(resp, max_bytes)
         if err:
-            return _fail(cur, "network", "connection lost while reading the page", code), 0.0
+            return (_fail(url, "timeout", late, code), None) if err == "timeout" else \
+                (_fail(url, "network", "connection lost while reading the page", code), 0.0)
         if not body.strip():
-            return _fail(cur, "empty", "empty page", code, content_type=ctype), None
+            return _fail(url, "empty", "empty page", code, content_type=ctype), None
         with _extracting:
-            title, text, why = _page_from_body(body, ctype)
-        if why:
-            return _fail(cur, "unsupported", why, code, content_type=ctype, n_bytes=len(body)), None
-        if not text:
-            return _fail(cur, "empty", "no readable text on the page", code, content_type=ctype,
-                         n_bytes=len(body)), None
-        return FetchResult(True, code, cur, text, None, 0.0, ctype, len(body), title, "", truncated), None
-    return _fail(cur, "redirects", f"more than {max_redirects} redirects"), None
+            title, text, why = page_text(body, ctype)
+        if why or not text:
+            return _fail(url, "unsupported" if why else "empty", why or "no readable text on the page", code,
+                         content_type=ctype, n_bytes=len(body)), None
+        return FetchResult(True, code, url, text, None, 0.0, ctype, len(body), title, "", truncated), None
+    return _fail(url, "redirects", f"more than {max_redirects} redirects"), None
 
 
 def fetch(url: str, *, timeout: float = 10.0, max_bytes: int = MAX_BYTES, allow_private: bool = False,
           allow_hosts=(), max_redirects: int = 5, max_tries: int = 3, backoff_s: float = 0.5) -> FetchResult:
     """Fetch one URL and return its readable text; never raises. The whole call, retries included, ends within
-    `timeout` seconds (plus the last socket read's scheduling slack). Connection errors, 429 and 5xx are retried
-    with jittered exponential backoff, honouring Retry-After, at most `max_tries` tries and never past the deadline."""
+    `timeout` seconds. Connection errors, 429 and 5xx are retried with jittered exponential backoff, honouring
+    Retry-After, at most `max_tries` tries and never past the deadline."""
     t0 = time.monotonic()
-    deadline = t0 + timeout
-    _thread.watchdog = watchdog = _Watchdog(timeout)
+    _thread.deadline = deadline = t0 + timeout
     try:
-        sess = _http_session()
         for attempt in range(max_tries):
-            res, retry = _fetch_once(sess, url, deadline, timeout, max_bytes, max_redirects, allow_private,
-                                     allow_hosts)
+            res, retry = _fetch_once(url, deadline, timeout, max_bytes, max_redirects, allow_private, allow_hosts)
             if retry is None or attempt == max_tries - 1:
                 break
             wait = retry or backoff_s * 2 ** attempt * random.uniform(0.5, 1.5)
@@ -1171,23 +889,19 @@ def fetch(url: str, *, timeout: float = 10.0, max_bytes: int = MAX_BYTES, allow_
     except Exception as e:  # a bug or a library surprise must not take a rollout down: report it as a result
         res = _fail(url, "network", f"fetch failed ({type(e).__name__}: {str(e)[:100]})")
     finally:
-        watchdog.cancel()
-        _thread.watchdog = None
+        _thread.deadline = None
     res.elapsed_s = time.monotonic() - t0
     return res
 
 
-@dataclass
-class FetchStats:
-    pages: int = 0
-    ok: int = 0
-    cache_hits: int = 0
-    bytes: int = 0
-    latency_s: float = 0.0
-    failures: dict = field(default_factory=dict)  # kind -> count
-
-    def snapshot(self) -> dict:
-        return {**asdict(self), "failures": dict(self.failures)}
+def _retry_after_s(value: str | None) -> float | None:
+    """Retry-After in seconds (a number or an HTTP date, parsed by urllib3), None when absent or unreadable."""
+    from urllib3.exceptions import HTTPError
+    from urllib3.util.retry import Retry
+    try:
+        return Retry().parse_retry_after(value) if value else None
+    except (HTTPError, TypeError, ValueError, OverflowError):
+        return None
 
 
 def page_key(url: str) -> str:
@@ -1196,24 +910,27 @@ def page_key(url: str) -> str:
 
 
 class Fetcher:
-    """fetch() behind a thread pool: `fetch_many(urls)` returns results in input order; at most `per_host`
-    requests to one host at a time; pages go through the record/replay Cache (kind "page"); `.stats` counts
-    pages, bytes, latency, cache hits and failures by kind. Thread-safe; one per Browser."""
+    """fetch() behind a thread pool, a per-host limit, the Cache (kind "page") and stats; thread-safe, one per
+    Browser. `aliases` maps a canonical host (the embedded web's "localweb") to the host:port serving it in this
+    process: URLs, cache keys and results keep the canonical form, so they do not depend on the port."""
 
-    def __init__(self, *, cache: Cache | None = None, n_threads: int = 32, per_host: int = 8, **fetch_kw):
-        self.cache, self.per_host, self.fetch_kw = cache, per_host, fetch_kw
-        self.stats = FetchStats()
+    def __init__(self, *, cache: Cache | None = None, aliases: dict | None = None, n_threads: int = 32,
+                 per_host: int = 8, **fetch_kw):
+        self.cache, self.aliases, self.per_host, self.fetch_kw = cache, dict(aliases or {}), per_host, fetch_kw
+        self.stats = Stats()
         self._lock = threading.Lock()
         self._hosts: dict[str, threading.BoundedSemaphore] = {}
         self._pool = ThreadPoolExecutor(max_workers=n_threads, thread_name_prefix="fetch")
 
-    def _host_slot(self, url: str) -> threading.BoundedSemaphore:
+    def _live(self, url: str) -> tuple[str, str]:
+        """(the URL to request, its host:port)."""
         try:
-            host = (urlsplit(url).netloc or "").lower()
+            parts = urlsplit(url)
         except ValueError:
-            host = ""
-        with self._lock:
-            return self._hosts.setdefault(host, threading.BoundedSemaphore(self.per_host))
+            return url, ""
+        if parts.netloc in self.aliases:
+            parts = parts._replace(netloc=self.aliases[parts.netloc])
+        return parts.geturl(), parts.netloc.lower()
 
     def fetch(self, url: str) -> FetchResult:
         t0 = time.monotonic()
@@ -1228,22 +945,22 @@ class Fetcher:
                 res = _fail(key, "cache_miss", "page not in the replay cache (record it first, or use "
                                                "cache_mode=replay_or_live)")
         if res is None:
-            with self._host_slot(key):
-                res = fetch(key, **self.fetch_kw)
+            live, host = self._live(key)
+            with self._lock:
+                slot = self._hosts.setdefault(host, threading.BoundedSemaphore(self.per_host))
+            with slot:
+                res = fetch(live, **self.fetch_kw)
+            if res.url == live:
+                res.url = key  # the canonical URL, never this run's port
             # keep what another run would see again: pages and permanent failures, not timeouts or outages
             if self.cache is not None and (res.ok or res.kind in ("http", "unsupported", "empty")) \
                     and not (res.status or 0) >= 500 and res.status != 429:
                 self.cache.put("page", key, asdict(res))
         res.elapsed_s = time.monotonic() - t0
+        st = Stats(pages=1, ok=int(res.ok), cache_hits=int(res.cached), bytes=res.n_bytes, latency_s=res.elapsed_s,
+                   failures={} if res.ok else {res.kind: 1})
         with self._lock:
-            st = self.stats
-            st.pages += 1
-            st.ok += res.ok
-            st.cache_hits += res.cached
-            st.bytes += res.n_bytes
-            st.latency_s += res.elapsed_s
-            if not res.ok:
-                st.failures[res.kind] = st.failures.get(res.kind, 0) + 1
+            self.stats.add(st)
         return res
 
     def fetch_many(self, urls: list[str]) -> list[FetchResult]:
@@ -1280,18 +997,23 @@ class PageState:
     memory: dict = field(default_factory=dict)    # queries -> summary so far (llm reader)
 
 
-def chunk_text(text: str, chunk_chars: int) -> list[str]:
-    """Split at paragraph boundaries into pieces of at most ~chunk_chars (a longer paragraph is cut)."""
-    chunks, cur = [], ""
+def chunk_text(text: str, max_chars: int, pack: bool = True) -> list[str]:
+    """Pieces of at most max_chars, split at paragraphs; a longer paragraph is cut at a sentence end when one falls
+    past a third of the limit, else hard. pack: consecutive paragraphs share a piece while they fit (a reader's
+    chunks); without: one piece per paragraph (the extract reader's passages)."""
+    out: list[str] = []
     for para in text.split("\n"):
-        while len(para) > chunk_chars:
-            chunks.append(para[:chunk_chars])
-            para = para[chunk_chars:]
-        if cur and len(cur) + 1 + len(para) > chunk_chars:
-            chunks.append(cur)
-            cur = ""
-        cur = f"{cur}\n{para}" if cur else para
-    return chunks + ([cur] if cur else [])
+        para = para.strip()
+        while len(para) > max_chars:
+            cut = para.rfind(". ", 0, max_chars)
+            cut = cut + 1 if cut > max_chars // 3 else max_chars
+            out.append(para[:cut].strip())
+            para = para[cut:].strip()
+        if para and pack and out and len(out[-1]) + 1 + len(para) <= max_chars:
+            out[-1] += "\n" + para
+        elif para:
+            out.append(para)
+    return out
 
 
 _WORD = re.compile(r"\w+")
@@ -1303,23 +1025,7 @@ def _terms(text: str) -> list[str]:
     return [w for w in _WORD.findall(text.lower()) if w not in _STOP]
 
 
-def passages(chunk: str, max_chars: int = 600) -> list[str]:
-    """Paragraphs, long ones cut at sentence ends into pieces of about max_chars."""
-    out = []
-    for para in chunk.split("\n"):
-        para = para.strip()
-        while len(para) > max_chars:
-            cut = para.rfind(". ", 0, max_chars)
-            cut = cut + 1 if cut > max_chars // 3 else max_chars
-            out.append(para[:cut].strip())
-            para = para[cut:].strip()
-        if para:
-            out.append(para)
-    return out
-
-
 def bm25_scores(query_terms: list[str], docs: list[list[str]], k1: float = 1.2, b: float = 0.75) -> list[float]:
-    import math
     n = len(docs)
     if not n or not query_terms:
         return [0.0] * n
@@ -1355,7 +1061,7 @@ class ExtractReader:
         for _ in range(self.cfg.max_chunks):
             if page.pos >= len(page.chunks):
                 break
-            ps = passages(page.chunks[page.pos])
+            ps = chunk_text(page.chunks[page.pos], 600, pack=False)  # passages
             fresh = [i for i, p in enumerate(ps) if p not in page.returned]
             scores = bm25_scores(q, [_terms(ps[i]) for i in fresh])
             ranked = [i for s, i in sorted(zip(scores, fresh), key=lambda x: -x[0]) if s > 0]
@@ -1392,39 +1098,21 @@ Reply with JSON only, no other text:
  "summary": "a one or two sentence note of what this page has said so far that matters for the question"}}"""
 
 
-class ReaderError(RuntimeError):
-    pass
-
-
 def chat_completion(base_url: str, model: str, messages: list[dict], *, api_key: str | None = None,
-                    timeout: float = 60.0, max_tries: int = 3, max_tokens: int = 1024) -> str:
-    """One temperature-0 call to an OpenAI-compatible /chat/completions endpoint; the reply's text. Retries
-    connection errors, 429 and 5xx (bounded, jittered); raises ReaderError with a reason that never holds the key."""
-    import requests
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    body = {"model": model, "messages": messages, "temperature": 0, "max_tokens": max_tokens}
-    why = ""
-    for attempt in range(max_tries):
-        if attempt:
-            time.sleep(min(8.0, 0.5 * 2 ** attempt) * random.uniform(0.5, 1.5))
-        try:
-            r = requests.post(base_url.rstrip("/") + "/chat/completions", json=body, headers=headers, timeout=timeout)
-        except requests.exceptions.RequestException as e:
-            why = f"reader endpoint {base_url} unreachable ({type(e).__name__}); is the server up?"
-            continue
-        if r.status_code in (401, 403):
-            raise ReaderError(f"reader endpoint refused the key (HTTP {r.status_code}): check the API key variable")
-        if r.status_code == 429 or r.status_code >= 500:
-            why = f"reader endpoint answered HTTP {r.status_code}"
-            continue
-        if r.status_code >= 400:  # the body may echo the request's headers: never show the key
-            text = r.text.replace(api_key, "<key>") if api_key else r.text
-            raise ReaderError(f"reader endpoint answered HTTP {r.status_code}: {text[:200]}")
-        try:
-            return r.json()["choices"][0]["message"]["content"] or ""
-        except (ValueError, KeyError, IndexError, TypeError):
-            raise ReaderError("reader endpoint sent a reply that is not a chat completion") from None
-    raise ReaderError(why + f" after {max_tries} tries")
+                    timeout: float = 60.0, max_tries: int = 3, backoff_s: float = 0.5, max_tokens: int = 1024,
+                    who: str = "reader endpoint") -> str:
+    """One temperature-0 call to an OpenAI-compatible /chat/completions endpoint (the reading model's and eval.py's
+    judge's); the reply's text. Retries through `http_json`; raises ReaderError with a reason that never holds
+    the key."""
+    data, _ = http_json("POST", base_url.rstrip("/") + "/chat/completions", name=f"{who} {base_url}",
+                        timeout=timeout, max_tries=max_tries, backoff_s=backoff_s, secret=api_key or "",
+                        auth_hint="check the API key variable", error=ReaderError,
+                        json={"model": model, "messages": messages, "temperature": 0, "max_tokens": max_tokens},
+                        headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
+    try:
+        return data["choices"][0]["message"]["content"] or ""
+    except (KeyError, IndexError, TypeError):
+        raise ReaderError("malformed", f"{who} {base_url} sent a reply that is not a chat completion") from None
 
 
 def parse_reader_reply(text: str) -> dict | None:
@@ -1465,7 +1153,7 @@ class LLMReader:
             try:
                 hit = self.cache.get("read", key)
             except CacheMiss:
-                raise ReaderError("reading not in the replay cache") from None
+                raise ReaderError("cache_miss", "reading not in the replay cache") from None
             if hit is not None:
                 return hit
         self.calls += 1
@@ -1473,7 +1161,7 @@ class LLMReader:
                                api_key=self.api_key, timeout=self.cfg.llm_timeout)
         reply = parse_reader_reply(text)
         if reply is None:
-            raise ReaderError("the reading model's reply was not the JSON asked for")
+            raise ReaderError("malformed", "the reading model's reply was not the JSON asked for")
         if self.cache is not None:
             self.cache.put("read", key, reply)
         return reply
@@ -1516,272 +1204,44 @@ def make_reader(cfg: "BrowseConfig", cache: Cache | None = None):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Observations: what the policy sees after web_search and browse_webpage
+# CLI
 
-def _cut(text: str, n: int) -> str:
-    return text if len(text) <= n else text[:max(n - 4, 0)].rstrip() + " ..."
-
-
-def render_search(queries: list[str], results: list, snippet_chars: int = 300, budget: int = 4000) -> str:
-    """One block per query: rank, title, URL, snippet; failures as one line. Each query gets an equal share."""
-    share = budget // max(len(queries), 1)
-    blocks = []
-    for q, res in zip(queries, results):
-        if isinstance(res, Exception):
-            blocks.append(f'Search "{q}" failed: {res}.')
-        elif not res:
-            blocks.append(f'Search "{q}": no results.')
-        else:
-            lines = [f'Search "{q}":'] + [f"{r.rank}. {r.title}\n{r.url}\n{_cut(r.snippet, snippet_chars)}"
-                                           for r in res]
-            blocks.append(_cut("\n".join(lines), share))
-    return "\n\n".join(blocks)
-
-
-def render_browse(items: list[tuple[str, str | None, str | None]], budget: int = 4000) -> str:
-    """items: (url, information or None, error or None) per URL -> one block per page."""
-    share = budget // max(len(items), 1)
-    blocks = []
-    for url, info, err in items:
-        if err:
-            blocks.append(f"Page {url}: {err}.")
-        elif not info:
-            blocks.append(f"Page {url}: nothing new on this page about the question.")
-        else:
-            blocks.append(_cut(f"Page {url}:\n{info}", share))
-    return "\n\n".join(blocks)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Browser (shared, thread-safe) and Session (one per trajectory): the two tools the policy calls
-
-@dataclass
-class BrowseConfig:
-    backend: str = "local"              # local | serper | searxng
-    top_k: int = 10                     # results per query (the reference: 10)
-    corpus: str | None = None           # local back end's JSONL corpus (None = the embedded Wikipedia summaries)
-    searxng_url: str | None = None
-    cache: str | None = None            # SQLite record/replay file for searches, pages and readings
-    cache_mode: str = "replay_or_live"
-    max_age_s: float | None = None
-    reader: str = "extract"             # extract | llm
-    max_queries: int = 3                # queries per web_search call (the reference: 3)
-    max_urls: int = 3                   # URLs per browse_webpage call
-    chunk_chars: int = 40_000           # page chunk a reader takes at once (the reference: ~40k characters)
-    max_chunks: int = 4                 # chunks read per page per call (bounds the reading loop)
-    page_chars: int = 1500              # information returned per page per call
-    snippet_chars: int = 300
-    obs_chars: int = 4000               # the whole observation
-    llm_base_url: str | None = None     # reader=llm: OpenAI-compatible endpoint
-    llm_model: str | None = None
-    llm_api_key_env: str = "OPENAI_API_KEY"  # read from the environment, never logged; empty for local servers
-    llm_timeout: float = 60.0
-    n_threads: int = 32                 # fetch pool
-    per_host: int = 8                   # concurrent requests to one host
-    timeout: float = 10.0               # per page, retries included
-    max_bytes: int = MAX_BYTES
-    allow_private: bool = False         # fetch private/loopback addresses (the embedded web is always allowed)
-    allow_hosts: tuple = ()             # extra host or host:port entries admitted past the private-address guard
-
-
-class Session:
-    """One trajectory's tools. `web_search(queries)` and `browse_webpage(urls)` return the observation text and
-    never raise. Only URLs from the most recent search are readable (the reference rule); re-browsing a page
-    resumes where its reading stopped."""
-
-    def __init__(self, browser: "Browser", question: str):
-        self.browser, self.question = browser, question
-        self.queries: list[str] = []
-        self.urls: dict[str, SearchResult] = {}  # url -> result, from the most recent search
-        self.pages: dict[str, PageState] = {}
-
-    @staticmethod
-    def _clean(items, limit: int) -> tuple[list[str], int]:
-        if isinstance(items, str):
-            items = [items]
-        out = []
-        for x in items if isinstance(items, (list, tuple)) else []:
-            x = " ".join(str(x).split())
-            if x and x not in out:
-                out.append(x)
-        return out[:limit], max(len(out) - limit, 0)
-
-    def web_search(self, queries) -> str:
-        cfg = self.browser.cfg
-        queries, dropped = self._clean(queries, cfg.max_queries)
-        if not queries:
-            return "web_search needs at least one non-empty query."
-        try:
-            results = self.browser.backend.search_or_error(queries)
-        except CacheMiss as e:
-            self.browser._count("search_cache_miss")
-            results = [SearchError("cache_miss", f"not in the replay cache ({e.kind})")] * len(queries)
-        self.queries = queries
-        self.urls = {r.url: r for res in results if not isinstance(res, Exception) for r in res}
-        obs = render_search(queries, results, cfg.snippet_chars, cfg.obs_chars)
-        if dropped:
-            obs += f"\n\n(only the first {cfg.max_queries} queries were run)"
-        return obs
-
-    def browse_webpage(self, urls) -> str:
-        cfg = self.browser.cfg
-        urls, dropped = self._clean(urls, cfg.max_urls)
-        if not urls:
-            return "browse_webpage needs at least one URL from your most recent web_search."
-        if not self.urls:
-            return "Search first: browse_webpage reads URLs from your most recent web_search results."
-        readable = [u for u in urls if u in self.urls]
-        fetched = dict(zip(readable, self.browser.fetcher.fetch_many(readable)))
-        items = []
-        for u in urls:
-            if u not in fetched:
-                items.append((u, None, "not in your most recent search results; browse one of their URLs"))
-                continue
-            res = fetched[u]
-            if not res.ok:
-                items.append((u, None, f"could not be fetched: {res.error}"))
-                continue
-            page = self.pages.get(u)
-            if page is None:
-                page = self.pages[u] = PageState(u, res.title, chunk_text(res.text, cfg.chunk_chars))
-            try:
-                items.append((u, self.browser.reader.read(page, self.question, self.queries), None))
-            except ReaderError as e:
-                self.browser._count("reader_errors")
-                items.append((u, None, f"fetched, but the reading model failed: {e}"))
-        obs = render_browse(items, cfg.obs_chars)
-        if dropped:
-            obs += f"\n\n(only the first {cfg.max_urls} URLs were read)"
-        return obs
-
-
-class Browser:
-    """The web of a run, shared by every trajectory of a process (thread-safe): a search back end, a page fetcher
-    with its pool, a reader, and one record/replay Cache under all three. `session(question)` per trajectory."""
-
-    def __init__(self, cfg: BrowseConfig | None = None, *, reader=None, backend=None):
-        self.cfg = cfg = cfg or BrowseConfig()
-        self.cache = Cache(cfg.cache, cfg.cache_mode, cfg.max_age_s) if cfg.cache else None
-        if backend is None:
-            opts = {"url": cfg.searxng_url} if cfg.backend == "searxng" and cfg.searxng_url else {}
-            backend = make_backend(cfg.backend, top_k=cfg.top_k, corpus=cfg.corpus, cache=self.cache, **opts)
-        self.backend = backend
-        allow = tuple(cfg.allow_hosts)
-        if getattr(backend, "base_url", None):  # the embedded web on 127.0.0.1 is the one private host allowed
-            allow += (urlsplit(backend.base_url).netloc,)
-        self.fetcher = Fetcher(cache=self.cache, n_threads=cfg.n_threads, per_host=cfg.per_host, timeout=cfg.timeout,
-                               max_bytes=cfg.max_bytes, allow_private=cfg.allow_private, allow_hosts=allow)
-        self.reader = reader if reader is not None else make_reader(cfg, self.cache)
-        self.counts: dict[str, int] = {}
-        self._lock = threading.Lock()
-
-    def _count(self, name: str) -> None:
-        with self._lock:
-            self.counts[name] = self.counts.get(name, 0) + 1
-
-    def session(self, question: str) -> Session:
-        return Session(self, question)
-
-    @property
-    def stats(self) -> dict:
-        out = {"search": self.backend.stats.snapshot(), "fetch": self.fetcher.stats.snapshot(), **self.counts}
-        if isinstance(self.reader, LLMReader):
-            out["reader"] = {"calls": self.reader.calls, "failures": self.reader.failures}
-        return out
-
-    def close(self) -> None:
-        self.fetcher.close()
-        self.backend.close()
-        if self.cache is not None:
-            self.cache.close()
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Factory and CLI
-
-def make_backend(name: str, *, top_k: int = 10, corpus: str | None = None, cache: Cache | None = None, **opts):
-    """serper | searxng | local -> a back end object (see the module docstring). opts go to the back end."""
-    if name == "serper":
-        return SerperBackend(top_k, cache, **opts)
-    if name == "searxng":
-        return SearxngBackend(top_k, cache, **opts)
-    if name == "local":
-        return LocalBackend(top_k, cache, corpus=corpus, **opts)
-    raise ValueError(f"unknown search back end {name!r}: use serper, searxng or local")
-
-
-def _parse_flags(argv: list[str]) -> tuple[list[str], dict]:
-    pos, flags = [], {}
-    for a in argv:
-        if a.startswith("--"):
-            k, sep, v = a[2:].partition("=")
-            if not sep:
-                sys.exit(f"flags are --key=value, got {a!r}")
-            flags[k] = v
-        else:
-            pos.append(a)
-    return pos, flags
+USAGE = ("usage: python browse.py search QUERY... [--backend=local|serper|searxng] [--top_k=10] [--cache=FILE] "
+         "[--cache_mode=live|record|replay|replay_or_live] [--max_age_s=S] [--corpus=FILE] [--searxng_url=URL]\n"
+         "       python browse.py fetch URL... [--allow_private=1] [--timeout=10]\n"
+         "       (serve the embedded web: python -m data.localweb)")
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    usage = ("usage: python browse.py search QUERY... [--backend=local|serper|searxng] [--top_k=10] [--cache=FILE] "
-             "[--cache_mode=live|record|replay|replay_or_live] [--corpus=FILE] [--searxng_url=URL]\n"
-             "       python browse.py serve [--corpus=FILE] [--port=N]\n"
-             "       python browse.py fetch URL... [--allow_private=1] [--timeout=10]")
-    if argv and argv[0] == "fetch":
-        pos, flags = _parse_flags(argv[1:])
+    pos = [a for a in argv[1:] if not a.startswith("--")]
+    flags = dict(a[2:].partition("=")[::2] for a in argv[1:] if a.startswith("--"))  # --key=value
+    known = {"fetch": {"allow_private", "timeout"},
+             "search": {"backend", "top_k", "cache", "cache_mode", "corpus", "searxng_url", "max_age_s"}}
+    if argv[:1] not in (["fetch"], ["search"]) or not pos or set(flags) - known[argv[0]]:
+        print(USAGE, file=sys.stderr)
+        return 2
+    if argv[0] == "fetch":
         for url in pos:
             r = fetch(url, allow_private=flags.get("allow_private", "0") not in ("0", "false", ""),
                       timeout=float(flags.get("timeout", 10)))
             print(json.dumps(asdict(r), indent=2, ensure_ascii=False))
-        return 0 if pos else 2
-    if not argv or argv[0] not in ("search", "serve"):
-        print(usage, file=sys.stderr)
-        return 2
-    pos, flags = _parse_flags(argv[1:])
-    known = {"backend", "top_k", "cache", "cache_mode", "corpus", "searxng_url", "port", "max_age_s"}
-    if set(flags) - known:
-        print(f"unknown flags {sorted(set(flags) - known)}\n{usage}", file=sys.stderr)
-        return 2
-    if argv[0] == "serve":
-        if flags.get("corpus") is None:
-            sys.path.insert(0, str(Path(__file__).resolve().parent / "data"))
-            from wiki_corpus import default_corpus_path
-            flags["corpus"] = default_corpus_path()
-        web = LocalWeb(flags["corpus"], port=int(flags["port"]) if "port" in flags else None)
-        print(f"serving {flags['corpus']} at {web.base_url}/  (Ctrl-C to stop)", flush=True)
-        try:
-            web._thread.join()
-        except KeyboardInterrupt:
-            web.close()
         return 0
-    if not pos:
-        print(usage, file=sys.stderr)
-        return 2
-    mode = flags.get("cache_mode", "replay_or_live" if flags.get("cache") else "live")
-    try:
-        cache = Cache(flags.get("cache"), mode, float(flags["max_age_s"]) if "max_age_s" in flags else None)
-        opts = {"url": flags["searxng_url"]} if "searxng_url" in flags else {}
-        if "port" in flags:
-            opts["port"] = int(flags["port"])
-        backend = make_backend(flags.get("backend", "local"), top_k=int(flags.get("top_k", 10)),
-                               corpus=flags.get("corpus"), cache=cache, **opts)
-        call = backend.search_detailed(pos)
-    except CacheMiss as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
-    except (SearchError, ValueError) as e:
+    name = flags.get("backend", "local")
+    opts = {"url": flags["searxng_url"]} if "searxng_url" in flags else {"serve": False} if name == "local" else {}
+    try:  # (the local back end needs no page server to list results)
+        cache = Cache(flags.get("cache"), flags.get("cache_mode", "replay_or_live" if "cache" in flags else "live"),
+                      float(flags["max_age_s"]) if "max_age_s" in flags else None)
+        backend = make_backend(name, top_k=int(flags.get("top_k", 10)), corpus=flags.get("corpus"), cache=cache,
+                               **opts)
+        results = backend.search(pos)
+    except (CacheMiss, SearchError, ValueError) as e:  # a set-up problem: say what to fix
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = {"results": {}, "errors": {}, "stats": call.stats}
-    for q, r in zip(pos, call.results):
-        if isinstance(r, SearchError):
-            out["errors"][q] = str(r)
-        else:
-            out["results"][q] = [asdict(x) for x in r]
-    print(json.dumps(out, indent=2, ensure_ascii=False))
-    return 1 if out["errors"] else 0
+    errors = {q: str(r) for q, r in zip(pos, results) if isinstance(r, SearchError)}
+    print(json.dumps({"results": {q: [asdict(x) for x in r] for q, r in zip(pos, results) if q not in errors},
+                      "errors": errors, "stats": backend.stats.snapshot()}, indent=2, ensure_ascii=False))
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":

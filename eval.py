@@ -36,14 +36,17 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
+import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from reward import Judge, JudgeConfig, reward, squad_em, squad_f1
+from browse import WebError, chat_completion
+from reward import em, normalize, reward, split_golds, squad_em, squad_f1
 
 ROOT = Path(__file__).resolve().parent
 
@@ -245,6 +248,141 @@ def score_record(rec: dict) -> dict:
             "squad_f1": squad_f1(ans, rec["gold"]) if ans is not None else 0.0,
             "squad_em": squad_em(ans, rec["gold"]) if ans is not None else 0.0,
             "answer": r.answer, "n_turns": len(rec["turns"]), "n_search": n_search, "n_browse": n_browse}
+
+
+# ----------------------------------------------------------------------------------------------- the LLM judge (MBE)
+
+JUDGE_PROMPT = """You are grading an answer to a question. You get the question, a list of reference answers \
+(each one of them is a fully correct answer) and a predicted answer.
+
+Decide whether the predicted answer correctly answers the question. It does not have to be worded like any \
+reference answer, but it must mean the same thing as at least one of them in the context of the question. \
+An answer that is vaguer, only partly right, or hedges between several options is incorrect.
+
+question: {question}
+reference answers: {golds}
+predicted answer: {prediction}
+
+Explain your reasoning briefly first, then give your verdict. Reply with a single JSON object and nothing else:
+{{"rationale": "<your reasoning, as text>", "judgement": "<correct or incorrect>"}}"""
+
+_JSON_OBJ_RE = re.compile(r"\{.*\}", re.DOTALL)
+_JUDGEMENT_RE = re.compile(r'"judge?ment"\s*:\s*"\s*(correct|incorrect)\s*"', re.IGNORECASE)
+
+
+@dataclass
+class JudgeConfig:
+    base_url: str = ""                  # OpenAI-compatible root, e.g. https://api.openai.com/v1 ("" = no judge)
+    model: str = "gpt-4o-mini"          # the reference judged with gpt-4o-mini (at temperature 0.7; we use 0)
+    api_key_env: str = "OPENAI_API_KEY" # name of the environment variable holding the key (may be unset locally)
+    cache_path: str | None = None       # JSONL of verdicts; None = in memory only
+    timeout_s: float = 60.0             # per HTTP request
+    max_retries: int = 3                # transport errors (timeout, connection, 429, 5xx): attempts = 1 + this
+    backoff_s: float = 1.0              # urllib3 backoff factor: ~backoff_s * 2**attempt between attempts
+    max_tokens: int = 512
+    n_threads: int = 8                  # judge_many's concurrency
+
+
+@dataclass
+class Verdict:
+    verdict: str          # "correct" | "incorrect" | "unjudged"
+    rationale: str
+    source: str           # "exact_match" | "no_answer" | "judge" | "cache" | "error"
+    error: str | None = None
+
+    @property
+    def correct(self) -> float | None:
+        """1.0 / 0.0, or None when unjudged (reported apart, not silently counted as wrong)."""
+        return {"correct": 1.0, "incorrect": 0.0}.get(self.verdict)
+
+
+def parse_judgement(text: str) -> tuple[str, str] | None:
+    """(judgement, rationale) from a judge reply, or None when it cannot be read."""
+    m = _JSON_OBJ_RE.search(text or "")
+    if m:
+        try:
+            obj = json.loads(m.group(0))
+        except json.JSONDecodeError:
+            obj = None
+        if isinstance(obj, dict):
+            j = str(obj.get("judgement", obj.get("judgment", ""))).strip().lower()
+            if j in ("correct", "incorrect"):
+                return j, str(obj.get("rationale", ""))
+    m = _JUDGEMENT_RE.search(text or "")  # almost-JSON (e.g. an unescaped quote in the rationale)
+    return (m.group(1).lower(), "") if m else None
+
+
+class Judge:
+    """Thread-safe LLM judge with an on-disk verdict cache. `judge(question, golds, prediction) -> Verdict`. Any
+    OpenAI-compatible endpoint, through browse.chat_completion (temperature 0, timeouts, bounded retries); an exact
+    match counts as correct without a call; a reply that cannot be parsed is "unjudged" and reported, never retried
+    forever. The API key is read from the environment variable named in the config and never logged or cached."""
+
+    def __init__(self, cfg: JudgeConfig):
+        if not cfg.base_url:
+            raise ValueError("JudgeConfig.base_url is empty: give the OpenAI-compatible endpoint, e.g. "
+                             "--judge_base_url=https://api.openai.com/v1")
+        self.cfg = cfg
+        self._lock = threading.Lock()
+        self._cache: dict[str, dict] = {}
+        self.stats = Counter()
+        if cfg.cache_path and os.path.exists(cfg.cache_path):
+            with open(cfg.cache_path, encoding="utf-8") as fh:
+                for line in fh:
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError:  # a torn last line after a crash: skip it
+                        continue
+                    self._cache[rec["key"]] = rec
+
+    def judge(self, question: str, golds: str | list[str], prediction: str | None) -> Verdict:
+        gold_list = split_golds(golds)
+        if prediction is None or not normalize(prediction):
+            self.stats["no_answer"] += 1
+            return Verdict("incorrect", "no answer", "no_answer")
+        if em(prediction, gold_list):  # the reference counts an exact match as correct without asking
+            self.stats["exact_match"] += 1
+            return Verdict("correct", "exact match", "exact_match")
+        prompt = JUDGE_PROMPT.format(question=question, golds=json.dumps(gold_list, ensure_ascii=False),
+                                     prediction=prediction)
+        key = hashlib.sha256(f"{self.cfg.model}\n{prompt}".encode()).hexdigest()
+        with self._lock:
+            hit = self._cache.get(key)
+        if hit is not None:
+            self.stats["cache"] += 1
+            return Verdict(hit["verdict"], hit["rationale"], "cache")
+        try:
+            text = chat_completion(self.cfg.base_url, self.cfg.model, [{"role": "user", "content": prompt}],
+                                   api_key=os.environ.get(self.cfg.api_key_env) or None, timeout=self.cfg.timeout_s,
+                                   max_tries=1 + self.cfg.max_retries, backoff_s=self.cfg.backoff_s,
+                                   max_tokens=self.cfg.max_tokens, who="judge endpoint")
+        except WebError as e:  # timeouts, refused connections, HTTP errors: after the bounded retries
+            self.stats["http_error"] += 1
+            self.stats["unjudged"] += 1
+            return Verdict("unjudged", "", "error", f"{e.kind}: {e}")
+        parsed = parse_judgement(text)
+        if parsed is None:
+            # temperature 0: asking again would return the same text; report it instead of looping
+            self.stats["unparseable"] += 1
+            return Verdict("unjudged", text[:500], "error", "unparseable judge reply")
+        verdict, rationale = parsed
+        rec = {"key": key, "verdict": verdict, "rationale": rationale, "model": self.cfg.model,
+               "question": question, "prediction": prediction}
+        with self._lock:
+            self._cache[key] = rec
+            if self.cfg.cache_path:
+                os.makedirs(os.path.dirname(os.path.abspath(self.cfg.cache_path)), exist_ok=True)
+                with open(self.cfg.cache_path, "a", encoding="utf-8") as fh:
+                    fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        self.stats["judged"] += 1
+        return Verdict(verdict, rationale, "judge")
+
+    def judge_many(self, items: list[tuple[str, str | list[str], str | None]]) -> list[Verdict]:
+        """Judge (question, golds, prediction) triples concurrently; results in input order."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=max(1, self.cfg.n_threads)) as pool:
+            return list(pool.map(lambda it: self.judge(*it), items))
 
 
 def judge_records(records: list[dict], judge: Judge) -> None:

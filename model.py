@@ -37,6 +37,8 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
+from data.wiki_corpus import cache_dir  # $DR_CACHE_DIR, else ~/.cache/deepresearch: defined once, torch-free
+
 # Masked attention (the KV-cache path) skips cuDNN's kernel: on an H100 with torch 2.11 it spent ~10 ms of CPU per
 # call (a graph build each time), 80 ms per decode step of a 24-layer model; the efficient kernel takes masks.
 MASKED_SDPA = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
@@ -438,11 +440,6 @@ SHAPES = {
     "qwen2.5-7b": dict(_QWEN25, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                        num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False),
 }
-
-
-def cache_dir() -> Path:
-    """Where converted and generated checkpoints live: $DR_CACHE_DIR, else ~/.cache/deepresearch."""
-    return Path(os.environ.get("DR_CACHE_DIR", Path.home() / ".cache" / "deepresearch"))
 
 
 def _sha256(path: Path) -> str:

@@ -1,4 +1,4 @@
-"""Answer extraction, the format check, the reference F1/EM, SQuAD-style EM/F1, the training reward and an LLM judge.
+"""Answer extraction, the format check, the reference F1/EM, SQuAD-style EM/F1 and the training reward.
 
 What it does
 - `normalize`, `f1`, `em`: the DeepResearcher metric exactly. Lowercase; every character of Python's
@@ -15,10 +15,7 @@ What it does
   in one turn and closed in a later one, which our engine cannot produce anyway since a turn ends at a closing tag).
 - `reward(responses, gold)`: -1 on a format error, otherwise the best word-set F1; returns a `Reward` record with
   the pieces (format_ok, f1, em, answer, reason) so training and eval log them.
-- `Judge`: the model-based score (MBE). Any OpenAI-compatible `/chat/completions` endpoint; an exact match counts as
-  correct without a call; temperature 0; verdicts cached on disk (JSONL); bounded retries with an HTTP timeout; a
-  reply that cannot be parsed is "unjudged" and reported, never retried forever. The API key is read from an
-  environment variable and never logged or cached.
+- The LLM judge (MBE) is not here: it is eval.py's, its only user.
 
 What it deliberately does not do
 - Observations (search results, page extracts) are NEVER format-checked. The reference checked the whole rendered
@@ -26,26 +23,19 @@ What it deliberately does not do
   only the policy's own turn texts here.
 - The reference's training scorer also gave 0.1 instead of 0 to a wrong answer whose search queries used operators
   (site:, quotes, AND/OR); the paper does not describe it and we leave it out.
-- No torch and no I/O, except the optional judge (HTTP via `requests`, imported lazily, and its cache file).
+- No torch, no HTTP, no I/O: pure functions of strings.
 
 How to run
-- Library only: `from reward import reward, f1, Judge`.
-- Tests (CPU, offline): `python -m pytest tests/test_reward.py tests/test_judge.py -x -q`.
-- The judge against any OpenAI-compatible server: `Judge(JudgeConfig(base_url="http://host:8000/v1",
-  model="gpt-4o-mini", api_key_env="OPENAI_API_KEY", cache_path="runs/judge.jsonl"))`; eval.py wires it up.
+- Library only: `from reward import reward, f1`.
+- Tests (CPU, offline): `python -m pytest tests/test_reward.py -x -q`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import re
 import string
-import threading
-import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 ANSWER_SPLIT = "<|answer_split|>"
 # Tags whose balance the reference checked, plus our "tags" protocol's tool tags (<search>, <browse>).
@@ -74,10 +64,14 @@ def _f1_one(pred: str, gold: str) -> float:
     p, g = set(normalize(pred).split()), set(normalize(gold).split())
     if not p or not g:  # the reference skips an empty side (score 0), it never divides by zero
         return 0.0
-    common = len(p & g)
+    return _overlap_f1(len(p & g), len(p), len(g))
+
+
+def _overlap_f1(common: int, n_pred: int, n_gold: int) -> float:
+    """F1 from the number of shared words and the two sizes (both metrics, sets or bags)."""
     if common == 0:
         return 0.0
-    precision, recall = common / len(p), common / len(g)
+    precision, recall = common / n_pred, common / n_gold
     return 2 * precision * recall / (precision + recall)
 
 
@@ -110,11 +104,7 @@ def _squad_f1_one(pred: str, gold: str) -> float:
     p, g = squad_normalize(pred).split(), squad_normalize(gold).split()
     if not p or not g:  # SQuAD v2 convention: both empty is a match, one empty is not
         return float(p == g)
-    common = sum((Counter(p) & Counter(g)).values())  # bag of words: repeats count
-    if common == 0:
-        return 0.0
-    precision, recall = common / len(p), common / len(g)
-    return 2 * precision * recall / (precision + recall)
+    return _overlap_f1(sum((Counter(p) & Counter(g)).values()), len(p), len(g))  # bag of words: repeats count
 
 
 def squad_f1(pred: str, gold: str | list[str]) -> float:
@@ -191,163 +181,3 @@ def reward(responses: list[str] | str, gold: str | list[str]) -> Reward:
         return Reward(score=-1.0, format_ok=False, f1=0.0, em=0.0, answer=answer, reason=reason)
     score = f1(answer, gold)
     return Reward(score=score, format_ok=True, f1=score, em=em(answer, gold), answer=answer, reason=reason)
-
-
-# ----------------------------------------------------------------------------------------------- LLM judge (MBE)
-
-JUDGE_PROMPT = """You are grading an answer to a question. You get the question, a list of reference answers \
-(each one of them is a fully correct answer) and a predicted answer.
-
-Decide whether the predicted answer correctly answers the question. It does not have to be worded like any \
-reference answer, but it must mean the same thing as at least one of them in the context of the question. \
-An answer that is vaguer, only partly right, or hedges between several options is incorrect.
-
-question: {question}
-reference answers: {golds}
-predicted answer: {prediction}
-
-Explain your reasoning briefly first, then give your verdict. Reply with a single JSON object and nothing else:
-{{"rationale": "<your reasoning, as text>", "judgement": "<correct or incorrect>"}}"""
-
-_JSON_OBJ_RE = re.compile(r"\{.*\}", re.DOTALL)
-_JUDGEMENT_RE = re.compile(r'"judge?ment"\s*:\s*"\s*(correct|incorrect)\s*"', re.IGNORECASE)
-
-
-@dataclass
-class JudgeConfig:
-    base_url: str = ""                  # OpenAI-compatible root, e.g. https://api.openai.com/v1 ("" = no judge)
-    model: str = "gpt-4o-mini"          # the reference judged with gpt-4o-mini (at temperature 0.7; we use 0)
-    api_key_env: str = "OPENAI_API_KEY" # name of the environment variable holding the key (may be unset locally)
-    cache_path: str | None = None       # JSONL of verdicts; None = in memory only
-    timeout_s: float = 60.0             # per HTTP request
-    max_retries: int = 3                # transport errors (timeout, connection, 429, 5xx): attempts = 1 + this
-    backoff_s: float = 1.0              # sleep backoff_s * 2**attempt between attempts
-    max_tokens: int = 512
-    n_threads: int = 8                  # judge_many's concurrency
-
-
-@dataclass
-class Verdict:
-    verdict: str          # "correct" | "incorrect" | "unjudged"
-    rationale: str
-    source: str           # "exact_match" | "no_answer" | "judge" | "cache" | "error"
-    error: str | None = None
-
-    @property
-    def correct(self) -> float | None:
-        """1.0 / 0.0, or None when unjudged (reported apart, not silently counted as wrong)."""
-        return {"correct": 1.0, "incorrect": 0.0}.get(self.verdict)
-
-
-def parse_judgement(text: str) -> tuple[str, str] | None:
-    """(judgement, rationale) from a judge reply, or None when it cannot be read."""
-    m = _JSON_OBJ_RE.search(text or "")
-    if m:
-        try:
-            obj = json.loads(m.group(0))
-        except json.JSONDecodeError:
-            obj = None
-        if isinstance(obj, dict):
-            j = str(obj.get("judgement", obj.get("judgment", ""))).strip().lower()
-            if j in ("correct", "incorrect"):
-                return j, str(obj.get("rationale", ""))
-    m = _JUDGEMENT_RE.search(text or "")  # almost-JSON (e.g. an unescaped quote in the rationale)
-    return (m.group(1).lower(), "") if m else None
-
-
-class Judge:
-    """Thread-safe LLM judge with an on-disk verdict cache. `judge(question, golds, prediction) -> Verdict`."""
-
-    def __init__(self, cfg: JudgeConfig):
-        if not cfg.base_url:
-            raise ValueError("JudgeConfig.base_url is empty: give the OpenAI-compatible endpoint, e.g. "
-                             "--judge_base_url=https://api.openai.com/v1")
-        self.cfg = cfg
-        self._lock = threading.Lock()
-        self._cache: dict[str, dict] = {}
-        self.stats = Counter()
-        if cfg.cache_path and os.path.exists(cfg.cache_path):
-            with open(cfg.cache_path, encoding="utf-8") as fh:
-                for line in fh:
-                    try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError:  # a torn last line after a crash: skip it
-                        continue
-                    self._cache[rec["key"]] = rec
-
-    def _key(self, prompt: str) -> str:
-        return hashlib.sha256(f"{self.cfg.model}\n{prompt}".encode()).hexdigest()
-
-    def _call(self, prompt: str) -> str:
-        """One chat completion; raises on transport or HTTP errors (the caller retries those)."""
-        import requests  # lazy: reward.py stays importable without it
-
-        headers = {"Content-Type": "application/json"}
-        key = os.environ.get(self.cfg.api_key_env, "")
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        body = {"model": self.cfg.model, "temperature": 0.0, "max_tokens": self.cfg.max_tokens,
-                "messages": [{"role": "user", "content": prompt}]}
-        r = requests.post(self.cfg.base_url.rstrip("/") + "/chat/completions", json=body, headers=headers,
-                          timeout=self.cfg.timeout_s)
-        if r.status_code != 200:
-            # the body may echo the request but never the key; keep it short
-            raise RuntimeError(f"HTTP {r.status_code}: {r.text[:200]}")
-        return r.json()["choices"][0]["message"]["content"] or ""
-
-    def judge(self, question: str, golds: str | list[str], prediction: str | None) -> Verdict:
-        gold_list = split_golds(golds)
-        if prediction is None or not normalize(prediction):
-            self.stats["no_answer"] += 1
-            return Verdict("incorrect", "no answer", "no_answer")
-        if em(prediction, gold_list):  # the reference counts an exact match as correct without asking
-            self.stats["exact_match"] += 1
-            return Verdict("correct", "exact match", "exact_match")
-        prompt = JUDGE_PROMPT.format(question=question, golds=json.dumps(gold_list, ensure_ascii=False),
-                                     prediction=prediction)
-        key = self._key(prompt)
-        with self._lock:
-            hit = self._cache.get(key)
-        if hit is not None:
-            self.stats["cache"] += 1
-            return Verdict(hit["verdict"], hit["rationale"], "cache")
-        error = None
-        for attempt in range(self.cfg.max_retries + 1):
-            try:
-                text = self._call(prompt)
-            except (OSError, RuntimeError, ValueError, KeyError, IndexError, TypeError) as e:
-                # requests' exceptions are OSErrors (timeouts, refused connections); bad JSON bodies ValueErrors
-                error = f"{type(e).__name__}: {str(e)[:200]}"
-                self.stats["http_error"] += 1
-                if attempt < self.cfg.max_retries:
-                    time.sleep(self.cfg.backoff_s * 2 ** attempt)
-                continue
-            parsed = parse_judgement(text)
-            if parsed is None:
-                # temperature 0: asking again would return the same text; report it instead of looping
-                self.stats["unparseable"] += 1
-                return Verdict("unjudged", text[:500], "error", "unparseable judge reply")
-            verdict, rationale = parsed
-            rec = {"key": key, "verdict": verdict, "rationale": rationale, "model": self.cfg.model,
-                   "question": question, "prediction": prediction}
-            with self._lock:
-                self._cache[key] = rec
-                if self.cfg.cache_path:
-                    os.makedirs(os.path.dirname(os.path.abspath(self.cfg.cache_path)), exist_ok=True)
-                    with open(self.cfg.cache_path, "a", encoding="utf-8") as fh:
-                        fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
-            self.stats["judged"] += 1
-            return Verdict(verdict, rationale, "judge")
-        self.stats["unjudged"] += 1
-        return Verdict("unjudged", "", "error", error)
-
-    def judge_many(self, items: list[tuple[str, str | list[str], str | None]]) -> list[Verdict]:
-        """Judge (question, golds, prediction) triples concurrently; results in input order."""
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(max_workers=max(1, self.cfg.n_threads)) as pool:
-            return list(pool.map(lambda it: self.judge(*it), items))
-
-
-def verdict_dict(v: Verdict) -> dict:
-    return asdict(v)

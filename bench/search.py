@@ -1,5 +1,6 @@
-"""Benchmark of the search side of browse.py: local BM25 (tantivy) build time, memory and query latency, and the
-record/replay cache's lookup rate. Prints one line per figure; ratios against baselines measured in the same run.
+"""Benchmark of the search side of browse.py: local BM25 (tantivy, data/localweb.py) build time, memory and query
+latency, and the record/replay cache's lookup rate. Prints one line per figure; ratios against baselines measured in
+the same run.
 
 What it measures
 1. The embedded corpus (~10k Wikipedia summaries): index build time (fresh index dir), RSS, p50/p99 per query over
@@ -36,10 +37,10 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "data"))
 
 import browse  # noqa: E402
-from wiki_corpus import default_corpus_path  # noqa: E402
+from data.localweb import BM25Index  # noqa: E402
+from data.wiki_corpus import default_corpus_path  # noqa: E402
 
 
 def rss_mb() -> float:
@@ -92,7 +93,7 @@ def bench_embedded(work: Path) -> None:
     corpus = default_corpus_path()
     m0 = rss_mb()
     t = time.perf_counter()
-    idx = browse.BM25Index(corpus, index_dir=work / "emb")
+    idx = BM25Index(corpus, index_dir=work / "emb")
     build = time.perf_counter() - t
     b = browse.LocalBackend(top_k=10, serve=False, index_dir=str(work / "emb"))
     titles = [json.loads(line)["title"] for line in open(corpus, encoding="utf-8")]
@@ -117,7 +118,7 @@ def bench_synthetic(work: Path, n: int) -> None:
     gen = time.perf_counter() - t
     m0 = rss_mb()
     t = time.perf_counter()
-    idx = browse.BM25Index(path, index_dir=work / "synth")
+    idx = BM25Index(path, index_dir=work / "synth")
     build = time.perf_counter() - t
     p50, p99 = timed_queries(lambda q: idx.query(q, 10), queries)
     ok = "meets" if p99 < 50 else "MISSES"
@@ -139,7 +140,7 @@ def bench_compare(work: Path, n: int) -> None:
         for i, d in enumerate(docs):
             f.write(json.dumps({"id": f"p{i}", "title": "", "url": "", "text": d}) + "\n")
     t = time.perf_counter()
-    idx = browse.BM25Index(path, index_dir=work / "cmp_tantivy")
+    idx = BM25Index(path, index_dir=work / "cmp_tantivy")
     rows["tantivy"] = (time.perf_counter() - t, *timed_queries(lambda q: idx.query(q, 10), queries),
                        dir_mb(idx.dir))
     try:

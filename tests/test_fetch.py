@@ -1,5 +1,6 @@
-"""browse.py, fetching side: fetch() against local servers with injected faults, the SSRF guard, the Fetcher pool
-(input order, per-host limit, stats), page record/replay, and the Browser/Session rules on a tiny local corpus.
+"""browse.py, fetching: fetch() against local servers with injected faults, the SSRF guard, the
+Fetcher pool (input order, per-host limit, stats), page record/replay, and the Browser/Session rules on a tiny local
+corpus.
 Offline: servers on 127.0.0.1 only, admitted with allow_hosts (the guard refuses loopback by default).
 The readers have their own file, tests/test_reader.py.
 
@@ -19,9 +20,10 @@ import pytest
 
 import browse
 from browse import BrowseConfig, Browser, Cache, Fetcher, fetch
+from data.localweb import page_html
 
 # A short page as the embedded web serves it (title, h1, one paragraph, a source footer).
-SHORT = browse._page_html({"id": "Kiwi", "title": "Kiwi", "text": "Kiwi are flightless birds endemic to New Zealand.",
+SHORT = page_html({"id": "Kiwi", "title": "Kiwi", "text": "Kiwi are flightless birds endemic to New Zealand.",
                            "url": "https://en.wikipedia.org/wiki/Kiwi"})
 
 PAGE = ("<html><head><title>Lima - Wiki</title><style>p{color:red}</style><script>var secret='js';</script></head>"
@@ -407,20 +409,20 @@ def test_pool_order_and_per_host_limit(srv, other):
 def test_extraction_slots(srv, monkeypatch):
     """HTML -> text runs in at most EXTRACT_SLOTS threads at once (CPU work under the GIL), however many fetch."""
     state = {"active": 0, "peak": 0}
-    lock, real = threading.Lock(), browse._page_from_body
+    lock, real = threading.Lock(), browse.html_to_text
 
-    def counting(body, ctype):
+    def counting(page):
         with lock:
             state["active"] += 1
             state["peak"] = max(state["peak"], state["active"])
         time.sleep(0.05)
         try:
-            return real(body, ctype)
+            return real(page)
         finally:
             with lock:
                 state["active"] -= 1
 
-    monkeypatch.setattr(browse, "_page_from_body", counting)
+    monkeypatch.setattr(browse, "html_to_text", counting)
     f = Fetcher(n_threads=16, timeout=5.0, allow_hosts=(srv.host,))
     out = f.fetch_many([srv.base + "/article"] * 12)
     f.close()
@@ -463,7 +465,6 @@ def test_page_record_replay(tmp_path):
 @pytest.fixture()
 def web(tmp_path, monkeypatch):
     monkeypatch.setenv("DR_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setenv("DR_LOCALWEB_PORT", "0")
     corpus = tmp_path / "corpus.jsonl"
     arts = [("Lima", "Lima is the capital and largest city of Peru. It was founded in 1535 by Francisco Pizarro."),
             ("Cusco", "Cusco is a city in southeastern Peru near the Sacred Valley."),

@@ -7,7 +7,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from reward import Judge, JudgeConfig, parse_judgement
+from eval import Judge, JudgeConfig, parse_judgement
 
 # what the fake judge replies, chosen by a word in the predicted answer
 REPLIES = {
@@ -108,7 +108,7 @@ def test_timeout_and_server_error_are_bounded(server, tmp_path):
     j = make(server, tmp_path, max_retries=1)
     t0 = time.time()
     v = j.judge("Capital of France?", ["Paris"], "slow Lyon")
-    assert v.verdict == "unjudged" and "Timeout" in v.error
+    assert v.verdict == "unjudged" and v.error.startswith("timeout")
     assert len(FakeOpenAI.calls) == 2 and time.time() - t0 < 5       # 1 + max_retries attempts, each 0.5 s
     v = j.judge("Capital of France?", ["Paris"], "boom Lyon")
     assert v.verdict == "unjudged" and "HTTP 500" in v.error

@@ -230,7 +230,6 @@ def test_llm_needs_an_endpoint():
 @pytest.fixture()
 def corpus(tmp_path, monkeypatch):
     monkeypatch.setenv("DR_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setenv("DR_LOCALWEB_PORT", "0")
     path = tmp_path / "corpus.jsonl"
     arts = [("Lima", "Lima is the capital and largest city of Peru. It was founded in 1535 by Francisco Pizarro."),
             ("Kiwi", "Kiwi are flightless birds endemic to New Zealand.")]
@@ -275,7 +274,7 @@ def test_session_llm_reader_and_cache(corpus, llm, tmp_path):
 @pytest.mark.parametrize("replies,words", [
     ([(200, "I think the page is about Lima.")], "the reading model's reply was not the JSON asked for"),
     ([(200, {"result": "not a chat completion"})], "a reply that is not a chat completion"),
-    ([(401, None)], "refused the key (HTTP 401)"),
+    ([(401, None)], "refused access (HTTP 401)"),
     ([(400, None)], "answered HTTP 400"),
 ])
 def test_session_llm_failures_are_observations(corpus, llm, replies, words):

@@ -1,5 +1,6 @@
-"""Tests for the search side of browse.py: local BM25 + LocalWeb on the embedded corpus, the record/replay cache
-(threads and processes), and the Serper / SearXNG clients against a fake server on 127.0.0.1. Offline, CPU.
+"""Tests for the search side of browse.py: the local back end (data/localweb.py's BM25 index + LocalWeb) on the
+embedded corpus, port-free local URLs, the record/replay cache (threads and processes, concurrent recorders), and the
+Serper / SearXNG clients against a fake server on 127.0.0.1. Offline, CPU.
 
 Run: python -m pytest tests/test_search.py -x -q
 """
@@ -19,12 +20,11 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "data"))
+import browse
+from browse import Cache, CacheMiss, SearchError, make_backend
+from data import localweb
 
-import browse  # noqa: E402
-from browse import Cache, CacheMiss, SearchError, make_backend  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 SECRET = "sk-test-SECRET-0123456789"
 
@@ -39,8 +39,13 @@ def local():
     b.close()
 
 
+def live(backend, url: str) -> str:
+    """Where this process's LocalWeb serves a canonical http://localweb/... URL (what the Fetcher does)."""
+    return url.replace(backend.base_url, backend.web.base_url)
+
+
 def test_embedded_corpus():
-    from wiki_corpus import default_corpus_path
+    from data.wiki_corpus import default_corpus_path
     lines = Path(default_corpus_path()).read_text(encoding="utf-8").splitlines()
     assert 9000 < len(lines) < 11000
     rec = json.loads(lines[0])
@@ -66,37 +71,40 @@ def test_local_odd_queries(local):
 
 def test_localweb_serves_html(local):
     url = local.search(["highest mountain on Earth"])[0][0].url
-    with urllib.request.urlopen(url, timeout=5) as r:
+    with urllib.request.urlopen(live(local, url), timeout=5) as r:
         assert r.status == 200 and r.headers["Content-Type"].startswith("text/html")
         page = r.read().decode()
     assert "<h1>" in page and "</html>" in page
     everest = [r.url for r in local.search(["highest mountain on Earth"])[0] if r.title == "Mount Everest"][0]
-    assert "highest mountain on Earth" in urllib.request.urlopen(everest, timeout=5).read().decode()
+    assert "highest mountain on Earth" in urllib.request.urlopen(live(local, everest), timeout=5).read().decode()
     with pytest.raises(urllib.error.HTTPError) as e:
-        urllib.request.urlopen(local.base_url + "/wiki/No_such_page_xyz", timeout=5)
+        urllib.request.urlopen(local.web.base_url + "/wiki/No_such_page_xyz", timeout=5)
     assert e.value.code == 404
 
 
-def test_localweb_port_stable_and_shared(local):
-    # a second back end in the same process (another "rank") gets the same URLs: port fixed by the corpus hash
+def test_local_urls_do_not_depend_on_the_port(local):
+    # a second back end (another "rank") has its own server on another port, and the same URLs
     b2 = make_backend("local", top_k=3)
     try:
-        assert b2.base_url == local.base_url
+        assert b2.web.base_url != local.web.base_url
+        assert b2.base_url == local.base_url == "http://localweb"
         assert b2.search(["Peru"])[0] == local.search(["Peru"])[0][:3]
+        assert local.search(["Peru"])[0][0].url == localweb.page_url("Peru") == "http://localweb/wiki/Peru"
     finally:
-        b2.web.close()  # the first server still answers (SO_REUSEPORT)
-    assert urllib.request.urlopen(local.base_url + "/wiki/Peru", timeout=5).status == 200
+        b2.close()  # the first server still answers
+    assert urllib.request.urlopen(local.web.base_url + "/wiki/Peru", timeout=5).status == 200
 
 
 def test_index_built_once(local):
-    again = browse.BM25Index(local.index.corpus)  # a fresh object, as in another process
+    again = localweb.BM25Index(local.index.corpus)  # a fresh object, as in another process
     assert again.build_s == 0.0 and again.n_passages == local.index.n_passages
 
 
 def test_chunking():
-    assert browse.chunk_words("a " * 250, 100) == ["a " * 99 + "a"] * 2 + ["a " * 49 + "a"]
-    assert len(browse.chunk_words("a " * 210, 100)) == 2  # a 10-word tail joins the previous passage
-    assert browse.chunk_words("", 100) == []
+    assert localweb.chunk_words("a " * 250, 100) == ["a " * 99 + "a"] * 2 + ["a " * 49 + "a"]
+    assert len(localweb.chunk_words("a " * 210, 100)) == 2  # a 10-word tail joins the previous passage
+    assert localweb.chunk_words("a " * 210, 100)[1] == "a " * 109 + "a"
+    assert localweb.chunk_words("", 100) == []
 
 
 def test_local_custom_corpus(tmp_path, monkeypatch):
@@ -110,7 +118,7 @@ def test_local_custom_corpus(tmp_path, monkeypatch):
     try:
         hit = b.search(["quokka"])[0]
         assert [h.title for h in hit] == ["Zeta"] and hit[0].url.endswith("/wiki/zeta%20page")
-        assert "Rottnest" in urllib.request.urlopen(hit[0].url, timeout=5).read().decode()
+        assert "Rottnest" in urllib.request.urlopen(live(b, hit[0].url), timeout=5).read().decode()
         assert b.index.n_passages == 20 * 2 + 1  # 210 words -> 2 passages each
     finally:
         b.close()  # stops its LocalWeb too
@@ -142,8 +150,7 @@ def test_cache_modes_and_age(tmp_path):
     Cache(p, "record").put("page", "http://a", {"text": "A"})
     assert Cache(p, "record").get("page", "http://a") is None  # record always goes live
     assert Cache(p, "replay_or_live").get("page", "http://a") == {"text": "A"}
-    value, t = Cache(p, "replay").get("page", "http://a", with_time=True)
-    assert value == {"text": "A"} and abs(t - time.time()) < 60
+    assert Cache(p, "replay").get("page", "http://a") == {"text": "A"}
     assert Cache(None, "live").get("page", "http://a") is None
     Cache(p, "record").put("page", "http://old", {"text": "B"}, fetched_at=time.time() - 3600)
     assert Cache(p, "replay_or_live", max_age_s=60).get("page", "http://old") is None
@@ -205,12 +212,62 @@ def test_cli_search_and_replay_miss(tmp_path):
     assert r3.returncode != 0 and "not in the cache" in r3.stderr and "cache miss" in r3.stderr
 
 
-def test_stats_diff():
-    s = browse.Stats()
-    before = s.snapshot()
-    s.add(browse.Stats(queries=2, cache_hits=1, api_calls=1, failures={"timeout": 1}, cost_usd=0.001))
-    d = browse.Stats.diff(s.snapshot(), before)
-    assert d["queries"] == 2 and d["failures"] == {"timeout": 1} and d["cost_usd"] == pytest.approx(0.001)
+# Two processes recording into one cache at once, then a fresh process replaying everything (issue 16): nothing may
+# be lost, and the recorded local URLs (http://localweb/...) must not depend on the port either server got.
+RECORDER = r"""
+import json, sys
+from browse import BrowseConfig, Browser
+corpus, cache, mode, *queries = sys.argv[1:]
+b = Browser(BrowseConfig(corpus=corpus, cache=cache, cache_mode=mode, top_k=2))
+out = {"port": b.backend.web.netloc}
+for q in queries:
+    s = b.session(q)
+    obs = s.web_search([q])
+    out[q] = [obs, s.browse_webpage(list(s.urls)[:1])]
+b.close()
+print(json.dumps(out))
+"""
+ANIMALS = ["quokka", "axolotl", "pangolin", "narwhal", "okapi", "tapir", "kakapo", "fossa", "dugong", "saiga"]
+
+
+def _run_recorders(args_list, env):
+    procs = [subprocess.Popen([sys.executable, "-c", RECORDER, *args], cwd=ROOT, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for args in args_list]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    return [json.loads(o[0]) for o in outs]
+
+
+def test_concurrent_recorders_then_replay_in_a_fresh_process(tmp_path):
+    env = {**__import__("os").environ, "DR_CACHE_DIR": str(tmp_path / "cache")}
+    corpus = tmp_path / "zoo.jsonl"
+    corpus.write_text("".join(json.dumps({"id": a.title(), "title": a.title(), "url": f"https://x/{a}",
+                                          "text": f"The {a} is an animal. " + "It lives somewhere. " * 30}) + "\n"
+                              for a in ANIMALS))
+    db = str(tmp_path / "web.sqlite")
+    qs = [f"where does the {a} live" for a in ANIMALS]
+    # both start at once: each builds/opens the index, starts its own page server, records 5 searches and 5 pages
+    a, b = _run_recorders([(str(corpus), db, "record", *qs[:5]), (str(corpus), db, "record", *qs[5:])], env)
+    assert a["port"] != b["port"]
+    recorded = {**a, **b}
+    assert all("http://localweb/wiki/" in recorded[q][0] and "127.0.0.1" not in recorded[q][0] for q in qs)
+    assert all(recorded[q][1].startswith("Page http://localweb/wiki/") for q in qs)
+    # a fresh process replays every search and page from the file: nothing missing, every observation identical
+    (rep,) = _run_recorders([(str(corpus), db, "replay", *qs)], env)
+    assert all(rep[q] == recorded[q] for q in qs), [q for q in qs if rep[q] != recorded[q]]
+    assert Cache(db, "replay").get("page", "http://localweb/wiki/Okapi")["ok"]
+    # pages not recorded are served live by the replaying process's own server, on whatever port it got
+    (rol,) = _run_recorders([(str(corpus), str(tmp_path / "empty.sqlite"), "replay_or_live", *qs[:2])], env)
+    assert all(rol[q] == recorded[q] for q in qs[:2])
+
+
+def test_stats_add():
+    s = browse.Stats(queries=1, failures={"timeout": 1})
+    s.add(browse.Stats(queries=2, cache_hits=1, api_calls=1, failures={"timeout": 1, "auth": 1}, cost_usd=0.001))
+    d = s.snapshot()
+    assert d["queries"] == 3 and d["failures"] == {"timeout": 2, "auth": 1} and d["cost_usd"] == pytest.approx(0.001)
+    d["failures"]["x"] = 1  # a snapshot is a copy
+    assert "x" not in s.failures
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -293,8 +350,8 @@ def test_serper_ok_and_cost(fake, tmp_path):
     assert b.stats.api_calls == 2 and b.stats.cost_usd == pytest.approx(2 * browse.SERPER_USD_PER_QUERY)
     # replay needs no key and costs nothing
     rep = make_backend("serper", top_k=10, cache=Cache(tmp_path / "s.sqlite", "replay"), gl="de", hl="de")
-    call = rep.search_detailed(["highest mountain"])
-    assert call.results[0] == res[0] and call.stats["cost_usd"] == 0 and call.stats["cache_hits"] == 1
+    assert rep.search(["highest mountain"])[0] == res[0]
+    assert rep.stats.cost_usd == 0 and rep.stats.cache_hits == 1 and rep.stats.api_calls == 0
 
 
 def test_serper_missing_key(monkeypatch):
@@ -307,14 +364,13 @@ def test_serper_missing_key(monkeypatch):
 def test_serper_401_stops_and_hides_key(fake):
     fake.script = [(401, {}, json.dumps({"message": f"Unauthorized key {SECRET}"}), 0)]
     b = serper(fake, max_tries=5)
-    out = b.search_or_error(["q"])[0]
+    out = b.search(["q"])[0]
     assert isinstance(out, SearchError) and out.kind == "auth" and "SERPER_API_KEY" in str(out)
     assert len(fake.requests) == 1  # no retry on auth errors
     assert SECRET not in str(out) and SECRET not in repr(b) and SECRET not in repr(out.args)
     assert b.stats.failures == {"auth": 1}
     fake.script = [(403, {}, "{}", 0)]
-    with pytest.raises(SearchError, match="auth"):
-        b.search(["q"])
+    assert b.search(["q"])[0].kind == "auth" and len(fake.requests) == 2
 
 
 def test_serper_429_honours_retry_after(fake):
@@ -335,7 +391,7 @@ def test_serper_500_then_200(fake):
 def test_serper_bounded_tries(fake):
     fake.script = [(503, {}, "down", 0)]
     b = serper(fake, max_tries=3)
-    out = b.search_or_error(["q"])[0]
+    out = b.search(["q"])[0]
     assert isinstance(out, SearchError) and out.kind == "server" and len(fake.requests) == 3
 
 
@@ -343,24 +399,24 @@ def test_serper_slow_times_out(fake):
     fake.script = [(200, {}, SERPER_OK, 1.5)]
     b = serper(fake, timeout=0.3, max_tries=2)
     t0 = time.monotonic()
-    out = b.search_or_error(["q"])[0]
+    out = b.search(["q"])[0]
     assert isinstance(out, SearchError) and out.kind == "timeout"
     assert time.monotonic() - t0 < 1.5 and b.stats.failures == {"timeout": 1}
 
 
 def test_serper_malformed(fake):
     fake.script = [(200, {}, "<html>not json", 0)]
-    out = serper(fake).search_or_error(["q"])[0]
+    out = serper(fake).search(["q"])[0]
     assert isinstance(out, SearchError) and out.kind == "malformed"
     fake.script = [(200, {}, json.dumps({"error": "quota"}), 0)]
-    out = serper(fake).search_or_error(["q"])[0]
+    out = serper(fake).search(["q"])[0]
     assert isinstance(out, SearchError) and out.kind == "malformed"
 
 
 def test_serper_mixed_batch_errors_as_values(fake):
     fake.script = [(200, {}, SERPER_OK, 0), (200, {}, "garbage", 0), (200, {}, SERPER_OK, 0)]
     b = serper(fake, n_threads=1)  # one worker: queries reach the server in order, so the script lines up
-    out = b.search_or_error(["a", "b", "c"])
+    out = b.search(["a", "b", "c"])
     kinds = [type(x).__name__ for x in out]
     assert kinds.count("SearchError") == 1 and kinds.count("list") == 2
 
@@ -373,9 +429,9 @@ def test_searxng(fake):
         ("Everest", "https://example.org/everest", "the highest mountain", 1)]
     assert "format=json" in fake.requests[-1]["path"] and fake.requests[-1]["path"].startswith("/search?")
     fake.script = [(200, {}, "{bad json", 0)]
-    assert b.search_or_error(["x"])[0].kind == "malformed"
+    assert b.search(["x"])[0].kind == "malformed"
     fake.script = [(403, {}, "", 0)]
-    err = b.search_or_error(["y"])[0]
+    err = b.search(["y"])[0]
     assert err.kind == "auth" and "format=json" in str(err)
 
 
