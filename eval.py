@@ -374,7 +374,7 @@ def default_corpus(cfg: Config) -> str | None:
 def trajectory_record(ex: dict, traj) -> dict:
     turns = [asdict(t) if hasattr(t, "__dataclass_fields__") else dict(t) for t in traj.turns]
     return {"id": ex["id"], "source": ex["source"], "question": ex["question"], "gold": ex["answers"],
-            "answer": traj.answer, "status": traj.status, "turns": turns, "stats": dict(traj.stats),
+            "answer": traj.answer, "end_reason": traj.end_reason, "turns": turns, "stats": dict(traj.stats),
             "n_tokens": len(traj.tokens), "prompt_len": traj.prompt_len}
 
 

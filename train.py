@@ -823,7 +823,7 @@ def plot_rewards(history: list[dict], path: Path) -> None:
 def trajectory_record(traj, rew, adv: float, tokenizer) -> dict:
     """A full trajectory as JSON: decoded text, every turn, reward and advantage."""
     turns = [asdict(t) if dataclasses.is_dataclass(t) else dict(t) for t in traj.turns]
-    return {"question": traj.question, "gold": traj.gold, "status": traj.status, "answer": traj.answer,
+    return {"question": traj.question, "gold": traj.gold, "end_reason": traj.end_reason, "answer": traj.answer,
             "reward": rew.score, "f1": rew.f1, "format_ok": rew.format_ok, "reason": rew.reason, "advantage": adv,
             "n_tokens": len(traj.tokens), "n_sampled": sum(traj.loss_mask), "stats": traj.stats,
             "text": tokenizer.decode(traj.tokens), "turns": turns}

@@ -277,7 +277,7 @@ class FakeTrajectory:
     prompt_len: int
     turns: list
     answer: str | None
-    status: str
+    end_reason: str
     stats: dict = field(default_factory=dict)
 
 
@@ -332,7 +332,7 @@ def fake_rollout(model, tokenizer, questions, golds, browser, cfg, group_size=1,
             ans = gold[0] if first % 2 == 0 else "no idea"
             text = f"<think>t</think><answer>{ans}</answer>" if first % 3 else "<think>oops"
             out.append(FakeTrajectory(q, gold, qi, toks, mask, lps, len(prompt), [FakeTurn(text)], ans,
-                                      "answered", {"n_search": 1, "n_browse": 0}))
+                                      "answer", {"n_search": 1, "n_browse": 0}))
     return out
 
 
