@@ -16,8 +16,8 @@ What it does
   Under protocol "dr" (the reference's), every turn must also close a `<think>` block: the reference appends
   `<think>` to the prompt of every turn, so a turn that never writes `</think>` leaves it unbalanced (-1). Our loop
   forces that `<think>` into the turn's text (`turn_prefix_every`); the rule holds even when it is not forced.
-- `reward(responses, gold, protocol=None)`: -1 on a format error, otherwise the best word-set F1; returns a `Reward` record with
-  the pieces (format_ok, f1, em, answer, reason) so training and eval log them.
+- `reward(responses, gold, protocol=None)`: -1 on a format error, otherwise the best word-set F1; returns a `Reward`
+  record with the pieces (format_ok, f1, em, answer, reason) so training and eval log them.
 - `Judge`: the model-based score (MBE). Any OpenAI-compatible `/chat/completions` endpoint; an exact match counts as
   correct without a call; temperature 0; verdicts cached on disk (JSONL); bounded retries with an HTTP timeout; a
   reply that cannot be parsed is "unjudged" and reported, never retried forever. The API key is read from an
