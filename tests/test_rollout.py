@@ -543,3 +543,39 @@ def test_real_engine_max_new_tokens_one(tiny_qwen2):
     with torch.no_grad():
         trajs = rollout(model, tok, ["Who?", "Where?"], [["a"], ["b"]], FakeBrowser(), cfg, group_size=2)
     assert [len(t.turns) for t in trajs] == [1] * 4 and all(t.end_reason == "format_error" for t in trajs)
+
+
+def test_one_failed_call_in_a_group_is_masked_from_its_group(tok):
+    """The web fails one row's call in a group of 3: only that row ends as tool_failure; with train.py's validity
+    mask it gets advantage 0 and the other two are scored as a group of two."""
+    import torch
+
+    from train import INFRA_END_REASONS, group_advantages
+
+    class OneBadSession(FakeSession):
+        bad = False
+
+        def web_search(self, queries):
+            if self.bad:
+                return Observation.make("Search failed: HTTP 503.", True)
+            return super().web_search(queries)
+
+    class OneBadBrowser(FakeBrowser):
+        n_sessions = 0
+
+        def session(self, question):
+            self.n_sessions += 1
+            s = OneBadSession(self, question)
+            s.bad = self.n_sessions == 2  # the group's second row
+            return s
+
+    answers = iter(["Paris", "Lyon", "Paris", "Paris"])
+
+    def policy(ctx, turn):
+        return "<search>capital</search>" if turn == 0 else f"<answer>{next(answers)}</answer>"
+    trajs, _, _ = run(tok, policy, group_size=3, browser=OneBadBrowser())
+    assert sorted(t.end_reason for t in trajs) == ["answer", "answer", "tool_failure"]
+    r = torch.tensor([reward([x.text for x in t.turns], t.gold).score for t in trajs])
+    valid = torch.tensor([t.end_reason not in INFRA_END_REASONS for t in trajs])
+    a = group_advantages(r, 3, valid=valid)
+    assert a[~valid].tolist() == [0.0] and torch.allclose(a[valid], group_advantages(r[valid], 2))
