@@ -797,7 +797,7 @@ def rollout(model, tokenizer, questions: list[str], golds: list[list[str]], brow
                 done = engine.step()
                 for fin in done:
                     on_finished(fin)
-                if not done and not engine.n_decoding and not futures and rows:
+                if not done and not engine.n_decoding:  # a row is unaccounted for: fail rather than spin
                     raise RuntimeError(f"rows {sorted(rows)} are neither decoding nor waiting on a tool")
             elif futures:  # every live row waits on the web: block until one call returns
                 wait(list(futures), return_when=FIRST_COMPLETED)
