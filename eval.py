@@ -73,6 +73,7 @@ class Config:
     on_bad_call: str = "error_observation"
     prompt: str = "reference"       # system prompt: reference (the paper's) | short (~30 tokens, small models)
     turn_prefixes: str = ""         # forced text opening turns 1, 2, ..., comma-separated (e.g. "<search>,<answer>")
+    turn_prefix_every: str = ""     # forced text opening EVERY turn, before turn_prefixes (the reference: <think>)
     date: str = ""                  # date shown in the system prompt ("" = today); fix it for reproducible runs
     seed: int = 0
     # search and reading (browse.BrowseConfig)
@@ -108,8 +109,11 @@ PRESETS: dict[str, dict] = {
                     max_turns=2, max_new_tokens=24, max_len=1024, prompt="short", turn_prefixes="<search>,<answer>",
                     top_k=3, snippet_chars=200, obs_chars=1000, n_slots=32, batch_size=64, out_dir="runs/eval-offline"),
     # the paper's evaluation set-up: Qwen2.5-7B-Instruct (or a trained checkpoint), Google via Serper, top 10,
-    # reading agent, up to 10 turns of at most 2000 new tokens, ~32k context, greedy
+    # reading agent, up to 10 turns of at most 2000 new tokens, ~32k context, greedy; as in training (train.py's
+    # preset says why): a malformed call ends the trajectory, every turn opens with <think>, and one search shows
+    # 3 queries x 10 results uncut
     "deepresearcher": dict(model="Qwen/Qwen2.5-7B-Instruct", protocol="dr", backend="serper", top_k=10,
+                           on_bad_call="end", turn_prefix_every="<think>", snippet_chars=300, obs_chars=15000,
                            reader="llm", max_turns=10, max_new_tokens=2000, max_len=32768, n_slots=64,
                            data="../shared/held_out_data/test.parquet", out_dir="runs/eval-deepresearcher"),
 }
@@ -239,9 +243,11 @@ def _n_tool_calls(rec: dict) -> tuple[int, int]:
     return int(n_search), int(n_browse)
 
 
-def score_record(rec: dict) -> dict:
-    """Scores from the policy's own turn texts and the gold answers (observations are never format-checked)."""
-    r = reward([t["text"] for t in rec["turns"]], rec["gold"])
+def score_record(rec: dict, protocol: str | None = None) -> dict:
+    """Scores from the policy's own turn texts and the gold answers (observations are never format-checked).
+
+    protocol "dr": every turn must close </think>, as in training (reward.format_ok)."""
+    r = reward([t["text"] for t in rec["turns"]], rec["gold"], protocol=protocol)
     ans = r.answer if r.format_ok else None
     n_search, n_browse = _n_tool_calls(rec)
     return {"reward": r.score, "format_ok": r.format_ok, "format_reason": r.reason, "f1": r.f1, "em": r.em,
@@ -465,7 +471,7 @@ def rescore(cfg: Config, out_dir: Path, meta: dict | None = None, ids: set[str] 
         raise SystemExit(f"{path} has no trajectories to score")
     for rec in everything:
         # fresh scores; MBE only when a judge is set now (its on-disk cache makes re-judging free)
-        rec["scores"] = score_record(rec)
+        rec["scores"] = score_record(rec, cfg.protocol)
     judge_model = None
     if cfg.judge_base_url:
         judge = Judge(JudgeConfig(base_url=cfg.judge_base_url, model=cfg.judge_model,
@@ -515,7 +521,7 @@ def default_corpus(cfg: Config) -> str | None:
 def trajectory_record(ex: dict, traj) -> dict:
     turns = [asdict(t) if hasattr(t, "__dataclass_fields__") else dict(t) for t in traj.turns]
     return {"id": ex["id"], "source": ex["source"], "question": ex["question"], "gold": ex["answers"],
-            "answer": traj.answer, "status": traj.status, "turns": turns, "stats": dict(traj.stats),
+            "answer": traj.answer, "end_reason": traj.end_reason, "turns": turns, "stats": dict(traj.stats),
             "n_tokens": len(traj.tokens), "prompt_len": traj.prompt_len}
 
 
@@ -570,7 +576,7 @@ def first_title_rollout(model, tokenizer, questions, golds, browser, cfg, group_
         turns = [Turn(f"<search>{q}</search>", "web_search", {"query": [q]}, obs, None, 0, 0.0, 0.0),
                  Turn(f"<answer>{title}</answer>", None, None, None, None, 0, 0.0, 0.0)]
         out.append(Trajectory(question=q, gold=list(gold), group=qi, tokens=[], loss_mask=[], logprobs=[],
-                              prompt_len=0, turns=turns, answer=title, status="answered",
+                              prompt_len=0, turns=turns, answer=title, end_reason="answer",
                               stats=dict(n_search=1, n_browse=0, n_bad_calls=0)))
     return out
 
@@ -605,7 +611,7 @@ def run_agent(cfg: Config, todo: list[dict], path: Path, rank: int, world: int) 
     rcfg = RolloutConfig(**_only_fields(RolloutConfig, dict(
         protocol=cfg.protocol, max_turns=cfg.max_turns, max_new_tokens=cfg.max_new_tokens, max_len=cfg.max_len,
         temperature=cfg.temperature, top_p=cfg.top_p, n_slots=cfg.n_slots, on_bad_call=cfg.on_bad_call,
-        prompt=cfg.prompt, turn_prefixes=cfg.turn_prefixes,
+        prompt=cfg.prompt, turn_prefixes=cfg.turn_prefixes, turn_prefix_every=cfg.turn_prefix_every,
         date=cfg.date or None)))  # date None is dropped: the real date
     bcfg = BrowseConfig(**_only_fields(BrowseConfig, dict(
         backend=cfg.backend, top_k=cfg.top_k, corpus=corpus, cache=cfg.cache or None, cache_mode=cfg.cache_mode,
@@ -621,7 +627,7 @@ def run_agent(cfg: Config, todo: list[dict], path: Path, rank: int, world: int) 
                                 rcfg, group_size=1, seed=cfg.seed)
             recs = [trajectory_record(ex, tr) for ex, tr in zip(chunk, trajs)]
             for rec in recs:
-                rec["scores"] = score_record(rec)
+                rec["scores"] = score_record(rec, cfg.protocol)
             append_records(path, recs)
             done += len(chunk)
             mean_f1 = sum(r["scores"]["f1"] for r in recs) / len(recs)

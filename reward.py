@@ -13,16 +13,17 @@ What it does
   opening tag is followed by a closing one; and an `<answer>...</answer>` is present. Each turn is checked on its
   own, which implies the reference's check on the concatenation (and is slightly stricter: a tag may not be opened
   in one turn and closed in a later one, which our engine cannot produce anyway since a turn ends at a closing tag).
-- `reward(responses, gold)`: -1 on a format error, otherwise the best word-set F1; returns a `Reward` record with
-  the pieces (format_ok, f1, em, answer, reason) so training and eval log them.
+  Under protocol "dr" (the reference's), every turn must also close a `<think>` block: the reference appends
+  `<think>` to the prompt of every turn, so a turn that never writes `</think>` leaves it unbalanced (-1). Our loop
+  forces that `<think>` into the turn's text (`turn_prefix_every`); the rule holds even when it is not forced.
+- `reward(responses, gold, protocol=None)`: -1 on a format error, otherwise the best word-set F1; returns a `Reward`
+  record with the pieces (format_ok, f1, em, answer, reason) so training and eval log them.
 - The LLM judge (MBE) is not here: it is eval.py's, its only user.
 
 What it deliberately does not do
 - Observations (search results, page extracts) are NEVER format-checked. The reference checked the whole rendered
   trajectory, so a web page that happened to contain "<answer>" or "</think>" turned a good rollout into -1; we pass
   only the policy's own turn texts here.
-- The reference's training scorer also gave 0.1 instead of 0 to a wrong answer whose search queries used operators
-  (site:, quotes, AND/OR); the paper does not describe it and we leave it out.
 - No torch, no HTTP, no I/O: pure functions of strings.
 
 How to run
@@ -148,15 +149,18 @@ def _tags_balanced(text: str) -> str | None:
     return None
 
 
-def format_ok(responses: list[str] | str) -> tuple[bool, str]:
+def format_ok(responses: list[str] | str, protocol: str | None = None) -> tuple[bool, str]:
     """Reference format rule on the policy's own turn texts (never observations): (ok, reason).
 
-    reason is "ok", "unbalanced <tag> in turn i" or "no answer"."""
+    protocol "dr": every turn must also close a <think> block (see the module docstring).
+    reason is "ok", "unbalanced <tag> in turn i", "no </think> in turn i" or "no answer"."""
     turns = [responses] if isinstance(responses, str) else list(responses)
     for i, text in enumerate(turns):
         bad = _tags_balanced(text)
         if bad is not None:
             return False, f"unbalanced <{bad}> in turn {i}"
+        if protocol == "dr" and "</think>" not in text.lower():
+            return False, f"no </think> in turn {i}"
     if not any(extract_answer(t) is not None for t in turns):
         return False, "no answer"
     return True, "ok"
@@ -172,11 +176,11 @@ class Reward:
     reason: str           # "ok" or why the format check failed
 
 
-def reward(responses: list[str] | str, gold: str | list[str]) -> Reward:
+def reward(responses: list[str] | str, gold: str | list[str], protocol: str | None = None) -> Reward:
     """The training reward of one trajectory from the policy's own turn texts (observations excluded)."""
     turns = [responses] if isinstance(responses, str) else list(responses)
     answer = next((a for a in map(extract_answer, turns) if a is not None), None)
-    ok, reason = format_ok(turns)
+    ok, reason = format_ok(turns, protocol)
     if not ok:
         return Reward(score=-1.0, format_ok=False, f1=0.0, em=0.0, answer=answer, reason=reason)
     score = f1(answer, gold)

@@ -41,15 +41,23 @@ Tool-call protocols (`RolloutConfig.protocol`):
   mean one per call).
 Both end a turn at their closing tags (stop strings) or at `</answer>` or eos.
 
-Turn outcomes (decided here; reward.py scores them, the loop never imports it):
-- `<answer>..</answer>` -> status "answered" (answer = the first answer's text).
-- a well-formed call -> run it; after `max_turns` turns the call is not run and the status is "max_turns".
+Turn outcomes: every trajectory ends for exactly one `Trajectory.end_reason` (decided here; reward.py scores the
+turns, the loop never imports it):
+- `<answer>..</answer>` -> "answer" (answer = the first answer's text).
+- a well-formed call -> run it; after `max_turns` turns the call is not run and the trajectory ends: "max_turns".
 - a malformed call (bad JSON, unknown tool, missing/empty arguments, unclosed tag) -> `on_bad_call`:
-  "end" = status "format_error" (the reference), "error_observation" = a short error message is the observation
-  and the row goes on (counted in stats["n_bad_calls"]).
+  "end" = "bad_call" (the reference: it has no answer, so it scores -1), "error_observation" = a short error
+  message is the observation and the row goes on (counted in stats["n_bad_calls"]).
 - neither a call nor an answer (eos, or max_new_tokens hit mid-thought) -> "format_error".
 - the cache is full mid-turn, or an observation would not fit with `min_turn_tokens` to spare -> "context_limit".
+- the web failed for reasons outside the policy -> "tool_failure": the session raised, or returned an observation
+  whose `failed` attribute is true (browse.py's Session sets it when the search back end, or every page fetch of
+  the call, failed: timeout, 5xx, quota, network). A search with no results is an answer, not a failure. The
+  trainer drops these trajectories from the loss (train.py `mask_tool_failures`).
+- the engine refused the row (e.g. `append` raised) -> "engine_error".
 A `<think>` block is not required by the loop; reward.py's format check (policy turns only) judges that.
+`turn_prefix_every` forces a text at the start of every turn (the reference's `<think>`), before that turn's
+`turn_prefixes` entry; forced text is loss-masked but part of the turn's text, so the format check sees it.
 
 Not here: the reward, the browser (browse.py; it enforces "only URLs from the last search" and renders
 observations), the engine (above). No global state: everything lives in `rollout()`'s locals.
@@ -383,8 +391,11 @@ class Trajectory:
     prompt_len: int
     turns: list[Turn]
     answer: str | None
-    status: str                    # "answered" | "format_error" | "max_turns" | "context_limit"
+    end_reason: str                # one of END_REASONS (see the module docstring)
     stats: dict
+
+
+END_REASONS = ("answer", "format_error", "bad_call", "max_turns", "context_limit", "tool_failure", "engine_error")
 
 
 @dataclass
@@ -405,6 +416,8 @@ class RolloutConfig:
     turn_prefixes: tuple | str = ()    # forced text opening turn i (loss mask 0), e.g. ("<search>", "<answer>") or
     #                                    "<search>,<answer>": a scaffold for models too small to find the format
     #                                    alone (SmolLM2-135M); () = none, the reference
+    turn_prefix_every: str = ""        # forced text opening EVERY turn, before turn_prefixes[i]; the reference
+    #                                    appends "<think>" to the prompt of each turn
 
 
 # ------------------------------------------------------------------------------------------------ prompt
@@ -544,10 +557,12 @@ def _check_args(tool: str, value) -> tuple[dict | None, str | None]:
 def parse_turn(text: str, protocol: str) -> Action:
     """Decide what one turn of the policy asks for. Only the policy's own text is ever parsed.
 
-    The engine stops a turn at the first closing tag, so the action is the one whose closing tag the text ends
-    with; an answer found earlier in the text (no stop string hit, e.g. eos) still counts."""
-    body = text.rstrip()
+    The engine stops a turn at the first closing tag, so the text is read up to the first closing tag (of a call or
+    of an answer): the stop string can fire inside a token that carries more characters (SmolLM2 tokenises
+    "</search>," as "</", "search", ">,"). An answer with no stop string hit (e.g. eos) still counts."""
     call_tags = ("tool_call",) if protocol == "dr" else ("search", "browse")
+    ends = [i + len(c) for c in (*(f"</{t}>" for t in call_tags), "</answer>") if (i := text.find(c)) >= 0]
+    body = text[:min(ends)] if ends else text.rstrip()
     for tag in call_tags:
         close = f"</{tag}>"
         if body.endswith(close):
@@ -592,18 +607,29 @@ def bad_call_message(error: str, protocol: str) -> str:
     return f"Error: {error}. Call a tool as {how}, or give the final answer as <answer>...</answer>."
 
 
-def run_tool(session, tool: str, args: dict) -> tuple[str, float]:
-    """Run one call on a browser session; (observation, seconds). Sessions return errors as text and never raise;
-    a bug that raises anyway becomes an observation so one row cannot take the rollout down."""
+@dataclass
+class ToolResult:
+    text: str           # the observation the policy sees
+    seconds: float
+    failed: bool        # the web failed for reasons outside the policy (the trajectory ends as "tool_failure")
+
+
+def run_tool(session, tool: str, args: dict) -> ToolResult:
+    """Run one call on a browser session. A session returns a plain string, or an object with the text (`.text`,
+    or the object itself when it is a `str` subclass) and `.failed` (True when the back end or every fetch of the
+    call failed: timeouts, 5xx, quota, network); a plain string has no `.failed` and counts as success. Sessions
+    should not raise; an exception anyway is a tool failure, so one row cannot take the rollout down."""
     t0 = time.perf_counter()
     try:
         if tool == "web_search":
             obs = session.web_search(args["query"])
         else:
             obs = session.browse_webpage(args["url_list"])
+        failed = bool(getattr(obs, "failed", False))
+        text = str(obs) if isinstance(obs, str) else str(obs.text)  # str(): a plain str, JSON-safe in records
     except Exception as e:  # noqa: BLE001
-        obs = f"Error: {tool} failed ({type(e).__name__}: {e})"
-    return obs, time.perf_counter() - t0
+        text, failed = f"Error: {tool} failed ({type(e).__name__}: {e})", True
+    return ToolResult(text, time.perf_counter() - t0, failed)
 
 
 def _defang(text: str, specials: list[str]) -> str:
@@ -650,19 +676,22 @@ def rollout(model, tokenizer, questions: list[str], golds: list[list[str]], brow
     frame = obs_frame(tokenizer, cfg.obs_role)
     tp = cfg.turn_prefixes
     prefixes = [p for p in tp.split(",")] if isinstance(tp, str) and tp else [str(p) for p in tp or ()]
+    # turn i opens with turn_prefix_every + turn_prefixes[i]; the last entry covers every later turn
+    every = cfg.turn_prefix_every or ""
+    prefixes = [every + p for p in prefixes] + [every]
     prefix_ids = [tokenizer.encode(p, add_special_tokens=False) if p else [] for p in prefixes]
-    prefix = lambda i: (prefixes[i], prefix_ids[i]) if i < len(prefixes) else ("", [])  # noqa: E731
+    prefix = lambda i: (prefixes[min(i, len(prefixes) - 1)], prefix_ids[min(i, len(prefixes) - 1)])  # noqa: E731
     specials = list(getattr(tokenizer, "all_special_tokens", []))
     out: list[Trajectory | None] = [None] * (len(questions) * G)
     queue = deque(range(len(questions)))
     rows: dict[int, _Row] = {}
     futures: dict[Future, tuple[int, int]] = {}   # tool call in flight -> (slot, last sampled token)
 
-    def finish(slot: int, status: str, answer: str | None = None) -> None:
+    def finish(slot: int, end_reason: str, answer: str | None = None) -> None:
         row = rows.pop(slot)
         engine.release(slot)
         t = row.traj
-        t.status, t.answer = status, answer
+        t.end_reason, t.answer = end_reason, answer
         t.stats.update(n_turns=len(t.turns), wall_s=time.perf_counter() - row.t_start,
                        gen_s=sum(x.gen_s for x in t.turns), tool_s=sum(x.tool_s for x in t.turns))
 
@@ -681,11 +710,16 @@ def rollout(model, tokenizer, questions: list[str], golds: list[list[str]], brow
             turn.error = "; ".join(filter(None, [turn.error, "observation does not fit in the context budget"]))
             finish(slot, "context_limit")
             return
+        try:
+            engine.append(slot, forced, sampling)
+        except (RuntimeError, ValueError) as e:  # the engine refused the row: end it, keep the others going
+            turn.error = "; ".join(filter(None, [turn.error, f"engine: {type(e).__name__}: {e}"]))
+            finish(slot, "engine_error")
+            return
         t.tokens += forced
         t.loss_mask += [0] * len(forced)
         t.logprobs += [0.0] * len(forced)
         row.t_turn = time.perf_counter()
-        engine.append(slot, forced, sampling)
 
     def on_finished(fin) -> None:
         row = rows[fin.slot]
@@ -700,7 +734,7 @@ def rollout(model, tokenizer, questions: list[str], golds: list[list[str]], brow
         t.turns.append(turn)
         row.n_turns += 1
         if act.kind == "answer":
-            return finish(fin.slot, "answered", act.answer)
+            return finish(fin.slot, "answer", act.answer)
         if fin.reason == "context":
             turn.error = "context budget exhausted while generating"
             return finish(fin.slot, "context_limit")
@@ -711,7 +745,7 @@ def rollout(model, tokenizer, questions: list[str], golds: list[list[str]], brow
         if act.kind == "bad_call":
             t.stats["n_bad_calls"] += 1
             if cfg.on_bad_call == "end":
-                return finish(fin.slot, "format_error")
+                return finish(fin.slot, "bad_call")
         if row.n_turns >= cfg.max_turns:  # no turn left to read the observation: do not run the call
             return finish(fin.slot, "max_turns")
         if act.kind == "bad_call":
@@ -723,10 +757,13 @@ def rollout(model, tokenizer, questions: list[str], golds: list[list[str]], brow
     def on_tool_done(fut: Future) -> None:
         slot, last_token = futures.pop(fut)
         row = rows[slot]
-        obs, secs = fut.result()
+        res = fut.result()
         turn, row.pending = row.pending, None
-        turn.tool_s = secs
-        resume(slot, turn, obs, last_token)
+        turn.tool_s = res.seconds
+        if res.failed:  # the web, not the policy, failed: end here (the trainer keeps it out of the loss)
+            turn.observation, turn.error = res.text, "the tool failed (infrastructure)"
+            return finish(slot, "tool_failure")
+        resume(slot, turn, res.text, last_token)
 
     def admit() -> None:
         """Queued questions take free slots, a whole group at a time (its prompt is prefilled once)."""
@@ -737,13 +774,14 @@ def rollout(model, tokenizer, questions: list[str], golds: list[list[str]], brow
             first = prompt + prefix(0)[1]  # the first turn's forced prefix rides with the prompt's prefill
             trajs = [Trajectory(question=questions[qi], gold=list(golds[qi]), group=qi, tokens=list(first),
                                 loss_mask=[0] * len(first), logprobs=[0.0] * len(first), prompt_len=len(prompt),
-                                turns=[], answer=None, status="", stats=dict(n_search=0, n_browse=0, n_bad_calls=0))
+                                turns=[], answer=None, end_reason="", stats=dict(n_search=0, n_browse=0,
+                                                                                 n_bad_calls=0))
                      for _ in range(G)]
             for g, tr in enumerate(trajs):
                 out[qi * G + g] = tr
             if len(first) + cfg.min_turn_tokens > cfg.max_len:  # nothing to decode: never occupy a slot
                 for tr in trajs:
-                    tr.status, tr.stats["n_turns"] = "context_limit", 0
+                    tr.end_reason, tr.stats["n_turns"] = "context_limit", 0
                 continue
             slots = engine.submit(first, sampling, n=G)
             for slot, tr in zip(slots, trajs):
@@ -754,9 +792,15 @@ def rollout(model, tokenizer, questions: list[str], golds: list[list[str]], brow
             admit()
             if queue and not rows:
                 raise ValueError(f"the engine has {engine.n_free} free slots, a group needs {G}")
-            if engine.n_decoding:
-                for fin in engine.step():
+            # A live row decodes, waits on a tool, or stopped on the first token that submit()/append() sampled:
+            # the engine queued it as done, and step() returns it (with no forward when no row decodes).
+            stopped_at_start = len(rows) - engine.n_decoding - len(futures)
+            if engine.n_decoding or stopped_at_start > 0:
+                done = engine.step()
+                for fin in done:
                     on_finished(fin)
+                if not done and not engine.n_decoding:  # a row is unaccounted for: fail rather than spin
+                    raise RuntimeError(f"rows {sorted(rows)} are neither decoding nor waiting on a tool")
             elif futures:  # every live row waits on the web: block until one call returns
                 wait(list(futures), return_when=FIRST_COMPLETED)
             elif rows:

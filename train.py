@@ -11,17 +11,21 @@ What it does, each step
 The objective (all choices are config keys). For a question q, G trajectories o_1..o_G with rewards r_i:
     A_i   = r_i - mean(r)                                  (norm_adv_by_std=False, Dr.GRPO)
     A_i   = (r_i - mean(r)) / (std(r) + 1e-6)              (norm_adv_by_std=True, GRPO; std unbiased as in verl)
+    G = 1: mean 0 and std 1, so A_i = r_i                  (verl's compute_grpo_outcome_advantage for a singleton)
+A trajectory that ended because the web or the engine failed (end_reason tool_failure / engine_error) is left out
+of the loss and of its group's mean and std (mask_tool_failures=True); a group left with fewer than 2 is skipped.
 For every token t that the policy sampled (loss_mask 1; prompt, tool observations and padding are 0):
     rho_t = exp(logp_theta(t) - logp_old(t))               (logp_old from a training forward before the update)
     pg_t  = max(-A_i rho_t, -A_i clip(rho_t, 1 - clip_low, 1 + clip_high))       (clip-higher when they differ)
     kl_t  = clamp(exp(ref_t - logp_t) - (ref_t - logp_t) - 1, -10, 10)           (low_var_kl / k3; only kl_coef>0)
     l_t   = pg_t + kl_coef * kl_t - entropy_coef * H_t     (H_t: entropy of the policy's next-token distribution)
 aggregated over a mini-batch (sums taken over all ranks and micro-batches, so the result does not depend on how
-the batch is split):
+the batch is split; "sequences" are those with at least one sampled token, as in verl):
     loss_agg="seq-mean-token-mean"      mean over sequences of (mean over that sequence's tokens)      (GRPO paper)
     loss_agg="token-mean"               sum over all tokens / number of tokens                 (DAPO; verl default)
     loss_agg="seq-mean-token-sum-norm"  sum over sequences of (token sum / loss_agg_const) / number of sequences
-                                                                                                     (Dr.GRPO)
+                                        (the Dr.GRPO paper's 1/G and current verl; verl 0.3-0.4's agg_loss divided
+                                        by the constant only, a loss (number of sequences) times larger)
 With kl_coef == 0 the frozen reference model is not even loaded. Logits are divided by the sampling temperature
 before the log-softmax, so logp_theta is the distribution the sampler drew from.
 
@@ -31,13 +35,18 @@ Departures from the paper / the reference implementation (verl + vLLM + Ray)
 - The update trains on the exact token ids the sampler produced (the reference re-rendered text and re-tokenised).
 - logp_old is recomputed by a training forward when there are several mini-batches or epochs; with one of each
   (the default) the update is exactly on-policy and logp_old = logp_theta.detach() (ratio 1, no extra forward).
-- loss_agg default "token-mean" (what the reference's verl actually computed), the paper states GRPO's
-  sequence-mean; both, and Dr.GRPO's constant, are switches. Optional filtering of zero-variance groups (DAPO,
+- loss_agg default "token-mean", a global token mean over the mini-batch; the paper states GRPO's sequence-mean;
+  both, and Dr.GRPO's constant, are switches. The reference's verl computed neither: it averaged the tokens of each
+  micro-batch and weighted micro-batches equally (by micro-batch size), so a token's weight depended on how many
+  tokens shared its micro-batch. Optional filtering of zero-variance groups (DAPO,
   without resampling). The mini-batch size of the reference is not stated in the paper; we do one update per step.
 - Search back ends: Serper (the paper), SearxNG or a local Wikipedia web (the default, offline); the reading agent
   can be an OpenAI-compatible LLM or a local extractive reader (`reader=extract`, the CPU default).
 - Checkpoints are torch.distributed.checkpoint shards (+ an HF export per step), written atomically.
 - The reward reads only the policy's own turns (reward.py); the reference's format check also read web text.
+- Trajectories that the web or the engine ended (end_reason tool_failure / engine_error) are out of the loss and
+  of their group's statistics (`mask_tool_failures`); the reference trained on them (its failed searches became
+  observations). Counts per end reason are logged every step.
 - The default run (no preset) is ours, not the paper's: SmolLM2-135M-Instruct on a CPU, 8 questions x 4, 6 steps,
   lr 2e-5, temperature 0.7, no KL, a 30-token system prompt and a scaffold that forces turn 1 to open with
   `<search>` and turn 2 with `<answer>` (a 135M model never finds the format alone; see the README), top-3
@@ -45,11 +54,14 @@ Departures from the paper / the reference implementation (verl + vLLM + Ray)
   micro_tokens=8192 are our memory choices for 8 x 80 GB, see `--dry_run=True`).
 
 Metrics (one `key value | ...` line per step on rank 0, and metrics.jsonl): reward, reward_std, f1, em,
-format_error (rate), zero_var_groups (share of groups with equal rewards), turns / search_calls / browse_calls per
-trajectory, response_len (sampled tokens), seq_len, entropy, kl, clipfrac, loss, grad_norm, logp_diff (mean
-|engine log-prob - training log-prob| on the first mini-batch: ~0 unless sampler and trainer disagree), lr,
-time_rollout (wall), time_tools_sum (tool seconds summed over calls, per rank; they overlap with decoding),
-time_learn, tok_per_s, peak_mem_gib (GPU allocator peak, or the process's peak RSS on a CPU).
+format_error (rate; these five over the trajectories not masked for a tool failure), zero_var_groups (share of
+groups with equal rewards), turns / search_calls / browse_calls per trajectory, response_len (sampled tokens),
+seq_len, entropy, kl, clipfrac, loss, grad_norm, logp_diff (mean |engine log-prob - training log-prob| on the first
+mini-batch: ~0 unless sampler and trainer disagree), lr, time_rollout (wall), time_tools_sum (tool seconds
+summed over calls, per rank; they overlap with decoding), time_learn, tok_per_s, peak_mem_gib (GPU allocator peak,
+or the process's peak RSS on a CPU), end_<reason> (count of trajectories per end reason: answer, format_error,
+bad_call, max_turns, context_limit, tool_failure, engine_error), masked_tool_failures (trajectories left out of the
+loss), skipped_groups.
 
 How to run
     python train.py                                                   # CPU: SmolLM2-135M-Instruct, local web
@@ -115,6 +127,7 @@ class Config:
     on_bad_call: str = "error_observation"
     prompt: str = "short"           # system prompt: reference (the paper's) | short (~30 tokens, small models)
     turn_prefixes: str = "<search>,<answer>"  # forced text opening turns 1, 2, ... (comma-separated; "" = none)
+    turn_prefix_every: str = ""     # forced text opening EVERY turn, before turn_prefixes (the reference: <think>)
     date: str = ""                  # date in the system prompt ("" = today); fixed in tests for reproducibility
     # search and reading (browse.BrowseConfig; fields with the same names are passed on)
     backend: str = "local"          # local | serper | searxng
@@ -142,6 +155,7 @@ class Config:
     loss_agg_const: float = 0.0     # Dr.GRPO's constant; 0 = max_turns * max_new_tokens
     norm_adv_by_std: bool = True
     filter_groups: bool = False     # drop groups whose rewards are all equal (they carry no signal)
+    mask_tool_failures: bool = True  # a trajectory ended by a web/engine failure is out of the loss and its group
     kl_coef: float = 0.0            # 0 = no reference model in memory
     kl_type: str = "low_var_kl"     # only k3 is implemented (the paper's)
     entropy_coef: float = 0.0
@@ -178,11 +192,16 @@ PRESETS: dict[str, dict] = {
                  micro_tokens=4096, plot_every=1, temperature=1.0, eval_every=3, eval_n=4),
     # the paper's recipe on one or more 8-GPU nodes. n_slots: the engine preallocates max_len of KV cache per row
     # (56 KiB/token for the 7B), so 16 rows x 32k tokens = 28 GiB; `--dry_run=True` shows the whole budget.
+    # As the reference: a malformed call ends the trajectory (-1); every turn opens with <think>; a search shows
+    # all 3 queries x 10 results: one result is <= ~480 characters (rank, title ~70, URL ~100, snippet 300), so
+    # 3 x 10 need ~14.5k characters (~4k tokens; the reference's example observation is 13 KB). Three such
+    # observations plus the turns fit in 32k tokens; a trajectory that needs more ends as "context_limit".
     "deepresearcher": dict(model="Qwen/Qwen2.5-7B-Instruct", data="data/train.jsonl", out_dir="runs/deepresearcher",
                            steps=100, batch_size=256, group_size=16, protocol="dr", max_turns=10,
                            max_new_tokens=2000, max_len=32768, n_slots=16, temperature=1.0, backend="serper",
-                           prompt="reference", turn_prefixes="", top_k=10, snippet_chars=300, obs_chars=4000,
-                           reader="llm", lr=1e-6, weight_decay=0.01, grad_clip=1.0, clip_low=0.2, clip_high=0.2,
+                           prompt="reference", turn_prefixes="", turn_prefix_every="<think>", on_bad_call="end",
+                           top_k=10, snippet_chars=300, obs_chars=15000, reader="llm", lr=1e-6, weight_decay=0.01,
+                           grad_clip=1.0, clip_low=0.2, clip_high=0.2,
                            kl_coef=0.001, kl_type="low_var_kl", entropy_coef=0.001, micro_tokens=8192,
                            activation_checkpointing=True, save_every=10),
 }
@@ -350,7 +369,11 @@ def apply_fsdp(model, d: Dist, cpu_offload: bool = False):
         kw["offload_policy"] = CPUOffloadPolicy()
     for block in model.model.layers:
         fully_shard(block, **kw)
+        block.fsdp_reshard_after_forward = True  # FSDP2's default for a non-root group; `unsharded` restores it
     fully_shard(model, **kw)  # the root group: embeddings, final norm and (tied or not) lm_head
+    # FSDP2 keeps the root's parameters after forward (its lazy init sets False: they are needed again at once for
+    # backward); recorded because the module offers no public getter and `unsharded` must put it back
+    model.fsdp_reshard_after_forward = False
     if any(p.is_meta for p in model.parameters()):
         model.to_empty(device="cpu" if cpu_offload else d.device)
         if model.config.tie_word_embeddings:  # keep one parameter under both names
@@ -362,18 +385,21 @@ def apply_fsdp(model, d: Dist, cpu_offload: bool = False):
 def unsharded(model):
     """All-gather every FSDP group once, keep them gathered for the whole rollout, reshard after.
 
-    Without this, every decoded token would all-gather every layer (FSDP reshards after each forward).
+    Without this, every decoded token would all-gather every layer (FSDP reshards after each forward). On exit each
+    group gets back its own setting (recorded by apply_fsdp; FSDP2's defaults otherwise: the root False, others
+    True), so training keeps FSDP2's behaviour.
     """
     mods = fsdp_modules(model)
+    before = [getattr(m, "fsdp_reshard_after_forward", m is not model) for m in mods]
     for m in mods:
         m.unshard()
         m.set_reshard_after_forward(False, recurse=False)
     try:
         yield model
     finally:
-        for m in mods:
+        for m, prev in zip(mods, before):
             m.reshard()
-            m.set_reshard_after_forward(True, recurse=False)
+            m.set_reshard_after_forward(bool(prev), recurse=False)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -425,21 +451,38 @@ def rng_seed(seed: int, step: int, rank: int) -> int:
 # Advantages and the loss. Pure functions of tensors; they never modify their inputs.
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, norm_by_std: bool = True, eps: float = 1e-6):
+INFRA_END_REASONS = ("tool_failure", "engine_error")  # trajectories ended by the web or the engine, not the policy
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, norm_by_std: bool = True, eps: float = 1e-6,
+                     valid: torch.Tensor | None = None):
     """rewards (N,) question-major (G consecutive per question) -> advantages (N,).
 
-    A = r - mean(group), divided by (std(group) + eps) when norm_by_std (unbiased std, as verl's GRPO)."""
+    A = r - mean(group), divided by (std(group) + eps) when norm_by_std (unbiased std, as verl's GRPO).
+    group_size 1: verl defines a singleton's mean as 0 and std as 1, so A = r (/ (1 + eps) with norm_by_std).
+    valid (N,) bool: rows to score (e.g. not ended by a web failure); the others get 0 and leave their group's
+    mean and std; a group left with fewer than 2 valid rows gets 0 throughout (skipped)."""
     r = rewards.reshape(-1, group_size).to(torch.float32)  # (Q, G)
-    a = r - r.mean(dim=1, keepdim=True)
-    if norm_by_std and group_size > 1:
-        a = a / (r.std(dim=1, keepdim=True) + eps)
-    return a.reshape(-1)
+    v = torch.ones_like(r, dtype=torch.bool) if valid is None else valid.reshape(-1, group_size).bool()  # (Q, G)
+    if group_size == 1:
+        a = r / (1.0 + eps) if norm_by_std else r
+        return torch.where(v, a, torch.zeros_like(a)).reshape(-1)
+    n = v.sum(dim=1, keepdim=True)  # (Q, 1)
+    zero = torch.zeros_like(r)
+    mean = torch.where(v, r, zero).sum(dim=1, keepdim=True) / n.clamp(min=1)  # (Q, 1)
+    a = r - mean
+    if norm_by_std:
+        var = torch.where(v, a * a, zero).sum(dim=1, keepdim=True) / (n - 1).clamp(min=1)  # unbiased
+        a = a / (var.sqrt() + eps)
+    return torch.where(v & (n >= 2), a, zero).reshape(-1)
 
 
-def zero_variance_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    """(N,) rewards -> (Q,) bool: every trajectory of the question got the same reward (advantage 0: no signal)."""
-    r = rewards.reshape(-1, group_size)
-    return (r == r[:, :1]).all(dim=1)
+def zero_variance_groups(rewards: torch.Tensor, group_size: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """(N,) rewards -> (Q,) bool: every (valid) trajectory of the question got the same reward (advantage 0)."""
+    r = rewards.reshape(-1, group_size)  # (Q, G)
+    v = torch.ones_like(r, dtype=torch.bool) if valid is None else valid.reshape(-1, group_size).bool()
+    first = torch.where(v, r, torch.full_like(r, float("inf"))).min(dim=1, keepdim=True).values  # (Q, 1)
+    return ((r == first) | ~v).all(dim=1)
 
 
 def policy_loss(logp, old_logp, advantages, mask, *, clip_low=0.2, clip_high=0.2, loss_agg="token-mean",
@@ -448,8 +491,8 @@ def policy_loss(logp, old_logp, advantages, mask, *, clip_low=0.2, clip_high=0.2
 
     logp, old_logp, ref_logp, entropy, mask: (B, T); advantages: (B,). Only positions with mask 1 count, and
     `torch.where` (not a multiplication) keeps even inf/NaN at mask-0 positions out of the value and the gradient.
-    norm: the denominator (tokens for token-mean, sequences otherwise) summed over the whole mini-batch on every
-    rank; None = this call's own count (a plain mean).
+    norm: the denominator (tokens for token-mean, sequences with at least one sampled token otherwise) summed
+    over the whole mini-batch on every rank; None = this call's own count (a plain mean).
     """
     m = mask.bool()
     zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
@@ -476,10 +519,10 @@ def policy_loss(logp, old_logp, advantages, mask, *, clip_low=0.2, clip_high=0.2
         denom = norm if norm is not None else n_tok.sum().clamp(min=1)
     elif loss_agg == "seq-mean-token-mean":
         total = (per_tok.sum(dim=1) / n_tok.clamp(min=1)).sum()
-        denom = norm if norm is not None else per_tok.shape[0]
+        denom = norm if norm is not None else (n_tok > 0).sum().clamp(min=1)  # as verl: rows with tokens only
     elif loss_agg == "seq-mean-token-sum-norm":
         total = (per_tok.sum(dim=1) / agg_const).sum()
-        denom = norm if norm is not None else per_tok.shape[0]
+        denom = norm if norm is not None else (n_tok > 0).sum().clamp(min=1)
     else:
         raise ValueError(f"loss_agg={loss_agg!r}: use token-mean, seq-mean-token-mean or seq-mean-token-sum-norm")
     stats["clipped"] = ((pg2 > pg1) & m).detach()  # tokens where the clip was active
@@ -650,9 +693,10 @@ def update(model, optimizer, samples: list[Sample], cfg: Config, d: Dist, step: 
         for mb in range(nb):
             part = samples[mb * len(samples) // nb: (mb + 1) * len(samples) // nb]
             n_tok_local = sum(sum(s.loss_mask[1:]) for s in part)
+            n_seq_local = sum(1 for s in part if any(s.loss_mask[1:]))  # verl: sequences with no token do not count
             # the denominators are over the whole mini-batch on all ranks, so micro-batching and sharding do not
             # change the loss; FSDP averages gradients over ranks, hence the factor `world` below
-            n_tok, n_seq = all_reduce([n_tok_local, len(part)], "sum", comm)
+            n_tok, n_seq = all_reduce([n_tok_local, n_seq_local], "sum", comm)
             norm = n_tok if cfg.loss_agg == "token-mean" else n_seq
             if n_tok == 0:  # nothing to learn from on any rank (e.g. every group filtered): no step at all, so
                 continue    # neither weight decay nor Adam's moments move on an empty batch
@@ -830,7 +874,7 @@ def plot_rewards(history: list[dict], path: Path) -> None:
 def trajectory_record(traj, rew, adv: float, tokenizer) -> dict:
     """A full trajectory as JSON: decoded text, every turn, reward and advantage."""
     turns = [asdict(t) if dataclasses.is_dataclass(t) else dict(t) for t in traj.turns]
-    return {"question": traj.question, "gold": traj.gold, "status": traj.status, "answer": traj.answer,
+    return {"question": traj.question, "gold": traj.gold, "end_reason": traj.end_reason, "answer": traj.answer,
             "reward": rew.score, "f1": rew.f1, "format_ok": rew.format_ok, "reason": rew.reason, "advantage": adv,
             "n_tokens": len(traj.tokens), "n_sampled": sum(traj.loss_mask), "stats": traj.stats,
             "text": tokenizer.decode(traj.tokens), "turns": turns}
@@ -990,8 +1034,8 @@ def dev_f1(rollout, model, tokenizer, dev: list[dict], browser, rcfg, d: Dist) -
         trajs = rollout(model, tokenizer, [q["question"] for q in mine], [q["answers"] for q in mine], browser,
                         dataclasses.replace(rcfg, temperature=0.0), group_size=1, seed=0) if mine else []
     model.train()
-    total, n = all_reduce([sum(reward([t.text for t in tr.turns], tr.gold).f1 for tr in trajs), len(trajs)],
-                          "sum", _comm_device(d))
+    f1s = [reward([t.text for t in tr.turns], tr.gold, protocol=rcfg.protocol).f1 for tr in trajs]
+    total, n = all_reduce([sum(f1s), len(f1s)], "sum", _comm_device(d))
     return total / max(n, 1.0)
 
 
@@ -1018,6 +1062,7 @@ def main(cfg: Config) -> dict:
 
     from model import resolve_model
     from reward import reward
+    from rollout import END_REASONS
 
     # the first process of each node resolves (downloads or converts) the model into that node's cache, then the
     # others find it there; only rank 0 reads the weights, the others need config.json and the tokenizer
@@ -1072,11 +1117,19 @@ def main(cfg: Config) -> dict:
             model.train()
             t1 = time.perf_counter()
             # ---- rewards and advantages (groups never straddle ranks: questions are sharded, not trajectories)
-            rews = [reward([t.text for t in tr.turns], tr.gold) for tr in trajs]
+            G = cfg.group_size
+            rews = [reward([t.text for t in tr.turns], tr.gold, protocol=cfg.protocol) for tr in trajs]
             r = torch.tensor([x.score for x in rews], dtype=torch.float32)
-            adv = group_advantages(r, cfg.group_size, cfg.norm_adv_by_std)
-            zero_var = zero_variance_groups(r, cfg.group_size)
-            keep = [i for i in range(len(trajs)) if not (cfg.filter_groups and bool(zero_var[i // cfg.group_size]))]
+            # a trajectory the web (or the engine) ended says nothing about the policy: out of the loss and of its
+            # group's mean/std; a group left with fewer than 2 trajectories is skipped
+            infra = [cfg.mask_tool_failures and tr.end_reason in INFRA_END_REASONS for tr in trajs]
+            valid = torch.tensor([not x for x in infra], dtype=torch.bool)
+            adv = group_advantages(r, G, cfg.norm_adv_by_std, valid=valid)
+            zero_var = zero_variance_groups(r, G, valid=valid)
+            n_valid = valid.reshape(-1, G).sum(dim=1)  # (Q,)
+            skipped = (n_valid < 2) & (n_valid < G)  # (Q,) groups that masking left too small to compare
+            keep = [i for i in range(len(trajs)) if bool(valid[i]) and not bool(skipped[i // G])
+                    and not (cfg.filter_groups and bool(zero_var[i // G]))]
             samples = [Sample(trajs[i].tokens, trajs[i].loss_mask, float(adv[i]), sampler_logp=trajs[i].logprobs)
                        for i in keep]
             # ---- update
@@ -1085,13 +1138,17 @@ def main(cfg: Config) -> dict:
             # ---- metrics (all-reduced: sums and counts over ranks)
             n_sampled = sum(sum(tr.loss_mask) for tr in trajs)
             tool_s = sum(getattr(t, "tool_s", 0.0) or 0.0 for tr in trajs for t in tr.turns)
-            vals = [float(r.sum()), float((r * r).sum()), sum(x.f1 for x in rews), sum(x.em for x in rews),
-                    sum(not x.format_ok for x in rews), float(zero_var.sum()), len(zero_var),
+            # reward, f1, em and format_error are over the trajectories the policy is judged on (masked ones out)
+            vm = valid.to(torch.float32)
+            vals = [float((r * vm).sum()), float((r * r * vm).sum()), sum(x.f1 for x, v in zip(rews, valid) if v),
+                    sum(x.em for x, v in zip(rews, valid) if v), sum(not x.format_ok for x, v in zip(rews, valid) if v),
+                    float(vm.sum()), float(zero_var.sum()), len(zero_var),
                     sum(len(tr.turns) for tr in trajs), sum(tr.stats.get("n_search", 0) for tr in trajs),
                     sum(tr.stats.get("n_browse", 0) for tr in trajs), n_sampled,
-                    sum(len(tr.tokens) for tr in trajs), len(trajs), tool_s]
-            (rs, rs2, f1s, ems, fe, zv, ng, turns, ns, nbw, nsamp, ntot, N, tool_s) = all_reduce(
-                vals, "sum", _comm_device(d))
+                    sum(len(tr.tokens) for tr in trajs), len(trajs), tool_s, sum(infra), float(skipped.sum())]
+            ends = [sum(tr.end_reason == e for tr in trajs) for e in END_REASONS]
+            (rs, rs2, f1s, ems, fe, nv, zv, ng, turns, ns, nbw, nsamp, ntot, N, tool_s, n_masked, n_skipped,
+             *ends) = all_reduce(vals + ends, "sum", _comm_device(d))
             if d.device.type == "cuda":
                 peak = torch.cuda.max_memory_allocated() / 2**30
             else:  # the process's peak resident memory (Linux reports KiB)
@@ -1099,15 +1156,17 @@ def main(cfg: Config) -> dict:
 
                 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
             tg, tl, peak = all_reduce([t1 - t0, t2 - t1, peak], "max", _comm_device(d))
-            N = max(N, 1.0)
-            mean = rs / N
-            m = {"reward": mean, "reward_std": math.sqrt(max(rs2 / N - mean * mean, 0.0)), "f1": f1s / N,
-                 "em": ems / N, "format_error": fe / N, "zero_var_groups": zv / max(ng, 1.0), "turns": turns / N,
+            N, nv = max(N, 1.0), max(nv, 1.0)
+            mean = rs / nv
+            m = {"reward": mean, "reward_std": math.sqrt(max(rs2 / nv - mean * mean, 0.0)), "f1": f1s / nv,
+                 "em": ems / nv, "format_error": fe / nv, "zero_var_groups": zv / max(ng, 1.0), "turns": turns / N,
                  "search_calls": ns / N, "browse_calls": nbw / N, "response_len": nsamp / N, "seq_len": ntot / N,
                  "entropy": um["entropy"], "kl": um["kl"], "clipfrac": um["clipfrac"], "loss": um["loss"],
                  "grad_norm": um["grad_norm"], "logp_diff": um["logp_diff"], "lr": lr_at(step, cfg), "time_rollout": tg,
                  "time_tools_sum": tool_s / d.world, "time_learn": tl,
-                 "tok_per_s": (nsamp + um["train_tokens"]) / max(tg + tl, 1e-9), "peak_mem_gib": peak}
+                 "tok_per_s": (nsamp + um["train_tokens"]) / max(tg + tl, 1e-9), "peak_mem_gib": peak,
+                 **{f"end_{e}": int(c) for e, c in zip(END_REASONS, ends)},
+                 "masked_tool_failures": int(n_masked), "skipped_groups": int(n_skipped)}
             if dev and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
                 m["dev_f1"] = dev_f1(rollout, model, tokenizer, dev, browser, rcfg, d)
             last = m

@@ -280,7 +280,7 @@ def main():
             if name == "async":
                 trajs = rollout(model, tok, questions, [["x"]] * len(questions), browser, cfg, engine=eng)
                 n_tok = sum(sum(t.loss_mask) for t in trajs)
-                statuses = {s: sum(t.status == s for t in trajs) for s in {t.status for t in trajs}}
+                statuses = {s: sum(t.end_reason == s for t in trajs) for s in {t.end_reason for t in trajs}}
             else:
                 n_tok, statuses = run_sync(model, tok, questions, browser, cfg, eng), {}
         if args.device.startswith("cuda"):

@@ -36,7 +36,7 @@ class FakeTraj:
     group: int
     turns: list
     answer: str | None
-    status: str = "answered"
+    end_reason: str = "answer"
     tokens: list = field(default_factory=lambda: [1, 2, 3])
     prompt_len: int = 1
     stats: dict = field(default_factory=dict)

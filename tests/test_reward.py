@@ -97,3 +97,17 @@ def test_tags_inside_observations_are_not_checked():
     assert reward(turns, "Paris").score == 1.0
     # what the reference did (the whole rendered text) would have been a format error
     assert not format_ok([turns[0] + observation + turns[1]])[0]
+
+
+def test_dr_protocol_requires_every_turn_to_close_think():
+    """The reference appends <think> to every turn's prompt: a turn that never closes it makes the whole
+    trajectory -1 under protocol dr, whether or not the loop forced the <think> into the turn's text."""
+    good = ["<think>a</think><tool_call>{}</tool_call>", "<think>b</think><answer>Paris</answer>"]
+    assert reward(good, "Paris", protocol="dr").score == 1.0
+    no_close = ["<think>a</think><tool_call>{}</tool_call>", "<answer>Paris</answer>"]
+    assert reward(no_close, "Paris").score == 1.0 and reward(no_close, "Paris", protocol="tags").score == 1.0
+    r = reward(no_close, "Paris", protocol="dr")
+    assert r.score == -1.0 and r.reason == "no </think> in turn 1"
+    forced = ["<think>a</think><tool_call>{}</tool_call>", "<think>b <answer>Paris</answer>"]  # forced prefix kept
+    assert reward(forced, "Paris", protocol="dr").score == -1.0
+    assert format_ok(good, protocol="dr") == (True, "ok")

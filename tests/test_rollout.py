@@ -14,6 +14,7 @@ import pytest
 
 from rollout import Finished
 
+from reward import reward
 from rollout import RolloutConfig, obs_frame, parse_turn, render_prompt, rollout, system_prompt
 
 QWEN_TEMPLATE = (  # the parts of Qwen2.5-Instruct's template that matter here (system, tool role -> user turn)
@@ -216,6 +217,13 @@ def test_prompt_qwen_template_tool_role(tok):
     ("tags", "<browse>https://x.org</browse>", "call", "browse_webpage", {"url_list": ["https://x.org"]}),
     ("tags", "<search> | </search>", "bad_call", "web_search", None),
     ("tags", "<think>x</think><answer>yes</answer>", "answer", None, None),
+    # a closing tag fused with the next character (SmolLM2 tokenises "</search>," as "</", "search", ">,"): the
+    # stop string fires inside the last token, so the text runs one character past the tag
+    ("tags", "<search>capital of France</search>,", "call", "web_search", {"query": ["capital of France"]}),
+    ("tags", "<browse>https://x.org</browse>.", "call", "browse_webpage", {"url_list": ["https://x.org"]}),
+    ("dr", '<tool_call>{"name": "web_search", "arguments": {"query": ["a"]}}</tool_call>.', "call", "web_search",
+     {"query": ["a"]}),
+    ("dr", "<think>x</think><answer>yes</answer>,", "answer", None, None),
 ])
 def test_parse_turn(protocol, text, kind, tool, args):
     act = parse_turn(text, protocol)
@@ -233,7 +241,7 @@ def test_parse_turn(protocol, text, kind, tool, args):
 def test_multi_turn_token_exact(tok, protocol):
     trajs, eng, browser = run(tok, search_browse_answer(protocol), protocol=protocol)
     (t,) = trajs
-    assert t.status == "answered" and t.answer == "Paris", t.turns
+    assert t.end_reason == "answer" and t.answer == "Paris", t.turns
     assert [x.tool for x in t.turns] == ["web_search", "browse_webpage", None]
     assert t.turns[0].args == {"query": ["capital of France", "France capital city"]}
     assert t.turns[1].args == {"url_list": ["https://example.org/2"]}
@@ -259,7 +267,7 @@ def test_short_prompt_and_turn_prefixes(tok):
         return "capital of France</search>" if turn == 0 else "Paris</answer>"
     trajs, eng, browser = run(tok, policy, protocol="tags", prompt="short", turn_prefixes="<search>,<answer>")
     t = trajs[0]
-    assert t.status == "answered" and t.answer == "Paris" and browser.calls[0][2] == ["capital of France"]
+    assert t.end_reason == "answer" and t.answer == "Paris" and browser.calls[0][2] == ["capital of France"]
     assert [x.text for x in t.turns] == ["<search>capital of France</search>", "<answer>Paris</answer>"]
     (cache, sampled), = eng.released
     assert t.tokens == cache and [i for i, m in enumerate(t.loss_mask) if m] == sampled
@@ -276,7 +284,7 @@ def test_groups_prefill_once_question_major(tok):
     assert eng.submits == [3, 3, 3]  # one submit (one prefill) per group; 4 slots -> one group at a time
     assert [t.group for t in trajs] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     assert [t.question for t in trajs] == [q for q in qs for _ in range(3)]
-    assert all(t.status == "answered" for t in trajs)
+    assert all(t.end_reason == "answer" for t in trajs)
 
 
 def test_slow_tool_does_not_block_other_rows(tok):
@@ -287,7 +295,7 @@ def test_slow_tool_does_not_block_other_rows(tok):
     trajs, eng, _ = run(tok, search_browse_answer("dr"), questions=qs, protocol="dr",
                         browser=FakeBrowser(latency=latency))
     total = time.perf_counter() - t0
-    assert all(t.status == "answered" for t in trajs)
+    assert all(t.end_reason == "answer" for t in trajs)
     slow, fast = trajs[0], trajs[1:]
     assert all(t.stats["wall_s"] < 1.0 for t in fast), [t.stats["wall_s"] for t in fast]
     assert slow.stats["wall_s"] >= 3.0 and slow.stats["tool_s"] >= 3.0  # two slow calls
@@ -297,7 +305,7 @@ def test_slow_tool_does_not_block_other_rows(tok):
 
 def test_all_parked_waits_without_spinning(tok):
     trajs, eng, _ = run(tok, search_browse_answer("tags"), browser=FakeBrowser(latency=lambda q, k: 0.3))
-    assert trajs[0].status == "answered"
+    assert trajs[0].end_reason == "answer"
     assert eng.steps == sum(t.n_tokens for t in trajs[0].turns)  # no step() without a decoding row
 
 
@@ -310,9 +318,10 @@ def test_bad_calls(tok, bad):
     def policy(ctx, turn):
         return bad if turn == 0 else "<answer>Paris</answer>"
     (t,), _, browser = run(tok, policy, protocol="dr", on_bad_call="end")
-    assert t.status == "format_error" and len(t.turns) == 1 and t.turns[0].error and not browser.calls
+    assert t.end_reason == "bad_call" and len(t.turns) == 1 and t.turns[0].error and not browser.calls
+    assert reward([x.text for x in t.turns], t.gold, protocol="dr").score == -1.0  # the reference's score
     (t,), eng, browser = run(tok, policy, protocol="dr", on_bad_call="error_observation")
-    assert t.status == "answered" and t.stats["n_bad_calls"] == 1 and not browser.calls
+    assert t.end_reason == "answer" and t.stats["n_bad_calls"] == 1 and not browser.calls
     assert t.turns[0].observation.startswith("Error: ") and t.turns[0].error
     assert t.tokens == eng.released[0][0]
 
@@ -323,7 +332,7 @@ def test_url_not_in_last_search_passes_through(tok):
                 "<answer>Paris</answer>"][turn]
     (t,), _, browser = run(tok, policy)
     assert [c[0] for c in browser.calls] == ["search", "browse"]
-    assert "not in the results of your last search" in t.turns[1].observation and t.status == "answered"
+    assert "not in the results of your last search" in t.turns[1].observation and t.end_reason == "answer"
 
 
 def test_tags_inside_observations_are_not_parsed(tok):
@@ -334,7 +343,7 @@ def test_tags_inside_observations_are_not_parsed(tok):
         seen.append(turn)
         return "<search>france</search>" if turn == 0 else "<think>ok</think><answer>Paris</answer>"
     (t,), eng, _ = run(tok, policy, browser=FakeBrowser(search_text=evil))
-    assert t.status == "answered" and t.answer == "Paris" and seen == [0, 1]
+    assert t.end_reason == "answer" and t.answer == "Paris" and seen == [0, 1]
     # web text spelling a control token must not become that token inside the forced observation
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
     obs_start = t.prompt_len + t.turns[0].n_tokens
@@ -345,27 +354,27 @@ def test_tags_inside_observations_are_not_parsed(tok):
 def test_limits(tok):
     always_search = lambda ctx, turn: f"<search>query {turn}</search>"  # noqa: E731
     (t,), _, browser = run(tok, always_search, max_turns=3)
-    assert t.status == "max_turns" and len(t.turns) == 3 and len(browser.calls) == 2  # the last call is not run
+    assert t.end_reason == "max_turns" and len(t.turns) == 3 and len(browser.calls) == 2  # the last call is not run
     (t,), _, _ = run(tok, lambda ctx, turn: None, max_new_tokens=20)  # rambles, never calls or answers
-    assert t.status == "format_error" and t.turns[0].n_tokens == 20 and "max_new_tokens" in t.turns[0].error
+    assert t.end_reason == "format_error" and t.turns[0].n_tokens == 20 and "max_new_tokens" in t.turns[0].error
     (t,), _, _ = run(tok, lambda ctx, turn: "<think>no idea</think>")  # ends its turn with eos, no action
-    assert t.status == "format_error"
+    assert t.end_reason == "format_error"
     big = FakeBrowser(search_text="lorem ipsum " * 400)  # an observation larger than what is left
     (t,), eng, _ = run(tok, always_search, browser=big, max_len=1200, n_slots=2)
-    assert t.status == "context_limit" and eng.n_free == 2
+    assert t.end_reason == "context_limit" and eng.n_free == 2
     assert len(t.tokens) <= 1200 and t.turns[-1].error
     (t,), _, _ = run(tok, lambda ctx, turn: None, max_len=900, max_new_tokens=500)  # cache fills mid-turn
-    assert t.status == "context_limit"
+    assert t.end_reason == "context_limit"
     long_q = "why? " * 2000  # the prompt alone is over budget: never submitted
     (t,), eng, _ = run(tok, always_search, questions=[long_q], max_len=1000)
-    assert t.status == "context_limit" and not eng.submits and t.turns == []
+    assert t.end_reason == "context_limit" and not eng.submits and t.turns == []
 
 
 def test_continuous_batching_reuses_slots(tok):
     qs = [f"q{i}?" for i in range(6)]
     trajs, eng, _ = run(tok, search_browse_answer("tags"), questions=qs, n_slots=2,
                         browser=FakeBrowser(latency=lambda q, k: 0.05 if q == "q0?" else 0.0))
-    assert all(t.status == "answered" for t in trajs) and len(eng.released) == 6 and eng.n_free == 2
+    assert all(t.end_reason == "answer" for t in trajs) and len(eng.released) == 6 and eng.n_free == 2
     for t, (cache, _) in zip(sorted(trajs, key=lambda t: t.tokens), sorted(eng.released)):
         assert t.tokens == cache
 
@@ -386,7 +395,7 @@ def test_real_engine_tokens_and_logprobs_match_model(tiny_qwen2):
         trajs = rollout(model, tok, ["Who?", "Where is it?"], [["a"], ["b"]], FakeBrowser(), cfg, group_size=2)
     assert [t.group for t in trajs] == [0, 0, 1, 1]
     for t in trajs:
-        assert t.status in ("format_error", "answered", "context_limit", "max_turns")
+        assert t.end_reason in ("format_error", "answer", "context_limit", "max_turns")
         assert len(t.tokens) == len(t.loss_mask) == len(t.logprobs)
         pos = [i for i, m in enumerate(t.loss_mask) if m]
         assert pos and pos[0] == t.prompt_len
@@ -400,3 +409,173 @@ def test_real_engine_tokens_and_logprobs_match_model(tiny_qwen2):
 def test_group_larger_than_engine_fails_fast(tok):
     with pytest.raises(ValueError, match="a group needs 3"):
         run(tok, search_browse_answer("tags"), group_size=3, n_slots=2)
+
+
+# ------------------------------------------------------------------------------------------------ turn prefixes
+
+def test_turn_prefix_every_turn(tok):
+    """turn_prefix_every is forced at the start of EVERY turn (the reference appends <think> to each turn's prompt),
+    before that turn's turn_prefixes entry; loss mask 0; part of the turn's text, so the format check sees it."""
+    seen = []
+
+    def policy(ctx, turn):
+        seen.append(ctx[ctx.rindex("<|im_start|>assistant\n") + len("<|im_start|>assistant\n"):])
+        return "x</think><search>q</search>" if turn < 2 else "done</think><answer>Paris</answer>"
+    (t,), eng, _ = run(tok, policy, turn_prefix_every="<think>")
+    assert seen == ["<think>"] * 3 and t.end_reason == "answer"
+    assert all(x.text.startswith("<think>") for x in t.turns)
+    (cache, sampled), = eng.released
+    assert t.tokens == cache and [i for i, m in enumerate(t.loss_mask) if m] == sampled
+    think = tok.encode("<think>", add_special_tokens=False)
+    forced = [x for x, m in zip(t.tokens[t.prompt_len:], t.loss_mask[t.prompt_len:]) if not m]
+    assert tok.decode(forced).count("<think>") == 3
+    assert t.tokens[t.prompt_len:t.prompt_len + len(think)] == think
+    seen.clear()  # with per-turn prefixes: the repeating prefix comes first
+    (t,), _, _ = run(tok, policy, turn_prefix_every="<think>", turn_prefixes=",<search>")
+    assert seen == ["<think>", "<think><search>", "<think>"]
+
+
+# ------------------------------------------------------------------------------------------------ end reasons
+
+class Observation(str):
+    """What browse.py's Session is to return: the observation text plus whether infrastructure failed."""
+    failed = False
+
+    @classmethod
+    def make(cls, text, failed):
+        o = cls(text)
+        o.failed = failed
+        return o
+
+
+class FlakySession(FakeSession):
+    def web_search(self, queries):
+        self.b.calls.append(("search", self.q, list(queries)))
+        if self.b.mode == "failed":
+            return Observation.make('Search "q" failed: HTTP 503.', True)
+        if self.b.mode == "raise":
+            raise TimeoutError("back end timed out")
+        if self.b.mode == "empty":  # no results is an answer of the web, not a failure
+            return Observation.make('Search "q": no results.', False)
+        return super().web_search(queries)
+
+
+class FlakyBrowser(FakeBrowser):
+    def __init__(self, mode):
+        super().__init__()
+        self.mode = mode
+
+    def session(self, question):
+        return FlakySession(self, question)
+
+
+@pytest.mark.parametrize("mode,want", [("failed", "tool_failure"), ("raise", "tool_failure"), ("empty", "answer")])
+def test_tool_failure_end_reason(tok, mode, want):
+    def policy(ctx, turn):
+        return "<search>capital of France</search>" if turn == 0 else "<answer>Paris</answer>"
+    (t,), eng, browser = run(tok, policy, browser=FlakyBrowser(mode))
+    assert t.end_reason == want, t.turns
+    if want == "tool_failure":
+        assert len(t.turns) == 1 and t.turns[0].observation and t.turns[0].error and eng.n_free == eng.n_slots
+        assert isinstance(t.turns[0].observation, str) and type(t.turns[0].observation) is str  # JSON-safe
+
+
+def test_engine_error_end_reason(tok):
+    class BadAppend(FakeEngine):
+        def append(self, slot, tokens, sampling):
+            raise RuntimeError("device lost")
+    cfg = RolloutConfig(date="2026-11-24", max_len=4096, n_slots=8)
+    eng = BadAppend(tok, search_browse_answer("tags"))
+    trajs = rollout(None, tok, ["q1?", "q2?"], [["Paris"]] * 2, FakeBrowser(), cfg, engine=eng)
+    assert [t.end_reason for t in trajs] == ["engine_error", "engine_error"] and eng.n_free == 8
+    assert "device lost" in trajs[0].turns[-1].error
+
+
+# ------------------------------------------------------------------------------------------------ first-token stops
+
+@pytest.fixture(scope="module")
+def stop_first_model(tmp_path_factory, tokenizer_dir):
+    """A tiny model whose next token is <|im_end|> almost surely: the last layer's attention writes a large constant
+    into the residual stream (v_proj = bias only, o_proj = identity), and lm_head's <|im_end|> row points along it."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from conftest import make_tiny_checkpoint
+    from model import Transformer
+
+    path = make_tiny_checkpoint(tmp_path_factory.mktemp("stopfirst"), "qwen2", tie=False, tokenizer_dir=tokenizer_dir)
+    tok = AutoTokenizer.from_pretrained(path)
+    model = Transformer.from_pretrained(path).eval()
+    att = model.model.layers[-1].self_attn
+    with torch.no_grad():
+        att.v_proj.weight.zero_()
+        att.v_proj.bias.fill_(100.0)
+        att.o_proj.weight.copy_(torch.eye(att.o_proj.weight.shape[0]))
+        model.lm_head.weight[tok.convert_tokens_to_ids("<|im_end|>")] = 1.0
+    return model, tok
+
+
+@pytest.mark.parametrize("n_q,group_size,temperature", [(1, 1, 0.0), (1, 2, 1.0), (3, 2, 1.0)])
+def test_real_engine_row_stops_on_first_token(stop_first_model, n_q, group_size, temperature):
+    """Every row samples its stop token first (queued as done by submit, nothing decoding): the loop collects it."""
+    import torch
+
+    model, tok = stop_first_model
+    cfg = RolloutConfig(max_new_tokens=8, max_len=1024, n_slots=4, date="2026-11-24", temperature=temperature)
+    with torch.no_grad():
+        trajs = rollout(model, tok, [f"q{i}?" for i in range(n_q)], [["a"]] * n_q, FakeBrowser(), cfg,
+                        group_size=group_size)
+    assert len(trajs) == n_q * group_size
+    for t in trajs:
+        assert t.end_reason == "format_error" and len(t.turns) == 1 and t.turns[0].n_tokens == 1
+        assert t.tokens[-1] == tok.convert_tokens_to_ids("<|im_end|>") and sum(t.loss_mask) == 1
+
+
+def test_real_engine_max_new_tokens_one(tiny_qwen2):
+    import torch
+    from transformers import AutoTokenizer
+
+    from model import Transformer
+
+    tok = AutoTokenizer.from_pretrained(tiny_qwen2)
+    model = Transformer.from_pretrained(tiny_qwen2).eval()
+    cfg = RolloutConfig(max_new_tokens=1, max_len=1024, n_slots=4, date="2026-11-24")
+    with torch.no_grad():
+        trajs = rollout(model, tok, ["Who?", "Where?"], [["a"], ["b"]], FakeBrowser(), cfg, group_size=2)
+    assert [len(t.turns) for t in trajs] == [1] * 4 and all(t.end_reason == "format_error" for t in trajs)
+
+
+def test_one_failed_call_in_a_group_is_masked_from_its_group(tok):
+    """The web fails one row's call in a group of 3: only that row ends as tool_failure; with train.py's validity
+    mask it gets advantage 0 and the other two are scored as a group of two."""
+    import torch
+
+    from train import INFRA_END_REASONS, group_advantages
+
+    class OneBadSession(FakeSession):
+        bad = False
+
+        def web_search(self, queries):
+            if self.bad:
+                return Observation.make("Search failed: HTTP 503.", True)
+            return super().web_search(queries)
+
+    class OneBadBrowser(FakeBrowser):
+        n_sessions = 0
+
+        def session(self, question):
+            self.n_sessions += 1
+            s = OneBadSession(self, question)
+            s.bad = self.n_sessions == 2  # the group's second row
+            return s
+
+    answers = iter(["Paris", "Lyon", "Paris", "Paris"])
+
+    def policy(ctx, turn):
+        return "<search>capital</search>" if turn == 0 else f"<answer>{next(answers)}</answer>"
+    trajs, _, _ = run(tok, policy, group_size=3, browser=OneBadBrowser())
+    assert sorted(t.end_reason for t in trajs) == ["answer", "answer", "tool_failure"]
+    r = torch.tensor([reward([x.text for x in t.turns], t.gold).score for t in trajs])
+    valid = torch.tensor([t.end_reason not in INFRA_END_REASONS for t in trajs])
+    a = group_advantages(r, 3, valid=valid)
+    assert a[~valid].tolist() == [0.0] and torch.allclose(a[valid], group_advantages(r[valid], 2))

@@ -63,6 +63,114 @@ def test_group_advantages_by_hand():
     assert zero_variance_groups(r, 2).tolist() == [False, True, False]
 
 
+def test_group_advantages_singleton_group_is_the_reward():
+    """verl's compute_grpo_outcome_advantage: a group of one has mean 0 and std 1, so A = r (not 0)."""
+    r = torch.tensor([0.5, -1.0, 0.0])
+    assert torch.allclose(group_advantages(r, 1, norm_by_std=True), r / (1 + 1e-6))
+    assert torch.equal(group_advantages(r, 1, norm_by_std=False), r)
+
+
+def test_group_advantages_validity_mask():
+    """Invalid rows (e.g. the web failed) get 0 and leave their group's mean/std; a group left with < 2 is 0."""
+    r = torch.tensor([1.0, 0.0, 0.3, 0.2, 0.9, -1.0, 0.5, 0.5, 0.5])
+    valid = torch.tensor([True, True, False, True, False, False, True, True, True])
+    before = (r.clone(), valid.clone())
+    for norm in (True, False):
+        a = group_advantages(r, 3, norm, valid=valid)
+        assert torch.allclose(a[:2], group_advantages(r[:2], 2, norm)) and a[2] == 0  # scored over the rest
+        assert torch.equal(a[3:6], torch.zeros(3))  # one valid row left: the group is skipped
+        assert torch.equal(a[6:], group_advantages(r[6:], 3, norm))
+    assert torch.equal(group_advantages(r, 3, valid=torch.ones(9, dtype=torch.bool)), group_advantages(r, 3))
+    assert torch.equal(r, before[0]) and torch.equal(valid, before[1])
+    zv = zero_variance_groups(r, 3, valid=valid)
+    assert zv.tolist() == [False, True, True]  # only the valid rows are compared (one row: no signal)
+
+
+def test_seq_mean_ignores_sequences_without_sampled_tokens():
+    """verl's seq-mean modes divide by the sequences that have tokens; an all-masked row must not dilute the mean."""
+    logp, old, mask, adv = _example()
+    logp3 = torch.cat([logp, logp[:1]])
+    old3 = torch.cat([old, old[:1]])
+    mask3 = torch.cat([mask, torch.zeros(1, 3, dtype=mask.dtype)])
+    adv3 = torch.cat([adv, torch.tensor([5.0])])
+    for agg in ("seq-mean-token-mean", "seq-mean-token-sum-norm"):
+        two, _ = policy_loss(logp, old, adv, mask, loss_agg=agg, agg_const=4.0)
+        three, _ = policy_loss(logp3, old3, adv3, mask3, loss_agg=agg, agg_const=4.0)
+        assert three.item() == pytest.approx(two.item(), rel=1e-6), agg
+
+
+def test_update_global_seq_count_skips_empty_sequences(tiny_qwen2):
+    """The mini-batch-wide sequence count (the global denominator) counts only sequences with sampled tokens."""
+    from model import Transformer
+
+    g = torch.Generator().manual_seed(3)
+    samples = [Sample(torch.randint(0, 49152, (n,), generator=g).tolist(), [0] * 3 + [1] * (n - 3), a)
+               for n, a in ((8, 1.0), (10, -0.5))]
+    empty = Sample(torch.randint(0, 49152, (7,), generator=g).tolist(), [0] * 7, 2.0)
+    for agg in ("seq-mean-token-mean", "seq-mean-token-sum-norm"):
+        params = []
+        for batch in (samples, samples + [empty]):
+            model = Transformer.from_pretrained(tiny_qwen2)
+            cfg = Config(micro_tokens=16, grad_clip=0.0, lr=0.5, loss_agg=agg, loss_agg_const=8.0)
+            train.update(model, torch.optim.SGD(model.parameters(), lr=0.5), batch, cfg, train.Dist(), step=0)
+            params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+        assert torch.allclose(params[0], params[1], atol=1e-7), agg
+
+
+def test_unsharded_restores_each_modules_reshard_setting(tiny_qwen2):
+    """FSDP2 keeps the root's parameters after forward (reshard_after_forward False) and reshards the blocks;
+    leaving `unsharded` must restore exactly that, not set True everywhere. 1-rank gloo group, in process."""
+    import socket
+
+    import torch.distributed as dist
+
+    from model import ModelConfig, Transformer
+
+    def reshards(m):  # FSDP2 keeps post_forward_mesh_info None exactly when a group does not reshard after forward
+        return m._get_fsdp_state()._fsdp_param_group.post_forward_mesh_info is not None
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        with torch.device("meta"):
+            model = Transformer(ModelConfig.from_json(tiny_qwen2))
+        train.apply_fsdp(model, train.Dist())
+        x = torch.randint(0, 100, (1, 5))
+        model(x)  # FSDP2's lazy init: the root decides not to reshard after forward
+        mods = train.fsdp_modules(model)
+        before = [reshards(m) for m in mods]
+        assert before == [m is not model for m in mods] and len(mods) == 3  # blocks reshard, the root does not
+        with train.unsharded(model):
+            assert not any(reshards(m) for m in train.fsdp_modules(model))
+            model(x)
+        assert [reshards(m) for m in train.fsdp_modules(model)] == before
+    finally:
+        dist.destroy_process_group()
+
+
+def test_deepresearcher_presets_keep_the_references_rules():
+    """Both deepresearcher presets: a malformed call ends the trajectory (-1), every turn opens with <think>, and
+    one web_search observation shows all 3 queries x 10 results at the snippet length, uncut, within obs_chars."""
+    import eval as ev
+    from browse import SearchResult, render_search
+
+    cfgs = [parse_config(Config, ["--preset=deepresearcher"], PRESETS),
+            ev.parse_config(ev.Config, ["--preset=deepresearcher"], ev.PRESETS)]
+    for cfg in cfgs:
+        assert cfg.on_bad_call == "end" and cfg.turn_prefix_every == "<think>" and cfg.turn_prefixes == ""
+        assert cfg.protocol == "dr" and cfg.top_k == 10
+        # Google titles run to ~70 characters and result URLs rarely beyond 100
+        res = [[SearchResult("T" * 70, "https://example.org/" + "u" * 80, "s" * cfg.snippet_chars, i + 1)
+                for i in range(cfg.top_k)] for _ in range(3)]
+        obs = render_search(["q" * 40] * 3, res, cfg.snippet_chars, cfg.obs_chars)
+        assert "..." not in obs and obs.count("https://example.org/") == 30 and len(obs) <= cfg.obs_chars
+        assert cfg.snippet_chars >= 300
+        # ~4 characters per token: 3 such observations still fit the context after the prompt and 4 turns
+        assert 3 * cfg.obs_chars / 4 + 4 * cfg.max_new_tokens + 1000 < cfg.max_len
+
+
 # ---------------------------------------------------------------------------------------------------- the loss
 
 def _example():
@@ -277,7 +385,7 @@ class FakeTrajectory:
     prompt_len: int
     turns: list
     answer: str | None
-    status: str
+    end_reason: str
     stats: dict = field(default_factory=dict)
 
 
@@ -332,12 +440,44 @@ def fake_rollout(model, tokenizer, questions, golds, browser, cfg, group_size=1,
             ans = gold[0] if first % 2 == 0 else "no idea"
             text = f"<think>t</think><answer>{ans}</answer>" if first % 3 else "<think>oops"
             out.append(FakeTrajectory(q, gold, qi, toks, mask, lps, len(prompt), [FakeTurn(text)], ans,
-                                      "answered", {"n_search": 1, "n_browse": 0}))
+                                      "answer", {"n_search": 1, "n_browse": 0}))
     return out
 
 
 def fake_agent():
     return fake_rollout, FakeRolloutConfig, FakeBrowser, FakeBrowseConfig
+
+
+def test_tool_failures_are_masked_from_the_loss(tmp_path, tiny_qwen2, monkeypatch):
+    """A trajectory that ended because the web failed gets no loss weight and leaves its group's mean/std; the
+    counts per end reason reach metrics.jsonl."""
+    from reward import reward
+
+    seen = {}
+
+    def flaky_rollout(*a, **k):
+        trajs = fake_rollout(*a, **k)
+        trajs[1] = dataclasses.replace(trajs[1], end_reason="tool_failure")  # group 0, second row
+        seen["trajs"] = trajs
+        return trajs
+
+    def spy_update(model, optimizer, samples, cfg, d, step, ref_model=None, show_progress=True):
+        seen["samples"] = samples
+        return real_update(model, optimizer, samples, cfg, d, step, ref_model, show_progress)
+
+    real_update = train.update
+    monkeypatch.setattr(train, "_import_agent", lambda: (flaky_rollout, FakeRolloutConfig, FakeBrowser,
+                                                         FakeBrowseConfig))
+    monkeypatch.setattr(train, "update", spy_update)
+    m = train.main(parse_config(Config, _cfg(tmp_path, tiny_qwen2, steps=1, group_size=3, batch_size=2), PRESETS))
+    trajs, samples = seen["trajs"], seen["samples"]
+    assert len(trajs) == 6 and len(samples) == 5 and samples[1].tokens == trajs[2].tokens  # row 1 is gone
+    r = torch.tensor([reward([t.text for t in tr.turns], tr.gold).score for tr in trajs])
+    want = torch.cat([group_advantages(r[[0, 2]], 2), group_advantages(r[3:], 3)])
+    assert torch.allclose(torch.tensor([s.advantage for s in samples]), want)
+    assert m["end_tool_failure"] == 1 and m["end_answer"] == 5 and m["masked_tool_failures"] == 1
+    line = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    assert line["end_tool_failure"] == 1 and line["skipped_groups"] == 0
 
 
 def _cfg(out, model, **kw):
