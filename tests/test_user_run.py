@@ -192,3 +192,43 @@ def test_damaged_checkpoint_is_named_and_skipped(damage, tmp_path, tiny_qwen2, m
         assert steps == [1, 2, 3]
         _main(_cfg(out, tiny_qwen2, steps=4, resume=str(out / "ckpt" / "step_000003")))
         assert (out / "ckpt" / "step_000004" / "state.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------------- eval.py
+
+def test_eval_defaults_one_folder_per_model_and_the_offline_dev_set():
+    import eval as ev
+
+    assert ev.Config().data == "data/qa_dev.jsonl"
+    base = ev.resolve_out_dir(ev.parse_config(ev.Config, ["--preset=offline"], ev.PRESETS))
+    trained = ev.resolve_out_dir(ev.parse_config(
+        ev.Config, ["--preset=offline", "--model=runs/train/ckpt/step_000006/hf"], ev.PRESETS))
+    assert base.out_dir == "runs/eval-offline-SmolLM2-135M-Instruct"
+    assert trained.out_dir == "runs/eval-offline-train-step_000006"
+    explicit = ev.resolve_out_dir(ev.parse_config(ev.Config, ["--out_dir=x/y"], ev.PRESETS))
+    assert explicit.out_dir == "x/y"
+
+
+def test_eval_resume_refuses_another_models_trajectories(tmp_path, tiny_qwen2, monkeypatch):
+    """The README's before/after comparison: a second model pointed at the first one's folder must not re-score
+    the first model's trajectories under its own name."""
+    import eval as ev
+    from test_eval import FakeAgent, FakeBrowser, FakeBrowseConfig as EvBrowseConfig, FakeRolloutConfig
+
+    agent = FakeAgent()
+    monkeypatch.setattr(ev, "_agent_modules", lambda: (agent.rollout, FakeRolloutConfig, FakeBrowser, EvBrowseConfig))
+    out = tmp_path / "eval"
+    args = ["--preset=tiny", "--limit=4", f"--out_dir={out}"]
+    ev.main(ev.parse_config(ev.Config, args, ev.PRESETS))
+    assert len(agent.seen) == 4 and json.loads((out / "run.json").read_text())["model"] == "tiny"
+    ev.main(ev.parse_config(ev.Config, args, ev.PRESETS))  # the same run again: resumes, nothing to run
+    assert len(agent.seen) == 4
+    with pytest.raises(SystemExit) as ex:
+        ev.main(ev.parse_config(ev.Config, args + [f"--model={tiny_qwen2}"], ev.PRESETS))
+    msg = ex.value.code
+    assert "weights_sha256 was" in msg and "model_path was" in msg and "--out_dir=" in msg and "\n" not in msg
+    with pytest.raises(SystemExit, match="max_turns was 3, now 5"):
+        ev.main(ev.parse_config(ev.Config, args + ["--max_turns=5"], ev.PRESETS))
+    assert len(agent.seen) == 4  # nothing ran, nothing was re-scored under the wrong name
+    with pytest.raises(SystemExit, match="does not exist"):  # train.py's start-up checks, reused
+        ev.main(ev.parse_config(ev.Config, args + ["--model=/a/missing/path"], ev.PRESETS))
