@@ -6,7 +6,10 @@ What it does
   end, cache mode and reader, and appends one JSON line per finished question to `<out_dir>/trajectories.jsonl`:
   question, gold, every turn with its tool call and observation, the answer and its scores.
 - Resumable: ids already in trajectories.jsonl are skipped, so a killed run continues where it stopped (each batch of
-  `--batch_size` questions is written as soon as it finishes; a torn last line is cut off at start).
+  `--batch_size` questions is written as soon as it finishes; a torn last line is cut off at start). Each model gets
+  its own folder by default (`--out_dir=runs/eval-{model}`); `run.json` records what produced the trajectories
+  (model path, weights fingerprint, data hash, every setting that changes an answer) and a run that differs refuses
+  to resume there.
 - Sharded under torchrun: rank r takes every world_size-th unfinished question; ranks append to the same file under
   an exclusive file lock; rank 0 scores and writes the summary after a barrier.
 - Scores (reward.py): the reference word-set F1 and EM, SQuAD EM/F1, the format check on the policy's own turns, and

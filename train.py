@@ -60,6 +60,8 @@ How to run
     torchrun --nnodes=4 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
         train.py --preset=deepresearcher --out_dir=/shared/fs/run1                    # multi-node, shared out_dir
     python train.py --preset=tiny --resume=True                       # continue from the latest checkpoint
+    python train.py --preset=tiny --resume=runs/train-tiny/ckpt/step_000002   # ... or from a given one
+    python train.py --preset=tiny --overwrite=True                    # out_dir holds a run: delete it, start again
 Any Config field can be overridden with --key=value; unknown keys are rejected with the closest matches.
 
 What it deliberately does not do: value models / GAE, reward models, sequence packing across trajectories,
