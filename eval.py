@@ -6,7 +6,10 @@ What it does
   end, cache mode and reader, and appends one JSON line per finished question to `<out_dir>/trajectories.jsonl`:
   question, gold, every turn with its tool call and observation, the answer and its scores.
 - Resumable: ids already in trajectories.jsonl are skipped, so a killed run continues where it stopped (each batch of
-  `--batch_size` questions is written as soon as it finishes; a torn last line is cut off at start).
+  `--batch_size` questions is written as soon as it finishes; a torn last line is cut off at start). Each model gets
+  its own folder by default (`--out_dir=runs/eval-{model}`); `run.json` records what produced the trajectories
+  (model path, weights fingerprint, data hash, every setting that changes an answer) and a run that differs refuses
+  to resume there.
 - Sharded under torchrun: rank r takes every world_size-th unfinished question; ranks append to the same file under
   an exclusive file lock; rank 0 scores and writes the summary after a barrier.
 - Scores (reward.py): the reference word-set F1 and EM, SQuAD EM/F1, the format check on the policy's own turns, and
@@ -42,7 +45,7 @@ import sys
 import threading
 import time
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from browse import WebError, chat_completion
@@ -57,8 +60,8 @@ class Config:
     model: str = "HuggingFaceTB/SmolLM2-135M-Instruct"  # checkpoint folder, hub id, or "tiny"
     agent: str = "model"            # model | first_title (no model: search the question, answer the first title)
     #                                 | closed_book (the model answers with no tools, one turn)
-    data: str = "../shared/held_out_data/dev.parquet"   # .parquet (reference columns) or .jsonl (our schema)
-    out_dir: str = "runs/eval"
+    data: str = "data/qa_dev.jsonl"  # our offline dev set; the reference's parquet only when asked (--data=...)
+    out_dir: str = "runs/eval-{model}"  # {model}: a short name of --model (or the agent), one folder per agent
     limit: int = 0                  # first N rows of the data file (0 = all), before sharding and resumption
     sources: str = ""               # comma-separated data sources to keep ("" = all)
     # agent (rollout.RolloutConfig)
@@ -102,12 +105,13 @@ class Config:
 PRESETS: dict[str, dict] = {
     # tiny random model + offline local search: the whole path in seconds on a CPU (tests, smoke runs)
     "tiny": dict(model="tiny", backend="local", reader="extract", max_turns=3, max_new_tokens=24, max_len=2048,
-                 n_slots=16, batch_size=8, date="2025-01-01", out_dir="runs/eval-tiny", device="cpu"),
+                 n_slots=16, batch_size=8, date="2025-01-01", out_dir="runs/eval-tiny-{model}", device="cpu"),
     # the embedded offline default, as train.py's default trains it: SmolLM2-135M-Instruct (or --model=<trained
     # checkpoint>/hf), the offline dev split, local search, the short prompt and the search-then-answer scaffold
     "offline": dict(model="HuggingFaceTB/SmolLM2-135M-Instruct", data="data/qa_dev.jsonl", backend="local",
                     max_turns=2, max_new_tokens=24, max_len=1024, prompt="short", turn_prefixes="<search>,<answer>",
-                    top_k=3, snippet_chars=200, obs_chars=1000, n_slots=32, batch_size=64, out_dir="runs/eval-offline"),
+                    top_k=3, snippet_chars=200, obs_chars=1000, n_slots=32, batch_size=64,
+                    out_dir="runs/eval-offline-{model}"),
     # the paper's evaluation set-up: Qwen2.5-7B-Instruct (or a trained checkpoint), Google via Serper, top 10,
     # reading agent, up to 10 turns of at most 2000 new tokens, ~32k context, greedy; as in training (train.py's
     # preset says why): a malformed call ends the trajectory, every turn opens with <think>, and one search shows
@@ -115,7 +119,7 @@ PRESETS: dict[str, dict] = {
     "deepresearcher": dict(model="Qwen/Qwen2.5-7B-Instruct", protocol="dr", backend="serper", top_k=10,
                            on_bad_call="end", turn_prefix_every="<think>", snippet_chars=300, obs_chars=15000,
                            reader="llm", max_turns=10, max_new_tokens=2000, max_len=32768, n_slots=64,
-                           data="../shared/held_out_data/test.parquet", out_dir="runs/eval-deepresearcher"),
+                           data="../shared/held_out_data/test.parquet", out_dir="runs/eval-deepresearcher-{model}"),
 }
 
 
@@ -161,9 +165,9 @@ def _parse_config_local(cls, argv: list[str], presets: dict[str, dict]):
 
 
 try:
-    from train import parse_config
-except ImportError:  # train.py missing or broken: eval.py must still run
-    parse_config = _parse_config_local
+    from train import parse_config, validate
+except ImportError:  # train.py missing or broken: eval.py must still run (without the start-up checks)
+    parse_config, validate = _parse_config_local, (lambda cfg: None)
 
 
 # ----------------------------------------------------------------------------------------------- files
@@ -231,6 +235,63 @@ def load_records(path: Path) -> list[dict]:
                 continue
             by_id[rec["id"]] = rec
     return list(by_id.values())
+
+
+# ----------------------------------------------------------------------------------------------- one folder per run
+
+def model_tag(model: str) -> str:
+    """A short folder-name part for --model: the hub name, or a checkpoint path's meaningful parts
+    ("runs/train/ckpt/step_000006/hf" -> "train-step_000006")."""
+    parts = [x for x in Path(model).parts if x not in ("/", ".", "..", "~", "runs", "ckpt", "hf")]
+    tag = "-".join(parts[-1:] if "/" in model and model.count("/") == 1 and not Path(model).exists() else parts[-3:])
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in tag) or "model"
+
+
+def resolve_out_dir(cfg: Config) -> Config:
+    """The config with `{model}` in out_dir filled in (an explicit --out_dir without it is used as given)."""
+    tag = model_tag(cfg.model) if cfg.agent == "model" else cfg.agent if cfg.agent == "first_title" else \
+        f"{cfg.agent}-{model_tag(cfg.model)}"
+    return replace(cfg, out_dir=cfg.out_dir.replace("{model}", tag))
+
+
+def weights_sha256(model_path: str | None, head_bytes: int = 8 << 20) -> str | None:
+    """A cheap fingerprint of a checkpoint folder: config.json, and each weight file's size plus its first 8 MB
+    (the embedding, which every training step moves): two different checkpoints differ here in practice."""
+    if not model_path or not Path(model_path).is_dir():
+        return None
+    h = hashlib.sha256()
+    for f in sorted(Path(model_path).glob("*.safetensors")) + sorted(Path(model_path).glob("config.json")):
+        h.update(f"{f.name}\0{f.stat().st_size}\0{sha256_file(f, max_bytes=head_bytes)}\n".encode())
+    return h.hexdigest()
+
+
+def run_identity(cfg: Config, model_path: str | None, corpus: str | None) -> dict:
+    """What decides the trajectories of a question: the model's weights, the data, and every setting that changes
+    an answer. Resuming into a folder whose trajectories came from another identity would mix two runs."""
+    keys = ("agent", "protocol", "prompt", "turn_prefixes", "turn_prefix_every", "max_turns", "max_new_tokens",
+            "max_len", "temperature", "top_p", "seed", "dtype", "backend", "top_k", "cache_mode", "reader", "llm_model",
+            "snippet_chars", "page_chars", "obs_chars")
+    return {"model": cfg.model, "model_path": str(Path(model_path).resolve()) if model_path else None,
+            "weights_sha256": weights_sha256(model_path), "data_sha256": sha256_file(cfg.data),
+            "corpus": corpus, "date": cfg.date or _dt.date.today().isoformat(),
+            **{k: getattr(cfg, k) for k in keys}}
+
+
+def check_same_run(out_dir: Path, identity: dict, n_done: int) -> None:
+    """Refuse to add to (and re-score) trajectories that another model or other settings produced."""
+    f = out_dir / "run.json"
+    if not n_done:
+        return
+    fix = f"pass --out_dir=<another folder> (the default is one folder per model) or delete {out_dir}"
+    if not f.exists():
+        raise SystemExit(f"{out_dir / 'trajectories.jsonl'} holds {n_done} trajectories but no run.json says what "
+                         f"produced them (an older eval.py): {fix}")
+    old = json.loads(f.read_text())
+    diff = [k for k in identity if k != "model" and old.get(k) != identity[k]]
+    if diff:
+        said = "; ".join(f"{k} was {old.get(k)!r}, now {identity[k]!r}" for k in diff)
+        raise SystemExit(f"{out_dir / 'trajectories.jsonl'} holds {n_done} trajectories of a different run ({said})"
+                         f": resuming would mix them with this one's; {fix}")
 
 
 # ----------------------------------------------------------------------------------------------- scoring
@@ -639,6 +700,11 @@ def run_agent(cfg: Config, todo: list[dict], path: Path, rank: int, world: int) 
 
 
 def main(cfg: Config) -> dict | None:
+    cfg = resolve_out_dir(cfg)
+    if not Path(cfg.data).exists() and (ROOT / cfg.data).exists():  # the repo's data/ from another folder
+        cfg = replace(cfg, data=str(ROOT / cfg.data))
+    if not cfg.score_only:
+        validate(cfg)  # train.py's start-up checks: numbers, model folder, data file, out_dir writable
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "trajectories.jsonl"
@@ -653,6 +719,13 @@ def main(cfg: Config) -> dict | None:
         examples = [e for e in examples if e["source"] in keep]
     repair_tail(path)
     finished = {r["id"] for r in load_records(path)}
+    from model import resolve_model
+
+    identity = run_identity(cfg, resolve_model(cfg.model) if cfg.agent != "first_title" else None,
+                            default_corpus(cfg))
+    check_same_run(out_dir, identity, len(finished))
+    if rank == 0 and not finished:
+        (out_dir / "run.json").write_text(json.dumps(identity, indent=2) + "\n")
     todo = [e for e in examples if e["id"] not in finished]
     if rank == 0:
         print(json.dumps(asdict(cfg), indent=2))

@@ -72,6 +72,8 @@ How to run
     torchrun --nnodes=4 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
         train.py --preset=deepresearcher --out_dir=/shared/fs/run1                    # multi-node, shared out_dir
     python train.py --preset=tiny --resume=True                       # continue from the latest checkpoint
+    python train.py --preset=tiny --resume=runs/train-tiny/ckpt/step_000002   # ... or from a given one
+    python train.py --preset=tiny --overwrite=True                    # out_dir holds a run: delete it, start again
 Any Config field can be overridden with --key=value; unknown keys are rejected with the closest matches.
 
 What it deliberately does not do: value models / GAE, reward models, sequence packing across trajectories,
@@ -161,17 +163,18 @@ class Config:
     entropy_coef: float = 0.0
     n_minibatches: int = 1          # optimizer steps per batch and epoch
     ppo_epochs: int = 1
-    micro_tokens: int = 4096        # token budget (rows x padded length) of one forward/backward, per rank
+    micro_tokens: int = 2048        # token budget (rows x padded length) of one forward/backward, per rank
     # runtime
     device: str = "auto"            # auto | cpu | cuda
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool = True  # keep each block's input only (~1.5 MB/token less for 135M, +1 forward)
     cpu_offload: bool = False       # FSDP2 CPUOffloadPolicy: sharded params, grads and Adam state live on the CPU
-    export_dtype: str = "auto"      # HF export dtype: auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16
+    export_dtype: str = "auto"      # HF export: auto (bf16 on GPU, fp32 on CPU: see _export_dtype) | float32 | bfloat16
     seed: int = 0
     # checkpoints and logging
     save_every: int = 3             # steps; a final checkpoint is always written
-    keep_last: int = 2
-    resume: bool = False            # continue from the latest checkpoint in out_dir/ckpt
+    keep_last: int = 1              # step folders kept (each 2.2 GB for 135M params: fp32 weights + Adam + HF export)
+    resume: str = ""                # "" = new run; true/auto = newest intact checkpoint in out_dir; or a step folder
+    overwrite: bool = False         # delete out_dir's earlier run (metrics, checkpoints, rollouts) instead of refusing
     n_log_rollouts: int = 2         # full trajectories dumped per step to rollouts/step_NNNNNN.jsonl
     plot_every: int = 3             # reward.png every N steps (and at the end)
     min_entropy: float = 1e-3       # mean token entropy below this for 3 steps in a row = collapse: stop
@@ -255,6 +258,88 @@ def parse_config(cls, argv: list[str], presets: dict[str, dict]):
             raise SystemExit(f"unknown option --{k}{hint} (all options: {', '.join(names)})")
         values[k] = _convert(k, v, names[k])
     return cls(**values)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Start-up checks: bad input stops here with one line that says what to do, before any model loads. eval.py reuses
+# `validate` for the fields it shares (a check applies when the config has that field).
+
+# field -> (smallest allowed value, what to do): the loop divides by some and ranges over others
+_MINIMUM = {
+    "steps": (1, "the number of GRPO steps to run, e.g. --steps=6"),
+    "group_size": (2, "GRPO compares each trajectory with the others of its question, so a group needs at least 2 "
+                      "(e.g. --group_size=4)"),
+    "batch_size": (1, "questions per step, e.g. --batch_size=8"),
+    "max_turns": (1, "generation turns per trajectory, e.g. --max_turns=2"),
+    "max_new_tokens": (1, "tokens per turn, e.g. --max_new_tokens=24"),
+    "max_len": (2, "context per trajectory, e.g. --max_len=1024"),
+    "n_slots": (1, "rows the engine decodes at once, e.g. --n_slots=32"),
+    "micro_tokens": (1, "tokens per forward/backward, e.g. --micro_tokens=2048"),
+    "save_every": (1, "steps between checkpoints (a final one is always written), e.g. --save_every=3"),
+    "keep_last": (1, "checkpoints kept on disk, e.g. --keep_last=1"),
+    "n_minibatches": (1, "optimizer steps per batch, e.g. --n_minibatches=1"),
+    "ppo_epochs": (1, "passes over each batch, e.g. --ppo_epochs=1"),
+    "top_k": (1, "search results per query, e.g. --top_k=3"),
+    "limit": (0, "the first N questions, or 0 for all"),
+    "warmup_steps": (0, "0 = no warm-up"),
+    "plot_every": (0, "0 = only at the end"),
+    "temperature": (0, "0 = greedy"),
+    "lr": (0, "e.g. --lr=2e-5"),
+    "kl_coef": (0, "0 = no KL term"),
+    "entropy_coef": (0, "0 = no entropy bonus"),
+    "grad_clip": (0, "0 = no clipping"),
+}
+
+
+def _is_folder_name(name: str) -> bool:
+    """Whether --model names a local folder rather than a hub id ("org/name") or "tiny"."""
+    return name.startswith(("/", ".", "~")) or name.count("/") >= 2
+
+
+def check_model(name: str) -> None:
+    """A local checkpoint folder must exist and hold config.json (else resolve_model reports a hub failure)."""
+    p = Path(name).expanduser()
+    if name == "tiny" or (p / "config.json").exists():
+        return
+    if (p / "hf" / "config.json").exists():
+        raise SystemExit(f"--model={name}: that is a training checkpoint; its Hugging Face folder is {p / 'hf'}")
+    if p.exists():
+        raise SystemExit(f"--model={name}: {p} has no config.json; pass a Hugging Face checkpoint folder "
+                         f"(e.g. runs/train/ckpt/step_000006/hf) or a hub id")
+    if _is_folder_name(name):
+        raise SystemExit(f"--model={name}: {p} does not exist; pass an existing checkpoint folder "
+                         f"(e.g. runs/train/ckpt/step_000006/hf) or a hub id like HuggingFaceTB/SmolLM2-135M-Instruct")
+
+
+def check_writable(out_dir: str) -> None:
+    """Create out_dir and write a probe file in it: a read-only or missing mount fails here, not at step 1."""
+    p = Path(out_dir)
+    probe = p / f".write_test.{os.getpid()}"
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise SystemExit(f"--out_dir={out_dir}: cannot write there ({e.strerror or e}); "
+                         f"pass --out_dir=<a folder you can write to>") from None
+
+
+def validate(cfg) -> None:
+    """Every start-up check on a Config (train.py's or eval.py's): numbers in range, the model folder, the data
+    file (read and parsed: empty, malformed or question-less rows stop here), out_dir writable."""
+    for key, (low, hint) in _MINIMUM.items():
+        v = getattr(cfg, key, None)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and not v >= low:  # `not >=` also catches NaN
+            raise SystemExit(f"--{key}={v}: must be at least {low}; {hint}")
+    if getattr(cfg, "dry_run", False):  # an estimate needs neither the data nor the weights
+        return
+    check_model(cfg.model)
+    if not getattr(cfg, "score_only", False):
+        load_questions(cfg.data)  # raises SystemExit with the file, the line and what to fix
+    check_writable(cfg.out_dir)
+    if hasattr(cfg, "resume"):
+        check_resume_target(cfg)
+
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -427,7 +512,14 @@ def load_questions(path: str) -> list[dict]:
                          f"or pass --data='' for the built-in sample questions")
     from data.prepare import load_examples
 
-    return [{"question": e["question"], "answers": e["answers"]} for e in load_examples(p)]
+    try:
+        rows = load_examples(p)
+    except (ValueError, OSError) as e:  # malformed JSON, a row without a question, an unreadable file
+        raise SystemExit(f"--data={path}: {e}") from None
+    if not rows:
+        raise SystemExit(f"--data={path}: {p} holds no questions; point --data at a JSONL file with one "
+                         f'{{"question": ..., "answers": [...]}} per line, or --data=\'\' for the built-in samples')
+    return [{"question": e["question"], "answers": e["answers"]} for e in rows]
 
 
 def batch_indices(n: int, step: int, batch_size: int, seed: int) -> list[int]:
@@ -767,40 +859,144 @@ def latest_checkpoint(cfg: Config) -> Path | None:
 
 
 def _export_dtype(cfg: Config, d: Dist):
+    """The HF export's dtype: asked for, or the dtype the policy computed in. On GPU that is bf16 (FSDP's mixed
+    precision casts the fp32 masters for every forward, so the bf16 export is the model that sampled). On a CPU it
+    is fp32: a bf16 export of the default run rounds most of its update away (measured after 1 step at lr 2e-5: 92%
+    of the changed weights round back to the base model's bf16 value; the exported update is 6x off in norm)."""
     if cfg.export_dtype == "auto":
         return torch.bfloat16 if d.device.type == "cuda" else torch.float32
     return getattr(torch, cfg.export_dtype)
 
 
+def _disk_full(e: BaseException) -> bool:
+    """Whether a failed save ran out of disk: ENOSPC anywhere in the exception chain, or torch's zip writer's way of
+    saying it ("unexpected pos 704 vs 598": fewer bytes were written than sent)."""
+    import errno
+
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e) or "unexpected pos" in str(e):
+            return True
+        for sub in (getattr(e, "failures", None) or {}).values():  # DCP's CheckpointException: one error per rank
+            if isinstance(sub, BaseException) and _disk_full(sub):
+                return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def resume_target(cfg: Config) -> str | None:
+    """--resume: None (a new run), "auto" (the newest intact checkpoint in out_dir) or a step folder."""
+    v = str(cfg.resume).strip()
+    if v.lower() in ("", "0", "false", "no", "none"):
+        return None
+    return "auto" if v.lower() in ("1", "true", "yes", "auto", "latest") else v
+
+
+def check_resume_target(cfg: Config) -> None:
+    """An explicit --resume folder must be a step folder; without --resume, out_dir must not hold an earlier run
+    (its metrics would be appended to and its checkpoints overwritten)."""
+    target = resume_target(cfg)
+    if target not in (None, "auto"):
+        if not (Path(target) / "state.json").exists():
+            raise SystemExit(f"--resume={target}: not a checkpoint step folder (no state.json); pass e.g. "
+                             f"--resume={ckpt_root(cfg) / 'step_000003'} or --resume=True for the newest")
+        return
+    out = Path(cfg.out_dir)
+    earlier = [p.name for p in (out / "metrics.jsonl", out / "ckpt") if p.exists()]
+    if target is None and earlier and not cfg.overwrite:
+        raise SystemExit(f"{out} already holds a run ({', '.join(earlier)}): --resume=True continues it, "
+                         f"--out_dir=<new folder> starts another beside it, --overwrite=True deletes it first")
+
+
+RUN_OUTPUTS = ("metrics.jsonl", "ckpt", "rollouts", "reward.png", "config.json", "tb")  # what --overwrite deletes
+
+
+def wipe_run(cfg: Config) -> None:
+    """--overwrite=True: remove the earlier run's outputs (only those: out_dir may hold other files)."""
+    for name in RUN_OUTPUTS:
+        p = Path(cfg.out_dir) / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+
+
+def checkpoint_problem(path: Path, rank: int = 0) -> str | None:
+    """What is wrong with a step folder, naming the file, or None when it is complete: state.json parses, the DCP
+    .metadata unpickles, every .distcp shard is as long as the metadata says, this rank's RNG file loads."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    state = path / "state.json"
+    try:
+        int(json.loads(state.read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{state}: {type(e).__name__}: {e}"
+    meta_file = path / "dcp" / ".metadata"
+    try:
+        meta = FileSystemReader(str(path / "dcp")).read_metadata()
+    except Exception as e:  # unpickling a damaged file can raise almost anything; the message names the file
+        return f"{meta_file}: {type(e).__name__}: {e}"
+    need: dict[str, int] = {}
+    for info in (meta.storage_data or {}).values():
+        need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
+    for rel, n in sorted(need.items()):
+        f = path / "dcp" / rel
+        size = f.stat().st_size if f.exists() else -1
+        if size < n:
+            return f"{f}: {'missing' if size < 0 else f'truncated ({size} of {n} bytes)'}"
+    rng = path / f"rng_rank{rank}.pt"
+    if rng.exists():
+        try:
+            torch.load(rng, weights_only=False)
+        except Exception as e:  # as above: a truncated zip fails in several ways
+            return f"{rng}: {type(e).__name__}: {e}"
+    return None
+
+
+def find_resume_checkpoint(cfg: Config, rank: int = 0, say=print) -> Path | None:
+    """The checkpoint --resume continues from: the folder given, or the newest intact one in out_dir (a damaged one
+    is named and skipped); None when out_dir has none yet."""
+    target = resume_target(cfg)
+    if target not in (None, "auto"):
+        problem = checkpoint_problem(Path(target), rank)
+        if problem:
+            raise SystemExit(f"--resume={target}: cannot resume from it: {problem}")
+        return Path(target)
+    root = ckpt_root(cfg)
+    steps = sorted((p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")), reverse=True)
+    problems = []
+    for p in steps:
+        problem = checkpoint_problem(p, rank)
+        if problem is None:
+            if problems:
+                say(f"resuming from the newest intact checkpoint, {p}, instead")
+            return p
+        problems.append(problem)
+        say(f"checkpoint {p.name} is damaged: {problem}")
+    if problems:
+        raise SystemExit(f"no intact checkpoint in {root} ({len(problems)} damaged, see above); "
+                         f"--overwrite=True starts the run again from step 0")
+    return None
+
+
 def save_checkpoint(model, optimizer, tokenizer, cfg: Config, d: Dist, step: int, history: list[dict]) -> Path:
-    """Sharded model + optimizer (DCP), step, RNG, data position, HF export; atomic via temp folder + rename."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+    """Sharded model + optimizer (DCP), step, RNG, data position, HF export; atomic via temp folder + rename.
 
-    from model import save_pretrained
-
+    A failed save (a full disk, Ctrl-C) removes its partial folder and leaves the previous checkpoint as it was."""
     final = ckpt_root(cfg) / f"step_{step:06d}"
     tmp = final.with_name(final.name + ".tmp")
-    if d.main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier()
-    msd, osd = get_state_dict(model, optimizer)
-    with warnings.catch_warnings():  # single process: DCP warns that it "assumes" no process group, as intended
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / "dcp"))
-    torch.save({"torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state() if d.device.type == "cuda" else None}, tmp / f"rng_rank{d.rank}.pt")
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if d.main:
-        dt = _export_dtype(cfg, d)
-        save_pretrained(model, tmp / "hf", state_dict={k: v.to(dt) for k, v in full.items()})
-        tokenizer.save_pretrained(tmp / "hf")
-        state = {"step": step, "data_position": step * cfg.batch_size, "world_size": d.world,
-                 "config": asdict(cfg), "history": history}
-        (tmp / "state.json").write_text(json.dumps(state))
-    del full
-    barrier()
+    try:
+        _write_checkpoint(tmp, model, optimizer, tokenizer, cfg, d, step, history)
+    except BaseException as e:  # anything, Ctrl-C included: clean up, then let it go on (re-raised below)
+        if d.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, Exception) and _disk_full(e):
+            prev = latest_checkpoint(cfg)
+            raise SystemExit(f"no space left on {ckpt_root(cfg).resolve()} while saving step {step}: removed the "
+                             f"partial checkpoint; {f'the previous one, {prev}, is intact' if prev else 'none kept'}"
+                             f". Free some space (or --keep_last=1) and run again with --resume=True") from None
+        raise
     if d.main:
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)  # the step folder appears complete or not at all
@@ -809,6 +1005,43 @@ def save_checkpoint(model, optimizer, tokenizer, cfg: Config, d: Dist, step: int
             shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
+
+
+def _write_checkpoint(tmp: Path, model, optimizer, tokenizer, cfg: Config, d: Dist, step: int,
+                      history: list[dict]) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+
+    from model import save_pretrained
+
+    if d.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    msd, osd = get_state_dict(model, optimizer)
+    with warnings.catch_warnings():  # single process: DCP warns that it "assumes" no process group, as intended
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / "dcp"))
+    del msd, osd
+    torch.save({"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state() if d.device.type == "cuda" else None}, tmp / f"rng_rank{d.rank}.pt")
+    dt = _export_dtype(cfg, d)
+    if _is_dist():  # FSDP2: gather full tensors on rank 0 (on the CPU), cast one at a time
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:  # one process: the parameters themselves, no gathered copy
+        full = model.state_dict()
+    if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+        full.pop("lm_head.weight", None)  # the same tensor as the embedding: HF files store it once
+    if d.main:
+        for k in list(full):  # in place, key by key: at most one fp32 tensor and the bf16 export at once
+            full[k] = full[k].detach().to(dt)
+        save_pretrained(model, tmp / "hf", state_dict=full)
+        tokenizer.save_pretrained(tmp / "hf")
+        state = {"step": step, "data_position": step * cfg.batch_size, "world_size": d.world,
+                 "config": asdict(cfg), "history": history}
+        (tmp / "state.json").write_text(json.dumps(state))
+    del full
+    barrier()
 
 
 def load_checkpoint(path: Path, model, optimizer, d: Dist) -> dict:
@@ -833,6 +1066,56 @@ def load_checkpoint(path: Path, model, optimizer, d: Dist) -> dict:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Logging
+
+
+def command_line(cfg: Config, script: str = "train.py", **changes) -> str:
+    """A `python train.py ...` line that reproduces `cfg` (with `changes`): the options this process was given
+    when it was started from the command line, else every field that differs from the defaults."""
+    import shlex
+
+    if Path(sys.argv[0]).name == script:
+        args = [a for a in sys.argv[1:] if a.split("=", 1)[0].lstrip("-").replace("-", "_") not in changes]
+    else:  # called as a function (tests, notebooks): spell the config out
+        base = asdict(Config())
+        args = [f"--{k}={v}" for k, v in asdict(cfg).items() if v != base[k] and k not in changes]
+    args += [f"--{k}={v}" for k, v in changes.items()]
+    launcher = "python" if int(os.environ.get("WORLD_SIZE", "1")) == 1 else "torchrun <the same launcher options>"
+    return " ".join([launcher, script] + [shlex.quote(a) for a in args])
+
+
+def interrupted_message(cfg: Config, ck: Path | None) -> str:
+    if ck is None:
+        saved = f"nothing was saved yet (the first checkpoint comes at step {min(cfg.save_every, cfg.steps)})"
+    else:
+        saved = f"the last checkpoint is {ck} (step {int(ck.name.split('_')[-1])})"
+    return f"interrupted: {saved}; to continue:\n  {command_line(cfg, resume='True')}"
+
+
+def eval_command(cfg: Config, model: str) -> str:
+    """The eval.py line that scores `model` on the offline dev set with this run's agent settings."""
+    import shlex
+
+    try:
+        import eval as ev
+    except ImportError:  # eval.py missing or broken: the base line is still right for the default run
+        return f"python eval.py --preset=offline --model={shlex.quote(model)}"
+    base = {**asdict(ev.Config()), **ev.PRESETS.get("offline", {})}
+    args = ["--preset=offline", f"--model={model}"]
+    for k in ("protocol", "max_turns", "max_new_tokens", "max_len", "prompt", "turn_prefixes", "date", "backend",
+              "top_k", "corpus", "cache", "reader", "snippet_chars", "page_chars", "obs_chars", "llm_base_url",
+              "llm_model"):  # what changes the agent's answers; sampling stays greedy, as evaluation is
+        if k in base and hasattr(cfg, k) and getattr(cfg, k) != base[k]:
+            args.append(f"--{k}={getattr(cfg, k)}")
+    return " ".join(["python eval.py"] + [shlex.quote(a) for a in args])
+
+
+def next_steps(cfg: Config, ck: Path | None) -> str:
+    """What a new user does after training: look at the curve, evaluate the checkpoint beside the base model."""
+    lines = [f"reward curve: {Path(cfg.out_dir) / 'reward.png'}; metrics: {Path(cfg.out_dir) / 'metrics.jsonl'}"]
+    if ck is not None:
+        lines += ["evaluate the trained checkpoint on the dev questions (greedy), then the base model beside it:",
+                  f"  {eval_command(cfg, str(ck / 'hf'))}", f"  {eval_command(cfg, cfg.model)}"]
+    return "\n".join(lines)
 
 
 def format_line(step: int, m: dict) -> str:
@@ -1041,6 +1324,7 @@ def dev_f1(rollout, model, tokenizer, dev: list[dict], browser, rcfg, d: Dist) -
 
 def main(cfg: Config) -> dict:
     """Run training; returns the last step's metrics (tests use it)."""
+    validate(cfg)  # bad options, data, model path or out_dir stop here, before anything loads
     d = setup_distributed(cfg.device)
     if cfg.dry_run:
         return dry_run(cfg, d)
@@ -1052,6 +1336,11 @@ def main(cfg: Config) -> dict:
         raise SystemExit(f"kl_type={cfg.kl_type!r}: only low_var_kl (k3) is implemented")
     rollout, RolloutConfig, Browser, BrowseConfig = _import_agent()  # fail before loading a model, not after
     out = Path(cfg.out_dir)
+    if d.main and cfg.overwrite and resume_target(cfg) is None:
+        wipe_run(cfg)
+    barrier()
+    resume_from = find_resume_checkpoint(cfg, d.rank, say=print if d.main else (lambda *a: None)) \
+        if resume_target(cfg) else None
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "rollouts").mkdir(exist_ok=True)
@@ -1078,16 +1367,16 @@ def main(cfg: Config) -> dict:
                                   weight_decay=cfg.weight_decay, eps=1e-8)
     questions = load_questions(cfg.data)
     start, history = 0, []
-    if cfg.resume:
-        ck = latest_checkpoint(cfg)
-        if ck is None:
+    if resume_target(cfg):
+        if resume_from is None:
             if d.main:
-                print(f"--resume=True but no checkpoint in {ckpt_root(cfg)}: starting from step 0")
+                print(f"--resume={cfg.resume} but no checkpoint in {ckpt_root(cfg)}: starting from step 0")
+                _truncate_metrics(out / "metrics.jsonl", 0)  # steps logged before the run died unsaved
         else:
-            state = load_checkpoint(ck, model, optimizer, d)
+            state = load_checkpoint(resume_from, model, optimizer, d)
             start, history = state["step"], state.get("history", [])
             if d.main:
-                print(f"resumed from {ck} at step {start}")
+                print(f"resumed from {resume_from} at step {start}")
                 _truncate_metrics(out / "metrics.jsonl", start)
     rcfg = _subconfig(RolloutConfig, cfg)
     browser = Browser(_subconfig(BrowseConfig, cfg))
@@ -1193,9 +1482,15 @@ def main(cfg: Config) -> dict:
                 saved_at = save_checkpoint(model, optimizer, tokenizer, cfg, d, step + 1, history)
             if stop:
                 break
+    except KeyboardInterrupt:  # Ctrl-C: no traceback; say what is on disk and how to go on (exit code 130 below)
+        stop = "interrupted"
     finally:
         browser.close()
         logs.close()
+    if stop == "interrupted":
+        if d.main:
+            print(interrupted_message(cfg, latest_checkpoint(cfg)), file=sys.stderr)
+        raise SystemExit(130)
     if d.main:
         if history:
             plot_rewards(history, out / "reward.png")
@@ -1203,6 +1498,7 @@ def main(cfg: Config) -> dict:
             print(stop, file=sys.stderr)
         ck = saved_at or latest_checkpoint(cfg)
         print(f"done: {len(history) and history[-1]['step']} steps; last checkpoint {ck}")
+        print(next_steps(cfg, ck))
     if _is_dist():
         dist.destroy_process_group()
     return last

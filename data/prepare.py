@@ -84,6 +84,22 @@ def _row_to_example(row: dict, i: int) -> Example:
     return _from_reference_row(row, i) if "prompt" in row and "reward_model" in row else _from_our_row(row, i)
 
 
+def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
+    """(line number, row) for each non-blank line; a line that is not JSON stops with the file and its line number
+    (json's own error counts lines within the one line it was given)."""
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((n, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: line {n} is not valid JSON ({e.msg}, column {e.colno}); "
+                                 f"fix or delete that line") from None
+    return rows
+
+
 def load_examples(path: str | os.PathLike, limit: int | None = None) -> list[dict]:
     """Examples (dicts in our schema) from a .parquet (reference or our columns) or .jsonl file, in file order."""
     path = Path(path)
@@ -92,11 +108,16 @@ def load_examples(path: str | os.PathLike, limit: int | None = None) -> list[dic
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        rows = pq.read_table(path).to_pylist()
+        numbered = list(enumerate(pq.read_table(path).to_pylist(), 1))  # (row number, row)
     else:
-        with open(path, encoding="utf-8") as fh:
-            rows = [json.loads(line) for line in fh if line.strip()]
-    out = [asdict(_row_to_example(r, i)) for i, r in enumerate(rows[:limit] if limit else rows)]
+        numbered = _read_jsonl(path)
+    numbered = numbered[:limit] if limit else numbered
+    for n, row in numbered:  # a row the schema cannot read: say which file and line, not a bare KeyError
+        if not isinstance(row, dict) or not ("question" in row or ("prompt" in row and "reward_model" in row)):
+            keys = ", ".join(map(str, row)) if isinstance(row, dict) else type(row).__name__
+            raise ValueError(f"{path}: line {n} has no 'question' field (it has: {keys or 'nothing'}); each row "
+                             f"needs question and answers (see data/prepare.py)")
+    out = [asdict(_row_to_example(r, i)) for i, (_, r) in enumerate(numbered)]
     seen: set[str] = set()
     for ex in out:  # ids key resumption in eval.py; a duplicate would silently skip a question
         if ex["id"] in seen:

@@ -29,7 +29,8 @@ HERE = Path(__file__).resolve().parent
 
 def test_parse_config_types_presets_and_errors():
     cfg = parse_config(Config, ["--preset=tiny", "--lr=0.5", "--steps=7", "--resume=true", "--out_dir=x"], PRESETS)
-    assert cfg.model == "tiny" and cfg.lr == 0.5 and cfg.steps == 7 and cfg.resume is True and cfg.out_dir == "x"
+    assert cfg.model == "tiny" and cfg.lr == 0.5 and cfg.steps == 7 and cfg.resume == "true" and cfg.out_dir == "x"
+    assert train.resume_target(cfg) == "auto" and train.resume_target(Config()) is None
     assert parse_config(Config, [], PRESETS) == Config()
     dr = parse_config(Config, ["--preset=deepresearcher"], PRESETS)
     assert (dr.batch_size, dr.group_size, dr.lr, dr.kl_coef, dr.entropy_coef, dr.max_turns, dr.max_new_tokens) == \
@@ -39,7 +40,7 @@ def test_parse_config_types_presets_and_errors():
     with pytest.raises(SystemExit, match="expects int"):
         parse_config(Config, ["--steps=1.5"], PRESETS)
     with pytest.raises(SystemExit, match="expects true or false"):
-        parse_config(Config, ["--resume=maybe"], PRESETS)
+        parse_config(Config, ["--overwrite=maybe"], PRESETS)
     with pytest.raises(SystemExit, match="unknown preset"):
         parse_config(Config, ["--preset=huge"], PRESETS)
 
@@ -505,10 +506,10 @@ def test_loop_resume_exact_and_hf_export(tmp_path, tiny_qwen2, monkeypatch):
     assert math.isfinite(m["loss"]) and 0 <= m["format_error"] <= 1
     train.main(parse_config(Config, _cfg(b, tiny_qwen2, steps=2), PRESETS))
     assert (b / "ckpt" / "step_000002" / "state.json").exists()
+    w0 = _hf_weights(b / "ckpt" / "step_000002")
     train.main(parse_config(Config, _cfg(b, tiny_qwen2, steps=3, resume=True), PRESETS))
     wa, wb = _hf_weights(a / "ckpt" / "step_000003"), _hf_weights(b / "ckpt" / "step_000003")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-    w0 = _hf_weights(a / "ckpt" / "step_000002")
     assert any(not torch.equal(wa[k], w0[k]) for k in wa)  # training did move the weights
     # outputs of a run
     lines = [json.loads(x) for x in (a / "metrics.jsonl").read_text().splitlines()]
@@ -520,7 +521,7 @@ def test_loop_resume_exact_and_hf_export(tmp_path, tiny_qwen2, monkeypatch):
     assert (a / "reward.png").stat().st_size > 0 and (a / "config.json").exists()
     dump = [json.loads(x) for x in (a / "rollouts" / "step_000001.jsonl").read_text().splitlines()]
     assert dump and "text" in dump[0] and dump[0]["turns"]
-    assert sorted(p.name for p in (a / "ckpt").iterdir()) == ["step_000002", "step_000003"]  # keep_last=2
+    assert sorted(p.name for p in (a / "ckpt").iterdir()) == ["step_000003"]  # keep_last=1
     # the HF export: transformers reads it; its logits equal those of the trained weights restored from DCP
     step = a / "ckpt" / "step_000003"
     ours = Transformer.from_pretrained(tiny_qwen2)
