@@ -30,9 +30,10 @@ has no host sync and no data-dependent shape, which is what makes it capturable.
 What it deliberately does not do: a paged-attention kernel (the gather + SDPA reads a row's K/V twice; flash-attn's
 paged kernel needs blocks of 256 tokens, FlexAttention was not tried), preemption when the pool runs out (an error:
 size kv_tokens / n_slots with `train.py --dry_run=True`), prefix caching across groups, speculative decoding, beam
-search. Same seed, same run holds exactly on CPU; on a GPU a row's logits can still differ in the last bits with the
-batch it is decoded in (kernel choice depends on the batch size, the table width and the graph bucket), which can
-flip a sampled token where two are within rounding of each other.
+search. Same seed, same run: the sampled tokens do not depend on scheduling, but a row's logits still differ in the
+last bits with the batch it is decoded in (kernels block their sums by batch size and table width; on a GPU also the
+graph bucket and cuBLAS's kernel choice): logprobs agree to ~1e-5 on CPU (tests/test_engine.py), and a token can
+flip where two candidates are within rounding of each other (rare on CPU, more likely in bf16 on a GPU).
 
 Part 2, the research-agent loop (`rollout()`): runs many trajectories at once on the engine. Every row decodes a
 turn; a row whose turn ends in a tool call is *parked* and its call goes to a thread pool (the browser session does
