@@ -222,7 +222,8 @@ class Engine:
         self._done: list[Finished] = []  # rows stopped since the last step() (a first token can already stop)
         self._pieces: dict[int, str] = {}  # token id -> its text alone (stop-string pre-check)
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
-        self._graphs: dict = {}
+        self._graphs: dict = {}  # (batch bucket, table width) -> (graph, output)
+        self._pool = None
 
     # -------------------------------------------------------------------------------------------- bookkeeping
     @property
@@ -494,24 +495,28 @@ class Engine:
             self._static = dict(tok=torch.zeros(n, 1, dtype=torch.long, device=self.device),
                                 pos=torch.zeros(n, 1, dtype=torch.long, device=self.device),
                                 table=torch.zeros(n, self.max_blocks, dtype=torch.long, device=self.device))
-            self._pool = torch.cuda.graph_pool_handle()
         st = self._static
         if (Bb, W) not in self._graphs:
             for v in st.values():  # the warm-up really runs: make it write to the scratch block only
                 v.zero_()
-            run = lambda: self.model(st["tok"][:Bb], positions=st["pos"][:Bb], cache=self.cache,  # noqa: E731
-                                     block_table=st["table"][:Bb, :W])
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):  # warm-up off the capture: lazy inits, cuBLAS workspaces
-                run()
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                out = run()  # (Bb, 1, V), kept alive: later graphs never reuse its memory
-            self._graphs[(Bb, W)] = (graph, out)
+            self._graphs[(Bb, W)] = self._capture(lambda: self.model(
+                st["tok"][:Bb], positions=st["pos"][:Bb], cache=self.cache, block_table=st["table"][:Bb, :W]))
         graph, out = self._graphs[(Bb, W)]
         return graph, st, out
+
+    def _capture(self, run):
+        """Warm `run` up on a side stream (lazy inits, cuBLAS workspaces), then capture it; (graph, its output)."""
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()  # one memory pool for all buckets: they never run at once
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            run()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            out = run()  # (Bb, 1, V), kept alive with the graph: later captures never reuse its memory
+        return graph, out
 
 
 def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
