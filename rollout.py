@@ -222,7 +222,7 @@ class Engine:
         self._done: list[Finished] = []  # rows stopped since the last step() (a first token can already stop)
         self._pieces: dict[int, str] = {}  # token id -> its text alone (stop-string pre-check)
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
-        self._graphs: dict = {}  # (batch bucket, table width) -> (graph, output)
+        self._graphs: dict = {}  # (batch bucket, table width) -> captured graph
         self._pool = None
 
     # -------------------------------------------------------------------------------------------- bookkeeping
@@ -479,33 +479,35 @@ class Engine:
         (token 0 at position 0, table of zeros), so a bucket's extra rows write and read nothing real."""
         B = toks.shape[0]
         Bb, W = self._buckets(B, width)
-        graph, st, out = self._graph(Bb, W)
-        st["tok"][:Bb].zero_()
-        st["pos"][:Bb].zero_()
+        graph, st = self._graph(Bb, W)
+        st["tok"][B:Bb].zero_()
+        st["pos"][B:Bb].zero_()
         st["table"][:Bb, :W].zero_()
         st["tok"][:B, 0] = toks
         st["pos"][:B, 0] = pos
         st["table"][:B, :W] = self.table[idx, :W]
         graph.replay()
-        return out[:B, -1]  # (B, V)
+        return st["out"][:B]  # (B, V)
 
     def _graph(self, Bb: int, W: int):
-        if not self._graphs:  # static inputs shared by every graph (a graph reads a view of the first rows)
-            n = self._buckets(self.n_slots, 1)[0]
-            self._static = dict(tok=torch.zeros(n, 1, dtype=torch.long, device=self.device),
-                                pos=torch.zeros(n, 1, dtype=torch.long, device=self.device),
-                                table=torch.zeros(n, self.max_blocks, dtype=torch.long, device=self.device))
+        if not self._graphs:  # static buffers shared by every graph (a graph uses a view of the first rows)
+            n, dev = self._buckets(self.n_slots, 1)[0], self.device
+            p = next(self.model.parameters())
+            self._static = dict(tok=torch.zeros(n, 1, dtype=torch.long, device=dev),
+                                pos=torch.zeros(n, 1, dtype=torch.long, device=dev),
+                                table=torch.zeros(n, self.max_blocks, dtype=torch.long, device=dev),
+                                out=torch.zeros(n, self.model.config.vocab_size, dtype=p.dtype, device=dev))
         st = self._static
         if (Bb, W) not in self._graphs:
             for v in st.values():  # the warm-up really runs: make it write to the scratch block only
                 v.zero_()
-            self._graphs[(Bb, W)] = self._capture(lambda: self.model(
-                st["tok"][:Bb], positions=st["pos"][:Bb], cache=self.cache, block_table=st["table"][:Bb, :W]))
-        graph, out = self._graphs[(Bb, W)]
-        return graph, st, out
+            # Logits go to the one static output, so a graph keeps no (Bb, V) tensor of its own alive.
+            self._graphs[(Bb, W)] = self._capture(lambda: st["out"][:Bb].copy_(self.model(
+                st["tok"][:Bb], positions=st["pos"][:Bb], cache=self.cache, block_table=st["table"][:Bb, :W])[:, -1]))
+        return self._graphs[(Bb, W)], st
 
     def _capture(self, run):
-        """Warm `run` up on a side stream (lazy inits, cuBLAS workspaces), then capture it; (graph, its output)."""
+        """Warm `run` up on a side stream (lazy inits, cuBLAS workspaces), then capture it in a CUDA graph."""
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()  # one memory pool for all buckets: they never run at once
         side = torch.cuda.Stream(self.device)
@@ -515,8 +517,8 @@ class Engine:
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            out = run()  # (Bb, 1, V), kept alive with the graph: later captures never reuse its memory
-        return graph, out
+            run()
+        return graph
 
 
 def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
