@@ -75,7 +75,7 @@ Not here: the reward, the browser (browse.py; it enforces "only URLs from the la
 observations), the engine (above). No global state: everything lives in `rollout()`'s locals.
 
 Run: `python -m pytest tests/test_engine.py tests/test_rollout.py`; benchmark: `python bench/generate.py` (CPU) or
-`python bench/generate.py --device=cuda --shape=qwen2.5-0.5b --dtype=bfloat16`.
+`python bench/generate.py --device=cuda` (decode step vs the bandwidth floor, CUDA graphs, vs transformers).
 """
 
 from __future__ import annotations
