@@ -140,8 +140,9 @@ def memory_check(nbytes: int, device: torch.device) -> None:
 
 
 def free_memory(device: torch.device) -> int | None:
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cuda":  # memory torch's allocator holds but does not use (a previous engine's pool) is free
+        held = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return torch.cuda.mem_get_info(device)[0] + held
     try:
         import os
 

@@ -221,6 +221,8 @@ def peers(a, dtype, rng) -> None:
         print(f"ours {'graphs' if graphs else 'eager '}: {sum(outs) / t:10,.0f} generated tok/s "
               f"({t:.1f} s wall incl. prefill and graph captures, {len(eng._graphs)} graphs)", flush=True)
         del eng
+        if a.device == "cuda":
+            torch.cuda.empty_cache()
     del ours
 
 
