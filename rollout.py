@@ -27,11 +27,13 @@ per bucket (batch 1, 2, 4, 8, then multiples of 16; table width a power of two i
 (tokens, positions, block tables) and replayed; a bucket's extra rows run on the scratch block. The cached forward
 has no host sync and no data-dependent shape, which is what makes it capturable.
 
-What it deliberately does not do: a paged-attention kernel (the gather + SDPA reads a row's K/V twice; flash-attn's
-paged kernel needs blocks of 256 tokens, FlexAttention was not tried), preemption when the pool runs out (an error:
-size kv_tokens / n_slots with `train.py --dry_run=True`), prefix caching across groups, speculative decoding, beam
-search. Same seed, same run: the sampled tokens do not depend on scheduling, but a row's logits still differ in the
-last bits with the batch it is decoded in (kernels block their sums by batch size and table width; on a GPU also the
+What it deliberately does not do: a paged-attention kernel (the gather + SDPA moves a row's K/V twice more;
+flash-attn 2's paged kernel needs blocks of 256 tokens, FlexAttention was not tried), preemption when the pool runs
+out (an error: size kv_tokens / n_slots with `train.py --dry_run=True`), prefix caching across groups, speculative
+decoding, beam search.
+
+Same seed, same run: the sampled tokens do not depend on scheduling, but a row's logits still differ in the last
+bits with the batch it is decoded in (kernels block their sums by batch size and table width; on a GPU also the
 graph bucket and cuBLAS's kernel choice): logprobs agree to ~1e-5 on CPU (tests/test_engine.py), and a token can
 flip where two candidates are within rounding of each other (rare on CPU, more likely in bf16 on a GPU).
 

@@ -331,6 +331,26 @@ def test_stop_strings(model, tok):
     assert generate(model, [prompt], 40, temperature=0.0, stop_strings=(span,), decode=tok.decode) == [ref[: k + 1]]
 
 
+def test_stop_strings_decoded_only_when_a_token_could_end_one(model, tok):
+    """The tail of a turn is decoded only for tokens whose text holds a stop string's last char."""
+    prompt = make_prompts((8,), seed=9)[0]
+    ref = argmax_loop(model, prompt, 30)
+    calls = []
+
+    def decode(ids):
+        calls.append(len(ids))
+        return tok.decode(ids)
+
+    eng = Engine(model, n_slots=1, max_len=64, decode=decode)
+    stop = "\x00\x01"  # never produced: the turn runs to its length
+    s = eng.submit(prompt, SamplingParams(temperature=0.0, max_new_tokens=30, stop_strings=(stop,)))[0]
+    assert run(eng, [s])[s].tokens == ref
+    pieces = {t: tok.decode([t]) for t in ref}
+    expected = sum(stop[-1] in pieces[t] or "\ufffd" in pieces[t] for t in ref)
+    assert sum(n > 1 for n in calls) <= expected < 30  # tails decoded: only where a piece could end the stop
+    assert sum(n == 1 for n in calls) == len(set(ref))  # each token's own text decoded once, then cached
+
+
 def test_stop_strings_without_decode_fail_loudly(model):
     """A stop string the engine cannot check (no `decode`) must be an error, not silently ignored."""
     with pytest.raises((ValueError, RuntimeError)):
