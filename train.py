@@ -41,7 +41,7 @@ Departures from the paper / the reference implementation (verl + vLLM + Ray)
 - The default run (no preset) is ours, not the paper's: SmolLM2-135M-Instruct on a CPU, 8 questions x 4, 6 steps,
   lr 2e-5, temperature 0.7, no KL, a 30-token system prompt and a scaffold that forces turn 1 to open with
   `<search>` and turn 2 with `<answer>` (a 135M model never finds the format alone; see the README), top-3
-  results, turns of at most 24 tokens; `--preset=deepresearcher` is the paper's recipe (its n_slots=16 and
+  results, turns of at most 24 tokens; `--preset=deepresearcher` is the paper's recipe (its n_slots=80 and
   micro_tokens=8192 are our memory choices for 8 x 80 GB, see `--dry_run=True`).
 
 Metrics (one `key value | ...` line per step on rank 0, and metrics.jsonl): reward, reward_std, f1, em,
