@@ -5,12 +5,18 @@ logits of a row in a ragged batch, and after park + append, equal the row run al
 temperature, top-k and top-p; stop token ids, stop strings (also one spanning two tokens), per-row max_new_tokens
 and the end of the cache, with their `reason`; group sharing (submit with n=G) against G separate prefills;
 continuous batching (a released slot takes a new prompt mid-run); returned logprobs; the KV-cache memory check.
+Paged cache: block sizes 1, 4, 16 and max_len (= the contiguous cache) agree on a scenario with ragged prompts, a
+shared group, park/append, slot and block reuse and a row at the cache's end; shared blocks are refcounted and freed
+with the group's last row; the books balance over 3,000 random operations; a full pool is an error with numbers.
+Same seed, same run: per-row seeds make a row's tokens independent of its batch, and two rollouts with different
+tool latencies give the same trajectories. The CUDA-graph path's buffers and buckets run on CPU with a stand-in
+graph; the real graphs are compared with eager on CUDA (skipped without a GPU).
 
 Models: the conftest tiny random checkpoints in fp32 (tiny_qwen2, tiny_llama), plus "sharp" variants made with
 conftest's make_tiny_checkpoint and a larger init (initializer_range=0.5): the default init gives near-uniform logits
 and a greedy row repeats one token forever, which would hide position or cache bugs; the sharp models give a
 different token at almost every step.
-Run: python -m pytest -x -q tests/test_engine.py        (CPU, offline, ~20 s)
+Run: python -m pytest -x -q tests/test_engine.py        (CPU, offline, ~30 s; the GPU tests: add -m gpu on CUDA)
 """
 
 import random
