@@ -237,10 +237,6 @@ class Engine:
     def n_decoding(self) -> int:
         return sum(s.state == DECODING for s in self.slots)
 
-    @property
-    def n_free_blocks(self) -> int:
-        return len(self.free_blocks)
-
     def length(self, slot: int) -> int:
         """Tokens of the row's sequence so far (cache + the pending sampled token)."""
         s = self.slots[slot]
@@ -255,9 +251,6 @@ class Engine:
         self.table[slot] = 0
 
     # ----------------------------------------------------------------------------------------------- blocks
-    def _need(self, slot: int, n_tokens: int) -> int:
-        return max(0, -(-n_tokens // self.block_size) - len(self.slots[slot].blocks))
-
     def _alloc(self, n: int) -> list[int]:
         if n > len(self.free_blocks):
             raise RuntimeError(f"KV cache pool exhausted: {n} blocks asked, {len(self.free_blocks)} free of "
@@ -282,7 +275,7 @@ class Engine:
 
     def _reserve(self, slots: list[int], lengths: list[int]) -> None:
         """Give each slot the blocks to hold `lengths` tokens; all or nothing (a pool error changes no state)."""
-        need = [self._need(s, n) for s, n in zip(slots, lengths)]
+        need = [max(0, -(-n // self.block_size) - len(self.slots[s].blocks)) for s, n in zip(slots, lengths)]
         new = self._alloc(sum(need))
         entries, i = [], 0
         for s, k in zip(slots, need):
