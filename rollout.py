@@ -1,19 +1,41 @@
 """Generation engine and research-agent loop: everything that turns a policy into trajectories.
 
-Part 1, the engine. One KV cache preallocated for all layers (`model.KVCache`, an argument of
-`model(...)`), with a cursor per row, so rows of different lengths share a batch. A row (slot) is free, decoding or
-parked. `submit` prefills prompts in one ragged call and copies a group's prompt into G slots (prefill once for a
-GRPO group); `step` decodes one token for every decoding row; a row that hits a stop id, a stop string, its token
-limit or the end of its cache is parked with its cache intact; `append` adds forced tokens (a tool observation) to a
-parked row, prefilling only them at that row's own offset, and the row decodes a new turn; `release` frees the slot
-for the next prompt (continuous batching). Every sampled token comes with its log-probability under the sampling
-distribution (temperature applied, before top-p/top-k truncation, which is what the trainer recomputes).
+Part 1, the engine. A paged KV cache (`model.KVCache`, an argument of `model(...)`): one pool of fixed-size blocks
+(`block_size` tokens, 16 by default) for all layers, a block table and a length per row, a free list and a refcount
+per block; memory follows the tokens rows hold, and the pool can be sized (`kv_tokens`) far below n_slots x max_len.
+A row (`Slot`) is free, decoding or parked. `submit` prefills prompts in one ragged call; a GRPO group (n=G) shares
+its prompt's full blocks by reference (each row gets a private copy of a partly filled last block), freed when the
+group's last row is released. `step` decodes one token for every decoding row (each row's blocks gathered through
+its table, masked attention); a row that hits a stop id, a stop string, its token limit or the end of its cache is
+parked with its cache intact; `append` adds forced tokens (a tool observation) to a parked row, prefilling only them
+at that row's own offset, and the row decodes a new turn; `release` frees the slot and its blocks for the next
+prompt (continuous batching). A full pool is an error with the numbers (blocks asked, free), never an overwrite.
+Every sampled token comes with its log-probability under the sampling distribution (temperature applied, before
+top-p/top-k truncation, which is what the trainer recomputes).
 
 A row's last sampled token is "pending": it is returned at once but enters the cache only with the next forward
 (the next decode step, or the prefill of an `append`), so a turn's stop token costs no extra forward.
 
-What it deliberately does not do: paged attention, speculative decoding, beam search, CUDA graphs (the eager
-decode step is a single `model(...)` call over a contiguous block of rows, so wrapping it later is easy).
+Randomness: every row has its own `torch.Generator`, seeded from (engine seed, row key); `submit(..., seeds=keys)`
+passes the keys (the agent loop: (seed, question index, sample index)), otherwise the key is the admission count.
+Sampling is Gumbel-max with each row's uniforms from its own stream, so a row's tokens do not depend on which rows
+share its batches or on when tool calls return. Greedy rows draw nothing. The one host sync per step brings tokens
+and logprobs over together; stop strings are decoded only for rows whose token could end one.
+
+CUDA graphs (`Engine(..., cuda_graphs=True)`, CUDA only; CPU is always eager): the decode forward is captured once
+per bucket (batch 1, 2, 4, 8, then multiples of 16; table width a power of two in blocks) over static buffers
+(tokens, positions, block tables) and replayed; a bucket's extra rows run on the scratch block. The cached forward
+has no host sync and no data-dependent shape, which is what makes it capturable.
+
+What it deliberately does not do: a paged-attention kernel (the gather + SDPA moves a row's K/V twice more;
+flash-attn 2's paged kernel needs blocks of 256 tokens, FlexAttention was not tried), preemption when the pool runs
+out (an error: size kv_tokens / n_slots with `train.py --dry_run=True`), prefix caching across groups, speculative
+decoding, beam search.
+
+Same seed, same run: the sampled tokens do not depend on scheduling, but a row's logits still differ in the last
+bits with the batch it is decoded in (kernels block their sums by batch size and table width; on a GPU also the
+graph bucket and cuBLAS's kernel choice): logprobs agree to ~1e-5 on CPU (tests/test_engine.py), and a token can
+flip where two candidates are within rounding of each other (rare on CPU, more likely in bf16 on a GPU).
 
 Part 2, the research-agent loop (`rollout()`): runs many trajectories at once on the engine. Every row decodes a
 turn; a row whose turn ends in a tool call is *parked* and its call goes to a thread pool (the browser session does
@@ -63,18 +85,19 @@ Not here: the reward, the browser (browse.py; it enforces "only URLs from the la
 observations), the engine (above). No global state: everything lives in `rollout()`'s locals.
 
 Run: `python -m pytest tests/test_engine.py tests/test_rollout.py`; benchmark: `python bench/generate.py` (CPU) or
-`python bench/generate.py --device=cuda --shape=qwen2.5-0.5b --dtype=bfloat16`.
+`python bench/generate.py --device=cuda` (decode step vs the bandwidth floor, CUDA graphs, vs transformers).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import re
 import time
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -104,91 +127,195 @@ class Finished:
 FREE, DECODING, PARKED = 0, 1, 2
 
 
+@dataclass
+class Slot:
+    """One row of the engine: its state, where its KV lives, and the turn it is sampling."""
+
+    state: int = FREE
+    blocks: list[int] = field(default_factory=list)  # physical KV blocks, in position order (some may be shared)
+    cached: int = 0  # tokens in the cache
+    pending: int | None = None  # last sampled token, not yet in the cache
+    sampling: SamplingParams | None = None
+    gen: torch.Generator | None = None  # the row's own random stream (see row_seed)
+    tokens: list[int] = field(default_factory=list)  # this turn's sampled tokens
+    logprobs: list[float] = field(default_factory=list)
+
+
 def memory_check(nbytes: int, device: torch.device) -> None:
     """Fail with numbers (asked vs free) instead of an opaque OOM when the KV cache cannot fit."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-    else:
-        try:
-            import os
-
-            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):
-            return
-    if nbytes > 0.9 * free:
+    free = free_memory(device)
+    if free is not None and nbytes > 0.9 * free:
         raise MemoryError(f"KV cache needs {nbytes / 2**30:.2f} GiB but only {free / 2**30:.2f} GiB is free on "
-                          f"{device}: lower n_slots (rows) or max_len")
+                          f"{device}: lower n_slots (rows) or max_len, or pass kv_tokens")
 
 
-def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
-           gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """One token per row from logits (B, V) with per-row settings; returns (tokens (B,), logprobs (B,))."""
+def free_memory(device: torch.device) -> int | None:
+    if device.type == "cuda":  # memory torch's allocator holds but does not use (a previous engine's pool) is free
+        held = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return torch.cuda.mem_get_info(device)[0] + held
+    try:
+        import os
+
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def row_seed(seed: int, key) -> int:
+    """The seed of one row's random stream, from the engine seed and the row's key (e.g. (question, sample)):
+    a row samples the same tokens whichever rows share its batches and whenever its tool calls return."""
+    return int.from_bytes(hashlib.sha256(repr((seed, key)).encode()).digest()[:8], "little") >> 1
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], gens: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per row of logits (B, V), row i under params[i] with noise from its own generator gens[i];
+    returns (tokens (B,), logprobs (B,)) on the device. Every decision on settings is made on the host from
+    `params`: no host sync here."""
     logits = logits.float()
-    greedy = temperature <= 0
-    scaled = logits / torch.where(greedy, 1.0, temperature)[:, None]  # (B, V)
+    B, V = logits.shape
+    dev = logits.device
+    temp = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=dev)
+    scaled = logits / temp[:, None]  # (B, V)
     logp = torch.log_softmax(scaled, dim=-1)  # (B, V): the distribution the trainer recomputes
-    if bool(greedy.all()):  # no draw over (B, V) at all: on a CPU it cost ~11% of a batch-32 decode step
-        tokens = logits.argmax(-1)
-        return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
-    filt = scaled
-    if bool((top_k > 0).any()) or bool((top_p < 1).any()):
-        sorted_logits, idx = scaled.sort(dim=-1, descending=True)  # (B, V)
-        probs = sorted_logits.softmax(-1)
-        # drop a token when the mass before it already reaches top_p (the first token always stays)
-        drop = (probs.cumsum(-1) - probs) >= top_p[:, None]
-        k = torch.where(top_k > 0, top_k, logits.shape[-1])
-        drop |= torch.arange(logits.shape[-1], device=logits.device)[None] >= k[:, None]
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        filt = torch.empty_like(scaled).scatter_(-1, idx, sorted_logits)
-    probs = filt.softmax(-1)
-    drawn = torch.multinomial(probs, 1, generator=gen).squeeze(-1)  # (B,)
-    tokens = torch.where(greedy, logits.argmax(-1), drawn)
+    tokens = logits.argmax(-1)  # (B,): greedy rows draw nothing
+    drawn = [i for i, p in enumerate(params) if p.temperature > 0]
+    if drawn:
+        idx = torch.tensor(drawn, device=dev)
+        filt = scaled[idx]  # (b, V)
+        sp = [params[i] for i in drawn]
+        if any(p.top_k > 0 or p.top_p < 1 for p in sp):
+            top_p = torch.tensor([p.top_p for p in sp], device=dev)
+            top_k = torch.tensor([p.top_k if p.top_k > 0 else V for p in sp], device=dev)
+            sorted_logits, order = filt.sort(dim=-1, descending=True)  # (b, V)
+            probs = sorted_logits.softmax(-1)
+            # drop a token when the mass before it already reaches top_p (the first token always stays)
+            drop = (probs.cumsum(-1) - probs) >= top_p[:, None]
+            drop |= torch.arange(V, device=dev)[None] >= top_k[:, None]
+            filt = torch.empty_like(filt).scatter_(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+        # Gumbel-max: argmax(logit - log E), E ~ Exp(1), is a draw from softmax(logit) (torch.multinomial's own
+        # trick), with each row's uniforms from its own generator. u = 0 gives E = inf: that token is never taken.
+        u = torch.stack([torch.rand(V, generator=gens[i], device=dev) for i in drawn])  # (b, V)
+        tokens[idx] = (filt - torch.log(-torch.log(u))).argmax(-1)
     return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
 
 
 class Engine:
-    """Slots over one KV cache; see the section docstring. Only ever calls `model(...)` (plain or FSDP2)."""
+    """Slots over one paged KV cache; see the section docstring. Only ever calls `model(...)` (plain or FSDP2).
 
-    def __init__(self, model, n_slots: int, max_len: int, *, decode=None, seed: int = 0, prefill_tokens: int = 8192):
+    block_size: tokens per KV block. kv_tokens: tokens the pool holds, all rows together (None: every row can reach
+    max_len, i.e. n_slots x max_len, capped on CUDA to what fits in the free memory). cuda_graphs: capture the
+    decode step per (batch, blocks) bucket and replay it (CUDA only; CPU is always eager)."""
+
+    def __init__(self, model, n_slots: int, max_len: int, *, decode=None, seed: int = 0, prefill_tokens: int = 8192,
+                 block_size: int = 16, kv_tokens: int | None = None, cuda_graphs: bool = False):
         p = next(model.parameters())
-        self.model, self.n_slots, self.max_len, self.decode = model, n_slots, max_len, decode
-        self.device, self.prefill_tokens = p.device, prefill_tokens
+        self.model, self.n_slots, self.max_len, self.decode, self.seed = model, n_slots, max_len, decode, seed
+        self.device, self.prefill_tokens, self.block_size = p.device, prefill_tokens, block_size
         cfg = model.config
-        self.cache_bytes = KVCache.nbytes_for(cfg, n_slots, max_len, p.dtype)
+        self.max_blocks = -(-max_len // block_size)  # table width: blocks of a row at max_len
+        per_block = KVCache.nbytes_for(cfg, block_size, p.dtype)
+        if kv_tokens is None:
+            kv_tokens = n_slots * self.max_blocks * block_size
+            free = free_memory(self.device) if self.device.type == "cuda" else None
+            if free is not None:  # like vLLM: leave room for activations, take what fits
+                kv_tokens = min(kv_tokens, max(0, int(0.85 * free) - 2**30) // per_block * block_size)
+        n_blocks = -(-kv_tokens // block_size) + 1  # + block 0, the scratch block pads and padding rows write to
+        self.cache_bytes = n_blocks * per_block
         memory_check(self.cache_bytes, self.device)
-        self.cache = KVCache.allocate(cfg, n_slots, max_len, p.dtype, self.device)
-        self.gen = torch.Generator(self.device).manual_seed(seed)
-        self.state = [FREE] * n_slots
-        self.cached = [0] * n_slots  # tokens in the cache
-        self.pending: list[int | None] = [None] * n_slots  # last sampled token, not yet in the cache
-        self.sampling: list[SamplingParams | None] = [None] * n_slots
-        self.turn_tokens: list[list[int]] = [[] for _ in range(n_slots)]
-        self.turn_logprobs: list[list[float]] = [[] for _ in range(n_slots)]
+        self.cache = KVCache.allocate(cfg, n_blocks, block_size, p.dtype, self.device)
+        self.refs = [0] * n_blocks  # rows holding each block
+        self.free_blocks = list(range(n_blocks - 1, 0, -1))  # a stack: pop() hands out the lowest ids first
+        # Device mirror of every row's block list, 0 (scratch) past its end, so pad writes never reach another row.
+        self.table = torch.zeros(n_slots, self.max_blocks, dtype=torch.long, device=self.device)
+        self.slots = [Slot() for _ in range(n_slots)]
+        self.n_admitted = 0  # rows admitted so far: the key of rows submitted without seeds
         self.n_forward = 0  # forwards run (prefill + decode), for benchmarks
         self._done: list[Finished] = []  # rows stopped since the last step() (a first token can already stop)
+        self._pieces: dict[int, str] = {}  # token id -> its text alone (stop-string pre-check)
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        self._graphs: dict = {}  # (batch bucket, table width) -> captured graph
+        self._pool = None
 
     # -------------------------------------------------------------------------------------------- bookkeeping
     @property
     def n_free(self) -> int:
-        return self.state.count(FREE)
+        return sum(s.state == FREE for s in self.slots)
 
     @property
     def n_decoding(self) -> int:
-        return self.state.count(DECODING)
+        return sum(s.state == DECODING for s in self.slots)
 
     def length(self, slot: int) -> int:
         """Tokens of the row's sequence so far (cache + the pending sampled token)."""
-        return self.cached[slot] + (self.pending[slot] is not None)
+        s = self.slots[slot]
+        return s.cached + (s.pending is not None)
 
     def release(self, slot: int) -> None:
-        self.state[slot], self.cached[slot], self.pending[slot] = FREE, 0, None
-        self.turn_tokens[slot], self.turn_logprobs[slot] = [], []
+        for b in self.slots[slot].blocks:  # a shared prompt block goes back when its last row lets go
+            self.refs[b] -= 1
+            if self.refs[b] == 0:
+                self.free_blocks.append(b)
+        self.slots[slot] = Slot()
+        self.table[slot] = 0
+
+    # ----------------------------------------------------------------------------------------------- blocks
+    def _alloc(self, n: int) -> list[int]:
+        if n > len(self.free_blocks):
+            raise RuntimeError(f"KV cache pool exhausted: {n} blocks asked, {len(self.free_blocks)} free of "
+                               f"{self.cache.n_blocks - 1} ({self.block_size} tokens each): lower n_slots, or "
+                               f"raise kv_tokens (Engine(..., kv_tokens=...))")
+        out = [self.free_blocks.pop() for _ in range(n)]
+        for b in out:
+            self.refs[b] = 1
+        return out
+
+    def _add_blocks(self, slot: int, blocks: list[int]) -> tuple[list, list, list]:
+        s = self.slots[slot]
+        first = len(s.blocks)
+        s.blocks = s.blocks + blocks
+        n = len(blocks)
+        return [slot] * n, list(range(first, first + n)), blocks
+
+    def _write_table(self, entries: list[tuple[list, list, list]]) -> None:
+        rows, cols, vals = ([x for e in entries for x in e[i]] for i in range(3))
+        if rows:  # one index_put for the whole batch of new blocks
+            self.table[rows, cols] = torch.tensor(vals, device=self.device)
+
+    def _reserve(self, slots: list[int], lengths: list[int]) -> None:
+        """Give each slot the blocks to hold `lengths` tokens; all or nothing (a pool error changes no state)."""
+        need = [max(0, -(-n // self.block_size) - len(self.slots[s].blocks)) for s, n in zip(slots, lengths)]
+        new = self._alloc(sum(need))
+        entries, i = [], 0
+        for s, k in zip(slots, need):
+            entries.append(self._add_blocks(s, new[i : i + k]))
+            i += k
+        self._write_table(entries)
+
+    def _share(self, src: int, dst: list[int]) -> None:
+        """dst rows take src's prompt: its full blocks by reference, a private copy of a partly filled last block
+        (each row writes its own next tokens there)."""
+        s, bs = self.slots[src], self.block_size
+        full = s.blocks[: s.cached // bs]
+        copies = self._alloc(len(dst)) if s.cached % bs else []
+        if copies:
+            last = s.blocks[len(full)]
+            idx = torch.tensor(copies, device=self.device)
+            self.cache.k[:, idx] = self.cache.k[:, last : last + 1]  # (L, n, bs, Hkv, D)
+            self.cache.v[:, idx] = self.cache.v[:, last : last + 1]
+        entries = []
+        for i, d in enumerate(dst):
+            for b in full:
+                self.refs[b] += 1
+            entries.append(self._add_blocks(d, full + copies[i : i + 1]))
+            self.slots[d].cached = s.cached
+        self._write_table(entries)
 
     # ---------------------------------------------------------------------------------------------- prefill
     @torch.no_grad()
     def _prefill(self, seqs: list[list[int]], slots: list[int]) -> torch.Tensor:
-        """Write each token list into its slot at the slot's cursor; return the last-token logits (B, V)."""
-        out = []
+        """Write each token list into its slot at the slot's cursor (blocks already reserved); return the
+        last-token logits (B, V)."""
+        out, bs = [], self.block_size
         # Chunks bounded by a padded-token budget so a big batch of long prompts does not blow up activations.
         i = 0
         while i < len(seqs):
@@ -198,66 +325,75 @@ class Engine:
                 j += 1
             chunk, rows = seqs[i:j], slots[i:j]
             T = max(len(s) for s in chunk)
-            start = torch.tensor([self.cached[r] for r in rows], device=self.device)
-            if int(start.max()) + T > self.max_len:
-                raise ValueError(f"prefill of {T} tokens at offset {int(start.max())} exceeds max_len={self.max_len}")
+            starts = [self.slots[r].cached for r in rows]
+            if max(starts) + T > self.max_len:
+                raise ValueError(f"prefill of {T} tokens at offset {max(starts)} exceeds max_len={self.max_len}")
             toks = torch.zeros(len(chunk), T, dtype=torch.long, device=self.device)
             for b, s in enumerate(chunk):
                 toks[b, : len(s)] = torch.tensor(s, device=self.device)
-            # Right padding: pads take the positions after a row's own tokens, so its real tokens never see them.
+            # Right padding: pads take the positions after a row's own tokens, so its real tokens never see them;
+            # they write into the row's own last block or the scratch block (table entries past its end are 0).
+            start = torch.tensor(starts, device=self.device)
             pos = start[:, None] + torch.arange(T, device=self.device)  # (B, T)
             last = torch.tensor([len(s) - 1 for s in chunk], device=self.device)[:, None]  # (B, 1)
-            logits = self.model(toks, positions=pos, cache=self.cache,
-                                rows=torch.tensor(rows, device=self.device), logits_at=last)  # (B, 1, V)
+            width = -(-(max(starts) + T) // bs)
+            table = self.table[torch.tensor(rows, device=self.device), :width]  # (B, nb)
+            logits = self.model(toks, positions=pos, cache=self.cache, block_table=table, logits_at=last)
             self.n_forward += 1
             for r, s in zip(rows, chunk):
-                self.cached[r] += len(s)
-            out.append(logits[:, 0])
+                self.slots[r].cached += len(s)
+            out.append(logits[:, 0])  # (B, V)
             i = j
         return torch.cat(out)  # (B, V)
 
-    def _copy_rows(self, src: int, dst: list[int]) -> None:
-        n = self.cached[src]
-        idx = torch.tensor(dst, device=self.device)
-        self.cache.k[:, idx, :, :n] = self.cache.k[:, src : src + 1, :, :n]
-        self.cache.v[:, idx, :, :n] = self.cache.v[:, src : src + 1, :, :n]
-        for d in dst:
-            self.cached[d] = n
+    def submit(self, prompt: list[int], sampling: SamplingParams, n: int = 1, seeds: list | None = None
+               ) -> list[int]:
+        """Prefill `prompt` once into n free slots (a GRPO group); the rows start decoding. Returns the slots.
+        seeds: one key per row (e.g. (seed, question, sample)) seeding its random stream; default: the admission
+        counter, deterministic for a given order of submits."""
+        return self.submit_many([prompt], sampling, n, seeds)[0]
 
-    def submit(self, prompt: list[int], sampling: SamplingParams, n: int = 1) -> list[int]:
-        """Prefill `prompt` once into n free slots (a GRPO group); the rows start decoding. Returns the slots."""
-        return self.submit_many([prompt], sampling, n)[0]
-
-    def submit_many(self, prompts: list[list[int]], sampling: SamplingParams, n: int = 1) -> list[list[int]]:
-        """Like submit for several prompts at once: one ragged prefill for all of them."""
+    def submit_many(self, prompts: list[list[int]], sampling: SamplingParams, n: int = 1,
+                    seeds: list | None = None) -> list[list[int]]:
+        """Like submit for several prompts at once: one ragged prefill for all of them; seeds prompt-major."""
         self._check(sampling)
-        free = [s for s in range(self.n_slots) if self.state[s] == FREE]
+        free = [i for i, s in enumerate(self.slots) if s.state == FREE]
         if len(free) < n * len(prompts):
             raise RuntimeError(f"{len(prompts)} prompts x {n} need {n * len(prompts)} free slots, {len(free)} free")
         for p in prompts:
             if not 0 < len(p) < self.max_len:
                 raise ValueError(f"prompt of {len(p)} tokens does not fit max_len={self.max_len}")
+        if seeds is not None and len(seeds) != n * len(prompts):
+            raise ValueError(f"{len(seeds)} seeds for {n * len(prompts)} rows")
+        bs = self.block_size
+        blocks = sum(-(-len(p) // bs) + (n - 1) * (len(p) % bs > 0) for p in prompts)
+        if blocks > len(self.free_blocks):
+            self._alloc(blocks)  # raises with the numbers, before any state changes
         groups = [free[i * n : (i + 1) * n] for i in range(len(prompts))]
+        heads = [g[0] for g in groups]
+        self._reserve(heads, [len(p) for p in prompts])
+        logits = self._prefill(prompts, heads)  # (P, V)
         for g in groups:
-            for s in g:
-                self.release(s)
-        logits = self._prefill(prompts, [g[0] for g in groups])  # (P, V)
-        for g in groups:
-            if n > 1:
-                self._copy_rows(g[0], g[1:])
+            self._share(g[0], g[1:])
         rows = [s for g in groups for s in g]
+        for r, key in zip(rows, seeds if seeds is not None else [None] * len(rows)):
+            key = ("admission", self.n_admitted) if key is None else key
+            self.slots[r].gen = torch.Generator(self.device).manual_seed(row_seed(self.seed, key))
+            self.n_admitted += 1
         self._start_turn(rows, logits.repeat_interleave(n, dim=0), sampling)
         return groups
 
     def append(self, slot: int, tokens: list[int], sampling: SamplingParams) -> None:
         """Append forced tokens to a parked row (prefilled at its own offset); the row decodes a new turn."""
-        if self.state[slot] != PARKED:
+        s = self.slots[slot]
+        if s.state != PARKED:
             raise RuntimeError(f"slot {slot} is not parked")
         self._check(sampling)
-        seq = ([self.pending[slot]] if self.pending[slot] is not None else []) + list(tokens)
-        if self.cached[slot] + len(seq) >= self.max_len:
+        seq = ([s.pending] if s.pending is not None else []) + list(tokens)
+        if s.cached + len(seq) >= self.max_len:
             raise ValueError(f"slot {slot}: {self.length(slot)} + {len(tokens)} tokens exceed max_len={self.max_len}")
-        self.pending[slot] = None
+        self._reserve([slot], [s.cached + len(seq)])
+        s.pending = None
         logits = self._prefill([seq], [slot])
         self._start_turn([slot], logits, sampling)
 
@@ -266,77 +402,135 @@ class Engine:
             raise ValueError("stop_strings need the engine's `decode` (e.g. Engine(..., decode=tokenizer.decode))")
 
     # ----------------------------------------------------------------------------------------------- decode
-    def _params(self, rows: list[int]):
-        sp = [self.sampling[r] for r in rows]
-        t = torch.tensor([s.temperature for s in sp], device=self.device)
-        p = torch.tensor([s.top_p for s in sp], device=self.device)
-        k = torch.tensor([s.top_k for s in sp], device=self.device)
-        return t, p, k
-
     def _start_turn(self, rows: list[int], logits: torch.Tensor, sampling: SamplingParams) -> None:
         for r in rows:
-            self.state[r], self.sampling[r] = DECODING, sampling
-            self.turn_tokens[r], self.turn_logprobs[r] = [], []
-        toks, lps = sample(logits, *self._params(rows), self.gen)
-        self._accept(rows, toks.tolist(), lps.tolist())
+            s = self.slots[r]
+            s.state, s.sampling, s.tokens, s.logprobs = DECODING, sampling, [], []
+        self._sample(rows, logits)
 
-    def _accept(self, rows, toks, lps) -> None:
-        """Record one sampled token per row and park the rows that must stop."""
-        for r, t, lp in zip(rows, toks, lps):
-            self.pending[r] = t
-            self.turn_tokens[r].append(t)
-            self.turn_logprobs[r].append(lp)
-            reason = self._stop_reason(r, t)
+    def _sample(self, rows: list[int], logits: torch.Tensor) -> None:
+        """Sample one token per row, bring tokens and logprobs to the host in one transfer, park rows that stop."""
+        slots = [self.slots[r] for r in rows]
+        toks, lps = sample(logits, [s.sampling for s in slots], [s.gen for s in slots])
+        both = torch.stack([toks.double(), lps.double()]).tolist()  # one host sync per step
+        for r, s, t, lp in zip(rows, slots, both[0], both[1]):
+            t = int(t)
+            s.pending = t
+            s.tokens.append(t)
+            s.logprobs.append(lp)
+            reason = self._stop_reason(s, t)
             if reason:
-                self.state[r] = PARKED
-                self._done.append(Finished(r, self.turn_tokens[r], self.turn_logprobs[r], reason))
+                s.state = PARKED
+                self._done.append(Finished(r, s.tokens, s.logprobs, reason))
 
-    def _stop_reason(self, r: int, t: int) -> str | None:
-        sp = self.sampling[r]
+    def _stop_reason(self, s: Slot, t: int) -> str | None:
+        sp = s.sampling
         if t in sp.stop_token_ids:
             return "stop_token"
-        if sp.stop_strings and self.decode is not None:
-            longest = max(len(s) for s in sp.stop_strings)
-            tail = self.decode(self.turn_tokens[r][-(longest + 2):])  # a token holds >= 1 char: enough context
-            if any(s in tail for s in sp.stop_strings):
+        if sp.stop_strings and self._may_end_stop(t, sp.stop_strings):
+            longest = max(len(x) for x in sp.stop_strings)
+            tail = self.decode(s.tokens[-(longest + 2):])  # a token holds >= 1 char: enough context
+            if any(x in tail for x in sp.stop_strings):
                 return "stop_string"
-        if len(self.turn_tokens[r]) >= sp.max_new_tokens:
+        if len(s.tokens) >= sp.max_new_tokens:
             return "length"
-        if self.cached[r] + 1 >= self.max_len:  # the pending token needs the last cache position
+        if s.cached + 1 >= self.max_len:  # the pending token needs the last cache position
             return "context"
         return None
+
+    def _may_end_stop(self, t: int, stops: tuple[str, ...]) -> bool:
+        """Whether token t could complete a stop string: its text holds a stop string's last char (or it is part of
+        a multi-byte char, or a stop string ends in whitespace that a tokenizer may strip from a lone token)."""
+        if t not in self._pieces:
+            self._pieces[t] = self.decode([t])
+        piece = self._pieces[t]
+        return "\ufffd" in piece or any(x[-1] in piece or x[-1].isspace() for x in stops)
 
     @torch.no_grad()
     def step(self) -> list[Finished]:
         """One decode step for all decoding rows; returns the rows that stopped (also those stopped at admission)."""
-        rows = [s for s in range(self.n_slots) if self.state[s] == DECODING]
+        rows = [i for i, s in enumerate(self.slots) if s.state == DECODING]
         if rows:
             self._decode(rows)
         done, self._done = self._done, []
         return done
 
     def _decode(self, rows: list[int]) -> None:
-        # Decode the contiguous block 0..max(rows): rows=None lets attention read the cache in place (no gather);
-        # parked/free rows inside the block compute a throwaway token written past their own cursor.
-        B = rows[-1] + 1
-        toks = torch.tensor([self.pending[s] if self.state[s] == DECODING else 0 for s in range(B)],
-                            device=self.device)[:, None]  # (B, 1)
-        pos = torch.tensor([min(self.cached[s], self.max_len - 1) for s in range(B)], device=self.device)
-        kv_len = max(self.cached[s] for s in rows) + 1
-        logits = self.model(toks, positions=pos[:, None], cache=self.cache, kv_len=kv_len)[:, -1]  # (B, V)
+        slots = [self.slots[r] for r in rows]
+        self._reserve(rows, [s.cached + 1 for s in slots])  # the pending token may open a new block
+        width = max(len(s.blocks) for s in slots)
+        toks = torch.tensor([s.pending for s in slots], device=self.device)  # (B,)
+        pos = torch.tensor([s.cached for s in slots], device=self.device)  # (B,)
+        idx = torch.tensor(rows, device=self.device)
+        if self.cuda_graphs:
+            logits = self._replay(idx, toks, pos, width)  # (B, V)
+        else:
+            logits = self.model(toks[:, None], positions=pos[:, None], cache=self.cache,
+                                block_table=self.table[idx, :width])[:, -1]  # (B, V)
         self.n_forward += 1
-        for s in rows:
-            self.cached[s] += 1
-        sel = torch.tensor(rows, device=self.device)
-        t, lp = sample(logits[sel], *self._params(rows), self.gen)
-        self._accept(rows, t.tolist(), lp.tolist())
+        for s in slots:
+            s.cached += 1
+        self._sample(rows, logits)
+
+    # ------------------------------------------------------------------------------------------- CUDA graphs
+    def _buckets(self, B: int, width: int) -> tuple[int, int]:
+        """Graph sizes: batch 1, 2, 4, 8, then multiples of 16; table width a power of two (<= max_blocks)."""
+        Bb = next(b for b in (1, 2, 4, 8) if b >= B) if B <= 8 else -(-B // 16) * 16
+        return Bb, min(self.max_blocks, 1 << (width - 1).bit_length())
+
+    def _replay(self, idx: torch.Tensor, toks: torch.Tensor, pos: torch.Tensor, width: int) -> torch.Tensor:
+        """The decode forward through a captured graph: static buffers filled, padding rows on the scratch block
+        (token 0 at position 0, table of zeros), so a bucket's extra rows write and read nothing real."""
+        B = toks.shape[0]
+        Bb, W = self._buckets(B, width)
+        graph, st = self._graph(Bb, W)
+        st["tok"][B:Bb].zero_()
+        st["pos"][B:Bb].zero_()
+        st["table"][:Bb, :W].zero_()
+        st["tok"][:B, 0] = toks
+        st["pos"][:B, 0] = pos
+        st["table"][:B, :W] = self.table[idx, :W]
+        graph.replay()
+        return st["out"][:B]  # (B, V)
+
+    def _graph(self, Bb: int, W: int):
+        if not self._graphs:  # static buffers shared by every graph (a graph uses a view of the first rows)
+            n, dev = self._buckets(self.n_slots, 1)[0], self.device
+            p = next(self.model.parameters())
+            self._static = dict(tok=torch.zeros(n, 1, dtype=torch.long, device=dev),
+                                pos=torch.zeros(n, 1, dtype=torch.long, device=dev),
+                                table=torch.zeros(n, self.max_blocks, dtype=torch.long, device=dev),
+                                out=torch.zeros(n, self.model.config.vocab_size, dtype=p.dtype, device=dev))
+        st = self._static
+        if (Bb, W) not in self._graphs:
+            for v in st.values():  # the warm-up really runs: make it write to the scratch block only
+                v.zero_()
+            # Logits go to the one static output, so a graph keeps no (Bb, V) tensor of its own alive.
+            self._graphs[(Bb, W)] = self._capture(lambda: st["out"][:Bb].copy_(self.model(
+                st["tok"][:Bb], positions=st["pos"][:Bb], cache=self.cache, block_table=st["table"][:Bb, :W])[:, -1]))
+        return self._graphs[(Bb, W)], st
+
+    def _capture(self, run):
+        """Warm `run` up on a side stream (lazy inits, cuBLAS workspaces), then capture it in a CUDA graph."""
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()  # one memory pool for all buckets: they never run at once
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            run()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):  # tool threads go on
+            run()
+        return graph
 
 
 def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
              stop_token_ids=(), seed: int = 0, *, top_k: int = 0, stop_strings=(), decode=None,
-             n_slots: int | None = None, max_len: int | None = None, return_logprobs: bool = False):
+             n_slots: int | None = None, max_len: int | None = None, return_logprobs: bool = False, **engine_kw):
     """New token ids for each prompt (ending with the stop token when one was hit); continuous batching over
-    `n_slots` rows (default: all prompts at once, at most 64)."""
+    `n_slots` rows (default: all prompts at once, at most 64). Prompt i samples from the stream keyed i, whatever
+    n_slots is. engine_kw: Engine options (block_size, kv_tokens, cuda_graphs)."""
     sp = SamplingParams(temperature, top_p, top_k, max_new_tokens, tuple(stop_token_ids), tuple(stop_strings))
     if not prompts:
         return []
@@ -344,7 +538,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: 
         raise ValueError("stop_strings need `decode` (e.g. decode=tokenizer.decode)")
     n_slots = n_slots or max(1, min(len(prompts), 64))
     max_len = max_len or max(len(p) for p in prompts) + max_new_tokens + 1
-    eng = Engine(model, n_slots, max_len, decode=decode, seed=seed)
+    eng = Engine(model, n_slots, max_len, decode=decode, seed=seed, **engine_kw)
     out: list = [None] * len(prompts)
     owner: dict[int, int] = {}
     queue = list(range(len(prompts)))
@@ -352,7 +546,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: 
         free = eng.n_free
         if queue and free:
             take, queue = queue[:free], queue[free:]
-            for i, g in zip(take, eng.submit_many([prompts[i] for i in take], sp)):
+            for i, g in zip(take, eng.submit_many([prompts[i] for i in take], sp, seeds=take)):
                 owner[g[0]] = i
         for f in eng.step():
             i = owner.pop(f.slot)
@@ -783,7 +977,9 @@ def rollout(model, tokenizer, questions: list[str], golds: list[list[str]], brow
                 for tr in trajs:
                     tr.end_reason, tr.stats["n_turns"] = "context_limit", 0
                 continue
-            slots = engine.submit(first, sampling, n=G)
+            # one random stream per trajectory, keyed (seed, question, sample): same seed, same run, whatever
+            # order the tool calls finish in
+            slots = engine.submit(first, sampling, n=G, seeds=[(seed, qi, g) for g in range(G)])
             for slot, tr in zip(slots, trajs):
                 rows[slot] = _Row(traj=tr, session=browser.session(questions[qi]), t_start=now, t_turn=now)
 

@@ -50,7 +50,7 @@ Departures from the paper / the reference implementation (verl + vLLM + Ray)
 - The default run (no preset) is ours, not the paper's: SmolLM2-135M-Instruct on a CPU, 8 questions x 4, 6 steps,
   lr 2e-5, temperature 0.7, no KL, a 30-token system prompt and a scaffold that forces turn 1 to open with
   `<search>` and turn 2 with `<answer>` (a 135M model never finds the format alone; see the README), top-3
-  results, turns of at most 24 tokens; `--preset=deepresearcher` is the paper's recipe (its n_slots=16 and
+  results, turns of at most 24 tokens; `--preset=deepresearcher` is the paper's recipe (its n_slots=80 and
   micro_tokens=8192 are our memory choices for 8 x 80 GB, see `--dry_run=True`).
 
 Metrics (one `key value | ...` line per step on rank 0, and metrics.jsonl): reward, reward_std, f1, em,
@@ -193,15 +193,16 @@ PRESETS: dict[str, dict] = {
     "tiny": dict(model="tiny", data="", out_dir="runs/train-tiny", steps=3, batch_size=4, group_size=2, max_turns=2,
                  max_new_tokens=16, max_len=1024, n_slots=8, lr=1e-3, date="2025-01-01", save_every=2,
                  micro_tokens=4096, plot_every=1, temperature=1.0, eval_every=3, eval_n=4),
-    # the paper's recipe on one or more 8-GPU nodes. n_slots: the engine preallocates max_len of KV cache per row
-    # (56 KiB/token for the 7B), so 16 rows x 32k tokens = 28 GiB; `--dry_run=True` shows the whole budget.
+    # the paper's recipe on one or more 8-GPU nodes. n_slots: the paged KV cache (56 KiB/token for the 7B) holds
+    # ~94 rows of 8k tokens per 80 GiB GPU next to the weights and sharded states (23 at the full 32k; an H200
+    # ~210 / 53); `--dry_run=True` prints these numbers for the preset and the GPU at hand.
     # As the reference: a malformed call ends the trajectory (-1); every turn opens with <think>; a search shows
     # all 3 queries x 10 results: one result is <= ~480 characters (rank, title ~70, URL ~100, snippet 300), so
     # 3 x 10 need ~14.5k characters (~4k tokens; the reference's example observation is 13 KB). Three such
     # observations plus the turns fit in 32k tokens; a trajectory that needs more ends as "context_limit".
     "deepresearcher": dict(model="Qwen/Qwen2.5-7B-Instruct", data="data/train.jsonl", out_dir="runs/deepresearcher",
                            steps=100, batch_size=256, group_size=16, protocol="dr", max_turns=10,
-                           max_new_tokens=2000, max_len=32768, n_slots=16, temperature=1.0, backend="serper",
+                           max_new_tokens=2000, max_len=32768, n_slots=80, temperature=1.0, backend="serper",
                            prompt="reference", turn_prefixes="", turn_prefix_every="<think>", on_bad_call="end",
                            top_k=10, snippet_chars=300, obs_chars=15000, reader="llm", lr=1e-6, weight_decay=0.01,
                            grad_clip=1.0, clip_low=0.2, clip_high=0.2,
@@ -1228,11 +1229,16 @@ def model_config_for(name: str):
     return ModelConfig.from_json(resolve_model(name))
 
 
+TYPICAL_TOKENS = 8192  # tokens a research trajectory typically holds at its end (a few turns of search + reading)
+KV_KEY = f"rollout: KV cache (bf16, rows x {TYPICAL_TOKENS} tokens)"
+
+
 def estimate_memory(cfg: Config, world: int, mcfg) -> dict[str, float]:
     """Bytes per GPU, by kind. Approximate (no allocator fragmentation, no NCCL buffers) but in the right units.
 
     Sharded fp32 master weights, grads and two Adam moments (16 bytes/param / world, on the CPU with cpu_offload);
-    the rollout holds the full bf16 weights plus the KV cache; training holds one or two unsharded bf16 blocks, the
+    the rollout holds the full bf16 weights plus the paged KV cache (rows x TYPICAL_TOKENS, what rows hold on average;
+    memory follows the tokens held, not max_len); training holds one or two unsharded bf16 blocks, the
     activations of one micro-batch (bf16; with checkpointing only each block's input is kept) and its fp32 logits.
     """
     from model import KVCache
@@ -1254,18 +1260,31 @@ def estimate_memory(cfg: Config, world: int, mcfg) -> dict[str, float]:
         "adam state (2 x fp32, sharded)": off * 8 * n / world,
         "reference model (bf16, sharded)": (2 * n / world if cfg.kl_coef > 0 else 0.0),
         "rollout: unsharded bf16 weights": 2 * n,
-        "rollout: KV cache (bf16)": float(KVCache.nbytes_for(mcfg, rows, cfg.max_len, torch.bfloat16)),
+        KV_KEY: float(KVCache.nbytes_for(mcfg, rows * min(cfg.max_len, TYPICAL_TOKENS), torch.bfloat16)),
         "train: gathered blocks (2 x bf16)": 2 * 2 * per_block,
         "train: activations": float(acts),
         "train: logits (fp32, x3 for softmax+grad)": 3 * 4 * T * V,
     }
     states = sum(v for k, v in m.items() if not k.startswith(("rollout", "train")))
-    m["peak in rollout"] = states + m["rollout: unsharded bf16 weights"] + m["rollout: KV cache (bf16)"]
+    m["peak in rollout"] = states + m["rollout: unsharded bf16 weights"] + m[KV_KEY]
     m["peak in training"] = states + sum(v for k, v in m.items() if k.startswith("train"))
     return m
 
 
+def kv_rows_per_gpu(cfg: Config, world: int, mcfg, gpu_bytes: float) -> dict[int, int]:
+    """Rows the paged KV cache holds on one GPU when every row holds n tokens, n = max_len (the worst case) and
+    TYPICAL_TOKENS: the engine's pool takes 85% of what the weights and sharded states leave, less 1 GiB."""
+    from model import KVCache
+
+    m = estimate_memory(cfg, world, mcfg)
+    budget = 0.85 * (gpu_bytes - (m["peak in rollout"] - m[KV_KEY])) - 2**30
+    per_token = KVCache.nbytes_for(mcfg, 1, torch.bfloat16)
+    return {n: max(0, int(budget // (per_token * n))) for n in (cfg.max_len, TYPICAL_TOKENS)}
+
+
 def dry_run(cfg: Config, d: Dist) -> dict:
+    from model import KVCache
+
     world = cfg.world_size or d.world
     mcfg = model_config_for(cfg.model)
     m = estimate_memory(cfg, world, mcfg)
@@ -1276,8 +1295,12 @@ def dry_run(cfg: Config, d: Dist) -> dict:
               f"{', CPU offload' if cfg.cpu_offload else ''}")
         for k, v in m.items():
             print(f"  {k:<45} {v / 2**30:9.2f} GiB")
+        cap = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else 80 * 2**30
+        where = "this GPU" if torch.cuda.is_available() else "an 80 GiB GPU (no GPU here)"
+        rows = kv_rows_per_gpu(cfg, world, mcfg, cap)
+        print(f"  paged KV cache on {where}: {KVCache.nbytes_for(mcfg, 1, torch.bfloat16) / 2**10:.0f} KiB/token, "
+              + ", ".join(f"{r} rows at {n} tokens" for n, r in rows.items()) + f" (n_slots={cfg.n_slots})")
         if torch.cuda.is_available():
-            cap = torch.cuda.get_device_properties(0).total_memory
             peak = max(m["peak in rollout"], m["peak in training"])
             print(f"  fits on this GPU ({cap / 2**30:.0f} GiB): {'yes' if peak < 0.9 * cap else 'NO'}")
     return m

@@ -5,26 +5,46 @@ logits of a row in a ragged batch, and after park + append, equal the row run al
 temperature, top-k and top-p; stop token ids, stop strings (also one spanning two tokens), per-row max_new_tokens
 and the end of the cache, with their `reason`; group sharing (submit with n=G) against G separate prefills;
 continuous batching (a released slot takes a new prompt mid-run); returned logprobs; the KV-cache memory check.
+Paged cache: block sizes 1, 4, 16 and max_len (= the contiguous cache) agree on a scenario with ragged prompts, a
+shared group, park/append, slot and block reuse and a row at the cache's end; shared blocks are refcounted and freed
+with the group's last row; the books balance over 3,000 random operations; a full pool is an error with numbers.
+Same seed, same run: per-row seeds make a row's tokens independent of its batch, and two rollouts with different
+tool latencies give the same trajectories. The CUDA-graph path's buffers and buckets run on CPU with a stand-in
+graph; the real graphs are compared with eager on CUDA (skipped without a GPU).
 
 Models: the conftest tiny random checkpoints in fp32 (tiny_qwen2, tiny_llama), plus "sharp" variants made with
 conftest's make_tiny_checkpoint and a larger init (initializer_range=0.5): the default init gives near-uniform logits
 and a greedy row repeats one token forever, which would hide position or cache bugs; the sharp models give a
 different token at almost every step.
-Run: python -m pytest -x -q tests/test_engine.py        (CPU, offline, ~20 s)
+Run: python -m pytest -x -q tests/test_engine.py        (CPU, offline, ~30 s; the GPU tests: add -m gpu on CUDA)
 """
+
+import random
+import threading
+import time
+from collections import Counter
 
 import pytest
 import torch
 
 from conftest import make_tiny_checkpoint
 from model import Transformer
-from rollout import Engine, SamplingParams, generate, memory_check
+from rollout import FREE, PARKED, Engine, SamplingParams, generate, memory_check
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=10)
 LENGTHS = (5, 17, 9, 30, 1, 12)  # ragged prompts; 1 = a single-token prompt
 # cached vs no-cache attention sums in another order: fp32 noise ~1.5e-4 on the sharp models (logit std ~4);
 # a wrong position or cache row shows up as O(1) differences
 VS_PLAIN = dict(atol=3e-4, rtol=0)
+
+
+def assert_same_logits(got, want):
+    """Logits of one row computed in two batch compositions (shapes) by the cached path. CPU kernels block and
+    vectorise the sums differently for different batch shapes, so fp32 results differ by a few dozen ulps of the
+    largest logit: measured 1.2e-4 on the sharp models, whose logits reach |21| (ulp 1.9e-6 there). The tolerance
+    is relative to that scale, 1e-5 x max|logit| (~2e-4 here), not a fixed 1e-4; a wrong position, block or mask
+    moves logits by O(1)."""
+    torch.testing.assert_close(got, want, atol=1e-5 * float(want.abs().max()), rtol=0)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -101,17 +121,26 @@ def run(eng: Engine, slots) -> dict:
 
 
 class Recorder(torch.nn.Module):
-    """Wraps a model for the engine and keeps, for every call, {cache row: fp32 logits of the row's last token}."""
+    """Wraps a model for the engine and keeps, for every call, {slot: fp32 logits of the row's last token}. The
+    slot of a batch row is the engine row whose block table it was given (unique: group rows differ in their last
+    block)."""
 
     def __init__(self, inner):
         super().__init__()
-        self.inner, self.config, self.calls = inner, inner.config, []
+        self.inner, self.config, self.calls, self.engine = inner, inner.config, [], None
 
-    def forward(self, tokens, positions=None, cache=None, rows=None, kv_len=None, logits_at=None):
-        out = self.inner(tokens, positions=positions, cache=cache, rows=rows, kv_len=kv_len, logits_at=logits_at)
-        rows = range(tokens.shape[0]) if rows is None else rows.tolist()
-        self.calls.append({int(r): out[b, -1].float().clone() for b, r in enumerate(rows)})
+    def forward(self, tokens, positions=None, cache=None, block_table=None, logits_at=None):
+        out = self.inner(tokens, positions=positions, cache=cache, block_table=block_table, logits_at=logits_at)
+        tables = self.engine.table[:, : block_table.shape[1]]
+        slots = [int((tables == row).all(1).nonzero()[0, 0]) for row in block_table]
+        self.calls.append({s: out[b, -1].float().clone() for b, s in enumerate(slots)})
         return out
+
+
+def recorded(model, **kw) -> tuple[Engine, Recorder]:
+    rec = Recorder(model)
+    rec.engine = Engine(rec, **kw)
+    return rec.engine, rec
 
 
 # ------------------------------------------------------------------------------------------------ greedy parity
@@ -149,19 +178,17 @@ def test_greedy_independent_of_batching(model):
 def test_ragged_batch_logits_equal_row_alone(model, prefill_tokens):
     prompts, n = make_prompts((5, 17, 9)), 6
     sp = SamplingParams(temperature=0.0, max_new_tokens=n)
-    rec = Recorder(model)
-    eng = Engine(rec, n_slots=3, max_len=64, prefill_tokens=prefill_tokens)
+    eng, rec = recorded(model, n_slots=3, max_len=64, prefill_tokens=prefill_tokens)
     slots = [g[0] for g in eng.submit_many(prompts, sp)]
     done = run(eng, slots)
     for s, p in zip(slots, prompts):
         batch = torch.stack([c[s] for c in rec.calls if s in c])[: n]  # prefill, then one per decode step
         assert batch.shape[0] == n
-        solo_rec = Recorder(model)
-        solo = Engine(solo_rec, n_slots=1, max_len=64)
+        solo, solo_rec = recorded(model, n_slots=1, max_len=64)
         solo.submit(p, sp)
         assert run(solo, [0])[0].tokens == done[s].tokens
         alone = torch.stack([c[0] for c in solo_rec.calls])[: n]
-        torch.testing.assert_close(batch, alone, atol=1e-4, rtol=0)
+        assert_same_logits(batch, alone)
         # and both equal a plain causal forward over prompt + generated tokens
         full = plain_logits(model, p + done[s].tokens)[len(p) - 1: len(p) - 1 + n]
         torch.testing.assert_close(batch, full, **VS_PLAIN)
@@ -172,8 +199,7 @@ def test_park_append_equals_reprefill(model):
     appended to row 0 give the same logits and continuation as prefilling the whole sequence from scratch."""
     pa, pb = make_prompts((7, 11), seed=4)
     forced = make_prompts((6,), seed=5)[0]
-    rec = Recorder(model)
-    eng = Engine(rec, n_slots=2, max_len=96)
+    eng, rec = recorded(model, n_slots=2, max_len=96)
     a = eng.submit(pa, SamplingParams(temperature=0.0, max_new_tokens=3))[0]
     b = eng.submit(pb, SamplingParams(temperature=0.0, max_new_tokens=12))[0]
     assert (a, b) == (0, 1)
@@ -187,10 +213,9 @@ def test_park_append_equals_reprefill(model):
     assert eng.length(a) == len(pa) + 3 + len(forced) + 1
     seq = pa + first.tokens + forced
     torch.testing.assert_close(appended, plain_logits(model, seq)[-1], **VS_PLAIN)
-    fresh_rec = Recorder(model)
-    fresh = Engine(fresh_rec, n_slots=1, max_len=96)
+    fresh, fresh_rec = recorded(model, n_slots=1, max_len=96)
     fresh.submit(seq, SamplingParams(temperature=0.0, max_new_tokens=5))
-    torch.testing.assert_close(appended, fresh_rec.calls[0][0], atol=1e-4, rtol=0)
+    assert_same_logits(appended, fresh_rec.calls[0][0])
     done = run(eng, [a, b])
     assert done[a].tokens == run(fresh, [0])[0].tokens == argmax_loop(model, seq, 5)
     assert first.tokens == argmax_loop(model, pa, 3)
@@ -312,6 +337,26 @@ def test_stop_strings(model, tok):
     assert generate(model, [prompt], 40, temperature=0.0, stop_strings=(span,), decode=tok.decode) == [ref[: k + 1]]
 
 
+def test_stop_strings_decoded_only_when_a_token_could_end_one(model, tok):
+    """The tail of a turn is decoded only for tokens whose text holds a stop string's last char."""
+    prompt = make_prompts((8,), seed=9)[0]
+    ref = argmax_loop(model, prompt, 30)
+    calls = []
+
+    def decode(ids):
+        calls.append(len(ids))
+        return tok.decode(ids)
+
+    eng = Engine(model, n_slots=1, max_len=64, decode=decode)
+    stop = "\x00\x01"  # never produced: the turn runs to its length
+    s = eng.submit(prompt, SamplingParams(temperature=0.0, max_new_tokens=30, stop_strings=(stop,)))[0]
+    assert run(eng, [s])[s].tokens == ref
+    pieces = {t: tok.decode([t]) for t in ref}
+    expected = sum(stop[-1] in pieces[t] or "\ufffd" in pieces[t] for t in ref)
+    assert sum(n > 1 for n in calls) <= expected < 30  # tails decoded: only where a piece could end the stop
+    assert sum(n == 1 for n in calls) == len(set(ref))  # each token's own text decoded once, then cached
+
+
 def test_stop_strings_without_decode_fail_loudly(model):
     """A stop string the engine cannot check (no `decode`) must be an error, not silently ignored."""
     with pytest.raises((ValueError, RuntimeError)):
@@ -349,21 +394,39 @@ def test_generate_no_prompts(model):
 
 # ------------------------------------------------------------------------------------------------ groups, batching
 
+def row_kv(eng: Engine, slot: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first n cached positions of a row, read through its block list: (L, n, Hkv, D) keys and values."""
+    blocks = eng.slots[slot].blocks
+    k = eng.cache.k[:, blocks].flatten(1, 2)[:, :n]  # (L, n, Hkv, D)
+    v = eng.cache.v[:, blocks].flatten(1, 2)[:, :n]
+    return k, v
+
+
 def test_group_sharing_equals_separate_prefills(model):
     prompt, other = make_prompts((13, 6), seed=11)
     ref = argmax_loop(model, prompt, 10)
-    eng = Engine(model, n_slots=5, max_len=64)
+    eng = Engine(model, n_slots=5, max_len=64, block_size=4)
     group = eng.submit(prompt, GREEDY, n=4)
     o = eng.submit(other, GREEDY)[0]
     assert len(set(group + [o])) == 5 and eng.n_free == 0 and eng.n_decoding == 5
-    sep = Engine(model, n_slots=4, max_len=64)
+    # 13 tokens = 3 full blocks shared by reference + a private copy of the 1-token last block per row
+    full = eng.slots[group[0]].blocks[:3]
+    assert all(eng.slots[s].blocks[:3] == full for s in group) and all(eng.refs[b] == 4 for b in full)
+    assert len({eng.slots[s].blocks[3] for s in group}) == 4
+    sep = Engine(model, n_slots=4, max_len=64, block_size=4)
     singles = [sep.submit(prompt, GREEDY)[0] for _ in range(4)]
-    L = len(prompt)  # the copied cache rows equal separately prefilled ones
-    torch.testing.assert_close(eng.cache.k[:, group, :, :L], sep.cache.k[:, singles, :, :L], atol=1e-6, rtol=0)
-    torch.testing.assert_close(eng.cache.v[:, group, :, :L], sep.cache.v[:, singles, :, :L], atol=1e-6, rtol=0)
+    L = len(prompt)  # the shared/copied blocks hold what separate prefills write
+    for g, s in zip(group, singles):
+        for got, want in zip(row_kv(eng, g, L), row_kv(sep, s, L)):
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
     done = run(eng, group + [o])
     assert all(done[s].tokens == ref for s in group)
     assert done[o].tokens == argmax_loop(model, other, 10)
+    for s in group[:3]:  # the shared blocks stay until the group's last row lets go
+        eng.release(s)
+    assert all(eng.refs[b] == 1 for b in full) and not set(full) & set(eng.free_blocks)
+    eng.release(group[3])
+    assert set(full) <= set(eng.free_blocks)
 
 
 def test_submit_many_groups_of_several_prompts(model):
@@ -419,6 +482,244 @@ def test_continuous_batching_released_slot_takes_new_prompt(model):
     assert done[c].tokens == argmax_loop(model, pc, 6)
 
 
+# ------------------------------------------------------------------------------------------------ paged cache
+
+def scenario(model, block_size: int, **engine_kw) -> dict:
+    """Ragged prompts, a sampled group sharing its prompt, park + append (on a group row too), release and reuse of
+    slots and blocks, a row that runs into the end of its cache. Returns every turn's (tokens, logprobs)."""
+    pa, pb, pc, forced = make_prompts((13, 6, 9, 5), seed=21)
+    eng = Engine(model, n_slots=4, max_len=40, block_size=block_size, **engine_kw)
+    if engine_kw.get("cuda_graphs") and eng.device.type == "cpu":
+        eng.cuda_graphs, eng._capture = True, EagerGraph.capture  # the graph path's buffers and buckets, on CPU
+    out = {}
+    group = eng.submit(pa, SamplingParams(temperature=1.0, max_new_tokens=7), n=3, seeds=[("a", g) for g in range(3)])
+    b = eng.submit(pb, SamplingParams(temperature=0.0, max_new_tokens=5))[0]
+    done = run(eng, group + [b])
+    out.update({f"group{i}": done[s] for i, s in enumerate(group)}, b=done[b])
+    eng.append(b, forced, SamplingParams(temperature=0.0, max_new_tokens=6))
+    eng.append(group[1], forced[:3], SamplingParams(temperature=1.0, max_new_tokens=4))
+    done = run(eng, [b, group[1]])
+    out.update(b2=done[b], group1_2=done[group[1]])
+    eng.release(b)
+    eng.release(group[0])
+    c = eng.submit(pc, SamplingParams(temperature=0.0, max_new_tokens=100))[0]  # takes a released slot
+    out["c"] = run(eng, [c])[c]
+    for i in range(4):
+        if eng.slots[i].state != 0:
+            eng.release(i)
+    assert len(eng.free_blocks) == eng.cache.n_blocks - 1  # every block back
+    return out, (pa, pb, pc, forced)
+
+
+def test_paged_equals_contiguous_and_plain_forward(model):
+    """Block sizes 1, 4, 16 and 40 (= max_len: one block per row, the contiguous cache) give the same tokens and
+    logprobs; greedy rows equal the no-cache argmax loop, sampled rows' logprobs equal a plain forward."""
+    runs = {bs: scenario(model, bs)[0] for bs in (40, 1, 4, 16)}
+    ref, (pa, pb, pc, forced) = runs[40], scenario(model, 40)[1]
+    for bs, got in runs.items():
+        for k, f in ref.items():
+            assert got[k].tokens == f.tokens and got[k].reason == f.reason, (bs, k)
+            assert_same_logits(torch.tensor(got[k].logprobs), torch.tensor(f.logprobs))
+    assert ref["b"].tokens == argmax_loop(model, pb, 5)
+    seq_b = pb + ref["b"].tokens + forced
+    assert ref["b2"].tokens == argmax_loop(model, seq_b, 6)
+    assert ref["c"].reason == "context" and ref["c"].tokens == argmax_loop(model, pc, 40 - len(pc))
+    assert len({tuple(ref[f"group{i}"].tokens) for i in range(3)}) == 3  # the group sampled three different rows
+    seq_g = pa + ref["group1"].tokens + forced[:3]
+    for prefix, f in [(pa, ref["group0"]), (pa, ref["group2"]), (seq_g, ref["group1_2"])]:
+        logits = plain_logits(model, prefix + f.tokens)[len(prefix) - 1: -1]
+        want = torch.log_softmax(logits, -1).gather(1, torch.tensor(f.tokens)[:, None])[:, 0]
+        torch.testing.assert_close(torch.tensor(f.logprobs), want, atol=1e-4, rtol=0)
+
+
+class EagerGraph:
+    """Stands in for a captured CUDA graph on CPU: replay() reruns the forward on the static buffers, so the
+    engine's bucketing, padding rows and buffer filling are tested here."""
+
+    def __init__(self, run):
+        self.replay = run
+        run()
+
+    capture = staticmethod(lambda run: EagerGraph(run))
+
+
+def test_graph_path_buffers_and_buckets_on_cpu(model):
+    """The CUDA-graph decode path (static buffers, batch buckets with padding rows on the scratch block, table
+    width buckets) run eagerly on CPU gives the eager engine's tokens and logprobs."""
+    eager, _ = scenario(model, 4)
+    graphed, _ = scenario(model, 4, cuda_graphs=True)
+    for k, f in eager.items():
+        assert graphed[k].tokens == f.tokens and graphed[k].reason == f.reason, k
+        assert_same_logits(torch.tensor(graphed[k].logprobs), torch.tensor(f.logprobs))
+    prompts = make_prompts((5, 17, 9, 30, 1, 12, 7, 3, 11, 2, 6, 8, 4, 10, 13, 15, 14, 16, 3, 9), seed=24)
+    eng = Engine(model, n_slots=20, max_len=64, cuda_graphs=True)
+    eng.cuda_graphs, eng._capture = True, EagerGraph.capture
+    slots = [g[0] for g in eng.submit_many(prompts, GREEDY)]
+    done = run(eng, slots)  # 20 rows: the 32-row bucket, 12 padding rows
+    assert {k[0] for k in eng._graphs} == {32}
+    assert [done[s].tokens for s in slots] == generate(model, prompts, 10, temperature=0.0)
+
+
+def check_blocks(eng: Engine) -> None:
+    """Refcounts = rows holding each block, the free list = exactly the unheld blocks, the table mirrors the lists."""
+    held = Counter(b for s in eng.slots for b in s.blocks)
+    n = eng.cache.n_blocks
+    assert 0 not in held and [eng.refs[b] for b in range(1, n)] == [held.get(b, 0) for b in range(1, n)]
+    assert sorted(eng.free_blocks) == [b for b in range(1, n) if b not in held]
+    for i, s in enumerate(eng.slots):
+        row = eng.table[i].tolist()
+        assert row[: len(s.blocks)] == s.blocks and not any(row[len(s.blocks):])
+
+
+def test_block_accounting_no_leak(model):
+    """Thousands of random submit (groups too) / append / step / release operations on a pool small enough to run
+    out: the books always balance, a pool error changes nothing, and at the end every block is free again."""
+    rng = random.Random(0)
+    eng = Engine(model, n_slots=6, max_len=48, block_size=4, kv_tokens=96)  # 24 blocks for 6 x 12 possible
+    sp = SamplingParams(temperature=0.0, max_new_tokens=3)
+    errors = Counter()
+    for _ in range(3000):
+        op = rng.random()
+        parked = [i for i, s in enumerate(eng.slots) if s.state == PARKED]
+        used = [i for i, s in enumerate(eng.slots) if s.state != FREE]
+        try:
+            if op < 0.3 and eng.n_free:
+                prompt = [rng.randrange(3, 49152) for _ in range(rng.randint(1, 20))]
+                eng.submit(prompt, sp, n=rng.randint(1, min(3, eng.n_free)))
+            elif op < 0.5 and parked:
+                s, k = rng.choice(parked), rng.randint(1, 8)
+                if eng.length(s) + k + 1 < eng.max_len:
+                    eng.append(s, [rng.randrange(3, 49152) for _ in range(k)], sp)
+            elif op < 0.7 and used:
+                eng.release(rng.choice(used))
+            else:
+                eng.step()
+        except RuntimeError as e:
+            assert "pool exhausted" in str(e)
+            errors[str(e).split(":")[1].split(",")[0]] += 1
+        check_blocks(eng)
+    for i in range(eng.n_slots):
+        eng.release(i)
+    check_blocks(eng)
+    assert len(eng.free_blocks) == eng.cache.n_blocks - 1 == 24
+    assert sum(errors.values()) > 10, errors  # the pool did run out, at submit and in decode
+
+
+def test_pool_exhaustion_is_a_clear_error(model):
+    eng = Engine(model, n_slots=3, max_len=64, block_size=8, kv_tokens=32)  # 4 blocks of 8 tokens
+    with pytest.raises(RuntimeError, match=r"pool exhausted: 5 blocks asked, 4 free of 4 \(8 tokens each\)"):
+        eng.submit(list(range(3, 43)), GREEDY)  # 40 tokens
+    assert eng.n_free == 3 and len(eng.free_blocks) == 4  # nothing was taken
+    prompt = make_prompts((16,), seed=23)[0]
+    a = eng.submit(prompt, SamplingParams(temperature=0.0, max_new_tokens=10))[0]  # 2 blocks each
+    b = eng.submit(prompt, SamplingParams(temperature=0.0, max_new_tokens=10))[0]
+    with pytest.raises(RuntimeError, match="2 blocks asked, 0 free"):  # position 16 opens a third block per row
+        eng.step()
+    eng.release(b)
+    assert run(eng, [a])[a].tokens == argmax_loop(model, prompt, 10)  # the row carries on, its cache intact
+
+
+# ------------------------------------------------------------------------------------------------ same seed, same run
+
+def test_per_row_seeds_make_sampling_independent_of_batching(model):
+    """A row keyed k samples the same tokens alone or in a batch, in any slot, next to any neighbour, and as a
+    group row; the engine seed still matters."""
+    prompts = make_prompts((5, 11, 8, 3), seed=22)
+    keys = [(7, i, 0) for i in range(4)]
+    sp = SamplingParams(temperature=1.0, max_new_tokens=9)
+    eng = Engine(model, n_slots=4, max_len=64, seed=3)
+    slots = [g[0] for g in eng.submit_many(prompts, sp, seeds=keys)]
+    done = run(eng, slots)
+    together = [done[s] for s in slots]
+    eng2 = Engine(model, n_slots=3, max_len=64, seed=3)
+    for i in reversed(range(4)):  # reverse order, each next to a different neighbour that started earlier
+        other = eng2.submit(make_prompts((4 + i,), seed=30 + i)[0], sp)[0]
+        eng2.step()
+        s = eng2.submit(prompts[i], sp, seeds=[keys[i]])[0]
+        d = run(eng2, [s, other])
+        assert d[s].tokens == together[i].tokens
+        assert_same_logits(torch.tensor(d[s].logprobs), torch.tensor(together[i].logprobs))
+        eng2.release(s)
+        eng2.release(other)
+    g = eng2.submit(prompts[1], sp, n=2, seeds=[(9, 9, 9), keys[1]])  # a group row keyed like row 1
+    assert run(eng2, g)[g[1]].tokens == together[1].tokens
+    eng3 = Engine(model, n_slots=4, max_len=64, seed=4)
+    slots = [x[0] for x in eng3.submit_many(prompts, sp, seeds=keys)]
+    d3 = run(eng3, slots)
+    assert all(d3[s].tokens != t.tokens for s, t in zip(slots, together))
+
+
+class Biased(torch.nn.Module):
+    """A policy that calls tools: the tiny model's logits (scaled down) plus biases making `</search>` likely
+    (after `</`, `search`; after `search`, `>`) and ` par` common; a third of the mass stays on the model's own
+    random distribution, so the draws still matter."""
+
+    def __init__(self, inner, ids):
+        super().__init__()
+        self.inner, self.config = inner, inner.config
+        self.close, self.search, self.gt, self.word = ids
+        self.shapes = []  # (B, T) of every forward: the batch compositions the engine ran
+
+    def forward(self, tokens, positions=None, cache=None, block_table=None, logits_at=None):
+        self.shapes.append(tuple(tokens.shape))
+        out = self.inner(tokens, positions=positions, cache=cache, block_table=block_table, logits_at=logits_at)
+        last = tokens if logits_at is None else tokens.gather(1, logits_at)  # (B, K): the token before each
+        bias = torch.zeros_like(out)  # (B, K, V)
+        bias[..., self.close] = 11.0  # with the model's logits scaled to std ~1: p ~ 0.25
+        bias[..., self.word] = 11.5  # p ~ 0.4
+        bias[..., self.search] = torch.where(last == self.close, 30.0, 0.0)
+        bias[..., self.gt] = torch.where(last == self.search, 30.0, 0.0)
+        return 0.25 * out + bias
+
+
+class SleepyBrowser:
+    """Tool calls that sleep a random latency (none with seed None) and return text that depends only on the call."""
+
+    def __init__(self, seed):
+        self.rng, self.lock, self.order = random.Random(seed), threading.Lock(), []
+        self.scale = 0.0 if seed is None else 0.15  # a decode step of the tiny model takes a few ms
+
+    def session(self, question):
+        return self
+
+    def web_search(self, queries):
+        with self.lock:
+            delay = self.rng.uniform(0, self.scale)
+        time.sleep(delay)
+        with self.lock:
+            self.order.append(tuple(queries))
+        return f"Results for {queries}: nothing useful."
+
+    browse_webpage = web_search
+
+
+def test_rollout_same_seed_same_run_whatever_the_tool_latency(sharp_qwen2, tok):
+    from rollout import RolloutConfig, rollout
+
+    base = load(sharp_qwen2)
+    ids = [tok.encode(s, add_special_tokens=False)[0] for s in ("</", "search", ">", " par")]
+    policy = Biased(base, ids)
+    cfg = RolloutConfig(max_turns=3, max_new_tokens=12, max_len=512, n_slots=4, date="2026-11-30", prompt="short",
+                        turn_prefixes=("<search>",) * 3, temperature=1.0)
+    questions, golds = ["Who?", "Where is it?", "When?"], [["a"], ["b"], ["c"]]
+    runs = []
+    for latency_seed in (None, 1):  # instant tools, then random latencies up to 0.15 s
+        browser = SleepyBrowser(latency_seed)
+        policy.shapes = []
+        with torch.no_grad():
+            trajs = rollout(policy, tok, questions, golds, browser, cfg, group_size=2, seed=5)
+        runs.append((trajs, policy.shapes))
+    (t1, shapes1), (t2, shapes2) = runs
+    assert sum(t.stats["n_search"] for t in t1) >= 4  # tool calls did run in the pool
+    assert shapes1 != shapes2  # ... and the engine ran different batches in the two runs
+    assert len({tuple(t.tokens) for t in t1}) == 6  # every row sampled its own trajectory
+    for a, b in zip(t1, t2):
+        assert a.tokens == b.tokens and a.loss_mask == b.loss_mask and a.status == b.status
+        # bitwise equal unless a row's logits saw a different batch shape (CPU kernel blocking: see
+        # assert_same_logits); the sampled tokens above are what must not change
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4, rtol=0)
+
+
 # ------------------------------------------------------------------------------------------------ memory
 
 def test_memory_check_absurd_cache_fails_clearly(model):
@@ -443,3 +744,23 @@ def test_cuda_ragged_greedy_and_logprobs(sharp_qwen2):
         logits = plain_logits(model, p + toks)[len(p) - 1: -1]
         want = torch.log_softmax(logits / 0.8, -1).gather(1, torch.tensor(toks)[:, None])[:, 0]
         torch.testing.assert_close(torch.tensor(lps), want, atol=1e-3, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graphs_match_eager(sharp_qwen2):
+    """Captured decode (buckets 1..32, padding rows, shared prompt blocks, park/append) equals the eager engine."""
+    model = Transformer.from_pretrained(sharp_qwen2, device="cuda").eval()  # fp32
+    eager, _ = scenario(model, 4)
+    graphed, _ = scenario(model, 4, cuda_graphs=True)
+    for k, f in eager.items():
+        assert graphed[k].tokens == f.tokens and graphed[k].reason == f.reason, k
+        torch.testing.assert_close(torch.tensor(graphed[k].logprobs), torch.tensor(f.logprobs), atol=1e-4, rtol=0)
+    prompts = make_prompts(tuple(range(3, 23)), seed=24)
+    for temp in (0.0, 0.8):  # 20 rows: the 32-row bucket; rows that hit a stop id leave, smaller buckets follow
+        kw = dict(temperature=temp, seed=3, return_logprobs=True, n_slots=20, top_p=0.9)
+        e = generate(model, prompts, 24, stop_token_ids=(7, 11, 13), **kw)
+        g = generate(model, prompts, 24, stop_token_ids=(7, 11, 13), cuda_graphs=True, **kw)
+        for (te, le), (tg, lg) in zip(e, g):
+            assert te == tg
+            torch.testing.assert_close(torch.tensor(lg), torch.tensor(le), atol=1e-4, rtol=0)

@@ -118,24 +118,29 @@ def test_bad_checkpoints_fail_clearly(tiny_qwen2, tmp_path):
 
 
 def test_cache_path_matches_plain_forward(tiny_qwen2_untied):
-    """Ragged prefill into a cache, then decode, gives the logits of a plain forward of each row alone."""
+    """Ragged prefill into a paged cache (scattered blocks), then decode, gives the logits of a plain forward of each
+    row alone."""
     m = Transformer.from_pretrained(tiny_qwen2_untied).eval()
     lens = [40, 23, 7]
-    cache = KVCache.allocate(m.config, n_rows=5, max_len=64)
-    rows = torch.tensor([4, 0, 2])  # arbitrary cache rows
+    cache = KVCache.allocate(m.config, n_blocks=20, block_size=8)
+    # arbitrary, non-contiguous blocks per row; 0 pads the table (scratch: pads write there, nothing reads it)
+    table = torch.tensor([[19, 3, 7, 11, 2, 5], [4, 9, 17, 1, 0, 0], [13, 0, 0, 0, 0, 0]])
     T = max(lens)
     pos = torch.stack([torch.arange(T) for _ in lens])  # pads sit past each row's valid tokens
     with torch.no_grad():
-        out = m(TOKENS[:, :T], positions=pos, cache=cache, rows=rows, kv_len=T)
+        out = m(TOKENS[:, :T], positions=pos, cache=cache, block_table=table)
         for b, n in enumerate(lens):
             alone = m(TOKENS[b : b + 1, :n])
             assert (out[b, :n] - alone[0]).abs().max() < 1e-4
-        # one decode step per row at its own offset, then compare to the full forward of n+1 tokens
+        # one decode step per row at its own offset (row 0 starts its 6th block), then the full forward
         nxt = torch.tensor([[5], [6], [7]])
-        step = m(nxt, positions=torch.tensor(lens)[:, None], cache=cache, rows=rows, logits_at=torch.zeros(3, 1).long())
+        step = m(nxt, positions=torch.tensor(lens)[:, None], cache=cache, block_table=table,
+                 logits_at=torch.zeros(3, 1).long())
         for b, n in enumerate(lens):
             full = m(torch.cat([TOKENS[b, :n], nxt[b]])[None])
             assert (step[b, 0] - full[0, -1]).abs().max() < 1e-4
+    with pytest.raises(ValueError, match="block table"):
+        m(nxt, positions=torch.tensor(lens)[:, None], cache=cache)
 
 
 def test_logits_at_and_gradient_checkpointing(tiny_llama):

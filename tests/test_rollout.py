@@ -69,7 +69,7 @@ class FakeEngine:
                 script.append(sampling.stop_token_ids[0])
         row.update(script=script, k=0, new=[], lp=[], sampling=sampling, decoding=True)
 
-    def submit(self, prompt, sampling, n=1):
+    def submit(self, prompt, sampling, n=1, seeds=None):
         assert self.n_free >= n
         self.submits.append(n)
         slots = [s for s in range(self.n_slots) if s not in self.cache][:n]
