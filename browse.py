@@ -330,9 +330,7 @@ class Backend:
     def search(self, queries: list[str]) -> list[list[SearchResult] | SearchError]:
         """Results or a SearchError per query, run concurrently. CacheMiss (replay) is raised: it is a set-up
         problem (wrong cache file or mode), not a web failure the policy should see."""
-        if isinstance(queries, str):
-            queries = [queries]
-        return list(self._pool.map(self._one, queries)) if len(queries) > 1 else [self._one(q) for q in queries]
+        return list(self._pool.map(self._one, [queries] if isinstance(queries, str) else queries))
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
@@ -415,11 +413,10 @@ class _HTTPBackend(Backend):
     fields = ("results", "url", "content")  # the response's list of results; each result's URL and snippet keys
     auth_hint = "check the URL and access rules"
 
-    def __init__(self, top_k=10, cache=None, *, timeout=10.0, max_tries=4, backoff_s=1.0, max_backoff_s=30.0,
-                 n_threads=4, secret: str = ""):
+    def __init__(self, top_k=10, cache=None, *, n_threads=4, secret: str = "", timeout=10.0, max_tries=4,
+                 backoff_s=1.0, max_backoff_s=30.0):
         super().__init__(top_k, cache, n_threads)
-        self.http = dict(timeout=float(timeout), max_tries=int(max_tries), backoff_s=float(backoff_s),
-                         max_backoff_s=float(max_backoff_s))
+        self.http = dict(timeout=timeout, max_tries=max_tries, backoff_s=backoff_s, max_backoff_s=max_backoff_s)
         self._secret = secret
 
     def _request(self, query: str) -> tuple[str, str, dict]:
@@ -716,24 +713,6 @@ def _deadline_pools() -> dict:
     return {"http": pool(HTTPConnectionPool), "https": pool(HTTPSConnectionPool)}
 
 
-def _read_body(resp, max_bytes: int) -> tuple[bytes, bool, str | None]:
-    """(body, truncated, None) or (b"", False, "timeout" | "network"), read as bytes arrive (the deadline is in the
-    socket reads, see _DeadlineReader)."""
-    import urllib3
-    buf = bytearray()
-    while len(buf) < max_bytes:
-        try:
-            chunk = resp.raw.read1(65536, decode_content=True)
-        except (TimeoutError, urllib3.exceptions.ReadTimeoutError):
-            return b"", False, "timeout"
-        except (urllib3.exceptions.HTTPError, OSError):
-            return b"", False, "network"
-        if not chunk:
-            return bytes(buf), False, None
-        buf += chunk
-    return bytes(buf[:max_bytes]), True, None
-
-
 _META_CHARSET = re.compile(rb"""<meta[^>]+charset=["']?([A-Za-z0-9_\-:.]+)""", re.I)
 _LATIN = {"cp1250", "cp1252", "latin_1", "iso8859_2", "iso8859_15", "iso8859_9", "cp1254", "mac_roman", "cp1257"}
 
@@ -831,6 +810,7 @@ def _fetch_once(url: str, deadline: float, timeout: float, max_bytes: int, max_r
     """One try, following redirects by hand (each hop is checked). Returns (result, retry): retry is None when
     the result is final, else the seconds to wait before another try (0 = use the backoff)."""
     import requests
+    import urllib3
     late = f"timeout after {timeout:g} s"
     for _ in range(max_redirects + 1):
         if bad := check_url(url, allow_private, allow_hosts):
@@ -855,10 +835,15 @@ def _fetch_once(url: str, deadline: float, timeout: float, max_bytes: int, max_r
                 wait = _retry_after_s(resp.headers.get("retry-after")) or 0.0
                 return _fail(url, "http", f"HTTP {code} {resp.reason or ''}".strip(), code), \
                     wait if code in RETRY_STATUS or code >= 500 else None
-            body, truncated, err = _read_body(resp, max_bytes)
-        if err:
-            return (_fail(url, "timeout", late, code), None) if err == "timeout" else \
-                (_fail(url, "network", "connection lost while reading the page", code), 0.0)
+            buf = bytearray()
+            try:  # as bytes arrive; the deadline is in the socket reads (_DeadlineReader)
+                while len(buf) < max_bytes and (chunk := resp.raw.read1(65536, decode_content=True)):
+                    buf += chunk
+            except (TimeoutError, urllib3.exceptions.ReadTimeoutError):
+                return _fail(url, "timeout", late, code), None
+            except (urllib3.exceptions.HTTPError, OSError):
+                return _fail(url, "network", "connection lost while reading the page", code), 0.0
+        body, truncated = bytes(buf[:max_bytes]), len(buf) >= max_bytes
         if not body.strip():
             return _fail(url, "empty", "empty page", code, content_type=ctype), None
         with _extracting:
@@ -955,9 +940,7 @@ class Fetcher:
         return res
 
     def fetch_many(self, urls: list[str]) -> list[FetchResult]:
-        if len(urls) <= 1:
-            return [self.fetch(u) for u in urls]
-        return list(self._pool.map(self.fetch, urls))
+        return list(self._pool.map(self.fetch, urls))  # (input order)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
