@@ -1,35 +1,28 @@
-"""The agent's web, in the order the agent meets it: config, the two tools, search, page fetching, reading.
+"""The agent's web, in the order the agent meets it: config, the two tools, search back ends, page fetching, readers.
 
-What it does
-- `BrowseConfig`; `Browser(cfg)` (one per process, thread-safe) and `Browser.session(question)` (one per trajectory):
-  `Session.web_search(queries)` / `Session.browse_webpage(urls)` return the observation text and never raise. Only
-  URLs from the trajectory's most recent search are readable (the reference rule).
-- Search back ends, `make_backend(name, top_k=10, corpus=None, cache=None, **opts)`, each with
-  `search(queries) -> list[list[SearchResult] | SearchError]` (errors as values, one per query) and `.stats`:
-  `serper` (Google through the Serper API, key in $SERPER_API_KEY), `searxng` (a SearXNG instance's JSON API,
-  `url=` or $SEARXNG_URL) and `local` (BM25 over the embedded ~10k Wikipedia summaries, served as HTML on
-  127.0.0.1; both in data/localweb.py, whose port-free `http://localweb/wiki/<id>` URLs the fetcher maps to this
-  process's server). HTTP goes through one `requests` session with urllib3's `Retry`: a timeout on every request,
-  429/5xx retried with jittered backoff and Retry-After, 401/403 at once (kind "auth"); a key never appears in a
-  message, an exception or a repr.
-- `Cache(path, mode, max_age_s)`: one SQLite (WAL) file for searches, pages and readings, safe across threads and
-  processes; modes live, record, replay (a miss raises `CacheMiss` with the exact key), replay_or_live.
-- `fetch(url) -> FetchResult` never raises: http(s) only, private addresses refused on every redirect hop
-  (`check_url`), one wall-clock deadline over connect, headers, a trickling body and retries (429, 5xx, connection
-  errors), a byte cap; HTML through trafilatura (BeautifulSoup fallback), PDF through pypdf, charsets through
-  charset_normalizer. `Fetcher.fetch_many(urls)` adds a thread pool (input order), a per-host limit, the cache and
-  stats.
-- Readers: a page is read in `chunk_chars` chunks, at most `max_chunks` per call, resuming where the last call
-  stopped, returning only new information. `extract` (default, no model): BM25 over the chunk's passages. `llm`: an
-  OpenAI-compatible endpoint extracts, decides whether to read on and keeps a short summary per search. Any object
-  with `read(page, question, queries)` can be passed as `Browser(cfg, reader=...)`.
+- `Browser(BrowseConfig)`, one per process (thread-safe), hands each trajectory a `session(question)` with the
+  policy's two tools, `web_search(queries)` and `browse_webpage(urls)`. They never raise: each returns an
+  `Observation` (a str) whose `.failed` says the web failed for reasons outside the policy's control (timeouts, 5xx,
+  quota, network on every query or page of the call); rollout.py ends such a trajectory as "tool_failure". Only URLs
+  from the trajectory's most recent search are readable (the reference rule).
+- Search back ends (`make_backend`), errors as values, one per query: `serper` (Google, key in $SERPER_API_KEY),
+  `searxng` (a SearXNG instance's JSON API) and `local` (BM25 over ~10k embedded Wikipedia summaries served as HTML
+  on 127.0.0.1 by data/localweb.py, under port-free `http://localweb/wiki/<id>` URLs). HTTP: a timeout on every
+  request, 429/5xx retried with jittered backoff and Retry-After, 401/403 at once; a key never appears in a message.
+- `fetch(url) -> FetchResult` never raises: http(s) only, private addresses refused on every redirect hop, one
+  wall-clock deadline over the whole fetch, a byte cap; HTML (trafilatura), text and PDF to readable text.
+  `Fetcher` adds a thread pool, a per-host limit, the cache and stats.
+- Readers take a page in `chunk_chars` chunks, resume where the last call stopped and return only new information:
+  `extract` (default, no model: BM25 over the chunk's passages) or `llm` (an OpenAI-compatible endpoint that
+  extracts, decides whether to read on and keeps a short summary per search).
+- `Cache`: one SQLite (WAL) file that records searches, pages and readings and replays them; modes live, record,
+  replay (a miss raises `CacheMiss`), replay_or_live.
 
-What it does not do
-- No dense retrieval, no JavaScript rendering, no cookies, no torch; nothing of a page but its readable text reaches
-  the policy. A DNS answer that changes between the address check and the connection (rebinding) is not caught:
-  fetch an untrusted policy's URLs where the private network holds nothing to steal.
+What it does not do: no dense retrieval, JavaScript, cookies or torch; nothing of a page but its readable text
+reaches the policy. A DNS answer that changes between the address check and the connection (rebinding) is not
+caught: fetch an untrusted policy's URLs where the private network holds nothing to steal.
 
-How to run
+How to run (flags: BrowseConfig's fields)
     python browse.py search "highest mountain on Earth" --backend=local --top_k=5
     SERPER_API_KEY=... python browse.py search "who wrote hamlet" --backend=serper --cache=runs/web.sqlite \\
         --cache_mode=record        # then --cache_mode=replay replays it without the key
@@ -54,6 +47,7 @@ import sys
 import threading
 import time
 import unicodedata
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -95,8 +89,21 @@ class BrowseConfig:
     allow_hosts: tuple = ()             # extra host or host:port entries admitted past the private-address guard
 
 
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Session (one per trajectory) and Browser (shared, thread-safe): the two tools the policy calls
+
+class Observation(str):
+    """What a tool returns: the text the policy sees, and `failed`, true when the web failed for reasons outside the
+    policy's control (rollout.py then ends the trajectory as "tool_failure", kept out of the loss). No results, a
+    404, a URL not from the last search or a call where only some queries or pages failed are answers, not failures."""
+    failed: bool = False
+
+    def __new__(cls, text: str, failed: bool = False):
+        obs = super().__new__(cls, text)
+        obs.failed = failed
+        return obs
+
 
 class Session:
     """One trajectory's tools (see the module docstring); re-browsing a page resumes where its reading stopped."""
@@ -119,11 +126,11 @@ class Session:
                 out.append(x)
         return out[:limit], max(len(out) - limit, 0)
 
-    def web_search(self, queries) -> str:
+    def web_search(self, queries) -> Observation:
         cfg = self.browser.cfg
         queries, dropped = self._clean(queries, cfg.max_queries)
         if not queries:
-            return "web_search needs at least one non-empty query."
+            return Observation("web_search needs at least one non-empty query.")
         try:
             results = self.browser.backend.search(queries)
         except CacheMiss as e:  # a set-up problem of the run, but the policy still gets an observation
@@ -131,43 +138,49 @@ class Session:
             results = [SearchError("cache_miss", f"not in the replay cache ({e.kind})")] * len(queries)
         self.queries = queries
         self.urls = {r.url: r for res in results if not isinstance(res, Exception) for r in res}
-        blocks = [f'Search "{q}" failed: {res}.' if isinstance(res, Exception) else
-                  "\n".join([f'Search "{q}":' if res else f'Search "{q}": no results.'] +
-                            [f"{r.rank}. {r.title}\n{r.url}\n{_cut(r.snippet, cfg.snippet_chars)}" for r in res])
-                  for q, res in zip(queries, results)]
-        return _render(blocks, cfg.obs_chars, dropped and f"(only the first {cfg.max_queries} queries were run)")
+        text = render_search(queries, results, cfg.snippet_chars, cfg.obs_chars,
+                             dropped and f"(only the first {cfg.max_queries} queries were run)")
+        # every query's back-end call failed (timeout, 5xx, quota, network, auth, replay miss): nothing the policy did
+        return Observation(text, failed=all(isinstance(res, Exception) for res in results))
 
-    def browse_webpage(self, urls) -> str:
+    def browse_webpage(self, urls) -> Observation:
         cfg = self.browser.cfg
         urls, dropped = self._clean(urls, cfg.max_urls)
         if not urls:
-            return "browse_webpage needs at least one URL from your most recent web_search."
+            return Observation("browse_webpage needs at least one URL from your most recent web_search.")
         if not self.urls:
-            return "Search first: browse_webpage reads URLs from your most recent web_search results."
+            return Observation("Search first: browse_webpage reads URLs from your most recent web_search results.")
         readable = [u for u in urls if u in self.urls]
         fetched = dict(zip(readable, self.browser.fetcher.fetch_many(readable)))
-        blocks = []
+        blocks, down = [], 0  # down: readable pages lost to the web (an outage, not the page's own refusal)
         for u in urls:
             res = fetched.get(u)
             if res is None:
                 blocks.append(f"Page {u}: not in your most recent search results; browse one of their URLs.")
             elif not res.ok:
+                down += res.transient
                 blocks.append(f"Page {u}: could not be fetched: {res.error}.")
             else:
-                blocks.append(f"Page {u}:" + self._read(u, res))
-        return _render(blocks, cfg.obs_chars, dropped and f"(only the first {cfg.max_urls} URLs were read)")
+                if u not in self.pages:
+                    self.pages[u] = PageState(u, res.title, chunk_text(res.text, cfg.chunk_chars))
+                try:
+                    info = self.browser.reader.read(self.pages[u], self.question, self.queries)
+                    blocks.append(f"Page {u}:\n{info}" if info else
+                                  f"Page {u}: nothing new on this page about the question.")
+                except ReaderError as e:  # the reading model's endpoint, not the policy, failed
+                    self.browser._count("reader_errors")
+                    down += 1
+                    blocks.append(f"Page {u}: fetched, but the reading model failed: {e}.")
+        text = _render(blocks, cfg.obs_chars, dropped and f"(only the first {cfg.max_urls} URLs were read)")
+        return Observation(text, failed=bool(readable) and down == len(readable))
 
-    def _read(self, url: str, res: "FetchResult") -> str:
-        """What the reader found, as the rest of the page's block: a reader failure is an observation too."""
-        page = self.pages.get(url)
-        if page is None:
-            page = self.pages[url] = PageState(url, res.title, chunk_text(res.text, self.browser.cfg.chunk_chars))
-        try:
-            info = self.browser.reader.read(page, self.question, self.queries)
-        except ReaderError as e:
-            self.browser._count("reader_errors")
-            return f" fetched, but the reading model failed: {e}."
-        return "\n" + info if info else " nothing new on this page about the question."
+
+def render_search(queries: list[str], results: list, snippet_chars: int, obs_chars: int, note: str | None = None):
+    """The web_search observation: per query its numbered results (title, URL, snippet) or its error."""
+    return _render([f'Search "{q}" failed: {res}.' if isinstance(res, Exception) else
+                    "\n".join([f'Search "{q}":' if res else f'Search "{q}": no results.'] +
+                              [f"{r.rank}. {r.title}\n{r.url}\n{_cut(r.snippet, snippet_chars)}" for r in res])
+                    for q, res in zip(queries, results)], obs_chars, note)
 
 
 def _cut(text: str, n: int) -> str:
@@ -197,12 +210,12 @@ class Browser:
                                timeout=cfg.timeout, max_bytes=cfg.max_bytes, allow_private=cfg.allow_private,
                                allow_hosts=tuple(cfg.allow_hosts) + tuple(aliases.values()))
         self.reader = reader if reader is not None else make_reader(cfg, self.cache)
-        self.counts: dict[str, int] = {}
+        self.counts = Counter()
         self._lock = threading.Lock()
 
     def _count(self, name: str) -> None:
         with self._lock:
-            self.counts[name] = self.counts.get(name, 0) + 1
+            self.counts[name] += 1
 
     def session(self, question: str) -> Session:
         return Session(self, question)
@@ -219,7 +232,6 @@ class Browser:
         self.backend.close()
         if self.cache is not None:
             self.cache.close()
-
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Search: records, errors, stats, the shared driver, HTTP, and the three back ends
@@ -274,7 +286,7 @@ class Stats:
             self.failures[k] = self.failures.get(k, 0) + v
 
     def snapshot(self) -> dict:
-        return {**asdict(self), "failures": dict(self.failures)}
+        return asdict(self)  # (a deep copy)
 
 
 class Backend:
@@ -318,9 +330,7 @@ class Backend:
     def search(self, queries: list[str]) -> list[list[SearchResult] | SearchError]:
         """Results or a SearchError per query, run concurrently. CacheMiss (replay) is raised: it is a set-up
         problem (wrong cache file or mode), not a web failure the policy should see."""
-        if isinstance(queries, str):
-            queries = [queries]
-        return list(self._pool.map(self._one, queries)) if len(queries) > 1 else [self._one(q) for q in queries]
+        return list(self._pool.map(self._one, [queries] if isinstance(queries, str) else queries))
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
@@ -398,43 +408,43 @@ def http_json(method: str, url: str, *, name: str, timeout: float, max_tries: in
 
 
 class _HTTPBackend(Backend):
-    """A search API over HTTP (`http_json`: timeouts, bounded retries, Retry-After, auth errors at once)."""
+    """A search API over HTTP (`http_json`: timeouts, bounded retries, Retry-After, auth errors at once). Subclasses
+    declare one query's request (`_request`) and where the response keeps its results (`fields`)."""
+    fields = ("results", "url", "content")  # the response's list of results; each result's URL and snippet keys
     auth_hint = "check the URL and access rules"
 
-    def __init__(self, top_k=10, cache=None, *, timeout=10.0, max_tries=4, backoff_s=1.0, max_backoff_s=30.0,
-                 n_threads=4, secret: str = ""):
+    def __init__(self, top_k=10, cache=None, *, n_threads=4, secret: str = "", timeout=10.0, max_tries=4,
+                 backoff_s=1.0, max_backoff_s=30.0):
         super().__init__(top_k, cache, n_threads)
-        self.timeout, self.max_tries = float(timeout), int(max_tries)
-        self.backoff_s, self.max_backoff_s = float(backoff_s), float(max_backoff_s)
+        self.http = dict(timeout=timeout, max_tries=max_tries, backoff_s=backoff_s, max_backoff_s=max_backoff_s)
         self._secret = secret
 
-    def _request(self, method: str, url: str, st: Stats, **kw):
+    def _request(self, query: str) -> tuple[str, str, dict]:
+        """(method, URL, requests' keyword arguments) of one query."""
+        raise NotImplementedError
+
+    def _search_one(self, query, st):
+        method, url, kw = self._request(query)
         try:
-            data, tries = http_json(method, url, name=self.name, timeout=self.timeout, max_tries=self.max_tries,
-                                    backoff_s=self.backoff_s, max_backoff_s=self.max_backoff_s, secret=self._secret,
-                                    auth_hint=self.auth_hint, error=SearchError, **kw)
+            data, tries = http_json(method, url, name=self.name, secret=self._secret, auth_hint=self.auth_hint,
+                                    error=SearchError, **self.http, **kw)
         except SearchError as e:
             st.api_calls += e.tries
             raise
         st.api_calls += tries
-        return data
-
-    def _results(self, data, key: str, url: str, snippet: str) -> list[SearchResult]:
-        """The list `data[key]` of result objects -> SearchResults (entries without a URL skipped), top_k of them."""
+        key, url_key, snippet_key = self.fields
         items = data.get(key) if isinstance(data, dict) else None
         if not isinstance(items, list):
             found = f"keys: {list(data)[:8]}" if isinstance(data, dict) else "not a JSON object"
             raise SearchError("malformed", f"{self.name}: no {key!r} list in the response ({found})")
-        out = []
-        for r in items:
-            if isinstance(r, dict) and r.get(url):
-                out.append(SearchResult(str(r.get("title", "")), str(r[url]), str(r.get(snippet, "")), len(out) + 1))
-        return out[: self.top_k]
+        items = [r for r in items if isinstance(r, dict) and r.get(url_key)][:self.top_k]  # no URL, no result
+        return [SearchResult(str(r.get("title", "")), str(r[url_key]), str(r.get(snippet_key, "")), i + 1)
+                for i, r in enumerate(items)]
 
 
 class SerperBackend(_HTTPBackend):
     """Google results through https://serper.dev. Options: gl (country), hl (language), location."""
-    name = "serper"
+    name, fields = "serper", ("organic", "link", "snippet")
     usd_per_query = SERPER_USD_PER_QUERY
     auth_hint = "the Serper API key in SERPER_API_KEY was rejected or has no credit"
 
@@ -446,12 +456,11 @@ class SerperBackend(_HTTPBackend):
                                         "(get one at https://serper.dev), or use --backend=local / --backend=searxng")
         super().__init__(top_k, cache, secret=key, **kw)
         self.url = url
-        self.options = {k: v for k, v in (("gl", gl), ("hl", hl), ("location", location)) if v}
+        self.options = {k: v for k, v in dict(gl=gl, hl=hl, location=location).items() if v}
 
-    def _search_one(self, query, st):
-        data = self._request("POST", self.url, st, json={"q": query, "num": self.top_k, **self.options},
-                             headers={"X-API-KEY": self._secret, "Content-Type": "application/json"})
-        return self._results(data, "organic", "link", "snippet")
+    def _request(self, query):
+        return "POST", self.url, {"json": {"q": query, "num": self.top_k, **self.options},
+                                  "headers": {"X-API-KEY": self._secret}}
 
 
 class SearxngBackend(_HTTPBackend):
@@ -467,14 +476,11 @@ class SearxngBackend(_HTTPBackend):
                                         "or export SEARXNG_URL=...")
         super().__init__(top_k, cache, **kw)
         self.url = url.rstrip("/")
-        self.options = {k: v for k, v in (("language", language), ("categories", categories),
-                                          ("engines", engines)) if v}
-        self.options["url"] = self.url  # different instances give different results
+        self.params = {k: v for k, v in dict(language=language, categories=categories, engines=engines).items() if v}
+        self.options = {**self.params, "url": self.url}  # the cache key: different instances give different results
 
-    def _search_one(self, query, st):
-        params = {"q": query, "format": "json", **{k: v for k, v in self.options.items() if k != "url"}}
-        return self._results(self._request("GET", self.url + "/search", st, params=params), "results", "url",
-                             "content")
+    def _request(self, query):
+        return "GET", self.url + "/search", {"params": {"q": query, "format": "json", **self.params}}
 
 
 class LocalBackend(Backend):
@@ -484,14 +490,13 @@ class LocalBackend(Backend):
     name = "local"
 
     def __init__(self, top_k=10, cache=None, *, corpus: str | None = None, index_dir: str | None = None,
-                 max_words: int = 100, serve: bool = True, snippet_chars: int = 300, n_threads: int = 4):
+                 serve: bool = True, n_threads: int = 4):
         from data import localweb  # only this back end needs the index (tantivy) and the page server
         super().__init__(top_k, cache, n_threads)
-        self.index = localweb.open_index(corpus, index_dir=index_dir, max_words=max_words)
+        self.index = localweb.open_index(corpus, **({"index_dir": index_dir} if index_dir else {}))
         self.web = localweb.LocalWeb(index=self.index) if serve else None
         self.aliases = {localweb.HOST: self.web.netloc} if self.web else {}
         self.base_url, self.page_url = f"http://{localweb.HOST}", localweb.page_url
-        self.snippet_chars = snippet_chars
         # the corpus hash keys the cache: another corpus gives other results under the same query
         self.options = {"corpus": self.index.hash}
 
@@ -502,16 +507,11 @@ class LocalBackend(Backend):
 
     def _search_one(self, query, st):
         st.api_calls += 1
-        seen, out = set(), []
-        # a few passages per article can rank high; over-fetch, keep each article's best passage
+        best: dict[str, dict] = {}  # a few passages per article can rank high: over-fetch, keep each one's best
         for p in self.index.query(query, self.top_k * 3):
-            if p["id"] not in seen and len(out) < self.top_k:
-                seen.add(p["id"])
-                body = p["body"]
-                if len(body) > self.snippet_chars:
-                    body = body[:self.snippet_chars].rsplit(" ", 1)[0] + " ..."
-                out.append(SearchResult(p["title"], self.page_url(p["id"]), body, len(out) + 1))
-        return out
+            best.setdefault(p["id"], p)
+        return [SearchResult(p["title"], self.page_url(i), _cut(p["body"], 300), n + 1)
+                for n, (i, p) in enumerate(list(best.items())[:self.top_k])]
 
 
 def make_backend(name: str, *, top_k: int = 10, corpus: str | None = None, cache: Cache | None = None, **opts):
@@ -536,14 +536,11 @@ class CacheMiss(LookupError):
         self.kind, self.key = kind, key
 
 
-def normalize_query(q: str) -> str:
-    """Cache-key form of a query: NFKC, lowercase, single spaces (search engines ignore case and spacing)."""
-    return " ".join(unicodedata.normalize("NFKC", q).lower().split())
-
-
 def search_key(backend: str, query: str, top_k: int, options: dict) -> str:
-    """The exact cache key of one search: JSON of (back end, normalised query, top-k, sorted options)."""
-    return json.dumps([backend, normalize_query(query), top_k, sorted(options.items())], ensure_ascii=False)
+    """The exact cache key of one search: JSON of (back end, query, top-k, sorted options), the query NFKC, lowercase,
+    single-spaced (search engines ignore case and spacing)."""
+    query = " ".join(unicodedata.normalize("NFKC", query).lower().split())
+    return json.dumps([backend, query, top_k, sorted(options.items())], ensure_ascii=False)
 
 
 class Cache:
@@ -560,7 +557,7 @@ class Cache:
         self.path, self.mode, self.max_age_s = (str(path) if path else None), mode, max_age_s
         self._local = threading.local()
         self._lock = threading.Lock()
-        self.stats = {"lookups": 0, "hits": 0, "misses": 0, "stale": 0, "puts": 0}
+        self.stats = Counter()  # lookups, hits, misses (stale ones counted again as stale), puts
         if self.path:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
             self._con().execute("CREATE TABLE IF NOT EXISTS entries (kind TEXT NOT NULL, key TEXT NOT NULL, "
@@ -576,25 +573,21 @@ class Cache:
             self._local.con, self._local.pid = con, os.getpid()
         return con
 
-    def _count(self, name: str) -> None:
+    def _count(self, *names: str) -> None:
         with self._lock:
-            self.stats[name] += 1
+            self.stats.update(names)
 
     def get(self, kind: str, key: str) -> dict | None:
         if self.mode in ("live", "record"):
             return None
-        self._count("lookups")
         row = self._con().execute("SELECT value, fetched_at FROM entries WHERE kind=? AND key=?",
                                   (kind, key)).fetchone()
-        if row is not None and self.max_age_s is not None and time.time() - row[1] > self.max_age_s:
-            self._count("stale")
-            row = None
-        if row is None:
-            self._count("misses")
+        stale = row is not None and self.max_age_s is not None and time.time() - row[1] > self.max_age_s
+        self._count("lookups", "misses" if row is None or stale else "hits", *["stale"] * stale)
+        if row is None or stale:
             if self.mode == "replay":
                 raise CacheMiss(kind, key)
             return None
-        self._count("hits")
         return json.loads(row[0])
 
     def put(self, kind: str, key: str, value: dict, fetched_at: float | None = None) -> None:
@@ -639,6 +632,12 @@ class FetchResult:
     kind: str = ""          # failure: bad_url blocked dns timeout network http redirects unsupported empty cache_miss
     truncated: bool = False  # the body was cut at max_bytes
     cached: bool = False
+
+    @property
+    def transient(self) -> bool:
+        """A failure of the web, not of the page: a timeout, the network, 429 or 5xx, a replay-cache miss."""
+        return not self.ok and (self.kind in ("timeout", "network", "cache_miss") or (self.status or 0) in RETRY_STATUS
+                                or (self.status or 0) >= 500)
 
 
 def check_url(url: str, allow_private: bool = False, allow_hosts=()) -> tuple[str, str] | None:
@@ -712,24 +711,6 @@ def _deadline_pools() -> dict:
         conn = type("Deadline" + cls.ConnectionCls.__name__, (cls.ConnectionCls,), {"response_class": Response})
         return type("Deadline" + cls.__name__, (cls,), {"ConnectionCls": conn})
     return {"http": pool(HTTPConnectionPool), "https": pool(HTTPSConnectionPool)}
-
-
-def _read_body(resp, max_bytes: int) -> tuple[bytes, bool, str | None]:
-    """(body, truncated, None) or (b"", False, "timeout" | "network"), read as bytes arrive (the deadline is in the
-    socket reads, see _DeadlineReader)."""
-    import urllib3
-    buf = bytearray()
-    while len(buf) < max_bytes:
-        try:
-            chunk = resp.raw.read1(65536, decode_content=True)
-        except (TimeoutError, urllib3.exceptions.ReadTimeoutError):
-            return b"", False, "timeout"
-        except (urllib3.exceptions.HTTPError, OSError):
-            return b"", False, "network"
-        if not chunk:
-            return bytes(buf), False, None
-        buf += chunk
-    return bytes(buf[:max_bytes]), True, None
 
 
 _META_CHARSET = re.compile(rb"""<meta[^>]+charset=["']?([A-Za-z0-9_\-:.]+)""", re.I)
@@ -829,6 +810,7 @@ def _fetch_once(url: str, deadline: float, timeout: float, max_bytes: int, max_r
     """One try, following redirects by hand (each hop is checked). Returns (result, retry): retry is None when
     the result is final, else the seconds to wait before another try (0 = use the backoff)."""
     import requests
+    import urllib3
     late = f"timeout after {timeout:g} s"
     for _ in range(max_redirects + 1):
         if bad := check_url(url, allow_private, allow_hosts):
@@ -853,10 +835,15 @@ def _fetch_once(url: str, deadline: float, timeout: float, max_bytes: int, max_r
                 wait = _retry_after_s(resp.headers.get("retry-after")) or 0.0
                 return _fail(url, "http", f"HTTP {code} {resp.reason or ''}".strip(), code), \
                     wait if code in RETRY_STATUS or code >= 500 else None
-            body, truncated, err = _read_body(resp, max_bytes)
-        if err:
-            return (_fail(url, "timeout", late, code), None) if err == "timeout" else \
-                (_fail(url, "network", "connection lost while reading the page", code), 0.0)
+            buf = bytearray()
+            try:  # as bytes arrive; the deadline is in the socket reads (_DeadlineReader)
+                while len(buf) < max_bytes and (chunk := resp.raw.read1(65536, decode_content=True)):
+                    buf += chunk
+            except (TimeoutError, urllib3.exceptions.ReadTimeoutError):
+                return _fail(url, "timeout", late, code), None
+            except (urllib3.exceptions.HTTPError, OSError):
+                return _fail(url, "network", "connection lost while reading the page", code), 0.0
+        body, truncated = bytes(buf[:max_bytes]), len(buf) >= max_bytes
         if not body.strip():
             return _fail(url, "empty", "empty page", code, content_type=ctype), None
         with _extracting:
@@ -904,11 +891,6 @@ def _retry_after_s(value: str | None) -> float | None:
         return None
 
 
-def page_key(url: str) -> str:
-    """Cache key of a page: the URL without its #fragment."""
-    return url.split("#", 1)[0].strip()
-
-
 class Fetcher:
     """fetch() behind a thread pool, a per-host limit, the Cache (kind "page") and stats; thread-safe, one per
     Browser. `aliases` maps a canonical host (the embedded web's "localweb") to the host:port serving it in this
@@ -922,40 +904,15 @@ class Fetcher:
         self._hosts: dict[str, threading.BoundedSemaphore] = {}
         self._pool = ThreadPoolExecutor(max_workers=n_threads, thread_name_prefix="fetch")
 
-    def _live(self, url: str) -> tuple[str, str]:
-        """(the URL to request, its host:port)."""
-        try:
-            parts = urlsplit(url)
-        except ValueError:
-            return url, ""
-        if parts.netloc in self.aliases:
-            parts = parts._replace(netloc=self.aliases[parts.netloc])
-        return parts.geturl(), parts.netloc.lower()
-
     def fetch(self, url: str) -> FetchResult:
         t0 = time.monotonic()
-        key = page_key(str(url))
-        res = None
-        if self.cache is not None:
-            try:
-                hit = self.cache.get("page", key)
-                if hit is not None:
-                    res = FetchResult(**{**hit, "cached": True})
-            except CacheMiss:
-                res = _fail(key, "cache_miss", "page not in the replay cache (record it first, or use "
-                                               "cache_mode=replay_or_live)")
-        if res is None:
-            live, host = self._live(key)
-            with self._lock:
-                slot = self._hosts.setdefault(host, threading.BoundedSemaphore(self.per_host))
-            with slot:
-                res = fetch(live, **self.fetch_kw)
-            if res.url == live:
-                res.url = key  # the canonical URL, never this run's port
-            # keep what another run would see again: pages and permanent failures, not timeouts or outages
-            if self.cache is not None and (res.ok or res.kind in ("http", "unsupported", "empty")) \
-                    and not (res.status or 0) >= 500 and res.status != 429:
-                self.cache.put("page", key, asdict(res))
+        key = str(url).split("#", 1)[0].strip()  # the cache key: the URL without its #fragment
+        try:
+            hit = self.cache.get("page", key) if self.cache is not None else None
+            res = FetchResult(**{**hit, "cached": True}) if hit else self._fetch_live(key)
+        except CacheMiss:
+            res = _fail(key, "cache_miss", "page not in the replay cache (record it first, or use "
+                                           "cache_mode=replay_or_live)")
         res.elapsed_s = time.monotonic() - t0
         st = Stats(pages=1, ok=int(res.ok), cache_hits=int(res.cached), bytes=res.n_bytes, latency_s=res.elapsed_s,
                    failures={} if res.ok else {res.kind: 1})
@@ -963,23 +920,30 @@ class Fetcher:
             self.stats.add(st)
         return res
 
+    def _fetch_live(self, key: str) -> FetchResult:
+        """fetch() at the address serving `key` (aliases), at most per_host at once per host; recorded in the cache."""
+        try:
+            parts = urlsplit(key)
+            parts = parts._replace(netloc=self.aliases.get(parts.netloc, parts.netloc))
+            live, host = parts.geturl(), parts.netloc.lower()
+        except ValueError:
+            live, host = key, ""
+        with self._lock:
+            slot = self._hosts.setdefault(host, threading.BoundedSemaphore(self.per_host))
+        with slot:
+            res = fetch(live, **self.fetch_kw)
+        if res.url == live:
+            res.url = key  # the canonical URL, never this run's port
+        # keep what another run would see again: pages and permanent failures, not timeouts or outages
+        if self.cache is not None and (res.ok or res.kind in ("http", "unsupported", "empty") and not res.transient):
+            self.cache.put("page", key, asdict(res))
+        return res
+
     def fetch_many(self, urls: list[str]) -> list[FetchResult]:
-        if len(urls) <= 1:
-            return [self.fetch(u) for u in urls]
-        return list(self._pool.map(self.fetch, urls))
+        return list(self._pool.map(self.fetch, urls))  # (input order)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
-
-
-def fetch_many(urls: list[str], *, n_threads: int = 32, per_host: int = 8, cache: Cache | None = None,
-               **fetch_kw) -> list[FetchResult]:
-    """Many URLs at once, results in input order (a one-off Fetcher; a Browser keeps one for its lifetime)."""
-    f = Fetcher(cache=cache, n_threads=n_threads, per_host=per_host, **fetch_kw)
-    try:
-        return f.fetch_many(list(urls))
-    finally:
-        f.close()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1026,30 +990,20 @@ def _terms(text: str) -> list[str]:
 
 
 def bm25_scores(query_terms: list[str], docs: list[list[str]], k1: float = 1.2, b: float = 0.75) -> list[float]:
-    n = len(docs)
-    if not n or not query_terms:
-        return [0.0] * n
-    avg = sum(map(len, docs)) / n or 1.0
-    df = {t: sum(t in set(d) for d in docs) for t in set(query_terms)}
-    out = []
-    for d in docs:
-        tf = {}
-        for w in d:
-            tf[w] = tf.get(w, 0) + 1
-        s = 0.0
-        for t in set(query_terms):
-            if t in tf:
-                idf = math.log(1 + (n - df[t] + 0.5) / (df[t] + 0.5))
-                s += idf * tf[t] * (k1 + 1) / (tf[t] + k1 * (1 - b + b * len(d) / avg))
-        out.append(s)
-    return out
+    """Okapi BM25 of each doc (a list of terms) against the distinct query terms, IDF over these docs."""
+    q, n = set(query_terms), len(docs)
+    avg = sum(map(len, docs)) / max(n, 1) or 1.0
+    df = Counter(t for d in docs for t in q.intersection(d))
+    idf = {t: math.log(1 + (n - df[t] + 0.5) / (df[t] + 0.5)) for t in df}
+    tfs = [Counter(d) for d in docs]
+    return [sum(idf[t] * tf[t] * (k1 + 1) / (tf[t] + k1 * (1 - b + b * len(d) / avg)) for t in q if t in tf)
+            for d, tf in zip(docs, tfs)]
 
 
 class ExtractReader:
-    """No model: BM25-rank the chunk's passages against the question and the search queries, return the best new
-    ones (in page order) up to `page_chars`; when a chunk has nothing new and relevant, read on to the next one,
-    at most `max_chunks` chunks per call. Deterministic and free. On a first visit where nothing matches, the
-    page's opening passage is returned (it usually says what the page is about)."""
+    """No model: the chunk's best new passages by BM25 against the question and the queries, in page order, up to
+    `page_chars`; a chunk with nothing new and relevant is skipped. On a first visit where nothing matches, the
+    page's opening passage (it usually says what the page is about)."""
     name = "extract"
 
     def __init__(self, cfg: "BrowseConfig"):
@@ -1115,26 +1069,8 @@ def chat_completion(base_url: str, model: str, messages: list[dict], *, api_key:
         raise ReaderError("malformed", f"{who} {base_url} sent a reply that is not a chat completion") from None
 
 
-def parse_reader_reply(text: str) -> dict | None:
-    """{"extracted_info": str, "read_more": bool, "summary": str} from a model's reply, or None."""
-    m = re.search(r"\{.*\}", text, re.S)
-    if not m:
-        return None
-    try:
-        d = json.loads(m.group(0))
-    except ValueError:
-        return None
-    if not isinstance(d, dict) or "extracted_info" not in d:
-        return None
-    more = d.get("read_more", False)
-    more = more.strip().lower() in ("yes", "true", "1") if isinstance(more, str) else bool(more)
-    return {"extracted_info": str(d.get("extracted_info") or "").strip(), "read_more": more,
-            "summary": str(d.get("summary") or "").strip()}
-
-
 class LLMReader:
-    """A reading model behind any OpenAI-compatible endpoint (a local vLLM/SGLang server or a hosted model): per
-    chunk it returns extracted info, whether to read on, and a running summary (kept per page per search). Replies
+    """A reading model behind any OpenAI-compatible endpoint (a local vLLM/SGLang server or a hosted model). Replies
     are cached (Cache kind "read", keyed by model and prompt), so a replayed run reads the same way."""
     name = "llm"
 
@@ -1148,20 +1084,28 @@ class LLMReader:
         self.calls = self.failures = 0
 
     def _ask(self, prompt: str) -> dict:
+        """{"extracted_info": str, "read_more": bool, "summary": str} for one prompt, from the cache or the model."""
         key = hashlib.sha256(json.dumps([self.cfg.llm_model, prompt]).encode()).hexdigest()
-        if self.cache is not None:
-            try:
-                hit = self.cache.get("read", key)
-            except CacheMiss:
-                raise ReaderError("cache_miss", "reading not in the replay cache") from None
-            if hit is not None:
-                return hit
+        try:
+            hit = self.cache.get("read", key) if self.cache is not None else None
+        except CacheMiss:
+            raise ReaderError("cache_miss", "reading not in the replay cache") from None
+        if hit is not None:
+            return hit
         self.calls += 1
         text = chat_completion(self.cfg.llm_base_url, self.cfg.llm_model, [{"role": "user", "content": prompt}],
                                api_key=self.api_key, timeout=self.cfg.llm_timeout)
-        reply = parse_reader_reply(text)
-        if reply is None:
+        m = re.search(r"\{.*\}", text, re.S)  # the JSON object, wherever the model put it (code fences, prose)
+        try:
+            d = json.loads(m.group(0)) if m else None
+        except ValueError:
+            d = None
+        if not isinstance(d, dict) or "extracted_info" not in d:
             raise ReaderError("malformed", "the reading model's reply was not the JSON asked for")
+        more = d.get("read_more", False)  # models write true, "yes", "true"
+        reply = {"extracted_info": str(d.get("extracted_info") or "").strip(),
+                 "read_more": more.strip().lower() in ("yes", "true", "1") if isinstance(more, str) else bool(more),
+                 "summary": str(d.get("summary") or "").strip()}
         if self.cache is not None:
             self.cache.put("read", key, reply)
         return reply
@@ -1204,43 +1148,35 @@ def make_reader(cfg: "BrowseConfig", cache: Cache | None = None):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# CLI
-
-USAGE = ("usage: python browse.py search QUERY... [--backend=local|serper|searxng] [--top_k=10] [--cache=FILE] "
-         "[--cache_mode=live|record|replay|replay_or_live] [--max_age_s=S] [--corpus=FILE] [--searxng_url=URL]\n"
-         "       python browse.py fetch URL... [--allow_private=1] [--timeout=10]\n"
-         "       (serve the embedded web: python -m data.localweb)")
-
+# CLI: a Browser from --key=value flags (BrowseConfig's fields), its search back end or fetcher, JSON on stdout
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     pos = [a for a in argv[1:] if not a.startswith("--")]
-    flags = dict(a[2:].partition("=")[::2] for a in argv[1:] if a.startswith("--"))  # --key=value
-    known = {"fetch": {"allow_private", "timeout"},
-             "search": {"backend", "top_k", "cache", "cache_mode", "corpus", "searxng_url", "max_age_s"}}
-    if argv[:1] not in (["fetch"], ["search"]) or not pos or set(flags) - known[argv[0]]:
-        print(USAGE, file=sys.stderr)
+    flags = dict(a[2:].partition("=")[::2] for a in argv[1:] if a.startswith("--"))
+    types = {f.name: f.type.split(" ")[0] for f in fields(BrowseConfig)}  # "int", "str | None" -> "str", ...
+    parse = {"bool": lambda v: v.lower() not in ("0", "false", ""), "int": int, "float": float,
+             "tuple": lambda v: tuple(v.split(","))}
+    if argv[:1] not in (["fetch"], ["search"]) or not pos or set(flags) - set(types):
+        print(f"usage: python browse.py search QUERY... | fetch URL... [--key=value ...] with keys among "
+              f"{', '.join(types)}", file=sys.stderr)
         return 2
-    if argv[0] == "fetch":
-        for url in pos:
-            r = fetch(url, allow_private=flags.get("allow_private", "0") not in ("0", "false", ""),
-                      timeout=float(flags.get("timeout", 10)))
-            print(json.dumps(asdict(r), indent=2, ensure_ascii=False))
-        return 0
-    name = flags.get("backend", "local")
-    opts = {"url": flags["searxng_url"]} if "searxng_url" in flags else {"serve": False} if name == "local" else {}
-    try:  # (the local back end needs no page server to list results)
-        cache = Cache(flags.get("cache"), flags.get("cache_mode", "replay_or_live" if "cache" in flags else "live"),
-                      float(flags["max_age_s"]) if "max_age_s" in flags else None)
-        backend = make_backend(name, top_k=int(flags.get("top_k", 10)), corpus=flags.get("corpus"), cache=cache,
-                               **opts)
-        results = backend.search(pos)
+    try:
+        browser = Browser(BrowseConfig(**{k: parse.get(types[k], str)(v) for k, v in flags.items()}))
+        try:
+            if argv[0] == "fetch":
+                pages = browser.fetcher.fetch_many(pos)
+                print(json.dumps([asdict(r) for r in pages], indent=2, ensure_ascii=False))
+                return int(not all(r.ok for r in pages))
+            results = browser.backend.search(pos)
+        finally:
+            browser.close()
     except (CacheMiss, SearchError, ValueError) as e:  # a set-up problem: say what to fix
         print(f"error: {e}", file=sys.stderr)
         return 2
     errors = {q: str(r) for q, r in zip(pos, results) if isinstance(r, SearchError)}
     print(json.dumps({"results": {q: [asdict(x) for x in r] for q, r in zip(pos, results) if q not in errors},
-                      "errors": errors, "stats": backend.stats.snapshot()}, indent=2, ensure_ascii=False))
+                      "errors": errors, "stats": browser.backend.stats.snapshot()}, indent=2, ensure_ascii=False))
     return 1 if errors else 0
 
 

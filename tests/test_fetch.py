@@ -436,7 +436,7 @@ def test_pool_stats_failures_by_kind(srv):
     f.close()
     assert [r.ok for r in out] == [True, False, False, False, False]
     assert f.stats.failures == {"http": 1, "bad_url": 1, "blocked": 1, "unsupported": 1} and f.stats.ok == 1
-    assert browse.fetch_many([]) == []
+    assert f.fetch_many([]) == []
 
 
 def test_page_record_replay(tmp_path):
@@ -527,3 +527,22 @@ def test_session_malformed_args_never_raise(web, bad):
     assert s.browse_webpage(bad) == "browse_webpage needs at least one URL from your most recent web_search."
     s.web_search(["Lima"])
     assert s.browse_webpage(bad) == "browse_webpage needs at least one URL from your most recent web_search."
+
+
+# Session.browse_webpage's Observation.failed (issue 14): every readable page lost to the web (timeouts, 5xx,
+# connection errors) is a tool failure; a page's own refusal (404) or a URL not from the last search is not.
+def test_browse_failed_only_when_the_web_failed(web, srv):
+    web.fetcher.fetch_kw.update(allow_hosts=(srv.host,), backoff_s=0.05, timeout=2.0)
+    s = web.session("q?")
+    assert s.web_search(["Lima"]).failed is False
+    for path in ("/down", "/busy_long", "/404", "/reset"):
+        s.urls[srv.base + path] = browse.SearchResult("x", srv.base + path, "", 1)  # as if a search returned it
+    obs = s.browse_webpage([srv.base + "/down", srv.base + "/busy_long"])  # 503 every try; 429, come back in 30 s
+    assert isinstance(obs, browse.Observation) and obs.failed and "HTTP 503" in obs and "HTTP 429" in obs
+    assert s.browse_webpage([srv.base + "/reset"]).failed  # the connection reset, every try
+    obs = s.browse_webpage([srv.base + "/404"])
+    assert not obs.failed and "HTTP 404" in obs
+    assert not s.browse_webpage([srv.base + "/down", srv.base + "/404"]).failed  # only some pages failed
+    assert not s.browse_webpage([srv.base + "/down", web.backend.base_url + "/wiki/Lima"]).failed
+    assert not s.browse_webpage(["http://not-from-search.org/"]).failed
+    assert not s.browse_webpage([]).failed

@@ -208,14 +208,19 @@ def test_llm_replies_cached(llm, tmp_path):
     assert len(llm.calls) == 2
 
 
-def test_parse_reader_reply():
-    p = browse.parse_reader_reply
-    assert p('```json\n{"extracted_info": "a", "read_more": "yes", "summary": "s"}\n```') == \
-        {"extracted_info": "a", "read_more": True, "summary": "s"}
-    assert p('{"extracted_info": null, "read_more": "no"}') == {"extracted_info": "", "read_more": False,
-                                                              "summary": ""}
+def test_llm_reply_forms(llm):
+    """The reply's JSON is found inside code fences or prose, "yes"/"no" read as booleans, null as empty; a reply
+    without the JSON asked for is a ReaderError ("malformed"), never a guess."""
+    reader = LLMReader(llm_cfg(llm.url, max_chunks=4))
+    page = PageState("u", "t", ["part one", "part two", "part three"])
+    llm.replies = [(200, '```json\n{"extracted_info": "a", "read_more": "yes", "summary": "s"}\n```'),
+                   (200, '{"extracted_info": null, "read_more": "no"}')]
+    assert reader.read(page, "q?", ["query"]) == "a" and page.pos == 2  # "yes": read on; "no": stop
+    assert page.memory == {"query": "s"}  # a reply without a summary keeps the last one
     for bad in ("no json here", '{"read_more": true}', "{not json}", "[1, 2]", ""):
-        assert p(bad) is None, bad
+        llm.replies = [(200, bad)]
+        with pytest.raises(browse.ReaderError, match="not the JSON asked for"):
+            reader.read(PageState("u", "t", ["p"]), "q?", [])
 
 
 def test_llm_needs_an_endpoint():
@@ -288,6 +293,7 @@ def test_session_llm_failures_are_observations(corpus, llm, replies, words):
         for text in (obs, str(b.stats), repr(b.cfg), repr(b.reader.__dict__.get("cfg"))):
             assert SECRET not in text  # the key never shows, even when the server echoes it back
         assert b.stats["reader_errors"] == 1 and b.stats["reader"]["failures"] == 1
+        assert obs.failed  # the reading model, not the policy, failed on the call's only page
     finally:
         b.close()
 
@@ -316,6 +322,7 @@ def test_session_llm_endpoint_down(corpus):
         obs = browse_lima(b)
         assert "reading model failed: reader endpoint http://127.0.0.1:9/v1 unreachable" in obs
         assert "after 3 tries" in obs and time.monotonic() - t0 < 10  # bounded retries
+        assert obs.failed  # the reader on every page of the call failed: a tool failure (issue 14), not the policy's
     finally:
         b.close()
 

@@ -579,3 +579,32 @@ def test_one_failed_call_in_a_group_is_masked_from_its_group(tok):
     valid = torch.tensor([t.end_reason not in INFRA_END_REASONS for t in trajs])
     a = group_advantages(r, 3, valid=valid)
     assert a[~valid].tolist() == [0.0] and torch.allclose(a[valid], group_advantages(r[valid], 2))
+
+
+# ------------------------------------------------------------------------------------------------ browse.py -> rollout
+
+def test_real_browser_outage_ends_every_trajectory_as_tool_failure(tiny_qwen2):
+    """The real engine (tiny random model) and the real browse.Browser whose search back end is down (a Serper client
+    aimed at a closed port): every trajectory's first turn is a search (forced by turn_prefixes), browse.py marks the
+    observation failed, and rollout.py ends each row as "tool_failure"."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from browse import BrowseConfig, Browser, make_backend
+    from model import Transformer
+
+    tok = AutoTokenizer.from_pretrained(tiny_qwen2)
+    model = Transformer.from_pretrained(tiny_qwen2).eval()
+    down = make_backend("serper", api_key="k", url="http://127.0.0.1:9/search", max_tries=1, timeout=2.0)
+    browser = Browser(BrowseConfig(), backend=down)
+    cfg = RolloutConfig(max_new_tokens=4, max_len=1024, n_slots=4, date="2026-11-24", prompt="short",
+                        turn_prefixes="<search>capital of France</search>")
+    try:
+        with torch.no_grad():
+            trajs = rollout(model, tok, ["Capital of France?", "Capital of Peru?"], [["Paris"], ["Lima"]], browser,
+                            cfg, group_size=2)
+    finally:
+        browser.close()
+    assert len(trajs) == 4 and [t.end_reason for t in trajs] == ["tool_failure"] * 4, [t.turns for t in trajs]
+    assert all(len(t.turns) == 1 and "failed: network" in t.turns[0].observation for t in trajs)
+    assert browser.stats["search"]["failures"] == {"network": 4}

@@ -441,3 +441,35 @@ def test_searxng_needs_url(monkeypatch):
         make_backend("searxng")
     with pytest.raises(ValueError, match="unknown search back end"):
         make_backend("bing")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Session.web_search's Observation.failed (issue 14): the web failed, not the policy -> rollout ends "tool_failure"
+
+def session_on(backend):
+    b = browse.Browser(browse.BrowseConfig(), backend=backend)
+    return b, b.session("q?")
+
+
+def test_web_search_failed_only_when_every_query_failed(fake):
+    fake.script = [(200, {}, SERPER_OK, 1.5)]  # the back end times out on every query
+    b, s = session_on(serper(fake, timeout=0.3, max_tries=1))
+    obs = s.web_search(["a", "b"])
+    assert isinstance(obs, browse.Observation) and isinstance(obs, str) and obs.failed
+    assert 'Search "a" failed: timeout' in obs and not s.urls
+    fake.script = [(200, {}, json.dumps({"organic": []}), 0)]  # no results: an answer, not a failure
+    obs = s.web_search(["a"])
+    assert obs == 'Search "a": no results.' and obs.failed is False
+    fake.script = [(200, {}, SERPER_OK, 0), (503, {}, "down", 0)]  # one query answered, one failed: not a failure
+    b, s = session_on(serper(fake, n_threads=1, max_tries=1))
+    obs = s.web_search(["a", "b"])
+    assert not obs.failed and "Mount Everest" in obs and 'Search "b" failed: server' in obs
+    assert s.web_search([]).failed is False  # the policy's empty call is its own doing
+    b.close()
+
+
+def test_web_search_replay_miss_is_a_failure(tmp_path):
+    b, s = session_on(make_backend("serper", cache=Cache(tmp_path / "empty.sqlite", "replay")))
+    obs = s.web_search(["never recorded"])
+    assert obs.failed and "not in the replay cache" in obs
+    b.close()
