@@ -397,6 +397,7 @@ class FakeRolloutConfig:
     max_len: int = 1024
     temperature: float = 1.0
     date: str | None = None
+    protocol: str = "tags"
 
 
 @dataclass
