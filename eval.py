@@ -77,6 +77,7 @@ class Config:
     prompt: str = "reference"       # system prompt: reference (the paper's) | short (~30 tokens, small models)
     turn_prefixes: str = ""         # forced text opening turns 1, 2, ..., comma-separated (e.g. "<search>,<answer>")
     turn_prefix_every: str = ""     # forced text opening EVERY turn, before turn_prefixes (the reference: <think>)
+    example: str = ""               # "question|query|answer": a worked example shown before the question ("" = none)
     date: str = ""                  # date shown in the system prompt ("" = today); fix it for reproducible runs
     seed: int = 0
     # search and reading (browse.BrowseConfig)
@@ -268,8 +269,8 @@ def weights_sha256(model_path: str | None, head_bytes: int = 8 << 20) -> str | N
 def run_identity(cfg: Config, model_path: str | None, corpus: str | None) -> dict:
     """What decides the trajectories of a question: the model's weights, the data, and every setting that changes
     an answer. Resuming into a folder whose trajectories came from another identity would mix two runs."""
-    keys = ("agent", "protocol", "prompt", "turn_prefixes", "turn_prefix_every", "max_turns", "max_new_tokens",
-            "max_len", "temperature", "top_p", "seed", "dtype", "backend", "top_k", "cache_mode", "reader", "llm_model",
+    keys = ("agent", "protocol", "prompt", "turn_prefixes", "turn_prefix_every", "example", "max_turns",
+            "max_new_tokens", "max_len", "temperature", "top_p", "seed", "dtype", "backend", "top_k", "cache_mode", "reader", "llm_model",
             "snippet_chars", "page_chars", "obs_chars")
     return {"model": cfg.model, "model_path": str(Path(model_path).resolve()) if model_path else None,
             "weights_sha256": weights_sha256(model_path), "data_sha256": sha256_file(cfg.data),
@@ -673,7 +674,7 @@ def run_agent(cfg: Config, todo: list[dict], path: Path, rank: int, world: int) 
         protocol=cfg.protocol, max_turns=cfg.max_turns, max_new_tokens=cfg.max_new_tokens, max_len=cfg.max_len,
         temperature=cfg.temperature, top_p=cfg.top_p, n_slots=cfg.n_slots, on_bad_call=cfg.on_bad_call,
         prompt=cfg.prompt, turn_prefixes=cfg.turn_prefixes, turn_prefix_every=cfg.turn_prefix_every,
-        date=cfg.date or None)))  # date None is dropped: the real date
+        example=cfg.example, date=cfg.date or None)))  # date None is dropped: the real date
     bcfg = BrowseConfig(**_only_fields(BrowseConfig, dict(
         backend=cfg.backend, top_k=cfg.top_k, corpus=corpus, cache=cfg.cache or None, cache_mode=cfg.cache_mode,
         reader=cfg.reader, llm_base_url=cfg.llm_base_url or None, llm_model=cfg.llm_model or None,

@@ -612,6 +612,8 @@ class RolloutConfig:
     #                                    alone (SmolLM2-135M); () = none, the reference
     turn_prefix_every: str = ""        # forced text opening EVERY turn, before turn_prefixes[i]; the reference
     #                                    appends "<think>" to the prompt of each turn
+    example: str = ""                  # "question|query|answer": one worked example shown as chat turns before the
+    #                                    question, its search run through the browser ("" = none, the reference)
 
 
 # ------------------------------------------------------------------------------------------------ prompt
@@ -671,18 +673,33 @@ def system_prompt(protocol: str, date: str | None = None, style: str = "referenc
     )
 
 
-def render_prompt(tokenizer, question: str, protocol: str, date: str | None = None, style: str = "reference"
-                  ) -> list[int]:
-    """Prompt token ids: system + user message and the assistant header, through the tokenizer's chat template."""
+def render_prompt(tokenizer, question: str, protocol: str, date: str | None = None, style: str = "reference",
+                  example: list[dict] = ()) -> list[int]:
+    """Prompt token ids: system, the example's turns, the user's question and the assistant header, through the
+    tokenizer's chat template."""
     sys_text = system_prompt(protocol, date, style)
     try:
-        text = tokenizer.apply_chat_template([{"role": "system", "content": sys_text},
+        text = tokenizer.apply_chat_template([{"role": "system", "content": sys_text}, *example,
                                               {"role": "user", "content": question}],
                                              tokenize=False, add_generation_prompt=True)
     except Exception:  # noqa: BLE001  templates without a system role raise (jinja TemplateError): merge into user
-        text = tokenizer.apply_chat_template([{"role": "user", "content": f"{sys_text}\n\nQuestion: {question}"}],
-                                             tokenize=False, add_generation_prompt=True)
+        msgs = [*example, {"role": "user", "content": question}]
+        msgs[0] = {"role": "user", "content": f"{sys_text}\n\nQuestion: {msgs[0]['content']}"}
+        text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     return tokenizer.encode(text, add_special_tokens=False)
+
+
+def example_turns(example: str, protocol: str, session) -> list[dict]:
+    """One worked example as chat turns, from "question|query|answer": the question, a search call, the real
+    observation of that search (through the same browser, so it looks exactly like the ones the policy will see),
+    and the answer. A format demonstration for small models; its question must not be one it is scored on."""
+    question, query, answer = (x.strip() for x in example.split("|"))
+    call = (f"<search>{query}</search>" if protocol == "tags" else
+            "<tool_call>" + json.dumps({"name": "web_search", "arguments": {"query": [query]}}) + "</tool_call>")
+    obs = str(session.web_search([query]))
+    return [{"role": "user", "content": question}, {"role": "assistant", "content": call},
+            {"role": "user", "content": f"<tool_response>\n{obs}\n</tool_response>"},
+            {"role": "assistant", "content": f"<answer>{answer}</answer>"}]
 
 
 @dataclass
@@ -868,6 +885,7 @@ def rollout(model, tokenizer, questions: list[str], golds: list[list[str]], brow
     sampling = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
                               stop_token_ids=stop_token_ids(tokenizer), stop_strings=STOP_STRINGS[cfg.protocol])
     frame = obs_frame(tokenizer, cfg.obs_role)
+    example = example_turns(cfg.example, cfg.protocol, browser.session("")) if cfg.example else []
     tp = cfg.turn_prefixes
     prefixes = [p for p in tp.split(",")] if isinstance(tp, str) and tp else [str(p) for p in tp or ()]
     # turn i opens with turn_prefix_every + turn_prefixes[i]; the last entry covers every later turn
@@ -963,7 +981,7 @@ def rollout(model, tokenizer, questions: list[str], golds: list[list[str]], brow
         """Queued questions take free slots, a whole group at a time (its prompt is prefilled once)."""
         while queue and engine.n_free >= G:
             qi = queue.popleft()
-            prompt = render_prompt(tokenizer, questions[qi], cfg.protocol, cfg.date, cfg.prompt)
+            prompt = render_prompt(tokenizer, questions[qi], cfg.protocol, cfg.date, cfg.prompt, example)
             now = time.perf_counter()
             first = prompt + prefix(0)[1]  # the first turn's forced prefix rides with the prompt's prefill
             trajs = [Trajectory(question=questions[qi], gold=list(golds[qi]), group=qi, tokens=list(first),

@@ -130,6 +130,7 @@ class Config:
     prompt: str = "short"           # system prompt: reference (the paper's) | short (~30 tokens, small models)
     turn_prefixes: str = "<search>,<answer>"  # forced text opening turns 1, 2, ... (comma-separated; "" = none)
     turn_prefix_every: str = ""     # forced text opening EVERY turn, before turn_prefixes (the reference: <think>)
+    example: str = ""               # "question|query|answer": a worked example shown before the question ("" = none)
     date: str = ""                  # date in the system prompt ("" = today); fixed in tests for reproducibility
     # search and reading (browse.BrowseConfig; fields with the same names are passed on)
     backend: str = "local"          # local | serper | searxng
