@@ -270,8 +270,8 @@ def run_identity(cfg: Config, model_path: str | None, corpus: str | None) -> dic
     """What decides the trajectories of a question: the model's weights, the data, and every setting that changes
     an answer. Resuming into a folder whose trajectories came from another identity would mix two runs."""
     keys = ("agent", "protocol", "prompt", "turn_prefixes", "turn_prefix_every", "example", "max_turns",
-            "max_new_tokens", "max_len", "temperature", "top_p", "seed", "dtype", "backend", "top_k", "cache_mode", "reader", "llm_model",
-            "snippet_chars", "page_chars", "obs_chars")
+            "max_new_tokens", "max_len", "temperature", "top_p", "seed", "dtype", "backend", "top_k", "cache_mode",
+            "reader", "llm_model", "snippet_chars", "page_chars", "obs_chars")
     return {"model": cfg.model, "model_path": str(Path(model_path).resolve()) if model_path else None,
             "weights_sha256": weights_sha256(model_path), "data_sha256": sha256_file(cfg.data),
             "corpus": corpus, "date": cfg.date or _dt.date.today().isoformat(),
