@@ -530,8 +530,7 @@ class Cache:
         if path is None and mode != "live":
             raise ValueError(f"cache mode {mode!r} needs a cache file (--cache=FILE)")
         self.path, self.mode, self.max_age_s = (str(path) if path else None), mode, max_age_s
-        self._local = threading.local()
-        self._lock = threading.Lock()
+        self._local, self._lock = threading.local(), threading.Lock()
         self.stats = Counter()  # lookups, hits, misses (stale ones counted again as stale), puts
         if self.path:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
@@ -548,39 +547,34 @@ class Cache:
             self._local.con, self._local.pid = con, os.getpid()
         return con
 
-    def _count(self, *names: str) -> None:
-        with self._lock:
-            self.stats.update(names)
-
     def get(self, kind: str, key: str) -> dict | None:
         if self.mode in ("live", "record"):
             return None
         row = self._con().execute("SELECT value, fetched_at FROM entries WHERE kind=? AND key=?",
                                   (kind, key)).fetchone()
         stale = row is not None and self.max_age_s is not None and time.time() - row[1] > self.max_age_s
-        self._count("lookups", "misses" if row is None or stale else "hits", *["stale"] * stale)
-        if row is None or stale:
-            if self.mode == "replay":
-                raise CacheMiss(kind, key)
-            return None
-        return json.loads(row[0])
+        with self._lock:
+            self.stats.update(["lookups", "misses" if row is None or stale else "hits"] + ["stale"] * stale)
+        if row is not None and not stale:
+            return json.loads(row[0])
+        if self.mode == "replay":
+            raise CacheMiss(kind, key)
+        return None
 
     def put(self, kind: str, key: str, value: dict, fetched_at: float | None = None) -> None:
         if self.mode in ("live", "replay"):
             return
-        self._count("puts")
+        with self._lock:
+            self.stats["puts"] += 1
         self._con().execute("INSERT OR REPLACE INTO entries (kind, key, value, fetched_at) VALUES (?, ?, ?, ?)",
                             (kind, key, json.dumps(value, ensure_ascii=False),
                              time.time() if fetched_at is None else fetched_at))
 
     def __len__(self) -> int:
-        if not self.path:
-            return 0
-        return self._con().execute("SELECT COUNT(*) FROM entries").fetchone()[0]
+        return self._con().execute("SELECT COUNT(*) FROM entries").fetchone()[0] if self.path else 0
 
     def close(self) -> None:
-        con = getattr(self._local, "con", None)
-        if con is not None:
+        if con := getattr(self._local, "con", None):
             con.close()
             self._local.con = None
 
@@ -968,15 +962,13 @@ class ExtractReader:
     page's opening passage (it usually says what the page is about)."""
     name = "extract"
 
-    def __init__(self, cfg: "BrowseConfig"):
+    def __init__(self, cfg: "BrowseConfig", cache: Cache | None = None):
         self.cfg = cfg
 
     def read(self, page: PageState, question: str, queries: list[str]) -> str:
         q = _terms(" ".join([question, *queries]))
         first_visit = not page.returned
-        for _ in range(self.cfg.max_chunks):
-            if page.pos >= len(page.chunks):
-                break
+        for _ in range(min(self.cfg.max_chunks, len(page.chunks) - page.pos)):  # from page.pos on
             ps = chunk_text(page.chunks[page.pos], 600, pack=False)  # passages
             fresh = [i for i, p in enumerate(ps) if p not in page.returned]
             scores = bm25_scores(q, [_terms(ps[i]) for i in fresh])
@@ -1076,9 +1068,8 @@ class LLMReader:
         mem_key = " | ".join(queries)
         memory = page.memory.get(mem_key, "")
         infos = []
-        for _ in range(self.cfg.max_chunks):  # bounded: the reference could loop on a page forever
-            if page.pos >= len(page.chunks):
-                break
+        # at most max_chunks from where the last call stopped: the reference could loop on a page forever
+        for _ in range(min(self.cfg.max_chunks, len(page.chunks) - page.pos)):
             prompt = READER_PROMPT.format(question=question, queries="; ".join(queries) or "(none)",
                                           memory=memory or "(nothing yet)", part=page.pos + 1,
                                           parts=len(page.chunks), url=page.url, chunk=page.chunks[page.pos])
@@ -1102,10 +1093,8 @@ class LLMReader:
 def make_reader(cfg: "BrowseConfig", cache: Cache | None = None):
     """extract | llm. The seam for a `policy` reader (the trained model reading through our engine): any object
     with `read(page: PageState, question, queries) -> str`, passed as Browser(cfg, reader=...)."""
-    if cfg.reader == "extract":
-        return ExtractReader(cfg)
-    if cfg.reader == "llm":
-        return LLMReader(cfg, cache)
+    if cfg.reader in ("extract", "llm"):
+        return (ExtractReader if cfg.reader == "extract" else LLMReader)(cfg, cache)
     raise ValueError(f"unknown reader {cfg.reader!r}: use extract or llm (or pass a reader object to Browser)")
 
 
