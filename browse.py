@@ -35,6 +35,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import html
+import http.client
 import io
 import json
 import math
@@ -53,10 +54,16 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import requests
+import urllib3
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
+
 SERPER_URL = "https://google.serper.dev/search"
 SERPER_USD_PER_QUERY = 0.001  # Serper's list price at volume, ~$1 per 1k queries (Nov 2026); an estimate, not a bill
 CACHE_MODES = ("live", "record", "replay", "replay_or_live")
 RETRY_STATUS = (429, 500, 502, 503, 504)  # worth another try; any other status is the answer
+MAX_BACKOFF_S = 30  # the longest wait between tries, Retry-After included
 MAX_BYTES = 5_000_000  # a page is cut here (after decompression); the readers never need more
 
 
@@ -264,29 +271,26 @@ class ReaderError(WebError):
     """The reading model failed; the message goes into the observation."""
 
 
-@dataclass
-class Stats:
-    """Counters of a search back end (queries, api_calls, cost_usd) or of a page fetcher (pages, ok, bytes): one
-    record for both, a side's unused fields stay 0. Owners add one record per query or page, under their lock."""
-    queries: int = 0
-    pages: int = 0
-    ok: int = 0                 # pages read
-    cache_hits: int = 0
-    api_calls: int = 0          # HTTP requests sent (retries included) or local index lookups
-    bytes: int = 0              # page bytes read
-    latency_s: float = 0.0      # wall time (cache hits included)
-    cost_usd: float = 0.0       # estimated API spend
-    failures: dict = field(default_factory=dict)  # kind -> count
+class Stats(Counter):
+    """Counters of a search back end (queries, api_calls, cache_hits, cost_usd, latency_s) or of a page fetcher
+    (pages, ok, cache_hits, bytes, latency_s), read as keys or attributes (0 until counted), and `failures`, a
+    Counter by kind. Owners add one Stats per query or page, under their lock."""
+
+    def __init__(self, failures: dict | None = None, **counts):
+        super().__init__(counts)
+        self.failures = Counter(failures or {})
+
+    def __getattr__(self, name: str):  # (only names that are not attributes get here)
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return self[name]
 
     def add(self, other: "Stats") -> None:
-        for f in fields(self):
-            if f.name != "failures":
-                setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
-        for k, v in other.failures.items():
-            self.failures[k] = self.failures.get(k, 0) + v
+        self.update(other)
+        self.failures.update(other.failures)
 
     def snapshot(self) -> dict:
-        return asdict(self)  # (a deep copy)
+        return {**self, "failures": dict(self.failures)}  # (a copy)
 
 
 class Backend:
@@ -302,27 +306,25 @@ class Backend:
         self.options: dict = {}  # whatever changes the results; part of the cache key
 
     def _search_one(self, query: str, st: Stats) -> list[SearchResult]:
-        """Subclasses: one query's results; raise SearchError; count requests in st.api_calls."""
+        """Subclasses: one query's results; raise SearchError; count requests in st["api_calls"]."""
         raise NotImplementedError
 
     def _one(self, query: str) -> list[SearchResult] | SearchError:
-        st = Stats(queries=1)
-        t0 = time.perf_counter()
+        st, t0 = Stats(queries=1), time.perf_counter()
         key = search_key(self.name, query, self.top_k, self.options)
         try:
             hit = self.cache.get("search", key) if self.cache is not None else None  # CacheMiss propagates
             if hit is not None:
-                st.cache_hits = 1
+                st["cache_hits"] = 1
                 out = [SearchResult(**r) for r in hit["results"]]
             else:
                 out = self._search_one(query, st)
-                st.cost_usd = self.usd_per_query
+                st["cost_usd"] = self.usd_per_query
                 if self.cache is not None:
                     self.cache.put("search", key, {"query": query, "results": [asdict(r) for r in out]})
         except SearchError as e:
-            st.failures[e.kind] = 1
-            out = e
-        st.latency_s = time.perf_counter() - t0
+            st.failures[e.kind], out = 1, e
+        st["latency_s"] = time.perf_counter() - t0
         with self._lock:
             self.stats.add(st)
         return out
@@ -336,59 +338,49 @@ class Backend:
         self._pool.shutdown(wait=False)
 
     def __repr__(self) -> str:  # never shows secrets: only the name and the public options
-        return f"{type(self).__name__}(top_k={self.top_k}, options={self.options})"
+        return f"{type(self).__name__}({self.name}, top_k={self.top_k}, options={self.options})"
 
 
 _thread = threading.local()  # per thread: its requests.Sessions (not thread-safe), and the deadline of its fetch()
 USER_AGENT = "Mozilla/5.0 (compatible; deepresearch-agent/0.1; +https://github.com/)"
 
 
-def http_session(max_tries: int = 1, backoff_s: float = 0.5, max_backoff_s: float = 30.0):
+def http_session(max_tries: int = 1, backoff_s: float = 0.5):
     """This thread's requests.Session for one retry policy: urllib3's Retry on the adapter does the retrying (any
     method, POST included: our requests are idempotent), sleeping backoff_s * 2**n plus jitter, or what Retry-After
-    asks, up to max_backoff_s; it returns the last 429/5xx response instead of raising, so callers can report it.
+    asks, up to MAX_BACKOFF_S; it returns the last 429/5xx response instead of raising, so callers can report it.
     fetch() uses max_tries=1 and retries itself, within its deadline."""
-    import requests
-    from requests.adapters import HTTPAdapter
-    from urllib3.util.retry import Retry
     sessions = _thread.__dict__.setdefault("sessions", {})
-    key = (max_tries, backoff_s, max_backoff_s)
-    if key not in sessions:
+    if (max_tries, backoff_s) not in sessions:
         retry = Retry(total=max_tries - 1, status_forcelist=RETRY_STATUS, allowed_methods=None,
-                      backoff_factor=backoff_s, backoff_jitter=backoff_s, backoff_max=max_backoff_s,
-                      retry_after_max=int(max_backoff_s), raise_on_status=False)
-        sessions[key] = s = requests.Session()
+                      backoff_factor=backoff_s, backoff_jitter=backoff_s, backoff_max=MAX_BACKOFF_S,
+                      retry_after_max=MAX_BACKOFF_S, raise_on_status=False)
+        sessions[max_tries, backoff_s] = s = requests.Session()
         s.headers["User-Agent"] = USER_AGENT
         for scheme in ("http://", "https://"):
             s.mount(scheme, adapter := HTTPAdapter(max_retries=retry))
             adapter.poolmanager.pool_classes_by_scheme = _deadline_pools()  # (a proxy gets urllib3's plain pools)
-    return sessions[key]
+    return sessions[max_tries, backoff_s]
 
 
 def _timed_out(e: Exception) -> bool:
     """Whether a requests exception is a timeout. Retries used up on read timeouts reach us as a ConnectionError
     around urllib3's ReadTimeoutError, and a refused connection is, oddly, a NewConnectionError, a subclass of
     ConnectTimeoutError."""
-    import requests
-    from urllib3.exceptions import NewConnectionError, ReadTimeoutError
     reason = getattr(e.args[0] if e.args else None, "reason", None)
-    return isinstance(e, requests.Timeout) and not isinstance(reason, NewConnectionError) or \
-        isinstance(reason, ReadTimeoutError)
+    return isinstance(e, requests.Timeout) and not isinstance(reason, urllib3.exceptions.NewConnectionError) or \
+        isinstance(reason, urllib3.exceptions.ReadTimeoutError)
 
 
 def http_json(method: str, url: str, *, name: str, timeout: float, max_tries: int = 3, backoff_s: float = 0.5,
-              max_backoff_s: float = 30.0, secret: str = "", auth_hint: str = "check the key",
-              error: type = WebError, **kw):
+              secret: str = "", auth_hint: str = "check the key", error: type = WebError, **kw):
     """One JSON request through `http_session`: (parsed body, tries), or raises error(kind, message, tries). Every
     message is cut short and has `secret` scrubbed out (servers echo keys back in their error bodies)."""
-    import requests
-    import urllib3
-
     def fail(kind: str, message: str, tries: int = max_tries) -> WebError:
         return error(kind, message.replace(secret, "***") if secret else message, tries)
 
     try:
-        r = http_session(max_tries, backoff_s, max_backoff_s).request(method, url, timeout=timeout, **kw)
+        r = http_session(max_tries, backoff_s).request(method, url, timeout=timeout, **kw)
     except (requests.RequestException, urllib3.exceptions.HTTPError) as e:
         if _timed_out(e):
             raise fail("timeout", f"{name}: no answer within {timeout:g} s, {max_tries} tries") from None
@@ -407,32 +399,58 @@ def http_json(method: str, url: str, *, name: str, timeout: float, max_tries: in
         raise fail("malformed", f"{name}: the response is not JSON: {r.text[:200]!r}", tries) from None
 
 
-class _HTTPBackend(Backend):
-    """A search API over HTTP (`http_json`: timeouts, bounded retries, Retry-After, auth errors at once). Subclasses
-    declare one query's request (`_request`) and where the response keeps its results (`fields`)."""
-    fields = ("results", "url", "content")  # the response's list of results; each result's URL and snippet keys
-    auth_hint = "check the URL and access rules"
+# The HTTP search APIs, declared. url: a fixed endpoint, or else the instance named by make_backend(url=...) or
+# $url_env (then the instance is part of the cache key) plus path; the query goes as a JSON body (POST) or URL
+# parameters (GET), with `fixed` and `params` (defaults, overridden by make_backend's options) and the top-k under
+# count_key; an API key from $key_env goes in an X-API-KEY header; results: the response's list of results and
+# each one's URL and snippet keys.
+PROVIDERS = {
+    "serper": dict(url=SERPER_URL, method="POST", count_key="num", params={"gl": "us", "hl": "en"},
+                   key_env="SERPER_API_KEY", results=("organic", "link", "snippet"), usd_per_query=SERPER_USD_PER_QUERY,
+                   needs="an API key: export SERPER_API_KEY=<your key> (get one at https://serper.dev), or use "
+                         "--backend=local / --backend=searxng",
+                   auth_hint="the Serper API key in SERPER_API_KEY was rejected or has no credit"),
+    "searxng": dict(url_env="SEARXNG_URL", path="/search", method="GET", fixed={"format": "json"},
+                    params={"language": "en"}, results=("results", "url", "content"),
+                    needs="the instance URL: --searxng_url=http://host:8080 or export SEARXNG_URL=...",
+                    auth_hint="the SearXNG instance refused the request; is format=json enabled in its settings.yml?"),
+}
 
-    def __init__(self, top_k=10, cache=None, *, n_threads=4, secret: str = "", timeout=10.0, max_tries=4,
-                 backoff_s=1.0, max_backoff_s=30.0):
+
+class HTTPBackend(Backend):
+    """A search API of PROVIDERS over HTTP (`http_json`: timeouts, bounded retries, Retry-After, auth errors at
+    once). Options (serper: gl, hl, location; searxng: language, categories, engines) go with every query."""
+
+    def __init__(self, name: str, top_k=10, cache=None, *, url: str | None = None, api_key: str | None = None,
+                 n_threads=4, timeout=10.0, max_tries=4, backoff_s=1.0, **options):
+        self.name, self.spec = name, PROVIDERS[name]
         super().__init__(top_k, cache, n_threads)
-        self.http = dict(timeout=timeout, max_tries=max_tries, backoff_s=backoff_s, max_backoff_s=max_backoff_s)
-        self._secret = secret
-
-    def _request(self, query: str) -> tuple[str, str, dict]:
-        """(method, URL, requests' keyword arguments) of one query."""
-        raise NotImplementedError
+        self.usd_per_query = self.spec.get("usd_per_query", 0.0)
+        self.url = (url or self.spec.get("url") or os.environ.get(self.spec["url_env"], "")).rstrip("/")
+        self._secret = api_key or os.environ.get(self.spec.get("key_env", "-"), "")
+        replay = cache is not None and cache.mode == "replay"  # replay needs no key: no request is made
+        if not self.url or "key_env" in self.spec and not self._secret and not replay:
+            raise SearchError("config", f"the {name} back end needs {self.spec['needs']}")
+        self.http = dict(timeout=timeout, max_tries=max_tries, backoff_s=backoff_s)
+        self.params = {k: v for k, v in {**self.spec["params"], **options}.items() if v}
+        # the cache key: a chosen instance is part of it (different instances give different results)
+        self.options = self.params if "url" in self.spec else {**self.params, "url": self.url}
 
     def _search_one(self, query, st):
-        method, url, kw = self._request(query)
+        spec = self.spec
+        send = {"q": query, **spec.get("fixed", {}), **self.params}
+        if "count_key" in spec:
+            send[spec["count_key"]] = self.top_k
         try:
-            data, tries = http_json(method, url, name=self.name, secret=self._secret, auth_hint=self.auth_hint,
-                                    error=SearchError, **self.http, **kw)
+            data, tries = http_json(spec["method"], self.url + spec.get("path", ""), name=self.name,
+                                    secret=self._secret, auth_hint=spec["auth_hint"], error=SearchError, **self.http,
+                                    **{"json" if spec["method"] == "POST" else "params": send},
+                                    headers={"X-API-KEY": self._secret} if self._secret else {})
         except SearchError as e:
-            st.api_calls += e.tries
+            st["api_calls"] += e.tries
             raise
-        st.api_calls += tries
-        key, url_key, snippet_key = self.fields
+        st["api_calls"] += tries
+        key, url_key, snippet_key = spec["results"]
         items = data.get(key) if isinstance(data, dict) else None
         if not isinstance(items, list):
             found = f"keys: {list(data)[:8]}" if isinstance(data, dict) else "not a JSON object"
@@ -440,47 +458,6 @@ class _HTTPBackend(Backend):
         items = [r for r in items if isinstance(r, dict) and r.get(url_key)][:self.top_k]  # no URL, no result
         return [SearchResult(str(r.get("title", "")), str(r[url_key]), str(r.get(snippet_key, "")), i + 1)
                 for i, r in enumerate(items)]
-
-
-class SerperBackend(_HTTPBackend):
-    """Google results through https://serper.dev. Options: gl (country), hl (language), location."""
-    name, fields = "serper", ("organic", "link", "snippet")
-    usd_per_query = SERPER_USD_PER_QUERY
-    auth_hint = "the Serper API key in SERPER_API_KEY was rejected or has no credit"
-
-    def __init__(self, top_k=10, cache=None, *, api_key: str | None = None, gl: str = "us", hl: str = "en",
-                 location: str | None = None, url: str = SERPER_URL, **kw):
-        key = api_key or os.environ.get("SERPER_API_KEY", "")
-        if not key and not (cache is not None and cache.mode == "replay"):  # replay needs no key: no request is made
-            raise SearchError("config", "the serper back end needs an API key: export SERPER_API_KEY=<your key> "
-                                        "(get one at https://serper.dev), or use --backend=local / --backend=searxng")
-        super().__init__(top_k, cache, secret=key, **kw)
-        self.url = url
-        self.options = {k: v for k, v in dict(gl=gl, hl=hl, location=location).items() if v}
-
-    def _request(self, query):
-        return "POST", self.url, {"json": {"q": query, "num": self.top_k, **self.options},
-                                  "headers": {"X-API-KEY": self._secret}}
-
-
-class SearxngBackend(_HTTPBackend):
-    """A SearXNG instance's JSON API (GET /search?q=..&format=json). Options: language, categories, engines."""
-    name = "searxng"
-    auth_hint = "the SearXNG instance refused the request; is format=json enabled in its settings.yml?"
-
-    def __init__(self, top_k=10, cache=None, *, url: str | None = None, language: str = "en",
-                 categories: str | None = None, engines: str | None = None, **kw):
-        url = url or os.environ.get("SEARXNG_URL", "")
-        if not url:
-            raise SearchError("config", "the searxng back end needs the instance URL: --searxng_url=http://host:8080 "
-                                        "or export SEARXNG_URL=...")
-        super().__init__(top_k, cache, **kw)
-        self.url = url.rstrip("/")
-        self.params = {k: v for k, v in dict(language=language, categories=categories, engines=engines).items() if v}
-        self.options = {**self.params, "url": self.url}  # the cache key: different instances give different results
-
-    def _request(self, query):
-        return "GET", self.url + "/search", {"params": {"q": query, "format": "json", **self.params}}
 
 
 class LocalBackend(Backend):
@@ -506,7 +483,7 @@ class LocalBackend(Backend):
             self.web.close()
 
     def _search_one(self, query, st):
-        st.api_calls += 1
+        st["api_calls"] += 1
         best: dict[str, dict] = {}  # a few passages per article can rank high: over-fetch, keep each one's best
         for p in self.index.query(query, self.top_k * 3):
             best.setdefault(p["id"], p)
@@ -516,10 +493,8 @@ class LocalBackend(Backend):
 
 def make_backend(name: str, *, top_k: int = 10, corpus: str | None = None, cache: Cache | None = None, **opts):
     """serper | searxng | local -> a back end object (see the module docstring). opts go to the back end."""
-    if name == "serper":
-        return SerperBackend(top_k, cache, **opts)
-    if name == "searxng":
-        return SearxngBackend(top_k, cache, **opts)
+    if name in PROVIDERS:
+        return HTTPBackend(name, top_k, cache, **opts)
     if name == "local":
         return LocalBackend(top_k, cache, corpus=corpus, **opts)
     raise ValueError(f"unknown search back end {name!r}: use serper, searxng or local")
@@ -555,8 +530,7 @@ class Cache:
         if path is None and mode != "live":
             raise ValueError(f"cache mode {mode!r} needs a cache file (--cache=FILE)")
         self.path, self.mode, self.max_age_s = (str(path) if path else None), mode, max_age_s
-        self._local = threading.local()
-        self._lock = threading.Lock()
+        self._local, self._lock = threading.local(), threading.Lock()
         self.stats = Counter()  # lookups, hits, misses (stale ones counted again as stale), puts
         if self.path:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
@@ -573,39 +547,34 @@ class Cache:
             self._local.con, self._local.pid = con, os.getpid()
         return con
 
-    def _count(self, *names: str) -> None:
-        with self._lock:
-            self.stats.update(names)
-
     def get(self, kind: str, key: str) -> dict | None:
         if self.mode in ("live", "record"):
             return None
         row = self._con().execute("SELECT value, fetched_at FROM entries WHERE kind=? AND key=?",
                                   (kind, key)).fetchone()
         stale = row is not None and self.max_age_s is not None and time.time() - row[1] > self.max_age_s
-        self._count("lookups", "misses" if row is None or stale else "hits", *["stale"] * stale)
-        if row is None or stale:
-            if self.mode == "replay":
-                raise CacheMiss(kind, key)
-            return None
-        return json.loads(row[0])
+        with self._lock:
+            self.stats.update(["lookups", "misses" if row is None or stale else "hits"] + ["stale"] * stale)
+        if row is not None and not stale:
+            return json.loads(row[0])
+        if self.mode == "replay":
+            raise CacheMiss(kind, key)
+        return None
 
     def put(self, kind: str, key: str, value: dict, fetched_at: float | None = None) -> None:
         if self.mode in ("live", "replay"):
             return
-        self._count("puts")
+        with self._lock:
+            self.stats["puts"] += 1
         self._con().execute("INSERT OR REPLACE INTO entries (kind, key, value, fetched_at) VALUES (?, ?, ?, ?)",
                             (kind, key, json.dumps(value, ensure_ascii=False),
                              time.time() if fetched_at is None else fetched_at))
 
     def __len__(self) -> int:
-        if not self.path:
-            return 0
-        return self._con().execute("SELECT COUNT(*) FROM entries").fetchone()[0]
+        return self._con().execute("SELECT COUNT(*) FROM entries").fetchone()[0] if self.path else 0
 
     def close(self) -> None:
-        con = getattr(self._local, "con", None)
-        if con is not None:
+        if con := getattr(self._local, "con", None):
             con.close()
             self._local.con = None
 
@@ -698,10 +667,7 @@ class _DeadlineReader(io.RawIOBase):
 @functools.cache
 def _deadline_pools() -> dict:
     """urllib3 pool classes whose responses read through a _DeadlineReader while their thread runs a fetch()."""
-    from http.client import HTTPResponse
-    from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
-
-    class Response(HTTPResponse):
+    class Response(http.client.HTTPResponse):
         def __init__(self, sock, *a, **kw):
             super().__init__(sock, *a, **kw)
             if getattr(_thread, "deadline", None) is not None:
@@ -710,7 +676,7 @@ def _deadline_pools() -> dict:
     def pool(cls):
         conn = type("Deadline" + cls.ConnectionCls.__name__, (cls.ConnectionCls,), {"response_class": Response})
         return type("Deadline" + cls.__name__, (cls,), {"ConnectionCls": conn})
-    return {"http": pool(HTTPConnectionPool), "https": pool(HTTPSConnectionPool)}
+    return {"http": pool(urllib3.HTTPConnectionPool), "https": pool(urllib3.HTTPSConnectionPool)}
 
 
 _META_CHARSET = re.compile(rb"""<meta[^>]+charset=["']?([A-Za-z0-9_\-:.]+)""", re.I)
@@ -805,90 +771,80 @@ def _fail(url: str, kind: str, error: str, status: int | None = None, **kw) -> F
     return FetchResult(False, status, url, error=error, kind=kind, **kw)
 
 
-def _fetch_once(url: str, deadline: float, timeout: float, max_bytes: int, max_redirects: int,
-                allow_private: bool, allow_hosts) -> tuple[FetchResult, float | None]:
-    """One try, following redirects by hand (each hop is checked). Returns (result, retry): retry is None when
-    the result is final, else the seconds to wait before another try (0 = use the backoff)."""
-    import requests
-    import urllib3
-    late = f"timeout after {timeout:g} s"
-    for _ in range(max_redirects + 1):
-        if bad := check_url(url, allow_private, allow_hosts):
-            return _fail(url, *bad), None
-        if (left := deadline - time.monotonic()) <= 0:
-            return _fail(url, "timeout", late), None
-        try:
-            resp = http_session().get(url, stream=True, allow_redirects=False, timeout=left)
-        except (requests.RequestException, ValueError, UnicodeError) as e:
-            if _timed_out(e):
-                return _fail(url, "timeout", late), None
-            if isinstance(e, requests.ConnectionError):
-                return _fail(url, "network", "connection refused" if "refused" in str(e).lower() else
-                             "connection failed"), 0.0
-            return _fail(url, "bad_url", f"not a fetchable URL ({type(e).__name__})"), None
-        with resp:
-            code, ctype = resp.status_code, resp.headers.get("content-type", "")
-            if resp.is_redirect:
-                url = requests.compat.urljoin(url, resp.headers["location"])
-                continue
-            if code >= 400:  # 429 and 5xx are worth another try, after Retry-After when the server says
-                wait = _retry_after_s(resp.headers.get("retry-after")) or 0.0
-                return _fail(url, "http", f"HTTP {code} {resp.reason or ''}".strip(), code), \
-                    wait if code in RETRY_STATUS or code >= 500 else None
-            buf = bytearray()
-            try:  # as bytes arrive; the deadline is in the socket reads (_DeadlineReader)
-                while len(buf) < max_bytes and (chunk := resp.raw.read1(65536, decode_content=True)):
-                    buf += chunk
-            except (TimeoutError, urllib3.exceptions.ReadTimeoutError):
-                return _fail(url, "timeout", late, code), None
-            except (urllib3.exceptions.HTTPError, OSError):
-                return _fail(url, "network", "connection lost while reading the page", code), 0.0
-        body, truncated = bytes(buf[:max_bytes]), len(buf) >= max_bytes
-        if not body.strip():
-            return _fail(url, "empty", "empty page", code, content_type=ctype), None
-        with _extracting:
-            title, text, why = page_text(body, ctype)
-        if why or not text:
-            return _fail(url, "unsupported" if why else "empty", why or "no readable text on the page", code,
-                         content_type=ctype, n_bytes=len(body)), None
-        return FetchResult(True, code, url, text, None, 0.0, ctype, len(body), title, "", truncated), None
-    return _fail(url, "redirects", f"more than {max_redirects} redirects"), None
-
-
 def fetch(url: str, *, timeout: float = 10.0, max_bytes: int = MAX_BYTES, allow_private: bool = False,
           allow_hosts=(), max_redirects: int = 5, max_tries: int = 3, backoff_s: float = 0.5) -> FetchResult:
-    """Fetch one URL and return its readable text; never raises. The whole call, retries included, ends within
-    `timeout` seconds. Connection errors, 429 and 5xx are retried with jittered exponential backoff, honouring
-    Retry-After, at most `max_tries` tries and never past the deadline."""
-    t0 = time.monotonic()
+    """Fetch one URL and return its readable text; never raises. Redirects are followed by hand, each hop checked.
+    The whole call, retries included, ends within `timeout` seconds: connection errors, 429 and 5xx are retried
+    with jittered exponential backoff, honouring Retry-After, at most `max_tries` tries and never past the deadline."""
+    t0, late = time.monotonic(), f"timeout after {timeout:g} s"
     _thread.deadline = deadline = t0 + timeout
+
+    def done(res: FetchResult) -> FetchResult:
+        res.elapsed_s = time.monotonic() - t0
+        return res
+
     try:
         for attempt in range(max_tries):
-            res, retry = _fetch_once(url, deadline, timeout, max_bytes, max_redirects, allow_private, allow_hosts)
-            if retry is None or attempt == max_tries - 1:
-                break
+            hop, retry = url, 0.0  # retry: the seconds to wait before another try (0 = the backoff)
+            for _ in range(max_redirects + 1):
+                if bad := check_url(hop, allow_private, allow_hosts):
+                    return done(_fail(hop, *bad))
+                if (left := deadline - time.monotonic()) <= 0:
+                    return done(_fail(hop, "timeout", late))
+                try:
+                    resp = http_session().get(hop, stream=True, allow_redirects=False, timeout=left)
+                except (requests.RequestException, ValueError, UnicodeError) as e:
+                    if _timed_out(e):
+                        return done(_fail(hop, "timeout", late))
+                    if not isinstance(e, requests.ConnectionError):
+                        return done(_fail(hop, "bad_url", f"not a fetchable URL ({type(e).__name__})"))
+                    res = _fail(hop, "network", "connection refused" if "refused" in str(e).lower() else
+                                "connection failed")
+                    break
+                with resp:
+                    code, ctype = resp.status_code, resp.headers.get("content-type", "")
+                    if resp.is_redirect:
+                        hop = requests.compat.urljoin(hop, resp.headers["location"])
+                        continue
+                    if code >= 400:  # 429 and 5xx are worth another try, after Retry-After when the server says
+                        res = _fail(hop, "http", f"HTTP {code} {resp.reason or ''}".strip(), code)
+                        if code not in RETRY_STATUS and code < 500:
+                            return done(res)
+                        try:  # a number of seconds or an HTTP date
+                            retry = Retry().parse_retry_after(resp.headers.get("retry-after") or "0") or 0.0
+                        except (urllib3.exceptions.HTTPError, TypeError, ValueError, OverflowError):
+                            pass
+                        break
+                    buf = bytearray()
+                    try:  # as bytes arrive; the deadline is in the socket reads (_DeadlineReader)
+                        while len(buf) < max_bytes and (chunk := resp.raw.read1(65536, decode_content=True)):
+                            buf += chunk
+                    except (TimeoutError, urllib3.exceptions.ReadTimeoutError):
+                        return done(_fail(hop, "timeout", late, code))
+                    except (urllib3.exceptions.HTTPError, OSError):
+                        res = _fail(hop, "network", "connection lost while reading the page", code)
+                        break
+                body, truncated = bytes(buf[:max_bytes]), len(buf) >= max_bytes
+                if not body.strip():
+                    return done(_fail(hop, "empty", "empty page", code, content_type=ctype))
+                with _extracting:
+                    title, text, why = page_text(body, ctype)
+                if why or not text:
+                    return done(_fail(hop, "unsupported" if why else "empty", why or "no readable text on the page",
+                                      code, content_type=ctype, n_bytes=len(body)))
+                return done(FetchResult(True, code, hop, text, None, 0.0, ctype, len(body), title, "", truncated))
+            else:
+                return done(_fail(hop, "redirects", f"more than {max_redirects} redirects"))
             wait = retry or backoff_s * 2 ** attempt * random.uniform(0.5, 1.5)
-            if time.monotonic() + wait >= deadline:
-                if retry:  # Retry-After asks for more time than is left
+            if attempt == max_tries - 1 or time.monotonic() + wait >= deadline:
+                if retry and attempt < max_tries - 1:  # Retry-After asks for more time than is left
                     res.error += f" (retry after {retry:g} s exceeds the {timeout:g} s timeout)"
-                break
+                return done(res)
             time.sleep(wait)
     except Exception as e:  # a bug or a library surprise must not take a rollout down: report it as a result
-        res = _fail(url, "network", f"fetch failed ({type(e).__name__}: {str(e)[:100]})")
+        return done(_fail(url, "network", f"fetch failed ({type(e).__name__}: {str(e)[:100]})"))
     finally:
         _thread.deadline = None
-    res.elapsed_s = time.monotonic() - t0
-    return res
-
-
-def _retry_after_s(value: str | None) -> float | None:
-    """Retry-After in seconds (a number or an HTTP date, parsed by urllib3), None when absent or unreadable."""
-    from urllib3.exceptions import HTTPError
-    from urllib3.util.retry import Retry
-    try:
-        return Retry().parse_retry_after(value) if value else None
-    except (HTTPError, TypeError, ValueError, OverflowError):
-        return None
 
 
 class Fetcher:
@@ -1006,15 +962,13 @@ class ExtractReader:
     page's opening passage (it usually says what the page is about)."""
     name = "extract"
 
-    def __init__(self, cfg: "BrowseConfig"):
+    def __init__(self, cfg: "BrowseConfig", cache: Cache | None = None):
         self.cfg = cfg
 
     def read(self, page: PageState, question: str, queries: list[str]) -> str:
         q = _terms(" ".join([question, *queries]))
         first_visit = not page.returned
-        for _ in range(self.cfg.max_chunks):
-            if page.pos >= len(page.chunks):
-                break
+        for _ in range(min(self.cfg.max_chunks, len(page.chunks) - page.pos)):  # from page.pos on
             ps = chunk_text(page.chunks[page.pos], 600, pack=False)  # passages
             fresh = [i for i, p in enumerate(ps) if p not in page.returned]
             scores = bm25_scores(q, [_terms(ps[i]) for i in fresh])
@@ -1114,9 +1068,8 @@ class LLMReader:
         mem_key = " | ".join(queries)
         memory = page.memory.get(mem_key, "")
         infos = []
-        for _ in range(self.cfg.max_chunks):  # bounded: the reference could loop on a page forever
-            if page.pos >= len(page.chunks):
-                break
+        # at most max_chunks from where the last call stopped: the reference could loop on a page forever
+        for _ in range(min(self.cfg.max_chunks, len(page.chunks) - page.pos)):
             prompt = READER_PROMPT.format(question=question, queries="; ".join(queries) or "(none)",
                                           memory=memory or "(nothing yet)", part=page.pos + 1,
                                           parts=len(page.chunks), url=page.url, chunk=page.chunks[page.pos])
@@ -1140,10 +1093,8 @@ class LLMReader:
 def make_reader(cfg: "BrowseConfig", cache: Cache | None = None):
     """extract | llm. The seam for a `policy` reader (the trained model reading through our engine): any object
     with `read(page: PageState, question, queries) -> str`, passed as Browser(cfg, reader=...)."""
-    if cfg.reader == "extract":
-        return ExtractReader(cfg)
-    if cfg.reader == "llm":
-        return LLMReader(cfg, cache)
+    if cfg.reader in ("extract", "llm"):
+        return (ExtractReader if cfg.reader == "extract" else LLMReader)(cfg, cache)
     raise ValueError(f"unknown reader {cfg.reader!r}: use extract or llm (or pass a reader object to Browser)")
 
 
