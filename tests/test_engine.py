@@ -714,7 +714,7 @@ def test_rollout_same_seed_same_run_whatever_the_tool_latency(sharp_qwen2, tok):
     assert shapes1 != shapes2  # ... and the engine ran different batches in the two runs
     assert len({tuple(t.tokens) for t in t1}) == 6  # every row sampled its own trajectory
     for a, b in zip(t1, t2):
-        assert a.tokens == b.tokens and a.loss_mask == b.loss_mask and a.status == b.status
+        assert a.tokens == b.tokens and a.loss_mask == b.loss_mask and a.end_reason == b.end_reason
         # bitwise equal unless a row's logits saw a different batch shape (CPU kernel blocking: see
         # assert_same_logits); the sampled tokens above are what must not change
         torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4, rtol=0)
