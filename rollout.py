@@ -1,88 +1,42 @@
 """Generation engine and research-agent loop: everything that turns a policy into trajectories.
 
-Part 1, the engine. A paged KV cache (`model.KVCache`, an argument of `model(...)`): one pool of fixed-size blocks
-(`block_size` tokens, 16 by default) for all layers, a block table and a length per row, a free list and a refcount
-per block; memory follows the tokens rows hold, and the pool can be sized (`kv_tokens`) far below n_slots x max_len.
-A row (`Slot`) is free, decoding or parked. `submit` prefills prompts in one ragged call; a GRPO group (n=G) shares
-its prompt's full blocks by reference (each row gets a private copy of a partly filled last block), freed when the
-group's last row is released. `step` decodes one token for every decoding row (each row's blocks gathered through
-its table, masked attention); a row that hits a stop id, a stop string, its token limit or the end of its cache is
-parked with its cache intact; `append` adds forced tokens (a tool observation) to a parked row, prefilling only them
-at that row's own offset, and the row decodes a new turn; `release` frees the slot and its blocks for the next
-prompt (continuous batching). A full pool is an error with the numbers (blocks asked, free), never an overwrite.
-Every sampled token comes with its log-probability under the sampling distribution (temperature applied, before
-top-p/top-k truncation, which is what the trainer recomputes).
+Part 1, the engine (`Engine`, `generate`). A paged KV cache (`model.KVCache`, an argument of `model(...)`): one pool
+of `block_size`-token blocks for all layers, a block table and a length per row and a refcount per block, so memory
+follows the tokens rows hold (`kv_tokens` sizes the pool far below n_slots x max_len). A row is free, decoding or
+parked. `submit` prefills prompts in one ragged call; a GRPO group (n=G) shares its prompt's full blocks by
+reference. `step` decodes one token for every decoding row; a row that hits a stop id, a stop string, its token
+limit or the end of its cache is parked with its cache intact; `append` prefills forced tokens (a tool observation)
+at that row's own offset and the row decodes a new turn; `release` frees the slot for the next prompt (continuous
+batching). A full pool is an error with the numbers, never an overwrite. A row's last sampled token enters the
+cache only with the next forward, so a turn's stop token costs no extra forward. Every token comes with its
+log-probability under the sampling distribution (temperature applied, before top-p/top-k truncation: what the
+trainer recomputes).
+Randomness: each row has its own `torch.Generator`, seeded from (engine seed, row key), and samples by Gumbel-max, so
+its tokens do not depend on which rows share its batches or when tool calls return. Its logits still differ in the
+last bits with the batch (kernels block their sums by batch size), so logprobs agree to ~1e-5 on CPU and a near-tie
+can flip a token (rare on CPU, more likely in bf16 on a GPU).
+`cuda_graphs=True` (CUDA only) captures the decode forward once per (batch, table width) bucket and replays it.
 
-A row's last sampled token is "pending": it is returned at once but enters the cache only with the next forward
-(the next decode step, or the prefill of an `append`), so a turn's stop token costs no extra forward.
+Part 2, the agent loop (`rollout()`): every row decodes a turn; a row whose turn ends in a tool call is parked and
+its call runs in a thread pool while the others keep decoding; the observation is tokenised, wrapped in the chat
+template's tool/user turn and the next assistant header, appended as forced tokens, and the row resumes. A finished
+trajectory frees its slot for the next queued question (a group of G rows, its prompt prefilled once).
+Token exactness: `Trajectory.tokens` is exactly the engine's cache content; `loss_mask` is 1 exactly on sampled
+tokens and `logprobs` are the engine's there. Nothing is re-rendered or re-tokenised; only the policy's own turn
+text is parsed, so tags inside web text cannot end a trajectory or fake an answer.
+Tool-call protocols (`RolloutConfig.protocol`): `dr` (the reference) is `<tool_call>{"name": "web_search",
+"arguments": {"query": ["q1", "q2"]}}</tool_call>` (browse_webpage takes "url_list"); `tags` (lighter, small models
+learn it faster) is `<search>q1 | q2</search>` / `<browse>url1 | url2</browse>`. Tools are described in the system
+text, not through a template's `tools=`, so templates without tool support (SmolLM2's ChatML) work too.
+End reasons (`Trajectory.end_reason`, exactly one each): "answer"; "max_turns" (a call after the last turn is not
+run); "bad_call" (a malformed call under on_bad_call="end"; "error_observation" answers it with an error message
+and goes on); "format_error" (neither a call nor an answer); "context_limit" (the cache is full, or an observation
+would not leave `min_turn_tokens`); "tool_failure" (the session raised or returned `failed`: the web failed, not the
+policy, and the trainer masks these out); "engine_error" (the engine refused the row).
 
-Randomness: every row has its own `torch.Generator`, seeded from (engine seed, row key); `submit(..., seeds=keys)`
-passes the keys (the agent loop: (seed, question index, sample index)), otherwise the key is the admission count.
-Sampling is Gumbel-max with each row's uniforms from its own stream, so a row's tokens do not depend on which rows
-share its batches or on when tool calls return. Greedy rows draw nothing. The one host sync per step brings tokens
-and logprobs over together; stop strings are decoded only for rows whose token could end one.
-
-CUDA graphs (`Engine(..., cuda_graphs=True)`, CUDA only; CPU is always eager): the decode forward is captured once
-per bucket (batch 1, 2, 4, 8, then multiples of 16; table width a power of two in blocks) over static buffers
-(tokens, positions, block tables) and replayed; a bucket's extra rows run on the scratch block. The cached forward
-has no host sync and no data-dependent shape, which is what makes it capturable.
-
-What it deliberately does not do: a paged-attention kernel (the gather + SDPA moves a row's K/V twice more;
-flash-attn 2's paged kernel needs blocks of 256 tokens, FlexAttention was not tried), preemption when the pool runs
-out (an error: size kv_tokens / n_slots with `train.py --dry_run=True`), prefix caching across groups, speculative
-decoding, beam search.
-
-Same seed, same run: the sampled tokens do not depend on scheduling, but a row's logits still differ in the last
-bits with the batch it is decoded in (kernels block their sums by batch size and table width; on a GPU also the
-graph bucket and cuBLAS's kernel choice): logprobs agree to ~1e-5 on CPU (tests/test_engine.py), and a token can
-flip where two candidates are within rounding of each other (rare on CPU, more likely in bf16 on a GPU).
-
-Part 2, the research-agent loop (`rollout()`): runs many trajectories at once on the engine. Every row decodes a
-turn; a row whose turn ends in a tool call is *parked* and its call goes to a thread pool (the browser session does
-the web work), while the other rows keep decoding. When the observation arrives it is tokenised, wrapped in the chat template's
-tool/user turn plus the next assistant header, and appended to that row as forced tokens; the row resumes.
-A finished trajectory releases its slot and the next queued question (a GRPO group of G rows, submitted with n=G
-so its prompt is prefilled once) takes it. When every row is parked the loop blocks on the futures: no busy-wait.
-
-Token exactness: `Trajectory.tokens` is exactly the engine's cache content (prompt, then for each turn the tokens
-the engine sampled, then the forced observation tokens). `loss_mask` is 1 exactly on sampled tokens, and
-`logprobs` are the engine's sampling log-probs there. Earlier turns are never re-rendered or re-tokenised; a
-turn's text is decoded from its own tokens only to parse it. Observations are never parsed, so tag strings inside
-web text cannot end a trajectory or fake an answer.
-
-Prompt: a system prompt written from the reference's semantics (Deep AI Research Assistant, today's date, two
-tools with JSON schemas, think then either answer or call one tool, short answers, yes/no questions answered yes
-or no). Tools are described in the system text itself, never through a template's `tools=` argument, so the same
-prompt works with templates that have no tool support (SmolLM2's ChatML) and with those that have it (Qwen2.5).
-
-Tool-call protocols (`RolloutConfig.protocol`):
-- `dr` (the reference): `<tool_call>{"name": "web_search", "arguments": {"query": ["q1", "q2"]}}</tool_call>`
-  and `{"name": "browse_webpage", "arguments": {"url_list": ["https://..."]}}`.
-- `tags` (lighter, small models learn it faster): `<search>q1 | q2</search>` and `<browse>url1 | url2</browse>`;
-  several queries/urls in ONE tag separated by `|` (a turn ends at the first closing tag, so "one per tag" would
-  mean one per call).
-Both end a turn at their closing tags (stop strings) or at `</answer>` or eos.
-
-Turn outcomes: every trajectory ends for exactly one `Trajectory.end_reason` (decided here; reward.py scores the
-turns, the loop never imports it):
-- `<answer>..</answer>` -> "answer" (answer = the first answer's text).
-- a well-formed call -> run it; after `max_turns` turns the call is not run and the trajectory ends: "max_turns".
-- a malformed call (bad JSON, unknown tool, missing/empty arguments, unclosed tag) -> `on_bad_call`:
-  "end" = "bad_call" (the reference: it has no answer, so it scores -1), "error_observation" = a short error
-  message is the observation and the row goes on (counted in stats["n_bad_calls"]).
-- neither a call nor an answer (eos, or max_new_tokens hit mid-thought) -> "format_error".
-- the cache is full mid-turn, or an observation would not fit with `min_turn_tokens` to spare -> "context_limit".
-- the web failed for reasons outside the policy -> "tool_failure": the session raised, or returned an observation
-  whose `failed` attribute is true (browse.py's Session sets it when the search back end, or every page fetch of
-  the call, failed: timeout, 5xx, quota, network). A search with no results is an answer, not a failure. The
-  trainer drops these trajectories from the loss (train.py `mask_tool_failures`).
-- the engine refused the row (e.g. `append` raised) -> "engine_error".
-A `<think>` block is not required by the loop; reward.py's format check (policy turns only) judges that.
-`turn_prefix_every` forces a text at the start of every turn (the reference's `<think>`), before that turn's
-`turn_prefixes` entry; forced text is loss-masked but part of the turn's text, so the format check sees it.
-
-Not here: the reward, the browser (browse.py; it enforces "only URLs from the last search" and renders
-observations), the engine (above). No global state: everything lives in `rollout()`'s locals.
+What it does not do: a paged-attention kernel (gather + SDPA moves a row's K/V twice more), preemption when the pool
+runs out (an error: size it with `train.py --dry_run=True`), prefix caching across groups, speculative decoding,
+beam search; the reward and format check (reward.py), the browser (browse.py). No global state.
 
 Run: `python -m pytest tests/test_engine.py tests/test_rollout.py`; benchmark: `python bench/generate.py` (CPU) or
 `python bench/generate.py --device=cuda` (decode step vs the bandwidth floor, CUDA graphs, vs transformers).
@@ -92,6 +46,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import itertools
 import json
 import re
 import time
@@ -220,8 +175,7 @@ class Engine:
             if free is not None:  # like vLLM: leave room for activations, take what fits
                 kv_tokens = min(kv_tokens, max(0, int(0.85 * free) - 2**30) // per_block * block_size)
         n_blocks = -(-kv_tokens // block_size) + 1  # + block 0, the scratch block pads and padding rows write to
-        self.cache_bytes = n_blocks * per_block
-        memory_check(self.cache_bytes, self.device)
+        memory_check(n_blocks * per_block, self.device)
         self.cache = KVCache.allocate(cfg, n_blocks, block_size, p.dtype, self.device)
         self.refs = [0] * n_blocks  # rows holding each block
         self.free_blocks = list(range(n_blocks - 1, 0, -1))  # a stack: pop() hands out the lowest ids first
@@ -229,11 +183,11 @@ class Engine:
         self.table = torch.zeros(n_slots, self.max_blocks, dtype=torch.long, device=self.device)
         self.slots = [Slot() for _ in range(n_slots)]
         self.n_admitted = 0  # rows admitted so far: the key of rows submitted without seeds
-        self.n_forward = 0  # forwards run (prefill + decode), for benchmarks
         self._done: list[Finished] = []  # rows stopped since the last step() (a first token can already stop)
         self._pieces: dict[int, str] = {}  # token id -> its text alone (stop-string pre-check)
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self._graphs: dict = {}  # (batch bucket, table width) -> captured graph
+        self._static: dict | None = None  # the graphs' input/output buffers
         self._pool = None
 
     # -------------------------------------------------------------------------------------------- bookkeeping
@@ -269,27 +223,23 @@ class Engine:
             self.refs[b] = 1
         return out
 
-    def _add_blocks(self, slot: int, blocks: list[int]) -> tuple[list, list, list]:
-        s = self.slots[slot]
-        first = len(s.blocks)
-        s.blocks = s.blocks + blocks
-        n = len(blocks)
-        return [slot] * n, list(range(first, first + n)), blocks
-
-    def _write_table(self, entries: list[tuple[list, list, list]]) -> None:
-        rows, cols, vals = ([x for e in entries for x in e[i]] for i in range(3))
-        if rows:  # one index_put for the whole batch of new blocks
+    def _grant(self, grants: list[tuple[int, list[int]]]) -> None:
+        """Append blocks to rows' block lists and mirror them in the device table (one index_put for all)."""
+        rows, cols, vals = [], [], []
+        for slot, blocks in grants:
+            s = self.slots[slot]
+            rows += [slot] * len(blocks)
+            cols += range(len(s.blocks), len(s.blocks) + len(blocks))
+            vals += blocks
+            s.blocks = s.blocks + blocks
+        if rows:
             self.table[rows, cols] = torch.tensor(vals, device=self.device)
 
     def _reserve(self, slots: list[int], lengths: list[int]) -> None:
         """Give each slot the blocks to hold `lengths` tokens; all or nothing (a pool error changes no state)."""
         need = [max(0, -(-n // self.block_size) - len(self.slots[s].blocks)) for s, n in zip(slots, lengths)]
         new = self._alloc(sum(need))
-        entries, i = [], 0
-        for s, k in zip(slots, need):
-            entries.append(self._add_blocks(s, new[i : i + k]))
-            i += k
-        self._write_table(entries)
+        self._grant([(s, new[i - k : i]) for s, k, i in zip(slots, need, itertools.accumulate(need))])
 
     def _share(self, src: int, dst: list[int]) -> None:
         """dst rows take src's prompt: its full blocks by reference, a private copy of a partly filled last block
@@ -302,13 +252,11 @@ class Engine:
             idx = torch.tensor(copies, device=self.device)
             self.cache.k[:, idx] = self.cache.k[:, last : last + 1]  # (L, n, bs, Hkv, D)
             self.cache.v[:, idx] = self.cache.v[:, last : last + 1]
-        entries = []
-        for i, d in enumerate(dst):
-            for b in full:
-                self.refs[b] += 1
-            entries.append(self._add_blocks(d, full + copies[i : i + 1]))
+        for b in full:
+            self.refs[b] += len(dst)
+        self._grant([(d, full + copies[i : i + 1]) for i, d in enumerate(dst)])
+        for d in dst:
             self.slots[d].cached = s.cached
-        self._write_table(entries)
 
     # ---------------------------------------------------------------------------------------------- prefill
     @torch.no_grad()
@@ -339,7 +287,6 @@ class Engine:
             width = -(-(max(starts) + T) // bs)
             table = self.table[torch.tensor(rows, device=self.device), :width]  # (B, nb)
             logits = self.model(toks, positions=pos, cache=self.cache, block_table=table, logits_at=last)
-            self.n_forward += 1
             for r, s in zip(rows, chunk):
                 self.slots[r].cached += len(s)
             out.append(logits[:, 0])  # (B, V)
@@ -380,7 +327,7 @@ class Engine:
             key = ("admission", self.n_admitted) if key is None else key
             self.slots[r].gen = torch.Generator(self.device).manual_seed(row_seed(self.seed, key))
             self.n_admitted += 1
-        self._start_turn(rows, logits.repeat_interleave(n, dim=0), sampling)
+        self._sample(rows, logits.repeat_interleave(n, dim=0), sampling)
         return groups
 
     def append(self, slot: int, tokens: list[int], sampling: SamplingParams) -> None:
@@ -395,22 +342,19 @@ class Engine:
         self._reserve([slot], [s.cached + len(seq)])
         s.pending = None
         logits = self._prefill([seq], [slot])
-        self._start_turn([slot], logits, sampling)
+        self._sample([slot], logits, sampling)
 
     def _check(self, sampling: SamplingParams) -> None:
         if sampling.stop_strings and self.decode is None:  # never silently ignore a stop the caller asked for
             raise ValueError("stop_strings need the engine's `decode` (e.g. Engine(..., decode=tokenizer.decode))")
 
     # ----------------------------------------------------------------------------------------------- decode
-    def _start_turn(self, rows: list[int], logits: torch.Tensor, sampling: SamplingParams) -> None:
-        for r in rows:
-            s = self.slots[r]
-            s.state, s.sampling, s.tokens, s.logprobs = DECODING, sampling, [], []
-        self._sample(rows, logits)
-
-    def _sample(self, rows: list[int], logits: torch.Tensor) -> None:
-        """Sample one token per row, bring tokens and logprobs to the host in one transfer, park rows that stop."""
+    def _sample(self, rows: list[int], logits: torch.Tensor, new_turn: SamplingParams | None = None) -> None:
+        """Sample one token per row (the first of a new turn under `new_turn`), bring tokens and logprobs to the
+        host in one transfer, park rows that stop."""
         slots = [self.slots[r] for r in rows]
+        for s in slots if new_turn else []:
+            s.state, s.sampling, s.tokens, s.logprobs = DECODING, new_turn, [], []
         toks, lps = sample(logits, [s.sampling for s in slots], [s.gen for s in slots])
         both = torch.stack([toks.double(), lps.double()]).tolist()  # one host sync per step
         for r, s, t, lp in zip(rows, slots, both[0], both[1]):
@@ -467,7 +411,6 @@ class Engine:
         else:
             logits = self.model(toks[:, None], positions=pos[:, None], cache=self.cache,
                                 block_table=self.table[idx, :width])[:, -1]  # (B, V)
-        self.n_forward += 1
         for s in slots:
             s.cached += 1
         self._sample(rows, logits)
@@ -479,28 +422,16 @@ class Engine:
         return Bb, min(self.max_blocks, 1 << (width - 1).bit_length())
 
     def _replay(self, idx: torch.Tensor, toks: torch.Tensor, pos: torch.Tensor, width: int) -> torch.Tensor:
-        """The decode forward through a captured graph: static buffers filled, padding rows on the scratch block
-        (token 0 at position 0, table of zeros), so a bucket's extra rows write and read nothing real."""
+        """The decode forward through a captured graph over static buffers; a bucket's padding rows run on the
+        scratch block (token 0 at position 0, a table of zeros), so they write and read nothing real."""
         B = toks.shape[0]
         Bb, W = self._buckets(B, width)
-        graph, st = self._graph(Bb, W)
-        st["tok"][B:Bb].zero_()
-        st["pos"][B:Bb].zero_()
-        st["table"][:Bb, :W].zero_()
-        st["tok"][:B, 0] = toks
-        st["pos"][:B, 0] = pos
-        st["table"][:B, :W] = self.table[idx, :W]
-        graph.replay()
-        return st["out"][:B]  # (B, V)
-
-    def _graph(self, Bb: int, W: int):
-        if not self._graphs:  # static buffers shared by every graph (a graph uses a view of the first rows)
+        if self._static is None:  # shared by every graph (a graph uses a view of the first rows)
             n, dev = self._buckets(self.n_slots, 1)[0], self.device
-            p = next(self.model.parameters())
             self._static = dict(tok=torch.zeros(n, 1, dtype=torch.long, device=dev),
                                 pos=torch.zeros(n, 1, dtype=torch.long, device=dev),
                                 table=torch.zeros(n, self.max_blocks, dtype=torch.long, device=dev),
-                                out=torch.zeros(n, self.model.config.vocab_size, dtype=p.dtype, device=dev))
+                                out=torch.zeros(n, self.model.config.vocab_size, dtype=self.cache.k.dtype, device=dev))
         st = self._static
         if (Bb, W) not in self._graphs:
             for v in st.values():  # the warm-up really runs: make it write to the scratch block only
@@ -508,7 +439,14 @@ class Engine:
             # Logits go to the one static output, so a graph keeps no (Bb, V) tensor of its own alive.
             self._graphs[(Bb, W)] = self._capture(lambda: st["out"][:Bb].copy_(self.model(
                 st["tok"][:Bb], positions=st["pos"][:Bb], cache=self.cache, block_table=st["table"][:Bb, :W])[:, -1]))
-        return self._graphs[(Bb, W)], st
+        st["tok"][B:Bb].zero_()
+        st["pos"][B:Bb].zero_()
+        st["table"][:Bb, :W].zero_()
+        st["tok"][:B, 0] = toks
+        st["pos"][:B, 0] = pos
+        st["table"][:B, :W] = self.table[idx, :W]
+        self._graphs[(Bb, W)].replay()
+        return st["out"][:B]  # (B, V)
 
     def _capture(self, run):
         """Warm `run` up on a side stream (lazy inits, cuBLAS workspaces), then capture it in a CUDA graph."""
@@ -534,8 +472,6 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: 
     sp = SamplingParams(temperature, top_p, top_k, max_new_tokens, tuple(stop_token_ids), tuple(stop_strings))
     if not prompts:
         return []
-    if stop_strings and decode is None:
-        raise ValueError("stop_strings need `decode` (e.g. decode=tokenizer.decode)")
     n_slots = n_slots or max(1, min(len(prompts), 64))
     max_len = max_len or max(len(p) for p in prompts) + max_new_tokens + 1
     eng = Engine(model, n_slots, max_len, decode=decode, seed=seed, **engine_kw)
