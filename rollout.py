@@ -775,13 +775,18 @@ def _defang(text: str, specials: list[str]) -> str:
 
 @dataclass
 class _Row:
-    """Loop-side state of one live trajectory (slot -> _Row)."""
+    """Loop-side state of one live trajectory (slot -> _Row); its current turn is traj.turns[-1]."""
     traj: Trajectory
     session: object
     t_start: float                     # when the trajectory was admitted
     t_turn: float                      # when the current turn started decoding
-    n_turns: int = 0
-    pending: Turn | None = None        # the turn whose tool call is in flight
+
+
+def _extend(t: Trajectory, tokens: list[int], logprobs: list[float] | None = None) -> None:
+    """Add sampled tokens (with their logprobs: loss mask 1) or forced ones (no logprobs: mask 0) to a trajectory."""
+    t.tokens += tokens
+    t.loss_mask += [int(logprobs is not None)] * len(tokens)
+    t.logprobs += list(logprobs) if logprobs is not None else [0.0] * len(tokens)
 
 
 def rollout(model, tokenizer, questions: list[str], golds: list[list[str]], browser, cfg: RolloutConfig,
@@ -805,64 +810,56 @@ def rollout(model, tokenizer, questions: list[str], golds: list[list[str]], brow
                               stop_token_ids=stop_token_ids(tokenizer), stop_strings=STOP_STRINGS[cfg.protocol])
     frame = obs_frame(tokenizer, cfg.obs_role)
     tp = cfg.turn_prefixes
-    prefixes = [p for p in tp.split(",")] if isinstance(tp, str) and tp else [str(p) for p in tp or ()]
+    tp = tp.split(",") if isinstance(tp, str) and tp else [str(p) for p in tp or ()]
     # turn i opens with turn_prefix_every + turn_prefixes[i]; the last entry covers every later turn
-    every = cfg.turn_prefix_every or ""
-    prefixes = [every + p for p in prefixes] + [every]
-    prefix_ids = [tokenizer.encode(p, add_special_tokens=False) if p else [] for p in prefixes]
-    prefix = lambda i: (prefixes[min(i, len(prefixes) - 1)], prefix_ids[min(i, len(prefixes) - 1)])  # noqa: E731
+    texts = [(cfg.turn_prefix_every or "") + p for p in [*tp, ""]]
+    prefixes = [(p, tokenizer.encode(p, add_special_tokens=False) if p else []) for p in texts]
+    prefix = lambda i: prefixes[min(i, len(prefixes) - 1)]  # noqa: E731  (text, ids)
     specials = list(getattr(tokenizer, "all_special_tokens", []))
     out: list[Trajectory | None] = [None] * (len(questions) * G)
     queue = deque(range(len(questions)))
     rows: dict[int, _Row] = {}
-    futures: dict[Future, tuple[int, int]] = {}   # tool call in flight -> (slot, last sampled token)
+    futures: dict[Future, int] = {}   # tool call in flight -> slot
 
-    def finish(slot: int, end_reason: str, answer: str | None = None) -> None:
+    def finish(slot: int, end_reason: str, answer: str | None = None, error: str | None = None) -> None:
         row = rows.pop(slot)
         engine.release(slot)
         t = row.traj
+        if error:  # added to the turn's own error (a bad call's, say)
+            t.turns[-1].error = "; ".join(filter(None, [t.turns[-1].error, error]))
         t.end_reason, t.answer = end_reason, answer
         t.stats.update(n_turns=len(t.turns), wall_s=time.perf_counter() - row.t_start,
                        gen_s=sum(x.gen_s for x in t.turns), tool_s=sum(x.tool_s for x in t.turns))
 
-    def resume(slot: int, turn: Turn, observation: str, last_token: int) -> None:
-        """Append the forced observation tokens to a parked row, or end it when they would not fit."""
+    def resume(slot: int, observation: str) -> None:
+        """Append the forced observation tokens to the parked row, or end it when they would not fit."""
         row = rows[slot]
-        turn.observation = observation
-        before = frame.before_ids
-        if last_token in sampling.stop_token_ids and frame.before.startswith(tokenizer.decode([last_token])):
+        t, last = row.traj, row.traj.tokens[-1]
+        t.turns[-1].observation = observation
+        before, closed = frame.before_ids, tokenizer.decode([last])
+        if last in sampling.stop_token_ids and frame.before.startswith(closed):
             # the turn already closed itself with eos/<|im_end|>; do not close it twice
-            before = tokenizer.encode(frame.before[len(tokenizer.decode([last_token])):], add_special_tokens=False)
+            before = tokenizer.encode(frame.before[len(closed):], add_special_tokens=False)
         body = tokenizer.encode(_defang(observation, specials), add_special_tokens=False)
-        forced = before + body + frame.after_ids + prefix(row.n_turns)[1]
-        t = row.traj
+        forced = before + body + frame.after_ids + prefix(len(t.turns))[1]
         if len(t.tokens) + len(forced) + cfg.min_turn_tokens > cfg.max_len:
-            turn.error = "; ".join(filter(None, [turn.error, "observation does not fit in the context budget"]))
-            finish(slot, "context_limit")
-            return
+            return finish(slot, "context_limit", error="observation does not fit in the context budget")
         try:
             engine.append(slot, forced, sampling)
         except (RuntimeError, ValueError) as e:  # the engine refused the row: end it, keep the others going
-            turn.error = "; ".join(filter(None, [turn.error, f"engine: {type(e).__name__}: {e}"]))
-            finish(slot, "engine_error")
-            return
-        t.tokens += forced
-        t.loss_mask += [0] * len(forced)
-        t.logprobs += [0.0] * len(forced)
+            return finish(slot, "engine_error", error=f"engine: {type(e).__name__}: {e}")
+        _extend(t, forced)
         row.t_turn = time.perf_counter()
 
-    def on_finished(fin) -> None:
+    def on_finished(fin: Finished) -> None:
         row = rows[fin.slot]
         t = row.traj
-        t.tokens += fin.tokens
-        t.loss_mask += [1] * len(fin.tokens)
-        t.logprobs += list(fin.logprobs)
-        text = prefix(row.n_turns)[0] + tokenizer.decode(fin.tokens, skip_special_tokens=True)
+        _extend(t, fin.tokens, fin.logprobs)
+        text = prefix(len(t.turns))[0] + tokenizer.decode(fin.tokens, skip_special_tokens=True)
         act = parse_turn(text, cfg.protocol)
         turn = Turn(text=text, tool=act.tool, args=act.args, observation=None, error=act.error,
                     n_tokens=len(fin.tokens), gen_s=time.perf_counter() - row.t_turn, tool_s=0.0)
         t.turns.append(turn)
-        row.n_turns += 1
         if act.kind == "answer":
             return finish(fin.slot, "answer", act.answer)
         if fin.reason == "context":
@@ -876,24 +873,21 @@ def rollout(model, tokenizer, questions: list[str], golds: list[list[str]], brow
             t.stats["n_bad_calls"] += 1
             if cfg.on_bad_call == "end":
                 return finish(fin.slot, "bad_call")
-        if row.n_turns >= cfg.max_turns:  # no turn left to read the observation: do not run the call
+        if len(t.turns) >= cfg.max_turns:  # no turn left to read the observation: do not run the call
             return finish(fin.slot, "max_turns")
         if act.kind == "bad_call":
-            return resume(fin.slot, turn, bad_call_message(act.error, cfg.protocol), fin.tokens[-1])
+            return resume(fin.slot, bad_call_message(act.error, cfg.protocol))
         t.stats["n_search" if act.tool == "web_search" else "n_browse"] += 1
-        row.pending = turn
-        futures[pool.submit(run_tool, row.session, act.tool, act.args)] = (fin.slot, fin.tokens[-1])
+        futures[pool.submit(run_tool, row.session, act.tool, act.args)] = fin.slot
 
     def on_tool_done(fut: Future) -> None:
-        slot, last_token = futures.pop(fut)
-        row = rows[slot]
-        res = fut.result()
-        turn, row.pending = row.pending, None
+        slot, res = futures.pop(fut), fut.result()
+        turn = rows[slot].traj.turns[-1]
         turn.tool_s = res.seconds
         if res.failed:  # the web, not the policy, failed: end here (the trainer keeps it out of the loss)
             turn.observation, turn.error = res.text, "the tool failed (infrastructure)"
             return finish(slot, "tool_failure")
-        resume(slot, turn, res.text, last_token)
+        resume(slot, res.text)
 
     def admit() -> None:
         """Queued questions take free slots, a whole group at a time (its prompt is prefilled once)."""
@@ -907,8 +901,7 @@ def rollout(model, tokenizer, questions: list[str], golds: list[list[str]], brow
                                 turns=[], answer=None, end_reason="", stats=dict(n_search=0, n_browse=0,
                                                                                  n_bad_calls=0))
                      for _ in range(G)]
-            for g, tr in enumerate(trajs):
-                out[qi * G + g] = tr
+            out[qi * G : (qi + 1) * G] = trajs
             if len(first) + cfg.min_turn_tokens > cfg.max_len:  # nothing to decode: never occupy a slot
                 for tr in trajs:
                     tr.end_reason, tr.stats["n_turns"] = "context_limit", 0
@@ -926,8 +919,7 @@ def rollout(model, tokenizer, questions: list[str], golds: list[list[str]], brow
                 raise ValueError(f"the engine has {engine.n_free} free slots, a group needs {G}")
             # A live row decodes, waits on a tool, or stopped on the first token that submit()/append() sampled:
             # the engine queued it as done, and step() returns it (with no forward when no row decodes).
-            stopped_at_start = len(rows) - engine.n_decoding - len(futures)
-            if engine.n_decoding or stopped_at_start > 0:
+            if engine.n_decoding or len(rows) > len(futures):
                 done = engine.step()
                 for fin in done:
                     on_finished(fin)
@@ -935,8 +927,6 @@ def rollout(model, tokenizer, questions: list[str], golds: list[list[str]], brow
                     raise RuntimeError(f"rows {sorted(rows)} are neither decoding nor waiting on a tool")
             elif futures:  # every live row waits on the web: block until one call returns
                 wait(list(futures), return_when=FIRST_COMPLETED)
-            elif rows:
-                raise RuntimeError(f"rows {sorted(rows)} are neither decoding nor waiting on a tool")
             for fut in [f for f in futures if f.done()]:
                 on_tool_done(fut)
     return out
