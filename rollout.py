@@ -48,6 +48,7 @@ import datetime as _dt
 import hashlib
 import itertools
 import json
+import os
 import re
 import time
 from collections import deque
@@ -109,8 +110,6 @@ def free_memory(device: torch.device) -> int | None:
         held = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         return torch.cuda.mem_get_info(device)[0] + held
     try:
-        import os
-
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return None
@@ -371,24 +370,21 @@ class Engine:
         sp = s.sampling
         if t in sp.stop_token_ids:
             return "stop_token"
-        if sp.stop_strings and self._may_end_stop(t, sp.stop_strings):
-            longest = max(len(x) for x in sp.stop_strings)
-            tail = self.decode(s.tokens[-(longest + 2):])  # a token holds >= 1 char: enough context
-            if any(x in tail for x in sp.stop_strings):
-                return "stop_string"
+        if sp.stop_strings:
+            # Decode only when t could complete a stop string: its text holds a stop string's last char (or is part
+            # of a multi-byte char, or a stop string ends in whitespace a tokenizer may strip from a lone token).
+            if t not in self._pieces:
+                self._pieces[t] = self.decode([t])
+            piece = self._pieces[t]
+            if "\ufffd" in piece or any(x[-1] in piece or x[-1].isspace() for x in sp.stop_strings):
+                tail = self.decode(s.tokens[-(max(map(len, sp.stop_strings)) + 2):])  # a token holds >= 1 char
+                if any(x in tail for x in sp.stop_strings):
+                    return "stop_string"
         if len(s.tokens) >= sp.max_new_tokens:
             return "length"
         if s.cached + 1 >= self.max_len:  # the pending token needs the last cache position
             return "context"
         return None
-
-    def _may_end_stop(self, t: int, stops: tuple[str, ...]) -> bool:
-        """Whether token t could complete a stop string: its text holds a stop string's last char (or it is part of
-        a multi-byte char, or a stop string ends in whitespace that a tokenizer may strip from a lone token)."""
-        if t not in self._pieces:
-            self._pieces[t] = self.decode([t])
-        piece = self._pieces[t]
-        return "\ufffd" in piece or any(x[-1] in piece or x[-1].isspace() for x in stops)
 
     @torch.no_grad()
     def step(self) -> list[Finished]:
@@ -493,9 +489,6 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: 
 
 # =====================================================================================================================
 # Part 2: the research-agent loop
-
-# ------------------------------------------------------------------------------------------------ records
-
 
 @dataclass
 class Turn:
@@ -751,10 +744,7 @@ def run_tool(session, tool: str, args: dict) -> ToolResult:
     should not raise; an exception anyway is a tool failure, so one row cannot take the rollout down."""
     t0 = time.perf_counter()
     try:
-        if tool == "web_search":
-            obs = session.web_search(args["query"])
-        else:
-            obs = session.browse_webpage(args["url_list"])
+        obs = session.web_search(args["query"]) if tool == "web_search" else session.browse_webpage(args["url_list"])
         failed = bool(getattr(obs, "failed", False))
         text = str(obs) if isinstance(obs, str) else str(obs.text)  # str(): a plain str, JSON-safe in records
     except Exception as e:  # noqa: BLE001
