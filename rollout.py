@@ -272,12 +272,9 @@ class Engine:
                 j += 1
             chunk, rows = seqs[i:j], slots[i:j]
             T = max(len(s) for s in chunk)
+            # (submit and append have checked that every row fits max_len; a chunk is one append or prompts at 0)
             starts = [self.slots[r].cached for r in rows]
-            if max(starts) + T > self.max_len:
-                raise ValueError(f"prefill of {T} tokens at offset {max(starts)} exceeds max_len={self.max_len}")
-            toks = torch.zeros(len(chunk), T, dtype=torch.long, device=self.device)
-            for b, s in enumerate(chunk):
-                toks[b, : len(s)] = torch.tensor(s, device=self.device)
+            toks = torch.tensor([list(s) + [0] * (T - len(s)) for s in chunk], device=self.device)  # (B, T)
             # Right padding: pads take the positions after a row's own tokens, so its real tokens never see them;
             # they write into the row's own last block or the scratch block (table entries past its end are 0).
             start = torch.tensor(starts, device=self.device)
