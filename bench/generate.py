@@ -9,7 +9,7 @@ Device defaults (each overridable): cuda = shapes qwen2.5-0.5b,qwen2.5-1.5b, bf1
 ~64, 16 new tokens, group prompt 256, no peers' workload (`--peers=8 --peers_lens=16,48` smoke-tests it).
 The last line prints `speedup_vs_hf=<ratio at batch 8, first shape>` (transformers wall time / ours, graphs on).
 
-What it measures, per shape (random weights of `model.SHAPES[shape]`, built by transformers and copied into ours,
+What it measures, per shape (random weights of `data.models.SHAPES[shape]`, built by transformers and copied into ours,
 so both hold the very same tensors; no network):
 - tok/s: greedy decoding of `--new_tokens` for a batch of prompts of mixed lengths (uniform in [prompt_len/2,
   3*prompt_len/2]), no stop token, so every side produces batch x new_tokens tokens; wall time, prefill included.
@@ -40,7 +40,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from model import SHAPES, KVCache, ModelConfig, Transformer  # noqa: E402
+from data.models import SHAPES  # noqa: E402
+from model import KVCache, ModelConfig, Transformer  # noqa: E402
 from rollout import Engine, SamplingParams  # noqa: E402
 
 DEFAULTS = {  # per device; any flag given on the command line wins
@@ -229,7 +230,7 @@ def peers(a, dtype, rng) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--shapes", help="comma-separated model.SHAPES names")
+    ap.add_argument("--shapes", help="comma-separated data.models.SHAPES names")
     ap.add_argument("--dtype")
     ap.add_argument("--batches", help="comma-separated batch sizes")
     ap.add_argument("--prompt_len", type=int, help="mean prompt length (lengths vary 0.5x-1.5x)")

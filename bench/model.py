@@ -1,6 +1,6 @@
 """Forward-pass speed of model.py against transformers' own implementation, same random weights, same run.
 
-Builds a randomly initialised transformers model of a known shape (model.SHAPES), loads the very same tensors into
+Builds a randomly initialised transformers model of a known shape (data.models.SHAPES), loads the very same tensors into
 our Transformer, checks the logits agree, then times a full forward of batch x seq tokens for each.
 
 Run:
@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from model import SHAPES, ModelConfig, Transformer  # noqa: E402
+from data.models import SHAPES  # noqa: E402
+from model import ModelConfig, Transformer  # noqa: E402
 
 
 def timeit(fn, device, iters):

@@ -36,7 +36,8 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 # this file is itself named rollout.py: drop bench/ from the path so `import rollout` finds the repo's module
 sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-from model import SHAPES, ModelConfig, Transformer, resolve_model  # noqa: E402
+from data.models import SHAPES, resolve_model  # noqa: E402
+from model import ModelConfig, Transformer  # noqa: E402
 from rollout import Engine, SamplingParams  # noqa: E402
 
 from rollout import (STOP_STRINGS, RolloutConfig, obs_frame, parse_turn, render_prompt, rollout,  # noqa: E402
@@ -236,7 +237,7 @@ def run_sync(model, tok, questions, browser, cfg: RolloutConfig, engine: TimedEn
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--shape", default="tiny", help="'tiny' (random, SmolLM2 tokenizer) or a model.SHAPES name")
+    ap.add_argument("--shape", default="tiny", help="'tiny' (random, SmolLM2 tokenizer) or a data.models.SHAPES name")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--questions", type=int, default=32)
     ap.add_argument("--slots", type=int, default=16)

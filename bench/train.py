@@ -32,7 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import train  # noqa: E402
-from model import SHAPES, TINY_CONFIG, ModelConfig, Transformer  # noqa: E402
+from data.models import SHAPES, TINY_CONFIG  # noqa: E402
+from model import ModelConfig, Transformer  # noqa: E402
 
 
 @dataclass

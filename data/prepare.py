@@ -253,7 +253,8 @@ def main(cfg: Config) -> list[dict]:
         import torch
         from transformers import AutoTokenizer
 
-        from model import Transformer, resolve_model
+        from data.models import resolve_model
+        from model import Transformer
 
         path = resolve_model(cfg.model)
         tok = AutoTokenizer.from_pretrained(path)

