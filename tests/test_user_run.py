@@ -214,7 +214,7 @@ def test_eval_resume_refuses_another_models_trajectories(tmp_path, tiny_qwen2, m
     from test_eval import FakeAgent, FakeBrowser, FakeBrowseConfig as EvBrowseConfig, FakeRolloutConfig
 
     agent = FakeAgent()
-    monkeypatch.setattr(ev, "_agent_modules", lambda: (agent.rollout, FakeRolloutConfig, FakeBrowser, EvBrowseConfig))
+    use_agent(monkeypatch, lambda: (agent.rollout, FakeRolloutConfig, FakeBrowser, EvBrowseConfig), ev)
     out = tmp_path / "eval"
     args = ["--preset=tiny", "--limit=4", f"--out_dir={out}"]
     ev.main(ev.parse_config(ev.Config, args, ev.PRESETS))
