@@ -294,31 +294,10 @@ def subconfig(cls, cfg, **extra):
 # Start-up checks: bad input stops here with one line that says what to do, before any model loads. eval.py reuses
 # `validate` for the fields it shares (a check applies when the config has that field).
 
-# field -> (smallest allowed value, what to do): the loop divides by some and ranges over others
-_MINIMUM = {
-    "steps": (1, "the number of GRPO steps to run, e.g. --steps=6"),
-    "group_size": (2, "GRPO compares each trajectory with the others of its question, so a group needs at least 2 "
-                      "(e.g. --group_size=4)"),
-    "batch_size": (1, "questions per step, e.g. --batch_size=8"),
-    "max_turns": (1, "generation turns per trajectory, e.g. --max_turns=2"),
-    "max_new_tokens": (1, "tokens per turn, e.g. --max_new_tokens=24"),
-    "max_len": (2, "context per trajectory, e.g. --max_len=1024"),
-    "n_slots": (1, "rows the engine decodes at once, e.g. --n_slots=32"),
-    "micro_tokens": (1, "tokens per forward/backward, e.g. --micro_tokens=2048"),
-    "save_every": (1, "steps between checkpoints (a final one is always written), e.g. --save_every=3"),
-    "keep_last": (1, "checkpoints kept on disk, e.g. --keep_last=1"),
-    "n_minibatches": (1, "optimizer steps per batch, e.g. --n_minibatches=1"),
-    "ppo_epochs": (1, "passes over each batch, e.g. --ppo_epochs=1"),
-    "top_k": (1, "search results per query, e.g. --top_k=3"),
-    "limit": (0, "the first N questions, or 0 for all"),
-    "warmup_steps": (0, "0 = no warm-up"),
-    "plot_every": (0, "0 = only at the end"),
-    "temperature": (0, "0 = greedy"),
-    "lr": (0, "e.g. --lr=2e-5"),
-    "kl_coef": (0, "0 = no KL term"),
-    "entropy_coef": (0, "0 = no entropy bonus"),
-    "grad_clip": (0, "0 = no clipping"),
-}
+# field -> smallest allowed value: the loop divides by some and ranges over others (0 = off for the optional ones)
+_MINIMUM = dict(steps=1, group_size=2, batch_size=1, max_turns=1, max_new_tokens=1, max_len=2, n_slots=1,
+                micro_tokens=1, save_every=1, keep_last=1, n_minibatches=1, ppo_epochs=1, top_k=1, limit=0,
+                warmup_steps=0, plot_every=0, temperature=0, lr=0, kl_coef=0, entropy_coef=0, grad_clip=0)
 
 
 def check_model(name: str) -> None:
@@ -352,10 +331,12 @@ def check_writable(out_dir: str) -> None:
 def validate(cfg) -> None:
     """Every start-up check on a Config (train.py's or eval.py's): numbers in range, the model folder, the data
     file (read and parsed: empty, malformed or question-less rows stop here), out_dir writable."""
-    for key, (low, hint) in _MINIMUM.items():
+    for key, low in _MINIMUM.items():
         v = getattr(cfg, key, None)
         if isinstance(v, (int, float)) and not isinstance(v, bool) and not v >= low:  # `not >=` also catches NaN
-            raise SystemExit(f"--{key}={v}: must be at least {low}; {hint}")
+            why = "GRPO compares each trajectory with the others of its question, so a group needs at least 2; " \
+                if key == "group_size" else ""
+            raise SystemExit(f"--{key}={v}: must be at least {low}; {why}e.g. --{key}={getattr(type(cfg)(), key)}")
     if getattr(cfg, "dry_run", False):  # an estimate needs neither the data nor the weights
         return
     check_model(cfg.model)
