@@ -130,7 +130,7 @@ def test_ctrl_c_then_resume_is_bit_identical_over_weight_changing_steps(tmp_path
     to the uninterrupted one."""
     monkeypatch.setattr(train, "reward", _varying(train.reward))
     use_agent(monkeypatch, _real_agent_stub_web)
-    kw = dict(steps=3, save_every=1, keep_last=3, max_new_tokens=16, micro_tokens=2048)
+    kw = dict(steps=3, save_every=1, keep_last=3, max_new_tokens=16, micro_tokens=2048, eval_every=0)  # rollouts: steps
     a, b = tmp_path / "a", tmp_path / "b"
     _main(_cfg(a, tiny_qwen2, **kw))
     ws = [_hf_weights(a / "ckpt" / f"step_{s:06d}") for s in (1, 2, 3)]
