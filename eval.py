@@ -33,7 +33,6 @@ How to run
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime as _dt
 import fcntl
 import hashlib
@@ -45,130 +44,61 @@ import sys
 import threading
 import time
 from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
-from browse import WebError, chat_completion
+import torch
+from transformers import AutoTokenizer
+
+# one config source: the agent's fields, the parser, the start-up checks and the process set-up are train.py's
+from train import (DEEPRESEARCHER_AGENT, AgentConfig, barrier, parse_config, setup_distributed, subconfig,
+                   turn_records, validate, _is_dist)
+# the agent (module-level names: tests swap in fakes with monkeypatch.setattr(eval, "rollout", ...))
+from browse import BrowseConfig, Browser, WebError, chat_completion
+from data.prepare import load_examples
+from data.wiki_corpus import default_corpus_path
+from data.models import resolve_model
+from model import Transformer
 from reward import em, normalize, reward, split_golds, squad_em, squad_f1
+from rollout import RolloutConfig, Trajectory, Turn, rollout
 
 ROOT = Path(__file__).resolve().parent
 
 
 @dataclass
-class Config:
-    # what to run
-    model: str = "HuggingFaceTB/SmolLM2-135M-Instruct"  # checkpoint folder, hub id, or "tiny"
+class Config(AgentConfig):
+    """train.py's AgentConfig (the same fields and defaults: the embedded offline run) and what evaluation adds."""
+    temperature: float = 0.0        # greedy, as the paper evaluates: eval's own default (training samples at 0.7)
     agent: str = "model"            # model | first_title (no model: search the question, answer the first title)
     #                                 | closed_book (the model answers with no tools, one turn)
     data: str = "data/qa_dev.jsonl"  # our offline dev set; the reference's parquet only when asked (--data=...)
     out_dir: str = "runs/eval-{model}"  # {model}: a short name of --model (or the agent), one folder per agent
     limit: int = 0                  # first N rows of the data file (0 = all), before sharding and resumption
     sources: str = ""               # comma-separated data sources to keep ("" = all)
-    # agent (rollout.RolloutConfig)
-    protocol: str = "tags"          # tags | dr
-    max_turns: int = 10
-    max_new_tokens: int = 512       # per turn
-    max_len: int = 8192             # context per trajectory
-    temperature: float = 0.0        # greedy, as the paper evaluates
-    top_p: float = 1.0
-    n_slots: int = 64
     batch_size: int = 64            # questions per rollout call; the unit of progress saved to disk
-    on_bad_call: str = "error_observation"
-    prompt: str = "reference"       # system prompt: reference (the paper's) | short (~30 tokens, small models)
-    turn_prefixes: str = ""         # forced text opening turns 1, 2, ..., comma-separated (e.g. "<search>,<answer>")
-    turn_prefix_every: str = ""     # forced text opening EVERY turn, before turn_prefixes (the reference: <think>)
-    example: str = ""               # "question|query|answer": a worked example shown before the question ("" = none)
-    date: str = ""                  # date shown in the system prompt ("" = today); fix it for reproducible runs
-    seed: int = 0
-    # search and reading (browse.BrowseConfig)
-    backend: str = "local"          # local | serper | searxng
-    top_k: int = 10
-    corpus: str = ""                # local back end's corpus JSONL ("" = the embedded default)
-    cache: str = ""                 # SQLite search/page cache file ("" = none)
-    cache_mode: str = "replay_or_live"
-    reader: str = "extract"         # extract | llm
-    snippet_chars: int = 300        # characters of each search result's snippet the policy sees
-    page_chars: int = 1500          # information a reader returns per page per call
-    obs_chars: int = 4000           # the whole observation
-    llm_base_url: str = ""          # reading agent's OpenAI-compatible endpoint (reader=llm)
-    llm_model: str = ""
     # judge (MBE)
     judge_base_url: str = ""        # "" = no judge, MBE not reported
     judge_model: str = "gpt-4o-mini"
     judge_api_key_env: str = "OPENAI_API_KEY"
     judge_cache: str = ""           # "" = <out_dir>/judge_cache.jsonl
     # runtime
-    device: str = "auto"            # auto | cpu | cuda
     dtype: str = "auto"             # auto (bf16 on cuda, fp32 on cpu) | float32 | bfloat16
     score_only: bool = False
 
 
 PRESETS: dict[str, dict] = {
     # tiny random model + offline local search: the whole path in seconds on a CPU (tests, smoke runs)
-    "tiny": dict(model="tiny", backend="local", reader="extract", max_turns=3, max_new_tokens=24, max_len=2048,
-                 n_slots=16, batch_size=8, date="2025-01-01", out_dir="runs/eval-tiny-{model}", device="cpu"),
-    # the embedded offline default, as train.py's default trains it: SmolLM2-135M-Instruct (or --model=<trained
-    # checkpoint>/hf), the offline dev split, local search, the short prompt and the search-then-answer scaffold
-    "offline": dict(model="HuggingFaceTB/SmolLM2-135M-Instruct", data="data/qa_dev.jsonl", backend="local",
-                    max_turns=2, max_new_tokens=24, max_len=1024, prompt="short", turn_prefixes="<search>,<answer>",
-                    top_k=3, snippet_chars=200, obs_chars=1000, n_slots=32, batch_size=64,
-                    out_dir="runs/eval-offline-{model}"),
-    # the paper's evaluation set-up: Qwen2.5-7B-Instruct (or a trained checkpoint), Google via Serper, top 10,
-    # reading agent, up to 10 turns of at most 2000 new tokens, ~32k context, greedy; as in training (train.py's
-    # preset says why): a malformed call ends the trajectory, every turn opens with <think>, and one search shows
-    # 3 queries x 10 results uncut
-    "deepresearcher": dict(model="Qwen/Qwen2.5-7B-Instruct", protocol="dr", backend="serper", top_k=10,
-                           on_bad_call="end", turn_prefix_every="<think>", snippet_chars=300, obs_chars=15000,
-                           reader="llm", max_turns=10, max_new_tokens=2000, max_len=32768, n_slots=64,
-                           data="../shared/held_out_data/test.parquet", out_dir="runs/eval-deepresearcher-{model}"),
+    "tiny": dict(model="tiny", max_turns=3, max_new_tokens=24, max_len=2048, n_slots=16, batch_size=8,
+                 date="2025-01-01", out_dir="runs/eval-tiny-{model}", device="cpu"),
+    # the embedded offline default, as train.py's default trains it (the defaults: SmolLM2-135M-Instruct or
+    # --model=<trained checkpoint>/hf, the offline dev split, local search, the short prompt and the scaffold)
+    "offline": dict(out_dir="runs/eval-offline-{model}"),
+    # the paper's evaluation set-up: train.py's deepresearcher agent and web (Qwen2.5-7B-Instruct or a trained
+    # checkpoint, Serper top 10, reading agent, 10 turns of at most 2000 new tokens, ~32k context), greedy
+    "deepresearcher": dict(DEEPRESEARCHER_AGENT, n_slots=64, data="../shared/held_out_data/test.parquet",
+                           out_dir="runs/eval-deepresearcher-{model}"),
 }
-
-
-# ----------------------------------------------------------------------------------------------- config parsing
-
-def _convert(value: str, typ, key: str):
-    typ = {"int": int, "float": float, "bool": bool, "str": str}.get(typ, typ) if isinstance(typ, str) else typ
-    if typ is bool:
-        if value.lower() in ("1", "true", "yes"):
-            return True
-        if value.lower() in ("0", "false", "no"):
-            return False
-        raise SystemExit(f"--{key} expects true/false, got {value!r}")
-    try:
-        return typ(value)
-    except ValueError:
-        raise SystemExit(f"--{key} expects {typ.__name__}, got {value!r}") from None
-
-
-def _parse_config_local(cls, argv: list[str], presets: dict[str, dict]):
-    """`--preset=NAME` first, then `--key=value` overrides, typed; unknown keys and bad values stop with a message.
-
-    Used only when train.py cannot be imported; train.parse_config is the one the repo's entry scripts share."""
-    kv = {}
-    for arg in argv:
-        if not arg.startswith("--") or "=" not in arg:
-            raise SystemExit(f"expected --key=value, got {arg!r}")
-        k, v = arg[2:].split("=", 1)
-        kv[k.replace("-", "_")] = v
-    cfg = cls()
-    types = {f.name: f.type for f in fields(cls)}
-    if "preset" in kv:
-        name = kv.pop("preset")
-        if name not in presets:
-            raise SystemExit(f"unknown preset {name!r}; known: {', '.join(presets)}")
-        for k, v in presets[name].items():
-            setattr(cfg, k, v)
-    for k, v in kv.items():
-        if k not in types:
-            raise SystemExit(f"unknown option --{k}; known: {', '.join(types)}")
-        setattr(cfg, k, _convert(v, types[k], k))
-    return cfg
-
-
-try:
-    from train import parse_config, validate
-except ImportError:  # train.py missing or broken: eval.py must still run (without the start-up checks)
-    parse_config, validate = _parse_config_local, (lambda cfg: None)
 
 
 # ----------------------------------------------------------------------------------------------- files
@@ -269,9 +199,9 @@ def weights_sha256(model_path: str | None, head_bytes: int = 8 << 20) -> str | N
 def run_identity(cfg: Config, model_path: str | None, corpus: str | None) -> dict:
     """What decides the trajectories of a question: the model's weights, the data, and every setting that changes
     an answer. Resuming into a folder whose trajectories came from another identity would mix two runs."""
-    keys = ("agent", "protocol", "prompt", "turn_prefixes", "turn_prefix_every", "example", "max_turns",
-            "max_new_tokens", "max_len", "temperature", "top_p", "seed", "dtype", "backend", "top_k", "cache_mode",
-            "reader", "llm_model", "snippet_chars", "page_chars", "obs_chars")
+    # the agent's fields but those that cannot change an answer (device, engine width) or are recorded otherwise
+    keys = [f.name for f in fields(AgentConfig) if f.name not in ("model", "device", "n_slots", "date", "corpus",
+                                                                   "cache", "llm_base_url")] + ["agent", "dtype"]
     return {"model": cfg.model, "model_path": str(Path(model_path).resolve()) if model_path else None,
             "weights_sha256": weights_sha256(model_path), "data_sha256": sha256_file(cfg.data),
             "corpus": corpus, "date": cfg.date or _dt.date.today().isoformat(),
@@ -447,8 +377,6 @@ class Judge:
 
     def judge_many(self, items: list[tuple[str, str | list[str], str | None]]) -> list[Verdict]:
         """Judge (question, golds, prediction) triples concurrently; results in input order."""
-        from concurrent.futures import ThreadPoolExecutor
-
         with ThreadPoolExecutor(max_workers=max(1, self.cfg.n_threads)) as pool:
             return list(pool.map(lambda it: self.judge(*it), items))
 
@@ -557,70 +485,30 @@ def rescore(cfg: Config, out_dir: Path, meta: dict | None = None, ids: set[str] 
 
 # ----------------------------------------------------------------------------------------------- running the agent
 
-def _agent_modules():
-    """rollout / browse entry points (a function, so tests can swap in fakes)."""
-    from browse import BrowseConfig, Browser
-    from rollout import RolloutConfig, rollout
-    return rollout, RolloutConfig, Browser, BrowseConfig
-
-
-def _only_fields(cls, values: dict) -> dict:
-    """The keys `cls` has, minus unset (None) values, so the other file's defaults stand."""
-    names = {f.name for f in fields(cls)}
-    return {k: v for k, v in values.items() if k in names and v is not None}
-
-
 def default_corpus(cfg: Config) -> str | None:
+    """The local back end's corpus file (recorded in run.json), None for the other back ends."""
     if cfg.corpus or cfg.backend != "local":
         return cfg.corpus or None
-    try:
-        from data.wiki_corpus import default_corpus_path
-        return str(default_corpus_path())
-    except (ImportError, AttributeError, OSError):
-        return None
+    return str(default_corpus_path())
 
 
 def trajectory_record(ex: dict, traj) -> dict:
-    turns = [asdict(t) if hasattr(t, "__dataclass_fields__") else dict(t) for t in traj.turns]
     return {"id": ex["id"], "source": ex["source"], "question": ex["question"], "gold": ex["answers"],
-            "answer": traj.answer, "end_reason": traj.end_reason, "turns": turns, "stats": dict(traj.stats),
-            "n_tokens": len(traj.tokens), "prompt_len": traj.prompt_len}
+            "answer": traj.answer, "end_reason": traj.end_reason, "turns": turn_records(traj),
+            "stats": dict(traj.stats), "n_tokens": len(traj.tokens), "prompt_len": traj.prompt_len}
 
 
-def setup_dist() -> tuple[int, int]:
-    """(rank, world_size); initialises torch.distributed only under torchrun with more than one process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        import torch
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-            dist.init_process_group(backend)
-    return int(os.environ.get("RANK", "0")), world
-
-
-def barrier(world: int) -> None:
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
-def run_meta(cfg: Config, model_path: str | None, corpus: str | None) -> dict:
+def run_meta(cfg: Config, identity: dict, corpus: str | None) -> dict:
+    """summary.json's metadata: the run's identity, and what else a reader of the numbers needs."""
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                                 timeout=10).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         commit = None
-    return {"agent": cfg.agent, "model": cfg.model if cfg.agent != "first_title" else None,
-            "model_path": model_path, "data": cfg.data, "data_sha256": sha256_file(cfg.data),
-            "limit": cfg.limit, "sources": cfg.sources or "all", "protocol": cfg.protocol, "backend": cfg.backend,
-            "cache": cfg.cache or None, "cache_mode": cfg.cache_mode, "cache_sha256": sha256_file(cfg.cache),
-            "corpus": corpus, "corpus_sha256": sha256_file(corpus), "top_k": cfg.top_k, "max_turns": cfg.max_turns,
-            "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "reader": cfg.reader,
-            "reader_model": cfg.llm_model or None, "judge_model": cfg.judge_model if cfg.judge_base_url else None,
-            "date": cfg.date or _dt.date.today().isoformat(), "git_commit": commit,
+    return {**identity, "model": cfg.model if cfg.agent != "first_title" else None, "data": cfg.data,
+            "limit": cfg.limit, "sources": cfg.sources or "all", "cache": cfg.cache or None,
+            "cache_sha256": sha256_file(cfg.cache), "corpus_sha256": sha256_file(corpus),
+            "judge_model": cfg.judge_model if cfg.judge_base_url else None, "git_commit": commit,
             "finished_at": _dt.datetime.now().isoformat(timespec="seconds"), "config": asdict(cfg)}
 
 
@@ -628,8 +516,6 @@ def first_title_rollout(model, tokenizer, questions, golds, browser, cfg, group_
     """The no-model baseline (`--agent=first_title`): search the question as it is, answer the first result's title.
 
     It goes through the same browser session the policy uses, so the observation is recorded as for an agent."""
-    from rollout import Trajectory, Turn
-
     out = []
     for qi, (q, gold) in enumerate(zip(questions, golds)):
         obs = browser.session(q).web_search([q])
@@ -643,111 +529,81 @@ def first_title_rollout(model, tokenizer, questions, golds, browser, cfg, group_
     return out
 
 
-def run_agent(cfg: Config, todo: list[dict], path: Path, rank: int, world: int) -> tuple[str, str | None]:
-    """Run the agent over `todo` in batches, appending each finished batch; returns (model path, corpus)."""
-    import torch
-    from transformers import AutoTokenizer
-
-    from model import Transformer, resolve_model
-
-    rollout, RolloutConfig, Browser, BrowseConfig = _agent_modules()
-    device = cfg.device
-    if device == "auto":
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-    dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32,
-             "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
-    if cfg.agent not in ("model", "first_title", "closed_book"):
-        raise SystemExit(f"--agent={cfg.agent!r}: use model, first_title or closed_book")
-    model_path = resolve_model(cfg.model) if cfg.agent != "first_title" else None
-    corpus = default_corpus(cfg)
+def run_agent(cfg: Config, todo: list[dict], path: Path, model_path: str | None, corpus: str | None, proc) -> None:
+    """Run the agent over `todo` in batches, appending each finished batch to `path`."""
     if not todo:
-        return model_path, corpus
+        return
     tok = model = None
-    if cfg.agent == "first_title":
-        rollout = first_title_rollout
-    else:
+    run = first_title_rollout if cfg.agent == "first_title" else rollout
+    if cfg.agent != "first_title":
+        dtype = {"auto": torch.bfloat16 if proc.device.type == "cuda" else torch.float32, "float32": torch.float32,
+                 "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
         tok = AutoTokenizer.from_pretrained(model_path)
-        model = Transformer.from_pretrained(model_path, dtype=dtype, device=device).eval()
+        model = Transformer.from_pretrained(model_path, dtype=dtype, device=proc.device).eval()
     if cfg.agent == "closed_book":  # no tools: one turn, a prompt without them, no forced search
-        cfg = dataclasses.replace(cfg, prompt="closed_book", turn_prefixes="", max_turns=1)
-    rcfg = RolloutConfig(**_only_fields(RolloutConfig, dict(
-        protocol=cfg.protocol, max_turns=cfg.max_turns, max_new_tokens=cfg.max_new_tokens, max_len=cfg.max_len,
-        temperature=cfg.temperature, top_p=cfg.top_p, n_slots=cfg.n_slots, on_bad_call=cfg.on_bad_call,
-        prompt=cfg.prompt, turn_prefixes=cfg.turn_prefixes, turn_prefix_every=cfg.turn_prefix_every,
-        example=cfg.example, date=cfg.date or None)))  # date None is dropped: the real date
-    bcfg = BrowseConfig(**_only_fields(BrowseConfig, dict(
-        backend=cfg.backend, top_k=cfg.top_k, corpus=corpus, cache=cfg.cache or None, cache_mode=cfg.cache_mode,
-        reader=cfg.reader, llm_base_url=cfg.llm_base_url or None, llm_model=cfg.llm_model or None,
-        snippet_chars=cfg.snippet_chars, page_chars=cfg.page_chars, obs_chars=cfg.obs_chars)))
-    browser = Browser(bcfg)
+        cfg = replace(cfg, prompt="closed_book", turn_prefixes="", example="", max_turns=1)
+    rcfg, browser = subconfig(RolloutConfig, cfg), Browser(subconfig(BrowseConfig, cfg, corpus=corpus))
     try:
         t0, done = time.time(), 0
         for b in range(0, len(todo), cfg.batch_size):
             chunk = todo[b:b + cfg.batch_size]
             with torch.no_grad():
-                trajs = rollout(model, tok, [e["question"] for e in chunk], [e["answers"] for e in chunk], browser,
-                                rcfg, group_size=1, seed=cfg.seed)
+                trajs = run(model, tok, [e["question"] for e in chunk], [e["answers"] for e in chunk], browser,
+                            rcfg, group_size=1, seed=cfg.seed)
             recs = [trajectory_record(ex, tr) for ex, tr in zip(chunk, trajs)]
             for rec in recs:
                 rec["scores"] = score_record(rec, cfg.protocol)
             append_records(path, recs)
             done += len(chunk)
-            mean_f1 = sum(r["scores"]["f1"] for r in recs) / len(recs)
-            print(f"rank {rank} | done {done}/{len(todo)} | batch_f1 {mean_f1:.3f} | "
+            print(f"rank {proc.rank} | done {done}/{len(todo)} | batch_f1 "
+                  f"{sum(r['scores']['f1'] for r in recs) / len(recs):.3f} | "
                   f"{(time.time() - t0) / done:.2f} s/question", flush=True)
     finally:
         browser.close()
-    return model_path, corpus
 
 
 def main(cfg: Config) -> dict | None:
     cfg = resolve_out_dir(cfg)
     if not Path(cfg.data).exists() and (ROOT / cfg.data).exists():  # the repo's data/ from another folder
         cfg = replace(cfg, data=str(ROOT / cfg.data))
-    if not cfg.score_only:
-        validate(cfg)  # train.py's start-up checks: numbers, model folder, data file, out_dir writable
     out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "trajectories.jsonl"
     if cfg.score_only:
+        out_dir.mkdir(parents=True, exist_ok=True)
         return rescore(cfg, out_dir)
-    from data.prepare import load_examples
-
-    rank, world = setup_dist()
+    validate(cfg)  # train.py's start-up checks: numbers, model folder, data file, out_dir writable
+    if cfg.agent not in ("model", "first_title", "closed_book"):
+        raise SystemExit(f"--agent={cfg.agent!r}: use model, first_title or closed_book")
+    proc = setup_distributed(cfg.device)
     examples = load_examples(cfg.data, limit=cfg.limit or None)
     if cfg.sources:
-        keep = set(cfg.sources.split(","))
-        examples = [e for e in examples if e["source"] in keep]
+        examples = [e for e in examples if e["source"] in set(cfg.sources.split(","))]
+    path = out_dir / "trajectories.jsonl"
     repair_tail(path)
     finished = {r["id"] for r in load_records(path)}
-    from model import resolve_model
-
-    identity = run_identity(cfg, resolve_model(cfg.model) if cfg.agent != "first_title" else None,
-                            default_corpus(cfg))
+    model_path = resolve_model(cfg.model) if cfg.agent != "first_title" else None
+    corpus = default_corpus(cfg)
+    identity = run_identity(cfg, model_path, corpus)
     check_same_run(out_dir, identity, len(finished))
-    if rank == 0 and not finished:
-        (out_dir / "run.json").write_text(json.dumps(identity, indent=2) + "\n")
     todo = [e for e in examples if e["id"] not in finished]
-    if rank == 0:
+    if proc.main:
+        if not finished:
+            (out_dir / "run.json").write_text(json.dumps(identity, indent=2) + "\n")
         print(json.dumps(asdict(cfg), indent=2))
         print(f"{len(examples)} questions, {len(examples) - len(todo)} already in {path}, {len(todo)} to run "
-              f"on {world} rank(s)")
+              f"on {proc.world} rank(s)")
         (out_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
-    model_path, corpus = run_agent(cfg, todo[rank::world], path, rank, world)
-    barrier(world)
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.destroy_process_group()  # rank 0 scores alone (the judge may take minutes; no collective waits on it)
-    if rank != 0:
+    run_agent(cfg, todo[proc.rank::proc.world], path, model_path, corpus, proc)
+    barrier()
+    if _is_dist():
+        torch.distributed.destroy_process_group()  # rank 0 scores alone (the judge may take minutes)
+    if not proc.main:
         return None
     wanted = {e["id"] for e in examples}
     # score only this run's questions: the file may hold more (an earlier run without --limit)
-    all_recs = load_records(path)
-    missing = wanted - {r["id"] for r in all_recs}
+    missing = wanted - {r["id"] for r in load_records(path)}
     if missing:
         raise SystemExit(f"{len(missing)} questions have no trajectory (a rank failed?); run again to finish them")
-    return rescore(cfg, out_dir, meta=run_meta(cfg, model_path, corpus), ids=wanted)
+    return rescore(cfg, out_dir, meta=run_meta(cfg, identity, corpus), ids=wanted)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,6 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
-from data.models import SHAPES, resolve_model  # noqa: F401  re-exported until train.py/eval.py import data.models
 
 # Masked attention (the KV-cache path) skips cuDNN's kernel: on an H100 with torch 2.11 it spent ~10 ms of CPU per
 # call (a graph build each time), 80 ms per decode step of a 24-layer model; the efficient kernel takes masks.

@@ -84,41 +84,56 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import warnings
 import difflib
+import errno
 import json
 import math
 import os
+import resource
+import shlex
 import shutil
+import socket
 import sys
 import time
 import types
 import typing
+import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-
-import torch
-import torch.distributed as dist
 
 ROOT = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:  # `torchrun train.py` from another folder: make model.py & co importable
     sys.path.insert(0, str(ROOT))
 
+import torch  # noqa: E402  (the imports below need the sys.path fix above)
+import torch.distributed as dist  # noqa: E402
+import torch.distributed.checkpoint as dcp  # noqa: E402
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,  # noqa: E402
+                                                     get_state_dict, set_model_state_dict, set_state_dict)
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
+
+# the agent (module-level names: tests swap in fakes with monkeypatch.setattr(train, "rollout", ...))
+from browse import BrowseConfig, Browser  # noqa: E402
+from data.prepare import load_examples  # noqa: E402
+from data.models import SHAPES, resolve_model  # noqa: E402
+from model import KVCache, ModelConfig, Transformer, save_pretrained  # noqa: E402
+from reward import reward  # noqa: E402
+from rollout import END_REASONS, RolloutConfig, rollout  # noqa: E402
+
 # ----------------------------------------------------------------------------------------------------------------
-# Config
+# Config: the agent's fields are declared once (AgentConfig) and shared with eval.py, whose Config inherits them
 
 
 @dataclass
-class Config:
-    # model and data
-    model: str = "HuggingFaceTB/SmolLM2-135M-Instruct"  # hub id, local HF folder, or "tiny" (model.resolve_model)
-    data: str = "data/qa_train.jsonl"  # .jsonl / .parquet (data/prepare.py schema); "" = built-in samples
-    out_dir: str = "runs/train"
-    # steps and batch
-    steps: int = 6                  # ~10 min on 2 idle CPU cores; the format is learnt in ~4
-    batch_size: int = 8             # questions per step, over all ranks (divisible by world size)
-    group_size: int = 4             # trajectories per question (G)
-    # agent (rollout.RolloutConfig; fields with the same names are passed on)
+class AgentConfig:
+    """The policy, its agent loop and its web: what train.py and eval.py share. Defaults are the embedded offline run;
+    `subconfig` passes the fields to rollout.RolloutConfig and browse.BrowseConfig by name."""
+    model: str = "HuggingFaceTB/SmolLM2-135M-Instruct"  # hub id, local HF folder, or "tiny" (data/models.py)
+    seed: int = 0
+    device: str = "auto"            # auto | cpu | cuda
+    # agent (rollout.RolloutConfig)
     protocol: str = "tags"          # tags | dr
     max_turns: int = 2              # the default scaffold: one search, then the answer
     max_new_tokens: int = 24        # per turn: a query or a short answer
@@ -126,13 +141,13 @@ class Config:
     temperature: float = 0.7        # the paper: 1.0; a 135M model at 1.0 mostly writes noise
     top_p: float = 1.0
     n_slots: int = 32               # concurrent rows in the rollout engine, per rank
-    on_bad_call: str = "error_observation"
+    on_bad_call: str = "error_observation"  # or "end": a malformed tool call ends the trajectory (the reference)
     prompt: str = "short"           # system prompt: reference (the paper's) | short (~30 tokens, small models)
     turn_prefixes: str = "<search>,<answer>"  # forced text opening turns 1, 2, ... (comma-separated; "" = none)
     turn_prefix_every: str = ""     # forced text opening EVERY turn, before turn_prefixes (the reference: <think>)
     example: str = ""               # "question|query|answer": a worked example shown before the question ("" = none)
     date: str = ""                  # date in the system prompt ("" = today); fixed in tests for reproducibility
-    # search and reading (browse.BrowseConfig; fields with the same names are passed on)
+    # search and reading (browse.BrowseConfig)
     backend: str = "local"          # local | serper | searxng
     top_k: int = 3                  # results per query (the paper: 10)
     corpus: str = ""                # local back end's corpus ("" = the embedded default)
@@ -142,8 +157,18 @@ class Config:
     snippet_chars: int = 200        # characters of each search result's snippet the policy sees
     page_chars: int = 1500          # information a reader returns per page per call
     obs_chars: int = 1000           # the whole observation
-    llm_base_url: str = ""
+    llm_base_url: str = ""          # reading agent's OpenAI-compatible endpoint (reader=llm)
     llm_model: str = ""
+
+
+@dataclass
+class Config(AgentConfig):
+    data: str = "data/qa_train.jsonl"  # .jsonl / .parquet (data/prepare.py schema); "" = built-in samples
+    out_dir: str = "runs/train"
+    # steps and batch
+    steps: int = 6                  # ~10 min on 2 idle CPU cores; the format is learnt in ~4
+    batch_size: int = 8             # questions per step, over all ranks (divisible by world size)
+    group_size: int = 4             # trajectories per question (G)
     # optimisation
     lr: float = 2e-5                # 135M model, few dozen steps; the paper's 1e-6 is in the deepresearcher preset
     warmup_steps: int = 0           # linear warm-up, then constant (the paper: constant)
@@ -159,18 +184,15 @@ class Config:
     norm_adv_by_std: bool = True
     filter_groups: bool = False     # drop groups whose rewards are all equal (they carry no signal)
     mask_tool_failures: bool = True  # a trajectory ended by a web/engine failure is out of the loss and its group
-    kl_coef: float = 0.0            # 0 = no reference model in memory
-    kl_type: str = "low_var_kl"     # only k3 is implemented (the paper's)
+    kl_coef: float = 0.0            # k3 (low_var_kl) to the initial model; 0 = no reference model in memory
     entropy_coef: float = 0.0
     n_minibatches: int = 1          # optimizer steps per batch and epoch
     ppo_epochs: int = 1
     micro_tokens: int = 2048        # token budget (rows x padded length) of one forward/backward, per rank
     # runtime
-    device: str = "auto"            # auto | cpu | cuda
     activation_checkpointing: bool = True  # keep each block's input only (~1.5 MB/token less for 135M, +1 forward)
     cpu_offload: bool = False       # FSDP2 CPUOffloadPolicy: sharded params, grads and Adam state live on the CPU
     export_dtype: str = "auto"      # HF export: auto (bf16 on GPU, fp32 on CPU: see _export_dtype) | float32 | bfloat16
-    seed: int = 0
     # checkpoints and logging
     save_every: int = 3             # steps; a final checkpoint is always written
     keep_last: int = 1              # step folders kept (each 2.2 GB for 135M params: fp32 weights + Adam + HF export)
@@ -188,27 +210,28 @@ class Config:
     world_size: int = 0             # dry run only: world size to estimate for (0 = the current one)
 
 
+# The paper's agent and web, shared by train.py's and eval.py's deepresearcher presets. As the reference: a
+# malformed call ends the trajectory (-1); every turn opens with <think>; a search shows all 3 queries x 10 results:
+# one result is <= ~480 characters (rank, title ~70, URL ~100, snippet 300), so 3 x 10 need ~14.5k characters (~4k
+# tokens; the reference's example observation is 13 KB). Three such observations plus the turns fit in 32k tokens;
+# a trajectory that needs more ends as "context_limit".
+DEEPRESEARCHER_AGENT = dict(model="Qwen/Qwen2.5-7B-Instruct", protocol="dr", max_turns=10, max_new_tokens=2000,
+                            max_len=32768, backend="serper", prompt="reference", turn_prefixes="",
+                            turn_prefix_every="<think>", on_bad_call="end", top_k=10, snippet_chars=300,
+                            obs_chars=15000, reader="llm")
+
 # Named overrides of the defaults. The default itself is the embedded offline run (CPU, no internet).
 PRESETS: dict[str, dict] = {
     # tiny random model + local search: the whole loop in seconds per step (tests, smoke runs)
     "tiny": dict(model="tiny", data="", out_dir="runs/train-tiny", steps=3, batch_size=4, group_size=2, max_turns=2,
                  max_new_tokens=16, max_len=1024, n_slots=8, lr=1e-3, date="2025-01-01", save_every=2,
                  micro_tokens=4096, plot_every=1, temperature=1.0, eval_every=3, eval_n=4),
-    # the paper's recipe on one or more 8-GPU nodes. n_slots: the paged KV cache (56 KiB/token for the 7B) holds
-    # ~94 rows of 8k tokens per 80 GiB GPU next to the weights and sharded states (23 at the full 32k; an H200
-    # ~210 / 53); `--dry_run=True` prints these numbers for the preset and the GPU at hand.
-    # As the reference: a malformed call ends the trajectory (-1); every turn opens with <think>; a search shows
-    # all 3 queries x 10 results: one result is <= ~480 characters (rank, title ~70, URL ~100, snippet 300), so
-    # 3 x 10 need ~14.5k characters (~4k tokens; the reference's example observation is 13 KB). Three such
-    # observations plus the turns fit in 32k tokens; a trajectory that needs more ends as "context_limit".
-    "deepresearcher": dict(model="Qwen/Qwen2.5-7B-Instruct", data="data/train.jsonl", out_dir="runs/deepresearcher",
-                           steps=100, batch_size=256, group_size=16, protocol="dr", max_turns=10,
-                           max_new_tokens=2000, max_len=32768, n_slots=80, temperature=1.0, backend="serper",
-                           prompt="reference", turn_prefixes="", turn_prefix_every="<think>", on_bad_call="end",
-                           top_k=10, snippet_chars=300, obs_chars=15000, reader="llm", lr=1e-6, weight_decay=0.01,
-                           grad_clip=1.0, clip_low=0.2, clip_high=0.2,
-                           kl_coef=0.001, kl_type="low_var_kl", entropy_coef=0.001, micro_tokens=8192,
-                           activation_checkpointing=True, save_every=10),
+    # the paper's recipe on one or more 8-GPU nodes (weight decay 0.01, grad clip 1.0, clip 0.2 are the defaults).
+    # n_slots: the paged KV cache (56 KiB/token for the 7B) holds ~94 rows of 8k tokens per 80 GiB GPU next to the
+    # weights and sharded states (23 at the full 32k; an H200 ~210 / 53); `--dry_run=True` prints these numbers.
+    "deepresearcher": dict(DEEPRESEARCHER_AGENT, data="data/train.jsonl", out_dir="runs/deepresearcher", steps=100,
+                           batch_size=256, group_size=16, n_slots=80, temperature=1.0, lr=1e-6, kl_coef=0.001,
+                           entropy_coef=0.001, micro_tokens=8192, save_every=10),
 }
 
 
@@ -216,16 +239,13 @@ def _convert(key: str, value: str, typ):
     """'--key=value' text -> the field's type; bool accepts true/false/1/0/yes/no; Optional[X] accepts 'none'."""
     if isinstance(typ, str):  # `from __future__ import annotations` leaves annotations as strings
         typ = eval(typ, {"typing": typing}, {})  # noqa: S307 (field annotations of our own dataclass)
-    args = typing.get_args(typ)
     if typing.get_origin(typ) in (typing.Union, types.UnionType):  # X | None
         if value.lower() in ("none", "null"):
             return None
-        typ = next(a for a in args if a is not type(None))
+        typ = next(a for a in typing.get_args(typ) if a is not type(None))
     if typ is bool:
-        if value.lower() in ("1", "true", "yes"):
-            return True
-        if value.lower() in ("0", "false", "no"):
-            return False
+        if value.lower() in ("1", "true", "yes", "0", "false", "no"):
+            return value.lower() in ("1", "true", "yes")
         raise SystemExit(f"--{key} expects true or false, got {value!r}")
     try:
         return typ(value)
@@ -233,14 +253,17 @@ def _convert(key: str, value: str, typ):
         raise SystemExit(f"--{key} expects {typ.__name__}, got {value!r}") from None
 
 
-def parse_config(cls, argv: list[str], presets: dict[str, dict]):
-    """Defaults <- `--preset=NAME` <- `--key=value` overrides (typed). Unknown keys stop with the closest matches."""
-    overrides: dict[str, str] = {}
+def parse_config(cls, argv: list[str], presets: dict[str, dict] | None = None):
+    """Defaults <- `--preset=NAME` <- `--key=value` overrides (typed). Unknown keys stop with the closest matches.
+
+    The one parser of the repo: train.py, eval.py and data/prepare.py call it with their own Config and presets."""
+    presets = presets or {}
     if any(a in ("-h", "--help") for a in argv):
         print(f"options (--key=value), with defaults; presets: {', '.join(presets) or 'none'}")
         for f in fields(cls):
             print(f"  --{f.name}={getattr(cls(), f.name)!r}")
         raise SystemExit(0)
+    overrides: dict[str, str] = {}
     for arg in argv:
         if not arg.startswith("--") or "=" not in arg:
             raise SystemExit(f"expected --key=value, got {arg!r}")
@@ -248,11 +271,9 @@ def parse_config(cls, argv: list[str], presets: dict[str, dict]):
         overrides[k.replace("-", "_")] = v
     names = {f.name: f.type for f in fields(cls)}
     preset = overrides.pop("preset", None)
-    values: dict = {}
-    if preset is not None:
-        if preset not in presets:
-            raise SystemExit(f"unknown preset {preset!r}; known: {', '.join(presets)}")
-        values.update(presets[preset])
+    if preset is not None and preset not in presets:
+        raise SystemExit(f"unknown preset {preset!r}; known: {', '.join(presets) or 'none'}")
+    values = dict(presets[preset]) if preset is not None else {}
     for k, v in overrides.items():
         if k not in names:
             close = difflib.get_close_matches(k, list(names), n=3, cutoff=0.5)
@@ -262,40 +283,23 @@ def parse_config(cls, argv: list[str], presets: dict[str, dict]):
     return cls(**values)
 
 
+def subconfig(cls, cfg, **extra):
+    """Another file's config dataclass (RolloutConfig, BrowseConfig) from the fields of `cfg` with the same names,
+    then `extra`. Our "" means unset (no corpus, no cache, today's date, no prefixes): that key is left out, so the
+    other file's default (None or empty) stands."""
+    names = {f.name for f in fields(cls)}
+    values = {**asdict(cfg), **extra}
+    return cls(**{k: v for k, v in values.items() if k in names and v != "" and v is not None})
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Start-up checks: bad input stops here with one line that says what to do, before any model loads. eval.py reuses
 # `validate` for the fields it shares (a check applies when the config has that field).
 
-# field -> (smallest allowed value, what to do): the loop divides by some and ranges over others
-_MINIMUM = {
-    "steps": (1, "the number of GRPO steps to run, e.g. --steps=6"),
-    "group_size": (2, "GRPO compares each trajectory with the others of its question, so a group needs at least 2 "
-                      "(e.g. --group_size=4)"),
-    "batch_size": (1, "questions per step, e.g. --batch_size=8"),
-    "max_turns": (1, "generation turns per trajectory, e.g. --max_turns=2"),
-    "max_new_tokens": (1, "tokens per turn, e.g. --max_new_tokens=24"),
-    "max_len": (2, "context per trajectory, e.g. --max_len=1024"),
-    "n_slots": (1, "rows the engine decodes at once, e.g. --n_slots=32"),
-    "micro_tokens": (1, "tokens per forward/backward, e.g. --micro_tokens=2048"),
-    "save_every": (1, "steps between checkpoints (a final one is always written), e.g. --save_every=3"),
-    "keep_last": (1, "checkpoints kept on disk, e.g. --keep_last=1"),
-    "n_minibatches": (1, "optimizer steps per batch, e.g. --n_minibatches=1"),
-    "ppo_epochs": (1, "passes over each batch, e.g. --ppo_epochs=1"),
-    "top_k": (1, "search results per query, e.g. --top_k=3"),
-    "limit": (0, "the first N questions, or 0 for all"),
-    "warmup_steps": (0, "0 = no warm-up"),
-    "plot_every": (0, "0 = only at the end"),
-    "temperature": (0, "0 = greedy"),
-    "lr": (0, "e.g. --lr=2e-5"),
-    "kl_coef": (0, "0 = no KL term"),
-    "entropy_coef": (0, "0 = no entropy bonus"),
-    "grad_clip": (0, "0 = no clipping"),
-}
-
-
-def _is_folder_name(name: str) -> bool:
-    """Whether --model names a local folder rather than a hub id ("org/name") or "tiny"."""
-    return name.startswith(("/", ".", "~")) or name.count("/") >= 2
+# field -> smallest allowed value: the loop divides by some and ranges over others (0 = off for the optional ones)
+_MINIMUM = dict(steps=1, group_size=2, batch_size=1, max_turns=1, max_new_tokens=1, max_len=2, n_slots=1,
+                micro_tokens=1, save_every=1, keep_last=1, n_minibatches=1, ppo_epochs=1, top_k=1, limit=0,
+                warmup_steps=0, plot_every=0, temperature=0, lr=0, kl_coef=0, entropy_coef=0, grad_clip=0)
 
 
 def check_model(name: str) -> None:
@@ -308,7 +312,7 @@ def check_model(name: str) -> None:
     if p.exists():
         raise SystemExit(f"--model={name}: {p} has no config.json; pass a Hugging Face checkpoint folder "
                          f"(e.g. runs/train/ckpt/step_000006/hf) or a hub id")
-    if _is_folder_name(name):
+    if name.startswith(("/", ".", "~")) or name.count("/") >= 2:  # a folder, not a hub id ("org/name") or "tiny"
         raise SystemExit(f"--model={name}: {p} does not exist; pass an existing checkpoint folder "
                          f"(e.g. runs/train/ckpt/step_000006/hf) or a hub id like HuggingFaceTB/SmolLM2-135M-Instruct")
 
@@ -329,19 +333,19 @@ def check_writable(out_dir: str) -> None:
 def validate(cfg) -> None:
     """Every start-up check on a Config (train.py's or eval.py's): numbers in range, the model folder, the data
     file (read and parsed: empty, malformed or question-less rows stop here), out_dir writable."""
-    for key, (low, hint) in _MINIMUM.items():
+    for key, low in _MINIMUM.items():
         v = getattr(cfg, key, None)
         if isinstance(v, (int, float)) and not isinstance(v, bool) and not v >= low:  # `not >=` also catches NaN
-            raise SystemExit(f"--{key}={v}: must be at least {low}; {hint}")
+            why = "GRPO compares each trajectory with the others of its question, so a group needs at least 2; " \
+                if key == "group_size" else ""
+            raise SystemExit(f"--{key}={v}: must be at least {low}; {why}e.g. --{key}={getattr(type(cfg)(), key)}")
     if getattr(cfg, "dry_run", False):  # an estimate needs neither the data nor the weights
         return
     check_model(cfg.model)
-    if not getattr(cfg, "score_only", False):
-        load_questions(cfg.data)  # raises SystemExit with the file, the line and what to fix
+    load_questions(cfg.data)  # raises SystemExit with the file, the line and what to fix
     check_writable(cfg.out_dir)
     if hasattr(cfg, "resume"):
         check_resume_target(cfg)
-
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -350,6 +354,7 @@ def validate(cfg) -> None:
 
 @dataclass
 class Dist:
+    """This process's place in the job (`proc` below)."""
     rank: int = 0
     world: int = 1
     local_rank: int = 0
@@ -371,8 +376,6 @@ def setup_distributed(device: str = "auto") -> Dist:
         # one GPU without torchrun: a 1-rank group anyway, so FSDP2 gives the same bf16 mixed precision as on 8
         torch.cuda.set_device(0)
         if not dist.is_initialized():
-            import socket
-
             with socket.socket() as sock:
                 sock.bind(("127.0.0.1", 0))
                 port = sock.getsockname()[1]
@@ -396,13 +399,18 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce(values: list[float], op: str = "sum", device=None) -> list[float]:
-    """Reduce a few floats over ranks in one collective (float64, so sums of counts stay exact)."""
+def _comm_device(proc: Dist):
+    """Where collectives' tensors live: the GPU under NCCL, the CPU under gloo."""
+    return proc.device if (_is_dist() and dist.get_backend() == "nccl") else "cpu"
+
+
+def all_reduce_dict(values: dict[str, float], op: str = "sum", proc: Dist | None = None) -> dict[str, float]:
+    """Reduce named floats over ranks in one collective (float64, so sums of counts stay exact)."""
     if not _is_dist():
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64, device=device)
+        return {k: float(v) for k, v in values.items()}
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device=_comm_device(proc or Dist()))
     dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
-    return t.tolist()
+    return dict(zip(values, t.tolist()))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -410,29 +418,23 @@ def all_reduce(values: list[float], op: str = "sum", device=None) -> list[float]
 
 
 def fsdp_modules(model) -> list:
-    from torch.distributed.fsdp import FSDPModule
-
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
-def build_model(path: str, cfg: Config, d: Dist, trainable: bool = True):
+def build_model(path: str, cfg: Config, proc: Dist, trainable: bool = True):
     """Load an HF checkpoint and, when distributed or on GPU, shard it with FSDP2 (each block, then the root).
 
     Rank 0 reads the weights; the other ranks build on the meta device and receive their shards by broadcast, so
     the job holds one full host copy in all, not one per GPU. Master weights stay fp32; on GPU the forward and
     backward run in bf16 (MixedPrecisionPolicy) with fp32 gradient reduction.
     """
-    from model import ModelConfig, Transformer
-
     if not _is_dist():
-        model = Transformer.from_pretrained(path, dtype=torch.float32, device=d.device)
+        model = Transformer.from_pretrained(path, dtype=torch.float32, device=proc.device)
     else:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-        full_sd = Transformer.from_pretrained(path, dtype=torch.float32, device="cpu").state_dict() if d.main else {}
+        full_sd = Transformer.from_pretrained(path, dtype=torch.float32, device="cpu").state_dict() if proc.main else {}
         with torch.device("meta"):
             model = Transformer(ModelConfig.from_json(path))
-        apply_fsdp(model, d, cfg.cpu_offload)
+        apply_fsdp(model, proc, cfg.cpu_offload)
         opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
         set_model_state_dict(model, full_sd, options=opts)
         del full_sd
@@ -444,13 +446,11 @@ def build_model(path: str, cfg: Config, d: Dist, trainable: bool = True):
     return model
 
 
-def apply_fsdp(model, d: Dist, cpu_offload: bool = False):
+def apply_fsdp(model, proc: Dist, cpu_offload: bool = False):
     """FSDP2 in place: each transformer block is one all-gather unit, the root holds the rest; then allocate the
     local shards (a model built on the meta device gets uninitialised storage: load or init it afterwards)."""
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
-
     kw = {}
-    if d.device.type == "cuda":  # fp32 master weights, bf16 compute, fp32 gradient reduction
+    if proc.device.type == "cuda":  # fp32 master weights, bf16 compute, fp32 gradient reduction
         kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     if cpu_offload:
         kw["offload_policy"] = CPUOffloadPolicy()
@@ -462,7 +462,7 @@ def apply_fsdp(model, d: Dist, cpu_offload: bool = False):
     # backward); recorded because the module offers no public getter and `unsharded` must put it back
     model.fsdp_reshard_after_forward = False
     if any(p.is_meta for p in model.parameters()):
-        model.to_empty(device="cpu" if cpu_offload else d.device)
+        model.to_empty(device="cpu" if cpu_offload else proc.device)
         if model.config.tie_word_embeddings:  # keep one parameter under both names
             model.lm_head.weight = model.model.embed_tokens.weight
     return model
@@ -470,7 +470,8 @@ def apply_fsdp(model, d: Dist, cpu_offload: bool = False):
 
 @contextlib.contextmanager
 def unsharded(model):
-    """All-gather every FSDP group once, keep them gathered for the whole rollout, reshard after.
+    """All-gather every FSDP group once, keep them gathered for the whole rollout, reshard after; eval mode and no
+    autograd inside.
 
     Without this, every decoded token would all-gather every layer (FSDP reshards after each forward). On exit each
     group gets back its own setting (recorded by apply_fsdp; FSDP2's defaults otherwise: the root False, others
@@ -481,9 +482,13 @@ def unsharded(model):
     for m in mods:
         m.unshard()
         m.set_reshard_after_forward(False, recurse=False)
+    was_training = model.training
+    model.eval()
     try:
-        yield model
+        with torch.no_grad():
+            yield model
     finally:
+        model.train(was_training)
         for m, prev in zip(mods, before):
             m.reshard()
             m.set_reshard_after_forward(bool(prev), recurse=False)
@@ -496,11 +501,11 @@ SAMPLE_QUESTIONS = [  # for `data=""`: smoke runs and tests without a prepared d
     ("What is the capital of France?", ["Paris"]), ("Who wrote Hamlet?", ["William Shakespeare", "Shakespeare"]),
     ("What is the largest planet in the Solar System?", ["Jupiter"]), ("What is the chemical symbol of gold?", ["Au"]),
     ("In which country is the city of Kyoto?", ["Japan"]), ("Who painted the Mona Lisa?", ["Leonardo da Vinci"]),
-    ("What is the longest river in Africa?", ["Nile", "the Nile"]), ("What language is spoken in Brazil?",
-                                                                     ["Portuguese"]),
+    ("What is the longest river in Africa?", ["Nile", "the Nile"]),
+    ("What language is spoken in Brazil?", ["Portuguese"]),
     ("Which element has atomic number 1?", ["Hydrogen"]), ("What is the capital of Australia?", ["Canberra"]),
-    ("Who developed the theory of general relativity?", ["Albert Einstein"]), ("What is the currency of Japan?",
-                                                                               ["Yen", "Japanese yen"]),
+    ("Who developed the theory of general relativity?", ["Albert Einstein"]),
+    ("What is the currency of Japan?", ["Yen", "Japanese yen"]),
 ]
 
 
@@ -512,8 +517,6 @@ def load_questions(path: str) -> list[dict]:
     if not p.exists():
         raise SystemExit(f"--data={path}: file not found; build it with the scripts in data/ "
                          f"or pass --data='' for the built-in sample questions")
-    from data.prepare import load_examples
-
     try:
         rows = load_examples(p)
     except (ValueError, OSError) as e:  # malformed JSON, a row without a question, an unreadable file
@@ -689,7 +692,8 @@ def micro_batches(lengths: list[int], budget: int) -> list[list[int]]:
 
 
 def collate(samples: list[Sample], device, pad_id: int = 0):
-    """Right-padded (B, T) tokens and mask; old/ref logps padded to (B, T-1); advantages (B,)."""
+    """Right-padded (B, T) tokens and mask; old/ref/sampler logps padded to (B, T-1) (None when a sample has none:
+    target t+1 at index t, as token_logprobs); advantages (B,)."""
     T = max(len(s.tokens) for s in samples)
     tok = torch.full((len(samples), T), pad_id, dtype=torch.long)
     msk = torch.zeros((len(samples), T), dtype=torch.long)
@@ -698,25 +702,17 @@ def collate(samples: list[Sample], device, pad_id: int = 0):
         msk[i, : len(s.loss_mask)] = torch.tensor(s.loss_mask)
 
     def pad(get):
-        if get(samples[0]) is None:
+        if any(get(s) is None for s in samples):
             return None
         out = torch.zeros((len(samples), T - 1), dtype=torch.float32)
         for i, s in enumerate(samples):
-            out[i, : len(get(s))] = get(s)
+            v = torch.as_tensor(get(s), dtype=torch.float32)[: T - 1]
+            out[i, : len(v)] = v
         return out.to(device)
 
     adv = torch.tensor([s.advantage for s in samples], dtype=torch.float32, device=device)
-    return tok.to(device), msk.to(device), adv, pad(lambda s: s.old_logp), pad(lambda s: s.ref_logp)
-
-
-def _sampler_logp(samples: list[Sample], shape, device):
-    """(B, T-1) engine log-probs aligned with token_logprobs' output (target t+1 at index t), or None."""
-    if any(s.sampler_logp is None for s in samples):
-        return None
-    out = torch.zeros(shape, dtype=torch.float32)
-    for i, s in enumerate(samples):
-        out[i, : len(s.sampler_logp) - 1] = torch.tensor(s.sampler_logp[1:], dtype=torch.float32)
-    return out.to(device)
+    sampler = pad(lambda s: None if s.sampler_logp is None else s.sampler_logp[1:])
+    return tok.to(device), msk.to(device), adv, pad(lambda s: s.old_logp), pad(lambda s: s.ref_logp), sampler
 
 
 def _dummy_backward(model, device) -> None:
@@ -725,8 +721,12 @@ def _dummy_backward(model, device) -> None:
     (model(tok, logits_at=torch.zeros((1, 1), dtype=torch.long, device=device)).sum() * 0.0).backward()
 
 
+def _train_temperature(cfg: Config) -> float:
+    return cfg.temperature if cfg.temperature > 0 else 1.0
+
+
 @torch.no_grad()
-def fill_logprobs(model, samples: list[Sample], cfg: Config, d: Dist, attr: str, only=None) -> list[Sample]:
+def fill_logprobs(model, samples: list[Sample], cfg: Config, proc: Dist, attr: str, only=None) -> list[Sample]:
     """New Samples with `attr` (old_logp / ref_logp) from a no-grad forward of `model`, in micro-batches.
 
     only: indices of the samples that need it (default all); the others are returned unchanged."""
@@ -734,25 +734,16 @@ def fill_logprobs(model, samples: list[Sample], cfg: Config, d: Dist, attr: str,
     lengths = [len(s.tokens) for s in samples]
     todo = list(range(len(samples))) if only is None else list(only)
     groups = [[todo[k] for k in g] for g in micro_batches([lengths[i] for i in todo], cfg.micro_tokens)]
-    n = int(all_reduce([len(groups)], "max", _comm_device(d))[0])
-    for j in range(n):
+    for j in range(int(all_reduce_dict({"n": len(groups)}, "max", proc)["n"])):
         if j >= len(groups):
-            model(torch.zeros((1, 2), dtype=torch.long, device=d.device))  # keep FSDP's collectives in step
+            model(torch.zeros((1, 2), dtype=torch.long, device=proc.device))  # keep FSDP's collectives in step
             continue
         idx = groups[j]
-        tok, msk, _, _, _ = collate([samples[i] for i in idx], d.device)
+        tok, msk = collate([samples[i] for i in idx], proc.device)[:2]
         lp, _ = token_logprobs(model, tok, msk, _train_temperature(cfg))
         for row, i in enumerate(idx):
             out[i] = dataclasses.replace(samples[i], **{attr: lp[row, : lengths[i] - 1].float().cpu()})
     return out
-
-
-def _train_temperature(cfg: Config) -> float:
-    return cfg.temperature if cfg.temperature > 0 else 1.0
-
-
-def _comm_device(d: Dist):
-    return d.device if (_is_dist() and dist.get_backend() == "nccl") else "cpu"
 
 
 def lr_at(step: int, cfg: Config) -> float:
@@ -760,10 +751,9 @@ def lr_at(step: int, cfg: Config) -> float:
     return cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else cfg.lr
 
 
-def update(model, optimizer, samples: list[Sample], cfg: Config, d: Dist, step: int, ref_model=None,
+def update(model, optimizer, samples: list[Sample], cfg: Config, proc: Dist, step: int, ref_model=None,
            show_progress: bool = True) -> dict:
     """Policy-gradient steps on this rank's samples; every rank calls it, even with no samples. Returns metrics."""
-    comm = _comm_device(d)
     multi = cfg.n_minibatches * cfg.ppo_epochs > 1
     # With no KL and no entropy term, a trajectory with advantage exactly 0 (e.g. its whole group got the same
     # reward) adds exactly 0 to the loss and its gradient: it still counts in the denominators below, but its
@@ -771,32 +761,29 @@ def update(model, optimizer, samples: list[Sample], cfg: Config, d: Dist, step: 
     skip_zero = cfg.kl_coef == 0 and cfg.entropy_coef == 0
     active = [i for i, s in enumerate(samples) if not (skip_zero and s.advantage == 0.0)]
     if multi:  # the policy moves between mini-batches: freeze logp_old with a training forward first
-        samples = fill_logprobs(model, samples, cfg, d, "old_logp", only=active)
+        samples = fill_logprobs(model, samples, cfg, proc, "old_logp", only=active)
     if cfg.kl_coef > 0:
-        samples = fill_logprobs(ref_model, samples, cfg, d, "ref_logp")
+        samples = fill_logprobs(ref_model, samples, cfg, proc, "ref_logp")
     for g in optimizer.param_groups:
         g["lr"] = lr_at(step, cfg)
     const = cfg.loss_agg_const or float(cfg.max_turns * cfg.max_new_tokens)
     sums = dict(loss=0.0, entropy=0.0, kl=0.0, clipfrac=0.0, ratio=0.0, tokens=0.0, logp_diff=0.0, diff_tokens=0.0)
-    grad_norms, finite = [], True
-    nb = cfg.n_minibatches
-    from tqdm import tqdm
-
-    bar = tqdm(total=0, desc="update", unit="micro-batch", leave=False, disable=not (d.main and show_progress))
+    grad_norms, finite, nb = [], True, cfg.n_minibatches
+    bar = tqdm(total=0, desc="update", unit="micro-batch", leave=False, disable=not (proc.main and show_progress))
     for epoch in range(cfg.ppo_epochs):
         for mb in range(nb):
             part = samples[mb * len(samples) // nb: (mb + 1) * len(samples) // nb]
-            n_tok_local = sum(sum(s.loss_mask[1:]) for s in part)
-            n_seq_local = sum(1 for s in part if any(s.loss_mask[1:]))  # verl: sequences with no token do not count
             # the denominators are over the whole mini-batch on all ranks, so micro-batching and sharding do not
-            # change the loss; FSDP averages gradients over ranks, hence the factor `world` below
-            n_tok, n_seq = all_reduce([n_tok_local, n_seq_local], "sum", comm)
-            norm = n_tok if cfg.loss_agg == "token-mean" else n_seq
-            if n_tok == 0:  # nothing to learn from on any rank (e.g. every group filtered): no step at all, so
-                continue    # neither weight decay nor Adam's moments move on an empty batch
+            # change the loss (verl: sequences with no sampled token do not count); FSDP averages gradients over
+            # ranks, hence the factor `world` below
+            n = all_reduce_dict({"tokens": sum(sum(s.loss_mask[1:]) for s in part),
+                                 "seqs": sum(1 for s in part if any(s.loss_mask[1:]))}, "sum", proc)
+            if n["tokens"] == 0:  # nothing to learn from on any rank (e.g. every group filtered): no step at all,
+                continue          # so neither weight decay nor Adam's moments move on an empty batch
+            norm = n["tokens"] if cfg.loss_agg == "token-mean" else n["seqs"]
             work = [s for s in part if not (skip_zero and s.advantage == 0.0)]
             groups = micro_batches([len(s.tokens) for s in work], cfg.micro_tokens) if work else []
-            n_micro = int(all_reduce([len(groups)], "max", comm)[0])
+            n_micro = int(all_reduce_dict({"n": len(groups)}, "max", proc)["n"])
             if n_micro == 0:  # every trajectory on every rank has advantage 0: nothing to apply, not even decay
                 continue
             bar.total += n_micro
@@ -804,17 +791,16 @@ def update(model, optimizer, samples: list[Sample], cfg: Config, d: Dist, step: 
             for j in range(n_micro):
                 bar.update()
                 if j >= len(groups):
-                    _dummy_backward(model, d.device)
+                    _dummy_backward(model, proc.device)
                     continue
-                micro = [work[i] for i in groups[j]]
-                tok, msk, adv, old, ref = collate(micro, d.device)
+                tok, msk, adv, old, ref, engine = collate([work[i] for i in groups[j]], proc.device)
                 logp, ent = token_logprobs(model, tok, msk, _train_temperature(cfg), with_entropy=True,
                                            entropy_grad=cfg.entropy_coef > 0)
                 old = old if multi else logp.detach()
                 loss, st = policy_loss(logp, old, adv, msk[:, 1:], clip_low=cfg.clip_low, clip_high=cfg.clip_high,
                                        loss_agg=cfg.loss_agg, ref_logp=ref, kl_coef=cfg.kl_coef, entropy=ent,
                                        entropy_coef=cfg.entropy_coef, agg_const=const, norm=norm)
-                (loss * d.world).backward()
+                (loss * proc.world).backward()
                 m = msk[:, 1:].bool()
                 sums["loss"] += float(loss.detach())
                 sums["entropy"] += float(ent.detach()[m].sum())
@@ -822,21 +808,18 @@ def update(model, optimizer, samples: list[Sample], cfg: Config, d: Dist, step: 
                 sums["clipfrac"] += float(st["clipped"].sum())
                 sums["ratio"] += float(st["ratio"][m].sum())
                 sums["tokens"] += float(m.sum())
-                eng = _sampler_logp(micro, logp.shape, d.device) if epoch == 0 and mb == 0 else None
-                if eng is not None:  # engine vs training forward: large gaps mean the sampler is not the policy
-                    sums["logp_diff"] += float((logp.detach() - eng)[m].abs().sum())
+                if engine is not None and epoch == 0 and mb == 0:  # large gaps: the sampler is not the policy
+                    sums["logp_diff"] += float((logp.detach() - engine)[m].abs().sum())
                     sums["diff_tokens"] += float(m.sum())
             gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else 1e30)
-            gn = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)
-            grad_norms.append(gn)
-            if math.isfinite(gn):
+            grad_norms.append(float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn))
+            if math.isfinite(grad_norms[-1]):
                 optimizer.step()
             else:
                 finite = False  # a NaN/inf gradient is never applied; the caller stops the run
             optimizer.zero_grad(set_to_none=True)
     bar.close()
-    tot = all_reduce([sums[k] for k in sums], "sum", comm)
-    s = dict(zip(sums, tot))
+    s = all_reduce_dict(sums, "sum", proc)
     t = max(s["tokens"], 1.0)
     # `loss` is per rank already normalised by the global count: its sum over ranks is the mini-batch loss
     return {"loss": s["loss"] / (cfg.n_minibatches * cfg.ppo_epochs), "entropy": s["entropy"] / t, "kl": s["kl"] / t,
@@ -852,29 +835,32 @@ def ckpt_root(cfg: Config) -> Path:
     return Path(cfg.out_dir) / "ckpt"
 
 
-def latest_checkpoint(cfg: Config) -> Path | None:
-    """The newest complete step folder (a .tmp folder is a save that was killed: ignored)."""
+def step_folders(cfg: Config) -> list[Path]:
+    """Step folders in out_dir, oldest first (a .tmp folder is a save that was killed: never one of them)."""
     root = ckpt_root(cfg)
-    done = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")
-                  and (p / "state.json").exists()) if root.exists() else []
+    return sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")) if root.exists() \
+        else []
+
+
+def latest_checkpoint(cfg: Config) -> Path | None:
+    """The newest complete step folder."""
+    done = [p for p in step_folders(cfg) if (p / "state.json").exists()]
     return done[-1] if done else None
 
 
-def _export_dtype(cfg: Config, d: Dist):
+def _export_dtype(cfg: Config, proc: Dist):
     """The HF export's dtype: asked for, or the dtype the policy computed in. On GPU that is bf16 (FSDP's mixed
     precision casts the fp32 masters for every forward, so the bf16 export is the model that sampled). On a CPU it
     is fp32: a bf16 export of the default run rounds most of its update away (measured after 1 step at lr 2e-5: 92%
     of the changed weights round back to the base model's bf16 value; the exported update is 6x off in norm)."""
     if cfg.export_dtype == "auto":
-        return torch.bfloat16 if d.device.type == "cuda" else torch.float32
+        return torch.bfloat16 if proc.device.type == "cuda" else torch.float32
     return getattr(torch, cfg.export_dtype)
 
 
 def _disk_full(e: BaseException) -> bool:
     """Whether a failed save ran out of disk: ENOSPC anywhere in the exception chain, or torch's zip writer's way of
     saying it ("unexpected pos 704 vs 598": fewer bytes were written than sent)."""
-    import errno
-
     seen = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
@@ -927,18 +913,15 @@ def wipe_run(cfg: Config) -> None:
 def checkpoint_problem(path: Path, rank: int = 0) -> str | None:
     """What is wrong with a step folder, naming the file, or None when it is complete: state.json parses, the DCP
     .metadata unpickles, every .distcp shard is as long as the metadata says, this rank's RNG file loads."""
-    from torch.distributed.checkpoint import FileSystemReader
-
     state = path / "state.json"
     try:
         int(json.loads(state.read_text())["step"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f"{state}: {type(e).__name__}: {e}"
-    meta_file = path / "dcp" / ".metadata"
     try:
-        meta = FileSystemReader(str(path / "dcp")).read_metadata()
+        meta = dcp.FileSystemReader(str(path / "dcp")).read_metadata()
     except Exception as e:  # unpickling a damaged file can raise almost anything; the message names the file
-        return f"{meta_file}: {type(e).__name__}: {e}"
+        return f"{path / 'dcp' / '.metadata'}: {type(e).__name__}: {e}"
     need: dict[str, int] = {}
     for info in (meta.storage_data or {}).values():
         need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
@@ -965,10 +948,8 @@ def find_resume_checkpoint(cfg: Config, rank: int = 0, say=print) -> Path | None
         if problem:
             raise SystemExit(f"--resume={target}: cannot resume from it: {problem}")
         return Path(target)
-    root = ckpt_root(cfg)
-    steps = sorted((p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")), reverse=True)
     problems = []
-    for p in steps:
+    for p in reversed(step_folders(cfg)):
         problem = checkpoint_problem(p, rank)
         if problem is None:
             if problems:
@@ -977,21 +958,21 @@ def find_resume_checkpoint(cfg: Config, rank: int = 0, say=print) -> Path | None
         problems.append(problem)
         say(f"checkpoint {p.name} is damaged: {problem}")
     if problems:
-        raise SystemExit(f"no intact checkpoint in {root} ({len(problems)} damaged, see above); "
+        raise SystemExit(f"no intact checkpoint in {ckpt_root(cfg)} ({len(problems)} damaged, see above); "
                          f"--overwrite=True starts the run again from step 0")
     return None
 
 
-def save_checkpoint(model, optimizer, tokenizer, cfg: Config, d: Dist, step: int, history: list[dict]) -> Path:
+def save_checkpoint(model, optimizer, tokenizer, cfg: Config, proc: Dist, step: int, history: list[dict]) -> Path:
     """Sharded model + optimizer (DCP), step, RNG, data position, HF export; atomic via temp folder + rename.
 
     A failed save (a full disk, Ctrl-C) removes its partial folder and leaves the previous checkpoint as it was."""
     final = ckpt_root(cfg) / f"step_{step:06d}"
     tmp = final.with_name(final.name + ".tmp")
     try:
-        _write_checkpoint(tmp, model, optimizer, tokenizer, cfg, d, step, history)
+        _write_checkpoint(tmp, model, optimizer, tokenizer, cfg, proc, step, history)
     except BaseException as e:  # anything, Ctrl-C included: clean up, then let it go on (re-raised below)
-        if d.main:
+        if proc.main:
             shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, Exception) and _disk_full(e):
             prev = latest_checkpoint(cfg)
@@ -999,24 +980,19 @@ def save_checkpoint(model, optimizer, tokenizer, cfg: Config, d: Dist, step: int
                              f"partial checkpoint; {f'the previous one, {prev}, is intact' if prev else 'none kept'}"
                              f". Free some space (or --keep_last=1) and run again with --resume=True") from None
         raise
-    if d.main:
+    if proc.main:
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)  # the step folder appears complete or not at all
-        done = sorted(p for p in ckpt_root(cfg).glob("step_*") if not p.name.endswith(".tmp"))
+        done = step_folders(cfg)
         for old in done[: max(len(done) - cfg.keep_last, 0)]:
             shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
 
 
-def _write_checkpoint(tmp: Path, model, optimizer, tokenizer, cfg: Config, d: Dist, step: int,
+def _write_checkpoint(tmp: Path, model, optimizer, tokenizer, cfg: Config, proc: Dist, step: int,
                       history: list[dict]) -> None:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
-
-    from model import save_pretrained
-
-    if d.main:
+    if proc.main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
@@ -1025,45 +1001,59 @@ def _write_checkpoint(tmp: Path, model, optimizer, tokenizer, cfg: Config, d: Di
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / "dcp"))
     del msd, osd
-    torch.save({"torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state() if d.device.type == "cuda" else None}, tmp / f"rng_rank{d.rank}.pt")
-    dt = _export_dtype(cfg, d)
+    torch.save({"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state()
+                if proc.device.type == "cuda" else None}, tmp / f"rng_rank{proc.rank}.pt")
     if _is_dist():  # FSDP2: gather full tensors on rank 0 (on the CPU), cast one at a time
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     else:  # one process: the parameters themselves, no gathered copy
         full = model.state_dict()
     if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
         full.pop("lm_head.weight", None)  # the same tensor as the embedding: HF files store it once
-    if d.main:
+    if proc.main:
+        dt = _export_dtype(cfg, proc)
         for k in list(full):  # in place, key by key: at most one fp32 tensor and the bf16 export at once
             full[k] = full[k].detach().to(dt)
         save_pretrained(model, tmp / "hf", state_dict=full)
         tokenizer.save_pretrained(tmp / "hf")
-        state = {"step": step, "data_position": step * cfg.batch_size, "world_size": d.world,
+        state = {"step": step, "data_position": step * cfg.batch_size, "world_size": proc.world,
                  "config": asdict(cfg), "history": history}
         (tmp / "state.json").write_text(json.dumps(state))
     del full
     barrier()
 
 
-def load_checkpoint(path: Path, model, optimizer, d: Dist) -> dict:
+def load_checkpoint(path: Path, model, optimizer, proc: Dist) -> dict:
     """Restore model + optimizer shards in place (any world size: DCP reshards) and RNG; returns state.json."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
     msd, osd = get_state_dict(model, optimizer)
     sd = {"model": msd, "optim": osd}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(sd, checkpoint_id=str(path / "dcp"))
     set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
-    rng = path / f"rng_rank{d.rank}.pt"
+    rng = path / f"rng_rank{proc.rank}.pt"
     if rng.exists():
         r = torch.load(rng, weights_only=False)
         torch.set_rng_state(r["torch"])
-        if r["cuda"] is not None and d.device.type == "cuda":
+        if r["cuda"] is not None and proc.device.type == "cuda":
             torch.cuda.set_rng_state(r["cuda"])
     return json.loads((path / "state.json").read_text())
+
+
+def start_state(cfg: Config, proc: Dist, model, optimizer, resume_from: Path | None) -> tuple[int, list[dict]]:
+    """(first step, history) of this run: 0 and [] for a new run, else what the checkpoint saved. metrics.jsonl
+    loses the lines of steps that will run again (the run died after logging them, before saving)."""
+    start, history = 0, []
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, model, optimizer, proc)
+        start, history = state["step"], state.get("history", [])
+    if proc.main:
+        print(f"resumed from {resume_from} at step {start}" if resume_from else
+              f"--resume={cfg.resume} but no checkpoint in {ckpt_root(cfg)}: starting from step 0")
+        path = Path(cfg.out_dir) / "metrics.jsonl"
+        if path.exists():
+            keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= start]
+            path.write_text("".join(ln + "\n" for ln in keep))
+    return start, history
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1073,8 +1063,6 @@ def load_checkpoint(path: Path, model, optimizer, d: Dist) -> dict:
 def command_line(cfg: Config, script: str = "train.py", **changes) -> str:
     """A `python train.py ...` line that reproduces `cfg` (with `changes`): the options this process was given
     when it was started from the command line, else every field that differs from the defaults."""
-    import shlex
-
     if Path(sys.argv[0]).name == script:
         args = [a for a in sys.argv[1:] if a.split("=", 1)[0].lstrip("-").replace("-", "_") not in changes]
     else:  # called as a function (tests, notebooks): spell the config out
@@ -1085,63 +1073,34 @@ def command_line(cfg: Config, script: str = "train.py", **changes) -> str:
     return " ".join([launcher, script] + [shlex.quote(a) for a in args])
 
 
-def interrupted_message(cfg: Config, ck: Path | None) -> str:
-    if ck is None:
-        saved = f"nothing was saved yet (the first checkpoint comes at step {min(cfg.save_every, cfg.steps)})"
-    else:
-        saved = f"the last checkpoint is {ck} (step {int(ck.name.split('_')[-1])})"
-    return f"interrupted: {saved}; to continue:\n  {command_line(cfg, resume='True')}"
-
-
 def eval_command(cfg: Config, model: str) -> str:
-    """The eval.py line that scores `model` on the offline dev set with this run's agent settings."""
-    import shlex
-
-    try:
-        import eval as ev
-    except ImportError:  # eval.py missing or broken: the base line is still right for the default run
-        return f"python eval.py --preset=offline --model={shlex.quote(model)}"
-    base = {**asdict(ev.Config()), **ev.PRESETS.get("offline", {})}
-    args = ["--preset=offline", f"--model={model}"]
-    for k in ("protocol", "max_turns", "max_new_tokens", "max_len", "prompt", "turn_prefixes", "date", "backend",
-              "top_k", "corpus", "cache", "reader", "snippet_chars", "page_chars", "obs_chars", "llm_base_url",
-              "llm_model"):  # what changes the agent's answers; sampling stays greedy, as evaluation is
-        if k in base and hasattr(cfg, k) and getattr(cfg, k) != base[k]:
-            args.append(f"--{k}={getattr(cfg, k)}")
+    """The eval.py line that scores `model` on the offline dev set with this run's agent settings. eval.py's offline
+    preset is the AgentConfig defaults, greedy; sampling, seed, device and engine width do not change its answers."""
+    base = AgentConfig()
+    args = ["--preset=offline", f"--model={model}"] + [
+        f"--{f.name}={getattr(cfg, f.name)}" for f in fields(AgentConfig) if getattr(cfg, f.name) != getattr(
+            base, f.name) and f.name not in ("model", "temperature", "top_p", "seed", "device", "n_slots")]
     return " ".join(["python eval.py"] + [shlex.quote(a) for a in args])
-
-
-def next_steps(cfg: Config, ck: Path | None) -> str:
-    """What a new user does after training: look at the curve, evaluate the checkpoint beside the base model."""
-    lines = [f"reward curve: {Path(cfg.out_dir) / 'reward.png'}; metrics: {Path(cfg.out_dir) / 'metrics.jsonl'}"]
-    if ck is not None:
-        lines += ["evaluate the trained checkpoint on the dev questions (greedy), then the base model beside it:",
-                  f"  {eval_command(cfg, str(ck / 'hf'))}", f"  {eval_command(cfg, cfg.model)}"]
-    return "\n".join(lines)
 
 
 def format_line(step: int, m: dict) -> str:
     """`step 3 | reward 0.123 | f1 0.2 | ...`: one line per step, greppable."""
-    parts = [f"step {step}"]
-    for k, v in m.items():
-        if isinstance(v, float):
-            parts.append(f"{k} {v:.4g}")
-        elif isinstance(v, (int, str)):
-            parts.append(f"{k} {v}")
+    parts = [f"step {step}"] + [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in m.items()
+                                if isinstance(v, (int, float, str))]
     return " | ".join(parts)
 
 
 def plot_rewards(history: list[dict], path: Path) -> None:
     """reward.png: mean reward, F1 and format-error rate per step (matplotlib, no display needed)."""
-    import matplotlib
+    import matplotlib  # optional for the loop itself: imported only when a plot is drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     steps = [h["step"] for h in history]
     fig, ax = plt.subplots(figsize=(7, 4))
-    for key, label in (("reward", "mean reward"), ("f1", "F1 (training samples)"), ("format_error",
-                                                                                    "format-error rate")):
+    for key, label in (("reward", "mean reward"), ("f1", "F1 (training samples)"),
+                       ("format_error", "format-error rate")):
         ax.plot(steps, [h.get(key, float("nan")) for h in history], marker="o", ms=3, label=label)
     dev = [(h["step"], h["dev_f1"]) for h in history if h.get("dev_f1") is not None]
     if dev:  # the learning curve: greedy F1 on a fixed dev subset, measured every eval_every steps
@@ -1156,44 +1115,35 @@ def plot_rewards(history: list[dict], path: Path) -> None:
     tmp.replace(path)
 
 
+def turn_records(traj) -> list[dict]:
+    """A trajectory's turns as JSON-ready dicts (eval.py's records use it too)."""
+    return [asdict(t) if dataclasses.is_dataclass(t) else dict(t) for t in traj.turns]
+
+
 def trajectory_record(traj, rew, adv: float, tokenizer) -> dict:
     """A full trajectory as JSON: decoded text, every turn, reward and advantage."""
-    turns = [asdict(t) if dataclasses.is_dataclass(t) else dict(t) for t in traj.turns]
     return {"question": traj.question, "gold": traj.gold, "end_reason": traj.end_reason, "answer": traj.answer,
             "reward": rew.score, "f1": rew.f1, "format_ok": rew.format_ok, "reason": rew.reason, "advantage": adv,
             "n_tokens": len(traj.tokens), "n_sampled": sum(traj.loss_mask), "stats": traj.stats,
-            "text": tokenizer.decode(traj.tokens), "turns": turns}
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """After a resume from `step`, drop the lines of steps that will be run again (the run died after them)."""
-    if not path.exists():
-        return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-    path.write_text("".join(ln + "\n" for ln in keep))
+            "text": tokenizer.decode(traj.tokens), "turns": turn_records(traj)}
 
 
 class Loggers:
-    """metrics.jsonl always; wandb / TensorBoard only when asked (imported here, lazily)."""
+    """metrics.jsonl always (rank 0); wandb / TensorBoard only when asked (optional packages: imported lazily)."""
 
-    def __init__(self, cfg: Config, d: Dist):
-        self.on, self.wandb, self.tb = d.main, None, None
-        self.out = Path(cfg.out_dir)
-        if not self.on:
-            return
-        if cfg.wandb_project:
+    def __init__(self, cfg: Config, proc: Dist):
+        self.on, self.wandb, self.tb, self.out = proc.main, None, None, Path(cfg.out_dir)
+        if self.on and cfg.wandb_project:
             try:
                 import wandb
             except ImportError:
                 raise SystemExit("--wandb_project needs the wandb package: pip install wandb") from None
-
             self.wandb = wandb.init(project=cfg.wandb_project, config=asdict(cfg), dir=cfg.out_dir)
-        if cfg.tensorboard:
+        if self.on and cfg.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 raise SystemExit("--tensorboard=True needs the tensorboard package: pip install tensorboard") from None
-
             self.tb = SummaryWriter(str(self.out / "tb"))
 
     def log(self, step: int, m: dict) -> None:
@@ -1204,9 +1154,8 @@ class Loggers:
         nums = {k: v for k, v in m.items() if isinstance(v, (int, float))}
         if self.wandb is not None:
             self.wandb.log(nums, step=step)
-        if self.tb is not None:
-            for k, v in nums.items():
-                self.tb.add_scalar(k, v, step)
+        for k, v in nums.items() if self.tb is not None else ():
+            self.tb.add_scalar(k, v, step)
 
     def close(self) -> None:
         if self.wandb is not None:
@@ -1218,90 +1167,48 @@ class Loggers:
 # ----------------------------------------------------------------------------------------------------------------
 # Dry run: memory per GPU before launching
 
-
-def model_config_for(name: str):
-    """A ModelConfig without downloading weights: model.SHAPES for known hub ids, else the resolved folder."""
-    from model import SHAPES, ModelConfig, resolve_model
-
-    low = name.lower()
-    for key, shape in SHAPES.items():
-        if key in low:
-            return ModelConfig.from_json(shape)
-    return ModelConfig.from_json(resolve_model(name))
-
-
 TYPICAL_TOKENS = 8192  # tokens a research trajectory typically holds at its end (a few turns of search + reading)
-KV_KEY = f"rollout: KV cache (bf16, rows x {TYPICAL_TOKENS} tokens)"
 
 
-def estimate_memory(cfg: Config, world: int, mcfg) -> dict[str, float]:
-    """Bytes per GPU, by kind. Approximate (no allocator fragmentation, no NCCL buffers) but in the right units.
-
-    Sharded fp32 master weights, grads and two Adam moments (16 bytes/param / world, on the CPU with cpu_offload);
-    the rollout holds the full bf16 weights plus the paged KV cache (rows x TYPICAL_TOKENS, what rows hold on average;
-    memory follows the tokens held, not max_len); training holds one or two unsharded bf16 blocks, the
-    activations of one micro-batch (bf16; with checkpointing only each block's input is kept) and its fp32 logits.
-    """
-    from model import KVCache
-
-    n, L, h = mcfg.n_params, mcfg.num_hidden_layers, mcfg.hidden_size
-    kv, inter, V = mcfg.num_key_value_heads * mcfg.head_dim, mcfg.intermediate_size, mcfg.vocab_size
-    per_block = (n - V * h * (1 if mcfg.tie_word_embeddings else 2)) / L
-    off = 0.0 if cfg.cpu_offload else 1.0
-    T = cfg.micro_tokens
-    per_tok_layer = 2 * (6 * h + 2 * kv + 4 * inter)  # bf16 elements kept for backward in one block
-    if cfg.activation_checkpointing:
-        acts = T * (L * h * 2 + per_tok_layer)
-    else:
-        acts = T * L * per_tok_layer
+def dry_run(cfg: Config, proc: Dist) -> dict[str, float]:
+    """Bytes per GPU by kind (printed on rank 0 with the rows the paged KV cache holds), returned. Approximate (no
+    allocator fragmentation, no NCCL buffers) but in the right units. Sharded fp32 master weights, grads and two Adam
+    moments: 16 bytes/param / world (on the CPU with cpu_offload). The rollout holds the full bf16 weights and the
+    paged KV cache, rows x TYPICAL_TOKENS (memory follows the tokens rows hold, not max_len). Training holds two
+    unsharded bf16 blocks, one micro-batch's activations (bf16; with checkpointing only each block's input is kept)
+    and its fp32 logits."""
+    world = cfg.world_size or proc.world
+    shape = next((s for key, s in SHAPES.items() if key in cfg.model.lower()), None)  # known hub ids: no download
+    mc = ModelConfig.from_json(shape or resolve_model(cfg.model))
+    n, L, h, V, T = mc.n_params, mc.num_hidden_layers, mc.hidden_size, mc.vocab_size, cfg.micro_tokens
+    per_tok_layer = 2 * (6 * h + 2 * mc.num_key_value_heads * mc.head_dim + 4 * mc.intermediate_size)  # bf16 bytes
+    acts = T * (L * h * 2 + per_tok_layer) if cfg.activation_checkpointing else T * L * per_tok_layer
     rows = min(cfg.n_slots, max(cfg.batch_size * cfg.group_size // world, 1))
-    m = {
-        "params (fp32, sharded)": off * 4 * n / world,
-        "grads (fp32, sharded)": off * 4 * n / world,
-        "adam state (2 x fp32, sharded)": off * 8 * n / world,
-        "reference model (bf16, sharded)": (2 * n / world if cfg.kl_coef > 0 else 0.0),
-        "rollout: unsharded bf16 weights": 2 * n,
-        KV_KEY: float(KVCache.nbytes_for(mcfg, rows * min(cfg.max_len, TYPICAL_TOKENS), torch.bfloat16)),
-        "train: gathered blocks (2 x bf16)": 2 * 2 * per_block,
-        "train: activations": float(acts),
-        "train: logits (fp32, x3 for softmax+grad)": 3 * 4 * T * V,
-    }
+    kv = float(KVCache.nbytes_for(mc, rows * min(cfg.max_len, TYPICAL_TOKENS), torch.bfloat16))
+    on_gpu = 0.0 if cfg.cpu_offload else 1.0
+    m = {"params (fp32, sharded)": on_gpu * 4 * n / world, "grads (fp32, sharded)": on_gpu * 4 * n / world,
+         "adam state (2 x fp32, sharded)": on_gpu * 8 * n / world,
+         "reference model (bf16, sharded)": 2 * n / world if cfg.kl_coef > 0 else 0.0,
+         "rollout: unsharded bf16 weights": 2 * n, f"rollout: KV cache (bf16, rows x {TYPICAL_TOKENS} tokens)": kv,
+         "train: gathered blocks (2 x bf16)": 2 * 2 * (n - V * h * (1 if mc.tie_word_embeddings else 2)) / L,
+         "train: activations": float(acts), "train: logits (fp32, x3 for softmax+grad)": 3 * 4 * T * V}
     states = sum(v for k, v in m.items() if not k.startswith(("rollout", "train")))
-    m["peak in rollout"] = states + m["rollout: unsharded bf16 weights"] + m[KV_KEY]
+    m["peak in rollout"] = states + sum(v for k, v in m.items() if k.startswith("rollout"))
     m["peak in training"] = states + sum(v for k, v in m.items() if k.startswith("train"))
-    return m
-
-
-def kv_rows_per_gpu(cfg: Config, world: int, mcfg, gpu_bytes: float) -> dict[int, int]:
-    """Rows the paged KV cache holds on one GPU when every row holds n tokens, n = max_len (the worst case) and
-    TYPICAL_TOKENS: the engine's pool takes 85% of what the weights and sharded states leave, less 1 GiB."""
-    from model import KVCache
-
-    m = estimate_memory(cfg, world, mcfg)
-    budget = 0.85 * (gpu_bytes - (m["peak in rollout"] - m[KV_KEY])) - 2**30
-    per_token = KVCache.nbytes_for(mcfg, 1, torch.bfloat16)
-    return {n: max(0, int(budget // (per_token * n))) for n in (cfg.max_len, TYPICAL_TOKENS)}
-
-
-def dry_run(cfg: Config, d: Dist) -> dict:
-    from model import KVCache
-
-    world = cfg.world_size or d.world
-    mcfg = model_config_for(cfg.model)
-    m = estimate_memory(cfg, world, mcfg)
-    if d.main:
-        print(f"dry run: {cfg.model} ({mcfg.n_params / 1e9:.2f} B params), world size {world}, "
-              f"{cfg.micro_tokens} tokens per micro-batch, KV cache for {cfg.max_len} tokens"
-              f"{', activation checkpointing' if cfg.activation_checkpointing else ''}"
-              f"{', CPU offload' if cfg.cpu_offload else ''}")
+    if proc.main:
+        print(f"dry run: {cfg.model} ({n / 1e9:.2f} B params), world size {world}, {T} tokens per micro-batch, KV "
+              f"cache for {cfg.max_len} tokens{', activation checkpointing' * cfg.activation_checkpointing}"
+              f"{', CPU offload' * cfg.cpu_offload}")
         for k, v in m.items():
             print(f"  {k:<45} {v / 2**30:9.2f} GiB")
-        cap = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else 80 * 2**30
-        where = "this GPU" if torch.cuda.is_available() else "an 80 GiB GPU (no GPU here)"
-        rows = kv_rows_per_gpu(cfg, world, mcfg, cap)
-        print(f"  paged KV cache on {where}: {KVCache.nbytes_for(mcfg, 1, torch.bfloat16) / 2**10:.0f} KiB/token, "
-              + ", ".join(f"{r} rows at {n} tokens" for n, r in rows.items()) + f" (n_slots={cfg.n_slots})")
-        if torch.cuda.is_available():
+        gpu = torch.cuda.is_available()
+        cap = torch.cuda.get_device_properties(0).total_memory if gpu else 80 * 2**30
+        # the engine's block pool takes 85% of what the weights and sharded states leave, less 1 GiB
+        per_token, budget = KVCache.nbytes_for(mc, 1, torch.bfloat16), 0.85 * (cap - m["peak in rollout"] + kv) - 2**30
+        print(f"  paged KV cache on {'this GPU' if gpu else 'an 80 GiB GPU (no GPU here)'}: {per_token / 2**10:.0f} "
+              f"KiB/token, " + ", ".join(f"{max(0, int(budget // (per_token * t)))} rows at {t} tokens"
+                                        for t in (cfg.max_len, TYPICAL_TOKENS)) + f" (n_slots={cfg.n_slots})")
+        if gpu:
             peak = max(m["peak in rollout"], m["peak in training"])
             print(f"  fits on this GPU ({cap / 2**30:.0f} GiB): {'yes' if peak < 0.9 * cap else 'NO'}")
     return m
@@ -1311,220 +1218,206 @@ def dry_run(cfg: Config, d: Dist) -> dict:
 # The loop
 
 
-def _import_agent():
-    """rollout/browse entry points (a function, so tests can swap in fakes)."""
-    from browse import BrowseConfig, Browser
-    from rollout import RolloutConfig, rollout
-    return rollout, RolloutConfig, Browser, BrowseConfig
+@dataclass
+class Batch:
+    """One step's trajectories on this rank, scored: what the update and the metrics read."""
+    trajs: list
+    rewards: list                # reward.Reward per trajectory
+    advantages: torch.Tensor     # (N,)
+    valid: torch.Tensor          # (N,) bool: judged on (not ended by a web or engine failure)
+    zero_var: torch.Tensor       # (Q,) bool: every valid trajectory of the question got the same reward
+    skipped: torch.Tensor        # (Q,) bool: groups that masking left too small to compare
+    samples: list[Sample]        # what the update trains on
 
 
-def _subconfig(cls, cfg: Config, **extra):
-    """Build another file's config dataclass from the fields of ours that have the same names."""
-    names = {f.name for f in fields(cls)}
-    kw = {k: v for k, v in asdict(cfg).items() if k in names}
-    kw.update({k: v for k, v in extra.items() if k in names})
-    if "date" in kw and not kw["date"]:
-        kw["date"] = None
-    for k in ("corpus", "cache", "llm_base_url", "llm_model"):  # "" = unset: let the other file's default stand
-        if k in kw and kw[k] == "":
-            kw.pop(k)
-    return cls(**kw)
+def build_samples(trajs: list, cfg: Config) -> Batch:
+    """Rewards and group advantages (groups never straddle ranks: questions are sharded, not trajectories). A
+    trajectory the web (or the engine) ended says nothing about the policy: out of the loss and of its group's
+    mean/std; a group left with fewer than 2 trajectories is skipped."""
+    G = cfg.group_size
+    rews = [reward([t.text for t in tr.turns], tr.gold, protocol=cfg.protocol) for tr in trajs]
+    r = torch.tensor([x.score for x in rews], dtype=torch.float32)
+    valid = torch.tensor([not (cfg.mask_tool_failures and tr.end_reason in INFRA_END_REASONS) for tr in trajs],
+                         dtype=torch.bool)
+    adv = group_advantages(r, G, cfg.norm_adv_by_std, valid=valid)
+    zero_var = zero_variance_groups(r, G, valid=valid)
+    n_valid = valid.reshape(-1, G).sum(dim=1)  # (Q,)
+    skipped = (n_valid < 2) & (n_valid < G)
+    keep = [i for i in range(len(trajs)) if valid[i] and not skipped[i // G]
+            and not (cfg.filter_groups and zero_var[i // G])]
+    samples = [Sample(trajs[i].tokens, trajs[i].loss_mask, float(adv[i]), sampler_logp=trajs[i].logprobs)
+               for i in keep]
+    return Batch(trajs, rews, adv, valid, zero_var, skipped, samples)
 
 
-def dev_f1(rollout, model, tokenizer, dev: list[dict], browser, rcfg, d: Dist) -> float:
+def step_metrics(batch: Batch, upd: dict, seconds: dict, cfg: Config, proc: Dist, step: int) -> dict:
+    """The step's metrics: sums and counts over all ranks in one collective, then means (reward, f1, em and
+    format_error over the judged trajectories, the rest per trajectory); times and memory are the slowest rank's."""
+    trajs, judged = batch.trajs, [x for x, v in zip(batch.rewards, batch.valid.tolist()) if v]
+    peak = torch.cuda.max_memory_allocated() if proc.device.type == "cuda" else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the process's peak RSS (Linux reports KiB)
+    s = all_reduce_dict({
+        "reward": sum(x.score for x in judged), "reward_sq": sum(x.score ** 2 for x in judged),
+        "f1": sum(x.f1 for x in judged), "em": sum(x.em for x in judged),
+        "format_error": sum(not x.format_ok for x in judged), "judged": len(judged),
+        "zero_var_groups": int(batch.zero_var.sum()), "groups": len(batch.zero_var),
+        "turns": sum(len(tr.turns) for tr in trajs), "search_calls": sum(tr.stats.get("n_search", 0) for tr in trajs),
+        "browse_calls": sum(tr.stats.get("n_browse", 0) for tr in trajs),
+        "response_len": sum(sum(tr.loss_mask) for tr in trajs), "seq_len": sum(len(tr.tokens) for tr in trajs),
+        "trajectories": len(trajs), "time_tools_sum": sum(t.tool_s or 0.0 for tr in trajs for t in tr.turns),
+        "masked_tool_failures": int((~batch.valid).sum()), "skipped_groups": int(batch.skipped.sum()),
+        **{f"end_{e}": sum(tr.end_reason == e for tr in trajs) for e in END_REASONS}}, "sum", proc)
+    slowest = all_reduce_dict({**seconds, "peak_mem_gib": peak / 2**30}, "max", proc)
+    n, n_judged = max(s["trajectories"], 1.0), max(s["judged"], 1.0)
+    mean = s["reward"] / n_judged
+    return {"reward": mean, "reward_std": math.sqrt(max(s["reward_sq"] / n_judged - mean * mean, 0.0)),
+            **{k: s[k] / n_judged for k in ("f1", "em", "format_error")},
+            "zero_var_groups": s["zero_var_groups"] / max(s["groups"], 1.0),
+            **{k: s[k] / n for k in ("turns", "search_calls", "browse_calls", "response_len", "seq_len")},
+            **{k: upd[k] for k in ("entropy", "kl", "clipfrac", "loss", "grad_norm", "logp_diff")},
+            "lr": lr_at(step, cfg), "time_rollout": slowest["time_rollout"],
+            "time_tools_sum": s["time_tools_sum"] / proc.world, "time_learn": slowest["time_learn"],
+            "tok_per_s": (s["response_len"] + upd["train_tokens"]) / max(sum(seconds.values()), 1e-9),
+            "peak_mem_gib": slowest["peak_mem_gib"],
+            **{k: int(v) for k, v in s.items() if k.startswith("end_") or k in ("masked_tool_failures",
+                                                                                  "skipped_groups")}}
+
+
+def log_step(step: int, m: dict, batch: Batch, tokenizer, history: list[dict], logs: Loggers, cfg: Config,
+             proc: Dist) -> None:
+    """The step's line, metrics.jsonl, a few full trajectories, the curve (rank 0); the history on every rank."""
+    history.append({"step": step, **{k: m.get(k) for k in ("reward", "f1", "format_error", "dev_f1")}})
+    if not proc.main:
+        return
+    tqdm.write(format_line(step, m))
+    logs.log(step, m)
+    dump = [trajectory_record(batch.trajs[i], batch.rewards[i], float(batch.advantages[i]), tokenizer)
+            for i in range(min(cfg.n_log_rollouts, len(batch.trajs)))]
+    with open(Path(cfg.out_dir) / "rollouts" / f"step_{step:06d}.jsonl", "w", encoding="utf-8") as fh:
+        fh.writelines(json.dumps(x, ensure_ascii=False) + "\n" for x in dump)
+    if cfg.plot_every and step % cfg.plot_every == 0:
+        plot_rewards(history, Path(cfg.out_dir) / "reward.png")
+
+
+def dev_f1(model, tokenizer, dev: list[dict], browser, cfg: Config, proc: Dist) -> float:
     """Greedy F1 on a fixed list of dev questions (the learning curve); each rank runs its share."""
-    from reward import reward
-
-    mine = dev[d.rank:: d.world]
-    model.eval()
-    with torch.no_grad(), unsharded(model):  # unsharded: the forwards need no collective, shares may differ
+    mine = dev[proc.rank:: proc.world]
+    with unsharded(model):  # every rank joins the all-gather, even one with no question
         trajs = rollout(model, tokenizer, [q["question"] for q in mine], [q["answers"] for q in mine], browser,
-                        dataclasses.replace(rcfg, temperature=0.0), group_size=1, seed=0) if mine else []
-    model.train()
-    f1s = [reward([t.text for t in tr.turns], tr.gold, protocol=rcfg.protocol).f1 for tr in trajs]
-    total, n = all_reduce([sum(f1s), len(f1s)], "sum", _comm_device(d))
-    return total / max(n, 1.0)
+                        subconfig(RolloutConfig, cfg, temperature=0.0), group_size=1, seed=0) if mine else []
+    f1s = [reward([t.text for t in tr.turns], tr.gold, protocol=cfg.protocol).f1 for tr in trajs]
+    s = all_reduce_dict({"f1": sum(f1s), "n": len(f1s)}, "sum", proc)
+    return s["f1"] / max(s["n"], 1.0)
+
+
+def start_run(cfg: Config, proc: Dist) -> tuple[str, Path | None]:
+    """Checks that need the world size; out_dir wiped (--overwrite) or its checkpoint found (--resume); the model
+    resolved; the config printed and saved. Returns (model folder, checkpoint to resume from)."""
+    if cfg.batch_size % proc.world:
+        raise SystemExit(f"batch_size={cfg.batch_size} must be divisible by the world size {proc.world}")
+    if cfg.cpu_offload and proc.device.type != "cuda":
+        raise SystemExit("--cpu_offload=True moves FSDP's sharded state from GPU to host memory: it needs GPUs")
+    if proc.main and cfg.overwrite and resume_target(cfg) is None:
+        wipe_run(cfg)
+    barrier()
+    quiet = print if proc.main else (lambda *a: None)
+    resume_from = find_resume_checkpoint(cfg, proc.rank, say=quiet) if resume_target(cfg) else None
+    # the first process of each node resolves (downloads or converts) the model into that node's cache, then the
+    # others find it there; only rank 0 reads the weights, the others need config.json and the tokenizer
+    path = resolve_model(cfg.model) if proc.local_rank == 0 else None
+    barrier()
+    path = path or resolve_model(cfg.model)
+    if proc.main:
+        (Path(cfg.out_dir) / "rollouts").mkdir(parents=True, exist_ok=True)
+        print(json.dumps(asdict(cfg), indent=2))
+        (Path(cfg.out_dir) / "config.json").write_text(json.dumps({**asdict(cfg), "resolved_model_path": str(path)},
+                                                                  indent=2))
+    return path, resume_from
+
+
+def end_run(cfg: Config, proc: Dist, history: list[dict], stop: str, saved_at: Path | None) -> None:
+    """Ctrl-C exits 130 saying how to resume; otherwise the curve, why it stopped, and what to run next."""
+    ck = saved_at or latest_checkpoint(cfg)
+    if stop == "interrupted":
+        if proc.main:
+            saved = (f"the last checkpoint is {ck} (step {int(ck.name.split('_')[-1])})" if ck else "nothing was "
+                     f"saved yet (the first checkpoint comes at step {min(cfg.save_every, cfg.steps)})")
+            print(f"interrupted: {saved}; to continue:\n  {command_line(cfg, resume='True')}", file=sys.stderr)
+        raise SystemExit(130)
+    if proc.main:
+        if history:
+            plot_rewards(history, Path(cfg.out_dir) / "reward.png")
+        if stop:
+            print(stop, file=sys.stderr)
+        print(f"done: {len(history) and history[-1]['step']} steps; last checkpoint {ck}")
+        print(f"reward curve: {Path(cfg.out_dir) / 'reward.png'}; metrics: {Path(cfg.out_dir) / 'metrics.jsonl'}")
+        if ck is not None:
+            print(f"evaluate the trained checkpoint on the dev questions (greedy), then the base model beside it:\n"
+                  f"  {eval_command(cfg, str(ck / 'hf'))}\n  {eval_command(cfg, cfg.model)}")
+    if _is_dist():
+        dist.destroy_process_group()
 
 
 def main(cfg: Config) -> dict:
     """Run training; returns the last step's metrics (tests use it)."""
     validate(cfg)  # bad options, data, model path or out_dir stop here, before anything loads
-    d = setup_distributed(cfg.device)
+    proc = setup_distributed(cfg.device)
     if cfg.dry_run:
-        return dry_run(cfg, d)
-    if cfg.batch_size % d.world:
-        raise SystemExit(f"batch_size={cfg.batch_size} must be divisible by the world size {d.world}")
-    if cfg.cpu_offload and d.device.type != "cuda":
-        raise SystemExit("--cpu_offload=True moves FSDP's sharded state from GPU to host memory: it needs GPUs")
-    if cfg.kl_coef > 0 and cfg.kl_type != "low_var_kl":
-        raise SystemExit(f"kl_type={cfg.kl_type!r}: only low_var_kl (k3) is implemented")
-    rollout, RolloutConfig, Browser, BrowseConfig = _import_agent()  # fail before loading a model, not after
-    out = Path(cfg.out_dir)
-    if d.main and cfg.overwrite and resume_target(cfg) is None:
-        wipe_run(cfg)
-    barrier()
-    resume_from = find_resume_checkpoint(cfg, d.rank, say=print if d.main else (lambda *a: None)) \
-        if resume_target(cfg) else None
-    if d.main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "rollouts").mkdir(exist_ok=True)
-        print(json.dumps(asdict(cfg), indent=2))
-        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        return dry_run(cfg, proc)
+    path, resume_from = start_run(cfg, proc)
     torch.manual_seed(cfg.seed)
-    from transformers import AutoTokenizer
-
-    from model import resolve_model
-    from reward import reward
-    from rollout import END_REASONS
-
-    # the first process of each node resolves (downloads or converts) the model into that node's cache, then the
-    # others find it there; only rank 0 reads the weights, the others need config.json and the tokenizer
-    path = resolve_model(cfg.model) if d.local_rank == 0 else None
-    barrier()
-    path = path or resolve_model(cfg.model)
-    if d.main:  # record which folder the model name resolved to, next to the config
-        (out / "config.json").write_text(json.dumps({**asdict(cfg), "resolved_model_path": str(path)}, indent=2))
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = build_model(path, cfg, d)
-    ref_model = build_model(path, cfg, d, trainable=False) if cfg.kl_coef > 0 else None
+    model = build_model(path, cfg, proc)
+    ref_model = build_model(path, cfg, proc, trainable=False) if cfg.kl_coef > 0 else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   weight_decay=cfg.weight_decay, eps=1e-8)
     questions = load_questions(cfg.data)
-    start, history = 0, []
-    if resume_target(cfg):
-        if resume_from is None:
-            if d.main:
-                print(f"--resume={cfg.resume} but no checkpoint in {ckpt_root(cfg)}: starting from step 0")
-                _truncate_metrics(out / "metrics.jsonl", 0)  # steps logged before the run died unsaved
-        else:
-            state = load_checkpoint(resume_from, model, optimizer, d)
-            start, history = state["step"], state.get("history", [])
-            if d.main:
-                print(f"resumed from {resume_from} at step {start}")
-                _truncate_metrics(out / "metrics.jsonl", start)
-    rcfg = _subconfig(RolloutConfig, cfg)
-    browser = Browser(_subconfig(BrowseConfig, cfg))
+    start, history = start_state(cfg, proc, model, optimizer, resume_from) if resume_target(cfg) else (0, [])
+    rcfg, browser = subconfig(RolloutConfig, cfg), Browser(subconfig(BrowseConfig, cfg))
     dev = load_questions(cfg.eval_data)[: cfg.eval_n] if cfg.eval_every > 0 else []
     if dev and start == 0:  # the curve starts at the model we were given
-        history.append({"step": 0, "dev_f1": dev_f1(rollout, model, tokenizer, dev, browser, rcfg, d)})
-        if d.main:
+        history.append({"step": 0, "dev_f1": dev_f1(model, tokenizer, dev, browser, cfg, proc)})
+        if proc.main:
             print(f"step 0 | dev_f1 {history[-1]['dev_f1']:.4g} (greedy, {len(dev)} questions of {cfg.eval_data})")
-    logs = Loggers(cfg, d)
-    from tqdm import tqdm
-
-    bar = tqdm(range(start, cfg.steps), desc="train", disable=not d.main, initial=start, total=cfg.steps)
-    last, low_entropy, saved_at, stop = {}, 0, None, ""
+    logs, last, low_entropy, saved_at, stop = Loggers(cfg, proc), {}, 0, None, ""
     try:
-        for step in bar:
+        for step in tqdm(range(start, cfg.steps), desc="train", disable=not proc.main, initial=start,
+                         total=cfg.steps):
             t0 = time.perf_counter()
-            idx = batch_indices(len(questions), step, cfg.batch_size, cfg.seed)[d.rank:: d.world]
-            qs = [questions[i]["question"] for i in idx]
-            golds = [questions[i]["answers"] for i in idx]
-            if d.device.type == "cuda":
+            idx = batch_indices(len(questions), step, cfg.batch_size, cfg.seed)[proc.rank:: proc.world]
+            if proc.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            # ---- rollout on the unsharded policy (one all-gather for the whole rollout)
-            model.eval()
-            with torch.no_grad(), unsharded(model):
-                trajs = rollout(model, tokenizer, qs, golds, browser, rcfg, group_size=cfg.group_size,
-                                seed=rng_seed(cfg.seed, step, d.rank))
-            model.train()
+            with unsharded(model):  # one all-gather for the whole rollout
+                trajs = rollout(model, tokenizer, [questions[i]["question"] for i in idx],
+                                [questions[i]["answers"] for i in idx], browser, rcfg, group_size=cfg.group_size,
+                                seed=rng_seed(cfg.seed, step, proc.rank))
             t1 = time.perf_counter()
-            # ---- rewards and advantages (groups never straddle ranks: questions are sharded, not trajectories)
-            G = cfg.group_size
-            rews = [reward([t.text for t in tr.turns], tr.gold, protocol=cfg.protocol) for tr in trajs]
-            r = torch.tensor([x.score for x in rews], dtype=torch.float32)
-            # a trajectory the web (or the engine) ended says nothing about the policy: out of the loss and of its
-            # group's mean/std; a group left with fewer than 2 trajectories is skipped
-            infra = [cfg.mask_tool_failures and tr.end_reason in INFRA_END_REASONS for tr in trajs]
-            valid = torch.tensor([not x for x in infra], dtype=torch.bool)
-            adv = group_advantages(r, G, cfg.norm_adv_by_std, valid=valid)
-            zero_var = zero_variance_groups(r, G, valid=valid)
-            n_valid = valid.reshape(-1, G).sum(dim=1)  # (Q,)
-            skipped = (n_valid < 2) & (n_valid < G)  # (Q,) groups that masking left too small to compare
-            keep = [i for i in range(len(trajs)) if bool(valid[i]) and not bool(skipped[i // G])
-                    and not (cfg.filter_groups and bool(zero_var[i // G]))]
-            samples = [Sample(trajs[i].tokens, trajs[i].loss_mask, float(adv[i]), sampler_logp=trajs[i].logprobs)
-                       for i in keep]
-            # ---- update
-            um = update(model, optimizer, samples, cfg, d, step, ref_model)
-            t2 = time.perf_counter()
-            # ---- metrics (all-reduced: sums and counts over ranks)
-            n_sampled = sum(sum(tr.loss_mask) for tr in trajs)
-            tool_s = sum(getattr(t, "tool_s", 0.0) or 0.0 for tr in trajs for t in tr.turns)
-            # reward, f1, em and format_error are over the trajectories the policy is judged on (masked ones out)
-            vm = valid.to(torch.float32)
-            vals = [float((r * vm).sum()), float((r * r * vm).sum()), sum(x.f1 for x, v in zip(rews, valid) if v),
-                    sum(x.em for x, v in zip(rews, valid) if v), sum(not x.format_ok for x, v in zip(rews, valid) if v),
-                    float(vm.sum()), float(zero_var.sum()), len(zero_var),
-                    sum(len(tr.turns) for tr in trajs), sum(tr.stats.get("n_search", 0) for tr in trajs),
-                    sum(tr.stats.get("n_browse", 0) for tr in trajs), n_sampled,
-                    sum(len(tr.tokens) for tr in trajs), len(trajs), tool_s, sum(infra), float(skipped.sum())]
-            ends = [sum(tr.end_reason == e for tr in trajs) for e in END_REASONS]
-            (rs, rs2, f1s, ems, fe, nv, zv, ng, turns, ns, nbw, nsamp, ntot, N, tool_s, n_masked, n_skipped,
-             *ends) = all_reduce(vals + ends, "sum", _comm_device(d))
-            if d.device.type == "cuda":
-                peak = torch.cuda.max_memory_allocated() / 2**30
-            else:  # the process's peak resident memory (Linux reports KiB)
-                import resource
-
-                peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-            tg, tl, peak = all_reduce([t1 - t0, t2 - t1, peak], "max", _comm_device(d))
-            N, nv = max(N, 1.0), max(nv, 1.0)
-            mean = rs / nv
-            m = {"reward": mean, "reward_std": math.sqrt(max(rs2 / nv - mean * mean, 0.0)), "f1": f1s / nv,
-                 "em": ems / nv, "format_error": fe / nv, "zero_var_groups": zv / max(ng, 1.0), "turns": turns / N,
-                 "search_calls": ns / N, "browse_calls": nbw / N, "response_len": nsamp / N, "seq_len": ntot / N,
-                 "entropy": um["entropy"], "kl": um["kl"], "clipfrac": um["clipfrac"], "loss": um["loss"],
-                 "grad_norm": um["grad_norm"], "logp_diff": um["logp_diff"], "lr": lr_at(step, cfg), "time_rollout": tg,
-                 "time_tools_sum": tool_s / d.world, "time_learn": tl,
-                 "tok_per_s": (nsamp + um["train_tokens"]) / max(tg + tl, 1e-9), "peak_mem_gib": peak,
-                 **{f"end_{e}": int(c) for e, c in zip(END_REASONS, ends)},
-                 "masked_tool_failures": int(n_masked), "skipped_groups": int(n_skipped)}
+            batch = build_samples(trajs, cfg)
+            upd = update(model, optimizer, batch.samples, cfg, proc, step, ref_model)
+            seconds = {"time_rollout": t1 - t0, "time_learn": time.perf_counter() - t1}
+            last = step_metrics(batch, upd, seconds, cfg, proc, step)
             if dev and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
-                m["dev_f1"] = dev_f1(rollout, model, tokenizer, dev, browser, rcfg, d)
-            last = m
-            history.append({"step": step + 1, **{k: m.get(k) for k in ("reward", "f1", "format_error", "dev_f1")}})
-            if d.main:
-                tqdm.write(format_line(step + 1, m))
-                logs.log(step + 1, m)
-                dump = [trajectory_record(trajs[i], rews[i], float(adv[i]), tokenizer)
-                        for i in range(min(cfg.n_log_rollouts, len(trajs)))]
-                with open(out / "rollouts" / f"step_{step + 1:06d}.jsonl", "w", encoding="utf-8") as fh:
-                    fh.writelines(json.dumps(x, ensure_ascii=False) + "\n" for x in dump)
-                if cfg.plot_every and (step + 1) % cfg.plot_every == 0:
-                    plot_rewards(history, out / "reward.png")
-            # ---- health checks (the metrics are all-reduced, so every rank takes the same decision)
-            if not um["finite"] or not all(math.isfinite(m[k]) for k in ("loss", "reward", "entropy")):
+                last["dev_f1"] = dev_f1(model, tokenizer, dev, browser, cfg, proc)
+            log_step(step + 1, last, batch, tokenizer, history, logs, cfg, proc)
+            # health checks: the metrics are all-reduced, so every rank takes the same decision
+            if not upd["finite"] or not all(math.isfinite(last[k]) for k in ("loss", "reward", "entropy")):
                 stop = (f"step {step + 1}: loss or gradient is NaN/inf; the update was not applied. Stopping; the "
                         f"last good checkpoint is {latest_checkpoint(cfg)}. Lower --lr or check the data.")
                 break
-            low_entropy = low_entropy + 1 if um["train_tokens"] and m["entropy"] < cfg.min_entropy else 0
+            low_entropy = low_entropy + 1 if upd["train_tokens"] and last["entropy"] < cfg.min_entropy else 0
             if low_entropy >= 3:
-                stop = (f"step {step + 1}: entropy {m['entropy']:.2e} < min_entropy={cfg.min_entropy} for 3 steps "
-                        f"(the policy collapsed to near-deterministic outputs). Stopping.")
+                stop = (f"step {step + 1}: entropy {last['entropy']:.2e} < min_entropy={cfg.min_entropy} for 3 "
+                        f"steps (the policy collapsed to near-deterministic outputs). Stopping.")
             if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps or stop:
-                saved_at = save_checkpoint(model, optimizer, tokenizer, cfg, d, step + 1, history)
+                saved_at = save_checkpoint(model, optimizer, tokenizer, cfg, proc, step + 1, history)
             if stop:
                 break
-    except KeyboardInterrupt:  # Ctrl-C: no traceback; say what is on disk and how to go on (exit code 130 below)
+    except KeyboardInterrupt:  # Ctrl-C: no traceback; say what is on disk and how to go on (exit code 130)
         stop = "interrupted"
     finally:
         browser.close()
         logs.close()
-    if stop == "interrupted":
-        if d.main:
-            print(interrupted_message(cfg, latest_checkpoint(cfg)), file=sys.stderr)
-        raise SystemExit(130)
-    if d.main:
-        if history:
-            plot_rewards(history, out / "reward.png")
-        if stop:
-            print(stop, file=sys.stderr)
-        ck = saved_at or latest_checkpoint(cfg)
-        print(f"done: {len(history) and history[-1]['step']} steps; last checkpoint {ck}")
-        print(next_steps(cfg, ck))
-    if _is_dist():
-        dist.destroy_process_group()
+    end_run(cfg, proc, history, stop, saved_at)
     return last
 
 

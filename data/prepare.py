@@ -34,7 +34,7 @@ import json
 import os
 import random
 import sys
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -222,18 +222,10 @@ class Config:
 
 
 def parse_args(argv: list[str]) -> Config:
-    """`--key=value` into Config (typed, unknown keys rejected); `--from` is an alias of `src`."""
-    cfg = Config()
-    types = {f.name: f.type for f in fields(Config)}
-    for arg in argv:
-        if not arg.startswith("--") or "=" not in arg:
-            raise SystemExit(f"expected --key=value, got {arg!r}")
-        key, val = arg[2:].split("=", 1)
-        key = "src" if key == "from" else key
-        if key not in types:
-            raise SystemExit(f"unknown option --{key}; known: {', '.join(sorted(types))}")
-        setattr(cfg, key, int(val) if types[key] in ("int", int) else val)
-    return cfg
+    """train.py's parser (typed, unknown keys rejected, --help); `--from` is an alias of `src`."""
+    from train import parse_config  # lazily: train.py imports this file
+
+    return parse_config(Config, ["--src=" + a[7:] if a.startswith("--from=") else a for a in argv])
 
 
 def main(cfg: Config) -> list[dict]:

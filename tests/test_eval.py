@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import eval as ev
+from test_train import AGENT_NAMES, use_agent
 
 DEV = Path(__file__).resolve().parents[2] / "shared" / "held_out_data" / "dev.parquet"
 needs_dev = pytest.mark.skipif(not DEV.exists(), reason="../shared/held_out_data/dev.parquet not present")
@@ -101,8 +102,7 @@ class FakeBrowser:
 @pytest.fixture
 def fake_agent(monkeypatch):
     agent = FakeAgent()
-    monkeypatch.setattr(ev, "_agent_modules",
-                        lambda: (agent.rollout, FakeRolloutConfig, FakeBrowser, FakeBrowseConfig))
+    use_agent(monkeypatch, lambda: (agent.rollout, FakeRolloutConfig, FakeBrowser, FakeBrowseConfig), ev)
     return agent
 
 
@@ -156,8 +156,7 @@ def test_run_resume_and_crash(tmp_path, fake_agent, monkeypatch):
     assert "**overall**" in md and "F1 (ref)" in md and "tq" in md
     # a longer run skips the 6 finished ids; it crashes after one more batch of 4 ...
     crashing = FakeAgent(fail_after=4)
-    monkeypatch.setattr(ev, "_agent_modules",
-                        lambda: (crashing.rollout, FakeRolloutConfig, FakeBrowser, FakeBrowseConfig))
+    use_agent(monkeypatch, lambda: (crashing.rollout, FakeRolloutConfig, FakeBrowser, FakeBrowseConfig), ev)
     with pytest.raises(KeyboardInterrupt):
         ev.main(make_cfg(tmp_path, limit=14, batch_size=4))
     assert len(ev.load_records(out / "trajectories.jsonl")) == 10  # the finished batch was saved
@@ -165,8 +164,7 @@ def test_run_resume_and_crash(tmp_path, fake_agent, monkeypatch):
         fh.write('{"id": "torn", "sour')
     # ... then a restart runs only the last 4
     again = FakeAgent()
-    monkeypatch.setattr(ev, "_agent_modules",
-                        lambda: (again.rollout, FakeRolloutConfig, FakeBrowser, FakeBrowseConfig))
+    use_agent(monkeypatch, lambda: (again.rollout, FakeRolloutConfig, FakeBrowser, FakeBrowseConfig), ev)
     s = ev.main(make_cfg(tmp_path, limit=14, batch_size=4))
     assert len(again.seen) == 4 and s["metrics"]["overall"]["n"] == 14
     lines = (out / "trajectories.jsonl").read_text().splitlines()
@@ -286,7 +284,8 @@ sys.path[:0] = [{str(tests.parent)!r}, {str(tests)!r}]
 import eval as ev
 import test_eval as te
 agent = te.FakeAgent()
-ev._agent_modules = lambda: (agent.rollout, te.FakeRolloutConfig, te.FakeBrowser, te.FakeBrowseConfig)
+for name, value in zip(te.AGENT_NAMES, (agent.rollout, te.FakeRolloutConfig, te.FakeBrowser, te.FakeBrowseConfig)):
+    setattr(ev, name, value)
 ev.main(ev.parse_config(ev.Config, sys.argv[1:], ev.PRESETS))
 print("SEEN", len(agent.seen), flush=True)
 """)
@@ -325,7 +324,7 @@ class StubBrowser:
 @needs_dev
 def test_real_agent_loop_with_stub_browser(tmp_path, monkeypatch):
     from rollout import RolloutConfig, rollout
-    monkeypatch.setattr(ev, "_agent_modules", lambda: (rollout, RolloutConfig, StubBrowser, FakeBrowseConfig))
+    use_agent(monkeypatch, lambda: (rollout, RolloutConfig, StubBrowser, FakeBrowseConfig), ev)
     cfg = make_cfg(tmp_path, limit=4, batch_size=4)
     s = ev.main(cfg)
     assert s["metrics"]["overall"]["n"] == 4

@@ -155,17 +155,26 @@ def test_deepresearcher_presets_keep_the_references_rules():
     """Both deepresearcher presets: a malformed call ends the trajectory (-1), every turn opens with <think>, and
     one web_search observation shows all 3 queries x 10 results at the snippet length, uncut, within obs_chars."""
     import eval as ev
-    from browse import SearchResult, render_search
+    from browse import BrowseConfig, Browser, SearchResult
+
+    class TenResults:  # Google titles run to ~70 characters and result URLs rarely beyond 100
+        def search(self, queries):
+            return [[SearchResult("T" * 70, f"https://example.org/{q[:3]}{i}" + "u" * 80, "s" * 300, i + 1)
+                     for i in range(10)] for q in queries]
+
+        def close(self):
+            pass
 
     cfgs = [parse_config(Config, ["--preset=deepresearcher"], PRESETS),
             ev.parse_config(ev.Config, ["--preset=deepresearcher"], ev.PRESETS)]
     for cfg in cfgs:
         assert cfg.on_bad_call == "end" and cfg.turn_prefix_every == "<think>" and cfg.turn_prefixes == ""
         assert cfg.protocol == "dr" and cfg.top_k == 10
-        # Google titles run to ~70 characters and result URLs rarely beyond 100
-        res = [[SearchResult("T" * 70, "https://example.org/" + "u" * 80, "s" * cfg.snippet_chars, i + 1)
-                for i in range(cfg.top_k)] for _ in range(3)]
-        obs = render_search(["q" * 40] * 3, res, cfg.snippet_chars, cfg.obs_chars)
+        browser = Browser(train.subconfig(BrowseConfig, cfg, reader="extract"), backend=TenResults())
+        try:  # the observation the policy sees, through the session it calls
+            obs = browser.session("q").web_search([f"{i}" + "q" * 39 for i in range(3)])
+        finally:
+            browser.close()
         assert "..." not in obs and obs.count("https://example.org/") == 30 and len(obs) <= cfg.obs_chars
         assert cfg.snippet_chars >= 300
         # ~4 characters per token: 3 such observations still fit the context after the prompt and 4 turns
@@ -340,7 +349,7 @@ def test_update_equals_one_step_on_the_full_batch_loss(tiny_qwen2):
     cfg = Config(micro_tokens=16, grad_clip=0.0, lr=0.5, temperature=1.0)
     train.update(ours, torch.optim.SGD(ours.parameters(), lr=0.5), samples, cfg, train.Dist(), step=0)
     ref = Transformer.from_pretrained(tiny_qwen2)
-    tok, msk, adv, _, _ = train.collate(samples, "cpu")
+    tok, msk, adv = train.collate(samples, "cpu")[:3]
     logp, _ = token_logprobs(ref, tok, msk)
     loss, _ = policy_loss(logp, logp.detach(), adv, msk[:, 1:], loss_agg="token-mean")
     loss.backward()
@@ -357,8 +366,7 @@ def test_dry_run_deepresearcher_estimate():
         gib["grads (fp32, sharded)"] < 16  # 7.6 B params x 16 bytes / 8
     assert gib["rollout: unsharded bf16 weights"] == pytest.approx(7.6e9 * 2 / 2**30, rel=0.05)
     assert gib["reference model (bf16, sharded)"] > 0
-    cfg0 = dataclasses.replace(cfg, kl_coef=0.0)
-    assert train.estimate_memory(cfg0, 8, train.model_config_for(cfg.model))["reference model (bf16, sharded)"] == 0
+    assert train.dry_run(dataclasses.replace(cfg, kl_coef=0.0), train.Dist())["reference model (bf16, sharded)"] == 0
 
 
 # ---------------------------------------------------------------------------------------------------- the loop
@@ -450,6 +458,15 @@ def fake_agent():
     return fake_rollout, FakeRolloutConfig, FakeBrowser, FakeBrowseConfig
 
 
+AGENT_NAMES = ("rollout", "RolloutConfig", "Browser", "BrowseConfig")  # train.py's (and eval.py's) agent seams
+
+
+def use_agent(monkeypatch, parts, module=train):
+    """Swap the agent's module-level names in train.py (or eval.py) for `parts()`: fakes, stubs or the real ones."""
+    for name, value in zip(AGENT_NAMES, parts()):
+        monkeypatch.setattr(module, name, value)
+
+
 def test_tool_failures_are_masked_from_the_loss(tmp_path, tiny_qwen2, monkeypatch):
     """A trajectory that ended because the web failed gets no loss weight and leaves its group's mean/std; the
     counts per end reason reach metrics.jsonl."""
@@ -468,10 +485,11 @@ def test_tool_failures_are_masked_from_the_loss(tmp_path, tiny_qwen2, monkeypatc
         return real_update(model, optimizer, samples, cfg, d, step, ref_model, show_progress)
 
     real_update = train.update
-    monkeypatch.setattr(train, "_import_agent", lambda: (flaky_rollout, FakeRolloutConfig, FakeBrowser,
+    use_agent(monkeypatch, lambda: (flaky_rollout, FakeRolloutConfig, FakeBrowser,
                                                          FakeBrowseConfig))
     monkeypatch.setattr(train, "update", spy_update)
-    m = train.main(parse_config(Config, _cfg(tmp_path, tiny_qwen2, steps=1, group_size=3, batch_size=2), PRESETS))
+    args = _cfg(tmp_path, tiny_qwen2, steps=1, group_size=3, batch_size=2, eval_every=0)  # no dev rollout after it
+    m = train.main(parse_config(Config, args, PRESETS))
     trajs, samples = seen["trajs"], seen["samples"]
     assert len(trajs) == 6 and len(samples) == 5 and samples[1].tokens == trajs[2].tokens  # row 1 is gone
     r = torch.tensor([reward([t.text for t in tr.turns], tr.gold).score for tr in trajs])
@@ -501,7 +519,7 @@ def test_loop_resume_exact_and_hf_export(tmp_path, tiny_qwen2, monkeypatch):
 
     from model import Transformer
 
-    monkeypatch.setattr(train, "_import_agent", fake_agent)
+    use_agent(monkeypatch, fake_agent)
     a, b = tmp_path / "a", tmp_path / "b"
     m = train.main(parse_config(Config, _cfg(a, tiny_qwen2, steps=3), PRESETS))
     assert math.isfinite(m["loss"]) and 0 <= m["format_error"] <= 1
@@ -536,7 +554,7 @@ def test_loop_resume_exact_and_hf_export(tmp_path, tiny_qwen2, monkeypatch):
 
 
 def test_nan_stops_cleanly(tmp_path, tiny_qwen2, monkeypatch):
-    monkeypatch.setattr(train, "_import_agent", fake_agent)
+    use_agent(monkeypatch, fake_agent)
     real = train.policy_loss
 
     def nan_loss(*a, **k):
@@ -586,10 +604,9 @@ LAUNCH = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     sys.path.insert(0, {root!r})
     import train, test_train
-    if {agent!r} == "fake":
-        train._import_agent = test_train.fake_agent
-    elif {agent!r} == "stub_browser":
-        train._import_agent = test_train.real_rollout_stub_browser
+    parts = {{"fake": test_train.fake_agent, "stub_browser": test_train.real_rollout_stub_browser}}.get({agent!r})
+    for name, value in zip(test_train.AGENT_NAMES, parts() if parts else ()):
+        setattr(train, name, value)
     train.main(train.parse_config(train.Config, sys.argv[1:], train.PRESETS))
 """)
 
@@ -628,7 +645,7 @@ def test_tiny_preset_real_agent(tmp_path):
 def test_kl_entropy_minibatches_filter_single_process(tmp_path, tiny_qwen2, monkeypatch):
     """The reference model (kl_coef > 0), entropy bonus, 2 mini-batches x 2 epochs (logp_old recomputed) and
     zero-variance filtering all run; the reference model is not built when kl_coef == 0."""
-    monkeypatch.setattr(train, "_import_agent", fake_agent)
+    use_agent(monkeypatch, fake_agent)
     built = []
     real_build = train.build_model
 
@@ -673,7 +690,7 @@ def test_torchrun_real_rollout_resume_exact(tmp_path, tiny_qwen2):
 
 
 def test_entropy_collapse_stops_with_a_checkpoint(tmp_path, tiny_qwen2, monkeypatch):
-    monkeypatch.setattr(train, "_import_agent", fake_agent)
+    use_agent(monkeypatch, fake_agent)
     train.main(parse_config(Config, _cfg(tmp_path, tiny_qwen2, steps=6, save_every=100, min_entropy=1e9),
                             PRESETS))
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 3  # 3 low-entropy steps, then stop

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import train
-from test_train import FakeBrowseConfig, StubBrowser, _cfg, _hf_weights, fake_agent
+from test_train import FakeBrowseConfig, StubBrowser, _cfg, _hf_weights, fake_agent, use_agent
 from train import PRESETS, Config, parse_config
 
 
@@ -52,7 +52,7 @@ def test_bad_input_fails_at_startup_in_one_line(case, tmp_path, tiny_qwen2, monk
         raise AssertionError("a model was loaded before the input was checked")
 
     monkeypatch.setattr(train, "build_model", no_model)
-    monkeypatch.setattr(train, "_import_agent", fake_agent)
+    use_agent(monkeypatch, fake_agent)
     kw, pattern = _bad_inputs(tmp_path)[case]
     with pytest.raises(SystemExit) as ex:
         _main(_cfg(tmp_path / "out", kw.pop("model", tiny_qwen2), **kw))
@@ -75,7 +75,7 @@ def test_load_examples_names_file_and_line(tmp_path):
 # ---------------------------------------------------------------------------------------------------- run hygiene
 
 def test_existing_run_is_refused_unless_resume_or_overwrite(tmp_path, tiny_qwen2, monkeypatch, capsys):
-    monkeypatch.setattr(train, "_import_agent", fake_agent)
+    use_agent(monkeypatch, fake_agent)
     out = tmp_path / "run"
     _main(_cfg(out, tiny_qwen2, steps=1))
     printed = capsys.readouterr().out  # the end of a run says what to do next
@@ -91,7 +91,7 @@ def test_existing_run_is_refused_unless_resume_or_overwrite(tmp_path, tiny_qwen2
 def test_disk_full_at_save_keeps_previous_checkpoint(tmp_path, tiny_qwen2, monkeypatch):
     import torch.distributed.checkpoint as dcp
 
-    monkeypatch.setattr(train, "_import_agent", fake_agent)
+    use_agent(monkeypatch, fake_agent)
     real_save, calls = dcp.save, []
 
     def save(*a, **k):  # the second save finds the disk full half way
@@ -114,8 +114,8 @@ def test_disk_full_at_save_keeps_previous_checkpoint(tmp_path, tiny_qwen2, monke
 def _varying(real):
     """The real reward with a score that varies within groups (a tiny random model never gets the format right, so
     its real rewards are all -1 and no step would change the weights). A pure function of the texts: reproducible."""
-    def reward(texts, gold):
-        return dataclasses.replace(real(texts, gold), score=(sum(map(ord, "".join(texts))) % 3) / 2)
+    def reward(texts, gold, **kw):
+        return dataclasses.replace(real(texts, gold, **kw), score=(sum(map(ord, "".join(texts))) % 3) / 2)
     return reward
 
 
@@ -128,11 +128,9 @@ def test_ctrl_c_then_resume_is_bit_identical_over_weight_changing_steps(tmp_path
     """The tiny preset with the real engine and agent loop (stub web), a reward that varies within groups: every
     step moves the weights; Ctrl-C during step 3 exits 130 saying how to resume; the resumed run ends bit-identical
     to the uninterrupted one."""
-    import reward as rw
-
-    monkeypatch.setattr(rw, "reward", _varying(rw.reward))
-    monkeypatch.setattr(train, "_import_agent", _real_agent_stub_web)
-    kw = dict(steps=3, save_every=1, keep_last=3, max_new_tokens=16, micro_tokens=2048)
+    monkeypatch.setattr(train, "reward", _varying(train.reward))
+    use_agent(monkeypatch, _real_agent_stub_web)
+    kw = dict(steps=3, save_every=1, keep_last=3, max_new_tokens=16, micro_tokens=2048, eval_every=0)  # rollouts: steps
     a, b = tmp_path / "a", tmp_path / "b"
     _main(_cfg(a, tiny_qwen2, **kw))
     ws = [_hf_weights(a / "ckpt" / f"step_{s:06d}") for s in (1, 2, 3)]
@@ -154,14 +152,14 @@ def test_ctrl_c_then_resume_is_bit_identical_over_weight_changing_steps(tmp_path
             raise KeyboardInterrupt
         return rollout(*args, **kwargs)
 
-    monkeypatch.setattr(train, "_import_agent", lambda: (interrupted, RolloutConfig, Browser, BrowseConfig))
+    use_agent(monkeypatch, lambda: (interrupted, RolloutConfig, Browser, BrowseConfig))
     capsys.readouterr()
     with pytest.raises(SystemExit) as ex:
         _main(_cfg(b, tiny_qwen2, **kw))
     assert ex.value.code == 130
     err = capsys.readouterr().err
     assert "interrupted" in err and "step_000002" in err and "--resume=True" in err
-    monkeypatch.setattr(train, "_import_agent", _real_agent_stub_web)
+    use_agent(monkeypatch, _real_agent_stub_web)
     _main(_cfg(b, tiny_qwen2, **kw, resume=True))
     wb = _hf_weights(b / "ckpt" / "step_000003")
     assert wb.keys() == ws[2].keys() and all(torch.equal(wb[k], ws[2][k]) for k in wb)
@@ -170,7 +168,7 @@ def test_ctrl_c_then_resume_is_bit_identical_over_weight_changing_steps(tmp_path
 
 @pytest.mark.parametrize("damage", ["distcp", "state", "rng", "metadata"])
 def test_damaged_checkpoint_is_named_and_skipped(damage, tmp_path, tiny_qwen2, monkeypatch, capsys):
-    monkeypatch.setattr(train, "_import_agent", fake_agent)
+    use_agent(monkeypatch, fake_agent)
     out = tmp_path / "run"
     _main(_cfg(out, tiny_qwen2, steps=2, save_every=1, keep_last=2))
     last = out / "ckpt" / "step_000002"
@@ -216,7 +214,7 @@ def test_eval_resume_refuses_another_models_trajectories(tmp_path, tiny_qwen2, m
     from test_eval import FakeAgent, FakeBrowser, FakeBrowseConfig as EvBrowseConfig, FakeRolloutConfig
 
     agent = FakeAgent()
-    monkeypatch.setattr(ev, "_agent_modules", lambda: (agent.rollout, FakeRolloutConfig, FakeBrowser, EvBrowseConfig))
+    use_agent(monkeypatch, lambda: (agent.rollout, FakeRolloutConfig, FakeBrowser, EvBrowseConfig), ev)
     out = tmp_path / "eval"
     args = ["--preset=tiny", "--limit=4", f"--out_dir={out}"]
     ev.main(ev.parse_config(ev.Config, args, ev.PRESETS))
