@@ -186,7 +186,11 @@ class Engine:
         self._pieces: dict[int, str] = {}  # token id -> its text alone (stop-string pre-check)
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self._graphs: dict = {}  # (batch bucket, table width) -> captured graph
-        self._static: dict | None = None  # the graphs' input/output buffers
+        n = self._buckets(n_slots, 1)[0]  # the decode step's buffers, for every bucket (a view of the first rows)
+        self._static = dict(tok=torch.zeros(n, 1, dtype=torch.long, device=self.device),
+                            pos=torch.zeros(n, 1, dtype=torch.long, device=self.device),
+                            table=torch.zeros(n, self.max_blocks, dtype=torch.long, device=self.device),
+                            out=torch.zeros(n, cfg.vocab_size, dtype=p.dtype, device=self.device))
         self._pool = None
 
     # -------------------------------------------------------------------------------------------- bookkeeping
@@ -393,53 +397,39 @@ class Engine:
         return done
 
     def _decode(self, rows: list[int]) -> None:
+        """The decode forward over static buffers: run eagerly, or (cuda_graphs) the replay of a graph captured once
+        per (batch, table width) bucket. A bucket's padding rows run on the scratch block (token 0 at position 0, a
+        table of zeros), so they write and read nothing real."""
         slots = [self.slots[r] for r in rows]
         self._reserve(rows, [s.cached + 1 for s in slots])  # the pending token may open a new block
-        width = max(len(s.blocks) for s in slots)
-        toks = torch.tensor([s.pending for s in slots], device=self.device)  # (B,)
-        pos = torch.tensor([s.cached for s in slots], device=self.device)  # (B,)
-        idx = torch.tensor(rows, device=self.device)
+        B, width = len(rows), max(len(s.blocks) for s in slots)
+        Bb, W = self._buckets(B, width) if self.cuda_graphs else (B, width)
+        st = self._static
+        # Logits go to the one static output, so a graph keeps no (Bb, V) tensor of its own alive.
+        run = lambda: st["out"][:Bb].copy_(self.model(  # noqa: E731
+            st["tok"][:Bb], positions=st["pos"][:Bb], cache=self.cache, block_table=st["table"][:Bb, :W])[:, -1])
+        if self.cuda_graphs and (Bb, W) not in self._graphs:
+            for v in st.values():  # the warm-up really runs: make it write to the scratch block only
+                v.zero_()
+            self._graphs[(Bb, W)] = self._capture(run)
+        for v in (st["tok"], st["pos"], st["table"]):
+            v[B:Bb].zero_()
+        st["tok"][:B, 0] = torch.tensor([s.pending for s in slots], device=self.device)
+        st["pos"][:B, 0] = torch.tensor([s.cached for s in slots], device=self.device)
+        st["table"][:B, :W] = self.table[torch.tensor(rows, device=self.device), :W]
         if self.cuda_graphs:
-            logits = self._replay(idx, toks, pos, width)  # (B, V)
+            self._graphs[(Bb, W)].replay()
         else:
-            logits = self.model(toks[:, None], positions=pos[:, None], cache=self.cache,
-                                block_table=self.table[idx, :width])[:, -1]  # (B, V)
+            run()
         for s in slots:
             s.cached += 1
-        self._sample(rows, logits)
+        self._sample(rows, st["out"][:B])  # (B, V)
 
     # ------------------------------------------------------------------------------------------- CUDA graphs
     def _buckets(self, B: int, width: int) -> tuple[int, int]:
         """Graph sizes: batch 1, 2, 4, 8, then multiples of 16; table width a power of two (<= max_blocks)."""
         Bb = next(b for b in (1, 2, 4, 8) if b >= B) if B <= 8 else -(-B // 16) * 16
         return Bb, min(self.max_blocks, 1 << (width - 1).bit_length())
-
-    def _replay(self, idx: torch.Tensor, toks: torch.Tensor, pos: torch.Tensor, width: int) -> torch.Tensor:
-        """The decode forward through a captured graph over static buffers; a bucket's padding rows run on the
-        scratch block (token 0 at position 0, a table of zeros), so they write and read nothing real."""
-        B = toks.shape[0]
-        Bb, W = self._buckets(B, width)
-        if self._static is None:  # shared by every graph (a graph uses a view of the first rows)
-            n, dev = self._buckets(self.n_slots, 1)[0], self.device
-            self._static = dict(tok=torch.zeros(n, 1, dtype=torch.long, device=dev),
-                                pos=torch.zeros(n, 1, dtype=torch.long, device=dev),
-                                table=torch.zeros(n, self.max_blocks, dtype=torch.long, device=dev),
-                                out=torch.zeros(n, self.model.config.vocab_size, dtype=self.cache.k.dtype, device=dev))
-        st = self._static
-        if (Bb, W) not in self._graphs:
-            for v in st.values():  # the warm-up really runs: make it write to the scratch block only
-                v.zero_()
-            # Logits go to the one static output, so a graph keeps no (Bb, V) tensor of its own alive.
-            self._graphs[(Bb, W)] = self._capture(lambda: st["out"][:Bb].copy_(self.model(
-                st["tok"][:Bb], positions=st["pos"][:Bb], cache=self.cache, block_table=st["table"][:Bb, :W])[:, -1]))
-        st["tok"][B:Bb].zero_()
-        st["pos"][B:Bb].zero_()
-        st["table"][:Bb, :W].zero_()
-        st["tok"][:B, 0] = toks
-        st["pos"][:B, 0] = pos
-        st["table"][:B, :W] = self.table[idx, :W]
-        self._graphs[(Bb, W)].replay()
-        return st["out"][:B]  # (B, V)
 
     def _capture(self, run):
         """Warm `run` up on a side stream (lazy inits, cuBLAS workspaces), then capture it in a CUDA graph."""
