@@ -3,14 +3,11 @@
 Part 1, the engine (`Engine`, `generate`). A paged KV cache (`model.KVCache`, an argument of `model(...)`): one pool
 of `block_size`-token blocks for all layers, a block table and a length per row and a refcount per block, so memory
 follows the tokens rows hold (`kv_tokens` sizes the pool far below n_slots x max_len). A row is free, decoding or
-parked. `submit` prefills prompts in one ragged call; a GRPO group (n=G) shares its prompt's full blocks by
-reference. `step` decodes one token for every decoding row; a row that hits a stop id, a stop string, its token
-limit or the end of its cache is parked with its cache intact; `append` prefills forced tokens (a tool observation)
-at that row's own offset and the row decodes a new turn; `release` frees the slot for the next prompt (continuous
-batching). A full pool is an error with the numbers, never an overwrite. A row's last sampled token enters the
-cache only with the next forward, so a turn's stop token costs no extra forward. Every token comes with its
-log-probability under the sampling distribution (temperature applied, before top-p/top-k truncation: what the
-trainer recomputes).
+parked: `submit` (a GRPO group shares its prompt's full blocks by reference), `step`, `append` (forced tokens at the
+row's own offset), `release` (continuous batching). A full pool is an error with the numbers, never an overwrite. A
+row's last sampled token enters the cache only with the next forward, so a turn's stop token costs no extra forward.
+Every token comes with its log-probability under the sampling distribution (temperature applied, before top-p/top-k
+truncation: what the trainer recomputes).
 Randomness: each row has its own `torch.Generator`, seeded from (engine seed, row key), and samples by Gumbel-max, so
 its tokens do not depend on which rows share its batches or when tool calls return. Its logits still differ in the
 last bits with the batch (kernels block their sums by batch size), so logprobs agree to ~1e-5 on CPU and a near-tie
@@ -24,10 +21,9 @@ trajectory frees its slot for the next queued question (a group of G rows, its p
 Token exactness: `Trajectory.tokens` is exactly the engine's cache content; `loss_mask` is 1 exactly on sampled
 tokens and `logprobs` are the engine's there. Nothing is re-rendered or re-tokenised; only the policy's own turn
 text is parsed, so tags inside web text cannot end a trajectory or fake an answer.
-Tool-call protocols (`RolloutConfig.protocol`): `dr` (the reference) is `<tool_call>{"name": "web_search",
-"arguments": {"query": ["q1", "q2"]}}</tool_call>` (browse_webpage takes "url_list"); `tags` (lighter, small models
-learn it faster) is `<search>q1 | q2</search>` / `<browse>url1 | url2</browse>`. Tools are described in the system
-text, not through a template's `tools=`, so templates without tool support (SmolLM2's ChatML) work too.
+Tool-call protocols (`RolloutConfig.protocol`): `dr` (the reference, `<tool_call>{JSON}</tool_call>`) and `tags`
+(`<search>q1 | q2</search>`, lighter: small models learn it faster), described in the system text, not through a
+template's `tools=`, so templates without tool support (SmolLM2's ChatML) work too.
 End reasons (`Trajectory.end_reason`, exactly one each): "answer"; "max_turns" (a call after the last turn is not
 run); "bad_call" (a malformed call under on_bad_call="end"; "error_observation" answers it with an error message
 and goes on); "format_error" (neither a call nor an answer); "context_limit" (the cache is full, or an observation
