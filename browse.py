@@ -5,18 +5,13 @@
   `Observation` (a str) whose `.failed` says the web failed for reasons outside the policy's control (timeouts, 5xx,
   quota, network on every query or page of the call); rollout.py ends such a trajectory as "tool_failure". Only URLs
   from the trajectory's most recent search are readable (the reference rule).
-- Search back ends (`make_backend`), errors as values, one per query: `serper` (Google, key in $SERPER_API_KEY),
-  `searxng` (a SearXNG instance's JSON API) and `local` (BM25 over ~10k embedded Wikipedia summaries served as HTML
-  on 127.0.0.1 by data/localweb.py, under port-free `http://localweb/wiki/<id>` URLs). HTTP: a timeout on every
-  request, 429/5xx retried with jittered backoff and Retry-After, 401/403 at once; a key never appears in a message.
+- Search back ends (`make_backend`), errors as values, one per query: `serper` (Google), `searxng` and `local`
+  (BM25 over ~10k embedded Wikipedia summaries served as HTML on 127.0.0.1 by data/localweb.py).
 - `fetch(url) -> FetchResult` never raises: http(s) only, private addresses refused on every redirect hop, one
   wall-clock deadline over the whole fetch, a byte cap; HTML (trafilatura), text and PDF to readable text.
-  `Fetcher` adds a thread pool, a per-host limit, the cache and stats.
 - Readers take a page in `chunk_chars` chunks, resume where the last call stopped and return only new information:
-  `extract` (default, no model: BM25 over the chunk's passages) or `llm` (an OpenAI-compatible endpoint that
-  extracts, decides whether to read on and keeps a short summary per search).
-- `Cache`: one SQLite (WAL) file that records searches, pages and readings and replays them; modes live, record,
-  replay (a miss raises `CacheMiss`), replay_or_live.
+  `extract` (default, no model: BM25 over the chunk's passages) or `llm` (an OpenAI-compatible endpoint).
+- `Cache`: one SQLite file that records searches, pages and readings and replays them.
 
 What it does not do: no dense retrieval, JavaScript, cookies or torch; nothing of a page but its readable text
 reaches the policy. A DNS answer that changes between the address check and the connection (rebinding) is not
@@ -641,37 +636,23 @@ def check_url(url: str, allow_private: bool = False, allow_hosts=()) -> tuple[st
     return None
 
 
-class _DeadlineReader(io.RawIOBase):
-    """A response's socket reader (`raw`, the socket's SocketIO), each read bounded by the time left to the fetch()
-    this thread runs. A socket timeout restarts at every byte, so a server that trickles its status line, headers or
-    body would hold the thread for hours; here one wall-clock deadline covers them all, with no extra thread."""
-
-    def __init__(self, raw, sock, deadline: float):
-        self.raw, self.sock, self.deadline = raw, sock, deadline
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buf) -> int:
-        left = self.deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError("the fetch deadline passed")
-        self.sock.settimeout(left)
-        return self.raw.readinto(buf)
-
-    def close(self) -> None:
-        super().close()
-        self.raw.close()  # (the socket closes once its last reader has)
-
-
 @functools.cache
 def _deadline_pools() -> dict:
-    """urllib3 pool classes whose responses read through a _DeadlineReader while their thread runs a fetch()."""
+    """urllib3 pool classes whose responses read the socket under the deadline of the fetch() their thread runs. A
+    socket timeout restarts at every byte, so a server that trickles its status line, headers or body would hold the
+    thread for hours; here each read waits at most the time left, and one deadline covers them all."""
     class Response(http.client.HTTPResponse):
         def __init__(self, sock, *a, **kw):
-            super().__init__(sock, *a, **kw)
-            if getattr(_thread, "deadline", None) is not None:
-                self.fp = io.BufferedReader(_DeadlineReader(self.fp.detach(), sock, _thread.deadline))
+            super().__init__(sock, *a, **kw)  # (reads nothing yet: the status line comes with begin())
+            raw, deadline = self.fp.raw, getattr(_thread, "deadline", None)  # raw: the socket's SocketIO
+
+            def readinto(buf, read=raw.readinto):  # the buffered reader's only way to the socket
+                if (left := deadline - time.monotonic()) <= 0:
+                    raise TimeoutError("the fetch deadline passed")
+                sock.settimeout(left)
+                return read(buf)
+            if deadline is not None:
+                raw.readinto = readinto
 
     def pool(cls):
         conn = type("Deadline" + cls.ConnectionCls.__name__, (cls.ConnectionCls,), {"response_class": Response})
@@ -708,29 +689,17 @@ def _squeeze(text: str) -> str:
     return "\n".join(ln for ln in lines if ln)
 
 
-# (the <title> is FetchResult.title; left in, it would also open the text)
-_DROP_TAGS = ("title", "script", "style", "noscript", "nav", "header", "footer", "aside", "form", "iframe", "svg",
-              "template")
-
-
 def html_to_text(page: str) -> tuple[str, str]:
     """(title, main text) of an HTML page: trafilatura's main-content extraction (boilerplate, navigation, scripts
-    out; headings, paragraphs, lists and tables kept), BeautifulSoup with those tags removed as the fallback when
-    trafilatura finds little."""
+    out; headings, paragraphs, lists and tables kept; its own fallbacks, readability and jusText, when it finds
+    little)."""
     m = re.search(r"<title[^>]*>(.*?)</title>", page[:20000], re.I | re.S)
     title = " ".join(html.unescape(m.group(1)).split()) if m else ""
     try:
         import trafilatura
-        text = trafilatura.extract(page, include_comments=False, include_tables=True) or ""
-    except Exception:  # trafilatura can choke on hostile markup; the fallback still reads it
-        text = ""
-    if len(text) < 200:
-        from bs4 import BeautifulSoup
-        soup = BeautifulSoup(page, "lxml")
-        for t in soup(_DROP_TAGS):
-            t.decompose()
-        text = max(text, soup.get_text("\n"), key=lambda t: len(_squeeze(t)))
-    return title, _squeeze(text)
+        return title, _squeeze(trafilatura.extract(page, include_comments=False, include_tables=True) or "")
+    except Exception:  # noqa: BLE001  trafilatura can choke on hostile markup: no text, an "empty" page
+        return title, ""
 
 
 # HTML/PDF -> text is CPU work under the GIL: threads running it at once only take turns, and with 32 of them the

@@ -3,14 +3,11 @@
 Part 1, the engine (`Engine`, `generate`). A paged KV cache (`model.KVCache`, an argument of `model(...)`): one pool
 of `block_size`-token blocks for all layers, a block table and a length per row and a refcount per block, so memory
 follows the tokens rows hold (`kv_tokens` sizes the pool far below n_slots x max_len). A row is free, decoding or
-parked. `submit` prefills prompts in one ragged call; a GRPO group (n=G) shares its prompt's full blocks by
-reference. `step` decodes one token for every decoding row; a row that hits a stop id, a stop string, its token
-limit or the end of its cache is parked with its cache intact; `append` prefills forced tokens (a tool observation)
-at that row's own offset and the row decodes a new turn; `release` frees the slot for the next prompt (continuous
-batching). A full pool is an error with the numbers, never an overwrite. A row's last sampled token enters the
-cache only with the next forward, so a turn's stop token costs no extra forward. Every token comes with its
-log-probability under the sampling distribution (temperature applied, before top-p/top-k truncation: what the
-trainer recomputes).
+parked: `submit` (a GRPO group shares its prompt's full blocks by reference), `step`, `append` (forced tokens at the
+row's own offset), `release` (continuous batching). A full pool is an error with the numbers, never an overwrite. A
+row's last sampled token enters the cache only with the next forward, so a turn's stop token costs no extra forward.
+Every token comes with its log-probability under the sampling distribution (temperature applied, before top-p/top-k
+truncation: what the trainer recomputes).
 Randomness: each row has its own `torch.Generator`, seeded from (engine seed, row key), and samples by Gumbel-max, so
 its tokens do not depend on which rows share its batches or when tool calls return. Its logits still differ in the
 last bits with the batch (kernels block their sums by batch size), so logprobs agree to ~1e-5 on CPU and a near-tie
@@ -24,10 +21,9 @@ trajectory frees its slot for the next queued question (a group of G rows, its p
 Token exactness: `Trajectory.tokens` is exactly the engine's cache content; `loss_mask` is 1 exactly on sampled
 tokens and `logprobs` are the engine's there. Nothing is re-rendered or re-tokenised; only the policy's own turn
 text is parsed, so tags inside web text cannot end a trajectory or fake an answer.
-Tool-call protocols (`RolloutConfig.protocol`): `dr` (the reference) is `<tool_call>{"name": "web_search",
-"arguments": {"query": ["q1", "q2"]}}</tool_call>` (browse_webpage takes "url_list"); `tags` (lighter, small models
-learn it faster) is `<search>q1 | q2</search>` / `<browse>url1 | url2</browse>`. Tools are described in the system
-text, not through a template's `tools=`, so templates without tool support (SmolLM2's ChatML) work too.
+Tool-call protocols (`RolloutConfig.protocol`): `dr` (the reference, `<tool_call>{JSON}</tool_call>`) and `tags`
+(`<search>q1 | q2</search>`, lighter: small models learn it faster), described in the system text, not through a
+template's `tools=`, so templates without tool support (SmolLM2's ChatML) work too.
 End reasons (`Trajectory.end_reason`, exactly one each): "answer"; "max_turns" (a call after the last turn is not
 run); "bad_call" (a malformed call under on_bad_call="end"; "error_observation" answers it with an error message
 and goes on); "format_error" (neither a call nor an answer); "context_limit" (the cache is full, or an observation
@@ -186,7 +182,11 @@ class Engine:
         self._pieces: dict[int, str] = {}  # token id -> its text alone (stop-string pre-check)
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self._graphs: dict = {}  # (batch bucket, table width) -> captured graph
-        self._static: dict | None = None  # the graphs' input/output buffers
+        n = self._buckets(n_slots, 1)[0]  # the decode step's buffers, for every bucket (a view of the first rows)
+        self._static = dict(tok=torch.zeros(n, 1, dtype=torch.long, device=self.device),
+                            pos=torch.zeros(n, 1, dtype=torch.long, device=self.device),
+                            table=torch.zeros(n, self.max_blocks, dtype=torch.long, device=self.device),
+                            out=torch.zeros(n, cfg.vocab_size, dtype=p.dtype, device=self.device))
         self._pool = None
 
     # -------------------------------------------------------------------------------------------- bookkeeping
@@ -393,53 +393,39 @@ class Engine:
         return done
 
     def _decode(self, rows: list[int]) -> None:
+        """The decode forward over static buffers: run eagerly, or (cuda_graphs) the replay of a graph captured once
+        per (batch, table width) bucket. A bucket's padding rows run on the scratch block (token 0 at position 0, a
+        table of zeros), so they write and read nothing real."""
         slots = [self.slots[r] for r in rows]
         self._reserve(rows, [s.cached + 1 for s in slots])  # the pending token may open a new block
-        width = max(len(s.blocks) for s in slots)
-        toks = torch.tensor([s.pending for s in slots], device=self.device)  # (B,)
-        pos = torch.tensor([s.cached for s in slots], device=self.device)  # (B,)
-        idx = torch.tensor(rows, device=self.device)
+        B, width = len(rows), max(len(s.blocks) for s in slots)
+        Bb, W = self._buckets(B, width) if self.cuda_graphs else (B, width)
+        st = self._static
+        # Logits go to the one static output, so a graph keeps no (Bb, V) tensor of its own alive.
+        run = lambda: st["out"][:Bb].copy_(self.model(  # noqa: E731
+            st["tok"][:Bb], positions=st["pos"][:Bb], cache=self.cache, block_table=st["table"][:Bb, :W])[:, -1])
+        if self.cuda_graphs and (Bb, W) not in self._graphs:
+            for v in st.values():  # the warm-up really runs: make it write to the scratch block only
+                v.zero_()
+            self._graphs[(Bb, W)] = self._capture(run)
+        for v in (st["tok"], st["pos"], st["table"]):
+            v[B:Bb].zero_()
+        st["tok"][:B, 0] = torch.tensor([s.pending for s in slots], device=self.device)
+        st["pos"][:B, 0] = torch.tensor([s.cached for s in slots], device=self.device)
+        st["table"][:B, :W] = self.table[torch.tensor(rows, device=self.device), :W]
         if self.cuda_graphs:
-            logits = self._replay(idx, toks, pos, width)  # (B, V)
+            self._graphs[(Bb, W)].replay()
         else:
-            logits = self.model(toks[:, None], positions=pos[:, None], cache=self.cache,
-                                block_table=self.table[idx, :width])[:, -1]  # (B, V)
+            run()
         for s in slots:
             s.cached += 1
-        self._sample(rows, logits)
+        self._sample(rows, st["out"][:B])  # (B, V)
 
     # ------------------------------------------------------------------------------------------- CUDA graphs
     def _buckets(self, B: int, width: int) -> tuple[int, int]:
         """Graph sizes: batch 1, 2, 4, 8, then multiples of 16; table width a power of two (<= max_blocks)."""
         Bb = next(b for b in (1, 2, 4, 8) if b >= B) if B <= 8 else -(-B // 16) * 16
         return Bb, min(self.max_blocks, 1 << (width - 1).bit_length())
-
-    def _replay(self, idx: torch.Tensor, toks: torch.Tensor, pos: torch.Tensor, width: int) -> torch.Tensor:
-        """The decode forward through a captured graph over static buffers; a bucket's padding rows run on the
-        scratch block (token 0 at position 0, a table of zeros), so they write and read nothing real."""
-        B = toks.shape[0]
-        Bb, W = self._buckets(B, width)
-        if self._static is None:  # shared by every graph (a graph uses a view of the first rows)
-            n, dev = self._buckets(self.n_slots, 1)[0], self.device
-            self._static = dict(tok=torch.zeros(n, 1, dtype=torch.long, device=dev),
-                                pos=torch.zeros(n, 1, dtype=torch.long, device=dev),
-                                table=torch.zeros(n, self.max_blocks, dtype=torch.long, device=dev),
-                                out=torch.zeros(n, self.model.config.vocab_size, dtype=self.cache.k.dtype, device=dev))
-        st = self._static
-        if (Bb, W) not in self._graphs:
-            for v in st.values():  # the warm-up really runs: make it write to the scratch block only
-                v.zero_()
-            # Logits go to the one static output, so a graph keeps no (Bb, V) tensor of its own alive.
-            self._graphs[(Bb, W)] = self._capture(lambda: st["out"][:Bb].copy_(self.model(
-                st["tok"][:Bb], positions=st["pos"][:Bb], cache=self.cache, block_table=st["table"][:Bb, :W])[:, -1]))
-        st["tok"][B:Bb].zero_()
-        st["pos"][B:Bb].zero_()
-        st["table"][:Bb, :W].zero_()
-        st["tok"][:B, 0] = toks
-        st["pos"][:B, 0] = pos
-        st["table"][:B, :W] = self.table[idx, :W]
-        self._graphs[(Bb, W)].replay()
-        return st["out"][:B]  # (B, V)
 
     def _capture(self, run):
         """Warm `run` up on a side stream (lazy inits, cuBLAS workspaces), then capture it in a CUDA graph."""

@@ -69,14 +69,16 @@ def script_for(tokenizer, prompt_len: int, turn: int, protocol: str) -> list[int
 
 class ScriptedPolicy(nn.Module):
     """Wraps the model: real forward, then a +1e4 logit on the script's next token. It mirrors what each call
-    writes into each cache row (rows/positions from the model contract) to know the turn and the offset in it."""
+    writes into each engine row (positions from the model contract) to know the turn and the offset in it. A row is
+    named by the first block of its block table: a row holds it from its prompt's prefill until it is released,
+    and no other live row has it (groups of one here, no padding rows on the eager path)."""
 
     def __init__(self, inner, tokenizer, protocol: str, eos: int):
         super().__init__()
         self.inner, self.config, self.tok, self.protocol, self.eos = inner, inner.config, tokenizer, protocol, eos
         self.header = tokenizer.encode("<|im_start|>assistant\n", add_special_tokens=False)
-        self.hist: dict[int, list[int]] = {}      # cache row -> token at each position
-        self.heads: dict[int, list[int]] = {}     # cache row -> positions right after each assistant header
+        self.hist: dict[int, list[int]] = {}      # row (first block) -> token at each position
+        self.heads: dict[int, list[int]] = {}     # row (first block) -> positions right after each assistant header
         self.scripts: dict[tuple[int, int], list[int]] = {}
 
     def _write(self, row: int, pos: int, tok: int) -> None:
@@ -101,11 +103,11 @@ class ScriptedPolicy(nn.Module):
         s, k = self.scripts[key], pos + 1 - hd[i - 1]
         return s[k] if k < len(s) else self.eos
 
-    def forward(self, tokens, positions=None, cache=None, rows=None, kv_len=None, logits_at=None):
-        logits = self.inner(tokens, positions=positions, cache=cache, rows=rows, kv_len=kv_len, logits_at=logits_at)
+    def forward(self, tokens, positions=None, cache=None, block_table=None, logits_at=None):
+        logits = self.inner(tokens, positions=positions, cache=cache, block_table=block_table, logits_at=logits_at)
         B, T = tokens.shape
         pos = (positions if positions is not None else torch.arange(T).expand(B, T)).tolist()
-        rws = rows.tolist() if rows is not None else list(range(B))
+        rws = block_table[:, 0].tolist() if block_table is not None else list(range(B))
         toks = tokens.tolist()
         for b in range(B):
             for t in range(T):
