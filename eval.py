@@ -113,14 +113,10 @@ def sha256_file(path: str | os.PathLike | None, max_bytes: int | None = None) ->
         return h.hexdigest()
     if not path or not Path(path).is_file():
         return None
-    h, left = hashlib.sha256(), max_bytes
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20 if left is None else min(1 << 20, left)):
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:  # the whole file in 1 MB chunks, or its first max_bytes
+        for chunk in iter(lambda: fh.read(1 << 20), b"") if max_bytes is None else [fh.read(max_bytes)]:
             h.update(chunk)
-            if left is not None:
-                left -= len(chunk)
-                if left <= 0:
-                    break
     return h.hexdigest()
 
 
@@ -351,9 +347,8 @@ class Judge:
         with self._lock:
             self._cache[key] = rec
             if self.cfg.cache_path:
-                os.makedirs(os.path.dirname(os.path.abspath(self.cfg.cache_path)), exist_ok=True)
-                with open(self.cfg.cache_path, "a", encoding="utf-8") as fh:
-                    fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                Path(self.cfg.cache_path).parent.mkdir(parents=True, exist_ok=True)
+                append_records(Path(self.cfg.cache_path), [rec])
         self.stats["judged"] += 1
         return Verdict(verdict, rationale, "judge")
 
@@ -361,15 +356,6 @@ class Judge:
         """Judge (question, golds, prediction) triples concurrently; results in input order."""
         with ThreadPoolExecutor(max_workers=max(1, self.cfg.n_threads)) as pool:
             return list(pool.map(lambda it: self.judge(*it), items))
-
-
-def judge_records(records: list[dict], judge: Judge) -> None:
-    """Add MBE to each record's scores in place (a format error is incorrect, as in the reference, with no call)."""
-    items = [(r["question"], r["gold"], r["scores"]["answer"] if r["scores"]["format_ok"] else None)
-             for r in records]
-    for rec, v in zip(records, judge.judge_many(items)):
-        rec["scores"]["mbe"] = v.correct
-        rec["scores"]["judge"] = asdict(v)
 
 
 def _mean(xs: list[float]) -> float | None:
@@ -433,7 +419,11 @@ def rescore(cfg: Config, out_dir: Path, meta: dict | None = None, ids: set[str] 
         judge = Judge(JudgeConfig(base_url=cfg.judge_base_url, model=cfg.judge_model,
                                   api_key_env=cfg.judge_api_key_env,
                                   cache_path=cfg.judge_cache or str(out_dir / "judge_cache.jsonl")))
-        judge_records(records, judge)
+        # MBE in each record's scores (a format error is incorrect, as in the reference, with no call)
+        items = [(r["question"], r["gold"], r["scores"]["answer"] if r["scores"]["format_ok"] else None)
+                 for r in records]
+        for rec, v in zip(records, judge.judge_many(items)):
+            rec["scores"].update(mbe=v.correct, judge=asdict(v))
         judge_model = cfg.judge_model
         print("judge: " + " | ".join(f"{k} {v}" for k, v in sorted(judge.stats.items())))
     with locked(path):  # atomic rewrite, so a crash here never loses trajectories
