@@ -751,7 +751,7 @@ def update(model, optimizer, samples: list[Sample], cfg: Config, proc: Dist, ste
                     _dummy_backward(model, proc.device)
                     continue
                 tok, msk, adv, old, ref, engine = collate([work[i] for i in groups[j]], proc.device)
-                logp, ent = token_logprobs(model, tok, msk, cfg.temperature or 1.0, with_entropy=True,  # greedy: 1
+                logp, ent = token_logprobs(model, tok, msk, cfg.temperature or 1.0, with_entropy=True,  # greedy: T=1
                                            entropy_grad=cfg.entropy_coef > 0)
                 old = old if multi else logp.detach()
                 loss, st = policy_loss(logp, old, adv, msk[:, 1:], clip_low=cfg.clip_low, clip_high=cfg.clip_high,
