@@ -113,14 +113,10 @@ def sha256_file(path: str | os.PathLike | None, max_bytes: int | None = None) ->
         return h.hexdigest()
     if not path or not Path(path).is_file():
         return None
-    h, left = hashlib.sha256(), max_bytes
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20 if left is None else min(1 << 20, left)):
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:  # the whole file in 1 MB chunks, or its first max_bytes
+        for chunk in iter(lambda: fh.read(1 << 20), b"") if max_bytes is None else [fh.read(max_bytes)]:
             h.update(chunk)
-            if left is not None:
-                left -= len(chunk)
-                if left <= 0:
-                    break
     return h.hexdigest()
 
 
@@ -135,37 +131,32 @@ def locked(path: Path):
             fcntl.flock(lk, fcntl.LOCK_UN)
 
 
-def repair_tail(path: Path) -> None:
-    """Cut a torn last line (a crash mid-write) so that the next append starts on a fresh line."""
-    if not path.exists():
-        return
-    with locked(path), open(path, "rb+") as fh:
-        data = fh.read()
-        if data and not data.endswith(b"\n"):
-            fh.truncate(data.rfind(b"\n") + 1)
-
-
 def append_records(path: Path, records: list[dict]) -> None:
-    blob = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    with locked(path), open(path, "a", encoding="utf-8") as fh:
-        fh.write(blob)
+    """Append JSON lines under the lock, first cutting a torn last line (a crash mid-write) so they start afresh."""
+    with locked(path), open(path, "ab+") as fh:
+        if (size := fh.seek(0, os.SEEK_END)) and fh.seek(size - 1) >= 0 and fh.read(1) != b"\n":
+            fh.seek(0)  # torn (rare): find the last whole line
+            fh.truncate(fh.read().rfind(b"\n") + 1)
+        fh.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode())
         fh.flush()
         os.fsync(fh.fileno())
 
 
-def load_records(path: Path) -> list[dict]:
-    """Records of trajectories.jsonl; a torn line is skipped; a repeated id keeps its last record."""
-    if not path.exists():
+def read_jsonl(path: str | os.PathLike | None) -> list[dict]:
+    """The records of a JSONL file we append to; a torn line (a crash mid-write) is skipped; [] when none."""
+    if not path or not os.path.exists(path):
         return []
-    by_id: dict[str, dict] = {}
+    out = []
     with open(path, encoding="utf-8") as fh:
         for line in fh:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            by_id[rec["id"]] = rec
-    return list(by_id.values())
+            with contextlib.suppress(json.JSONDecodeError):
+                out.append(json.loads(line))
+    return out
+
+
+def load_records(path: Path) -> list[dict]:
+    """Records of trajectories.jsonl; a repeated id keeps its last record."""
+    return list({r["id"]: r for r in read_jsonl(path)}.values())
 
 
 # ----------------------------------------------------------------------------------------------- one folder per run
@@ -295,19 +286,16 @@ class Verdict:
 
 
 def parse_judgement(text: str) -> tuple[str, str] | None:
-    """(judgement, rationale) from a judge reply, or None when it cannot be read."""
-    m = _JSON_OBJ_RE.search(text or "")
-    if m:
-        try:
-            obj = json.loads(m.group(0))
-        except json.JSONDecodeError:
-            obj = None
-        if isinstance(obj, dict):
-            j = str(obj.get("judgement", obj.get("judgment", ""))).strip().lower()
-            if j in ("correct", "incorrect"):
-                return j, str(obj.get("rationale", ""))
-    m = _JUDGEMENT_RE.search(text or "")  # almost-JSON (e.g. an unescaped quote in the rationale)
-    return (m.group(1).lower(), "") if m else None
+    """(judgement, rationale) from a judge reply, or None when it cannot be read. The judgement is found even in
+    almost-JSON (e.g. an unescaped quote in the rationale, which then reads as "")."""
+    m = _JUDGEMENT_RE.search(text or "")
+    if not m:
+        return None
+    try:
+        rationale = str(json.loads(_JSON_OBJ_RE.search(text).group(0)).get("rationale", ""))
+    except (json.JSONDecodeError, AttributeError):  # not JSON, or not an object
+        rationale = ""
+    return m.group(1).lower(), rationale
 
 
 class Judge:
@@ -320,18 +308,8 @@ class Judge:
         if not cfg.base_url:
             raise ValueError("JudgeConfig.base_url is empty: give the OpenAI-compatible endpoint, e.g. "
                              "--judge_base_url=https://api.openai.com/v1")
-        self.cfg = cfg
-        self._lock = threading.Lock()
-        self._cache: dict[str, dict] = {}
-        self.stats = Counter()
-        if cfg.cache_path and os.path.exists(cfg.cache_path):
-            with open(cfg.cache_path, encoding="utf-8") as fh:
-                for line in fh:
-                    try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError:  # a torn last line after a crash: skip it
-                        continue
-                    self._cache[rec["key"]] = rec
+        self.cfg, self._lock, self.stats = cfg, threading.Lock(), Counter()
+        self._cache: dict[str, dict] = {rec["key"]: rec for rec in read_jsonl(cfg.cache_path)}
 
     def judge(self, question: str, golds: str | list[str], prediction: str | None) -> Verdict:
         gold_list = split_golds(golds)
@@ -369,9 +347,8 @@ class Judge:
         with self._lock:
             self._cache[key] = rec
             if self.cfg.cache_path:
-                os.makedirs(os.path.dirname(os.path.abspath(self.cfg.cache_path)), exist_ok=True)
-                with open(self.cfg.cache_path, "a", encoding="utf-8") as fh:
-                    fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                Path(self.cfg.cache_path).parent.mkdir(parents=True, exist_ok=True)
+                append_records(Path(self.cfg.cache_path), [rec])
         self.stats["judged"] += 1
         return Verdict(verdict, rationale, "judge")
 
@@ -381,42 +358,28 @@ class Judge:
             return list(pool.map(lambda it: self.judge(*it), items))
 
 
-def judge_records(records: list[dict], judge: Judge) -> None:
-    """Add MBE to each record's scores in place (a format error is incorrect, as in the reference, with no call)."""
-    items = [(r["question"], r["gold"], r["scores"]["answer"] if r["scores"]["format_ok"] else None)
-             for r in records]
-    for rec, v in zip(records, judge.judge_many(items)):
-        rec["scores"]["mbe"] = v.correct
-        rec["scores"]["judge"] = asdict(v)
-
-
 def _mean(xs: list[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
+
+
+PERCENT = ("f1", "em", "squad_f1", "squad_em", "mbe", "format_error_rate")  # rates, shown as percentages
 
 
 def summarize(records: list[dict]) -> dict:
     """Per-source and overall metrics. MBE averages judged questions; unjudged ones are counted, not guessed."""
     groups: dict[str, list[dict]] = defaultdict(list)
     for r in records:
-        groups[r["source"]].append(r)
-    groups = dict(sorted(groups.items()))
-    groups["overall"] = list(records)
+        groups[r["source"]].append(r["scores"])
     out = {}
-    for name, recs in groups.items():
-        s = [r["scores"] for r in recs]
-        row = {"n": len(recs)}
-        for k in ("f1", "em", "squad_f1", "squad_em"):
-            row[k] = _mean([x[k] for x in s])
-        judged = [x["mbe"] for x in s if x.get("mbe") is not None]
+    for name, s in [*sorted(groups.items()), ("overall", [r["scores"] for r in records])]:
+        row = {"n": len(s), **{k: _mean([x[k] for x in s]) for k in ("f1", "em", "squad_f1", "squad_em")}}
         if any("mbe" in x for x in s):
-            row["mbe"] = _mean(judged)
-            row["n_unjudged"] = sum(1 for x in s if "mbe" in x and x["mbe"] is None)
-        row["mean_turns"] = _mean([x["n_turns"] for x in s])
-        row["mean_tool_calls"] = _mean([x["n_search"] + x["n_browse"] for x in s])
-        row["mean_search"] = _mean([x["n_search"] for x in s])
-        row["mean_browse"] = _mean([x["n_browse"] for x in s])
-        row["format_error_rate"] = _mean([0.0 if x["format_ok"] else 1.0 for x in s])
-        out[name] = row
+            row["mbe"] = _mean([x["mbe"] for x in s if x.get("mbe") is not None])
+            row["n_unjudged"] = sum("mbe" in x and x["mbe"] is None for x in s)
+        out[name] = {**row, "mean_turns": _mean([x["n_turns"] for x in s]),
+                     "mean_tool_calls": _mean([x["n_search"] + x["n_browse"] for x in s]),
+                     "mean_search": _mean([x["n_search"] for x in s]), "mean_browse": _mean([x["n_browse"] for x in s]),
+                     "format_error_rate": _mean([0.0 if x["format_ok"] else 1.0 for x in s])}
     return out
 
 
@@ -429,24 +392,13 @@ def render_md(summary: dict) -> str:
     lines = ["# Evaluation summary", "", "| source | " + " | ".join(c[1] for c in cols) + " |",
              "|---|" + "---:|" * len(cols)]
     for name, row in summary["metrics"].items():
-        cells = []
-        for k, _ in cols:
-            v = row.get(k)
-            cells.append("-" if v is None else str(v) if k == "n" else
-                         f"{100 * v:.1f}" if k in ("f1", "em", "squad_f1", "squad_em", "mbe", "format_error_rate")
-                         else f"{v:.2f}")
+        cells = ["-" if row.get(k) is None else str(row[k]) if k == "n" else f"{100 * row[k]:.1f}" if k in PERCENT
+                 else f"{row[k]:.2f}" for k, _ in cols]
         lines.append(f"| {'**overall**' if name == 'overall' else name} | " + " | ".join(cells) + " |")
     lines += ["", "Scores are percentages. F1 (ref) is the reference's word-set F1 (articles kept), 0 on a format "
               "error; SQuAD columns remove articles and count repeated words.", "", "## Run", ""]
     lines += [f"- {k}: `{v}`" for k, v in summary["meta"].items() if k != "config"]
     return "\n".join(lines) + "\n"
-
-
-def write_summary(out_dir: Path, records: list[dict], meta: dict) -> dict:
-    summary = {"metrics": summarize(records), "meta": meta}
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
-    (out_dir / "summary.md").write_text(render_md(summary))
-    return summary
 
 
 def rescore(cfg: Config, out_dir: Path, meta: dict | None = None, ids: set[str] | None = None) -> dict:
@@ -467,7 +419,11 @@ def rescore(cfg: Config, out_dir: Path, meta: dict | None = None, ids: set[str] 
         judge = Judge(JudgeConfig(base_url=cfg.judge_base_url, model=cfg.judge_model,
                                   api_key_env=cfg.judge_api_key_env,
                                   cache_path=cfg.judge_cache or str(out_dir / "judge_cache.jsonl")))
-        judge_records(records, judge)
+        # MBE in each record's scores (a format error is incorrect, as in the reference, with no call)
+        items = [(r["question"], r["gold"], r["scores"]["answer"] if r["scores"]["format_ok"] else None)
+                 for r in records]
+        for rec, v in zip(records, judge.judge_many(items)):
+            rec["scores"].update(mbe=v.correct, judge=asdict(v))
         judge_model = cfg.judge_model
         print("judge: " + " | ".join(f"{k} {v}" for k, v in sorted(judge.stats.items())))
     with locked(path):  # atomic rewrite, so a crash here never loses trajectories
@@ -478,7 +434,9 @@ def rescore(cfg: Config, out_dir: Path, meta: dict | None = None, ids: set[str] 
         old = out_dir / "summary.json"
         meta = json.loads(old.read_text())["meta"] if old.exists() else {}
     meta = dict(meta, judge_model=judge_model, scored_at=_dt.datetime.now().isoformat(timespec="seconds"))
-    summary = write_summary(out_dir, records, meta)
+    summary = {"metrics": summarize(records), "meta": meta}
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    (out_dir / "summary.md").write_text(render_md(summary))
     print(render_md(summary).split("\n## Run")[0])
     return summary
 
@@ -578,7 +536,6 @@ def main(cfg: Config) -> dict | None:
     if cfg.sources:
         examples = [e for e in examples if e["source"] in set(cfg.sources.split(","))]
     path = out_dir / "trajectories.jsonl"
-    repair_tail(path)
     finished = {r["id"] for r in load_records(path)}
     model_path = resolve_model(cfg.model) if cfg.agent != "first_title" else None
     corpus = default_corpus(cfg)

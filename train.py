@@ -1,19 +1,17 @@
 """Train a deep research agent with GRPO: rollouts in a (local or real) web, F1 rewards, a clipped policy update.
 
-What it does, each step
-1. takes `batch_size` questions (rank r gets every world-th one), and on each rank runs `rollout.rollout` with the
-   policy unsharded once (FSDP2 all-gathers the weights a single time, not once per decoded token), `group_size`
-   trajectories per question;
-2. scores each trajectory with `reward.reward` on the policy's own turn texts (-1 format error, else word-set F1);
-3. turns rewards into group advantages and takes one or more clipped policy-gradient steps on the sampled tokens;
-4. logs one line, metrics.jsonl, a few full trajectories, reward.png; saves a checkpoint every `save_every` steps.
+Each step takes `batch_size` questions (rank r every world-th one) and runs `rollout.rollout` on the policy, unsharded
+once (FSDP2 all-gathers the weights once, not per decoded token), `group_size` trajectories per question; scores
+them with `reward.reward` on the policy's own turn texts (-1 format error, else word-set F1); turns rewards into group
+advantages and takes clipped policy-gradient steps on the sampled tokens; logs one line, metrics.jsonl, a few full
+trajectories and reward.png; saves a checkpoint every `save_every` steps.
 
 The objective (all choices are config keys). For a question q, G trajectories o_1..o_G with rewards r_i:
     A_i   = r_i - mean(r)                                  (norm_adv_by_std=False, Dr.GRPO)
     A_i   = (r_i - mean(r)) / (std(r) + 1e-6)              (norm_adv_by_std=True, GRPO; std unbiased as in verl)
     G = 1: mean 0 and std 1, so A_i = r_i                  (verl's compute_grpo_outcome_advantage for a singleton)
-A trajectory that ended because the web or the engine failed (end_reason tool_failure / engine_error) is left out
-of the loss and of its group's mean and std (mask_tool_failures=True); a group left with fewer than 2 is skipped.
+A trajectory that the web or the engine ended (end_reason tool_failure / engine_error) is out of the loss and of
+its group's mean and std (mask_tool_failures=True); a group left with fewer than 2 is skipped.
 For every token t that the policy sampled (loss_mask 1; prompt, tool observations and padding are 0):
     rho_t = exp(logp_theta(t) - logp_old(t))               (logp_old from a training forward before the update)
     pg_t  = max(-A_i rho_t, -A_i clip(rho_t, 1 - clip_low, 1 + clip_high))       (clip-higher when they differ)
@@ -30,23 +28,22 @@ With kl_coef == 0 the frozen reference model is not even loaded. Logits are divi
 before the log-softmax, so logp_theta is the distribution the sampler drew from.
 
 Departures from the paper / the reference implementation (verl + vLLM + Ray)
-- One process per GPU, launched by torchrun; generation runs inside the training process on the unsharded policy
-  with our own KV-cached engine (rollout.py), not vLLM; no Ray, no weight re-sync between engines.
+- One process per GPU (torchrun); generation runs inside the training process on the unsharded policy with our own
+  KV-cached engine (rollout.py), not vLLM; no Ray, no weight re-sync between engines.
 - The update trains on the exact token ids the sampler produced (the reference re-rendered text and re-tokenised).
 - logp_old is recomputed by a training forward when there are several mini-batches or epochs; with one of each
   (the default) the update is exactly on-policy and logp_old = logp_theta.detach() (ratio 1, no extra forward).
 - loss_agg default "token-mean", a global token mean over the mini-batch; the paper states GRPO's sequence-mean;
   both, and Dr.GRPO's constant, are switches. The reference's verl computed neither: it averaged the tokens of each
-  micro-batch and weighted micro-batches equally (by micro-batch size), so a token's weight depended on how many
-  tokens shared its micro-batch. Optional filtering of zero-variance groups (DAPO,
-  without resampling). The mini-batch size of the reference is not stated in the paper; we do one update per step.
+  micro-batch and weighted micro-batches equally, so a token's weight depended on how many tokens shared its
+  micro-batch. Optional filtering of zero-variance groups (DAPO, without resampling). The paper does not state the
+  reference's mini-batch size; we do one update per step.
 - Search back ends: Serper (the paper), SearxNG or a local Wikipedia web (the default, offline); the reading agent
   can be an OpenAI-compatible LLM or a local extractive reader (`reader=extract`, the CPU default).
 - Checkpoints are torch.distributed.checkpoint shards (+ an HF export per step), written atomically.
 - The reward reads only the policy's own turns (reward.py); the reference's format check also read web text.
-- Trajectories that the web or the engine ended (end_reason tool_failure / engine_error) are out of the loss and
-  of their group's statistics (`mask_tool_failures`); the reference trained on them (its failed searches became
-  observations). Counts per end reason are logged every step.
+- Trajectories that the web or the engine ended are out of the loss (`mask_tool_failures`, above); the reference
+  trained on them (its failed searches became observations). Counts per end reason are logged every step.
 - The default run (no preset) is ours, not the paper's: SmolLM2-135M-Instruct on a CPU, 8 questions x 4, 6 steps,
   lr 2e-5, temperature 0.7, no KL, a 30-token system prompt and a scaffold that forces turn 1 to open with
   `<search>` and turn 2 with `<answer>` (a 135M model never finds the format alone; see the README), top-3
@@ -92,35 +89,36 @@ import os
 import resource
 import shlex
 import shutil
-import socket
+import tempfile
 import sys
 import time
+import traceback
 import types
 import typing
 import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent
-if str(ROOT) not in sys.path:  # `torchrun train.py` from another folder: make model.py & co importable
-    sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402  (the imports below need the sys.path fix above)
-import torch.distributed as dist  # noqa: E402
-import torch.distributed.checkpoint as dcp  # noqa: E402
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,  # noqa: E402
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_state_dict, set_model_state_dict, set_state_dict)
-from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-from transformers import AutoTokenizer  # noqa: E402
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
+from tqdm import tqdm
+from transformers import AutoTokenizer
 
 # the agent (module-level names: tests swap in fakes with monkeypatch.setattr(train, "rollout", ...))
-from browse import BrowseConfig, Browser  # noqa: E402
-from data.prepare import load_examples  # noqa: E402
-from data.models import SHAPES, resolve_model  # noqa: E402
-from model import KVCache, ModelConfig, Transformer, save_pretrained  # noqa: E402
-from reward import reward  # noqa: E402
-from rollout import END_REASONS, RolloutConfig, rollout  # noqa: E402
+from browse import BrowseConfig, Browser
+from data.prepare import load_examples
+from data.models import SHAPES, resolve_model
+from model import KVCache, ModelConfig, Transformer, save_pretrained
+from reward import reward
+from rollout import END_REASONS, RolloutConfig, rollout
+
+ROOT = Path(__file__).resolve().parent
+# DCP on one process warns that it "assumes" no process group: as intended, so not every checkpoint says it
+warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config: the agent's fields are declared once (AgentConfig) and shared with eval.py, whose Config inherits them
@@ -163,7 +161,7 @@ class AgentConfig:
 
 @dataclass
 class Config(AgentConfig):
-    data: str = "data/qa_train.jsonl"  # .jsonl / .parquet (data/prepare.py schema); "" = built-in samples
+    data: str = "data/qa_train.jsonl"  # .jsonl / .parquet (data/prepare.py schema)
     out_dir: str = "runs/train"
     # steps and batch
     steps: int = 6                  # ~10 min on 2 idle CPU cores; the format is learnt in ~4
@@ -192,7 +190,7 @@ class Config(AgentConfig):
     # runtime
     activation_checkpointing: bool = True  # keep each block's input only (~1.5 MB/token less for 135M, +1 forward)
     cpu_offload: bool = False       # FSDP2 CPUOffloadPolicy: sharded params, grads and Adam state live on the CPU
-    export_dtype: str = "auto"      # HF export: auto (bf16 on GPU, fp32 on CPU: see _export_dtype) | float32 | bfloat16
+    export_dtype: str = "auto"      # HF export: auto (bf16 on GPU, fp32 on CPU: see export_hf) | float32 | bfloat16
     # checkpoints and logging
     save_every: int = 3             # steps; a final checkpoint is always written
     keep_last: int = 1              # step folders kept (each 2.2 GB for 135M params: fp32 weights + Adam + HF export)
@@ -202,7 +200,6 @@ class Config(AgentConfig):
     plot_every: int = 3             # reward.png every N steps (and at the end)
     min_entropy: float = 1e-3       # mean token entropy below this for 3 steps in a row = collapse: stop
     wandb_project: str = ""         # "" = off; imported lazily
-    tensorboard: bool = False
     eval_every: int = 5             # greedy dev F1 on `eval_n` fixed dev questions every N steps (0 = off)
     eval_data: str = "data/qa_dev.jsonl"
     eval_n: int = 64
@@ -223,7 +220,7 @@ DEEPRESEARCHER_AGENT = dict(model="Qwen/Qwen2.5-7B-Instruct", protocol="dr", max
 # Named overrides of the defaults. The default itself is the embedded offline run (CPU, no internet).
 PRESETS: dict[str, dict] = {
     # tiny random model + local search: the whole loop in seconds per step (tests, smoke runs)
-    "tiny": dict(model="tiny", data="", out_dir="runs/train-tiny", steps=3, batch_size=4, group_size=2, max_turns=2,
+    "tiny": dict(model="tiny", out_dir="runs/train-tiny", steps=3, batch_size=4, group_size=2, max_turns=2,
                  max_new_tokens=16, max_len=1024, n_slots=8, lr=1e-3, date="2025-01-01", save_every=2,
                  micro_tokens=4096, plot_every=1, temperature=1.0, eval_every=3, eval_n=4),
     # the paper's recipe on one or more 8-GPU nodes (weight decay 0.01, grad clip 1.0, clip 0.2 are the defaults).
@@ -297,37 +294,23 @@ def subconfig(cls, cfg, **extra):
 # `validate` for the fields it shares (a check applies when the config has that field).
 
 # field -> smallest allowed value: the loop divides by some and ranges over others (0 = off for the optional ones)
+LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")  # see the module docstring
 _MINIMUM = dict(steps=1, group_size=2, batch_size=1, max_turns=1, max_new_tokens=1, max_len=2, n_slots=1,
                 micro_tokens=1, save_every=1, keep_last=1, n_minibatches=1, ppo_epochs=1, top_k=1, limit=0,
                 warmup_steps=0, plot_every=0, temperature=0, lr=0, kl_coef=0, entropy_coef=0, grad_clip=0)
 
 
 def check_model(name: str) -> None:
-    """A local checkpoint folder must exist and hold config.json (else resolve_model reports a hub failure)."""
+    """A local model folder must exist and hold config.json (else resolve_model would report a hub failure)."""
     p = Path(name).expanduser()
     if name == "tiny" or (p / "config.json").exists():
         return
     if (p / "hf" / "config.json").exists():
         raise SystemExit(f"--model={name}: that is a training checkpoint; its Hugging Face folder is {p / 'hf'}")
-    if p.exists():
-        raise SystemExit(f"--model={name}: {p} has no config.json; pass a Hugging Face checkpoint folder "
-                         f"(e.g. runs/train/ckpt/step_000006/hf) or a hub id")
-    if name.startswith(("/", ".", "~")) or name.count("/") >= 2:  # a folder, not a hub id ("org/name") or "tiny"
-        raise SystemExit(f"--model={name}: {p} does not exist; pass an existing checkpoint folder "
-                         f"(e.g. runs/train/ckpt/step_000006/hf) or a hub id like HuggingFaceTB/SmolLM2-135M-Instruct")
-
-
-def check_writable(out_dir: str) -> None:
-    """Create out_dir and write a probe file in it: a read-only or missing mount fails here, not at step 1."""
-    p = Path(out_dir)
-    probe = p / f".write_test.{os.getpid()}"
-    try:
-        p.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise SystemExit(f"--out_dir={out_dir}: cannot write there ({e.strerror or e}); "
-                         f"pass --out_dir=<a folder you can write to>") from None
+    if p.exists() or name.startswith(("/", ".", "~")) or name.count("/") >= 2:  # a folder, not "org/name"
+        raise SystemExit(f"--model={name}: {p} {'has no config.json' if p.exists() else 'does not exist'}; pass a "
+                         f"Hugging Face checkpoint folder (e.g. runs/train/ckpt/step_000006/hf) or a hub id like "
+                         f"HuggingFaceTB/SmolLM2-135M-Instruct")
 
 
 def validate(cfg) -> None:
@@ -339,13 +322,18 @@ def validate(cfg) -> None:
             why = "GRPO compares each trajectory with the others of its question, so a group needs at least 2; " \
                 if key == "group_size" else ""
             raise SystemExit(f"--{key}={v}: must be at least {low}; {why}e.g. --{key}={getattr(type(cfg)(), key)}")
+    if getattr(cfg, "loss_agg", "token-mean") not in LOSS_AGGS:
+        raise SystemExit(f"--loss_agg={cfg.loss_agg}: use one of {', '.join(LOSS_AGGS)}")
     if getattr(cfg, "dry_run", False):  # an estimate needs neither the data nor the weights
         return
     check_model(cfg.model)
     load_questions(cfg.data)  # raises SystemExit with the file, the line and what to fix
-    check_writable(cfg.out_dir)
-    if hasattr(cfg, "resume"):
-        check_resume_target(cfg)
+    try:  # a read-only or missing mount fails here, not at the first save
+        Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=cfg.out_dir).close()
+    except OSError as e:
+        raise SystemExit(f"--out_dir={cfg.out_dir}: cannot write there ({e.strerror or e}); "
+                         f"pass --out_dir=<a folder you can write to>") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -376,10 +364,7 @@ def setup_distributed(device: str = "auto") -> Dist:
         # one GPU without torchrun: a 1-rank group anyway, so FSDP2 gives the same bf16 mixed precision as on 8
         torch.cuda.set_device(0)
         if not dist.is_initialized():
-            with socket.socket() as sock:
-                sock.bind(("127.0.0.1", 0))
-                port = sock.getsockname()[1]
-            dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+            dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
         return Dist(device=torch.device("cuda", 0))
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     dev = torch.device("cuda", local) if use_cuda else torch.device("cpu")
@@ -399,16 +384,12 @@ def barrier() -> None:
         dist.barrier()
 
 
-def _comm_device(proc: Dist):
-    """Where collectives' tensors live: the GPU under NCCL, the CPU under gloo."""
-    return proc.device if (_is_dist() and dist.get_backend() == "nccl") else "cpu"
-
-
 def all_reduce_dict(values: dict[str, float], op: str = "sum", proc: Dist | None = None) -> dict[str, float]:
     """Reduce named floats over ranks in one collective (float64, so sums of counts stay exact)."""
     if not _is_dist():
         return {k: float(v) for k, v in values.items()}
-    t = torch.tensor(list(values.values()), dtype=torch.float64, device=_comm_device(proc or Dist()))
+    device = (proc or Dist()).device if dist.get_backend() == "nccl" else "cpu"  # gloo reduces on the CPU
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
     dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
     return dict(zip(values, t.tolist()))
 
@@ -497,33 +478,20 @@ def unsharded(model):
 # ----------------------------------------------------------------------------------------------------------------
 # Data: a fixed permutation per epoch, a global cursor, rank r takes every world-th question of the batch
 
-SAMPLE_QUESTIONS = [  # for `data=""`: smoke runs and tests without a prepared data file
-    ("What is the capital of France?", ["Paris"]), ("Who wrote Hamlet?", ["William Shakespeare", "Shakespeare"]),
-    ("What is the largest planet in the Solar System?", ["Jupiter"]), ("What is the chemical symbol of gold?", ["Au"]),
-    ("In which country is the city of Kyoto?", ["Japan"]), ("Who painted the Mona Lisa?", ["Leonardo da Vinci"]),
-    ("What is the longest river in Africa?", ["Nile", "the Nile"]),
-    ("What language is spoken in Brazil?", ["Portuguese"]),
-    ("Which element has atomic number 1?", ["Hydrogen"]), ("What is the capital of Australia?", ["Canberra"]),
-    ("Who developed the theory of general relativity?", ["Albert Einstein"]),
-    ("What is the currency of Japan?", ["Yen", "Japanese yen"]),
-]
-
-
 def load_questions(path: str) -> list[dict]:
-    """[{question, answers}] from a data file (data/prepare.py's reader) or the built-in samples."""
-    if not path:
-        return [{"question": q, "answers": a} for q, a in SAMPLE_QUESTIONS]
+    """[{question, answers}] from a data file (data/prepare.py's reader); a relative path not found here is taken
+    from the repository (`torchrun train.py` from another folder)."""
     p = Path(path) if Path(path).is_absolute() or Path(path).exists() else ROOT / path
-    if not p.exists():
-        raise SystemExit(f"--data={path}: file not found; build it with the scripts in data/ "
-                         f"or pass --data='' for the built-in sample questions")
+    if not path or not p.is_file():
+        raise SystemExit(f"--data={path}: file not found; build one with the scripts in data/ "
+                         f"(data/qa_train.jsonl is the offline default)")
     try:
         rows = load_examples(p)
     except (ValueError, OSError) as e:  # malformed JSON, a row without a question, an unreadable file
         raise SystemExit(f"--data={path}: {e}") from None
     if not rows:
         raise SystemExit(f"--data={path}: {p} holds no questions; point --data at a JSONL file with one "
-                         f'{{"question": ..., "answers": [...]}} per line, or --data=\'\' for the built-in samples')
+                         f'{{"question": ..., "answers": [...]}} per line')
     return [{"question": e["question"], "answers": e["answers"]} for e in rows]
 
 
@@ -611,20 +579,13 @@ def policy_loss(logp, old_logp, advantages, mask, *, clip_low=0.2, clip_high=0.2
         per_tok = per_tok - entropy_coef * torch.where(m, entropy, zero)
     per_tok = torch.where(m, per_tok, zero)
     n_tok = m.sum(dim=1)  # (B,)
-    if loss_agg == "token-mean":
-        total = per_tok.sum()
-        denom = norm if norm is not None else n_tok.sum().clamp(min=1)
-    elif loss_agg == "seq-mean-token-mean":
-        total = (per_tok.sum(dim=1) / n_tok.clamp(min=1)).sum()
-        denom = norm if norm is not None else (n_tok > 0).sum().clamp(min=1)  # as verl: rows with tokens only
-    elif loss_agg == "seq-mean-token-sum-norm":
-        total = (per_tok.sum(dim=1) / agg_const).sum()
-        denom = norm if norm is not None else (n_tok > 0).sum().clamp(min=1)
-    else:
-        raise ValueError(f"loss_agg={loss_agg!r}: use token-mean, seq-mean-token-mean or seq-mean-token-sum-norm")
+    total = {"token-mean": per_tok.sum(), "seq-mean-token-mean": (per_tok.sum(dim=1) / n_tok.clamp(min=1)).sum(),
+             "seq-mean-token-sum-norm": (per_tok.sum(dim=1) / agg_const).sum()}[loss_agg]
+    if norm is None:  # tokens for token-mean; else, as verl, the sequences with at least one sampled token
+        norm = (n_tok.sum() if loss_agg == "token-mean" else (n_tok > 0).sum()).clamp(min=1)
     stats["clipped"] = ((pg2 > pg1) & m).detach()  # tokens where the clip was active
     stats["ratio"] = ratio.detach()
-    return total / denom, stats
+    return total / norm, stats
 
 
 def token_logprobs(model, tokens, mask, temperature: float = 1.0, with_entropy: bool = False,
@@ -721,10 +682,6 @@ def _dummy_backward(model, device) -> None:
     (model(tok, logits_at=torch.zeros((1, 1), dtype=torch.long, device=device)).sum() * 0.0).backward()
 
 
-def _train_temperature(cfg: Config) -> float:
-    return cfg.temperature if cfg.temperature > 0 else 1.0
-
-
 @torch.no_grad()
 def fill_logprobs(model, samples: list[Sample], cfg: Config, proc: Dist, attr: str, only=None) -> list[Sample]:
     """New Samples with `attr` (old_logp / ref_logp) from a no-grad forward of `model`, in micro-batches.
@@ -740,7 +697,7 @@ def fill_logprobs(model, samples: list[Sample], cfg: Config, proc: Dist, attr: s
             continue
         idx = groups[j]
         tok, msk = collate([samples[i] for i in idx], proc.device)[:2]
-        lp, _ = token_logprobs(model, tok, msk, _train_temperature(cfg))
+        lp, _ = token_logprobs(model, tok, msk, cfg.temperature or 1.0)
         for row, i in enumerate(idx):
             out[i] = dataclasses.replace(samples[i], **{attr: lp[row, : lengths[i] - 1].float().cpu()})
     return out
@@ -794,7 +751,7 @@ def update(model, optimizer, samples: list[Sample], cfg: Config, proc: Dist, ste
                     _dummy_backward(model, proc.device)
                     continue
                 tok, msk, adv, old, ref, engine = collate([work[i] for i in groups[j]], proc.device)
-                logp, ent = token_logprobs(model, tok, msk, _train_temperature(cfg), with_entropy=True,
+                logp, ent = token_logprobs(model, tok, msk, cfg.temperature or 1.0, with_entropy=True,  # greedy: T=1
                                            entropy_grad=cfg.entropy_coef > 0)
                 old = old if multi else logp.detach()
                 loss, st = policy_loss(logp, old, adv, msk[:, 1:], clip_low=cfg.clip_low, clip_high=cfg.clip_high,
@@ -828,49 +785,20 @@ def update(model, optimizer, samples: list[Sample], cfg: Config, proc: Dist, ste
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Checkpoints: out_dir/ckpt/step_NNNNNN/{dcp/, hf/, state.json, rng_rank{r}.pt}, written to a .tmp folder first
+# Run hygiene and checkpoints: out_dir/ckpt/step_NNNNNN/{dcp/, hf/, state.json, rng_rank{r}.pt}, each written to a
+# .tmp folder and renamed, so a step folder is complete or absent. --resume continues from one, --overwrite deletes
+# the earlier run; without either, out_dir must not hold one (its metrics would be appended to).
 
-
-def ckpt_root(cfg: Config) -> Path:
-    return Path(cfg.out_dir) / "ckpt"
+RUN_OUTPUTS = ("metrics.jsonl", "ckpt", "rollouts", "reward.png", "config.json")  # what --overwrite deletes
 
 
 def step_folders(cfg: Config) -> list[Path]:
-    """Step folders in out_dir, oldest first (a .tmp folder is a save that was killed: never one of them)."""
-    root = ckpt_root(cfg)
-    return sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")) if root.exists() \
-        else []
+    """Step folders in out_dir, oldest first (`step_000003.tmp` is a save that was killed: never one of them)."""
+    return sorted(p for p in (Path(cfg.out_dir) / "ckpt").glob("step_*[0-9]") if p.is_dir())
 
 
 def latest_checkpoint(cfg: Config) -> Path | None:
-    """The newest complete step folder."""
-    done = [p for p in step_folders(cfg) if (p / "state.json").exists()]
-    return done[-1] if done else None
-
-
-def _export_dtype(cfg: Config, proc: Dist):
-    """The HF export's dtype: asked for, or the dtype the policy computed in. On GPU that is bf16 (FSDP's mixed
-    precision casts the fp32 masters for every forward, so the bf16 export is the model that sampled). On a CPU it
-    is fp32: a bf16 export of the default run rounds most of its update away (measured after 1 step at lr 2e-5: 92%
-    of the changed weights round back to the base model's bf16 value; the exported update is 6x off in norm)."""
-    if cfg.export_dtype == "auto":
-        return torch.bfloat16 if proc.device.type == "cuda" else torch.float32
-    return getattr(torch, cfg.export_dtype)
-
-
-def _disk_full(e: BaseException) -> bool:
-    """Whether a failed save ran out of disk: ENOSPC anywhere in the exception chain, or torch's zip writer's way of
-    saying it ("unexpected pos 704 vs 598": fewer bytes were written than sent)."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e) or "unexpected pos" in str(e):
-            return True
-        for sub in (getattr(e, "failures", None) or {}).values():  # DCP's CheckpointException: one error per rank
-            if isinstance(sub, BaseException) and _disk_full(sub):
-                return True
-        e = e.__cause__ or e.__context__
-    return False
+    return (step_folders(cfg) or [None])[-1]
 
 
 def resume_target(cfg: Config) -> str | None:
@@ -881,61 +809,23 @@ def resume_target(cfg: Config) -> str | None:
     return "auto" if v.lower() in ("1", "true", "yes", "auto", "latest") else v
 
 
-def check_resume_target(cfg: Config) -> None:
-    """An explicit --resume folder must be a step folder; without --resume, out_dir must not hold an earlier run
-    (its metrics would be appended to and its checkpoints overwritten)."""
-    target = resume_target(cfg)
-    if target not in (None, "auto"):
-        if not (Path(target) / "state.json").exists():
-            raise SystemExit(f"--resume={target}: not a checkpoint step folder (no state.json); pass e.g. "
-                             f"--resume={ckpt_root(cfg) / 'step_000003'} or --resume=True for the newest")
-        return
-    out = Path(cfg.out_dir)
-    earlier = [p.name for p in (out / "metrics.jsonl", out / "ckpt") if p.exists()]
-    if target is None and earlier and not cfg.overwrite:
-        raise SystemExit(f"{out} already holds a run ({', '.join(earlier)}): --resume=True continues it, "
-                         f"--out_dir=<new folder> starts another beside it, --overwrite=True deletes it first")
-
-
-RUN_OUTPUTS = ("metrics.jsonl", "ckpt", "rollouts", "reward.png", "config.json", "tb")  # what --overwrite deletes
-
-
-def wipe_run(cfg: Config) -> None:
-    """--overwrite=True: remove the earlier run's outputs (only those: out_dir may hold other files)."""
-    for name in RUN_OUTPUTS:
-        p = Path(cfg.out_dir) / name
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
-            p.unlink()
-
-
 def checkpoint_problem(path: Path, rank: int = 0) -> str | None:
-    """What is wrong with a step folder, naming the file, or None when it is complete: state.json parses, the DCP
-    .metadata unpickles, every .distcp shard is as long as the metadata says, this rank's RNG file loads."""
-    state = path / "state.json"
-    try:
-        int(json.loads(state.read_text())["step"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        return f"{state}: {type(e).__name__}: {e}"
-    try:
-        meta = dcp.FileSystemReader(str(path / "dcp")).read_metadata()
-    except Exception as e:  # unpickling a damaged file can raise almost anything; the message names the file
-        return f"{path / 'dcp' / '.metadata'}: {type(e).__name__}: {e}"
-    need: dict[str, int] = {}
-    for info in (meta.storage_data or {}).values():
-        need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
-    for rel, n in sorted(need.items()):
-        f = path / "dcp" / rel
-        size = f.stat().st_size if f.exists() else -1
-        if size < n:
-            return f"{f}: {'missing' if size < 0 else f'truncated ({size} of {n} bytes)'}"
-    rng = path / f"rng_rank{rank}.pt"
-    if rng.exists():
+    """What is wrong with a step folder, naming the file, or None when it is complete: state.json, the DCP metadata
+    and this rank's RNG state read as a resume reads them, and each .distcp shard is as long as the metadata says
+    (dcp.load fails on a short one only half way through the load, naming no file)."""
+    got = {}
+    reads = {path / "state.json": lambda f: int(json.loads(f.read_text())["step"]),
+             path / "dcp" / ".metadata": lambda f: got.update(meta=dcp.FileSystemReader(str(f.parent)).read_metadata()),
+             path / f"rng_rank{rank}.pt": lambda f: f.exists() and torch.load(f, weights_only=False)}
+    for f, read in reads.items():
         try:
-            torch.load(rng, weights_only=False)
-        except Exception as e:  # as above: a truncated zip fails in several ways
-            return f"{rng}: {type(e).__name__}: {e}"
+            read(f)
+        except Exception as e:  # a damaged file fails in many ways (unpickling can raise almost anything)
+            return f"{f}: {type(e).__name__}: {e}"
+    for info in got["meta"].storage_data.values():  # where each tensor's bytes are: shard file, offset, length
+        f, need = path / "dcp" / info.relative_path, info.offset + info.length
+        if not f.exists() or f.stat().st_size < need:
+            return f"{f}: {f'truncated ({f.stat().st_size} of at least {need} bytes)' if f.exists() else 'missing'}"
     return None
 
 
@@ -943,95 +833,93 @@ def find_resume_checkpoint(cfg: Config, rank: int = 0, say=print) -> Path | None
     """The checkpoint --resume continues from: the folder given, or the newest intact one in out_dir (a damaged one
     is named and skipped); None when out_dir has none yet."""
     target = resume_target(cfg)
-    if target not in (None, "auto"):
-        problem = checkpoint_problem(Path(target), rank)
-        if problem:
-            raise SystemExit(f"--resume={target}: cannot resume from it: {problem}")
+    if target != "auto":
+        if problem := checkpoint_problem(Path(target), rank):
+            raise SystemExit(f"--resume={target}: cannot resume from it ({problem}); pass a step folder such as "
+                             f"{Path(cfg.out_dir) / 'ckpt' / 'step_000003'}, or --resume=True for the newest")
         return Path(target)
-    problems = []
-    for p in reversed(step_folders(cfg)):
-        problem = checkpoint_problem(p, rank)
-        if problem is None:
-            if problems:
+    for i, p in enumerate(reversed(step_folders(cfg))):
+        if (problem := checkpoint_problem(p, rank)) is None:
+            if i:
                 say(f"resuming from the newest intact checkpoint, {p}, instead")
             return p
-        problems.append(problem)
         say(f"checkpoint {p.name} is damaged: {problem}")
-    if problems:
-        raise SystemExit(f"no intact checkpoint in {ckpt_root(cfg)} ({len(problems)} damaged, see above); "
-                         f"--overwrite=True starts the run again from step 0")
+    if step_folders(cfg):
+        raise SystemExit(f"no intact checkpoint in {Path(cfg.out_dir) / 'ckpt'} (see above); --overwrite=True "
+                         f"starts the run again from step 0")
     return None
 
 
-def save_checkpoint(model, optimizer, tokenizer, cfg: Config, proc: Dist, step: int, history: list[dict]) -> Path:
-    """Sharded model + optimizer (DCP), step, RNG, data position, HF export; atomic via temp folder + rename.
+def _disk_full(e: BaseException) -> bool:
+    """Whether a failed save ran out of disk: ENOSPC in the exception chain (DCP's CheckpointException carries each
+    rank's error in its text), or torch's zip writer's way of saying it ("unexpected pos 704 vs 598")."""
+    text = "".join(traceback.format_exception(e))
+    return any(s in text for s in ("No space left", f"[Errno {errno.ENOSPC}]", "unexpected pos"))
 
-    A failed save (a full disk, Ctrl-C) removes its partial folder and leaves the previous checkpoint as it was."""
-    final = ckpt_root(cfg) / f"step_{step:06d}"
+
+def export_hf(model, tokenizer, path: Path, cfg: Config, proc: Dist) -> None:
+    """The Hugging Face folder of a checkpoint (rank 0 writes it). Its dtype with export_dtype=auto is the one the
+    policy computed in: bf16 on GPU (FSDP's mixed precision casts the fp32 masters for every forward, so the bf16
+    export is the model that sampled), fp32 on a CPU (a bf16 export of the default run rounds most of its update
+    away: after 1 step at lr 2e-5, 92% of the changed weights round back to the base model's bf16 value)."""
+    if _is_dist():  # FSDP2: gather full tensors on rank 0 (on the CPU)
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:  # one process: the parameters themselves, no gathered copy
+        full = model.state_dict()
+    if model.config.tie_word_embeddings:
+        full.pop("lm_head.weight", None)  # the same tensor as the embedding: HF files store it once
+    if proc.main:
+        auto = torch.bfloat16 if proc.device.type == "cuda" else torch.float32
+        dt = auto if cfg.export_dtype == "auto" else getattr(torch, cfg.export_dtype)
+        for k in list(full):  # in place, key by key: at most one fp32 tensor and the bf16 export at once
+            full[k] = full[k].detach().to(dt)
+        save_pretrained(model, path, state_dict=full)
+        tokenizer.save_pretrained(path)
+
+
+def save_checkpoint(model, optimizer, tokenizer, cfg: Config, proc: Dist, step: int, history: list[dict]) -> Path:
+    """Sharded model + optimizer (DCP), RNG, step and history, HF export; written to a .tmp folder then renamed, so a
+    failed save (a full disk, Ctrl-C) removes its partial folder and leaves the previous checkpoint as it was."""
+    final = Path(cfg.out_dir) / "ckpt" / f"step_{step:06d}"
     tmp = final.with_name(final.name + ".tmp")
     try:
-        _write_checkpoint(tmp, model, optimizer, tokenizer, cfg, proc, step, history)
-    except BaseException as e:  # anything, Ctrl-C included: clean up, then let it go on (re-raised below)
+        if proc.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        barrier()
+        dcp.save(dict(zip(("model", "optim"), get_state_dict(model, optimizer))), checkpoint_id=str(tmp / "dcp"))
+        torch.save({"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state()
+                    if proc.device.type == "cuda" else None}, tmp / f"rng_rank{proc.rank}.pt")
+        export_hf(model, tokenizer, tmp / "hf", cfg, proc)
+        if proc.main:  # written last: its presence says the folder is complete
+            (tmp / "state.json").write_text(json.dumps({"step": step, "data_position": step * cfg.batch_size,
+                                                        "world_size": proc.world, "config": asdict(cfg),
+                                                        "history": history}))
+        barrier()
+    except BaseException as e:  # anything, Ctrl-C included: clean up, then let it go on
         if proc.main:
             shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, Exception) and _disk_full(e):
             prev = latest_checkpoint(cfg)
-            raise SystemExit(f"no space left on {ckpt_root(cfg).resolve()} while saving step {step}: removed the "
+            raise SystemExit(f"no space left on {final.parent.resolve()} while saving step {step}: removed the "
                              f"partial checkpoint; {f'the previous one, {prev}, is intact' if prev else 'none kept'}"
                              f". Free some space (or --keep_last=1) and run again with --resume=True") from None
         raise
     if proc.main:
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)  # the step folder appears complete or not at all
-        done = step_folders(cfg)
-        for old in done[: max(len(done) - cfg.keep_last, 0)]:
+        for old in step_folders(cfg)[: -cfg.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
 
 
-def _write_checkpoint(tmp: Path, model, optimizer, tokenizer, cfg: Config, proc: Dist, step: int,
-                      history: list[dict]) -> None:
-    if proc.main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier()
-    msd, osd = get_state_dict(model, optimizer)
-    with warnings.catch_warnings():  # single process: DCP warns that it "assumes" no process group, as intended
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / "dcp"))
-    del msd, osd
-    torch.save({"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state()
-                if proc.device.type == "cuda" else None}, tmp / f"rng_rank{proc.rank}.pt")
-    if _is_dist():  # FSDP2: gather full tensors on rank 0 (on the CPU), cast one at a time
-        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    else:  # one process: the parameters themselves, no gathered copy
-        full = model.state_dict()
-    if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
-        full.pop("lm_head.weight", None)  # the same tensor as the embedding: HF files store it once
-    if proc.main:
-        dt = _export_dtype(cfg, proc)
-        for k in list(full):  # in place, key by key: at most one fp32 tensor and the bf16 export at once
-            full[k] = full[k].detach().to(dt)
-        save_pretrained(model, tmp / "hf", state_dict=full)
-        tokenizer.save_pretrained(tmp / "hf")
-        state = {"step": step, "data_position": step * cfg.batch_size, "world_size": proc.world,
-                 "config": asdict(cfg), "history": history}
-        (tmp / "state.json").write_text(json.dumps(state))
-    del full
-    barrier()
-
-
 def load_checkpoint(path: Path, model, optimizer, proc: Dist) -> dict:
     """Restore model + optimizer shards in place (any world size: DCP reshards) and RNG; returns state.json."""
-    msd, osd = get_state_dict(model, optimizer)
-    sd = {"model": msd, "optim": osd}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(sd, checkpoint_id=str(path / "dcp"))
+    sd = dict(zip(("model", "optim"), get_state_dict(model, optimizer)))
+    dcp.load(sd, checkpoint_id=str(path / "dcp"))
     set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
-    rng = path / f"rng_rank{proc.rank}.pt"
-    if rng.exists():
+    if (rng := path / f"rng_rank{proc.rank}.pt").exists():  # absent when resuming on more ranks than saved
         r = torch.load(rng, weights_only=False)
         torch.set_rng_state(r["torch"])
         if r["cuda"] is not None and proc.device.type == "cuda":
@@ -1040,21 +928,18 @@ def load_checkpoint(path: Path, model, optimizer, proc: Dist) -> dict:
 
 
 def start_state(cfg: Config, proc: Dist, model, optimizer, resume_from: Path | None) -> tuple[int, list[dict]]:
-    """(first step, history) of this run: 0 and [] for a new run, else what the checkpoint saved. metrics.jsonl
-    loses the lines of steps that will run again (the run died after logging them, before saving)."""
-    start, history = 0, []
-    if resume_from is not None:
-        state = load_checkpoint(resume_from, model, optimizer, proc)
-        start, history = state["step"], state.get("history", [])
+    """(first step, history) of a resumed run: what the checkpoint saved, or 0 and [] when out_dir had none yet.
+    metrics.jsonl loses the lines of steps that will run again (the run died after logging them, before saving)."""
+    state = load_checkpoint(resume_from, model, optimizer, proc) if resume_from else {"step": 0}
+    start, history = state["step"], state.get("history", [])
     if proc.main:
         print(f"resumed from {resume_from} at step {start}" if resume_from else
-              f"--resume={cfg.resume} but no checkpoint in {ckpt_root(cfg)}: starting from step 0")
+              f"--resume={cfg.resume} but no checkpoint in {Path(cfg.out_dir) / 'ckpt'}: starting from step 0")
         path = Path(cfg.out_dir) / "metrics.jsonl"
         if path.exists():
             keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= start]
             path.write_text("".join(ln + "\n" for ln in keep))
     return start, history
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Logging
@@ -1128,40 +1013,15 @@ def trajectory_record(traj, rew, adv: float, tokenizer) -> dict:
             "text": tokenizer.decode(traj.tokens), "turns": turn_records(traj)}
 
 
-class Loggers:
-    """metrics.jsonl always (rank 0); wandb / TensorBoard only when asked (optional packages: imported lazily)."""
-
-    def __init__(self, cfg: Config, proc: Dist):
-        self.on, self.wandb, self.tb, self.out = proc.main, None, None, Path(cfg.out_dir)
-        if self.on and cfg.wandb_project:
-            try:
-                import wandb
-            except ImportError:
-                raise SystemExit("--wandb_project needs the wandb package: pip install wandb") from None
-            self.wandb = wandb.init(project=cfg.wandb_project, config=asdict(cfg), dir=cfg.out_dir)
-        if self.on and cfg.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise SystemExit("--tensorboard=True needs the tensorboard package: pip install tensorboard") from None
-            self.tb = SummaryWriter(str(self.out / "tb"))
-
-    def log(self, step: int, m: dict) -> None:
-        if not self.on:
-            return
-        with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as fh:
-            fh.write(json.dumps({"step": step, **m}) + "\n")
-        nums = {k: v for k, v in m.items() if isinstance(v, (int, float))}
-        if self.wandb is not None:
-            self.wandb.log(nums, step=step)
-        for k, v in nums.items() if self.tb is not None else ():
-            self.tb.add_scalar(k, v, step)
-
-    def close(self) -> None:
-        if self.wandb is not None:
-            self.wandb.finish()
-        if self.tb is not None:
-            self.tb.close()
+def start_wandb(cfg: Config, proc: Dist):
+    """The wandb run when asked (--wandb_project, rank 0; an optional package, imported lazily), else None."""
+    if not (proc.main and cfg.wandb_project):
+        return None
+    try:
+        import wandb
+    except ImportError:
+        raise SystemExit("--wandb_project needs the wandb package: pip install wandb") from None
+    return wandb.init(project=cfg.wandb_project, config=asdict(cfg), dir=cfg.out_dir)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1283,14 +1143,18 @@ def step_metrics(batch: Batch, upd: dict, seconds: dict, cfg: Config, proc: Dist
                                                                                   "skipped_groups")}}
 
 
-def log_step(step: int, m: dict, batch: Batch, tokenizer, history: list[dict], logs: Loggers, cfg: Config,
+def log_step(step: int, m: dict, batch: Batch, tokenizer, history: list[dict], wandb_run, cfg: Config,
              proc: Dist) -> None:
-    """The step's line, metrics.jsonl, a few full trajectories, the curve (rank 0); the history on every rank."""
+    """The step's line, metrics.jsonl (and wandb), a few full trajectories, the curve (rank 0); the history on every
+    rank."""
     history.append({"step": step, **{k: m.get(k) for k in ("reward", "f1", "format_error", "dev_f1")}})
     if not proc.main:
         return
     tqdm.write(format_line(step, m))
-    logs.log(step, m)
+    with open(Path(cfg.out_dir) / "metrics.jsonl", "a", encoding="utf-8") as fh:
+        fh.write(json.dumps({"step": step, **m}) + "\n")
+    if wandb_run is not None:
+        wandb_run.log({k: v for k, v in m.items() if isinstance(v, (int, float))}, step=step)
     dump = [trajectory_record(batch.trajs[i], batch.rewards[i], float(batch.advantages[i]), tokenizer)
             for i in range(min(cfg.n_log_rollouts, len(batch.trajs)))]
     with open(Path(cfg.out_dir) / "rollouts" / f"step_{step:06d}.jsonl", "w", encoding="utf-8") as fh:
@@ -1317,11 +1181,17 @@ def start_run(cfg: Config, proc: Dist) -> tuple[str, Path | None]:
         raise SystemExit(f"batch_size={cfg.batch_size} must be divisible by the world size {proc.world}")
     if cfg.cpu_offload and proc.device.type != "cuda":
         raise SystemExit("--cpu_offload=True moves FSDP's sharded state from GPU to host memory: it needs GPUs")
-    if proc.main and cfg.overwrite and resume_target(cfg) is None:
-        wipe_run(cfg)
+    out, target = Path(cfg.out_dir), resume_target(cfg)
+    earlier = [name for name in ("metrics.jsonl", "ckpt") if (out / name).exists()]
+    if target is None and earlier and not cfg.overwrite:
+        raise SystemExit(f"{out} already holds a run ({', '.join(earlier)}): --resume=True continues it, "
+                         f"--out_dir=<new folder> starts another beside it, --overwrite=True deletes it first")
+    if target is None and cfg.overwrite and proc.main:  # only the run's own outputs: out_dir may hold other files
+        for p in (out / name for name in RUN_OUTPUTS):
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
     barrier()
     quiet = print if proc.main else (lambda *a: None)
-    resume_from = find_resume_checkpoint(cfg, proc.rank, say=quiet) if resume_target(cfg) else None
+    resume_from = find_resume_checkpoint(cfg, proc.rank, say=quiet) if target else None
     # the first process of each node resolves (downloads or converts) the model into that node's cache, then the
     # others find it there; only rank 0 reads the weights, the others need config.json and the tokenizer
     path = resolve_model(cfg.model) if proc.local_rank == 0 else None
@@ -1379,7 +1249,7 @@ def main(cfg: Config) -> dict:
         history.append({"step": 0, "dev_f1": dev_f1(model, tokenizer, dev, browser, cfg, proc)})
         if proc.main:
             print(f"step 0 | dev_f1 {history[-1]['dev_f1']:.4g} (greedy, {len(dev)} questions of {cfg.eval_data})")
-    logs, last, low_entropy, saved_at, stop = Loggers(cfg, proc), {}, 0, None, ""
+    wandb_run, last, low_entropy, saved_at, stop = start_wandb(cfg, proc), {}, 0, None, ""
     try:
         for step in tqdm(range(start, cfg.steps), desc="train", disable=not proc.main, initial=start,
                          total=cfg.steps):
@@ -1398,7 +1268,7 @@ def main(cfg: Config) -> dict:
             last = step_metrics(batch, upd, seconds, cfg, proc, step)
             if dev and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
                 last["dev_f1"] = dev_f1(model, tokenizer, dev, browser, cfg, proc)
-            log_step(step + 1, last, batch, tokenizer, history, logs, cfg, proc)
+            log_step(step + 1, last, batch, tokenizer, history, wandb_run, cfg, proc)
             # health checks: the metrics are all-reduced, so every rank takes the same decision
             if not upd["finite"] or not all(math.isfinite(last[k]) for k in ("loss", "reward", "entropy")):
                 stop = (f"step {step + 1}: loss or gradient is NaN/inf; the update was not applied. Stopping; the "
@@ -1416,7 +1286,8 @@ def main(cfg: Config) -> dict:
         stop = "interrupted"
     finally:
         browser.close()
-        logs.close()
+        if wandb_run is not None:
+            wandb_run.finish()
     end_run(cfg, proc, history, stop, saved_at)
     return last
 
