@@ -262,13 +262,11 @@ class Engine:
     def _prefill(self, seqs: list[list[int]], slots: list[int]) -> torch.Tensor:
         """Write each token list into its slot at the slot's cursor (blocks already reserved); return the
         last-token logits (B, V)."""
-        out, bs = [], self.block_size
-        # Chunks bounded by a padded-token budget so a big batch of long prompts does not blow up activations.
-        i = 0
+        out, bs, i = [], self.block_size, 0
         while i < len(seqs):
-            j, longest = i, 0
-            while j < len(seqs) and (j == i or max(longest, len(seqs[j])) * (j - i + 1) <= self.prefill_tokens):
-                longest = max(longest, len(seqs[j]))
+            # Chunks bounded by a padded-token budget so a big batch of long prompts does not blow up activations.
+            j = i + 1
+            while j < len(seqs) and max(map(len, seqs[i:j + 1])) * (j + 1 - i) <= self.prefill_tokens:
                 j += 1
             chunk, rows = seqs[i:j], slots[i:j]
             T = max(len(s) for s in chunk)
@@ -458,11 +456,9 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: 
     owner: dict[int, int] = {}
     queue = list(range(len(prompts)))
     while queue or owner:
-        free = eng.n_free
-        if queue and free:
-            take, queue = queue[:free], queue[free:]
-            for i, g in zip(take, eng.submit_many([prompts[i] for i in take], sp, seeds=take)):
-                owner[g[0]] = i
+        take, queue = queue[:eng.n_free], queue[eng.n_free:]
+        for i, g in zip(take, eng.submit_many([prompts[i] for i in take], sp, seeds=take) if take else []):
+            owner[g[0]] = i
         for f in eng.step():
             i = owner.pop(f.slot)
             out[i] = (f.tokens, f.logprobs) if return_logprobs else f.tokens
@@ -530,19 +526,16 @@ class RolloutConfig:
 
 # ------------------------------------------------------------------------------------------------ prompt
 
-TOOLS = [
-    {"name": "web_search",
-     "description": "Search the web. Returns the title, URL and snippet of the top results for each query. "
-                    "Give at most 3 queries per call.",
-     "parameters": {"type": "object", "required": ["query"], "properties": {
-         "query": {"type": "array", "items": {"type": "string"}, "description": "Search queries."}}}},
-    {"name": "browse_webpage",
-     "description": "Read web pages found by your most recent web_search and return the information in them "
-                    "that is relevant to the question. Only URLs from the most recent search can be read.",
-     "parameters": {"type": "object", "required": ["url_list"], "properties": {
-         "url_list": {"type": "array", "items": {"type": "string"}, "description": "URLs to read."}}}},
-]
 ARG_KEY = {"web_search": "query", "browse_webpage": "url_list"}
+TOOLS = [  # JSON schemas, as the reference shows them: one list-of-strings argument each (ARG_KEY)
+    {"name": name, "description": what, "parameters": {"type": "object", "required": [ARG_KEY[name]], "properties": {
+        ARG_KEY[name]: {"type": "array", "items": {"type": "string"}, "description": arg}}}}
+    for name, what, arg in [
+        ("web_search", "Search the web. Returns the title, URL and snippet of the top results for each query. "
+                       "Give at most 3 queries per call.", "Search queries."),
+        ("browse_webpage", "Read web pages found by your most recent web_search and return the information in them "
+                           "that is relevant to the question. Only URLs from the most recent search can be read.",
+         "URLs to read.")]]
 
 _CALL_FORMAT = {
     "dr": ('<tool_call>{"name": "web_search", "arguments": {"query": ["first query", "second query"]}}</tool_call>\n'
