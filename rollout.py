@@ -716,11 +716,11 @@ def bad_call_message(error: str, protocol: str) -> str:
 
 
 def run_tool(session, tool: str, args: dict) -> tuple[str, float, bool]:
-    """Run one call on a browser session: (the observation, seconds, failed: the web failed for reasons outside the
-    policy, the trajectory ends as "tool_failure"). A session returns a plain string, or an object with the text (`.text`,
-    or the object itself when it is a `str` subclass) and `.failed` (True when the back end or every fetch of the
-    call failed: timeouts, 5xx, quota, network); a plain string has no `.failed` and counts as success. Sessions
-    should not raise; an exception anyway is a tool failure, so one row cannot take the rollout down."""
+    """Run one call on a browser session: (the observation, seconds, failed: the web failed for reasons outside
+    the policy, the trajectory ends as "tool_failure"). A session returns a plain string, or an object with the text
+    (`.text`, or the object itself when it is a `str` subclass) and `.failed` (True when the back end or every fetch
+    of the call failed: timeouts, 5xx, quota, network); a plain string has no `.failed` and counts as success.
+    Sessions should not raise; an exception anyway is a tool failure, so one row cannot take the rollout down."""
     t0 = time.perf_counter()
     try:
         obs = session.web_search(args["query"]) if tool == "web_search" else session.browse_webpage(args["url_list"])
