@@ -630,8 +630,7 @@ def check_url(url: str, allow_private: bool = False, allow_hosts=()) -> tuple[st
     for a in addrs:
         ip = ipaddress.ip_address(a.split("%")[0])
         ip = getattr(ip, "ipv4_mapped", None) or ip  # ::ffff:127.0.0.1 is 127.0.0.1
-        if ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_reserved \
-                or ip.is_unspecified:
+        if not ip.is_global or ip.is_multicast:  # private, loopback, link-local, reserved, unspecified, shared
             return "blocked", f"{host} resolves to a private or reserved address ({a})"
     return None
 
@@ -1018,16 +1017,14 @@ class LLMReader:
         self.calls += 1
         text = chat_completion(self.cfg.llm_base_url, self.cfg.llm_model, [{"role": "user", "content": prompt}],
                                api_key=self.api_key, timeout=self.cfg.llm_timeout)
-        m = re.search(r"\{.*\}", text, re.S)  # the JSON object, wherever the model put it (code fences, prose)
-        try:
-            d = json.loads(m.group(0)) if m else None
-        except ValueError:
+        try:  # the JSON object, wherever the model put it (code fences, prose)
+            d = json.loads(re.search(r"\{.*\}", text, re.S).group(0))
+        except (AttributeError, ValueError):
             d = None
         if not isinstance(d, dict) or "extracted_info" not in d:
             raise ReaderError("malformed", "the reading model's reply was not the JSON asked for")
-        more = d.get("read_more", False)  # models write true, "yes", "true"
-        reply = {"extracted_info": str(d.get("extracted_info") or "").strip(),
-                 "read_more": more.strip().lower() in ("yes", "true", "1") if isinstance(more, str) else bool(more),
+        reply = {"extracted_info": str(d.get("extracted_info") or "").strip(),  # read_more: true, "yes", "true"
+                 "read_more": str(d.get("read_more", False)).strip().lower() in ("yes", "true", "1"),
                  "summary": str(d.get("summary") or "").strip()}
         if self.cache is not None:
             self.cache.put("read", key, reply)

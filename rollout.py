@@ -262,13 +262,11 @@ class Engine:
     def _prefill(self, seqs: list[list[int]], slots: list[int]) -> torch.Tensor:
         """Write each token list into its slot at the slot's cursor (blocks already reserved); return the
         last-token logits (B, V)."""
-        out, bs = [], self.block_size
-        # Chunks bounded by a padded-token budget so a big batch of long prompts does not blow up activations.
-        i = 0
+        out, bs, i = [], self.block_size, 0
         while i < len(seqs):
-            j, longest = i, 0
-            while j < len(seqs) and (j == i or max(longest, len(seqs[j])) * (j - i + 1) <= self.prefill_tokens):
-                longest = max(longest, len(seqs[j]))
+            # Chunks bounded by a padded-token budget so a big batch of long prompts does not blow up activations.
+            j = i + 1
+            while j < len(seqs) and max(map(len, seqs[i:j + 1])) * (j + 1 - i) <= self.prefill_tokens:
                 j += 1
             chunk, rows = seqs[i:j], slots[i:j]
             T = max(len(s) for s in chunk)
@@ -458,11 +456,9 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: 
     owner: dict[int, int] = {}
     queue = list(range(len(prompts)))
     while queue or owner:
-        free = eng.n_free
-        if queue and free:
-            take, queue = queue[:free], queue[free:]
-            for i, g in zip(take, eng.submit_many([prompts[i] for i in take], sp, seeds=take)):
-                owner[g[0]] = i
+        take, queue = queue[:eng.n_free], queue[eng.n_free:]
+        for i, g in zip(take, eng.submit_many([prompts[i] for i in take], sp, seeds=take) if take else []):
+            owner[g[0]] = i
         for f in eng.step():
             i = owner.pop(f.slot)
             out[i] = (f.tokens, f.logprobs) if return_logprobs else f.tokens
@@ -491,14 +487,14 @@ class Trajectory:
     question: str
     gold: list[str]
     group: int                     # index of the question in the input list
-    tokens: list[int]              # prompt + every turn + every observation, exactly as in the engine's cache
-    loss_mask: list[int]           # 1 exactly on sampled tokens
-    logprobs: list[float]          # sampled-token logprobs, 0.0 where loss_mask is 0
-    prompt_len: int
-    turns: list[Turn]
-    answer: str | None
-    end_reason: str                # one of END_REASONS (see the module docstring)
-    stats: dict
+    tokens: list[int] = field(default_factory=list)  # prompt + turns + observations, exactly the engine's cache
+    loss_mask: list[int] = field(default_factory=list)  # 1 exactly on sampled tokens
+    logprobs: list[float] = field(default_factory=list)  # sampled-token logprobs, 0.0 where loss_mask is 0
+    prompt_len: int = 0
+    turns: list[Turn] = field(default_factory=list)
+    answer: str | None = None
+    end_reason: str = ""           # one of END_REASONS (see the module docstring)
+    stats: dict = field(default_factory=lambda: dict(n_search=0, n_browse=0, n_bad_calls=0, n_turns=0))
 
 
 END_REASONS = ("answer", "format_error", "bad_call", "max_turns", "context_limit", "tool_failure", "engine_error")
@@ -530,19 +526,16 @@ class RolloutConfig:
 
 # ------------------------------------------------------------------------------------------------ prompt
 
-TOOLS = [
-    {"name": "web_search",
-     "description": "Search the web. Returns the title, URL and snippet of the top results for each query. "
-                    "Give at most 3 queries per call.",
-     "parameters": {"type": "object", "required": ["query"], "properties": {
-         "query": {"type": "array", "items": {"type": "string"}, "description": "Search queries."}}}},
-    {"name": "browse_webpage",
-     "description": "Read web pages found by your most recent web_search and return the information in them "
-                    "that is relevant to the question. Only URLs from the most recent search can be read.",
-     "parameters": {"type": "object", "required": ["url_list"], "properties": {
-         "url_list": {"type": "array", "items": {"type": "string"}, "description": "URLs to read."}}}},
-]
 ARG_KEY = {"web_search": "query", "browse_webpage": "url_list"}
+TOOLS = [  # JSON schemas, as the reference shows them: one list-of-strings argument each (ARG_KEY)
+    {"name": name, "description": what, "parameters": {"type": "object", "required": [ARG_KEY[name]], "properties": {
+        ARG_KEY[name]: {"type": "array", "items": {"type": "string"}, "description": arg}}}}
+    for name, what, arg in [
+        ("web_search", "Search the web. Returns the title, URL and snippet of the top results for each query. "
+                       "Give at most 3 queries per call.", "Search queries."),
+        ("browse_webpage", "Read web pages found by your most recent web_search and return the information in them "
+                           "that is relevant to the question. Only URLs from the most recent search can be read.",
+         "URLs to read.")]]
 
 _CALL_FORMAT = {
     "dr": ('<tool_call>{"name": "web_search", "arguments": {"query": ["first query", "second query"]}}</tool_call>\n'
@@ -665,18 +658,6 @@ STOP_STRINGS = {"dr": ("</tool_call>", "</answer>"), "tags": ("</search>", "</br
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.S)
 
 
-def _check_args(tool: str, value) -> tuple[dict | None, str | None]:
-    key = ARG_KEY[tool]
-    if isinstance(value, str):  # a lone string where a list is asked for: accept it, it is unambiguous
-        value = [value]
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        return None, f"{tool}: '{key}' must be a list of strings"
-    value = [v.strip() for v in value if v.strip()]
-    if not value:
-        return None, f"{tool}: empty '{key}'"
-    return {key: value}, None
-
-
 def parse_turn(text: str, protocol: str) -> Action:
     """Decide what one turn of the policy asks for. Only the policy's own text is ever parsed.
 
@@ -687,13 +668,11 @@ def parse_turn(text: str, protocol: str) -> Action:
     ends = [i + len(c) for c in (*(f"</{t}>" for t in call_tags), "</answer>") if (i := text.find(c)) >= 0]
     body = text[:min(ends)] if ends else text.rstrip()
     for tag in call_tags:
-        close = f"</{tag}>"
-        if body.endswith(close):
+        if body.endswith(close := f"</{tag}>"):
             start = body.rfind(f"<{tag}>")
             if start < 0:
                 return Action("bad_call", error=f"{close} without <{tag}>")
-            inner = body[start + len(tag) + 2:len(body) - len(close)].strip()
-            return _parse_call(tag, inner)
+            return _parse_call(tag, body[start + len(tag) + 2:len(body) - len(close)].strip())
     m = _ANSWER.search(body)
     if m:
         return Action("answer", answer=m.group(1).strip())
@@ -704,6 +683,8 @@ def parse_turn(text: str, protocol: str) -> Action:
 
 
 def _parse_call(tag: str, inner: str) -> Action:
+    """A closed call's tool and arguments: JSON under `dr`, `q1 | q2` under `tags`; a lone string where a list is
+    asked for is accepted (it is unambiguous)."""
     if tag == "tool_call":
         try:
             call = json.loads(inner)
@@ -716,11 +697,15 @@ def _parse_call(tag: str, inner: str) -> Action:
             return Action("bad_call", error=f"unknown tool '{name}' (use web_search or browse_webpage)")
         if not isinstance(arguments, dict):
             return Action("bad_call", tool=name, error=f"{name}: 'arguments' must be an object")
-        args, err = _check_args(name, arguments.get(ARG_KEY[name]))
+        value = arguments.get(ARG_KEY[name])
     else:
-        name = "web_search" if tag == "search" else "browse_webpage"
-        args, err = _check_args(name, inner.split("|"))
-    return Action("bad_call", tool=name, error=err) if err else Action("call", tool=name, args=args)
+        name, value = ("web_search" if tag == "search" else "browse_webpage"), inner.split("|")
+    key, value = ARG_KEY[name], [value] if isinstance(value, str) else value
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        return Action("bad_call", tool=name, error=f"{name}: '{key}' must be a list of strings")
+    value = [v.strip() for v in value if v.strip()]
+    return Action("call", tool=name, args={key: value}) if value else Action("bad_call", tool=name,
+                                                                             error=f"{name}: empty '{key}'")
 
 
 def bad_call_message(error: str, protocol: str) -> str:
@@ -730,18 +715,12 @@ def bad_call_message(error: str, protocol: str) -> str:
     return f"Error: {error}. Call a tool as {how}, or give the final answer as <answer>...</answer>."
 
 
-@dataclass
-class ToolResult:
-    text: str           # the observation the policy sees
-    seconds: float
-    failed: bool        # the web failed for reasons outside the policy (the trajectory ends as "tool_failure")
-
-
-def run_tool(session, tool: str, args: dict) -> ToolResult:
-    """Run one call on a browser session. A session returns a plain string, or an object with the text (`.text`,
-    or the object itself when it is a `str` subclass) and `.failed` (True when the back end or every fetch of the
-    call failed: timeouts, 5xx, quota, network); a plain string has no `.failed` and counts as success. Sessions
-    should not raise; an exception anyway is a tool failure, so one row cannot take the rollout down."""
+def run_tool(session, tool: str, args: dict) -> tuple[str, float, bool]:
+    """Run one call on a browser session: (the observation, seconds, failed: the web failed for reasons outside
+    the policy, the trajectory ends as "tool_failure"). A session returns a plain string, or an object with the text
+    (`.text`, or the object itself when it is a `str` subclass) and `.failed` (True when the back end or every fetch
+    of the call failed: timeouts, 5xx, quota, network); a plain string has no `.failed` and counts as success.
+    Sessions should not raise; an exception anyway is a tool failure, so one row cannot take the rollout down."""
     t0 = time.perf_counter()
     try:
         obs = session.web_search(args["query"]) if tool == "web_search" else session.browse_webpage(args["url_list"])
@@ -749,7 +728,7 @@ def run_tool(session, tool: str, args: dict) -> ToolResult:
         text = str(obs) if isinstance(obs, str) else str(obs.text)  # str(): a plain str, JSON-safe in records
     except Exception as e:  # noqa: BLE001
         text, failed = f"Error: {tool} failed ({type(e).__name__}: {e})", True
-    return ToolResult(text, time.perf_counter() - t0, failed)
+    return text, time.perf_counter() - t0, failed
 
 
 def _defang(text: str, specials: list[str]) -> str:
@@ -798,13 +777,16 @@ def rollout(model, tokenizer, questions: list[str], golds: list[list[str]], brow
                         decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=False), seed=seed)
     sampling = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
                               stop_token_ids=stop_token_ids(tokenizer), stop_strings=STOP_STRINGS[cfg.protocol])
+    enc = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
     frame = obs_frame(tokenizer, cfg.obs_role)
+    # after a turn that closed itself (its stop token is eos/<|im_end|>), the frame goes on without closing it twice
+    closed = {t: tokenizer.decode([t]) for t in sampling.stop_token_ids}
+    opening = {t: enc(frame.before[len(c):]) for t, c in closed.items() if frame.before.startswith(c)}
     example = example_turns(cfg.example, cfg.protocol, browser.session("")) if cfg.example else []
     tp = cfg.turn_prefixes
-    tp = tp.split(",") if isinstance(tp, str) and tp else [str(p) for p in tp or ()]
+    tp = tp.split(",") if isinstance(tp, str) else [str(p) for p in tp]
     # turn i opens with turn_prefix_every + turn_prefixes[i]; the last entry covers every later turn
-    texts = [(cfg.turn_prefix_every or "") + p for p in [*tp, ""]]
-    prefixes = [(p, tokenizer.encode(p, add_special_tokens=False) if p else []) for p in texts]
+    prefixes = [(p, enc(p)) for p in ((cfg.turn_prefix_every or "") + p for p in [*tp, ""])]
     prefix = lambda i: prefixes[min(i, len(prefixes) - 1)]  # noqa: E731  (text, ids)
     specials = list(getattr(tokenizer, "all_special_tokens", []))
     out: list[Trajectory | None] = [None] * (len(questions) * G)
@@ -825,14 +807,10 @@ def rollout(model, tokenizer, questions: list[str], golds: list[list[str]], brow
     def resume(slot: int, observation: str) -> None:
         """Append the forced observation tokens to the parked row, or end it when they would not fit."""
         row = rows[slot]
-        t, last = row.traj, row.traj.tokens[-1]
+        t = row.traj
         t.turns[-1].observation = observation
-        before, closed = frame.before_ids, tokenizer.decode([last])
-        if last in sampling.stop_token_ids and frame.before.startswith(closed):
-            # the turn already closed itself with eos/<|im_end|>; do not close it twice
-            before = tokenizer.encode(frame.before[len(closed):], add_special_tokens=False)
-        body = tokenizer.encode(_defang(observation, specials), add_special_tokens=False)
-        forced = before + body + frame.after_ids + prefix(len(t.turns))[1]
+        forced = (opening.get(t.tokens[-1], frame.before_ids) + enc(_defang(observation, specials))
+                  + frame.after_ids + prefix(len(t.turns))[1])
         if len(t.tokens) + len(forced) + cfg.min_turn_tokens > cfg.max_len:
             return finish(slot, "context_limit", error="observation does not fit in the context budget")
         try:
@@ -860,10 +838,9 @@ def rollout(model, tokenizer, questions: list[str], golds: list[list[str]], brow
             if fin.reason == "length":
                 turn.error = f"no tool call or answer within max_new_tokens={cfg.max_new_tokens}"
             return finish(fin.slot, "format_error")
-        if act.kind == "bad_call":
-            t.stats["n_bad_calls"] += 1
-            if cfg.on_bad_call == "end":
-                return finish(fin.slot, "bad_call")
+        t.stats["n_bad_calls"] += act.kind == "bad_call"
+        if act.kind == "bad_call" and cfg.on_bad_call == "end":
+            return finish(fin.slot, "bad_call")
         if len(t.turns) >= cfg.max_turns:  # no turn left to read the observation: do not run the call
             return finish(fin.slot, "max_turns")
         if act.kind == "bad_call":
@@ -872,33 +849,31 @@ def rollout(model, tokenizer, questions: list[str], golds: list[list[str]], brow
         futures[pool.submit(run_tool, row.session, act.tool, act.args)] = fin.slot
 
     def on_tool_done(fut: Future) -> None:
-        slot, res = futures.pop(fut), fut.result()
+        slot, (text, seconds, failed) = futures.pop(fut), fut.result()
         turn = rows[slot].traj.turns[-1]
-        turn.tool_s = res.seconds
-        if res.failed:  # the web, not the policy, failed: end here (the trainer keeps it out of the loss)
-            turn.observation, turn.error = res.text, "the tool failed (infrastructure)"
+        turn.tool_s = seconds
+        if failed:  # the web, not the policy, failed: end here (the trainer keeps it out of the loss)
+            turn.observation, turn.error = text, "the tool failed (infrastructure)"
             return finish(slot, "tool_failure")
-        resume(slot, res.text)
+        resume(slot, text)
 
     def admit() -> None:
         """Queued questions take free slots, a whole group at a time (its prompt is prefilled once)."""
         while queue and engine.n_free >= G:
             qi = queue.popleft()
             prompt = render_prompt(tokenizer, questions[qi], cfg.protocol, cfg.date, cfg.prompt, example)
-            now = time.perf_counter()
             first = prompt + prefix(0)[1]  # the first turn's forced prefix rides with the prompt's prefill
-            trajs = [Trajectory(question=questions[qi], gold=list(golds[qi]), group=qi, tokens=list(first),
-                                loss_mask=[0] * len(first), logprobs=[0.0] * len(first), prompt_len=len(prompt),
-                                turns=[], answer=None, end_reason="", stats=dict(n_search=0, n_browse=0,
-                                                                                 n_bad_calls=0))
-                     for _ in range(G)]
+            trajs = [Trajectory(questions[qi], list(golds[qi]), qi, prompt_len=len(prompt)) for _ in range(G)]
             out[qi * G : (qi + 1) * G] = trajs
+            for tr in trajs:
+                _extend(tr, first)
             if len(first) + cfg.min_turn_tokens > cfg.max_len:  # nothing to decode: never occupy a slot
                 for tr in trajs:
-                    tr.end_reason, tr.stats["n_turns"] = "context_limit", 0
+                    tr.end_reason = "context_limit"
                 continue
             # one random stream per trajectory, keyed (seed, question, sample): same seed, same run, whatever
             # order the tool calls finish in
+            now = time.perf_counter()
             slots = engine.submit(first, sampling, n=G, seeds=[(seed, qi, g) for g in range(G)])
             for slot, tr in zip(slots, trajs):
                 rows[slot] = _Row(traj=tr, session=browser.session(questions[qi]), t_start=now, t_turn=now)
