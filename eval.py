@@ -366,10 +366,13 @@ PERCENT = ("f1", "em", "squad_f1", "squad_em", "mbe", "format_error_rate")  # ra
 
 
 def summarize(records: list[dict]) -> dict:
-    """Per-source and overall metrics. MBE averages judged questions; unjudged ones are counted, not guessed."""
+    """Per-source, per-template (where the data has one) and overall metrics. MBE averages judged questions;
+    unjudged ones are counted, not guessed."""
     groups: dict[str, list[dict]] = defaultdict(list)
     for r in records:
         groups[r["source"]].append(r["scores"])
+        if r.get("template"):
+            groups[f"template: {r['template']}"].append(r["scores"])
     out = {}
     for name, s in [*sorted(groups.items()), ("overall", [r["scores"] for r in records])]:
         row = {"n": len(s), **{k: _mean([x[k] for x in s]) for k in ("f1", "em", "squad_f1", "squad_em")}}
@@ -451,7 +454,8 @@ def default_corpus(cfg: Config) -> str | None:
 
 
 def trajectory_record(ex: dict, traj) -> dict:
-    return {"id": ex["id"], "source": ex["source"], "question": ex["question"], "gold": ex["answers"],
+    return {"id": ex["id"], "source": ex["source"], "template": ex.get("template", ""), "question": ex["question"],
+            "gold": ex["answers"],
             "answer": traj.answer, "end_reason": traj.end_reason, "turns": turn_records(traj),
             "stats": dict(traj.stats), "n_tokens": len(traj.tokens), "prompt_len": traj.prompt_len}
 

@@ -133,17 +133,18 @@ class AgentConfig:
     device: str = "auto"            # auto | cpu | cuda
     # agent (rollout.RolloutConfig)
     protocol: str = "tags"          # tags | dr
-    max_turns: int = 2              # the default scaffold: one search, then the answer
+    max_turns: int = 3              # the policy decides after each search: search again or answer
     max_new_tokens: int = 24        # per turn: a query or a short answer
     max_len: int = 1024             # context per trajectory
     temperature: float = 0.7        # the paper: 1.0; a 135M model at 1.0 mostly writes noise
     top_p: float = 1.0
-    n_slots: int = 32               # concurrent rows in the rollout engine, per rank
+    n_slots: int = 64               # concurrent rows in the rollout engine, per rank
     on_bad_call: str = "error_observation"  # or "end": a malformed tool call ends the trajectory (the reference)
     prompt: str = "short"           # system prompt: reference (the paper's) | short (~30 tokens, small models)
-    turn_prefixes: str = "<search>,<answer>"  # forced text opening turns 1, 2, ... (comma-separated; "" = none)
+    turn_prefixes: str = "<search>"  # forced text opening turns 1, 2, ... (comma-separated; "" = none)
     turn_prefix_every: str = ""     # forced text opening EVERY turn, before turn_prefixes (the reference: <think>)
-    example: str = ""               # "question|query|answer": a worked example shown before the question ("" = none)
+    example: str = "What is the capital of Norway?|capital of Norway|Oslo"  # a worked example before the question:
+    #                                 "question|query|answer", its search run live ("" = none, the reference)
     date: str = ""                  # date in the system prompt ("" = today); fixed in tests for reproducibility
     # search and reading (browse.BrowseConfig)
     backend: str = "local"          # local | serper | searxng
@@ -164,11 +165,11 @@ class Config(AgentConfig):
     data: str = "data/qa_train.jsonl"  # .jsonl / .parquet (data/prepare.py schema)
     out_dir: str = "runs/train"
     # steps and batch
-    steps: int = 6                  # ~10 min on 2 idle CPU cores; the format is learnt in ~4
+    steps: int = 15                 # ~30 min on 2 idle CPU cores (README)
     batch_size: int = 8             # questions per step, over all ranks (divisible by world size)
-    group_size: int = 4             # trajectories per question (G)
+    group_size: int = 8             # trajectories per question (G); 8 gives most groups a reward spread
     # optimisation
-    lr: float = 2e-5                # 135M model, few dozen steps; the paper's 1e-6 is in the deepresearcher preset
+    lr: float = 1e-5                # 135M model, few dozen steps; the paper's 1e-6 is in the deepresearcher preset
     warmup_steps: int = 0           # linear warm-up, then constant (the paper: constant)
     weight_decay: float = 0.01
     adam_beta1: float = 0.9
@@ -192,7 +193,7 @@ class Config(AgentConfig):
     cpu_offload: bool = False       # FSDP2 CPUOffloadPolicy: sharded params, grads and Adam state live on the CPU
     export_dtype: str = "auto"      # HF export: auto (bf16 on GPU, fp32 on CPU: see export_hf) | float32 | bfloat16
     # checkpoints and logging
-    save_every: int = 3             # steps; a final checkpoint is always written
+    save_every: int = 5             # steps; a final checkpoint is always written
     keep_last: int = 1              # step folders kept (each 2.2 GB for 135M params: fp32 weights + Adam + HF export)
     resume: str = ""                # "" = new run; true/auto = newest intact checkpoint in out_dir; or a step folder
     overwrite: bool = False         # delete out_dir's earlier run (metrics, checkpoints, rollouts) instead of refusing
@@ -200,7 +201,7 @@ class Config(AgentConfig):
     plot_every: int = 3             # reward.png every N steps (and at the end)
     min_entropy: float = 1e-3       # mean token entropy below this for 3 steps in a row = collapse: stop
     wandb_project: str = ""         # "" = off; imported lazily
-    eval_every: int = 5             # greedy dev F1 on `eval_n` fixed dev questions every N steps (0 = off)
+    eval_every: int = 3             # greedy dev F1 on `eval_n` fixed dev questions every N steps (0 = off)
     eval_data: str = "data/qa_dev.jsonl"
     eval_n: int = 64
     dry_run: bool = False           # print the per-GPU memory estimate and exit

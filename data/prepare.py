@@ -56,6 +56,7 @@ class Example:
     source: str
     question: str
     answers: list[str]
+    template: str = ""  # the question's kind where the data says it (our offline QA set): eval reports F1 per kind
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -77,7 +78,8 @@ def _from_our_row(row: dict, i: int) -> Example:
     if isinstance(answers, str):
         answers = answers.split(ANSWER_SPLIT)
     return Example(id=str(row.get("id", i)), source=str(row.get("source", "unknown")),
-                   question=str(row["question"]).strip(), answers=[str(a) for a in answers])
+                   question=str(row["question"]).strip(), answers=[str(a) for a in answers],
+                   template=str(row.get("template", "")))
 
 
 def _row_to_example(row: dict, i: int) -> Example:
