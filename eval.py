@@ -503,7 +503,9 @@ def run_agent(cfg: Config, todo: list[dict], path: Path, model_path: str | None,
         tok = AutoTokenizer.from_pretrained(model_path)
         model = Transformer.from_pretrained(model_path, dtype=dtype, device=proc.device).eval()
     if cfg.agent == "closed_book":  # no tools: one turn, a prompt without them, no forced search
-        cfg = replace(cfg, prompt="closed_book", turn_prefixes="", example="", max_turns=1)
+        q, _, a = (cfg.example.split("|") + ["", ""])[:3]  # the same example, answered without a search
+        cfg = replace(cfg, prompt="closed_book", turn_prefixes="", example=f"{q}||{a}" if cfg.example else "",
+                      max_turns=1)
     rcfg, browser = subconfig(RolloutConfig, cfg), Browser(subconfig(BrowseConfig, cfg, corpus=corpus))
     try:
         t0, done = time.time(), 0

@@ -599,6 +599,8 @@ def example_turns(example: str, protocol: str, session) -> list[dict]:
     observation of that search (through the same browser, so it looks exactly like the ones the policy will see),
     and the answer. A format demonstration for small models; its question must not be one it is scored on."""
     question, query, answer = (x.strip() for x in example.split("|"))
+    if not query:  # a closed-book example: the question and its answer only
+        return [{"role": "user", "content": question}, {"role": "assistant", "content": f"<answer>{answer}</answer>"}]
     call = (f"<search>{query}</search>" if protocol == "tags" else
             "<tool_call>" + json.dumps({"name": "web_search", "arguments": {"query": [query]}}) + "</tool_call>")
     obs = str(session.web_search([query]))

@@ -44,11 +44,13 @@ Departures from the paper / the reference implementation (verl + vLLM + Ray)
 - The reward reads only the policy's own turns (reward.py); the reference's format check also read web text.
 - Trajectories that the web or the engine ended are out of the loss (`mask_tool_failures`, above); the reference
   trained on them (its failed searches became observations). Counts per end reason are logged every step.
-- The default run (no preset) is ours, not the paper's: SmolLM2-135M-Instruct on a CPU, 8 questions x 4, 6 steps,
-  lr 2e-5, temperature 0.7, no KL, a 30-token system prompt and a scaffold that forces turn 1 to open with
-  `<search>` and turn 2 with `<answer>` (a 135M model never finds the format alone; see the README), top-3
-  results, turns of at most 24 tokens; `--preset=deepresearcher` is the paper's recipe (its n_slots=80 and
-  micro_tokens=8192 are our memory choices for 8 x 80 GB, see `--dry_run=True`).
+- The default run (no preset) is ours, not the paper's: SmolLM2-135M-Instruct on a CPU, 4 questions x 8, 15 steps,
+  lr 1e-5, temperature 0.7, no KL, a 30-token system prompt, one worked example shown as chat turns before the
+  question (`example`: an unrelated question, its real search, its answer; without it a 135M model never writes an
+  `<answer>` tag and every reward is -1, see the README) and turn 1 forced to open with `<search>` (loss-masked);
+  then the policy decides to search again or answer, up to 3 turns; top-3 results, turns of at most 24 tokens.
+  `--preset=deepresearcher` is the paper's recipe (its n_slots=80 and micro_tokens=8192 are our memory choices for
+  8 x 80 GB, see `--dry_run=True`).
 
 Metrics (one `key value | ...` line per step on rank 0, and metrics.jsonl): reward, reward_std, f1, em,
 format_error (rate; these five over the trajectories not masked for a tool failure), zero_var_groups (share of
@@ -58,7 +60,8 @@ mini-batch: ~0 unless sampler and trainer disagree), lr, time_rollout (wall), ti
 summed over calls, per rank; they overlap with decoding), time_learn, tok_per_s, peak_mem_gib (GPU allocator peak,
 or the process's peak RSS on a CPU), end_<reason> (count of trajectories per end reason: answer, format_error,
 bad_call, max_turns, context_limit, tool_failure, engine_error), masked_tool_failures (trajectories left out of the
-loss), skipped_groups.
+loss), skipped_groups, dev_f1 (greedy F1 on the first eval_n questions of eval_data, at step 0 and every
+eval_every steps: the learning curve).
 
 How to run
     python train.py                                                   # CPU: SmolLM2-135M-Instruct, local web
@@ -138,7 +141,7 @@ class AgentConfig:
     max_len: int = 1024             # context per trajectory
     temperature: float = 0.7        # the paper: 1.0; a 135M model at 1.0 mostly writes noise
     top_p: float = 1.0
-    n_slots: int = 64               # concurrent rows in the rollout engine, per rank
+    n_slots: int = 32               # concurrent rows in the rollout engine, per rank
     on_bad_call: str = "error_observation"  # or "end": a malformed tool call ends the trajectory (the reference)
     prompt: str = "short"           # system prompt: reference (the paper's) | short (~30 tokens, small models)
     turn_prefixes: str = "<search>"  # forced text opening turns 1, 2, ... (comma-separated; "" = none)
@@ -166,7 +169,7 @@ class Config(AgentConfig):
     out_dir: str = "runs/train"
     # steps and batch
     steps: int = 15                 # ~30 min on 2 idle CPU cores (README)
-    batch_size: int = 8             # questions per step, over all ranks (divisible by world size)
+    batch_size: int = 4             # questions per step, over all ranks (divisible by world size)
     group_size: int = 8             # trajectories per question (G); 8 gives most groups a reward spread
     # optimisation
     lr: float = 1e-5                # 135M model, few dozen steps; the paper's 1e-6 is in the deepresearcher preset

@@ -226,7 +226,7 @@ def test_prepare_reads_reference_parquet_and_jsonl(tmp_path):
     from data.prepare import Config, load_examples, main
 
     exs = load_examples(DEV)
-    assert len(exs) == 875 and set(exs[0]) == {"id", "source", "question", "answers"}
+    assert len(exs) == 875 and set(exs[0]) == {"id", "source", "question", "answers", "template"}
     assert {e["source"] for e in exs} == {"nq", "tq", "hotpotqa", "2wiki", "musique", "Bamboogle", "popqa"}
     tq = next(e for e in exs if e["id"] == "tq_qg_3477")
     assert "turkey" in tq["answers"] and tq["question"].startswith("Lasting from 1299")

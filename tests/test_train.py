@@ -703,11 +703,12 @@ def test_default_config_one_step(tmp_path):
     QA set, local search and LocalWeb, the scaffold; one real GRPO step, a checkpoint and the reward curve."""
     out = tmp_path / "run"
     p = subprocess.run([sys.executable, "train.py", "--steps=1", "--batch_size=2", f"--out_dir={out}",
-                        "--date=2026-11-24"], cwd=Path(train.__file__).parent, capture_output=True, text=True,
-                       timeout=1500)
+                        "--eval_n=8", "--date=2026-11-24"], cwd=Path(train.__file__).parent, capture_output=True,
+                       text=True, timeout=1500)
     assert p.returncode == 0, p.stderr[-3000:]
     m = [json.loads(x) for x in open(out / "metrics.jsonl")]
     assert len(m) == 1 and m[0]["step"] == 1 and -1.0 <= m[0]["reward"] <= 1.0 and m[0]["search_calls"] > 0
+    assert 0.0 <= m[0]["dev_f1"] <= 1.0  # the learning curve's point at the last step (and one at step 0 in the plot)
     assert (out / "reward.png").stat().st_size > 1000
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and cfg["data"] == "data/qa_train.jsonl"
