@@ -148,10 +148,13 @@ class KVCache:
     v: torch.Tensor  # (L, N, bs, Hkv, D)
 
     @classmethod
-    def allocate(cls, cfg: ModelConfig, n_blocks: int, block_size: int, dtype=torch.float32, device=None
-                 ) -> "KVCache":
+    def allocate(cls, cfg: ModelConfig, n_blocks: int, block_size: int, dtype=torch.float32, device=None,
+                 zero: bool = True) -> "KVCache":
+        """zero=False leaves the memory untouched, so a CPU process's resident memory grows only with the blocks the
+        caller zeroes as it hands them out (the engine does: masked garbage would still turn 0 x NaN into NaN)."""
         shape = (cfg.num_hidden_layers, n_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
-        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+        make = torch.zeros if zero else torch.empty
+        return cls(make(shape, dtype=dtype, device=device), make(shape, dtype=dtype, device=device))
 
     @staticmethod
     def nbytes_for(cfg: ModelConfig, n_tokens: int, dtype=torch.float32) -> int:

@@ -171,7 +171,8 @@ class Engine:
                 kv_tokens = min(kv_tokens, max(0, int(0.85 * free) - 2**30) // per_block * block_size)
         n_blocks = -(-kv_tokens // block_size) + 1  # + block 0, the scratch block pads and padding rows write to
         memory_check(n_blocks * per_block, self.device)
-        self.cache = KVCache.allocate(cfg, n_blocks, block_size, p.dtype, self.device)
+        self.cache = KVCache.allocate(cfg, n_blocks, block_size, p.dtype, self.device, zero=False)
+        self._zero([0])
         self.refs = [0] * n_blocks  # rows holding each block
         self.free_blocks = list(range(n_blocks - 1, 0, -1))  # a stack: pop() hands out the lowest ids first
         # Device mirror of every row's block list, 0 (scratch) past its end, so pad writes never reach another row.
@@ -220,7 +221,15 @@ class Engine:
         out = [self.free_blocks.pop() for _ in range(n)]
         for b in out:
             self.refs[b] = 1
+        self._zero(out)
         return out
+
+    def _zero(self, blocks: list[int]) -> None:
+        """Zero blocks as they are handed out: the pool is allocated untouched (memory follows the blocks in use)."""
+        if blocks:
+            idx = torch.tensor(blocks, device=self.device)
+            self.cache.k[:, idx] = 0
+            self.cache.v[:, idx] = 0
 
     def _grant(self, grants: list[tuple[int, list[int]]]) -> None:
         """Append blocks to rows' block lists and mirror them in the device table (one index_put for all)."""
