@@ -276,7 +276,7 @@ def test_charset_gzip_pdf_redirect(srv):
     assert "\ufffd" not in r.text
     r = get(srv, "/gzip")
     assert r.ok and "Range and habitat" in r.text and "window.track" not in r.text
-    r = get(srv, "/pdf")
+    r = get(srv, "/pdf", timeout=10.0)  # about content, not timing: the first PDF parse imports pypdf
     assert r.ok and r.content_type == "application/pdf"
     assert "Lima is the capital of Peru." in r.text and "It was founded in 1535." in r.text
     r = get(srv, "/to_page")  # a redirect within the allowed host is followed; url is the final one
