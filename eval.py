@@ -12,17 +12,24 @@ What it does
   to resume there.
 - Sharded under torchrun: rank r takes every world_size-th unfinished question; ranks append to the same file under
   an exclusive file lock; rank 0 scores and writes the summary after a barrier.
+- Agents (`--agent`): `model` (the policy through rollout.py), and two baselines through the same harness and
+  summary: `first_title` (no model: search the question, answer the first result's title) and `closed_book` (the
+  model with no tools: one turn, the example's question and answer without its search).
 - Scores (reward.py): the reference word-set F1 and EM, SQuAD EM/F1, the format check on the policy's own turns, and
-  MBE (an LLM judge, exact match counted correct without a call) when `--judge_base_url` is set. Writes
-  `summary.json` and `summary.md`: per data source and overall, F1, EM, SQuAD-F1/EM, MBE, mean turns, tool calls,
-  format-error rate; and the metadata a result depends on (model, back end, cache file and its hash, corpus hash,
-  date, top-k, max turns, reader, judge model, data file hash, git commit).
+  MBE (the LLM judge below; exact match counted correct without a call) when `--judge_base_url` is set. Writes
+  `summary.json` and `summary.md`: per data source, per template (where the data has one) and overall, F1, EM,
+  SQuAD-F1/EM, MBE, mean turns, tool calls, format-error rate; and the metadata a result depends on (model, back
+  end, cache file and its hash, corpus hash, date, top-k, max turns, reader, judge model, data file hash, git
+  commit).
 - `--score_only=true` re-scores an existing trajectories.jsonl (e.g. after adding a judge) without loading a model.
 
 What it does not do: sampling several answers per question (pass@k), training, or hiding failures: a question
 whose trajectory ended in a format error scores 0 F1 (as in the reference) and counts in the format-error rate.
 
 How to run
+    python eval.py                                            # the offline dev set, the base SmolLM2, CPU, ~4 min
+    python eval.py --model=runs/train/ckpt/step_000015/hf     # the default run's checkpoint
+    python eval.py --agent=first_title                        # the no-model baseline, seconds
     python eval.py --preset=tiny --data=../shared/held_out_data/dev.parquet --limit=14          # CPU, seconds
     python eval.py --model=runs/ckpt/step_100 --data=../shared/held_out_data/test.parquet --backend=serper \\
         --cache=runs/search.sqlite --reader=llm --device=cuda                                      # 1 GPU
