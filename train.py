@@ -218,8 +218,8 @@ class Config(AgentConfig):
 # a trajectory that needs more ends as "context_limit".
 DEEPRESEARCHER_AGENT = dict(model="Qwen/Qwen2.5-7B-Instruct", protocol="dr", max_turns=10, max_new_tokens=2000,
                             max_len=32768, backend="serper", prompt="reference", turn_prefixes="",
-                            turn_prefix_every="<think>", on_bad_call="end", top_k=10, snippet_chars=300,
-                            obs_chars=15000, reader="llm")
+                            turn_prefix_every="<think>", on_bad_call="end", example="", top_k=10,
+                            snippet_chars=300, obs_chars=15000, reader="llm")
 
 # Named overrides of the defaults. The default itself is the embedded offline run (CPU, no internet).
 PRESETS: dict[str, dict] = {

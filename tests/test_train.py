@@ -152,8 +152,9 @@ def test_unsharded_restores_each_modules_reshard_setting(tiny_qwen2):
 
 
 def test_deepresearcher_presets_keep_the_references_rules():
-    """Both deepresearcher presets: a malformed call ends the trajectory (-1), every turn opens with <think>, and
-    one web_search observation shows all 3 queries x 10 results at the snippet length, uncut, within obs_chars."""
+    """Both deepresearcher presets: a malformed call ends the trajectory (-1), every turn opens with <think>, no
+    worked example (the default run's), and one web_search observation shows all 3 queries x 10 results at the
+    snippet length, uncut, within obs_chars."""
     import eval as ev
     from browse import BrowseConfig, Browser, SearchResult
 
@@ -169,6 +170,7 @@ def test_deepresearcher_presets_keep_the_references_rules():
             ev.parse_config(ev.Config, ["--preset=deepresearcher"], ev.PRESETS)]
     for cfg in cfgs:
         assert cfg.on_bad_call == "end" and cfg.turn_prefix_every == "<think>" and cfg.turn_prefixes == ""
+        assert cfg.example == "" and cfg.prompt == "reference"  # the default run's demonstration is ours, not theirs
         assert cfg.protocol == "dr" and cfg.top_k == 10
         browser = Browser(train.subconfig(BrowseConfig, cfg, reader="extract"), backend=TenResults())
         try:  # the observation the policy sees, through the session it calls
