@@ -330,3 +330,30 @@ def test_real_agent_loop_with_stub_browser(tmp_path, monkeypatch):
     assert s["metrics"]["overall"]["n"] == 4
     recs = ev.load_records(Path(cfg.out_dir) / "trajectories.jsonl")
     assert all(r["turns"] and "scores" in r for r in recs)
+
+
+def test_agent_baselines_through_the_same_harness(tmp_path):
+    """--agent=first_title answers the first result's title of the real local search (no model), scored and summarised
+    per template like any agent; --agent=closed_book runs the model in one turn with no tool call."""
+    from browse import BrowseConfig, Browser
+
+    qs = ["What is the capital of Peru?", "Who painted the Mona Lisa?"]
+    browser = Browser(BrowseConfig(backend="local", top_k=3))
+    try:
+        firsts = [browser.backend.search([q])[0][0].title for q in qs]
+    finally:
+        browser.close()
+    data = tmp_path / "qa.jsonl"
+    rows = [dict(id="a", source="s", question=qs[0], answers=[firsts[0]], template="capital"),
+            dict(id="b", source="s", question=qs[1], answers=["not a title at all"], template="who")]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    s = ev.main(make_cfg(tmp_path, agent="first_title", data=str(data), out_dir=str(tmp_path / "ft")))
+    recs = {r["id"]: r for r in ev.load_records(tmp_path / "ft" / "trajectories.jsonl")}
+    assert [recs[i]["answer"] for i in "ab"] == firsts
+    assert recs["a"]["scores"]["f1"] == 1.0 and recs["b"]["scores"]["f1"] == 0.0
+    assert s["metrics"]["template: capital"]["f1"] == 1.0 and s["metrics"]["overall"]["f1"] == 0.5
+    assert s["meta"]["agent"] == "first_title" and recs["a"]["turns"][0]["observation"].count("localweb") == 3
+    s = ev.main(make_cfg(tmp_path, agent="closed_book", data=str(data), out_dir=str(tmp_path / "cb")))
+    recs = ev.load_records(tmp_path / "cb" / "trajectories.jsonl")
+    assert len(recs) == 2 and all(len(r["turns"]) == 1 and not r["turns"][0]["tool"] for r in recs)
+    assert s["meta"]["agent"] == "closed_book"
