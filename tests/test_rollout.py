@@ -31,6 +31,15 @@ def tok(tokenizer_dir):
     return AutoTokenizer.from_pretrained(tokenizer_dir)
 
 
+@pytest.fixture(scope="module")
+def tiny_policy(tiny_qwen2):
+    """(model, tokenizer) of the tiny random Qwen2 checkpoint, for the tests that drive the real engine."""
+    from transformers import AutoTokenizer
+
+    from model import Transformer
+    return Transformer.from_pretrained(tiny_qwen2).eval(), AutoTokenizer.from_pretrained(tiny_qwen2)
+
+
 # ------------------------------------------------------------------------------------------------ fakes
 
 class FakeEngine:
@@ -381,15 +390,11 @@ def test_continuous_batching_reuses_slots(tok):
 
 # ------------------------------------------------------------------------------------------------ real engine
 
-def test_real_engine_tokens_and_logprobs_match_model(tiny_qwen2):
+def test_real_engine_tokens_and_logprobs_match_model(tiny_policy):
     """With the real engine and a random model: every trajectory's sampled logprobs equal a plain forward's."""
     import torch
-    from transformers import AutoTokenizer
 
-    from model import Transformer
-
-    tok = AutoTokenizer.from_pretrained(tiny_qwen2)
-    model = Transformer.from_pretrained(tiny_qwen2).eval()
+    model, tok = tiny_policy
     cfg = RolloutConfig(max_new_tokens=12, max_len=1024, n_slots=4, date="2026-11-24")
     with torch.no_grad():
         trajs = rollout(model, tok, ["Who?", "Where is it?"], [["a"], ["b"]], FakeBrowser(), cfg, group_size=2)
@@ -531,14 +536,10 @@ def test_real_engine_row_stops_on_first_token(stop_first_model, n_q, group_size,
         assert t.tokens[-1] == tok.convert_tokens_to_ids("<|im_end|>") and sum(t.loss_mask) == 1
 
 
-def test_real_engine_max_new_tokens_one(tiny_qwen2):
+def test_real_engine_max_new_tokens_one(tiny_policy):
     import torch
-    from transformers import AutoTokenizer
 
-    from model import Transformer
-
-    tok = AutoTokenizer.from_pretrained(tiny_qwen2)
-    model = Transformer.from_pretrained(tiny_qwen2).eval()
+    model, tok = tiny_policy
     cfg = RolloutConfig(max_new_tokens=1, max_len=1024, n_slots=4, date="2026-11-24")
     with torch.no_grad():
         trajs = rollout(model, tok, ["Who?", "Where?"], [["a"], ["b"]], FakeBrowser(), cfg, group_size=2)
@@ -583,18 +584,15 @@ def test_one_failed_call_in_a_group_is_masked_from_its_group(tok):
 
 # ------------------------------------------------------------------------------------------------ browse.py -> rollout
 
-def test_real_browser_outage_ends_every_trajectory_as_tool_failure(tiny_qwen2):
+def test_real_browser_outage_ends_every_trajectory_as_tool_failure(tiny_policy):
     """The real engine (tiny random model) and the real browse.Browser whose search back end is down (a Serper client
     aimed at a closed port): every trajectory's first turn is a search (forced by turn_prefixes), browse.py marks the
     observation failed, and rollout.py ends each row as "tool_failure"."""
     import torch
-    from transformers import AutoTokenizer
 
     from browse import BrowseConfig, Browser, make_backend
-    from model import Transformer
 
-    tok = AutoTokenizer.from_pretrained(tiny_qwen2)
-    model = Transformer.from_pretrained(tiny_qwen2).eval()
+    model, tok = tiny_policy
     down = make_backend("serper", api_key="k", url="http://127.0.0.1:9/search", max_tries=1, timeout=2.0)
     browser = Browser(BrowseConfig(), backend=down)
     cfg = RolloutConfig(max_new_tokens=4, max_len=1024, n_slots=4, date="2026-11-24", prompt="short",
