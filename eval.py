@@ -487,9 +487,9 @@ def first_title_rollout(model, tokenizer, questions, golds, browser, cfg, group_
     It goes through the same browser session the policy uses, so the observation is recorded as for an agent."""
     out = []
     for qi, (q, gold) in enumerate(zip(questions, golds)):
-        obs = browser.session(q).web_search([q])
-        hits = browser.backend.search([q])[0]  # the same (cached) results, as records
-        title = hits[0].title if isinstance(hits, list) and hits else ""
+        session = browser.session(q)
+        obs = session.web_search([q])
+        title = next(iter(session.urls.values())).title if session.urls else ""  # its results, in rank order
         turns = [Turn(f"<search>{q}</search>", "web_search", {"query": [q]}, obs, None, 0, 0.0, 0.0),
                  Turn(f"<answer>{title}</answer>", None, None, None, None, 0, 0.0, 0.0)]
         out.append(Trajectory(question=q, gold=list(gold), group=qi, tokens=[], loss_mask=[], logprobs=[],
