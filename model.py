@@ -208,7 +208,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, positions, cache: KVCache | None, block_table):
+    def forward(self, x, cos, sin, positions, cache: KVCache | None, block_table, shared=None):
         B, T, _ = x.shape
         hd = self.cfg.head_dim
         q = self.q_proj(x).view(B, T, self.n_heads, hd)  # (B, T, H, D)
@@ -220,7 +220,9 @@ class Attention(nn.Module):
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
 
-        if cache is None:
+        if shared is not None:
+            y = self.prefix_attention(q, k, v, *shared)
+        elif cache is None:
             # Plain causal attention inside `x`: flash/efficient kernels, GQA without copying K/V.
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=self.n_kv != self.n_heads)
         else:
@@ -247,6 +249,24 @@ class Attention(nn.Module):
             y = y.reshape(B, self.n_heads, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * hd))
 
+    def prefix_attention(self, q, k, v, P: int, R: int):
+        """q, k, v (1, H|Hkv, P + R*S, D): a prefix of P tokens followed by R rows of S tokens that each continue
+        it. The prefix attends causally to itself; each row to the whole prefix and causally to itself: the same
+        result as R separate rows, with the prefix computed once."""
+        gqa = self.n_kv != self.n_heads
+        yp = F.scaled_dot_product_attention(q[:, :, :P], k[:, :, :P], v[:, :, :P], is_causal=P > 1, enable_gqa=gqa)
+
+        def rows(t):  # (1, H, P + R*S, D) -> (R, H, S, D)
+            return t[0, :, P:].unflatten(1, (R, -1)).transpose(0, 1)
+
+        qs, ks, vs = rows(q), rows(k), rows(v)
+        S = qs.shape[2]
+        keys = torch.cat((k[:, :, :P].expand(R, -1, -1, -1), ks), dim=2)  # (R, Hkv, P + S, D)
+        vals = torch.cat((v[:, :, :P].expand(R, -1, -1, -1), vs), dim=2)
+        mask = torch.ones(S, P + S, dtype=torch.bool, device=q.device).tril(P)  # row token i sees keys <= P + i
+        ys = F.scaled_dot_product_attention(qs, keys, vals, attn_mask=mask, enable_gqa=gqa)  # (R, H, S, D)
+        return torch.cat((yp, ys.transpose(0, 1).flatten(1, 2)[None]), dim=2)  # (1, H, P + R*S, D)
+
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -267,8 +287,8 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, positions, cache, block_table):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache, block_table)
+    def forward(self, x, cos, sin, positions, cache, block_table, shared=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache, block_table, shared)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -293,26 +313,35 @@ class Transformer(nn.Module):
         self.gradient_checkpointing = False
         self._inv_freq: dict = {}  # device -> fp32 inverse frequencies; not a buffer so .to(bf16) never rounds it
 
-    def forward(self, tokens, positions=None, cache: KVCache | None = None, block_table=None, logits_at=None):
+    def forward(self, tokens, positions=None, cache: KVCache | None = None, block_table=None, logits_at=None,
+                prefix: int = 0):
         """tokens (B, T) -> logits (B, T, V), or (B, K, V) at the time indices `logits_at` (B, K).
 
         positions (B, T): absolute positions for RoPE (and, with a cache, for the cache slot and the causal mask).
         cache/block_table (B, nb): see KVCache; the table must cover every position written, so pads of a ragged
         batch point at a scratch block. Without a cache attention is causal inside `tokens`: pad on the right.
+        prefix: the first `prefix` tokens are the same in every row (a GRPO group's prompt, in training): they are
+        computed once, in one row of P + B * (T - P) tokens; the logits are those of the plain forward.
         """
         B, T = tokens.shape
         if positions is None:
             positions = torch.arange(T, device=tokens.device).expand(B, T)
         if cache is not None and block_table is None:
             raise ValueError("a KV cache needs a block table (B, n_blocks) saying where each row's tokens live")
+        shared = (prefix, B) if 0 < prefix < T and cache is None else None
+        if shared:
+            tokens = torch.cat((tokens[0, :prefix], tokens[:, prefix:].flatten()))[None]  # (1, P + B * (T - P))
+            positions = torch.cat((positions[0, :prefix], positions[:, prefix:].flatten()))[None]
         x = self.model.embed_tokens(tokens)  # (B, T, C)
         cos, sin = self._rope(positions, x.dtype)  # (B, 1, T, D)
         ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.model.layers:
             if ckpt:
-                x = checkpoint(layer, x, cos, sin, positions, cache, block_table, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, positions, cache, block_table, shared, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, positions, cache, block_table)
+                x = layer(x, cos, sin, positions, cache, block_table, shared)
+        if shared:  # back to (B, T, C), each row with its own copy of the prefix
+            x = torch.cat((x[:, :prefix].expand(B, -1, -1), x[0, prefix:].unflatten(0, (B, -1))), dim=1)
         if logits_at is not None:
             x = x.gather(1, logits_at[:, :, None].expand(-1, -1, x.shape[-1]))  # (B, K, C)
         return self.lm_head(self.model.norm(x))  # (B, T|K, V)

@@ -191,6 +191,7 @@ class Config(AgentConfig):
     n_minibatches: int = 1          # optimizer steps per batch and epoch
     ppo_epochs: int = 1
     micro_tokens: int = 2048        # token budget (rows x padded length) of one forward/backward, per rank
+    share_prefix: bool = True       # a group's prompt is computed once per micro-batch in the update (same loss)
     # runtime
     activation_checkpointing: bool = True  # keep each block's input only (~1.5 MB/token less for 135M, +1 forward)
     cpu_offload: bool = False       # FSDP2 CPUOffloadPolicy: sharded params, grads and Adam state live on the CPU
@@ -593,11 +594,12 @@ def policy_loss(logp, old_logp, advantages, mask, *, clip_low=0.2, clip_high=0.2
 
 
 def token_logprobs(model, tokens, mask, temperature: float = 1.0, with_entropy: bool = False,
-                   entropy_grad: bool = True):
+                   entropy_grad: bool = True, prefix: int = 0):
     """Per-token log-probs of `tokens[:, 1:]` under the model, only where `mask[:, 1:]` is 1.
 
     tokens, mask: (B, T). Returns logp (B, T-1) and entropy (B, T-1) or None, zero where the mask is 0. Logits are
     computed only at the sampled positions (`logits_at`), which is most of the memory saved on long observations.
+    prefix: the first `prefix` tokens are the same in every row; the model computes them once.
     """
     tgt_mask = mask[:, 1:].bool()  # (B, T-1): token t+1 is predicted from position t
     B, T1 = tgt_mask.shape
@@ -605,7 +607,7 @@ def token_logprobs(model, tokens, mask, temperature: float = 1.0, with_entropy: 
     # time indices of the masked positions, packed left, padded with 0 (their results are discarded below)
     order = torch.sort((~tgt_mask).to(torch.int8), dim=1, stable=True).indices[:, :k]  # (B, K)
     valid = torch.gather(tgt_mask, 1, order)  # (B, K)
-    logits = model(tokens[:, :-1], logits_at=order).float()  # (B, K, V)
+    logits = model(tokens[:, :-1], logits_at=order, prefix=prefix).float()  # (B, K, V)
     if temperature > 0 and temperature != 1.0:
         logits = logits / temperature
     logp_all = torch.log_softmax(logits, dim=-1)  # (B, K, V); its backward needs only this output
@@ -638,21 +640,29 @@ class Sample:
     ref_logp: torch.Tensor | None = None  # (T-1,)
 
 
-def micro_batches(lengths: list[int], budget: int) -> list[list[int]]:
-    """Group sequence indices so that rows x longest row <= budget (a longer single row goes alone).
+def prompt_length(s: Sample) -> int:
+    """Tokens before the position that predicts the first sampled token: a GRPO group's rows agree on them."""
+    return next((t for t in range(1, len(s.loss_mask)) if s.loss_mask[t]), len(s.tokens)) - 1
 
-    Sorting by length first keeps padding small; the order within a mini-batch does not change the result."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    out, cur, longest = [], [], 0
-    for i in order:
-        L = max(longest, lengths[i])
-        if cur and (len(cur) + 1) * L > budget:
-            out.append(cur)
-            cur, L = [], lengths[i]
-        cur.append(i)
-        longest = L
-    if cur:
-        out.append(cur)
+
+def micro_batches(samples: list[Sample], budget: int, share: bool = True) -> list[tuple[list[int], int]]:
+    """Split samples into forward/backward passes: (indices, P), where the P first tokens are the same in every row
+    and are computed once (a group's prompt; P = 0 without `share`). A pass computes P + rows x (longest - P) <=
+    budget tokens (a longer single row goes alone). Longest first keeps padding small; the order within a
+    mini-batch does not change the result."""
+    groups: dict[tuple, list[int]] = {}
+    for i, s in enumerate(samples):
+        groups.setdefault(tuple(s.tokens[:prompt_length(s)]) if share else (), []).append(i)
+    out = []
+    for prompt, rows in groups.items():
+        rows.sort(key=lambda i: -len(samples[i].tokens))
+        P, cur = len(prompt), []
+        for i in rows:
+            if cur and P + (len(cur) + 1) * (len(samples[cur[0]].tokens) - P) > budget:
+                out.append((cur, P if len(cur) > 1 else 0))
+                cur = []
+            cur.append(i)
+        out.append((cur, P if len(cur) > 1 else 0))
     return out
 
 
@@ -694,14 +704,15 @@ def fill_logprobs(model, samples: list[Sample], cfg: Config, proc: Dist, attr: s
     out = list(samples)
     lengths = [len(s.tokens) for s in samples]
     todo = list(range(len(samples))) if only is None else list(only)
-    groups = [[todo[k] for k in g] for g in micro_batches([lengths[i] for i in todo], cfg.micro_tokens)]
+    groups = [([todo[k] for k in g], P) for g, P in micro_batches([samples[i] for i in todo], cfg.micro_tokens,
+                                                                   cfg.share_prefix)]
     for j in range(int(all_reduce_dict({"n": len(groups)}, "max", proc)["n"])):
         if j >= len(groups):
             model(torch.zeros((1, 2), dtype=torch.long, device=proc.device))  # keep FSDP's collectives in step
             continue
-        idx = groups[j]
+        idx, P = groups[j]
         tok, msk = collate([samples[i] for i in idx], proc.device)[:2]
-        lp, _ = token_logprobs(model, tok, msk, cfg.temperature or 1.0)
+        lp, _ = token_logprobs(model, tok, msk, cfg.temperature or 1.0, prefix=P)
         for row, i in enumerate(idx):
             out[i] = dataclasses.replace(samples[i], **{attr: lp[row, : lengths[i] - 1].float().cpu()})
     return out
@@ -743,7 +754,7 @@ def update(model, optimizer, samples: list[Sample], cfg: Config, proc: Dist, ste
                 continue          # so neither weight decay nor Adam's moments move on an empty batch
             norm = n["tokens"] if cfg.loss_agg == "token-mean" else n["seqs"]
             work = [s for s in part if not (skip_zero and s.advantage == 0.0)]
-            groups = micro_batches([len(s.tokens) for s in work], cfg.micro_tokens) if work else []
+            groups = micro_batches(work, cfg.micro_tokens, cfg.share_prefix)
             n_micro = int(all_reduce_dict({"n": len(groups)}, "max", proc)["n"])
             if n_micro == 0:  # every trajectory on every rank has advantage 0: nothing to apply, not even decay
                 continue
@@ -754,9 +765,10 @@ def update(model, optimizer, samples: list[Sample], cfg: Config, proc: Dist, ste
                 if j >= len(groups):
                     _dummy_backward(model, proc.device)
                     continue
-                tok, msk, adv, old, ref, engine = collate([work[i] for i in groups[j]], proc.device)
+                rows, P = groups[j]
+                tok, msk, adv, old, ref, engine = collate([work[i] for i in rows], proc.device)
                 logp, ent = token_logprobs(model, tok, msk, cfg.temperature or 1.0, with_entropy=True,  # greedy: T=1
-                                           entropy_grad=cfg.entropy_coef > 0)
+                                           entropy_grad=cfg.entropy_coef > 0, prefix=P)
                 old = old if multi else logp.detach()
                 loss, st = policy_loss(logp, old, adv, msk[:, 1:], clip_low=cfg.clip_low, clip_high=cfg.clip_high,
                                        loss_agg=cfg.loss_agg, ref_logp=ref, kl_coef=cfg.kl_coef, entropy=ent,

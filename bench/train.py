@@ -7,6 +7,8 @@ first quarter is the prompt (loss mask 0), the rest sampled (mask 1) but for one
 - CPU (default): the tiny shape and a SmolLM2-135M-shaped model in fp32, single process. The baseline, timed in
   the same run, is the same update with the naive log-prob computation (logits at every position, full
   log-softmax, then gather); it prints speedup_vs_full_logits.
+- `--group=G --prompt=P`: GRPO-shaped trajectories, groups of G sharing a P-token prompt; the baseline is then the
+  same update with `share_prefix=False` (every row recomputes its prompt); it prints speedup_vs_no_sharing.
 - `--device=cuda`: Qwen2.5-0.5B- and 1.5B-shaped random models, FSDP2 on one GPU (a 1-rank process group), bf16
   compute with fp32 master weights, 4k-token sequences; prints tokens/s and
   MFU = 6 * params * tokens / time / peak (peak 989e12 FLOP/s: H100 SXM bf16 dense; --peak_flops to change).
@@ -17,10 +19,13 @@ Run
     python bench/train.py                                               # CPU, both small shapes
     python bench/train.py --device=cuda                                 # 1 GPU: qwen2.5-0.5b and 1.5b at 4k
     python bench/train.py --device=cuda --shapes=qwen2.5-1.5b --micro_tokens=16384 --checkpointing=true
+    python bench/train.py --shapes=smollm2-135m --group=8 --n_seqs=16 --seq=530 --prompt=300 --micro_tokens=2048 \
+        --checkpointing=true                                            # the default run's update shape
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from dataclasses import dataclass
@@ -47,12 +52,14 @@ class Args:
     iters: int = 5
     warmup: int = 1
     peak_flops: float = 989e12   # H100 SXM bf16 dense
-    baseline: bool = True        # CPU: also time the full-logits baseline
+    baseline: bool = True        # CPU: also time the baseline (full logits; with --group > 1, no prompt sharing)
+    group: int = 1               # trajectories per shared prompt (a GRPO group); 1 = independent trajectories
+    prompt: int = 0              # prompt tokens (loss mask 0); 0 = a quarter of --seq
 
 
-def full_logits_logprobs(model, tokens, mask, temperature=1.0, with_entropy=False, entropy_grad=True):
+def full_logits_logprobs(model, tokens, mask, temperature=1.0, with_entropy=False, entropy_grad=True, prefix=0):
     """The naive way: logits at every position, log-softmax over the vocabulary, gather the targets."""
-    logits = model(tokens[:, :-1]).float()  # (B, T-1, V)
+    logits = model(tokens[:, :-1], prefix=prefix).float()  # (B, T-1, V)
     logp_all = torch.log_softmax(logits / temperature, dim=-1)
     m = mask[:, 1:].bool()
     lp = logp_all.gather(2, tokens[:, 1:, None]).squeeze(-1) * m
@@ -63,15 +70,20 @@ def full_logits_logprobs(model, tokens, mask, temperature=1.0, with_entropy=Fals
     return lp, ent
 
 
-def make_samples(n: int, seq: int, vocab: int, seed: int = 0) -> list[train.Sample]:
+def make_samples(n: int, seq: int, vocab: int, group: int = 1, prompt: int = 0, seed: int = 0) -> list[train.Sample]:
+    """n trajectories of seq tokens: a prompt (shared by each `group`), then sampled tokens with an observation span
+    (mask 0) over the middle half of the rest."""
     g = torch.Generator().manual_seed(seed)
+    prompt = prompt or seq // 4
+    rest = seq - prompt
+    mask = [0] * prompt + [1] * rest
+    mask[prompt + rest // 4: prompt + 3 * rest // 4] = [0] * (3 * rest // 4 - rest // 4)  # an observation span
     out = []
     for i in range(n):
-        mask = [0] * (seq // 4) + [1] * (seq - seq // 4)
-        a = seq // 2
-        mask[a: a + seq // 8] = [0] * (seq // 8)  # an observation span
+        if i % group == 0:
+            head = torch.randint(0, vocab, (prompt,), generator=g).tolist()
         adv = 1.0 if i % 2 else -1.0  # never 0: update() skips zero-advantage rows
-        out.append(train.Sample(torch.randint(0, vocab, (seq,), generator=g).tolist(), mask, adv))
+        out.append(train.Sample(head + torch.randint(0, vocab, (rest,), generator=g).tolist(), mask, adv))
     return out
 
 
@@ -107,9 +119,9 @@ def one_update(model, opt, samples, cfg: train.Config, d: train.Dist) -> float:
     return time.perf_counter() - t0
 
 
-def time_updates(model, samples, cfg, d, iters: int, warmup: int, baseline: bool) -> tuple[float, float | None]:
-    """Median seconds per update, ours and (optionally) the full-logits baseline, alternated iteration by
-    iteration so that load from other jobs on a shared machine hits both alike."""
+def time_updates(model, samples, cfg, d, iters: int, warmup: int, baseline: str) -> tuple[float, float | None]:
+    """Median seconds per update, ours and (optionally) a baseline ("full_logits" or "no_sharing"), alternated
+    iteration by iteration so that load from other jobs on a shared machine hits both alike."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.01)
     real = train.token_logprobs
     ours, base = [], []
@@ -118,9 +130,11 @@ def time_updates(model, samples, cfg, d, iters: int, warmup: int, baseline: bool
         if i >= warmup:
             ours.append(t)
         if baseline:
-            train.token_logprobs = full_logits_logprobs
+            if baseline == "full_logits":
+                train.token_logprobs = full_logits_logprobs
             try:
-                t = one_update(model, opt, samples, cfg, d)
+                plain = dataclasses.replace(cfg, share_prefix=baseline != "no_sharing")
+                t = one_update(model, opt, samples, plain, d)
             finally:
                 train.token_logprobs = real
             if i >= warmup:
@@ -143,17 +157,18 @@ def main(a: Args) -> None:
           f"{budget} tokens | checkpointing {a.checkpointing}")
     for shape in shapes:
         model, mcfg = build(shape, d, a.checkpointing)
-        samples = make_samples(n, seq, mcfg.vocab_size)
+        samples = make_samples(n, seq, mcfg.vocab_size, a.group, a.prompt)
         tokens = n * seq
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        t, tb = time_updates(model, samples, cfg, d, a.iters, a.warmup, a.baseline and not cuda)
+        baseline = ("no_sharing" if a.group > 1 else "full_logits") if a.baseline and not cuda else ""
+        t, tb = time_updates(model, samples, cfg, d, a.iters, a.warmup, baseline)
         line = f"{shape:<14} params {mcfg.n_params / 1e6:8.1f} M | update {t * 1e3:9.1f} ms | {tokens / t:10.0f} tok/s"
         if cuda:
             mfu = 6 * mcfg.n_params * tokens / t / a.peak_flops
             line += f" | MFU {100 * mfu:5.1f}% | peak mem {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
         elif tb is not None:
-            line += f" | full-logits baseline {tokens / tb:10.0f} tok/s | speedup_vs_full_logits {tb / t:.3f}"
+            line += f" | {baseline} baseline {tokens / tb:10.0f} tok/s | speedup_vs_{baseline} {tb / t:.3f}"
         print(line, flush=True)
         del model
 

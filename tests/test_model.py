@@ -160,6 +160,33 @@ def test_logits_at_and_gradient_checkpointing(tiny_llama):
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
 
 
+@pytest.mark.parametrize("fixture", ["tiny_qwen2", "tiny_llama"])  # GQA (2 query heads per KV head) and MHA
+def test_shared_prefix_forward_is_the_plain_forward(fixture, request):
+    """A group's prompt computed once (`prefix=P`) gives the plain forward's logits and gradients, with and without
+    activation checkpointing, with right padding after rows of different lengths."""
+    m = Transformer.from_pretrained(request.getfixturevalue(fixture))
+    tok = TOKENS.clone()
+    tok[:, :17] = tok[0, :17]
+    tok[1, 30:] = 0  # a shorter row, right-padded
+    idx = torch.tensor([[16, 39], [17, 29], [20, 35]])
+    for ckpt in (False, True):
+        m.gradient_checkpointing = ckpt
+        m.train()
+        grads = []
+        for prefix in (0, 17):
+            m.zero_grad()
+            out = m(tok, logits_at=idx, prefix=prefix)
+            out.float().logsumexp(-1).sum().backward()
+            grads.append([p.grad.clone() for p in m.parameters()])
+            if prefix:
+                assert (out - plain).abs().max() < 1e-5
+            plain = out.detach()
+        for a, b in zip(*grads):
+            assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+    with torch.no_grad():
+        assert (m(tok, prefix=17) - m(tok)).abs().max() < 1e-5  # every position, the prefix's own included
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("fixture", ["tiny_qwen2", "tiny_llama"])

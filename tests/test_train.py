@@ -296,9 +296,6 @@ def test_helpers_do_not_mutate_inputs(tiny_qwen2):
     tc, mc = tok.clone(), m.clone()
     token_logprobs(model, tok, m)
     assert torch.equal(tok, tc) and torch.equal(m, mc)
-    lengths = [5, 3, 9]
-    micro_batches(lengths, 10)
-    assert lengths == [5, 3, 9]
     samples = [Sample([1, 2, 3, 4], [0, 1, 1, 1], 0.5), Sample([5, 6, 7], [0, 0, 1], -0.5)]
     snap = [dataclasses.replace(s, tokens=list(s.tokens), loss_mask=list(s.loss_mask)) for s in samples]
     cfg = Config(micro_tokens=4)
@@ -306,49 +303,62 @@ def test_helpers_do_not_mutate_inputs(tiny_qwen2):
     assert samples == snap and out[0].old_logp is not None and samples[0].old_logp is None
 
 
+def _grouped_samples(seed: int, advantages: list[float], prompt: int = 4, group: int = 3) -> list[Sample]:
+    """Samples in groups of `group` that share a prompt of `prompt` tokens (loss mask 0) then differ."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i, a in enumerate(advantages):
+        if i % group == 0:
+            head = torch.randint(0, 49152, (prompt,), generator=g).tolist()
+        n = 3 + 2 * i
+        mask = [0] * prompt + [int(x) for x in torch.randint(0, 2, (n,), generator=g)]
+        mask[prompt] = mask[-1] = 1
+        out.append(Sample(head + torch.randint(0, 49152, (n,), generator=g).tolist(), mask, a))
+    return out
+
+
 def test_micro_batches_respect_budget():
-    groups = micro_batches([10, 3, 7, 2, 9], 20)
-    assert sorted(i for g in groups for i in g) == [0, 1, 2, 3, 4]
-    lengths = [10, 3, 7, 2, 9]
-    for g in groups:
-        assert len(g) * max(lengths[i] for i in g) <= 20 or len(g) == 1
-    assert micro_batches([50], 20) == [[0]]
+    samples = _grouped_samples(0, [1.0] * 7)  # groups {0,1,2} {3,4,5} {6}; lengths 7, 9, ..., 19
+    before = [dataclasses.replace(s) for s in samples]
+    for share, budget in ((False, 20), (True, 20), (True, 40), (True, 10_000)):
+        batches = micro_batches(samples, budget, share)
+        assert sorted(i for rows, _ in batches for i in rows) == list(range(7))
+        for rows, P in batches:
+            longest = max(len(samples[i].tokens) for i in rows)
+            assert P + len(rows) * (longest - P) <= budget or len(rows) == 1
+            assert P == (3 if share and len(rows) > 1 else 0)  # the prompt's 4 tokens but the one predicting
+            assert share or P == 0
+            assert len({i // 3 for i in rows}) == 1 or not share  # a shared pass holds one group
+    assert len(micro_batches(samples, 10_000, True)) == 3 and len(micro_batches(samples, 10_000, False)) == 1
+    assert micro_batches(samples[:1], 2) == [([0], 0)]
+    assert samples == before
 
 
 def test_update_does_not_depend_on_micro_batching(tiny_qwen2):
     """Same gradient step whatever the token budget: the denominators are mini-batch-wide."""
     from model import Transformer
 
-    g = torch.Generator().manual_seed(1)
-    samples = []
-    for i in range(5):
-        n = 6 + 3 * i
-        mask = [0] * 3 + [int(x) for x in torch.randint(0, 2, (n - 3,), generator=g)]
-        mask[-1] = 1
-        samples.append(Sample(torch.randint(0, 49152, (n,), generator=g).tolist(), mask, float(i) - 2.0))
+    samples = _grouped_samples(1, [-2.0, -1.0, 0.5, 1.0, 2.0, 1.5])
     for agg in ("token-mean", "seq-mean-token-mean"):
         params = []
-        for budget in (10_000, 20):
+        for budget, share in ((10_000, False), (20, False), (10_000, True), (30, True)):
             model = Transformer.from_pretrained(tiny_qwen2)
             opt = torch.optim.SGD(model.parameters(), lr=1.0)
-            cfg = Config(micro_tokens=budget, loss_agg=agg, grad_clip=0.0, lr=1.0)
+            cfg = Config(micro_tokens=budget, loss_agg=agg, grad_clip=0.0, lr=1.0, share_prefix=share)
             m = train.update(model, opt, samples, cfg, train.Dist(), step=0)
             assert m["finite"]
             params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
-        assert torch.allclose(params[0], params[1], atol=1e-6, rtol=1e-4)
+        for p in params[1:]:
+            assert torch.allclose(params[0], p, atol=1e-6, rtol=1e-4)
 
 
 def test_update_equals_one_step_on_the_full_batch_loss(tiny_qwen2):
     """train.update (micro-batches, zero-advantage rows skipped but counted) == SGD on the plain batch loss."""
     from model import Transformer
 
-    g = torch.Generator().manual_seed(2)
-    samples = []
-    for i, a in enumerate([1.0, 0.0, -0.5, 0.0]):
-        n = 8 + 2 * i
-        samples.append(Sample(torch.randint(0, 49152, (n,), generator=g).tolist(), [0] * 3 + [1] * (n - 3), a))
+    samples = _grouped_samples(2, [1.0, 0.0, -0.5, 0.3, 0.0, -0.8])  # two groups of 3, each with 2 rows to learn
     ours = Transformer.from_pretrained(tiny_qwen2)
-    cfg = Config(micro_tokens=16, grad_clip=0.0, lr=0.5, temperature=1.0)
+    cfg = Config(micro_tokens=40, grad_clip=0.0, lr=0.5, temperature=1.0)
     train.update(ours, torch.optim.SGD(ours.parameters(), lr=0.5), samples, cfg, train.Dist(), step=0)
     ref = Transformer.from_pretrained(tiny_qwen2)
     tok, msk, adv = train.collate(samples, "cpu")[:3]
