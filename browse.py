@@ -765,7 +765,7 @@ def fetch(url: str, *, timeout: float = 10.0, max_bytes: int = MAX_BYTES, allow_
                             pass
                         break
                     buf = bytearray()
-                    try:  # as bytes arrive; the deadline is in the socket reads (_DeadlineReader)
+                    try:  # as bytes arrive; the deadline is in the socket reads (_deadline_pools)
                         while len(buf) < max_bytes and (chunk := resp.raw.read1(65536, decode_content=True)):
                             buf += chunk
                     except (TimeoutError, urllib3.exceptions.ReadTimeoutError):
