@@ -400,17 +400,14 @@ def rescore(cfg: Config, out_dir: Path, meta: dict | None = None, ids: set[str] 
     for rec in everything:
         # fresh scores; MBE only when a judge is set now (its on-disk cache makes re-judging free)
         rec["scores"] = score_record(rec, cfg.protocol)
-    judge_model = None
     if cfg.judge_base_url:
-        judge = Judge(JudgeConfig(base_url=cfg.judge_base_url, model=cfg.judge_model,
-                                  api_key_env=cfg.judge_api_key_env,
+        judge = Judge(JudgeConfig(base_url=cfg.judge_base_url, model=cfg.judge_model, api_key_env=cfg.judge_api_key_env,
                                   cache_path=cfg.judge_cache or str(out_dir / "judge_cache.jsonl")))
         # MBE in each record's scores (a format error is incorrect, as in the reference, with no call)
         items = [(r["question"], r["gold"], r["scores"]["answer"] if r["scores"]["format_ok"] else None)
                  for r in records]
         for rec, v in zip(records, judge.judge_many(items)):
             rec["scores"].update(mbe=v.correct, judge=asdict(v))
-        judge_model = cfg.judge_model
         print("judge: " + " | ".join(f"{k} {v}" for k, v in sorted(judge.stats.items())))
     with locked(path):  # atomic rewrite, so a crash here never loses trajectories
         tmp = path.with_suffix(".jsonl.tmp")
@@ -419,7 +416,8 @@ def rescore(cfg: Config, out_dir: Path, meta: dict | None = None, ids: set[str] 
     if meta is None:  # score-only: keep the run's metadata, update the judge
         old = out_dir / "summary.json"
         meta = json.loads(old.read_text())["meta"] if old.exists() else {}
-    meta = dict(meta, judge_model=judge_model, scored_at=_dt.datetime.now().isoformat(timespec="seconds"))
+    meta = dict(meta, judge_model=cfg.judge_model if cfg.judge_base_url else None,
+                scored_at=_dt.datetime.now().isoformat(timespec="seconds"))
     summary = {"metrics": summarize(records), "meta": meta}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     (out_dir / "summary.md").write_text(render_md(summary))
@@ -431,8 +429,7 @@ def rescore(cfg: Config, out_dir: Path, meta: dict | None = None, ids: set[str] 
 
 def trajectory_record(ex: dict, traj) -> dict:
     return {"id": ex["id"], "source": ex["source"], "template": ex.get("template", ""), "question": ex["question"],
-            "gold": ex["answers"],
-            "answer": traj.answer, "end_reason": traj.end_reason, "turns": turn_records(traj),
+            "gold": ex["answers"], "answer": traj.answer, "end_reason": traj.end_reason, "turns": turn_records(traj),
             "stats": dict(traj.stats), "n_tokens": len(traj.tokens), "prompt_len": traj.prompt_len}
 
 
