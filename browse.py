@@ -91,14 +91,12 @@ class BrowseConfig:
     allow_hosts: tuple = ()             # extra host or host:port entries admitted past the private-address guard
 
 
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Session (one per trajectory) and Browser (shared, thread-safe): the two tools the policy calls
 
 class Observation(str):
-    """What a tool returns: the text the policy sees, and `failed`, true when the web failed for reasons outside the
-    policy's control (rollout.py then ends the trajectory as "tool_failure", kept out of the loss). No results, a
-    404, a URL not from the last search or a call where only some queries or pages failed are answers, not failures."""
+    """A tool's text and `failed` (see the module docstring). No results, a 404, a URL not from the last search or a
+    call where only some queries or pages failed are answers, not failures."""
     failed: bool = False
 
     def __new__(cls, text: str, failed: bool = False):
@@ -267,9 +265,8 @@ class ReaderError(WebError):
 
 
 class Stats(Counter):
-    """Counters of a search back end (queries, api_calls, cache_hits, cost_usd, latency_s) or of a page fetcher
-    (pages, ok, cache_hits, bytes, latency_s), read as keys or attributes (0 until counted), and `failures`, a
-    Counter by kind. Owners add one Stats per query or page, under their lock."""
+    """A back end's or fetcher's counters (queries or pages, api_calls, cache_hits, ...), read as keys or attributes
+    (0 until counted), and `failures`, a Counter by kind. Owners add one Stats per query or page, under their lock."""
 
     def __init__(self, failures: dict | None = None, **counts):
         super().__init__(counts)
@@ -289,7 +286,8 @@ class Stats(Counter):
 
 
 class Backend:
-    """What every back end shares: the cache, stats and a small pool around each one's `_search_one`."""
+    """What every back end shares: the cache, stats and a small pool around each one's `_search_one(query, st)`,
+    which returns one query's results, raises SearchError and counts its requests in st["api_calls"]."""
     name = "?"
     usd_per_query = 0.0
 
@@ -299,10 +297,6 @@ class Backend:
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=n_threads, thread_name_prefix=f"search-{self.name}")
         self.options: dict = {}  # whatever changes the results; part of the cache key
-
-    def _search_one(self, query: str, st: Stats) -> list[SearchResult]:
-        """Subclasses: one query's results; raise SearchError; count requests in st["api_calls"]."""
-        raise NotImplementedError
 
     def _one(self, query: str) -> list[SearchResult] | SearchError:
         st, t0 = Stats(queries=1), time.perf_counter()
@@ -332,19 +326,15 @@ class Backend:
     def close(self) -> None:
         self._pool.shutdown(wait=False)
 
-    def __repr__(self) -> str:  # never shows secrets: only the name and the public options
-        return f"{type(self).__name__}({self.name}, top_k={self.top_k}, options={self.options})"
-
 
 _thread = threading.local()  # per thread: its requests.Sessions (not thread-safe), and the deadline of its fetch()
 USER_AGENT = "Mozilla/5.0 (compatible; deepresearch-agent/0.1; +https://github.com/)"
 
 
 def http_session(max_tries: int = 1, backoff_s: float = 0.5):
-    """This thread's requests.Session for one retry policy: urllib3's Retry on the adapter does the retrying (any
-    method, POST included: our requests are idempotent), sleeping backoff_s * 2**n plus jitter, or what Retry-After
-    asks, up to MAX_BACKOFF_S; it returns the last 429/5xx response instead of raising, so callers can report it.
-    fetch() uses max_tries=1 and retries itself, within its deadline."""
+    """This thread's requests.Session for one retry policy: urllib3's Retry retries any method (ours are idempotent)
+    after backoff_s * 2**n plus jitter, or Retry-After, up to MAX_BACKOFF_S, and returns the last 429/5xx response
+    instead of raising. fetch() uses max_tries=1 and retries itself, within its deadline."""
     sessions = _thread.__dict__.setdefault("sessions", {})
     if (max_tries, backoff_s) not in sessions:
         retry = Retry(total=max_tries - 1, status_forcelist=RETRY_STATUS, allowed_methods=None,
@@ -359,9 +349,8 @@ def http_session(max_tries: int = 1, backoff_s: float = 0.5):
 
 
 def _timed_out(e: Exception) -> bool:
-    """Whether a requests exception is a timeout. Retries used up on read timeouts reach us as a ConnectionError
-    around urllib3's ReadTimeoutError, and a refused connection is, oddly, a NewConnectionError, a subclass of
-    ConnectTimeoutError."""
+    """Whether a requests exception is a timeout. Retries used up on read timeouts come as a ConnectionError around
+    a ReadTimeoutError; a refused connection is, oddly, a NewConnectionError, a subclass of ConnectTimeoutError."""
     reason = getattr(e.args[0] if e.args else None, "reason", None)
     return isinstance(e, requests.Timeout) and not isinstance(reason, urllib3.exceptions.NewConnectionError) or \
         isinstance(reason, urllib3.exceptions.ReadTimeoutError)
@@ -394,11 +383,10 @@ def http_json(method: str, url: str, *, name: str, timeout: float, max_tries: in
         raise fail("malformed", f"{name}: the response is not JSON: {r.text[:200]!r}", tries) from None
 
 
-# The HTTP search APIs, declared. url: a fixed endpoint, or else the instance named by make_backend(url=...) or
-# $url_env (then the instance is part of the cache key) plus path; the query goes as a JSON body (POST) or URL
-# parameters (GET), with `fixed` and `params` (defaults, overridden by make_backend's options) and the top-k under
-# count_key; an API key from $key_env goes in an X-API-KEY header; results: the response's list of results and
-# each one's URL and snippet keys.
+# The HTTP search APIs. url: a fixed endpoint, else make_backend(url=...) or $url_env (then part of the cache key)
+# plus path; the query goes as a JSON body (POST) or URL parameters (GET) with `fixed`, `params` (overridden by
+# make_backend's options) and the top-k under count_key; a key from $key_env goes in an X-API-KEY header; results:
+# the response's list of results and each one's URL and snippet keys.
 PROVIDERS = {
     "serper": dict(url=SERPER_URL, method="POST", count_key="num", params={"gl": "us", "hl": "en"},
                    key_env="SERPER_API_KEY", results=("organic", "link", "snippet"), usd_per_query=SERPER_USD_PER_QUERY,
@@ -525,8 +513,7 @@ class Cache:
         if path is None and mode != "live":
             raise ValueError(f"cache mode {mode!r} needs a cache file (--cache=FILE)")
         self.path, self.mode, self.max_age_s = (str(path) if path else None), mode, max_age_s
-        self._local, self._lock = threading.local(), threading.Lock()
-        self.stats = Counter()  # lookups, hits, misses (stale ones counted again as stale), puts
+        self._local = threading.local()
         if self.path:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
             self._con().execute("CREATE TABLE IF NOT EXISTS entries (kind TEXT NOT NULL, key TEXT NOT NULL, "
@@ -547,10 +534,7 @@ class Cache:
             return None
         row = self._con().execute("SELECT value, fetched_at FROM entries WHERE kind=? AND key=?",
                                   (kind, key)).fetchone()
-        stale = row is not None and self.max_age_s is not None and time.time() - row[1] > self.max_age_s
-        with self._lock:
-            self.stats.update(["lookups", "misses" if row is None or stale else "hits"] + ["stale"] * stale)
-        if row is not None and not stale:
+        if row is not None and (self.max_age_s is None or time.time() - row[1] <= self.max_age_s):
             return json.loads(row[0])
         if self.mode == "replay":
             raise CacheMiss(kind, key)
@@ -559,8 +543,6 @@ class Cache:
     def put(self, kind: str, key: str, value: dict, fetched_at: float | None = None) -> None:
         if self.mode in ("live", "replay"):
             return
-        with self._lock:
-            self.stats["puts"] += 1
         self._con().execute("INSERT OR REPLACE INTO entries (kind, key, value, fetched_at) VALUES (?, ?, ?, ?)",
                             (kind, key, json.dumps(value, ensure_ascii=False),
                              time.time() if fetched_at is None else fetched_at))
@@ -689,9 +671,8 @@ def _squeeze(text: str) -> str:
 
 
 def html_to_text(page: str) -> tuple[str, str]:
-    """(title, main text) of an HTML page: trafilatura's main-content extraction (boilerplate, navigation, scripts
-    out; headings, paragraphs, lists and tables kept; its own fallbacks, readability and jusText, when it finds
-    little)."""
+    """(title, main text) of an HTML page: trafilatura's main content (boilerplate, navigation, scripts out; headings,
+    paragraphs, lists and tables kept; its fallbacks, readability and jusText, when it finds little)."""
     m = re.search(r"<title[^>]*>(.*?)</title>", page[:20000], re.I | re.S)
     title = " ".join(html.unescape(m.group(1)).split()) if m else ""
     try:
@@ -784,7 +765,7 @@ def fetch(url: str, *, timeout: float = 10.0, max_bytes: int = MAX_BYTES, allow_
                             pass
                         break
                     buf = bytearray()
-                    try:  # as bytes arrive; the deadline is in the socket reads (_DeadlineReader)
+                    try:  # as bytes arrive; the deadline is in the socket reads (_deadline_pools)
                         while len(buf) < max_bytes and (chunk := resp.raw.read1(65536, decode_content=True)):
                             buf += chunk
                     except (TimeoutError, urllib3.exceptions.ReadTimeoutError):
@@ -977,9 +958,8 @@ Reply with JSON only, no other text:
 def chat_completion(base_url: str, model: str, messages: list[dict], *, api_key: str | None = None,
                     timeout: float = 60.0, max_tries: int = 3, backoff_s: float = 0.5, max_tokens: int = 1024,
                     who: str = "reader endpoint") -> str:
-    """One temperature-0 call to an OpenAI-compatible /chat/completions endpoint (the reading model's and eval.py's
-    judge's); the reply's text. Retries through `http_json`; raises ReaderError with a reason that never holds
-    the key."""
+    """The reply's text from one temperature-0 call to an OpenAI-compatible /chat/completions endpoint (the reading
+    model's and eval.py's judge's), through `http_json`; raises ReaderError with a reason that never holds the key."""
     data, _ = http_json("POST", base_url.rstrip("/") + "/chat/completions", name=f"{who} {base_url}",
                         timeout=timeout, max_tries=max_tries, backoff_s=backoff_s, secret=api_key or "",
                         auth_hint="check the API key variable", error=ReaderError,

@@ -1,30 +1,26 @@
-"""Run a research agent over benchmark questions and write per-question trajectories plus per-source metrics.
+"""Run a research agent over benchmark questions; write per-question trajectories and per-source metrics.
 
-What it does
-- Loads a checkpoint (a local HF folder, a hub id, or "tiny") and a data file (the reference's parquet or our JSONL
-  schema, see data/prepare.py), runs the agent loop (`rollout.rollout`, greedy by default) with a chosen search back
-  end, cache mode and reader, and appends one JSON line per finished question to `<out_dir>/trajectories.jsonl`:
-  question, gold, every turn with its tool call and observation, the answer and its scores.
-- Resumable: ids already in trajectories.jsonl are skipped, so a killed run continues where it stopped (each batch of
-  `--batch_size` questions is written as soon as it finishes; a torn last line is cut off at start). Each model gets
-  its own folder by default (`--out_dir=runs/eval-{model}`); `run.json` records what produced the trajectories
-  (model path, weights fingerprint, data hash, every setting that changes an answer) and a run that differs refuses
-  to resume there.
-- Sharded under torchrun: rank r takes every world_size-th unfinished question; ranks append to the same file under
-  an exclusive file lock; rank 0 scores and writes the summary after a barrier.
-- Agents (`--agent`): `model` (the policy through rollout.py), and two baselines through the same harness and
-  summary: `first_title` (no model: search the question, answer the first result's title) and `closed_book` (the
-  model with no tools: one turn, the example's question and answer without its search).
+- Loads a checkpoint (a local HF folder, a hub id, or "tiny") and a data file (the reference's parquet or our JSONL,
+  see data/prepare.py), runs the agent loop (`rollout.rollout`, greedy by default) with the chosen search back end,
+  cache and reader, and appends one JSON line per question (its turns, tool calls, observations, answer, scores) to
+  `<out_dir>/trajectories.jsonl` as each `--batch_size` batch finishes.
+- Resumable: ids already there are skipped (a torn last line is cut off). One folder per model by default
+  (`--out_dir=runs/eval-{model}`); `run.json` records what produced the trajectories (model path, weights
+  fingerprint, data hash, every setting that changes an answer), and a run that differs refuses to resume there.
+- Sharded under torchrun: rank r takes every world_size-th unfinished question, ranks append under an exclusive file
+  lock, rank 0 scores and writes the summary after a barrier.
+- Agents (`--agent`): `model` (the policy through rollout.py) and two baselines through the same harness:
+  `first_title` (no model: search the question, answer the first result's title) and `closed_book` (the model with
+  no tools: one turn, the example's question and answer without its search).
 - Scores (reward.py): the reference word-set F1 and EM, SQuAD EM/F1, the format check on the policy's own turns, and
-  MBE (the LLM judge below; exact match counted correct without a call) when `--judge_base_url` is set. Writes
-  `summary.json` and `summary.md`: per data source, per template (where the data has one) and overall, F1, EM,
-  SQuAD-F1/EM, MBE, mean turns, tool calls, format-error rate; and the metadata a result depends on (model, back
-  end, cache file and its hash, corpus hash, date, top-k, max turns, reader, judge model, data file hash, git
-  commit).
-- `--score_only=true` re-scores an existing trajectories.jsonl (e.g. after adding a judge) without loading a model.
+  MBE (the LLM judge below; an exact match is correct without a call) with `--judge_base_url`. `summary.json` and
+  `summary.md`: per data source, per template and overall, F1, EM, SQuAD-F1/EM, MBE, mean turns, tool calls,
+  format-error rate, and the metadata a result depends on (model, back end, cache and corpus hashes, date, top-k,
+  max turns, reader, judge model, data file hash, git commit).
+- `--score_only=true` re-scores an existing trajectories.jsonl (e.g. after adding a judge) without a model.
 
-What it does not do: sampling several answers per question (pass@k), training, or hiding failures: a question
-whose trajectory ended in a format error scores 0 F1 (as in the reference) and counts in the format-error rate.
+What it does not do: pass@k (several answers per question), training, or hiding failures: a format error scores 0
+F1 (as in the reference) and counts in the format-error rate.
 
 How to run
     python eval.py                                            # the offline dev set, the base SmolLM2, CPU, ~4 min
@@ -111,31 +107,22 @@ PRESETS: dict[str, dict] = {
 # ----------------------------------------------------------------------------------------------- files
 
 def sha256_file(path: str | os.PathLike | None, max_bytes: int | None = None) -> str | None:
-    # the SQLite cache is hashed as its main file: rows still in the -wal file are not covered (close it first)
-    """Hex sha256 of a file, or of a folder's files (names and contents, sorted); None when there is none."""
-    if path and Path(path).is_dir():
-        h = hashlib.sha256()
-        for f in sorted(p for p in Path(path).rglob("*") if p.is_file()):
-            h.update(f"{f.relative_to(path)}\0{sha256_file(f)}\n".encode())
-        return h.hexdigest()
+    """Hex sha256 of a file (or of its first max_bytes); None when there is none. The SQLite cache is hashed as its
+    main file: rows still in the -wal file are not covered (close it first)."""
     if not path or not Path(path).is_file():
         return None
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:  # the whole file in 1 MB chunks, or its first max_bytes
-        for chunk in iter(lambda: fh.read(1 << 20), b"") if max_bytes is None else [fh.read(max_bytes)]:
-            h.update(chunk)
+    with open(path, "rb") as fh:
+        h = hashlib.file_digest(fh, "sha256") if max_bytes is None else hashlib.sha256(fh.read(max_bytes))
     return h.hexdigest()
 
 
 @contextlib.contextmanager
 def locked(path: Path):
-    """Exclusive lock shared by all ranks (and by a second eval started by mistake) on the output file."""
+    """Exclusive lock shared by all ranks (and by a second eval started by mistake) on the output file; closing the
+    lock file releases it."""
     with open(str(path) + ".lock", "w") as lk:
         fcntl.flock(lk, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lk, fcntl.LOCK_UN)
+        yield
 
 
 def append_records(path: Path, records: list[dict]) -> None:
@@ -225,21 +212,15 @@ def check_same_run(out_dir: Path, identity: dict, n_done: int) -> None:
 
 # ----------------------------------------------------------------------------------------------- scoring
 
-def _n_tool_calls(rec: dict) -> tuple[int, int]:
-    st = rec.get("stats") or {}
-    tools = [t.get("tool") for t in rec["turns"]]
-    n_search = st.get("n_search", sum(t in ("web_search", "search") for t in tools))
-    n_browse = st.get("n_browse", sum(t in ("browse_webpage", "browse") for t in tools))
-    return int(n_search), int(n_browse)
-
-
 def score_record(rec: dict, protocol: str | None = None) -> dict:
-    """Scores from the policy's own turn texts and the gold answers (observations are never format-checked).
-
+    """Scores from the policy's own turn texts and the gold answers (observations are never format-checked);
     protocol "dr": every turn must close </think>, as in training (reward.format_ok)."""
     r = reward([t["text"] for t in rec["turns"]], rec["gold"], protocol=protocol)
     ans = r.answer if r.format_ok else None
-    n_search, n_browse = _n_tool_calls(rec)
+    st = rec.get("stats") or {}
+    tools = [t.get("tool") for t in rec["turns"]]  # (a record without stats: count its turns' calls)
+    n_search = st.get("n_search", tools.count("web_search"))
+    n_browse = st.get("n_browse", tools.count("browse_webpage"))
     return {"reward": r.score, "format_ok": r.format_ok, "format_reason": r.reason, "f1": r.f1, "em": r.em,
             "squad_f1": squad_f1(ans, rec["gold"]) if ans is not None else 0.0,
             "squad_em": squad_em(ans, rec["gold"]) if ans is not None else 0.0,
@@ -275,8 +256,6 @@ class JudgeConfig:
     timeout_s: float = 60.0             # per HTTP request
     max_retries: int = 3                # transport errors (timeout, connection, 429, 5xx): attempts = 1 + this
     backoff_s: float = 1.0              # urllib3 backoff factor: ~backoff_s * 2**attempt between attempts
-    max_tokens: int = 512
-    n_threads: int = 8                  # judge_many's concurrency
 
 
 @dataclass
@@ -306,10 +285,9 @@ def parse_judgement(text: str) -> tuple[str, str] | None:
 
 
 class Judge:
-    """Thread-safe LLM judge with an on-disk verdict cache. `judge(question, golds, prediction) -> Verdict`. Any
-    OpenAI-compatible endpoint, through browse.chat_completion (temperature 0, timeouts, bounded retries); an exact
-    match counts as correct without a call; a reply that cannot be parsed is "unjudged" and reported, never retried
-    forever. The API key is read from the environment variable named in the config and never logged or cached."""
+    """Thread-safe LLM judge with an on-disk verdict cache: `judge(question, golds, prediction) -> Verdict` through
+    browse.chat_completion (any OpenAI-compatible endpoint). An exact match is correct without a call; an unparseable
+    reply is "unjudged" and reported, never retried. The key comes from $api_key_env and is never logged or cached."""
 
     def __init__(self, cfg: JudgeConfig):
         if not cfg.base_url:
@@ -338,7 +316,7 @@ class Judge:
             text = chat_completion(self.cfg.base_url, self.cfg.model, [{"role": "user", "content": prompt}],
                                    api_key=os.environ.get(self.cfg.api_key_env) or None, timeout=self.cfg.timeout_s,
                                    max_tries=1 + self.cfg.max_retries, backoff_s=self.cfg.backoff_s,
-                                   max_tokens=self.cfg.max_tokens, who="judge endpoint")
+                                   max_tokens=512, who="judge endpoint")
         except WebError as e:  # timeouts, refused connections, HTTP errors: after the bounded retries
             self.stats["http_error"] += 1
             self.stats["unjudged"] += 1
@@ -361,7 +339,7 @@ class Judge:
 
     def judge_many(self, items: list[tuple[str, str | list[str], str | None]]) -> list[Verdict]:
         """Judge (question, golds, prediction) triples concurrently; results in input order."""
-        with ThreadPoolExecutor(max_workers=max(1, self.cfg.n_threads)) as pool:
+        with ThreadPoolExecutor(max_workers=8) as pool:
             return list(pool.map(lambda it: self.judge(*it), items))
 
 
@@ -412,10 +390,8 @@ def render_md(summary: dict) -> str:
 
 
 def rescore(cfg: Config, out_dir: Path, meta: dict | None = None, ids: set[str] | None = None) -> dict:
-    """Score the records of trajectories.jsonl (judge included when set), rewrite it, write the summaries.
-
-    `ids`: summarise (and judge) only these questions; the file keeps every record it had, e.g. from an earlier
-    run without --limit."""
+    """Score the records of trajectories.jsonl (judge included when set), rewrite it, write the summaries. `ids`:
+    summarise (and judge) only these; the file keeps every record it had (e.g. from a run without --limit)."""
     path = out_dir / "trajectories.jsonl"
     everything = load_records(path)
     records = [r for r in everything if ids is None or r["id"] in ids]
@@ -424,17 +400,14 @@ def rescore(cfg: Config, out_dir: Path, meta: dict | None = None, ids: set[str] 
     for rec in everything:
         # fresh scores; MBE only when a judge is set now (its on-disk cache makes re-judging free)
         rec["scores"] = score_record(rec, cfg.protocol)
-    judge_model = None
     if cfg.judge_base_url:
-        judge = Judge(JudgeConfig(base_url=cfg.judge_base_url, model=cfg.judge_model,
-                                  api_key_env=cfg.judge_api_key_env,
+        judge = Judge(JudgeConfig(base_url=cfg.judge_base_url, model=cfg.judge_model, api_key_env=cfg.judge_api_key_env,
                                   cache_path=cfg.judge_cache or str(out_dir / "judge_cache.jsonl")))
         # MBE in each record's scores (a format error is incorrect, as in the reference, with no call)
         items = [(r["question"], r["gold"], r["scores"]["answer"] if r["scores"]["format_ok"] else None)
                  for r in records]
         for rec, v in zip(records, judge.judge_many(items)):
             rec["scores"].update(mbe=v.correct, judge=asdict(v))
-        judge_model = cfg.judge_model
         print("judge: " + " | ".join(f"{k} {v}" for k, v in sorted(judge.stats.items())))
     with locked(path):  # atomic rewrite, so a crash here never loses trajectories
         tmp = path.with_suffix(".jsonl.tmp")
@@ -443,7 +416,8 @@ def rescore(cfg: Config, out_dir: Path, meta: dict | None = None, ids: set[str] 
     if meta is None:  # score-only: keep the run's metadata, update the judge
         old = out_dir / "summary.json"
         meta = json.loads(old.read_text())["meta"] if old.exists() else {}
-    meta = dict(meta, judge_model=judge_model, scored_at=_dt.datetime.now().isoformat(timespec="seconds"))
+    meta = dict(meta, judge_model=cfg.judge_model if cfg.judge_base_url else None,
+                scored_at=_dt.datetime.now().isoformat(timespec="seconds"))
     summary = {"metrics": summarize(records), "meta": meta}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     (out_dir / "summary.md").write_text(render_md(summary))
@@ -453,17 +427,9 @@ def rescore(cfg: Config, out_dir: Path, meta: dict | None = None, ids: set[str] 
 
 # ----------------------------------------------------------------------------------------------- running the agent
 
-def default_corpus(cfg: Config) -> str | None:
-    """The local back end's corpus file (recorded in run.json), None for the other back ends."""
-    if cfg.corpus or cfg.backend != "local":
-        return cfg.corpus or None
-    return str(default_corpus_path())
-
-
 def trajectory_record(ex: dict, traj) -> dict:
     return {"id": ex["id"], "source": ex["source"], "template": ex.get("template", ""), "question": ex["question"],
-            "gold": ex["answers"],
-            "answer": traj.answer, "end_reason": traj.end_reason, "turns": turn_records(traj),
+            "gold": ex["answers"], "answer": traj.answer, "end_reason": traj.end_reason, "turns": turn_records(traj),
             "stats": dict(traj.stats), "n_tokens": len(traj.tokens), "prompt_len": traj.prompt_len}
 
 
@@ -482,9 +448,8 @@ def run_meta(cfg: Config, identity: dict, corpus: str | None) -> dict:
 
 
 def first_title_rollout(model, tokenizer, questions, golds, browser, cfg, group_size=1, seed=0) -> list:
-    """The no-model baseline (`--agent=first_title`): search the question as it is, answer the first result's title.
-
-    It goes through the same browser session the policy uses, so the observation is recorded as for an agent."""
+    """The no-model baseline (`--agent=first_title`): search the question as it is, answer the first result's title,
+    through the policy's own browser session, so the observation is recorded as for an agent."""
     out = []
     for qi, (q, gold) in enumerate(zip(questions, golds)):
         session = browser.session(q)
@@ -492,8 +457,7 @@ def first_title_rollout(model, tokenizer, questions, golds, browser, cfg, group_
         title = next(iter(session.urls.values())).title if session.urls else ""  # its results, in rank order
         turns = [Turn(f"<search>{q}</search>", "web_search", {"query": [q]}, obs, None, 0, 0.0, 0.0),
                  Turn(f"<answer>{title}</answer>", None, None, None, None, 0, 0.0, 0.0)]
-        out.append(Trajectory(question=q, gold=list(gold), group=qi, tokens=[], loss_mask=[], logprobs=[],
-                              prompt_len=0, turns=turns, answer=title, end_reason="answer",
+        out.append(Trajectory(question=q, gold=list(gold), group=qi, turns=turns, answer=title, end_reason="answer",
                               stats=dict(n_search=1, n_browse=0, n_bad_calls=0)))
     return out
 
@@ -551,7 +515,8 @@ def main(cfg: Config) -> dict | None:
     path = out_dir / "trajectories.jsonl"
     finished = {r["id"] for r in load_records(path)}
     model_path = resolve_model(cfg.model) if cfg.agent != "first_title" else None
-    corpus = default_corpus(cfg)
+    # the local back end's corpus file, recorded in run.json (None for the other back ends)
+    corpus = cfg.corpus or (str(default_corpus_path()) if cfg.backend == "local" else None)
     identity = run_identity(cfg, model_path, corpus)
     check_same_run(out_dir, identity, len(finished))
     todo = [e for e in examples if e["id"] not in finished]

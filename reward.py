@@ -9,13 +9,12 @@ What it does
   bag-of-words F1), beside the reference metric so results can be compared across papers.
 - `extract_answer`: the first `<answer>...</answer>` (case-insensitive, like the reference, which lowercases the text).
 - `format_ok(responses)`: the reference rule on the policy's OWN turns: for each of `think`, `tool_call`, `answer`
-  (and `search`, `browse`, the tool tags of our "tags" protocol) the opening and closing counts agree and every
-  opening tag is followed by a closing one; and an `<answer>...</answer>` is present. Each turn is checked on its
-  own, which implies the reference's check on the concatenation (and is slightly stricter: a tag may not be opened
-  in one turn and closed in a later one, which our engine cannot produce anyway since a turn ends at a closing tag).
-  Under protocol "dr" (the reference's), every turn must also close a `<think>` block: the reference appends
-  `<think>` to the prompt of every turn, so a turn that never writes `</think>` leaves it unbalanced (-1). Our loop
-  forces that `<think>` into the turn's text (`turn_prefix_every`); the rule holds even when it is not forced.
+  (and `search`, `browse`, our "tags" protocol's tool tags) the opening and closing counts agree and every opening
+  tag is followed by a closing one; and an `<answer>...</answer>` is present. Each turn is checked on its own, which
+  implies the reference's check on the concatenation (and is slightly stricter: a tag may not open in one turn and
+  close in a later one, which our engine cannot produce since a turn ends at a closing tag). Under protocol "dr"
+  every turn must also close a `<think>`: the reference appends `<think>` to every turn's prompt, so a turn without
+  `</think>` is unbalanced (-1); our loop forces it into the turn's text (`turn_prefix_every`), or not: same rule.
 - `reward(responses, gold, protocol=None)`: -1 on a format error, otherwise the best word-set F1; returns a `Reward`
   record with the pieces (format_ok, f1, em, answer, reason) so training and eval log them.
 - The LLM judge (MBE) is not here: it is eval.py's, its only user.
@@ -82,9 +81,8 @@ def f1(pred: str, gold: str | list[str]) -> float:
 
 
 def em(pred: str, gold: str | list[str]) -> float:
-    """Reference exact match: normalised strings equal (articles kept), best over the gold answers.
-
-    An empty prediction never matches (even an empty gold), as in the reference where an empty answer scores 0."""
+    """Reference exact match: normalised strings equal (articles kept), best over the gold answers. An empty
+    prediction never matches (even an empty gold), as in the reference where an empty answer scores 0."""
     p = normalize(pred)
     return float(bool(p) and any(p == normalize(g) for g in split_golds(gold)))
 
@@ -128,10 +126,9 @@ def extract_answer(text: str) -> str | None:
 
 
 def _tags_balanced(text: str) -> str | None:
-    """The reference's check_tags_balance on one text; returns the name of the first bad tag, or None if fine.
-
-    For each tag: as many openings as closings, and walking left to right, each opening has a closing after it
-    (the walk resumes after that closing, so nesting of a tag inside itself is not rejected, as in the reference)."""
+    """The reference's check_tags_balance on one text: the name of the first bad tag, or None. For each tag: as
+    many openings as closings, and walking left to right, each opening has a closing after it (the walk resumes after
+    that closing, so nesting of a tag inside itself is not rejected, as in the reference)."""
     low = text.lower()  # the reference lowercases the whole response first, so <Answer> counts as <answer>
     for tag in CHECKED_TAGS:
         start, end = f"<{tag}>", f"</{tag}>"
@@ -150,10 +147,8 @@ def _tags_balanced(text: str) -> str | None:
 
 
 def format_ok(responses: list[str] | str, protocol: str | None = None) -> tuple[bool, str]:
-    """Reference format rule on the policy's own turn texts (never observations): (ok, reason).
-
-    protocol "dr": every turn must also close a <think> block (see the module docstring).
-    reason is "ok", "unbalanced <tag> in turn i", "no </think> in turn i" or "no answer"."""
+    """Reference format rule on the policy's own turn texts (never observations): (ok, reason), reason "ok",
+    "unbalanced <tag> in turn i", "no </think> in turn i" (protocol "dr": see the module docstring) or "no answer"."""
     turns = [responses] if isinstance(responses, str) else list(responses)
     for i, text in enumerate(turns):
         bad = _tags_balanced(text)

@@ -6,24 +6,22 @@ follows the tokens rows hold (`kv_tokens` sizes the pool far below n_slots x max
 parked: `submit` (a GRPO group shares its prompt's full blocks by reference), `step`, `append` (forced tokens at the
 row's own offset), `release` (continuous batching). A full pool is an error with the numbers, never an overwrite. A
 row's last sampled token enters the cache only with the next forward, so a turn's stop token costs no extra forward.
-Every token comes with its log-probability under the sampling distribution (temperature applied, before top-p/top-k
-truncation: what the trainer recomputes).
-Randomness: each row has its own `torch.Generator`, seeded from (engine seed, row key), and samples by Gumbel-max, so
-its tokens do not depend on which rows share its batches or when tool calls return. Its logits still differ in the
-last bits with the batch (kernels block their sums by batch size), so logprobs agree to ~1e-5 on CPU and a near-tie
-can flip a token (rare on CPU, more likely in bf16 on a GPU).
-`cuda_graphs=True` (CUDA only) captures the decode forward once per (batch, table width) bucket and replays it.
+Each token comes with its log-probability under the sampling distribution (temperature applied, before top-p/top-k
+truncation: what the trainer recomputes). Each row samples by Gumbel-max from its own `torch.Generator`, seeded from
+(engine seed, row key), so its tokens do not depend on which rows share its batches or when tool calls return (its
+logits still differ in the last bits with the batch: logprobs agree to ~1e-5 on CPU and a near-tie can flip a token,
+rarely on CPU, more often in bf16). `cuda_graphs=True` (CUDA only) captures the decode forward once per (batch,
+table width) bucket and replays it.
 
 Part 2, the agent loop (`rollout()`): every row decodes a turn; a row whose turn ends in a tool call is parked and
 its call runs in a thread pool while the others keep decoding; the observation is tokenised, wrapped in the chat
 template's tool/user turn and the next assistant header, appended as forced tokens, and the row resumes. A finished
 trajectory frees its slot for the next queued question (a group of G rows, its prompt prefilled once).
-Token exactness: `Trajectory.tokens` is exactly the engine's cache content; `loss_mask` is 1 exactly on sampled
-tokens and `logprobs` are the engine's there. Nothing is re-rendered or re-tokenised; only the policy's own turn
-text is parsed, so tags inside web text cannot end a trajectory or fake an answer.
-Tool-call protocols (`RolloutConfig.protocol`): `dr` (the reference, `<tool_call>{JSON}</tool_call>`) and `tags`
-(`<search>q1 | q2</search>`, lighter: small models learn it faster), described in the system text, not through a
-template's `tools=`, so templates without tool support (SmolLM2's ChatML) work too.
+`Trajectory.tokens` is exactly the engine's cache content; `loss_mask` is 1 exactly on sampled tokens, with the
+engine's `logprobs`. Nothing is re-rendered or re-tokenised; only the policy's own turn text is parsed, so tags in
+web text cannot end a trajectory or fake an answer. Tool-call protocols (`RolloutConfig.protocol`): `dr` (the
+reference, `<tool_call>{JSON}</tool_call>`) and `tags` (`<search>q1 | q2</search>`, which small models learn
+faster), described in the system text, not a template's `tools=`, so templates without tool support work too.
 End reasons (`Trajectory.end_reason`, exactly one each): "answer"; "max_turns" (a call after the last turn is not
 run); "bad_call" (a malformed call under on_bad_call="end"; "error_observation" answers it with an error message
 and goes on); "format_error" (neither a call nor an answer); "context_limit" (the cache is full, or an observation
@@ -69,7 +67,6 @@ class SamplingParams:
 @dataclass
 class Finished:
     """A row that stopped generating this turn; it stays parked (cache intact) until append() or release()."""
-
     slot: int
     tokens: list[int]  # the turn's new tokens, including the stop token / the token that completed a stop string
     logprobs: list[float]  # log-prob of each under the sampling distribution
@@ -82,7 +79,6 @@ FREE, DECODING, PARKED = 0, 1, 2
 @dataclass
 class Slot:
     """One row of the engine: its state, where its KV lives, and the turn it is sampling."""
-
     state: int = FREE
     blocks: list[int] = field(default_factory=list)  # physical KV blocks, in position order (some may be shared)
     cached: int = 0  # tokens in the cache
@@ -150,8 +146,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], gens: list) -> tu
 
 
 class Engine:
-    """Slots over one paged KV cache; see the section docstring. Only ever calls `model(...)` (plain or FSDP2).
-
+    """Slots over one paged KV cache (see the module docstring); only ever calls `model(...)` (plain or FSDP2).
     block_size: tokens per KV block. kv_tokens: tokens the pool holds, all rows together (None: every row can reach
     max_len, i.e. n_slots x max_len, capped on CUDA to what fits in the free memory). cuda_graphs: capture the
     decode step per (batch, blocks) bucket and replay it (CUDA only; CPU is always eager)."""
@@ -522,15 +517,12 @@ class RolloutConfig:
     date: str | None = None            # today's date in the system prompt; None = the real date
     tool_threads: int = 32             # concurrent tool calls (each blocks on the web)
     min_turn_tokens: int = 64          # an observation must leave this much room for the next turn
-    obs_role: str = "auto"             # role of observations: "tool" | "user" | "auto" (tool if the template has one)
     prompt: str = "reference"          # system prompt: "reference" (the paper's, ~440 tokens) | "short" (~40 tokens)
-    turn_prefixes: tuple | str = ()    # forced text opening turn i (loss mask 0), e.g. ("<search>", "<answer>") or
-    #                                    "<search>,<answer>": a scaffold for models too small to find the format
-    #                                    alone (SmolLM2-135M); () = none, the reference
-    turn_prefix_every: str = ""        # forced text opening EVERY turn, before turn_prefixes[i]; the reference
-    #                                    appends "<think>" to the prompt of each turn
-    example: str = ""                  # "question|query|answer": one worked example shown as chat turns before the
-    #                                    question, its search run through the browser ("" = none, the reference)
+    # forced text opening turn i (loss mask 0), e.g. ("<search>", "<answer>") or "<search>,<answer>": a scaffold for
+    # models too small to find the format alone (SmolLM2-135M); () = none, the reference
+    turn_prefixes: tuple | str = ()
+    turn_prefix_every: str = ""        # forced text opening EVERY turn, before turn_prefixes[i] (reference: "<think>")
+    example: str = ""                  # "question|query|answer": a worked example before the question (example_turns)
 
 
 # ------------------------------------------------------------------------------------------------ prompt
@@ -552,8 +544,6 @@ _CALL_FORMAT = {
     "tags": ("<search>first query | second query</search>   (runs web_search; separate queries with |)\n"
              "<browse>https://... | https://...</browse>   (runs browse_webpage; separate URLs with |)"),
 }
-
-
 _SHORT_CALLS = {  # search only: placeholder words are what a small model copies ("its url" became every query)
     "dr": 'Search with <tool_call>{"name": "web_search", "arguments": {"query": ["query"]}}</tool_call>.',
     "tags": "Search with <search>query</search>.",
@@ -589,8 +579,7 @@ def system_prompt(protocol: str, date: str | None = None, style: str = "referenc
 
 def render_prompt(tokenizer, question: str, protocol: str, date: str | None = None, style: str = "reference",
                   example: list[dict] = ()) -> list[int]:
-    """Prompt token ids: system, the example's turns, the user's question and the assistant header, through the
-    tokenizer's chat template."""
+    """Prompt token ids through the chat template: system, the example's turns, the question, the assistant header."""
     sys_text = system_prompt(protocol, date, style)
     try:
         text = tokenizer.apply_chat_template([{"role": "system", "content": sys_text}, *example,
@@ -628,11 +617,9 @@ class ObsFrame:
     after_ids: list[int]
 
 
-def obs_frame(tokenizer, role: str = "auto") -> ObsFrame:
+def obs_frame(tokenizer) -> ObsFrame:
     mark_a, mark_o = "\x00ASSISTANT\x00", "\x00OBSERVATION\x00"
-    template = tokenizer.chat_template or ""
-    if role == "auto":
-        role = "tool" if re.search(r"""['"]tool['"]""", template) else "user"
+    role = "tool" if re.search(r"""['"]tool['"]""", tokenizer.chat_template or "") else "user"  # the template's own
     msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": mark_a},
             {"role": role, "content": mark_o}]
     text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
@@ -654,7 +641,6 @@ def stop_token_ids(tokenizer) -> tuple[int, ...]:
 
 # ------------------------------------------------------------------------------------------------ parsing
 
-
 @dataclass
 class Action:
     """What a turn asks for: kind is "answer", "call", "bad_call" or "none"."""
@@ -670,11 +656,9 @@ _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.S)
 
 
 def parse_turn(text: str, protocol: str) -> Action:
-    """Decide what one turn of the policy asks for. Only the policy's own text is ever parsed.
-
-    The engine stops a turn at the first closing tag, so the text is read up to the first closing tag (of a call or
-    of an answer): the stop string can fire inside a token that carries more characters (SmolLM2 tokenises
-    "</search>," as "</", "search", ">,"). An answer with no stop string hit (e.g. eos) still counts."""
+    """What one turn of the policy (only its own text) asks for. The text is read up to its first closing tag (of a
+    call or an answer), where the engine stopped the turn: the stop string can fire inside a token that carries more
+    (SmolLM2 tokenises "</search>," as "</", "search", ">,"). An answer with no stop string hit (eos) still counts."""
     call_tags = ("tool_call",) if protocol == "dr" else ("search", "browse")
     ends = [i + len(c) for c in (*(f"</{t}>" for t in call_tags), "</answer>") if (i := text.find(c)) >= 0]
     body = text[:min(ends)] if ends else text.rstrip()
@@ -727,16 +711,14 @@ def bad_call_message(error: str, protocol: str) -> str:
 
 
 def run_tool(session, tool: str, args: dict) -> tuple[str, float, bool]:
-    """Run one call on a browser session: (the observation, seconds, failed: the web failed for reasons outside
-    the policy, the trajectory ends as "tool_failure"). A session returns a plain string, or an object with the text
-    (`.text`, or the object itself when it is a `str` subclass) and `.failed` (True when the back end or every fetch
-    of the call failed: timeouts, 5xx, quota, network); a plain string has no `.failed` and counts as success.
-    Sessions should not raise; an exception anyway is a tool failure, so one row cannot take the rollout down."""
+    """Run one call on a browser session: (the observation, seconds, failed). A session returns a str, maybe with
+    `.failed` (browse.Observation: the web failed, not the policy; the trajectory ends as "tool_failure"). Sessions
+    should not raise; an exception anyway is a tool failure, so one row cannot take the rollout down."""
     t0 = time.perf_counter()
     try:
         obs = session.web_search(args["query"]) if tool == "web_search" else session.browse_webpage(args["url_list"])
         failed = bool(getattr(obs, "failed", False))
-        text = str(obs) if isinstance(obs, str) else str(obs.text)  # str(): a plain str, JSON-safe in records
+        text = str(obs)  # a plain str, JSON-safe in records
     except Exception as e:  # noqa: BLE001
         text, failed = f"Error: {tool} failed ({type(e).__name__}: {e})", True
     return text, time.perf_counter() - t0, failed
@@ -751,7 +733,6 @@ def _defang(text: str, specials: list[str]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ the loop
-
 
 @dataclass
 class _Row:
@@ -789,7 +770,7 @@ def rollout(model, tokenizer, questions: list[str], golds: list[list[str]], brow
     sampling = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
                               stop_token_ids=stop_token_ids(tokenizer), stop_strings=STOP_STRINGS[cfg.protocol])
     enc = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
-    frame = obs_frame(tokenizer, cfg.obs_role)
+    frame = obs_frame(tokenizer)
     # after a turn that closed itself (its stop token is eos/<|im_end|>), the frame goes on without closing it twice
     closed = {t: tokenizer.decode([t]) for t in sampling.stop_token_ids}
     opening = {t: enc(frame.before[len(c):]) for t, c in closed.items() if frame.before.startswith(c)}
