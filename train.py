@@ -114,8 +114,8 @@ from transformers import AutoTokenizer
 # the agent (module-level names: tests swap in fakes with monkeypatch.setattr(train, "rollout", ...))
 from browse import BrowseConfig, Browser
 from data.prepare import load_examples
-from data.models import SHAPES, resolve_model
-from model import KVCache, ModelConfig, Transformer, save_pretrained
+from data.models import memory_per_gpu, resolve_model
+from model import ModelConfig, Transformer, save_pretrained
 from reward import reward
 from rollout import END_REASONS, RolloutConfig, rollout
 
@@ -1041,56 +1041,6 @@ def start_wandb(cfg: Config, proc: Dist):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Dry run: memory per GPU before launching
-
-TYPICAL_TOKENS = 8192  # tokens a research trajectory typically holds at its end (a few turns of search + reading)
-
-
-def dry_run(cfg: Config, proc: Dist) -> dict[str, float]:
-    """Bytes per GPU by kind (printed on rank 0 with the rows the paged KV cache holds), returned. Approximate (no
-    allocator fragmentation, no NCCL buffers) but in the right units. Sharded fp32 master weights, grads and two Adam
-    moments: 16 bytes/param / world (on the CPU with cpu_offload). The rollout holds the full bf16 weights and the
-    paged KV cache, rows x TYPICAL_TOKENS (memory follows the tokens rows hold, not max_len). Training holds two
-    unsharded bf16 blocks, one micro-batch's activations (bf16; with checkpointing only each block's input is kept)
-    and its fp32 logits."""
-    world = cfg.world_size or proc.world
-    shape = next((s for key, s in SHAPES.items() if key in cfg.model.lower()), None)  # known hub ids: no download
-    mc = ModelConfig.from_json(shape or resolve_model(cfg.model))
-    n, L, h, V, T = mc.n_params, mc.num_hidden_layers, mc.hidden_size, mc.vocab_size, cfg.micro_tokens
-    per_tok_layer = 2 * (6 * h + 2 * mc.num_key_value_heads * mc.head_dim + 4 * mc.intermediate_size)  # bf16 bytes
-    acts = T * (L * h * 2 + per_tok_layer) if cfg.activation_checkpointing else T * L * per_tok_layer
-    rows = min(cfg.n_slots, max(cfg.batch_size * cfg.group_size // world, 1))
-    kv = float(KVCache.nbytes_for(mc, rows * min(cfg.max_len, TYPICAL_TOKENS), torch.bfloat16))
-    on_gpu = 0.0 if cfg.cpu_offload else 1.0
-    m = {"params (fp32, sharded)": on_gpu * 4 * n / world, "grads (fp32, sharded)": on_gpu * 4 * n / world,
-         "adam state (2 x fp32, sharded)": on_gpu * 8 * n / world,
-         "reference model (bf16, sharded)": 2 * n / world if cfg.kl_coef > 0 else 0.0,
-         "rollout: unsharded bf16 weights": 2 * n, f"rollout: KV cache (bf16, rows x {TYPICAL_TOKENS} tokens)": kv,
-         "train: gathered blocks (2 x bf16)": 2 * 2 * (n - V * h * (1 if mc.tie_word_embeddings else 2)) / L,
-         "train: activations": float(acts), "train: logits (fp32, x3 for softmax+grad)": 3 * 4 * T * V}
-    states = sum(v for k, v in m.items() if not k.startswith(("rollout", "train")))
-    m["peak in rollout"] = states + sum(v for k, v in m.items() if k.startswith("rollout"))
-    m["peak in training"] = states + sum(v for k, v in m.items() if k.startswith("train"))
-    if proc.main:
-        print(f"dry run: {cfg.model} ({n / 1e9:.2f} B params), world size {world}, {T} tokens per micro-batch, KV "
-              f"cache for {cfg.max_len} tokens{', activation checkpointing' * cfg.activation_checkpointing}"
-              f"{', CPU offload' * cfg.cpu_offload}")
-        for k, v in m.items():
-            print(f"  {k:<45} {v / 2**30:9.2f} GiB")
-        gpu = torch.cuda.is_available()
-        cap = torch.cuda.get_device_properties(0).total_memory if gpu else 80 * 2**30
-        # the engine's block pool takes 85% of what the weights and sharded states leave, less 1 GiB
-        per_token, budget = KVCache.nbytes_for(mc, 1, torch.bfloat16), 0.85 * (cap - m["peak in rollout"] + kv) - 2**30
-        print(f"  paged KV cache on {'this GPU' if gpu else 'an 80 GiB GPU (no GPU here)'}: {per_token / 2**10:.0f} "
-              f"KiB/token, " + ", ".join(f"{max(0, int(budget // (per_token * t)))} rows at {t} tokens"
-                                        for t in (cfg.max_len, TYPICAL_TOKENS)) + f" (n_slots={cfg.n_slots})")
-        if gpu:
-            peak = max(m["peak in rollout"], m["peak in training"])
-            print(f"  fits on this GPU ({cap / 2**30:.0f} GiB): {'yes' if peak < 0.9 * cap else 'NO'}")
-    return m
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # The loop
 
 
@@ -1249,7 +1199,7 @@ def main(cfg: Config) -> dict:
     validate(cfg)  # bad options, data, model path or out_dir stop here, before anything loads
     proc = setup_distributed(cfg.device)
     if cfg.dry_run:
-        return dry_run(cfg, proc)
+        return memory_per_gpu(cfg, cfg.world_size or proc.world, say=print if proc.main else None)
     path, resume_from = start_run(cfg, proc)
     torch.manual_seed(cfg.seed)
     tokenizer = AutoTokenizer.from_pretrained(path)

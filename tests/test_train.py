@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import train
+from data.models import memory_per_gpu
 from train import (Config, PRESETS, Sample, group_advantages, micro_batches, parse_config, policy_loss,
                    token_logprobs, zero_variance_groups)
 
@@ -372,13 +373,15 @@ def test_update_equals_one_step_on_the_full_batch_loss(tiny_qwen2):
 
 def test_dry_run_deepresearcher_estimate():
     cfg = parse_config(Config, ["--preset=deepresearcher", "--world_size=8"], PRESETS)
-    m = train.dry_run(cfg, train.Dist())
+    printed = []
+    m = memory_per_gpu(cfg, 8, say=printed.append)
+    assert any("rows at 32768 tokens" in line for line in printed)
     gib = {k: v / 2**30 for k, v in m.items()}
     assert 13 < gib["adam state (2 x fp32, sharded)"] + gib["params (fp32, sharded)"] + \
         gib["grads (fp32, sharded)"] < 16  # 7.6 B params x 16 bytes / 8
     assert gib["rollout: unsharded bf16 weights"] == pytest.approx(7.6e9 * 2 / 2**30, rel=0.05)
     assert gib["reference model (bf16, sharded)"] > 0
-    assert train.dry_run(dataclasses.replace(cfg, kl_coef=0.0), train.Dist())["reference model (bf16, sharded)"] == 0
+    assert memory_per_gpu(dataclasses.replace(cfg, kl_coef=0.0), 8, say=None)["reference model (bf16, sharded)"] == 0
 
 
 # ---------------------------------------------------------------------------------------------------- the loop
