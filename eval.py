@@ -24,7 +24,7 @@ F1 (as in the reference) and counts in the format-error rate.
 
 How to run
     python eval.py                                            # the offline dev set, the base SmolLM2, CPU, ~4 min
-    python eval.py --model=runs/train/ckpt/step_000015/hf     # the default run's checkpoint
+    python eval.py --model=runs/train/ckpt/step_000025/hf     # the default run's checkpoint
     python eval.py --agent=first_title                        # the no-model baseline, seconds
     python eval.py --preset=tiny --data=../shared/held_out_data/dev.parquet --limit=14          # CPU, seconds
     python eval.py --model=runs/ckpt/step_100 --data=../shared/held_out_data/test.parquet --backend=serper \\

@@ -25,7 +25,8 @@ the batch is split; "sequences" are those with at least one sampled token, as in
                                         (the Dr.GRPO paper's 1/G and current verl; verl 0.3-0.4's agg_loss divided
                                         by the constant only, a loss (number of sequences) times larger)
 With kl_coef == 0 the frozen reference model is not even loaded. Logits are divided by the sampling temperature
-before the log-softmax, so logp_theta is the distribution the sampler drew from.
+before the log-softmax, so logp_theta is the distribution the sampler drew from. The G trajectories of a question
+start with the same prompt: a micro-batch computes it once (`share_prefix`, exact), not once per trajectory.
 
 Departures from the paper / the reference implementation (verl + vLLM + Ray)
 - One process per GPU (torchrun); generation runs inside the training process on the unsharded policy with our own
@@ -44,7 +45,7 @@ Departures from the paper / the reference implementation (verl + vLLM + Ray)
 - The reward reads only the policy's own turns (reward.py); the reference's format check also read web text.
 - Trajectories that the web or the engine ended are out of the loss (`mask_tool_failures`, above); the reference
   trained on them (its failed searches became observations). Counts per end reason are logged every step.
-- The default run (no preset) is ours, not the paper's: SmolLM2-135M-Instruct on a CPU, 4 questions x 8, 15 steps,
+- The default run (no preset) is ours, not the paper's: SmolLM2-135M-Instruct on a CPU, 4 questions x 8, 25 steps,
   lr 1e-5, temperature 0.7, no KL, a 30-token system prompt, one worked example shown as chat turns before the
   question (`example`: an unrelated question, its real search, its answer; without it a 135M model never writes an
   `<answer>` tag and every reward is -1, see the README) and turn 1 forced to open with `<search>` (loss-masked);
@@ -168,7 +169,7 @@ class Config(AgentConfig):
     data: str = "data/qa_train.jsonl"  # .jsonl / .parquet (data/prepare.py schema)
     out_dir: str = "runs/train"
     # steps and batch
-    steps: int = 15                 # ~30 min on 2 idle CPU cores (README)
+    steps: int = 25                 # 26 min on 2 idle CPU cores (README)
     batch_size: int = 4             # questions per step, over all ranks (divisible by world size)
     group_size: int = 8             # trajectories per question (G); 8 gives most groups a reward spread
     # optimisation
@@ -190,7 +191,7 @@ class Config(AgentConfig):
     entropy_coef: float = 0.0
     n_minibatches: int = 1          # optimizer steps per batch and epoch
     ppo_epochs: int = 1
-    micro_tokens: int = 2048        # token budget (rows x padded length) of one forward/backward, per rank
+    micro_tokens: int = 4096        # tokens computed in one forward/backward, per rank (a default group fits one)
     share_prefix: bool = True       # a group's prompt is computed once per micro-batch in the update (same loss)
     # runtime
     activation_checkpointing: bool = True  # keep each block's input only (~1.5 MB/token less for 135M, +1 forward)
@@ -205,7 +206,7 @@ class Config(AgentConfig):
     plot_every: int = 3             # reward.png every N steps (and at the end)
     min_entropy: float = 1e-3       # mean token entropy below this for 3 steps in a row = collapse: stop
     wandb_project: str = ""         # "" = off; imported lazily
-    eval_every: int = 3             # greedy dev F1 on `eval_n` fixed dev questions every N steps (0 = off)
+    eval_every: int = 5             # greedy dev F1 on `eval_n` fixed dev questions every N steps (0 = off)
     eval_data: str = "data/qa_dev.jsonl"
     eval_n: int = 64
     dry_run: bool = False           # print the per-GPU memory estimate and exit
