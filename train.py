@@ -169,7 +169,7 @@ class Config(AgentConfig):
     data: str = "data/qa_train.jsonl"  # .jsonl / .parquet (data/prepare.py schema)
     out_dir: str = "runs/train"
     # steps and batch
-    steps: int = 25                 # 26 min on 2 idle CPU cores (README)
+    steps: int = 25                 # 24 min on 2 idle CPU cores (README)
     batch_size: int = 4             # questions per step, over all ranks (divisible by world size)
     group_size: int = 8             # trajectories per question (G); 8 gives most groups a reward spread
     # optimisation
