@@ -332,7 +332,7 @@ class Transformer(nn.Module):
         if shared:
             tokens = torch.cat((tokens[0, :prefix], tokens[:, prefix:].flatten()))[None]  # (1, P + B * (T - P))
             positions = torch.cat((positions[0, :prefix], positions[:, prefix:].flatten()))[None]
-        x = self.model.embed_tokens(tokens)  # (B, T, C)
+        x = self.model.embed_tokens(tokens)  # (B, T, C), or (1, P + B * (T - P), C) with a shared prefix
         cos, sin = self._rope(positions, x.dtype)  # (B, 1, T, D)
         ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.model.layers:
