@@ -1,26 +1,16 @@
-"""Decoder-only transformer for the Qwen2 / Qwen3 / Llama family, in plain PyTorch, loading and saving real
-Hugging Face checkpoints without conversion tables.
+"""Decoder-only transformer for the Qwen2 / Qwen3 / Llama family in plain PyTorch, with Hugging Face's parameter names
+(`model.layers.0.self_attn.q_proj.weight`, ...), so real checkpoints load and save without conversion tables.
 
-What it does
-- `ModelConfig` is read from a checkpoint's config.json (old and new rope layouts, Llama-3 rope scaling, GQA,
-  q/k/v bias for Qwen2, q/k RMSNorm for Qwen3, tied embeddings).
-- `Transformer` has exactly Hugging Face's parameter names (`model.layers.0.self_attn.q_proj.weight`, ...), so
-  `Transformer.from_pretrained(path)` reads (sharded) safetensors straight into it and `save_pretrained(model, path)`
-  writes a folder that `transformers.AutoModelForCausalLM` loads.
-- `model(tokens)` is a plain causal forward. The generation engine (rollout.py) also passes a paged `KVCache` (one
-  pool of fixed-size blocks for all layers), per-row absolute positions and a block table per row, which is all it
-  needs for ragged batches, parked rows, shared prompt blocks and continuous batching. The cache is an argument,
-  never state attached to modules. The cached forward has no host sync and no data-dependent shape (the table's
-  width is the caller's), so the engine can capture its decode step in a CUDA graph.
-
-What it deliberately does not do: find or download checkpoints (data/models.py does), sliding-window attention,
-MoE, vision towers, quantised inference, tensor parallelism, a paged-attention kernel. Attention is
-`torch.nn.functional.scaled_dot_product_attention` (flash kernels on GPU when no mask is needed); with the paged
-cache each row's blocks are gathered into a contiguous (B, Hkv, S, D) view and attended with a mask (exact, but it
-reads and writes the row's K/V once more than a paged kernel would); nothing else is fused.
-
-Run: nothing to run; `python -m pytest tests/test_model.py` checks logits against `transformers` on CPU (and bf16 on
-CUDA when there is a GPU). Benchmark a forward against transformers: `python bench/model.py --device=cuda`.
+- `ModelConfig.from_json`: old and new rope layouts, Llama-3 rope scaling, GQA, Qwen2's q/k/v bias, Qwen3's q/k norm,
+  tied embeddings. `Transformer.from_pretrained(path)` reads (sharded) safetensors; `save_pretrained(model, path)`
+  writes a folder `transformers.AutoModelForCausalLM` loads.
+- `model(tokens)` is a plain causal forward. The engine (rollout.py) also passes a paged `KVCache` (an argument, never
+  module state), per-row positions and a block table per row: ragged batches, parked rows, shared prompt blocks. The
+  cached forward has no host sync and no data-dependent shape, so a CUDA graph can capture the decode step.
+- Attention is PyTorch SDPA; with the paged cache a row's blocks are gathered into a contiguous view and masked
+  (exact, but one more read and write of its K/V than a paged kernel). Nothing else is fused.
+Not here: finding or downloading checkpoints (data/models.py), sliding windows, MoE, quantisation, tensor parallelism.
+Tests: `python -m pytest tests/test_model.py` (logits against transformers); bench: `python bench/model.py`.
 """
 
 from __future__ import annotations
@@ -85,24 +75,14 @@ class ModelConfig:
             raise ValueError(f"rope_type {rope_type!r} is not supported (default and llama3 are)")
         heads = d["num_attention_heads"]
         return cls(
-            vocab_size=d["vocab_size"],
-            hidden_size=d["hidden_size"],
-            intermediate_size=d["intermediate_size"],
-            num_hidden_layers=d["num_hidden_layers"],
-            num_attention_heads=heads,
+            vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
+            num_hidden_layers=d["num_hidden_layers"], num_attention_heads=heads,
             num_key_value_heads=d.get("num_key_value_heads") or heads,
-            head_dim=d.get("head_dim") or d["hidden_size"] // heads,
-            rms_norm_eps=d.get("rms_norm_eps", 1e-6),
-            rope_theta=float(theta),
-            rope_scaling=dict(rope) if rope_type == "llama3" else None,
-            # Qwen2 configs do not store attention_bias; the architecture always has q/k/v bias.
-            attention_bias=bool(d.get("attention_bias", mt == "qwen2")),
-            qk_norm=mt == "qwen3",
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            max_position_embeddings=d.get("max_position_embeddings", 32768),
-            model_type=mt,
-            raw=dict(d),
-        )
+            head_dim=d.get("head_dim") or d["hidden_size"] // heads, rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta), rope_scaling=dict(rope) if rope_type == "llama3" else None,
+            attention_bias=bool(d.get("attention_bias", mt == "qwen2")),  # Qwen2 configs omit it: always biased
+            qk_norm=mt == "qwen3", tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            max_position_embeddings=d.get("max_position_embeddings", 32768), model_type=mt, raw=dict(d))
 
     @property
     def n_params(self) -> int:
@@ -165,10 +145,6 @@ class KVCache:
     @property
     def n_blocks(self) -> int:
         return self.k.shape[1]
-
-    @property
-    def block_size(self) -> int:
-        return self.k.shape[2]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -413,41 +389,19 @@ def _weight_files(path: Path) -> list[Path]:
 
 
 def save_pretrained(model: Transformer, path, state_dict=None, max_shard_bytes: int = 5 * 2**30) -> None:
-    """Write config.json + safetensors (sharded above `max_shard_bytes`) that transformers loads as is.
-
-    `state_dict` lets a caller pass full tensors it gathered itself (FSDP2); default: the model's own.
-    """
-    from safetensors.torch import save_file
+    """Write config.json + safetensors (sharded above `max_shard_bytes`, by huggingface_hub) that transformers loads
+    as is; earlier weight files in `path` are replaced. `state_dict`: full tensors a caller gathered (FSDP2)."""
+    from huggingface_hub import save_torch_state_dict
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     cfg = model.config
     sd = state_dict if state_dict is not None else model.state_dict()
-    sd = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()
-          if not (k == "lm_head.weight" and cfg.tie_word_embeddings)}
-    dtype = next(iter(sd.values())).dtype
+    sd = {k: v.detach().to("cpu") for k, v in sd.items() if not (k == "lm_head.weight" and cfg.tie_word_embeddings)}
     raw = dict(cfg.raw) or {"model_type": cfg.model_type}
-    raw["torch_dtype"] = str(dtype).removeprefix("torch.")
     raw.pop("dtype", None)
+    raw["torch_dtype"] = str(next(iter(sd.values())).dtype).removeprefix("torch.")
     (path / "config.json").write_text(json.dumps(raw, indent=2))
-    shards, cur, size = [], {}, 0
-    for k, v in sd.items():
-        n = v.numel() * v.element_size()
-        if cur and size + n > max_shard_bytes:
-            shards.append(cur)
-            cur, size = {}, 0
-        cur[k], size = v, size + n
-    shards.append(cur)
-    for old in list(path.glob("model*.safetensors")) + list(path.glob("model.safetensors.index.json")):
+    for old in [*path.glob("model*.safetensors"), *path.glob("model.safetensors.index.json")]:
         old.unlink()
-    if len(shards) == 1:
-        save_file(shards[0], path / "model.safetensors", metadata={"format": "pt"})
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, path / name, metadata={"format": "pt"})
-        weight_map.update({k: name for k in shard})
-    total = sum(v.numel() * v.element_size() for v in sd.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    save_torch_state_dict(sd, path, max_shard_size=max_shard_bytes, metadata={"format": "pt"})

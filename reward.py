@@ -1,33 +1,16 @@
-"""Answer extraction, the format check, the reference F1/EM, SQuAD-style EM/F1 and the training reward.
+"""Answer extraction, the format check, the reference F1/EM, SQuAD-style EM/F1 and the training reward: pure
+functions of strings (no torch, no I/O). Library only; tests: `python -m pytest tests/test_reward.py`.
 
-What it does
-- `normalize`, `f1`, `em`: the DeepResearcher metric exactly. Lowercase; every character of Python's
-  `string.punctuation` (ASCII only) becomes a space; whitespace is collapsed and stripped; articles are KEPT; F1 is
-  over the SETS of words (a repeated word counts once); 0 when either side normalises to nothing. Gold answers come
-  as one string joined by `<|answer_split|>` (or as a list); the score is the best over them.
-- `squad_em`, `squad_f1`: the SQuAD convention most other papers report (punctuation deleted, articles removed,
-  bag-of-words F1), beside the reference metric so results can be compared across papers.
-- `extract_answer`: the first `<answer>...</answer>` (case-insensitive, like the reference, which lowercases the text).
-- `format_ok(responses)`: the reference rule on the policy's OWN turns: for each of `think`, `tool_call`, `answer`
-  (and `search`, `browse`, our "tags" protocol's tool tags) the opening and closing counts agree and every opening
-  tag is followed by a closing one; and an `<answer>...</answer>` is present. Each turn is checked on its own, which
-  implies the reference's check on the concatenation (and is slightly stricter: a tag may not open in one turn and
-  close in a later one, which our engine cannot produce since a turn ends at a closing tag). Under protocol "dr"
-  every turn must also close a `<think>`: the reference appends `<think>` to every turn's prompt, so a turn without
-  `</think>` is unbalanced (-1); our loop forces it into the turn's text (`turn_prefix_every`), or not: same rule.
-- `reward(responses, gold, protocol=None)`: -1 on a format error, otherwise the best word-set F1; returns a `Reward`
-  record with the pieces (format_ok, f1, em, answer, reason) so training and eval log them.
-- The LLM judge (MBE) is not here: it is eval.py's, its only user.
-
-What it deliberately does not do
-- Observations (search results, page extracts) are NEVER format-checked. The reference checked the whole rendered
-  trajectory, so a web page that happened to contain "<answer>" or "</think>" turned a good rollout into -1; we pass
-  only the policy's own turn texts here.
-- No torch, no HTTP, no I/O: pure functions of strings.
-
-How to run
-- Library only: `from reward import reward, f1`.
-- Tests (CPU, offline): `python -m pytest tests/test_reward.py -x -q`.
+- `normalize`, `f1`, `em`: the DeepResearcher metric exactly: lowercase, ASCII punctuation -> space, whitespace
+  collapsed, articles KEPT; F1 over the SETS of words; the best over the gold answers (a list, or one string joined
+  by `<|answer_split|>`). `squad_f1`, `squad_em`: the SQuAD convention (punctuation deleted, articles removed, bags
+  of words), beside it so results compare across papers.
+- `format_ok(turns)`: the reference's tag-balance rule on each of the policy's OWN turns (slightly stricter than on
+  their concatenation: a tag may not span turns, which our engine cannot produce), and an `<answer>` somewhere.
+  Protocol "dr": every turn must also close a `<think>` (the reference prompts each turn with `<think>`).
+- `reward(turns, gold)`: -1 on a format error, else the best word-set F1, as a `Reward` record.
+Departure: observations are NEVER format-checked. The reference checked the whole rendered trajectory, so a web page
+that contained "<answer>" or "</think>" turned a good rollout into -1. The LLM judge (MBE) is eval.py's.
 """
 
 from __future__ import annotations
