@@ -1,26 +1,16 @@
 """Run a research agent over benchmark questions; write per-question trajectories and per-source metrics.
 
-- Loads a checkpoint (a local HF folder, a hub id, or "tiny") and a data file (the reference's parquet or our JSONL,
-  see data/prepare.py), runs the agent loop (`rollout.rollout`, greedy by default) with the chosen search back end,
-  cache and reader, and appends one JSON line per question (its turns, tool calls, observations, answer, scores) to
-  `<out_dir>/trajectories.jsonl` as each `--batch_size` batch finishes.
-- Resumable: ids already there are skipped (a torn last line is cut off). One folder per model by default
-  (`--out_dir=runs/eval-{model}`); `run.json` records what produced the trajectories (model path, weights
-  fingerprint, data hash, every setting that changes an answer), and a run that differs refuses to resume there.
-- Sharded under torchrun: rank r takes every world_size-th unfinished question, ranks append under an exclusive file
-  lock, rank 0 scores and writes the summary after a barrier.
-- Agents (`--agent`): `model` (the policy through rollout.py) and two baselines through the same harness:
-  `first_title` (no model: search the question, answer the first result's title) and `closed_book` (the model with
-  no tools: one turn, the example's question and answer without its search).
-- Scores (reward.py): the reference word-set F1 and EM, SQuAD EM/F1, the format check on the policy's own turns, and
-  MBE (the LLM judge below; an exact match is correct without a call) with `--judge_base_url`. `summary.json` and
-  `summary.md`: per data source, per template and overall, F1, EM, SQuAD-F1/EM, MBE, mean turns, tool calls,
-  format-error rate, and the metadata a result depends on (model, back end, cache and corpus hashes, date, top-k,
-  max turns, reader, judge model, data file hash, git commit).
-- `--score_only=true` re-scores an existing trajectories.jsonl (e.g. after adding a judge) without a model.
-
-What it does not do: pass@k (several answers per question), training, or hiding failures: a format error scores 0
-F1 (as in the reference) and counts in the format-error rate.
+- An agent (`--agent`): `model` (a checkpoint through rollout.py, greedy) and two baselines through the same harness:
+  `first_title` (no model: search the question, answer the first result's title) and `closed_book` (the model, no
+  tools, one turn). Data: the reference's parquet or our JSONL (data/prepare.py).
+- `<out_dir>/trajectories.jsonl` gets one line per question (turns, calls, observations, answer, scores) as each
+  batch finishes. Resumable: done ids are skipped; `run.json` records what produced them (weights fingerprint, data
+  hash, every setting that changes an answer) and a different run refuses to resume there. One folder per model.
+- Under torchrun rank r takes every world-th unfinished question; ranks append under a file lock; rank 0 scores.
+- Scores (reward.py): the reference F1/EM, SQuAD F1/EM, the format check on the policy's own turns, and MBE (the LLM
+  judge below; an exact match needs no call) with `--judge_base_url`. `summary.json` / `summary.md`: per source, per
+  template and overall, with the metadata a result depends on. `--score_only=true` re-scores without a model.
+A format error scores 0 F1 (as in the reference) and counts in the format-error rate; no pass@k.
 
 How to run
     python eval.py                                            # the offline dev set, the base SmolLM2, CPU, ~4 min
@@ -196,18 +186,12 @@ def run_identity(cfg: Config, model_path: str | None, corpus: str | None) -> dic
 def check_same_run(out_dir: Path, identity: dict, n_done: int) -> None:
     """Refuse to add to (and re-score) trajectories that another model or other settings produced."""
     f = out_dir / "run.json"
-    if not n_done:
-        return
-    fix = f"pass --out_dir=<another folder> (the default is one folder per model) or delete {out_dir}"
-    if not f.exists():
-        raise SystemExit(f"{out_dir / 'trajectories.jsonl'} holds {n_done} trajectories but no run.json says what "
-                         f"produced them (an older eval.py): {fix}")
-    old = json.loads(f.read_text())
-    diff = [k for k in identity if k != "model" and old.get(k) != identity[k]]
-    if diff:
+    old = json.loads(f.read_text()) if f.exists() else {}  # (no run.json: written by an older eval.py)
+    if diff := [k for k in identity if k != "model" and old.get(k) != identity[k]] if n_done else []:
         said = "; ".join(f"{k} was {old.get(k)!r}, now {identity[k]!r}" for k in diff)
         raise SystemExit(f"{out_dir / 'trajectories.jsonl'} holds {n_done} trajectories of a different run ({said})"
-                         f": resuming would mix them with this one's; {fix}")
+                         f": resuming would mix them with this one's; pass --out_dir=<another folder> (the default "
+                         f"is one folder per model) or delete {out_dir}")
 
 
 # ----------------------------------------------------------------------------------------------- scoring
@@ -217,14 +201,12 @@ def score_record(rec: dict, protocol: str | None = None) -> dict:
     protocol "dr": every turn must close </think>, as in training (reward.format_ok)."""
     r = reward([t["text"] for t in rec["turns"]], rec["gold"], protocol=protocol)
     ans = r.answer if r.format_ok else None
-    st = rec.get("stats") or {}
-    tools = [t.get("tool") for t in rec["turns"]]  # (a record without stats: count its turns' calls)
-    n_search = st.get("n_search", tools.count("web_search"))
-    n_browse = st.get("n_browse", tools.count("browse_webpage"))
+    st = rec["stats"]  # calls that ran (a malformed call, or one after the last turn, did not)
     return {"reward": r.score, "format_ok": r.format_ok, "format_reason": r.reason, "f1": r.f1, "em": r.em,
             "squad_f1": squad_f1(ans, rec["gold"]) if ans is not None else 0.0,
             "squad_em": squad_em(ans, rec["gold"]) if ans is not None else 0.0,
-            "answer": r.answer, "n_turns": len(rec["turns"]), "n_search": n_search, "n_browse": n_browse}
+            "answer": r.answer, "n_turns": len(rec["turns"]), "n_search": st["n_search"],
+            "n_browse": st["n_browse"]}
 
 
 # ----------------------------------------------------------------------------------------------- the LLM judge (MBE)

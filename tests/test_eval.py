@@ -125,7 +125,9 @@ def test_parse_config():
 
 def test_summarize_hand_checked():
     def rec(source, turns, gold):
-        r = {"id": source + str(len(turns)), "source": source, "question": "q", "gold": gold, "turns": turns}
+        n_search = sum(x["tool"] == "web_search" for x in turns)
+        r = {"id": source + str(len(turns)), "source": source, "question": "q", "gold": gold, "turns": turns,
+             "stats": {"n_search": n_search, "n_browse": 0}}
         r["scores"] = ev.score_record(r)
         return r
 
