@@ -1,39 +1,30 @@
 """Generation engine and research-agent loop: everything that turns a policy into trajectories.
 
-Part 1, the engine (`Engine`, `generate`). A paged KV cache (`model.KVCache`, an argument of `model(...)`): one pool
-of `block_size`-token blocks for all layers, a block table and a length per row and a refcount per block, so memory
-follows the tokens rows hold (`kv_tokens` sizes the pool far below n_slots x max_len). A row is free, decoding or
-parked: `submit` (a GRPO group shares its prompt's full blocks by reference), `step`, `append` (forced tokens at the
-row's own offset), `release` (continuous batching). A full pool is an error with the numbers, never an overwrite. A
-row's last sampled token enters the cache only with the next forward, so a turn's stop token costs no extra forward.
-Each token comes with its log-probability under the sampling distribution (temperature applied, before top-p/top-k
-truncation: what the trainer recomputes). Each row samples by Gumbel-max from its own `torch.Generator`, seeded from
-(engine seed, row key), so its tokens do not depend on which rows share its batches or when tool calls return (its
-logits still differ in the last bits with the batch: logprobs agree to ~1e-5 on CPU and a near-tie can flip a token,
-rarely on CPU, more often in bf16). `cuda_graphs=True` (CUDA only) captures the decode forward once per (batch,
-table width) bucket and replays it.
+Part 1, the engine (`Engine`, `generate`): a paged KV cache (`model.KVCache`: one pool of `block_size`-token blocks,
+a block table, a length per row and a refcount per block, so memory follows the tokens rows hold). A row is free,
+decoding or parked: `submit` (a GRPO group shares its prompt's full blocks by reference), `step`, `append` (forced
+tokens at the row's own offset), `release` (continuous batching). A full pool is an error with the numbers, never an
+overwrite. A row's last sampled token enters the cache with the next forward, so a stop token costs no forward. Each
+token comes with its log-prob under the sampling distribution (temperature applied, before top-p/top-k: what the
+trainer recomputes). Each row samples by Gumbel-max from its own generator seeded from (engine seed, row key), so its
+tokens do not depend on which rows share its batches or when tool calls return (logits still differ in the last bits
+with the batch: a near-tie can flip a token, rarely on CPU, more often in bf16). `cuda_graphs=True` (CUDA only)
+captures the decode forward once per (batch, table width) bucket and replays it.
 
-Part 2, the agent loop (`rollout()`): every row decodes a turn; a row whose turn ends in a tool call is parked and
-its call runs in a thread pool while the others keep decoding; the observation is tokenised, wrapped in the chat
-template's tool/user turn and the next assistant header, appended as forced tokens, and the row resumes. A finished
-trajectory frees its slot for the next queued question (a group of G rows, its prompt prefilled once).
-`Trajectory.tokens` is exactly the engine's cache content; `loss_mask` is 1 exactly on sampled tokens, with the
-engine's `logprobs`. Nothing is re-rendered or re-tokenised; only the policy's own turn text is parsed, so tags in
-web text cannot end a trajectory or fake an answer. Tool-call protocols (`RolloutConfig.protocol`): `dr` (the
-reference, `<tool_call>{JSON}</tool_call>`) and `tags` (`<search>q1 | q2</search>`, which small models learn
-faster), described in the system text, not a template's `tools=`, so templates without tool support work too.
-End reasons (`Trajectory.end_reason`, exactly one each): "answer"; "max_turns" (a call after the last turn is not
-run); "bad_call" (a malformed call under on_bad_call="end"; "error_observation" answers it with an error message
-and goes on); "format_error" (neither a call nor an answer); "context_limit" (the cache is full, or an observation
-would not leave `min_turn_tokens`); "tool_failure" (the session raised or returned `failed`: the web failed, not the
-policy, and the trainer masks these out); "engine_error" (the engine refused the row).
+Part 2, the agent loop (`rollout()`): every row decodes a turn; a turn that ends in a tool call parks its row while
+the call runs in a thread pool and the others decode; the observation, wrapped in the chat template's tool turn and
+the next assistant header, is appended as forced tokens. A finished trajectory frees its slots for the next question.
+`Trajectory.tokens` is exactly the cache content, `loss_mask` is 1 exactly on sampled tokens (with their `logprobs`):
+nothing is re-rendered or re-tokenised, and only the policy's own turn text is parsed, so web text cannot end a
+trajectory or fake an answer. Protocols: `dr` (the reference's `<tool_call>{JSON}</tool_call>`) and `tags`
+(`<search>q1 | q2</search>`, which small models learn faster), described in the system text. End reasons (exactly one
+each, END_REASONS): answer; max_turns (a call after the last turn is not run); bad_call (a malformed call under
+on_bad_call="end"; "error_observation" answers it and goes on); format_error (neither call nor answer);
+context_limit; tool_failure (the web failed, not the policy: the trainer masks these); engine_error.
 
-What it does not do: a paged-attention kernel (gather + SDPA moves a row's K/V twice more), preemption when the pool
-runs out (an error: size it with `train.py --dry_run=True`), prefix caching across groups, speculative decoding,
-beam search; the reward and format check (reward.py), the browser (browse.py). No global state.
-
-Run: `python -m pytest tests/test_engine.py tests/test_rollout.py`; benchmark: `python bench/generate.py` (CPU) or
-`python bench/generate.py --device=cuda` (decode step vs the bandwidth floor, CUDA graphs, vs transformers).
+Not here: a paged-attention kernel, preemption when the pool runs out (size it with `train.py --dry_run=True`),
+prefix caching across groups, speculative decoding, beam search. Tests: `python -m pytest tests/test_engine.py
+tests/test_rollout.py`; bench: `python bench/generate.py [--device=cuda]` (decode step vs the bandwidth floor).
 """
 
 from __future__ import annotations

@@ -28,41 +28,7 @@ With kl_coef == 0 the frozen reference model is not even loaded. Logits are divi
 before the log-softmax, so logp_theta is the distribution the sampler drew from. The G trajectories of a question
 start with the same prompt: a micro-batch computes it once (`share_prefix`, exact), not once per trajectory.
 
-Departures from the paper / the reference implementation (verl + vLLM + Ray)
-- One process per GPU (torchrun); generation runs inside the training process on the unsharded policy with our own
-  KV-cached engine (rollout.py), not vLLM; no Ray, no weight re-sync between engines.
-- The update trains on the exact token ids the sampler produced (the reference re-rendered text and re-tokenised).
-- logp_old is recomputed by a training forward when there are several mini-batches or epochs; with one of each
-  (the default) the update is exactly on-policy and logp_old = logp_theta.detach() (ratio 1, no extra forward).
-- loss_agg default "token-mean", a global token mean over the mini-batch; the paper states GRPO's sequence-mean;
-  both, and Dr.GRPO's constant, are switches. The reference's verl computed neither: it averaged the tokens of each
-  micro-batch and weighted micro-batches equally, so a token's weight depended on how many tokens shared its
-  micro-batch. Optional filtering of zero-variance groups (DAPO, without resampling). The paper does not state the
-  reference's mini-batch size; we do one update per step.
-- Search back ends: Serper (the paper), SearxNG or a local Wikipedia web (the default, offline); the reading agent
-  can be an OpenAI-compatible LLM or a local extractive reader (`reader=extract`, the CPU default).
-- Checkpoints are torch.distributed.checkpoint shards (+ an HF export per step), written atomically.
-- The reward reads only the policy's own turns (reward.py); the reference's format check also read web text.
-- Trajectories that the web or the engine ended are out of the loss (`mask_tool_failures`, above); the reference
-  trained on them (its failed searches became observations). Counts per end reason are logged every step.
-- The default run (no preset) is ours, not the paper's: SmolLM2-135M-Instruct on a CPU, 4 questions x 8, 25 steps,
-  lr 1e-5, temperature 0.7, no KL, a 30-token system prompt, one worked example shown as chat turns before the
-  question (`example`: an unrelated question, its real search, its answer; without it a 135M model never writes an
-  `<answer>` tag and every reward is -1, see the README) and turn 1 forced to open with `<search>` (loss-masked);
-  then the policy decides to search again or answer, up to 3 turns; top-3 results, turns of at most 24 tokens.
-  `--preset=deepresearcher` is the paper's recipe (its n_slots=80 and micro_tokens=8192 are our memory choices for
-  8 x 80 GB, see `--dry_run=True`).
-
-Metrics (one `key value | ...` line per step on rank 0, and metrics.jsonl): reward, reward_std, f1, em,
-format_error (rate; these five over the trajectories not masked for a tool failure), zero_var_groups (share of
-groups with equal rewards), turns / search_calls / browse_calls per trajectory, response_len (sampled tokens),
-seq_len, entropy, kl, clipfrac, loss, grad_norm, logp_diff (mean |engine log-prob - training log-prob| on the first
-mini-batch: ~0 unless sampler and trainer disagree), lr, time_rollout (wall), time_tools_sum (tool seconds
-summed over calls, per rank; they overlap with decoding), time_learn, tok_per_s, peak_mem_gib (GPU allocator peak,
-or the process's peak RSS on a CPU), end_<reason> (count of trajectories per end reason: answer, format_error,
-bad_call, max_turns, context_limit, tool_failure, engine_error), masked_tool_failures (trajectories left out of the
-loss), skipped_groups, dev_f1 (greedy F1 on the first eval_n questions of eval_data, at step 0 and every
-eval_every steps: the learning curve).
+Departures from the paper and the reference (verl + vLLM + Ray), and what each metric of the step line means: README.
 
 How to run
     python train.py                                                   # CPU: SmolLM2-135M-Instruct, local web
@@ -97,8 +63,6 @@ import tempfile
 import sys
 import time
 import traceback
-import types
-import typing
 import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -238,22 +202,15 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def _convert(key: str, value: str, typ):
-    """'--key=value' text -> the field's type; bool accepts true/false/1/0/yes/no; Optional[X] accepts 'none'."""
-    if isinstance(typ, str):  # `from __future__ import annotations` leaves annotations as strings
-        typ = eval(typ, {"typing": typing}, {})  # noqa: S307 (field annotations of our own dataclass)
-    if typing.get_origin(typ) in (typing.Union, types.UnionType):  # X | None
-        if value.lower() in ("none", "null"):
-            return None
-        typ = next(a for a in typing.get_args(typ) if a is not type(None))
-    if typ is bool:
-        if value.lower() in ("1", "true", "yes", "0", "false", "no"):
-            return value.lower() in ("1", "true", "yes")
-        raise SystemExit(f"--{key} expects true or false, got {value!r}")
+BOOLS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+
+
+def _convert(key: str, value: str, typ: type):
+    """'--key=value' text -> the type of the field's default (a bool from true/false, 1/0 or yes/no)."""
     try:
-        return typ(value)
-    except ValueError:
-        raise SystemExit(f"--{key} expects {typ.__name__}, got {value!r}") from None
+        return BOOLS[value.lower()] if typ is bool else typ(value)
+    except (KeyError, ValueError):
+        raise SystemExit(f"--{key} expects {'true or false' if typ is bool else typ.__name__}, got {value!r}") from None
 
 
 def parse_config(cls, argv: list[str], presets: dict[str, dict] | None = None):
@@ -272,7 +229,7 @@ def parse_config(cls, argv: list[str], presets: dict[str, dict] | None = None):
             raise SystemExit(f"expected --key=value, got {arg!r}")
         k, v = arg[2:].split("=", 1)
         overrides[k.replace("-", "_")] = v
-    names = {f.name: f.type for f in fields(cls)}
+    names = {f.name: type(f.default) for f in fields(cls)}  # (every field has a plain default)
     preset = overrides.pop("preset", None)
     if preset is not None and preset not in presets:
         raise SystemExit(f"unknown preset {preset!r}; known: {', '.join(presets) or 'none'}")
