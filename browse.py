@@ -45,7 +45,7 @@ import time
 import unicodedata
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -63,14 +63,13 @@ MAX_BYTES = 5_000_000  # a page is cut here (after decompression); the readers n
 
 
 @dataclass
-class BrowseConfig:
+class BrowseConfig:  # (plain typed defaults, "" = unset: the flags of `python browse.py`, data/config.py)
     backend: str = "local"              # local | serper | searxng
     top_k: int = 10                     # results per query (the reference: 10)
-    corpus: str | None = None           # local back end's JSONL corpus (None = the embedded Wikipedia summaries)
-    searxng_url: str | None = None
-    cache: str | None = None            # SQLite record/replay file for searches, pages and readings
+    corpus: str = ""                    # local back end's JSONL corpus ("" = the embedded Wikipedia summaries)
+    searxng_url: str = ""               # searxng: the instance ("" = $SEARXNG_URL)
+    cache: str = ""                     # SQLite record/replay file for searches, pages and readings ("" = none)
     cache_mode: str = "replay_or_live"
-    max_age_s: float | None = None
     reader: str = "extract"             # extract | llm
     max_queries: int = 3                # queries per web_search call (the reference: 3)
     max_urls: int = 3                   # URLs per browse_webpage call
@@ -79,16 +78,16 @@ class BrowseConfig:
     page_chars: int = 1500              # information returned per page per call
     snippet_chars: int = 300
     obs_chars: int = 4000               # the whole observation
-    llm_base_url: str | None = None     # reader=llm: OpenAI-compatible endpoint
-    llm_model: str | None = None
-    llm_api_key_env: str = "OPENAI_API_KEY"  # read from the environment, never logged; empty for local servers
+    llm_base_url: str = ""              # reader=llm: OpenAI-compatible endpoint
+    llm_model: str = ""
+    llm_api_key_env: str = "OPENAI_API_KEY"  # read from the environment, never logged; "" for local servers
     llm_timeout: float = 60.0
     n_threads: int = 32                 # fetch pool
     per_host: int = 8                   # concurrent requests to one host
     timeout: float = 10.0               # per page, retries included
     max_bytes: int = MAX_BYTES
     allow_private: bool = False         # fetch private/loopback addresses (the embedded web is always allowed)
-    allow_hosts: tuple = ()             # extra host or host:port entries admitted past the private-address guard
+    allow_hosts: str = ""               # comma-separated host or host:port admitted past the private-address guard
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -199,16 +198,16 @@ class Browser:
 
     def __init__(self, cfg: BrowseConfig | None = None, *, reader=None, backend=None):
         self.cfg = cfg = cfg or BrowseConfig()
-        self.cache = Cache(cfg.cache, cfg.cache_mode, cfg.max_age_s) if cfg.cache else None
+        self.cache = Cache(cfg.cache, cfg.cache_mode) if cfg.cache else None
         if backend is None:
             opts = {"url": cfg.searxng_url} if cfg.backend == "searxng" and cfg.searxng_url else {}
-            backend = make_backend(cfg.backend, top_k=cfg.top_k, corpus=cfg.corpus, cache=self.cache, **opts)
+            backend = make_backend(cfg.backend, top_k=cfg.top_k, corpus=cfg.corpus or None, cache=self.cache, **opts)
         self.backend = backend
         # the embedded web: its canonical host maps to this process's server, the one private host allowed
         aliases = dict(getattr(backend, "aliases", {}))
         self.fetcher = Fetcher(cache=self.cache, aliases=aliases, n_threads=cfg.n_threads, per_host=cfg.per_host,
                                timeout=cfg.timeout, max_bytes=cfg.max_bytes, allow_private=cfg.allow_private,
-                               allow_hosts=tuple(cfg.allow_hosts) + tuple(aliases.values()))
+                               allow_hosts=(*filter(None, cfg.allow_hosts.split(",")), *aliases.values()))
         self.reader = reader if reader is not None else make_reader(cfg, self.cache)
         self.counts = Counter()
         self._lock = threading.Lock()
@@ -504,15 +503,15 @@ def search_key(backend: str, query: str, top_k: int, options: dict) -> str:
 class Cache:
     """Record/replay store for searches ("search"), pages ("page") and readings ("read") in one SQLite WAL file:
     get(kind, key) -> dict | None (always None in live and record modes; CacheMiss in replay) and put(kind, key,
-    value) (a no-op in live and replay). With max_age_s, an older entry counts as absent. One connection per thread
+    value) (a no-op in live and replay), with the time it was recorded (fetched_at). One connection per thread
     and per process (sqlite3 connections cross neither); WAL lets readers run while one process writes."""
 
-    def __init__(self, path: str | os.PathLike | None, mode: str = "replay_or_live", max_age_s: float | None = None):
+    def __init__(self, path: str | os.PathLike | None, mode: str = "replay_or_live"):
         if mode not in CACHE_MODES:
             raise ValueError(f"cache mode {mode!r}: use one of {', '.join(CACHE_MODES)}")
         if path is None and mode != "live":
             raise ValueError(f"cache mode {mode!r} needs a cache file (--cache=FILE)")
-        self.path, self.mode, self.max_age_s = (str(path) if path else None), mode, max_age_s
+        self.path, self.mode = (str(path) if path else None), mode
         self._local = threading.local()
         if self.path:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
@@ -532,20 +531,18 @@ class Cache:
     def get(self, kind: str, key: str) -> dict | None:
         if self.mode in ("live", "record"):
             return None
-        row = self._con().execute("SELECT value, fetched_at FROM entries WHERE kind=? AND key=?",
-                                  (kind, key)).fetchone()
-        if row is not None and (self.max_age_s is None or time.time() - row[1] <= self.max_age_s):
+        row = self._con().execute("SELECT value FROM entries WHERE kind=? AND key=?", (kind, key)).fetchone()
+        if row is not None:
             return json.loads(row[0])
         if self.mode == "replay":
             raise CacheMiss(kind, key)
         return None
 
-    def put(self, kind: str, key: str, value: dict, fetched_at: float | None = None) -> None:
+    def put(self, kind: str, key: str, value: dict) -> None:
         if self.mode in ("live", "replay"):
             return
         self._con().execute("INSERT OR REPLACE INTO entries (kind, key, value, fetched_at) VALUES (?, ?, ?, ?)",
-                            (kind, key, json.dumps(value, ensure_ascii=False),
-                             time.time() if fetched_at is None else fetched_at))
+                            (kind, key, json.dumps(value, ensure_ascii=False), time.time()))
 
     def __len__(self) -> int:
         return self._con().execute("SELECT COUNT(*) FROM entries").fetchone()[0] if self.path else 0
@@ -1048,18 +1045,16 @@ def make_reader(cfg: "BrowseConfig", cache: Cache | None = None):
 # CLI: a Browser from --key=value flags (BrowseConfig's fields), its search back end or fetcher, JSON on stdout
 
 def main(argv: list[str] | None = None) -> int:
+    from data.config import parse_config
+
     argv = sys.argv[1:] if argv is None else argv
-    pos = [a for a in argv[1:] if not a.startswith("--")]
-    flags = dict(a[2:].partition("=")[::2] for a in argv[1:] if a.startswith("--"))
-    types = {f.name: f.type.split(" ")[0] for f in fields(BrowseConfig)}  # "int", "str | None" -> "str", ...
-    parse = {"bool": lambda v: v.lower() not in ("0", "false", ""), "int": int, "float": float,
-             "tuple": lambda v: tuple(v.split(","))}
-    if argv[:1] not in (["fetch"], ["search"]) or not pos or set(flags) - set(types):
-        print(f"usage: python browse.py search QUERY... | fetch URL... [--key=value ...] with keys among "
-              f"{', '.join(types)}", file=sys.stderr)
+    cfg = parse_config(BrowseConfig, [a for a in argv if a.startswith("-")])  # (--help lists the keys)
+    pos = [a for a in argv[1:] if not a.startswith("-")]
+    if argv[:1] not in (["fetch"], ["search"]) or not pos:
+        print("usage: python browse.py search QUERY... | fetch URL... [--key=value ...]", file=sys.stderr)
         return 2
     try:
-        browser = Browser(BrowseConfig(**{k: parse.get(types[k], str)(v) for k, v in flags.items()}))
+        browser = Browser(cfg)
         try:
             if argv[0] == "fetch":
                 pages = browser.fetcher.fetch_many(pos)

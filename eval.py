@@ -44,11 +44,11 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-# one config source: the agent's fields, the parser, the start-up checks and the process set-up are train.py's
-from train import (DEEPRESEARCHER_AGENT, AgentConfig, barrier, parse_config, setup_distributed, subconfig,
-                   turn_records, validate, _is_dist)
+# one config source: the agent's fields, the start-up checks and the process set-up are train.py's
+from train import DEEPRESEARCHER_AGENT, AgentConfig, barrier, setup_distributed, turn_records, validate, _is_dist
 # the agent (module-level names: tests swap in fakes with monkeypatch.setattr(eval, "rollout", ...))
 from browse import BrowseConfig, Browser, WebError, chat_completion
+from data.config import parse_config, subconfig
 from data.prepare import load_examples
 from data.wiki_corpus import default_corpus_path
 from data.models import resolve_model

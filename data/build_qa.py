@@ -24,18 +24,19 @@ Run: python data/build_qa.py                    # -> data/qa_train.jsonl, data/q
 
 from __future__ import annotations
 
-import argparse
 import collections
 import hashlib
 import json
 import random
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script (python data/build_qa.py): make the repo root importable
     sys.path.insert(0, str(ROOT))
+from data.config import parse_config  # noqa: E402
 from reward import normalize  # noqa: E402
 
 PERSON = re.compile(r"^(?P<what>[A-Z][^()]{8,80}?) \((?:born |b\. )?(?:c\. )?(?P<born>\d{3,4})(?:–\d{3,4})?\)$")
@@ -172,16 +173,19 @@ def build(corpus: str, n_train: int, n_dev: int, seed: int = 0, k: int = 5, two_
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--corpus", default=None, help="corpus JSONL (default: the embedded Wikipedia summaries)")
-    ap.add_argument("--out_dir", default=str(ROOT / "data"))
-    ap.add_argument("--n_train", type=int, default=3000)
-    ap.add_argument("--n_dev", type=int, default=300)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--k", type=int, default=5, help="top-k of the answerability check")
-    a = ap.parse_args()
-    if a.corpus is None:
+@dataclass
+class Args:
+    corpus: str = ""                    # corpus JSONL ("" = the embedded Wikipedia summaries)
+    out_dir: str = str(ROOT / "data")
+    n_train: int = 3000
+    n_dev: int = 300
+    seed: int = 0
+    k: int = 5                          # top-k of the answerability check
+
+
+def main(argv: list[str]) -> None:
+    a = parse_config(Args, argv)
+    if not a.corpus:
         from data.wiki_corpus import default_corpus_path
         a.corpus = str(default_corpus_path())
     out = build(a.corpus, a.n_train, a.n_dev, a.seed, a.k)
@@ -196,4 +200,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

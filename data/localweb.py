@@ -31,10 +31,12 @@ import shutil
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
+from data.config import parse_config
 from data.wiki_corpus import cache_dir, default_corpus_path
 
 INDEX_VERSION = 2  # bump when the index schema or chunking changes: old indexes are then rebuilt, not misread
@@ -282,12 +284,15 @@ class LocalWeb:
             self.server.server_close()
 
 
+@dataclass
+class Args:
+    corpus: str = ""    # JSONL corpus ("" = the embedded Wikipedia summaries)
+    port: int = 0       # 0 = any free port
+
+
 def main(argv: list[str]) -> int:
-    flags = dict(a[2:].partition("=")[::2] for a in argv if a.startswith("--"))
-    if set(flags) - {"corpus", "port"} or len(flags) != len(argv):
-        print("usage: python -m data.localweb [--corpus=FILE] [--port=N]", file=sys.stderr)
-        return 2
-    web = LocalWeb(flags.get("corpus") or None, port=int(flags.get("port", 0)))
+    a = parse_config(Args, argv)
+    web = LocalWeb(a.corpus or None, port=a.port)
     print(f"serving {web.index.corpus} at {web.base_url}/  (Ctrl-C to stop)", flush=True)
     try:
         web._thread.join()

@@ -41,7 +41,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: make the repo's top-level modules importable
     sys.path.insert(0, str(ROOT))
 
-from reward import ANSWER_SPLIT, normalize  # noqa: E402  (after the sys.path fix)
+from data.config import parse_config  # noqa: E402  (after the sys.path fix)
+from reward import ANSWER_SPLIT, normalize  # noqa: E402
 
 HUB_BASE = "https://huggingface.co/datasets/RUC-NLPIR/FlashRAG_datasets/resolve/main"
 # our source name (the reference's data_source) -> FlashRAG's folder name
@@ -224,9 +225,7 @@ class Config:
 
 
 def parse_args(argv: list[str]) -> Config:
-    """train.py's parser (typed, unknown keys rejected, --help); `--from` is an alias of `src`."""
-    from train import parse_config  # lazily: train.py imports this file
-
+    """The repo's parser (typed, unknown keys rejected, --help); `--from` is an alias of `src`."""
     return parse_config(Config, ["--src=" + a[7:] if a.startswith("--from=") else a for a in argv])
 
 

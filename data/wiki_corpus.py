@@ -19,8 +19,8 @@ What it does not do
 License: the text is from Wikipedia, CC BY-SA 4.0 (https://creativecommons.org/licenses/by-sa/4.0/).
 
 How to run
-    python data/wiki_corpus.py                      # builds (if needed) and prints the path and article count
-    python data/wiki_corpus.py --out=data/wiki.jsonl
+    python -m data.wiki_corpus                      # builds (if needed) and prints the path and article count
+    python -m data.wiki_corpus --out=data/wiki.jsonl
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import importlib.util
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
@@ -102,12 +103,13 @@ def default_corpus_path() -> str:
 
 
 def main(argv: list[str]) -> None:
-    out = None
-    for a in argv:
-        if a.startswith("--out="):
-            out = a.split("=", 1)[1]
-        else:
-            sys.exit(f"unknown argument {a!r}; usage: python data/wiki_corpus.py [--out=PATH]")
+    from data.config import parse_config
+
+    @dataclass
+    class Args:
+        out: str = ""  # write the corpus here ("" = print where the cached copy is)
+
+    out = parse_config(Args, argv).out
     if out:
         n = write_jsonl(out)
         print(f"{out}: {n} articles ({LICENSE})")
