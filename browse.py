@@ -221,7 +221,7 @@ class Browser:
 
     @property
     def stats(self) -> dict:
-        out = {"search": self.backend.stats.snapshot(), "fetch": self.fetcher.stats.snapshot(), **self.counts}
+        out = {"search": dict(self.backend.stats), "fetch": dict(self.fetcher.stats), **self.counts}
         if isinstance(self.reader, LLMReader):
             out["reader"] = {"calls": self.reader.calls, "failures": self.reader.failures}
         return out
@@ -263,42 +263,22 @@ class ReaderError(WebError):
     """The reading model failed; the message goes into the observation."""
 
 
-class Stats(Counter):
-    """A back end's or fetcher's counters (queries or pages, api_calls, cache_hits, ...), read as keys or attributes
-    (0 until counted), and `failures`, a Counter by kind. Owners add one Stats per query or page, under their lock."""
-
-    def __init__(self, failures: dict | None = None, **counts):
-        super().__init__(counts)
-        self.failures = Counter(failures or {})
-
-    def __getattr__(self, name: str):  # (only names that are not attributes get here)
-        if name.startswith("_"):
-            raise AttributeError(name)
-        return self[name]
-
-    def add(self, other: "Stats") -> None:
-        self.update(other)
-        self.failures.update(other.failures)
-
-    def snapshot(self) -> dict:
-        return {**self, "failures": dict(self.failures)}  # (a copy)
-
-
 class Backend:
-    """What every back end shares: the cache, stats and a small pool around each one's `_search_one(query, st)`,
-    which returns one query's results, raises SearchError and counts its requests in st["api_calls"]."""
+    """What every back end shares: the cache, a small pool and `stats` (a Counter: queries, api_calls, cache_hits,
+    cost_usd, latency_s and "failed:<kind>") around each one's `_search_one(query, st)`, which returns one query's
+    results, raises SearchError and counts its requests in st["api_calls"]."""
     name = "?"
     usd_per_query = 0.0
 
     def __init__(self, top_k: int = 10, cache: Cache | None = None, n_threads: int = 4):
         self.top_k, self.cache = int(top_k), cache
-        self.stats = Stats()
+        self.stats: Counter = Counter()
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=n_threads, thread_name_prefix=f"search-{self.name}")
         self.options: dict = {}  # whatever changes the results; part of the cache key
 
     def _one(self, query: str) -> list[SearchResult] | SearchError:
-        st, t0 = Stats(queries=1), time.perf_counter()
+        st, t0 = Counter(queries=1), time.perf_counter()
         key = search_key(self.name, query, self.top_k, self.options)
         try:
             hit = self.cache.get("search", key) if self.cache is not None else None  # CacheMiss propagates
@@ -311,10 +291,10 @@ class Backend:
                 if self.cache is not None:
                     self.cache.put("search", key, {"query": query, "results": [asdict(r) for r in out]})
         except SearchError as e:
-            st.failures[e.kind], out = 1, e
+            st[f"failed:{e.kind}"], out = 1, e
         st["latency_s"] = time.perf_counter() - t0
         with self._lock:
-            self.stats.add(st)
+            self.stats.update(st)
         return out
 
     def search(self, queries: list[str]) -> list[list[SearchResult] | SearchError]:
@@ -794,14 +774,15 @@ def fetch(url: str, *, timeout: float = 10.0, max_bytes: int = MAX_BYTES, allow_
 
 
 class Fetcher:
-    """fetch() behind a thread pool, a per-host limit, the Cache (kind "page") and stats; thread-safe, one per
-    Browser. `aliases` maps a canonical host (the embedded web's "localweb") to the host:port serving it in this
-    process: URLs, cache keys and results keep the canonical form, so they do not depend on the port."""
+    """fetch() behind a thread pool, a per-host limit, the Cache (kind "page") and `stats` (a Counter: pages, ok,
+    cache_hits, bytes, latency_s, "failed:<kind>"); thread-safe, one per Browser. `aliases` maps a canonical host
+    (the embedded web's "localweb") to the host:port serving it in this process: URLs, cache keys and results keep
+    the canonical form, so they do not depend on the port."""
 
     def __init__(self, *, cache: Cache | None = None, aliases: dict | None = None, n_threads: int = 32,
                  per_host: int = 8, **fetch_kw):
         self.cache, self.aliases, self.per_host, self.fetch_kw = cache, dict(aliases or {}), per_host, fetch_kw
-        self.stats = Stats()
+        self.stats: Counter = Counter()
         self._lock = threading.Lock()
         self._hosts: dict[str, threading.BoundedSemaphore] = {}
         self._pool = ThreadPoolExecutor(max_workers=n_threads, thread_name_prefix="fetch")
@@ -816,10 +797,11 @@ class Fetcher:
             res = _fail(key, "cache_miss", "page not in the replay cache (record it first, or use "
                                            "cache_mode=replay_or_live)")
         res.elapsed_s = time.monotonic() - t0
-        st = Stats(pages=1, ok=int(res.ok), cache_hits=int(res.cached), bytes=res.n_bytes, latency_s=res.elapsed_s,
-                   failures={} if res.ok else {res.kind: 1})
+        st = Counter(pages=1, ok=int(res.ok), cache_hits=int(res.cached), bytes=res.n_bytes, latency_s=res.elapsed_s)
+        if not res.ok:
+            st[f"failed:{res.kind}"] = 1
         with self._lock:
-            self.stats.add(st)
+            self.stats.update(st)
         return res
 
     def _fetch_live(self, key: str) -> FetchResult:
@@ -1068,7 +1050,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     errors = {q: str(r) for q, r in zip(pos, results) if isinstance(r, SearchError)}
     print(json.dumps({"results": {q: [asdict(x) for x in r] for q, r in zip(pos, results) if q not in errors},
-                      "errors": errors, "stats": browser.backend.stats.snapshot()}, indent=2, ensure_ascii=False))
+                      "errors": errors, "stats": browser.backend.stats}, indent=2, ensure_ascii=False))
     return 1 if errors else 0
 
 

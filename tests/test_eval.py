@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import eval as ev
-from test_train import AGENT_NAMES, use_agent
+from test_train import use_agent
 
 DEV = Path(__file__).resolve().parents[2] / "shared" / "held_out_data" / "dev.parquet"
 needs_dev = pytest.mark.skipif(not DEV.exists(), reason="../shared/held_out_data/dev.parquet not present")
