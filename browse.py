@@ -1,21 +1,19 @@
 """The agent's web, in the order the agent meets it: config, the two tools, search back ends, page fetching, readers.
 
-- `Browser(BrowseConfig)`, one per process (thread-safe), hands each trajectory a `session(question)` with the
+- `Browser(BrowseConfig)` (one per process, thread-safe) gives each trajectory a `session(question)` with the
   policy's two tools, `web_search(queries)` and `browse_webpage(urls)`. They never raise: each returns an
-  `Observation` (a str) whose `.failed` says the web failed for reasons outside the policy's control (timeouts, 5xx,
-  quota, network on every query or page of the call); rollout.py ends such a trajectory as "tool_failure". Only URLs
-  from the trajectory's most recent search are readable (the reference rule).
-- Search back ends (`make_backend`), errors as values, one per query: `serper` (Google), `searxng` and `local`
-  (BM25 over ~10k embedded Wikipedia summaries served as HTML on 127.0.0.1 by data/localweb.py).
-- `fetch(url) -> FetchResult` never raises: http(s) only, private addresses refused on every redirect hop, one
-  wall-clock deadline over the whole fetch, a byte cap; HTML (trafilatura), text and PDF to readable text.
+  `Observation` (a str) whose `.failed` says the web, not the policy, failed (rollout.py ends such a trajectory as
+  "tool_failure"). Only URLs from the trajectory's most recent search are readable (the reference rule).
+- Search back ends: `serper` (Google), `searxng` and `local` (BM25 over the embedded Wikipedia summaries, served as
+  HTML on 127.0.0.1 by data/localweb.py); an error is a value, per query. `Cache`: one SQLite file records searches,
+  pages and readings and replays them.
+- `fetch(url)`: http(s) only, private addresses refused on every redirect hop, one deadline over the whole fetch, a
+  byte cap; HTML (trafilatura), text and PDF to readable text. A DNS answer that changes between the address check
+  and the connection (rebinding) is not caught: fetch an untrusted policy's URLs where the private network holds
+  nothing to steal.
 - Readers take a page in `chunk_chars` chunks, resume where the last call stopped and return only new information:
-  `extract` (default, no model: BM25 over the chunk's passages) or `llm` (an OpenAI-compatible endpoint).
-- `Cache`: one SQLite file that records searches, pages and readings and replays them.
-
-What it does not do: no dense retrieval, JavaScript, cookies or torch; nothing of a page but its readable text
-reaches the policy. A DNS answer that changes between the address check and the connection (rebinding) is not
-caught: fetch an untrusted policy's URLs where the private network holds nothing to steal.
+  `extract` (no model: BM25 over the chunk's passages) or `llm` (an OpenAI-compatible endpoint, the reference's).
+No dense retrieval, JavaScript, cookies or torch; nothing of a page but its readable text reaches the policy.
 
 How to run (flags: BrowseConfig's fields)
     python browse.py search "highest mountain on Earth" --backend=local --top_k=5
@@ -133,7 +131,6 @@ class Session:
         try:
             results = self.browser.backend.search(queries)
         except CacheMiss as e:  # a set-up problem of the run, but the policy still gets an observation
-            self.browser._count("search_cache_miss")
             results = [SearchError("cache_miss", f"not in the replay cache ({e.kind})")] * len(queries)
         self.queries = queries
         self.urls = {r.url: r for res in results if not isinstance(res, Exception) for r in res}
@@ -167,7 +164,6 @@ class Session:
                     blocks.append(f"Page {u}:\n{info}" if info else
                                   f"Page {u}: nothing new on this page about the question.")
                 except ReaderError as e:  # the reading model's endpoint, not the policy, failed
-                    self.browser._count("reader_errors")
                     down += 1
                     blocks.append(f"Page {u}: fetched, but the reading model failed: {e}.")
         text = _render(blocks, cfg.obs_chars, dropped and f"(only the first {cfg.max_urls} URLs were read)")
@@ -198,7 +194,13 @@ class Browser:
 
     def __init__(self, cfg: BrowseConfig | None = None, *, reader=None, backend=None):
         self.cfg = cfg = cfg or BrowseConfig()
+        if reader is None and cfg.reader not in ("extract", "llm"):
+            raise ValueError(f"unknown reader {cfg.reader!r}: use extract or llm (or pass a reader object)")
         self.cache = Cache(cfg.cache, cfg.cache_mode) if cfg.cache else None
+        # the reader: extract | llm, or any object with `read(page: PageState, question, queries) -> str` (the seam
+        # for a `policy` reader: the trained model reading through our engine)
+        self.reader = reader if reader is not None else (ExtractReader if cfg.reader == "extract" else LLMReader)(
+            cfg, self.cache)
         if backend is None:
             opts = {"url": cfg.searxng_url} if cfg.backend == "searxng" and cfg.searxng_url else {}
             backend = make_backend(cfg.backend, top_k=cfg.top_k, corpus=cfg.corpus or None, cache=self.cache, **opts)
@@ -208,23 +210,9 @@ class Browser:
         self.fetcher = Fetcher(cache=self.cache, aliases=aliases, n_threads=cfg.n_threads, per_host=cfg.per_host,
                                timeout=cfg.timeout, max_bytes=cfg.max_bytes, allow_private=cfg.allow_private,
                                allow_hosts=(*filter(None, cfg.allow_hosts.split(",")), *aliases.values()))
-        self.reader = reader if reader is not None else make_reader(cfg, self.cache)
-        self.counts = Counter()
-        self._lock = threading.Lock()
-
-    def _count(self, name: str) -> None:
-        with self._lock:
-            self.counts[name] += 1
 
     def session(self, question: str) -> Session:
         return Session(self, question)
-
-    @property
-    def stats(self) -> dict:
-        out = {"search": dict(self.backend.stats), "fetch": dict(self.fetcher.stats), **self.counts}
-        if isinstance(self.reader, LLMReader):
-            out["reader"] = {"calls": self.reader.calls, "failures": self.reader.failures}
-        return out
 
     def close(self) -> None:
         self.fetcher.close()
@@ -1013,14 +1001,6 @@ class LLMReader:
                 break
         page.memory[mem_key] = memory
         return "\n".join(infos)[:self.cfg.page_chars]
-
-
-def make_reader(cfg: "BrowseConfig", cache: Cache | None = None):
-    """extract | llm. The seam for a `policy` reader (the trained model reading through our engine): any object
-    with `read(page: PageState, question, queries) -> str`, passed as Browser(cfg, reader=...)."""
-    if cfg.reader in ("extract", "llm"):
-        return (ExtractReader if cfg.reader == "extract" else LLMReader)(cfg, cache)
-    raise ValueError(f"unknown reader {cfg.reader!r}: use extract or llm (or pass a reader object to Browser)")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -499,7 +499,7 @@ def test_session_rules(web):
     assert list(s.urls) == [web.backend.base_url + "/wiki/Kiwi"] and "Kiwi" in obs
     assert "not in your most recent search results" in s.browse_webpage([lima])
     assert "flightless birds" in s.browse_webpage([web.backend.base_url + "/wiki/Kiwi"])
-    assert web.stats["fetch"]["pages"] == 3 and web.stats["search"]["queries"] == 3
+    assert web.fetcher.stats["pages"] == 3 and web.backend.stats["queries"] == 3
 
 
 def test_session_limits_and_budgets(web):

@@ -227,7 +227,7 @@ def test_llm_needs_an_endpoint():
     with pytest.raises(ValueError, match="llm_base_url"):
         LLMReader(BrowseConfig(reader="llm"))
     with pytest.raises(ValueError, match="unknown reader"):
-        browse.make_reader(BrowseConfig(reader="policy"))
+        Browser(BrowseConfig(reader="policy"))
 
 
 # ------------------------------------------------------------------------------------------------ through the Browser
@@ -271,7 +271,7 @@ def test_session_llm_reader_and_cache(corpus, llm, tmp_path):
         assert browse_lima(b) == f"Page {lima}:\nFrancisco Pizarro founded Lima in 1535."
         assert "founded in 1535 by Francisco Pizarro" in llm.calls[0]["body"]["messages"][0]["content"]
         assert browse_lima(b) == f"Page {lima}:\nFrancisco Pizarro founded Lima in 1535."  # another trajectory
-        assert len(llm.calls) == 1 and b.stats["reader"] == {"calls": 1, "failures": 0}  # the reply was cached
+        assert len(llm.calls) == 1 and (b.reader.calls, b.reader.failures) == (1, 0)  # the reply was cached
     finally:
         b.close()
 
@@ -290,9 +290,9 @@ def test_session_llm_failures_are_observations(corpus, llm, replies, words):
         lima = b.backend.base_url + "/wiki/Lima"
         assert obs.startswith(f"Page {lima}: fetched, but the reading model failed: ") and words in obs, obs
         assert len(llm.calls) == 1 and llm.calls[0]["auth"] == f"Bearer {SECRET}"  # 4xx: no retry
-        for text in (obs, str(b.stats), repr(b.cfg), repr(b.reader.__dict__.get("cfg"))):
+        for text in (obs, str(b.fetcher.stats), repr(b.cfg), repr(b.reader.__dict__.get("cfg"))):
             assert SECRET not in text  # the key never shows, even when the server echoes it back
-        assert b.stats["reader_errors"] == 1 and b.stats["reader"]["failures"] == 1
+        assert b.reader.failures == 1
         assert obs.failed  # the reading model, not the policy, failed on the call's only page
     finally:
         b.close()

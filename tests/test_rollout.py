@@ -605,4 +605,4 @@ def test_real_browser_outage_ends_every_trajectory_as_tool_failure(tiny_policy):
         browser.close()
     assert len(trajs) == 4 and [t.end_reason for t in trajs] == ["tool_failure"] * 4, [t.turns for t in trajs]
     assert all(len(t.turns) == 1 and "failed: network" in t.turns[0].observation for t in trajs)
-    assert browser.stats["search"]["failed:network"] == 4
+    assert browser.backend.stats["failed:network"] == 4
