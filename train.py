@@ -28,7 +28,30 @@ With kl_coef == 0 the frozen reference model is not even loaded. Logits are divi
 before the log-softmax, so logp_theta is the distribution the sampler drew from. The G trajectories of a question
 start with the same prompt: a micro-batch computes it once (`share_prefix`, exact), not once per trajectory.
 
-Departures from the paper and the reference (verl + vLLM + Ray), and what each metric of the step line means: README.
+Departures from the paper / the reference implementation (verl + vLLM + Ray)
+- One process per GPU (torchrun); generation runs inside the training process on the unsharded policy with our own
+  KV-cached engine (rollout.py), not vLLM; no Ray, no weight re-sync between engines.
+- The update trains on the exact token ids the sampler produced (the reference re-rendered text and re-tokenised).
+- logp_old is recomputed by a training forward when there are several mini-batches or epochs; with one of each
+  (the default) the update is exactly on-policy and logp_old = logp_theta.detach() (ratio 1, no extra forward).
+- loss_agg default "token-mean", a global token mean over the mini-batch; the paper states GRPO's sequence-mean;
+  both, and Dr.GRPO's constant, are switches. The reference's verl computed neither: it averaged the tokens of each
+  micro-batch and weighted micro-batches equally, so a token's weight depended on how many tokens shared its
+  micro-batch. Optional filtering of zero-variance groups (DAPO, without resampling). The paper does not state the
+  reference's mini-batch size; we do one update per step.
+- Search back ends: Serper (the paper), SearxNG or the embedded offline web (the default); the reading agent is an
+  OpenAI-compatible LLM (the paper) or a local extractive reader (`reader=extract`, the CPU default).
+- Checkpoints are torch.distributed.checkpoint shards (+ an HF export per step), written atomically.
+- The reward reads only the policy's own turns (reward.py); the reference's format check also read web text.
+- Trajectories that the web or the engine ended are out of the loss (`mask_tool_failures`, above); the reference
+  trained on them (its failed searches became observations). Counts per end reason are logged every step.
+- The default run (no preset) is ours, not the paper's: SmolLM2-135M-Instruct on a CPU, 4 questions x 8, 25 steps,
+  lr 1e-5, temperature 0.7, no KL, a 30-token system prompt, one worked example as chat turns before the question
+  (`example`: an unrelated question, its real search, its answer; without it a 135M model never writes an `<answer>`
+  tag, see the README) and turn 1 forced to open with `<search>` (loss-masked); up to 3 turns, top-3 results, turns
+  of at most 24 tokens. `--preset=deepresearcher` is the paper's recipe (its n_slots=80 and micro_tokens=8192 are our
+  memory choices for 8 x 80 GB, see `--dry_run=True`).
+The step line's metrics (also in metrics.jsonl) are listed in the README.
 
 How to run
     python train.py                                                   # CPU: SmolLM2-135M-Instruct, local web
