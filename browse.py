@@ -114,13 +114,8 @@ class Session:
     @staticmethod
     def _clean(items, limit: int) -> tuple[list[str], int]:
         """The policy's arguments as distinct non-empty strings (at most `limit`) and how many were dropped."""
-        if isinstance(items, str):
-            items = [items]
-        out = []
-        for x in items if isinstance(items, (list, tuple)) else []:
-            x = " ".join(str(x).split())
-            if x and x not in out:
-                out.append(x)
+        items = [items] if isinstance(items, str) else items if isinstance(items, (list, tuple)) else []
+        out = list(dict.fromkeys(filter(None, (" ".join(str(x).split()) for x in items))))  # distinct, in order
         return out[:limit], max(len(out) - limit, 0)
 
     def web_search(self, queries) -> Observation:
