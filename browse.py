@@ -30,6 +30,7 @@ import hashlib
 import html
 import http.client
 import io
+import ipaddress
 import json
 import math
 import os
@@ -51,6 +52,8 @@ import requests
 import urllib3
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
+
+from data.config import parse_config
 
 SERPER_URL = "https://google.serper.dev/search"
 SERPER_USD_PER_QUERY = 0.001  # Serper's list price at volume, ~$1 per 1k queries (Nov 2026); an estimate, not a bill
@@ -492,14 +495,11 @@ class Cache:
         return con
 
     def get(self, kind: str, key: str) -> dict | None:
-        if self.mode in ("live", "record"):
-            return None
-        row = self._con().execute("SELECT value FROM entries WHERE kind=? AND key=?", (kind, key)).fetchone()
-        if row is not None:
-            return json.loads(row[0])
-        if self.mode == "replay":
+        row = None if self.mode in ("live", "record") else self._con().execute(
+            "SELECT value FROM entries WHERE kind=? AND key=?", (kind, key)).fetchone()
+        if row is None and self.mode == "replay":
             raise CacheMiss(kind, key)
-        return None
+        return json.loads(row[0]) if row else None
 
     def put(self, kind: str, key: str, value: dict) -> None:
         if self.mode in ("live", "replay"):
@@ -550,7 +550,6 @@ def check_url(url: str, allow_private: bool = False, allow_hosts=()) -> tuple[st
     """None when `url` may be fetched, else (kind, reason). The URLs come from a model: http(s) only, and a host that
     resolves to a loopback, private, link-local, multicast or reserved address is refused unless allow_private or
     `host:port` (or `host`) is in allow_hosts. Run on every redirect hop."""
-    import ipaddress
     try:
         p = urlsplit(url.strip())
         port = p.port or (443 if p.scheme == "https" else 80)
@@ -1002,8 +1001,6 @@ class LLMReader:
 # CLI: a Browser from --key=value flags (BrowseConfig's fields), its search back end or fetcher, JSON on stdout
 
 def main(argv: list[str] | None = None) -> int:
-    from data.config import parse_config
-
     argv = sys.argv[1:] if argv is None else argv
     cfg = parse_config(BrowseConfig, [a for a in argv if a.startswith("-")])  # (--help lists the keys)
     pos = [a for a in argv[1:] if not a.startswith("-")]
