@@ -108,8 +108,7 @@ def sha256_file(path: str | os.PathLike | None, max_bytes: int | None = None) ->
 
 @contextlib.contextmanager
 def locked(path: Path):
-    """Exclusive lock shared by all ranks (and by a second eval started by mistake) on the output file; closing the
-    lock file releases it."""
+    """Exclusive lock on the output file for all ranks (and a second eval started by mistake); closing releases it."""
     with open(str(path) + ".lock", "w") as lk:
         fcntl.flock(lk, fcntl.LOCK_EX)
         yield
@@ -149,7 +148,7 @@ def model_tag(model: str) -> str:
     """A short folder-name part for --model: the hub name, or a checkpoint path's meaningful parts
     ("runs/train/ckpt/step_000006/hf" -> "train-step_000006")."""
     parts = [x for x in Path(model).parts if x not in ("/", ".", "..", "~", "runs", "ckpt", "hf")]
-    tag = "-".join(parts[-1:] if "/" in model and model.count("/") == 1 and not Path(model).exists() else parts[-3:])
+    tag = "-".join(parts[-1:] if model.count("/") == 1 and not Path(model).exists() else parts[-3:])
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in tag) or "model"
 
 
@@ -200,13 +199,11 @@ def score_record(rec: dict, protocol: str | None = None) -> dict:
     """Scores from the policy's own turn texts and the gold answers (observations are never format-checked);
     protocol "dr": every turn must close </think>, as in training (reward.format_ok)."""
     r = reward([t["text"] for t in rec["turns"]], rec["gold"], protocol=protocol)
-    ans = r.answer if r.format_ok else None
     st = rec["stats"]  # calls that ran (a malformed call, or one after the last turn, did not)
     return {"reward": r.score, "format_ok": r.format_ok, "format_reason": r.reason, "f1": r.f1, "em": r.em,
-            "squad_f1": squad_f1(ans, rec["gold"]) if ans is not None else 0.0,
-            "squad_em": squad_em(ans, rec["gold"]) if ans is not None else 0.0,
-            "answer": r.answer, "n_turns": len(rec["turns"]), "n_search": st["n_search"],
-            "n_browse": st["n_browse"]}
+            "squad_f1": squad_f1(r.answer, rec["gold"]) if r.format_ok else 0.0,  # format_ok: there is an answer
+            "squad_em": squad_em(r.answer, rec["gold"]) if r.format_ok else 0.0, "answer": r.answer,
+            "n_turns": len(rec["turns"]), "n_search": st["n_search"], "n_browse": st["n_browse"]}
 
 
 # ----------------------------------------------------------------------------------------------- the LLM judge (MBE)
@@ -225,20 +222,6 @@ predicted answer: {prediction}
 Explain your reasoning briefly first, then give your verdict. Reply with a single JSON object and nothing else:
 {{"rationale": "<your reasoning, as text>", "judgement": "<correct or incorrect>"}}"""
 
-_JSON_OBJ_RE = re.compile(r"\{.*\}", re.DOTALL)
-_JUDGEMENT_RE = re.compile(r'"judge?ment"\s*:\s*"\s*(correct|incorrect)\s*"', re.IGNORECASE)
-
-
-@dataclass
-class JudgeConfig:
-    base_url: str = ""                  # OpenAI-compatible root, e.g. https://api.openai.com/v1 ("" = no judge)
-    model: str = "gpt-4o-mini"          # the reference judged with gpt-4o-mini (at temperature 0.7; we use 0)
-    api_key_env: str = "OPENAI_API_KEY" # name of the environment variable holding the key (may be unset locally)
-    cache_path: str | None = None       # JSONL of verdicts; None = in memory only
-    timeout_s: float = 60.0             # per HTTP request
-    max_retries: int = 3                # transport errors (timeout, connection, 429, 5xx): attempts = 1 + this
-    backoff_s: float = 1.0              # urllib3 backoff factor: ~backoff_s * 2**attempt between attempts
-
 
 @dataclass
 class Verdict:
@@ -256,27 +239,33 @@ class Verdict:
 def parse_judgement(text: str) -> tuple[str, str] | None:
     """(judgement, rationale) from a judge reply, or None when it cannot be read. The judgement is found even in
     almost-JSON (e.g. an unescaped quote in the rationale, which then reads as "")."""
-    m = _JUDGEMENT_RE.search(text or "")
+    m = re.search(r'"judge?ment"\s*:\s*"\s*(correct|incorrect)\s*"', text or "", re.IGNORECASE)
     if not m:
         return None
     try:
-        rationale = str(json.loads(_JSON_OBJ_RE.search(text).group(0)).get("rationale", ""))
+        rationale = str(json.loads(re.search(r"\{.*\}", text, re.DOTALL).group(0)).get("rationale", ""))
     except (json.JSONDecodeError, AttributeError):  # not JSON, or not an object
         rationale = ""
     return m.group(1).lower(), rationale
 
 
 class Judge:
-    """Thread-safe LLM judge with an on-disk verdict cache: `judge(question, golds, prediction) -> Verdict` through
-    browse.chat_completion (any OpenAI-compatible endpoint). An exact match is correct without a call; an unparseable
-    reply is "unjudged" and reported, never retried. The key comes from $api_key_env and is never logged or cached."""
+    """Thread-safe LLM judge with an on-disk verdict cache (`cache_path`, a JSONL; None = in memory only):
+    `judge(question, golds, prediction) -> Verdict` through browse.chat_completion at `base_url` (any OpenAI-compatible
+    root, e.g. https://api.openai.com/v1). An exact match is correct without a call; an unparseable reply is "unjudged"
+    and reported, never retried. The key comes from $api_key_env (may be unset locally), never logged or cached. The
+    reference judged with gpt-4o-mini at temperature 0.7; we use 0. timeout_s is per HTTP request; transport errors
+    (timeout, connection, 429, 5xx) are tried 1 + max_retries times, ~backoff_s * 2**attempt apart (urllib3's)."""
 
-    def __init__(self, cfg: JudgeConfig):
-        if not cfg.base_url:
-            raise ValueError("JudgeConfig.base_url is empty: give the OpenAI-compatible endpoint, e.g. "
+    def __init__(self, base_url: str, model: str = "gpt-4o-mini", api_key_env: str = "OPENAI_API_KEY",
+                 cache_path: str | None = None, timeout_s: float = 60.0, max_retries: int = 3, backoff_s: float = 1.0):
+        if not base_url:
+            raise ValueError("Judge(base_url=...) is empty: give the OpenAI-compatible endpoint, e.g. "
                              "--judge_base_url=https://api.openai.com/v1")
-        self.cfg, self._lock, self.stats = cfg, threading.Lock(), Counter()
-        self._cache: dict[str, dict] = {rec["key"]: rec for rec in read_jsonl(cfg.cache_path)}
+        self.base_url, self.model, self.api_key_env, self.cache_path = base_url, model, api_key_env, cache_path
+        self.timeout_s, self.max_retries, self.backoff_s = timeout_s, max_retries, backoff_s
+        self._lock, self.stats = threading.Lock(), Counter()
+        self._cache: dict[str, dict] = {rec["key"]: rec for rec in read_jsonl(cache_path)}
 
     def judge(self, question: str, golds: str | list[str], prediction: str | None) -> Verdict:
         gold_list = split_golds(golds)
@@ -288,34 +277,30 @@ class Judge:
             return Verdict("correct", "exact match", "exact_match")
         prompt = JUDGE_PROMPT.format(question=question, golds=json.dumps(gold_list, ensure_ascii=False),
                                      prediction=prediction)
-        key = hashlib.sha256(f"{self.cfg.model}\n{prompt}".encode()).hexdigest()
-        with self._lock:
-            hit = self._cache.get(key)
-        if hit is not None:
+        key = hashlib.sha256(f"{self.model}\n{prompt}".encode()).hexdigest()
+        if (hit := self._cache.get(key)) is not None:  # a dict read is atomic; writes below hold the lock
             self.stats["cache"] += 1
             return Verdict(hit["verdict"], hit["rationale"], "cache")
         try:
-            text = chat_completion(self.cfg.base_url, self.cfg.model, [{"role": "user", "content": prompt}],
-                                   api_key=os.environ.get(self.cfg.api_key_env) or None, timeout=self.cfg.timeout_s,
-                                   max_tries=1 + self.cfg.max_retries, backoff_s=self.cfg.backoff_s,
+            text = chat_completion(self.base_url, self.model, [{"role": "user", "content": prompt}],
+                                   api_key=os.environ.get(self.api_key_env) or None, timeout=self.timeout_s,
+                                   max_tries=1 + self.max_retries, backoff_s=self.backoff_s,
                                    max_tokens=512, who="judge endpoint")
         except WebError as e:  # timeouts, refused connections, HTTP errors: after the bounded retries
-            self.stats["http_error"] += 1
-            self.stats["unjudged"] += 1
+            self.stats.update(("http_error", "unjudged"))
             return Verdict("unjudged", "", "error", f"{e.kind}: {e}")
-        parsed = parse_judgement(text)
-        if parsed is None:
+        if (parsed := parse_judgement(text)) is None:
             # temperature 0: asking again would return the same text; report it instead of looping
             self.stats["unparseable"] += 1
             return Verdict("unjudged", text[:500], "error", "unparseable judge reply")
         verdict, rationale = parsed
-        rec = {"key": key, "verdict": verdict, "rationale": rationale, "model": self.cfg.model,
+        rec = {"key": key, "verdict": verdict, "rationale": rationale, "model": self.model,
                "question": question, "prediction": prediction}
         with self._lock:
             self._cache[key] = rec
-            if self.cfg.cache_path:
-                Path(self.cfg.cache_path).parent.mkdir(parents=True, exist_ok=True)
-                append_records(Path(self.cfg.cache_path), [rec])
+            if self.cache_path:
+                Path(self.cache_path).parent.mkdir(parents=True, exist_ok=True)
+                append_records(Path(self.cache_path), [rec])
         self.stats["judged"] += 1
         return Verdict(verdict, rationale, "judge")
 
@@ -357,8 +342,7 @@ def render_md(summary: dict) -> str:
     cols = [("n", "n"), ("f1", "F1 (ref)"), ("em", "EM"), ("squad_f1", "SQuAD-F1"), ("squad_em", "SQuAD-EM"),
             ("mbe", "MBE"), ("mean_turns", "turns"), ("mean_tool_calls", "tool calls"),
             ("format_error_rate", "format err")]
-    has_mbe = any("mbe" in row for row in summary["metrics"].values())
-    cols = [c for c in cols if c[0] != "mbe" or has_mbe]
+    cols = [c for c in cols if c[0] != "mbe" or any("mbe" in row for row in summary["metrics"].values())]
     lines = ["# Evaluation summary", "", "| source | " + " | ".join(c[1] for c in cols) + " |",
              "|---|" + "---:|" * len(cols)]
     for name, row in summary["metrics"].items():
@@ -379,12 +363,11 @@ def rescore(cfg: Config, out_dir: Path, meta: dict | None = None, ids: set[str] 
     records = [r for r in everything if ids is None or r["id"] in ids]
     if not records:
         raise SystemExit(f"{path} has no trajectories to score")
-    for rec in everything:
-        # fresh scores; MBE only when a judge is set now (its on-disk cache makes re-judging free)
+    for rec in everything:  # fresh scores; MBE only when a judge is set now (its on-disk cache makes re-judging free)
         rec["scores"] = score_record(rec, cfg.protocol)
     if cfg.judge_base_url:
-        judge = Judge(JudgeConfig(base_url=cfg.judge_base_url, model=cfg.judge_model, api_key_env=cfg.judge_api_key_env,
-                                  cache_path=cfg.judge_cache or str(out_dir / "judge_cache.jsonl")))
+        judge = Judge(cfg.judge_base_url, model=cfg.judge_model, api_key_env=cfg.judge_api_key_env,
+                      cache_path=cfg.judge_cache or str(out_dir / "judge_cache.jsonl"))
         # MBE in each record's scores (a format error is incorrect, as in the reference, with no call)
         items = [(r["question"], r["gold"], r["scores"]["answer"] if r["scores"]["format_ok"] else None)
                  for r in records]
@@ -417,11 +400,10 @@ def trajectory_record(ex: dict, traj) -> dict:
 
 def run_meta(cfg: Config, identity: dict, corpus: str | None) -> dict:
     """summary.json's metadata: the run's identity, and what else a reader of the numbers needs."""
-    try:
+    commit = None
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                                 timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
     return {**identity, "model": cfg.model if cfg.agent != "first_title" else None, "data": cfg.data,
             "limit": cfg.limit, "sources": cfg.sources or "all", "cache": cfg.cache or None,
             "cache_sha256": sha256_file(cfg.cache), "corpus_sha256": sha256_file(corpus),
@@ -459,24 +441,21 @@ def run_agent(cfg: Config, todo: list[dict], path: Path, model_path: str | None,
         q, _, a = (cfg.example.split("|") + ["", ""])[:3]  # the same example, answered without a search
         cfg = replace(cfg, prompt="closed_book", turn_prefixes="", example=f"{q}||{a}" if cfg.example else "",
                       max_turns=1)
-    rcfg, browser = subconfig(RolloutConfig, cfg), Browser(subconfig(BrowseConfig, cfg, corpus=corpus))
-    try:
-        t0, done = time.time(), 0
+    rcfg = subconfig(RolloutConfig, cfg)
+    with contextlib.closing(Browser(subconfig(BrowseConfig, cfg, corpus=corpus))) as browser:
+        t0 = time.time()
         for b in range(0, len(todo), cfg.batch_size):
             chunk = todo[b:b + cfg.batch_size]
             with torch.no_grad():
                 trajs = run(model, tok, [e["question"] for e in chunk], [e["answers"] for e in chunk], browser,
                             rcfg, group_size=1, seed=cfg.seed)
             recs = [trajectory_record(ex, tr) for ex, tr in zip(chunk, trajs)]
-            for rec in recs:
-                rec["scores"] = score_record(rec, cfg.protocol)
+            recs = [dict(rec, scores=score_record(rec, cfg.protocol)) for rec in recs]
             append_records(path, recs)
-            done += len(chunk)
+            done = b + len(chunk)
             print(f"rank {proc.rank} | done {done}/{len(todo)} | batch_f1 "
                   f"{sum(r['scores']['f1'] for r in recs) / len(recs):.3f} | "
                   f"{(time.time() - t0) / done:.2f} s/question", flush=True)
-    finally:
-        browser.close()
 
 
 def main(cfg: Config) -> dict | None:
@@ -485,15 +464,13 @@ def main(cfg: Config) -> dict | None:
         cfg = replace(cfg, data=str(ROOT / cfg.data))
     out_dir = Path(cfg.out_dir)
     if cfg.score_only:
-        out_dir.mkdir(parents=True, exist_ok=True)
         return rescore(cfg, out_dir)
     validate(cfg)  # train.py's start-up checks: numbers, model folder, data file, out_dir writable
     if cfg.agent not in ("model", "first_title", "closed_book"):
         raise SystemExit(f"--agent={cfg.agent!r}: use model, first_title or closed_book")
     proc = setup_distributed(cfg.device)
     examples = load_examples(cfg.data, limit=cfg.limit or None)
-    if cfg.sources:
-        examples = [e for e in examples if e["source"] in set(cfg.sources.split(","))]
+    examples = [e for e in examples if not cfg.sources or e["source"] in cfg.sources.split(",")]
     path = out_dir / "trajectories.jsonl"
     finished = {r["id"] for r in load_records(path)}
     model_path = resolve_model(cfg.model) if cfg.agent != "first_title" else None
@@ -515,10 +492,8 @@ def main(cfg: Config) -> dict | None:
         torch.distributed.destroy_process_group()  # rank 0 scores alone (the judge may take minutes)
     if not proc.main:
         return None
-    wanted = {e["id"] for e in examples}
-    # score only this run's questions: the file may hold more (an earlier run without --limit)
-    missing = wanted - {r["id"] for r in load_records(path)}
-    if missing:
+    wanted = {e["id"] for e in examples}  # this run's questions (see rescore's `ids`)
+    if missing := wanted - {r["id"] for r in load_records(path)}:
         raise SystemExit(f"{len(missing)} questions have no trajectory (a rank failed?); run again to finish them")
     return rescore(cfg, out_dir, meta=run_meta(cfg, identity, corpus), ids=wanted)
 

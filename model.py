@@ -32,9 +32,8 @@ from torch.utils.checkpoint import checkpoint
 # call (a graph build each time), 80 ms per decode step of a 24-layer model; the efficient kernel takes masks.
 MASKED_SDPA = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
 
-# ----------------------------------------------------------------------------------------------------------------
-# Config
 
+# --------------------------------------------------------------------------------------------------------- config
 
 @dataclass
 class ModelConfig:
@@ -57,11 +56,8 @@ class ModelConfig:
 
     @classmethod
     def from_json(cls, src: str | os.PathLike | dict) -> "ModelConfig":
-        if isinstance(src, dict):
-            d = src
-        else:
-            p = Path(src)
-            d = json.loads((p / "config.json" if p.is_dir() else p).read_text())
+        path = None if isinstance(src, dict) else Path(src)
+        d = src if path is None else json.loads((path / "config.json" if path.is_dir() else path).read_text())
         mt = d.get("model_type", "llama")
         if mt not in ("llama", "qwen2", "qwen3", "mistral"):
             raise ValueError(f"model_type {mt!r} is not supported (Qwen2/Qwen3/Llama family only)")
@@ -91,16 +87,14 @@ class ModelConfig:
         q = self.num_attention_heads * self.head_dim
         attn = h * q + 2 * h * kv + q * h + (q + 2 * kv if self.attention_bias else 0)
         block = attn + 3 * h * self.intermediate_size + 2 * h + (2 * self.head_dim if self.qk_norm else 0)
-        emb = self.vocab_size * h
-        return emb * (1 if self.tie_word_embeddings else 2) + self.num_hidden_layers * block + h
+        return self.vocab_size * h * (1 if self.tie_word_embeddings else 2) + self.num_hidden_layers * block + h
 
 
 def rope_inv_freq(cfg: ModelConfig, device) -> torch.Tensor:
     """Inverse frequencies of the rotary embedding, in fp32, with Llama-3 scaling when the config asks for it."""
     d = cfg.head_dim
     inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
-    s = cfg.rope_scaling
-    if s:  # Llama 3.1: long wavelengths divided by `factor`, short ones kept, a smooth ramp in between
+    if s := cfg.rope_scaling:  # Llama 3.1: long wavelengths / factor, short ones kept, a smooth ramp between
         factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
         old = s["original_max_position_embeddings"]
         wavelen = 2 * math.pi / inv
@@ -112,9 +106,7 @@ def rope_inv_freq(cfg: ModelConfig, device) -> torch.Tensor:
     return inv
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# KV cache: a pool of fixed-size blocks for all layers (paged); the engine owns block tables and lengths.
-
+# ------- KV cache: one pool of fixed-size blocks for all layers (paged); the engine owns block tables and lengths
 
 @dataclass
 class KVCache:
@@ -139,17 +131,14 @@ class KVCache:
     @staticmethod
     def nbytes_for(cfg: ModelConfig, n_tokens: int, dtype=torch.float32) -> int:
         """Bytes of keys + values for `n_tokens` positions over all layers."""
-        elem = torch.empty((), dtype=dtype).element_size()
-        return 2 * cfg.num_hidden_layers * n_tokens * cfg.num_key_value_heads * cfg.head_dim * elem
+        return 2 * cfg.num_hidden_layers * n_tokens * cfg.num_key_value_heads * cfg.head_dim * dtype.itemsize
 
     @property
     def n_blocks(self) -> int:
         return self.k.shape[1]
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Model
-
+# ---------------------------------------------------------------------------------------------------------- model
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -159,10 +148,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         # Normalise in fp32 and cast back before the weight, exactly as transformers does (matters in bf16).
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        xf = x.float()
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
 def rotate_half(x):
@@ -311,11 +298,9 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(tokens)  # (B, T, C), or (1, P + B * (T - P), C) with a shared prefix
         cos, sin = self._rope(positions, x.dtype)  # (B, 1, T, D)
         ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        args = (cos, sin, positions, cache, block_table, shared)
         for layer in self.model.layers:
-            if ckpt:
-                x = checkpoint(layer, x, cos, sin, positions, cache, block_table, shared, use_reentrant=False)
-            else:
-                x = layer(x, cos, sin, positions, cache, block_table, shared)
+            x = checkpoint(layer, x, *args, use_reentrant=False) if ckpt else layer(x, *args)
         if shared:  # back to (B, T, C), each row with its own copy of the prefix
             x = torch.cat((x[:, :prefix].expand(B, -1, -1), x[0, prefix:].unflatten(0, (B, -1))), dim=1)
         if logits_at is not None:
@@ -341,10 +326,17 @@ class Transformer(nn.Module):
         cfg = ModelConfig.from_json(path)
         with torch.device("meta"):
             model = cls(cfg)
-        expected = {k: v.shape for k, v in model.state_dict().items()}
-        if cfg.tie_word_embeddings:
-            expected.pop("lm_head.weight")  # shares embed_tokens.weight
-        files = _weight_files(path)
+        index = path / "model.safetensors.index.json"
+        if index.exists():
+            files = [path / n for n in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+            if absent := [str(f) for f in files if not f.exists()]:
+                raise FileNotFoundError(f"{index} lists shards that are missing: {absent}")
+        elif (path / "model.safetensors").exists():
+            files = [path / "model.safetensors"]
+        else:
+            raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
+        expected = {k: v.shape for k, v in model.state_dict().items()
+                    if not (k == "lm_head.weight" and cfg.tie_word_embeddings)}  # tied: shares embed_tokens.weight
         sd, seen_in = {}, {}
         for f in files:
             try:
@@ -363,29 +355,13 @@ class Transformer(nn.Module):
                         sd[key], seen_in[key] = t, f.name
             except (OSError, SafetensorError) as e:  # truncated or corrupt files
                 raise ValueError(f"{f}: cannot read safetensors ({e}); the file is truncated or corrupt") from e
-        missing = sorted(set(expected) - set(sd))
-        if missing:
+        if missing := sorted(set(expected) - set(sd)):
             raise ValueError(f"{path}: {len(missing)} tensors missing from {[f.name for f in files]}, "
                              f"e.g. {missing[:3]}; the checkpoint is incomplete")
         model.load_state_dict(sd, strict=False, assign=True)
         if cfg.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
         return model.to(dtype=dtype or torch.float32, device=device)
-
-
-def _weight_files(path: Path) -> list[Path]:
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        files = [path / n for n in names]
-        absent = [str(f) for f in files if not f.exists()]
-        if absent:
-            raise FileNotFoundError(f"{index} lists shards that are missing: {absent}")
-        return files
-    single = path / "model.safetensors"
-    if single.exists():
-        return [single]
-    raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
 
 
 def save_pretrained(model: Transformer, path, state_dict=None, max_shard_bytes: int = 5 * 2**30) -> None:

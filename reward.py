@@ -33,8 +33,7 @@ _WS_RE = re.compile(r"\s+")
 
 def normalize(text: str) -> str:
     """Reference normalisation: lowercase, ASCII punctuation -> space, collapse whitespace. Articles are kept."""
-    text = text.lower().translate(_PUNCT_TABLE)
-    return _WS_RE.sub(" ", text).strip()
+    return _WS_RE.sub(" ", text.lower().translate(_PUNCT_TABLE)).strip()
 
 
 def split_golds(gold: str | list[str] | tuple[str, ...]) -> list[str]:
@@ -117,15 +116,12 @@ def _tags_balanced(text: str) -> str | None:
         start, end = f"<{tag}>", f"</{tag}>"
         if low.count(start) != low.count(end):
             return tag
-        pos = -1
-        while True:
-            s = low.find(start, pos + 1)
-            if s == -1:
-                break
-            e = low.find(end, s)
+        pos = low.find(start)
+        while pos != -1:
+            e = low.find(end, pos)
             if e == -1:
                 return tag
-            pos = e
+            pos = low.find(start, e + 1)
     return None
 
 
@@ -134,8 +130,7 @@ def format_ok(responses: list[str] | str, protocol: str | None = None) -> tuple[
     "unbalanced <tag> in turn i", "no </think> in turn i" (protocol "dr": see the module docstring) or "no answer"."""
     turns = [responses] if isinstance(responses, str) else list(responses)
     for i, text in enumerate(turns):
-        bad = _tags_balanced(text)
-        if bad is not None:
+        if (bad := _tags_balanced(text)) is not None:
             return False, f"unbalanced <{bad}> in turn {i}"
         if protocol == "dr" and "</think>" not in text.lower():
             return False, f"no </think> in turn {i}"

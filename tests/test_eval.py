@@ -285,8 +285,9 @@ def test_torchrun_two_ranks_share_the_work(tmp_path):
 sys.path[:0] = [{str(tests.parent)!r}, {str(tests)!r}]
 import eval as ev
 import test_eval as te
+from test_train import AGENT_NAMES
 agent = te.FakeAgent()
-for name, value in zip(te.AGENT_NAMES, (agent.rollout, te.FakeRolloutConfig, te.FakeBrowser, te.FakeBrowseConfig)):
+for name, value in zip(AGENT_NAMES, (agent.rollout, te.FakeRolloutConfig, te.FakeBrowser, te.FakeBrowseConfig)):
     setattr(ev, name, value)
 ev.main(ev.parse_config(ev.Config, sys.argv[1:], ev.PRESETS))
 print("SEEN", len(agent.seen), flush=True)

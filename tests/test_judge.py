@@ -7,7 +7,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from eval import Judge, JudgeConfig, parse_judgement
+from eval import Judge, parse_judgement
 
 # what the fake judge replies, chosen by a word in the predicted answer
 REPLIES = {
@@ -60,7 +60,7 @@ def make(server, tmp_path, **kw):
     cfg = dict(base_url=server, model="fake", api_key_env="DR_TEST_JUDGE_KEY", cache_path=str(tmp_path / "j.jsonl"),
                timeout_s=0.5, max_retries=1, backoff_s=0.01)
     cfg.update(kw)
-    return Judge(JudgeConfig(**cfg))
+    return Judge(**cfg)
 
 
 def test_exact_match_needs_no_call(server, tmp_path):
