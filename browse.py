@@ -25,6 +25,7 @@ How to run (flags: BrowseConfig's fields)
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import html
@@ -91,8 +92,7 @@ class BrowseConfig:  # (plain typed defaults, "" = unset: the flags of `python b
     allow_hosts: str = ""               # comma-separated host or host:port admitted past the private-address guard
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Session (one per trajectory) and Browser (shared, thread-safe): the two tools the policy calls
+# ------------------------------------- the two tools the policy calls: Session (one per trajectory), Browser (shared)
 
 class Observation(str):
     """A tool's text and `failed` (see the module docstring). No results, a 404, a URL not from the last search or a
@@ -199,12 +199,11 @@ class Browser:
         # for a `policy` reader: the trained model reading through our engine)
         self.reader = reader if reader is not None else (ExtractReader if cfg.reader == "extract" else LLMReader)(
             cfg, self.cache)
-        if backend is None:
-            opts = {"url": cfg.searxng_url} if cfg.backend == "searxng" and cfg.searxng_url else {}
-            backend = make_backend(cfg.backend, top_k=cfg.top_k, corpus=cfg.corpus or None, cache=self.cache, **opts)
-        self.backend = backend
+        opts = {"url": cfg.searxng_url} if cfg.backend == "searxng" and cfg.searxng_url else {}
+        self.backend = backend or make_backend(cfg.backend, top_k=cfg.top_k, corpus=cfg.corpus or None,
+                                               cache=self.cache, **opts)
         # the embedded web: its canonical host maps to this process's server, the one private host allowed
-        aliases = dict(getattr(backend, "aliases", {}))
+        aliases = dict(getattr(self.backend, "aliases", {}))
         self.fetcher = Fetcher(cache=self.cache, aliases=aliases, n_threads=cfg.n_threads, per_host=cfg.per_host,
                                timeout=cfg.timeout, max_bytes=cfg.max_bytes, allow_private=cfg.allow_private,
                                allow_hosts=(*filter(None, cfg.allow_hosts.split(",")), *aliases.values()))
@@ -218,8 +217,8 @@ class Browser:
         if self.cache is not None:
             self.cache.close()
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Search: records, errors, stats, the shared driver, HTTP, and the three back ends
+
+# ---------------------------------------------- search: records, errors, the shared driver, HTTP, the three back ends
 
 @dataclass
 class SearchResult:
@@ -230,19 +229,19 @@ class SearchResult:
 
 
 class WebError(RuntimeError):
-    """A failed request, kept as a value the policy can be shown. kind: auth | rate_limit | server | timeout |
-    network | malformed | http | config | cache_miss; tries: the HTTP requests it took."""
+    """A failed request, kept as a value the policy can be shown; reads "kind: message". kind: auth | rate_limit |
+    server | timeout | network | malformed | http | config | cache_miss; tries: the HTTP requests it took."""
 
     def __init__(self, kind: str, message: str, tries: int = 0):
         super().__init__(message)
         self.kind, self.tries = kind, tries
 
-
-class SearchError(WebError):
-    """A failed search; reads "kind: message"."""
-
     def __str__(self) -> str:
         return f"{self.kind}: {super().__str__()}"
+
+
+class SearchError(WebError):
+    """A failed search."""
 
 
 class ReaderError(WebError):
@@ -448,8 +447,7 @@ def make_backend(name: str, *, top_k: int = 10, corpus: str | None = None, cache
     raise ValueError(f"unknown search back end {name!r}: use serper, searxng or local")
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Cache
+# -------------------------------------------------------------------------------------------------------------- cache
 
 class CacheMiss(LookupError):
     """Replay mode and the cache has no (fresh) entry. `.key` is the exact key (kind, key string)."""
@@ -516,9 +514,7 @@ class Cache:
             self._local.con = None
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Fetching: `fetch(url) -> FetchResult` (one page, never raises; SSRF guard, one deadline, bytes -> text), then
-# `Fetcher` (thread pool, per-host limit, cache, stats) over it
+# -------------------------- fetching: fetch(url) (one page, never raises), then Fetcher (pool, per-host limit, cache)
 
 HTML_TYPES = ("text/html", "application/xhtml+xml")
 TEXT_TYPES = ("application/json", "application/xml", "application/javascript")
@@ -812,8 +808,7 @@ class Fetcher:
         self._pool.shutdown(wait=False)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Reading: a page is split into chunks; a reader goes chunk by chunk and returns only new, relevant information
+# --------------------------------------------------------- reading: chunk by chunk, only new and relevant information
 
 @dataclass
 class PageState:
@@ -997,8 +992,7 @@ class LLMReader:
         return "\n".join(infos)[:self.cfg.page_chars]
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# CLI: a Browser from --key=value flags (BrowseConfig's fields), its search back end or fetcher, JSON on stdout
+# ------------------------------------- CLI: a Browser from --key=value flags, its back end or fetcher, JSON on stdout
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
@@ -1008,22 +1002,21 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python browse.py search QUERY... | fetch URL... [--key=value ...]", file=sys.stderr)
         return 2
     try:
-        browser = Browser(cfg)
-        try:
+        with contextlib.closing(Browser(cfg)) as browser:
             if argv[0] == "fetch":
-                pages = browser.fetcher.fetch_many(pos)
-                print(json.dumps([asdict(r) for r in pages], indent=2, ensure_ascii=False))
-                return int(not all(r.ok for r in pages))
-            results = browser.backend.search(pos)
-        finally:
-            browser.close()
+                out = [asdict(r) for r in browser.fetcher.fetch_many(pos)]
+                failed = not all(r["ok"] for r in out)
+            else:
+                res = dict(zip(pos, browser.backend.search(pos)))
+                errors = {q: str(r) for q, r in res.items() if isinstance(r, SearchError)}
+                out = {"results": {q: [asdict(x) for x in r] for q, r in res.items() if q not in errors},
+                       "errors": errors, "stats": browser.backend.stats}
+                failed = bool(errors)
     except (CacheMiss, SearchError, ValueError) as e:  # a set-up problem: say what to fix
         print(f"error: {e}", file=sys.stderr)
         return 2
-    errors = {q: str(r) for q, r in zip(pos, results) if isinstance(r, SearchError)}
-    print(json.dumps({"results": {q: [asdict(x) for x in r] for q, r in zip(pos, results) if q not in errors},
-                      "errors": errors, "stats": browser.backend.stats}, indent=2, ensure_ascii=False))
-    return 1 if errors else 0
+    print(json.dumps(out, indent=2, ensure_ascii=False))
+    return int(failed)
 
 
 if __name__ == "__main__":

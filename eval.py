@@ -288,7 +288,7 @@ class Judge:
                                    max_tokens=512, who="judge endpoint")
         except WebError as e:  # timeouts, refused connections, HTTP errors: after the bounded retries
             self.stats.update(("http_error", "unjudged"))
-            return Verdict("unjudged", "", "error", f"{e.kind}: {e}")
+            return Verdict("unjudged", "", "error", str(e))  # "kind: message"
         if (parsed := parse_judgement(text)) is None:
             # temperature 0: asking again would return the same text; report it instead of looping
             self.stats["unparseable"] += 1

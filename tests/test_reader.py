@@ -320,7 +320,7 @@ def test_session_llm_endpoint_down(corpus):
     try:
         t0 = time.monotonic()
         obs = browse_lima(b)
-        assert "reading model failed: reader endpoint http://127.0.0.1:9/v1 unreachable" in obs
+        assert "reading model failed: network: reader endpoint http://127.0.0.1:9/v1 unreachable" in obs
         assert "after 3 tries" in obs and time.monotonic() - t0 < 10  # bounded retries
         assert obs.failed  # the reader on every page of the call failed: a tool failure (issue 14), not the policy's
     finally:
