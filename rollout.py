@@ -8,8 +8,7 @@ overwrite. A row's last sampled token enters the cache with the next forward, so
 token comes with its log-prob under the sampling distribution (temperature applied, before top-p/top-k: what the
 trainer recomputes). Each row samples by Gumbel-max from its own generator seeded from (engine seed, row key), so its
 tokens do not depend on which rows share its batches or when tool calls return (logits still differ in the last bits
-with the batch: a near-tie can flip a token, rarely on CPU, more often in bf16). `cuda_graphs=True` (CUDA only)
-captures the decode forward once per (batch, table width) bucket and replays it.
+with the batch: a near-tie can flip a token, rarely on CPU, more often in bf16). CUDA graphs: see `Engine`.
 
 Part 2, the agent loop (`rollout()`): every row decodes a turn; a turn that ends in a tool call parks its row while
 the call runs in a thread pool and the others decode; the observation, wrapped in the chat template's tool turn and
@@ -22,9 +21,9 @@ each, END_REASONS): answer; max_turns (a call after the last turn is not run); b
 on_bad_call="end"; "error_observation" answers it and goes on); format_error (neither call nor answer);
 context_limit; tool_failure (the web failed, not the policy: the trainer masks these); engine_error.
 
-Not here: a paged-attention kernel, preemption when the pool runs out (size it with `train.py --dry_run=True`),
-prefix caching across groups, speculative decoding, beam search. Tests: `python -m pytest tests/test_engine.py
-tests/test_rollout.py`; bench: `python bench/generate.py [--device=cuda]` (decode step vs the bandwidth floor).
+Not here: a paged-attention kernel, preemption when the pool runs out (size it with `train.py --dry_run=True`), prefix
+caching across groups, speculative decoding, beam search. Bench (decode step vs the bandwidth floor):
+`python bench/generate.py [--device=cuda]`; tests: `python -m pytest tests/test_engine.py tests/test_rollout.py`.
 """
 
 from __future__ import annotations
@@ -82,8 +81,7 @@ class Slot:
 
 def memory_check(nbytes: int, device: torch.device) -> None:
     """Fail with numbers (asked vs free) instead of an opaque OOM when the KV cache cannot fit."""
-    free = free_memory(device)
-    if free is not None and nbytes > 0.9 * free:
+    if (free := free_memory(device)) is not None and nbytes > 0.9 * free:
         raise MemoryError(f"KV cache needs {nbytes / 2**30:.2f} GiB but only {free / 2**30:.2f} GiB is free on "
                           f"{device}: lower n_slots (rows) or max_len, or pass kv_tokens")
 
@@ -99,18 +97,15 @@ def free_memory(device: torch.device) -> int | None:
 
 
 def row_seed(seed: int, key) -> int:
-    """The seed of one row's random stream, from the engine seed and the row's key (e.g. (question, sample)):
-    a row samples the same tokens whichever rows share its batches and whenever its tool calls return."""
+    """The seed of one row's random stream, from the engine seed and the row's key (e.g. (question, sample))."""
     return int.from_bytes(hashlib.sha256(repr((seed, key)).encode()).digest()[:8], "little") >> 1
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], gens: list) -> tuple[torch.Tensor, torch.Tensor]:
-    """One token per row of logits (B, V), row i under params[i] with noise from its own generator gens[i];
-    returns (tokens (B,), logprobs (B,)) on the device. Every decision on settings is made on the host from
-    `params`: no host sync here."""
+    """One token per row of logits (B, V), row i under params[i] with noise from its own generator gens[i]:
+    (tokens (B,), logprobs (B,)) on the device. Settings are all decided on the host from `params`: no host sync."""
     logits = logits.float()
-    B, V = logits.shape
-    dev = logits.device
+    V, dev = logits.shape[-1], logits.device
     temp = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=dev)
     scaled = logits / temp[:, None]  # (B, V)
     logp = torch.log_softmax(scaled, dim=-1)  # (B, V): the distribution the trainer recomputes
@@ -170,20 +165,14 @@ class Engine:
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self._graphs: dict = {}  # (batch bucket, table width) -> captured graph
         n = self._buckets(n_slots, 1)[0]  # the decode step's buffers, for every bucket (a view of the first rows)
-        self._static = dict(tok=torch.zeros(n, 1, dtype=torch.long, device=self.device),
-                            pos=torch.zeros(n, 1, dtype=torch.long, device=self.device),
-                            table=torch.zeros(n, self.max_blocks, dtype=torch.long, device=self.device),
-                            out=torch.zeros(n, cfg.vocab_size, dtype=p.dtype, device=self.device))
-        self._pool = None
+        self._static = {k: torch.zeros(n, w, dtype=torch.long, device=self.device)
+                        for k, w in (("tok", 1), ("pos", 1), ("table", self.max_blocks))}
+        self._static["out"] = torch.zeros(n, cfg.vocab_size, dtype=p.dtype, device=self.device)
+        # one memory pool for all captured graphs: the buckets never run at once
+        self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
 
-    # -------------------------------------------------------------------------------------------- bookkeeping
-    @property
-    def n_free(self) -> int:
-        return sum(s.state == FREE for s in self.slots)
-
-    @property
-    def n_decoding(self) -> int:
-        return sum(s.state == DECODING for s in self.slots)
+    n_free = property(lambda self: sum(s.state == FREE for s in self.slots))
+    n_decoding = property(lambda self: sum(s.state == DECODING for s in self.slots))
 
     def length(self, slot: int) -> int:
         """Tokens of the row's sequence so far (cache + the pending sampled token)."""
@@ -198,7 +187,6 @@ class Engine:
         self.slots[slot] = Slot()
         self.table[slot] = 0
 
-    # ----------------------------------------------------------------------------------------------- blocks
     def _alloc(self, n: int) -> list[int]:
         if n > len(self.free_blocks):
             raise RuntimeError(f"KV cache pool exhausted: {n} blocks asked, {len(self.free_blocks)} free of "
@@ -218,16 +206,13 @@ class Engine:
             self.cache.v[:, idx] = 0
 
     def _grant(self, grants: list[tuple[int, list[int]]]) -> None:
-        """Append blocks to rows' block lists and mirror them in the device table (one index_put for all)."""
-        rows, cols, vals = [], [], []
+        """Append blocks to rows' block lists (each row once) and mirror them in the device table (one index_put)."""
+        new = [(slot, len(self.slots[slot].blocks) + j, b) for slot, blocks in grants for j, b in enumerate(blocks)]
         for slot, blocks in grants:
-            s = self.slots[slot]
-            rows += [slot] * len(blocks)
-            cols += range(len(s.blocks), len(s.blocks) + len(blocks))
-            vals += blocks
-            s.blocks = s.blocks + blocks
-        if rows:
-            self.table[rows, cols] = torch.tensor(vals, device=self.device)
+            self.slots[slot].blocks = self.slots[slot].blocks + blocks
+        if new:
+            rows, cols, vals = zip(*new)  # (row, table column, block) of each new entry
+            self.table[list(rows), list(cols)] = torch.tensor(vals, device=self.device)
 
     def _reserve(self, slots: list[int], lengths: list[int]) -> None:
         """Give each slot the blocks to hold `lengths` tokens; all or nothing (a pool error changes no state)."""
@@ -252,11 +237,9 @@ class Engine:
         for d in dst:
             self.slots[d].cached = s.cached
 
-    # ---------------------------------------------------------------------------------------------- prefill
     @torch.no_grad()
     def _prefill(self, seqs: list[list[int]], slots: list[int]) -> torch.Tensor:
-        """Write each token list into its slot at the slot's cursor (blocks already reserved); return the
-        last-token logits (B, V)."""
+        """Write each token list into its slot at its cursor (blocks reserved); return the last-token logits (B, V)."""
         out, bs, i = [], self.block_size, 0
         while i < len(seqs):
             # Chunks bounded by a padded-token budget so a big batch of long prompts does not blow up activations.
@@ -270,8 +253,7 @@ class Engine:
             toks = torch.tensor([list(s) + [0] * (T - len(s)) for s in chunk], device=self.device)  # (B, T)
             # Right padding: pads take the positions after a row's own tokens, so its real tokens never see them;
             # they write into the row's own last block or the scratch block (table entries past its end are 0).
-            start = torch.tensor(starts, device=self.device)
-            pos = start[:, None] + torch.arange(T, device=self.device)  # (B, T)
+            pos = torch.tensor(starts, device=self.device)[:, None] + torch.arange(T, device=self.device)  # (B, T)
             last = torch.tensor([len(s) - 1 for s in chunk], device=self.device)[:, None]  # (B, 1)
             width = -(-(max(starts) + T) // bs)
             table = self.table[torch.tensor(rows, device=self.device), :width]  # (B, nb)
@@ -282,8 +264,7 @@ class Engine:
             i = j
         return torch.cat(out)  # (B, V)
 
-    def submit(self, prompt: list[int], sampling: SamplingParams, n: int = 1, seeds: list | None = None
-               ) -> list[int]:
+    def submit(self, prompt: list[int], sampling: SamplingParams, n: int = 1, seeds: list | None = None) -> list[int]:
         """Prefill `prompt` once into n free slots (a GRPO group); the rows start decoding. Returns the slots.
         seeds: one key per row (e.g. (seed, question, sample)) seeding its random stream; default: the admission
         counter, deterministic for a given order of submits."""
@@ -296,13 +277,11 @@ class Engine:
         free = [i for i, s in enumerate(self.slots) if s.state == FREE]
         if len(free) < n * len(prompts):
             raise RuntimeError(f"{len(prompts)} prompts x {n} need {n * len(prompts)} free slots, {len(free)} free")
-        for p in prompts:
-            if not 0 < len(p) < self.max_len:
-                raise ValueError(f"prompt of {len(p)} tokens does not fit max_len={self.max_len}")
+        if bad := [len(p) for p in prompts if not 0 < len(p) < self.max_len]:
+            raise ValueError(f"prompt of {bad[0]} tokens does not fit max_len={self.max_len}")
         if seeds is not None and len(seeds) != n * len(prompts):
             raise ValueError(f"{len(seeds)} seeds for {n * len(prompts)} rows")
-        bs = self.block_size
-        blocks = sum(-(-len(p) // bs) + (n - 1) * (len(p) % bs > 0) for p in prompts)
+        blocks = sum(-(-len(p) // self.block_size) + (n - 1) * (len(p) % self.block_size > 0) for p in prompts)
         if blocks > len(self.free_blocks):
             self._alloc(blocks)  # raises with the numbers, before any state changes
         groups = [free[i * n : (i + 1) * n] for i in range(len(prompts))]
@@ -330,14 +309,12 @@ class Engine:
             raise ValueError(f"slot {slot}: {self.length(slot)} + {len(tokens)} tokens exceed max_len={self.max_len}")
         self._reserve([slot], [s.cached + len(seq)])
         s.pending = None
-        logits = self._prefill([seq], [slot])
-        self._sample([slot], logits, sampling)
+        self._sample([slot], self._prefill([seq], [slot]), sampling)
 
     def _check(self, sampling: SamplingParams) -> None:
         if sampling.stop_strings and self.decode is None:  # never silently ignore a stop the caller asked for
             raise ValueError("stop_strings need the engine's `decode` (e.g. Engine(..., decode=tokenizer.decode))")
 
-    # ----------------------------------------------------------------------------------------------- decode
     def _sample(self, rows: list[int], logits: torch.Tensor, new_turn: SamplingParams | None = None) -> None:
         """Sample one token per row (the first of a new turn under `new_turn`), bring tokens and logprobs to the
         host in one transfer, park rows that stop."""
@@ -346,13 +323,11 @@ class Engine:
             s.state, s.sampling, s.tokens, s.logprobs = DECODING, new_turn, [], []
         toks, lps = sample(logits, [s.sampling for s in slots], [s.gen for s in slots])
         both = torch.stack([toks.double(), lps.double()]).tolist()  # one host sync per step
-        for r, s, t, lp in zip(rows, slots, both[0], both[1]):
-            t = int(t)
+        for r, s, t, lp in zip(rows, slots, map(int, both[0]), both[1]):
             s.pending = t
             s.tokens.append(t)
             s.logprobs.append(lp)
-            reason = self._stop_reason(s, t)
-            if reason:
+            if reason := self._stop_reason(s, t):
                 s.state = PARKED
                 self._done.append(Finished(r, s.tokens, s.logprobs, reason))
 
@@ -363,9 +338,8 @@ class Engine:
         if sp.stop_strings:
             # Decode only when t could complete a stop string: its text holds a stop string's last char (or is part
             # of a multi-byte char, or a stop string ends in whitespace a tokenizer may strip from a lone token).
-            if t not in self._pieces:
-                self._pieces[t] = self.decode([t])
-            piece = self._pieces[t]
+            if (piece := self._pieces.get(t)) is None:
+                piece = self._pieces[t] = self.decode([t])
             if "\ufffd" in piece or any(x[-1] in piece or x[-1].isspace() for x in sp.stop_strings):
                 tail = self.decode(s.tokens[-(max(map(len, sp.stop_strings)) + 2):])  # a token holds >= 1 char
                 if any(x in tail for x in sp.stop_strings):
@@ -386,9 +360,8 @@ class Engine:
         return done
 
     def _decode(self, rows: list[int]) -> None:
-        """The decode forward over static buffers: run eagerly, or (cuda_graphs) the replay of a graph captured once
-        per (batch, table width) bucket. A bucket's padding rows run on the scratch block (token 0 at position 0, a
-        table of zeros), so they write and read nothing real."""
+        """The decode forward over static buffers, eager or (cuda_graphs) a graph replay. A bucket's padding rows run
+        on the scratch block (token 0 at position 0, a table of zeros), so they write and read nothing real."""
         slots = [self.slots[r] for r in rows]
         self._reserve(rows, [s.cached + 1 for s in slots])  # the pending token may open a new block
         B, width = len(rows), max(len(s.blocks) for s in slots)
@@ -406,15 +379,11 @@ class Engine:
         st["tok"][:B, 0] = torch.tensor([s.pending for s in slots], device=self.device)
         st["pos"][:B, 0] = torch.tensor([s.cached for s in slots], device=self.device)
         st["table"][:B, :W] = self.table[torch.tensor(rows, device=self.device), :W]
-        if self.cuda_graphs:
-            self._graphs[(Bb, W)].replay()
-        else:
-            run()
+        (self._graphs[(Bb, W)].replay if self.cuda_graphs else run)()
         for s in slots:
             s.cached += 1
         self._sample(rows, st["out"][:B])  # (B, V)
 
-    # ------------------------------------------------------------------------------------------- CUDA graphs
     def _buckets(self, B: int, width: int) -> tuple[int, int]:
         """Graph sizes: batch 1, 2, 4, 8, then multiples of 16; table width a power of two (<= max_blocks)."""
         Bb = next(b for b in (1, 2, 4, 8) if b >= B) if B <= 8 else -(-B // 16) * 16
@@ -422,8 +391,6 @@ class Engine:
 
     def _capture(self, run):
         """Warm `run` up on a side stream (lazy inits, cuBLAS workspaces), then capture it in a CUDA graph."""
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()  # one memory pool for all buckets: they never run at once
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
@@ -447,9 +414,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: 
     n_slots = n_slots or max(1, min(len(prompts), 64))
     max_len = max_len or max(len(p) for p in prompts) + max_new_tokens + 1
     eng = Engine(model, n_slots, max_len, decode=decode, seed=seed, **engine_kw)
-    out: list = [None] * len(prompts)
-    owner: dict[int, int] = {}
-    queue = list(range(len(prompts)))
+    out, owner, queue = [None] * len(prompts), {}, list(range(len(prompts)))  # owner: slot -> prompt index
     while queue or owner:
         take, queue = queue[:eng.n_free], queue[eng.n_free:]
         for i, g in zip(take, eng.submit_many([prompts[i] for i in take], sp, seeds=take) if take else []):
@@ -517,7 +482,6 @@ class RolloutConfig:
 
 
 # ------------------------------------------------------------------------------------------------ prompt
-
 ARG_KEY = {"web_search": "query", "browse_webpage": "url_list"}
 TOOLS = [  # JSON schemas, as the reference shows them: one list-of-strings argument each (ARG_KEY)
     {"name": name, "description": what, "parameters": {"type": "object", "required": [ARG_KEY[name]], "properties": {
@@ -533,12 +497,10 @@ _CALL_FORMAT = {
     "dr": ('<tool_call>{"name": "web_search", "arguments": {"query": ["first query", "second query"]}}</tool_call>\n'
            '<tool_call>{"name": "browse_webpage", "arguments": {"url_list": ["https://..."]}}</tool_call>'),
     "tags": ("<search>first query | second query</search>   (runs web_search; separate queries with |)\n"
-             "<browse>https://... | https://...</browse>   (runs browse_webpage; separate URLs with |)"),
-}
+             "<browse>https://... | https://...</browse>   (runs browse_webpage; separate URLs with |)")}
 _SHORT_CALLS = {  # search only: placeholder words are what a small model copies ("its url" became every query)
     "dr": 'Search with <tool_call>{"name": "web_search", "arguments": {"query": ["query"]}}</tool_call>.',
-    "tags": "Search with <search>query</search>.",
-}
+    "tags": "Search with <search>query</search>."}
 
 
 def system_prompt(protocol: str, date: str | None = None, style: str = "reference") -> str:
@@ -553,31 +515,27 @@ def system_prompt(protocol: str, date: str | None = None, style: str = "referenc
         raise ValueError(f"prompt style must be 'reference', 'short' or 'closed_book', got {style!r}")
     date = date or _dt.date.today().isoformat()
     tools = "\n".join(json.dumps(t) for t in TOOLS)
-    return (
-        f"You are a Deep AI Research Assistant. Today is {date}.\n"
-        "Answer the user's question accurately. Think step by step, search the web and read web pages until you "
-        "are confident of the answer; do not guess when you can look it up.\n\n"
-        f"# Tools\nYou can use these tools (JSON schemas):\n{tools}\n\n"
-        "# How to reply\n"
-        "Every reply starts with your reasoning inside <think> </think>. After it, do exactly one of:\n"
-        f"1. call one tool, written as:\n{_CALL_FORMAT[protocol]}\n"
-        "2. give the final answer: <answer>your answer</answer>\n"
-        "Tool results come back to you inside <tool_response> </tool_response>.\n"
-        "Keep the final answer short: a name, date, number or short phrase, not a sentence. "
-        "Answer yes/no questions with yes or no."
-    )
+    return (f"You are a Deep AI Research Assistant. Today is {date}.\n"
+            "Answer the user's question accurately. Think step by step, search the web and read web pages until you "
+            "are confident of the answer; do not guess when you can look it up.\n\n"
+            f"# Tools\nYou can use these tools (JSON schemas):\n{tools}\n\n"
+            "# How to reply\n"
+            "Every reply starts with your reasoning inside <think> </think>. After it, do exactly one of:\n"
+            f"1. call one tool, written as:\n{_CALL_FORMAT[protocol]}\n"
+            "2. give the final answer: <answer>your answer</answer>\n"
+            "Tool results come back to you inside <tool_response> </tool_response>.\n"
+            "Keep the final answer short: a name, date, number or short phrase, not a sentence. "
+            "Answer yes/no questions with yes or no.")
 
 
 def render_prompt(tokenizer, question: str, protocol: str, date: str | None = None, style: str = "reference",
                   example: list[dict] = ()) -> list[int]:
     """Prompt token ids through the chat template: system, the example's turns, the question, the assistant header."""
-    sys_text = system_prompt(protocol, date, style)
+    sys_text, msgs = system_prompt(protocol, date, style), [*example, {"role": "user", "content": question}]
     try:
-        text = tokenizer.apply_chat_template([{"role": "system", "content": sys_text}, *example,
-                                              {"role": "user", "content": question}],
-                                             tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template([{"role": "system", "content": sys_text}, *msgs], tokenize=False,
+                                             add_generation_prompt=True)
     except Exception:  # noqa: BLE001  templates without a system role raise (jinja TemplateError): merge into user
-        msgs = [*example, {"role": "user", "content": question}]
         msgs[0] = {"role": "user", "content": f"{sys_text}\n\nQuestion: {msgs[0]['content']}"}
         text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     return tokenizer.encode(text, add_special_tokens=False)
@@ -588,14 +546,13 @@ def example_turns(example: str, protocol: str, session) -> list[dict]:
     observation of that search (through the same browser, so it looks exactly like the ones the policy will see),
     and the answer. A format demonstration for small models; its question must not be one it is scored on."""
     question, query, answer = (x.strip() for x in example.split("|"))
+    ask, reply = {"role": "user", "content": question}, {"role": "assistant", "content": f"<answer>{answer}</answer>"}
     if not query:  # a closed-book example: the question and its answer only
-        return [{"role": "user", "content": question}, {"role": "assistant", "content": f"<answer>{answer}</answer>"}]
+        return [ask, reply]
     call = (f"<search>{query}</search>" if protocol == "tags" else
             "<tool_call>" + json.dumps({"name": "web_search", "arguments": {"query": [query]}}) + "</tool_call>")
-    obs = str(session.web_search([query]))
-    return [{"role": "user", "content": question}, {"role": "assistant", "content": call},
-            {"role": "user", "content": f"<tool_response>\n{obs}\n</tool_response>"},
-            {"role": "assistant", "content": f"<answer>{answer}</answer>"}]
+    return [ask, {"role": "assistant", "content": call},
+            {"role": "user", "content": f"<tool_response>\n{session.web_search([query])}\n</tool_response>"}, reply]
 
 
 @dataclass
@@ -614,8 +571,7 @@ def obs_frame(tokenizer) -> ObsFrame:
     msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": mark_a},
             {"role": role, "content": mark_o}]
     text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-    tail = text[text.index(mark_a) + len(mark_a):]
-    before, after = tail.split(mark_o)
+    before, after = text[text.index(mark_a) + len(mark_a):].split(mark_o)
     if "<tool_response>" not in before:  # templates without tool support: wrap it ourselves, like Qwen2.5 does
         before, after = before + "<tool_response>\n", "\n</tool_response>" + after
     enc = lambda s: tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
@@ -624,14 +580,12 @@ def obs_frame(tokenizer) -> ObsFrame:
 
 def stop_token_ids(tokenizer) -> tuple[int, ...]:
     """eos plus the end-of-turn tokens chat models emit (Qwen2.5-Instruct stops on either of two)."""
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     vocab = tokenizer.get_vocab()
-    ids |= {vocab[t] for t in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>") if t in vocab}
-    return tuple(sorted(ids))
+    ids = {vocab[t] for t in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>") if t in vocab}
+    return tuple(sorted(ids | ({tokenizer.eos_token_id} - {None})))  # a tokenizer may have no eos
 
 
 # ------------------------------------------------------------------------------------------------ parsing
-
 @dataclass
 class Action:
     """What a turn asks for: kind is "answer", "call", "bad_call" or "none"."""
@@ -659,8 +613,7 @@ def parse_turn(text: str, protocol: str) -> Action:
             if start < 0:
                 return Action("bad_call", error=f"{close} without <{tag}>")
             return _parse_call(tag, body[start + len(tag) + 2:len(body) - len(close)].strip())
-    m = _ANSWER.search(body)
-    if m:
+    if m := _ANSWER.search(body):
         return Action("answer", answer=m.group(1).strip())
     for tag in call_tags:
         if f"<{tag}>" in body:
@@ -702,14 +655,12 @@ def bad_call_message(error: str, protocol: str) -> str:
 
 
 def run_tool(session, tool: str, args: dict) -> tuple[str, float, bool]:
-    """Run one call on a browser session: (the observation, seconds, failed). A session returns a str, maybe with
-    `.failed` (browse.Observation: the web failed, not the policy; the trajectory ends as "tool_failure"). Sessions
-    should not raise; an exception anyway is a tool failure, so one row cannot take the rollout down."""
+    """Run one call on a browser session: (text, seconds, failed: a browse.Observation's `.failed`, the web's fault).
+    Sessions should not raise; an exception anyway is a tool failure, so one row cannot take the rollout down."""
     t0 = time.perf_counter()
     try:
         obs = session.web_search(args["query"]) if tool == "web_search" else session.browse_webpage(args["url_list"])
-        failed = bool(getattr(obs, "failed", False))
-        text = str(obs)  # a plain str, JSON-safe in records
+        text, failed = str(obs), bool(getattr(obs, "failed", False))  # text: a plain str, JSON-safe in records
     except Exception as e:  # noqa: BLE001
         text, failed = f"Error: {tool} failed ({type(e).__name__}: {e})", True
     return text, time.perf_counter() - t0, failed
@@ -717,14 +668,12 @@ def run_tool(session, tool: str, args: dict) -> tuple[str, float, bool]:
 
 def _defang(text: str, specials: list[str]) -> str:
     """Web text that spells a control token (`<|im_end|>`) must not become that token: break it up."""
-    for s in specials:
-        if s and s in text:
-            text = text.replace(s, s[:1] + " " + s[1:])
+    for s in filter(None, specials):
+        text = text.replace(s, s[:1] + " " + s[1:])
     return text
 
 
 # ------------------------------------------------------------------------------------------------ the loop
-
 @dataclass
 class _Row:
     """Loop-side state of one live trajectory (slot -> _Row); its current turn is traj.turns[-1]."""
@@ -766,8 +715,7 @@ def rollout(model, tokenizer, questions: list[str], golds: list[list[str]], brow
     closed = {t: tokenizer.decode([t]) for t in sampling.stop_token_ids}
     opening = {t: enc(frame.before[len(c):]) for t, c in closed.items() if frame.before.startswith(c)}
     example = example_turns(cfg.example, cfg.protocol, browser.session("")) if cfg.example else []
-    tp = cfg.turn_prefixes
-    tp = tp.split(",") if isinstance(tp, str) else [str(p) for p in tp]
+    tp = cfg.turn_prefixes.split(",") if isinstance(cfg.turn_prefixes, str) else list(map(str, cfg.turn_prefixes))
     # turn i opens with turn_prefix_every + turn_prefixes[i]; the last entry covers every later turn
     prefixes = [(p, enc(p)) for p in ((cfg.turn_prefix_every or "") + p for p in [*tp, ""])]
     prefix = lambda i: prefixes[min(i, len(prefixes) - 1)]  # noqa: E731  (text, ids)
@@ -789,8 +737,7 @@ def rollout(model, tokenizer, questions: list[str], golds: list[list[str]], brow
 
     def resume(slot: int, observation: str) -> None:
         """Append the forced observation tokens to the parked row, or end it when they would not fit."""
-        row = rows[slot]
-        t = row.traj
+        t = rows[slot].traj
         t.turns[-1].observation = observation
         forced = (opening.get(t.tokens[-1], frame.before_ids) + enc(_defang(observation, specials))
                   + frame.after_ids + prefix(len(t.turns))[1])
@@ -801,7 +748,7 @@ def rollout(model, tokenizer, questions: list[str], golds: list[list[str]], brow
         except (RuntimeError, ValueError) as e:  # the engine refused the row: end it, keep the others going
             return finish(slot, "engine_error", error=f"engine: {type(e).__name__}: {e}")
         _extend(t, forced)
-        row.t_turn = time.perf_counter()
+        rows[slot].t_turn = time.perf_counter()
 
     def on_finished(fin: Finished) -> None:
         row = rows[fin.slot]
@@ -854,11 +801,9 @@ def rollout(model, tokenizer, questions: list[str], golds: list[list[str]], brow
                 for tr in trajs:
                     tr.end_reason = "context_limit"
                 continue
-            # one random stream per trajectory, keyed (seed, question, sample): same seed, same run, whatever
-            # order the tool calls finish in
+            # one random stream per trajectory, keyed (seed, question, sample): same run whatever order calls end in
             now = time.perf_counter()
-            slots = engine.submit(first, sampling, n=G, seeds=[(seed, qi, g) for g in range(G)])
-            for slot, tr in zip(slots, trajs):
+            for slot, tr in zip(engine.submit(first, sampling, n=G, seeds=[(seed, qi, g) for g in range(G)]), trajs):
                 rows[slot] = _Row(traj=tr, session=browser.session(questions[qi]), t_start=now, t_turn=now)
 
     with ThreadPoolExecutor(max_workers=cfg.tool_threads, thread_name_prefix="tool") as pool:
