@@ -815,7 +815,7 @@ class PageState:
     """One trajectory's reading of one page: where reading stopped, what was already returned, and the reader's
     short memory per search (the queries that led here)."""
     url: str
-    title: str
+    title: str                                    # (for a custom reader: the seam in Browser.__init__)
     chunks: list[str]
     pos: int = 0                                  # the chunk reading resumes at
     returned: set = field(default_factory=set)    # passages already shown (extract reader)
@@ -865,7 +865,6 @@ class ExtractReader:
     """No model: the chunk's best new passages by BM25 against the question and the queries, in page order, up to
     `page_chars`; a chunk with nothing new and relevant is skipped. On a first visit where nothing matches, the
     page's opening passage (it usually says what the page is about)."""
-    name = "extract"
 
     def __init__(self, cfg: "BrowseConfig", cache: Cache | None = None):
         self.cfg = cfg
@@ -930,7 +929,6 @@ def chat_completion(base_url: str, model: str, messages: list[dict], *, api_key:
 class LLMReader:
     """A reading model behind any OpenAI-compatible endpoint (a local vLLM/SGLang server or a hosted model). Replies
     are cached (Cache kind "read", keyed by model and prompt), so a replayed run reads the same way."""
-    name = "llm"
 
     def __init__(self, cfg: "BrowseConfig", cache: Cache | None = None):
         if not cfg.llm_base_url or not cfg.llm_model:
