@@ -1,10 +1,9 @@
 """Train a deep research agent with GRPO: rollouts in a (local or real) web, F1 rewards, a clipped policy update.
 
-Each step takes `batch_size` questions (rank r every world-th one) and runs `rollout.rollout` on the policy, unsharded
-once (FSDP2 all-gathers the weights once, not per decoded token), `group_size` trajectories per question; scores
-them with `reward.reward` on the policy's own turn texts (-1 format error, else word-set F1); turns rewards into group
-advantages and takes clipped policy-gradient steps on the sampled tokens; logs one line, metrics.jsonl, a few full
-trajectories and reward.png; saves a checkpoint every `save_every` steps.
+Each step runs `rollout.rollout` on `batch_size` questions (rank r takes every world-th one), `group_size` trajectories
+each; scores them with `reward.reward` on the policy's own turn texts (-1 format error, else word-set F1); turns the
+rewards into group advantages and takes clipped policy-gradient steps on the sampled tokens; logs one line,
+metrics.jsonl, a few full trajectories and reward.png; saves a checkpoint every `save_every` steps.
 
 The objective (all choices are config keys). For a question q, G trajectories o_1..o_G with rewards r_i:
     A_i   = r_i - mean(r)                                  (norm_adv_by_std=False, Dr.GRPO)
@@ -25,20 +24,18 @@ the batch is split; "sequences" are those with at least one sampled token, as in
                                         (the Dr.GRPO paper's 1/G and current verl; verl 0.3-0.4's agg_loss divided
                                         by the constant only, a loss (number of sequences) times larger)
 With kl_coef == 0 the frozen reference model is not even loaded. Logits are divided by the sampling temperature
-before the log-softmax, so logp_theta is the distribution the sampler drew from. The G trajectories of a question
-start with the same prompt: a micro-batch computes it once (`share_prefix`, exact), not once per trajectory.
+before the log-softmax, so logp_theta is the distribution the sampler drew from.
 
 Departures from the paper / the reference implementation (verl + vLLM + Ray)
-- One process per GPU (torchrun); generation runs inside the training process on the unsharded policy with our own
-  KV-cached engine (rollout.py), not vLLM; no Ray, no weight re-sync between engines.
+- One process per GPU (torchrun); our own KV-cached engine (rollout.py), not vLLM, generates inside the training
+  process on the policy unsharded once per rollout (not per decoded token); no Ray, no weight re-sync between engines.
 - The update trains on the exact token ids the sampler produced (the reference re-rendered text and re-tokenised).
 - logp_old is recomputed by a training forward when there are several mini-batches or epochs; with one of each
   (the default) the update is exactly on-policy and logp_old = logp_theta.detach() (ratio 1, no extra forward).
 - loss_agg default "token-mean", a global token mean over the mini-batch; the paper states GRPO's sequence-mean;
-  both, and Dr.GRPO's constant, are switches. The reference's verl computed neither: it averaged the tokens of each
-  micro-batch and weighted micro-batches equally, so a token's weight depended on how many tokens shared its
-  micro-batch. Optional filtering of zero-variance groups (DAPO, without resampling). The paper does not state the
-  reference's mini-batch size; we do one update per step.
+  both, and Dr.GRPO's constant, are switches. The reference's verl computed neither: it weighted each micro-batch's
+  token mean equally, so a token's weight depended on how many tokens shared its micro-batch. Optional filtering of
+  zero-variance groups (DAPO, without resampling). The paper does not state its mini-batch size: one update per step.
 - Search back ends: Serper (the paper), SearxNG or the embedded offline web (the default); the reading agent is an
   OpenAI-compatible LLM (the paper) or a local extractive reader (`reader=extract`, the CPU default).
 - Checkpoints are torch.distributed.checkpoint shards (+ an HF export per step), written atomically.
@@ -49,8 +46,7 @@ Departures from the paper / the reference implementation (verl + vLLM + Ray)
   lr 1e-5, temperature 0.7, no KL, a 30-token system prompt, one worked example as chat turns before the question
   (`example`: an unrelated question, its real search, its answer; without it a 135M model never writes an `<answer>`
   tag, see the README) and turn 1 forced to open with `<search>` (loss-masked); up to 3 turns, top-3 results, turns
-  of at most 24 tokens. `--preset=deepresearcher` is the paper's recipe (its n_slots=80 and micro_tokens=8192 are our
-  memory choices for 8 x 80 GB, see `--dry_run=True`).
+  of at most 24 tokens. `--preset=deepresearcher` is the paper's recipe (n_slots, micro_tokens: see PRESETS).
 The step line's metrics (also in metrics.jsonl) are listed in the README.
 
 How to run
@@ -73,7 +69,6 @@ tensor or pipeline parallelism, asynchronous (off-policy) rollouts.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import json
 import math
@@ -86,7 +81,7 @@ import sys
 import time
 import traceback
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 
 import torch
@@ -111,9 +106,9 @@ ROOT = Path(__file__).resolve().parent
 # DCP on one process warns that it "assumes" no process group: as intended, so not every checkpoint says it
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 
+
 # ----------------------------------------------------------------------------------------------------------------
 # Config: the agent's fields are declared once (AgentConfig) and shared with eval.py, whose Config inherits them
-
 
 @dataclass
 class AgentConfig:
@@ -275,14 +270,13 @@ def validate(cfg) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # Distributed setup: torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them we are a single process.
 
-
 @dataclass
 class Dist:
     """This process's place in the job (`proc` below)."""
     rank: int = 0
     world: int = 1
     local_rank: int = 0
-    device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
     def main(self) -> bool:
@@ -294,20 +288,17 @@ def setup_distributed(device: str = "auto") -> Dist:
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if use_cuda and not torch.cuda.is_available():
         raise SystemExit("--device=cuda but CUDA is not available")
-    if "RANK" not in os.environ:
-        if not use_cuda:
-            return Dist()  # a plain CPU process: no process group, no FSDP
-        # one GPU without torchrun: a 1-rank group anyway, so FSDP2 gives the same bf16 mixed precision as on 8
-        torch.cuda.set_device(0)
-        if not dist.is_initialized():
-            dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
-        return Dist(device=torch.device("cuda", 0))
-    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    torchrun = "RANK" in os.environ
+    if not (torchrun or use_cuda):
+        return Dist()  # a plain CPU process: no process group, no FSDP
+    rank, world, local = [int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")] if torchrun else [0, 1, 0]
     dev = torch.device("cuda", local) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)
-    if not dist.is_initialized():
+    if torchrun and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
+    elif not dist.is_initialized():  # one GPU without torchrun: a 1-rank group anyway, so FSDP2's bf16 as on 8 GPUs
+        dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
     return Dist(rank=rank, world=world, local_rank=local, device=dev)
 
 
@@ -333,18 +324,14 @@ def all_reduce_dict(values: dict[str, float], op: str = "sum", proc: Dist | None
 # ----------------------------------------------------------------------------------------------------------------
 # Model: load, shard with FSDP2, unshard for rollouts
 
-
 def fsdp_modules(model) -> list:
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
 def build_model(path: str, cfg: Config, proc: Dist, trainable: bool = True):
-    """Load an HF checkpoint and, when distributed or on GPU, shard it with FSDP2 (each block, then the root).
-
-    Rank 0 reads the weights; the other ranks build on the meta device and receive their shards by broadcast, so
-    the job holds one full host copy in all, not one per GPU. Master weights stay fp32; on GPU the forward and
-    backward run in bf16 (MixedPrecisionPolicy) with fp32 gradient reduction.
-    """
+    """Load an HF checkpoint (fp32 master weights) and, when distributed or on GPU, shard it with FSDP2. Rank 0 reads
+    the weights; the other ranks build on the meta device and receive their shards by broadcast, so the job holds
+    one full host copy in all, not one per GPU."""
     if not _is_dist():
         model = Transformer.from_pretrained(path, dtype=torch.float32, device=proc.device)
     else:
@@ -352,25 +339,20 @@ def build_model(path: str, cfg: Config, proc: Dist, trainable: bool = True):
         with torch.device("meta"):
             model = Transformer(ModelConfig.from_json(path))
         apply_fsdp(model, proc, cfg.cpu_offload)
-        opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-        set_model_state_dict(model, full_sd, options=opts)
+        set_model_state_dict(model, full_sd, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
         del full_sd
     model.gradient_checkpointing = cfg.activation_checkpointing and trainable
     if not trainable:
-        model.eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
+        model.eval().requires_grad_(False)
     return model
 
 
 def apply_fsdp(model, proc: Dist, cpu_offload: bool = False):
     """FSDP2 in place: each transformer block is one all-gather unit, the root holds the rest; then allocate the
     local shards (a model built on the meta device gets uninitialised storage: load or init it afterwards)."""
-    kw = {}
+    kw = {"offload_policy": CPUOffloadPolicy()} if cpu_offload else {}
     if proc.device.type == "cuda":  # fp32 master weights, bf16 compute, fp32 gradient reduction
         kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    if cpu_offload:
-        kw["offload_policy"] = CPUOffloadPolicy()
     for block in model.model.layers:
         fully_shard(block, **kw)
         block.fsdp_reshard_after_forward = True  # FSDP2's default for a non-root group; `unsharded` restores it
@@ -387,13 +369,9 @@ def apply_fsdp(model, proc: Dist, cpu_offload: bool = False):
 
 @contextlib.contextmanager
 def unsharded(model):
-    """All-gather every FSDP group once, keep them gathered for the whole rollout, reshard after; eval mode and no
-    autograd inside.
-
-    Without this, every decoded token would all-gather every layer (FSDP reshards after each forward). On exit each
-    group gets back its own setting (recorded by apply_fsdp; FSDP2's defaults otherwise: the root False, others
-    True), so training keeps FSDP2's behaviour.
-    """
+    """All-gather every FSDP group once and keep them gathered for the whole rollout (else every decoded token would
+    all-gather every layer), eval mode and no autograd inside; on exit reshard, and each group gets back its own
+    setting (recorded by apply_fsdp; FSDP2's defaults otherwise: the root False, others True)."""
     mods = fsdp_modules(model)
     before = [getattr(m, "fsdp_reshard_after_forward", m is not model) for m in mods]
     for m in mods:
@@ -432,15 +410,11 @@ def load_questions(path: str) -> list[dict]:
 
 
 def batch_indices(n: int, step: int, batch_size: int, seed: int) -> list[int]:
-    """Indices of the questions of global step `step`: epochs are seeded permutations, read in order.
-
-    A pure function of (n, step, batch, seed), so the data position after a resume is exact by construction."""
-    out = []
-    for pos in range(step * batch_size, (step + 1) * batch_size):
-        epoch, i = divmod(pos, n)
-        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        out.append(int(torch.randperm(n, generator=g)[i]))
-    return out
+    """Indices of the questions of global step `step`: epochs are seeded permutations, read in order. A pure
+    function of (n, step, batch, seed), so the data position after a resume is exact by construction."""
+    def perm(epoch: int) -> torch.Tensor:
+        return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    return [int(perm(pos // n)[pos % n]) for pos in range(step * batch_size, (step + 1) * batch_size)]
 
 
 def rng_seed(seed: int, step: int, rank: int) -> int:
@@ -451,18 +425,14 @@ def rng_seed(seed: int, step: int, rank: int) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 # Advantages and the loss. Pure functions of tensors; they never modify their inputs.
 
-
 INFRA_END_REASONS = ("tool_failure", "engine_error")  # trajectories ended by the web or the engine, not the policy
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, norm_by_std: bool = True, eps: float = 1e-6,
                      valid: torch.Tensor | None = None):
-    """rewards (N,) question-major (G consecutive per question) -> advantages (N,).
-
-    A = r - mean(group), divided by (std(group) + eps) when norm_by_std (unbiased std, as verl's GRPO).
-    group_size 1: verl defines a singleton's mean as 0 and std as 1, so A = r (/ (1 + eps) with norm_by_std).
-    valid (N,) bool: rows to score (e.g. not ended by a web failure); the others get 0 and leave their group's
-    mean and std; a group left with fewer than 2 valid rows gets 0 throughout (skipped)."""
+    """rewards (N,) question-major (G consecutive per question) -> advantages (N,), as in the module docstring (a
+    singleton's mean is 0 and std 1, as verl). valid (N,) bool: rows to score (e.g. not ended by a web failure); the
+    others get 0 and leave their group's mean and std; a group left with fewer than 2 valid rows gets 0 throughout."""
     r = rewards.reshape(-1, group_size).to(torch.float32)  # (Q, G)
     v = torch.ones_like(r, dtype=torch.bool) if valid is None else valid.reshape(-1, group_size).bool()  # (Q, G)
     if group_size == 1:
@@ -489,7 +459,6 @@ def zero_variance_groups(rewards: torch.Tensor, group_size: int, valid: torch.Te
 def policy_loss(logp, old_logp, advantages, mask, *, clip_low=0.2, clip_high=0.2, loss_agg="token-mean",
                 ref_logp=None, kl_coef=0.0, entropy=None, entropy_coef=0.0, agg_const=1.0, norm=None):
     """The clipped GRPO surrogate on masked tokens, aggregated; returns (loss, stats).
-
     logp, old_logp, ref_logp, entropy, mask: (B, T); advantages: (B,). Only positions with mask 1 count, and
     `torch.where` (not a multiplication) keeps even inf/NaN at mask-0 positions out of the value and the gradient.
     norm: the denominator (tokens for token-mean, sequences with at least one sampled token otherwise) summed
@@ -505,7 +474,7 @@ def policy_loss(logp, old_logp, advantages, mask, *, clip_low=0.2, clip_high=0.2
     pg1 = -adv * ratio
     pg2 = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
     per_tok = torch.maximum(pg1, pg2)  # pessimistic bound: the clipped term wins when it is larger
-    stats = {}
+    stats = {"clipped": ((pg2 > pg1) & m).detach(), "ratio": ratio.detach()}  # clipped: tokens where the clip is active
     if kl_coef > 0:
         d = torch.where(m, ref_logp.to(logp.dtype), zero) - logp
         kl = (torch.exp(d) - d - 1.0).clamp(-10.0, 10.0)  # k3: unbiased, non-negative, low variance
@@ -519,21 +488,16 @@ def policy_loss(logp, old_logp, advantages, mask, *, clip_low=0.2, clip_high=0.2
              "seq-mean-token-sum-norm": (per_tok.sum(dim=1) / agg_const).sum()}[loss_agg]
     if norm is None:  # tokens for token-mean; else, as verl, the sequences with at least one sampled token
         norm = (n_tok.sum() if loss_agg == "token-mean" else (n_tok > 0).sum()).clamp(min=1)
-    stats["clipped"] = ((pg2 > pg1) & m).detach()  # tokens where the clip was active
-    stats["ratio"] = ratio.detach()
     return total / norm, stats
 
 
 def token_logprobs(model, tokens, mask, temperature: float = 1.0, with_entropy: bool = False,
                    entropy_grad: bool = True, prefix: int = 0):
     """Per-token log-probs of `tokens[:, 1:]` under the model, only where `mask[:, 1:]` is 1.
-
     tokens, mask: (B, T). Returns logp (B, T-1) and entropy (B, T-1) or None, zero where the mask is 0. Logits are
     computed only at the sampled positions (`logits_at`), which is most of the memory saved on long observations.
-    prefix: the first `prefix` tokens are the same in every row; the model computes them once.
-    """
+    prefix: the first `prefix` tokens are the same in every row; the model computes them once."""
     tgt_mask = mask[:, 1:].bool()  # (B, T-1): token t+1 is predicted from position t
-    B, T1 = tgt_mask.shape
     k = max(int(tgt_mask.sum(dim=1).max()), 1)
     # time indices of the masked positions, packed left, padded with 0 (their results are discarded below)
     order = torch.sort((~tgt_mask).to(torch.int8), dim=1, stable=True).indices[:, :k]  # (B, K)
@@ -550,15 +514,13 @@ def token_logprobs(model, tokens, mask, temperature: float = 1.0, with_entropy: 
         with torch.set_grad_enabled(torch.is_grad_enabled() and entropy_grad):
             ent = -(logp_all.exp() * logp_all).sum(dim=-1)  # (B, K)
     zero = torch.zeros((), dtype=lp.dtype, device=lp.device)
-    out = torch.zeros(B, T1, dtype=lp.dtype, device=lp.device).scatter(1, order, torch.where(valid, lp, zero))
-    if ent is not None:
-        ent = torch.zeros(B, T1, dtype=lp.dtype, device=lp.device).scatter(1, order, torch.where(valid, ent, zero))
-    return out, ent
+    base = torch.zeros_like(tgt_mask, dtype=lp.dtype, device=lp.device)  # (B, T-1); scatter() returns a filled copy
+    ent = None if ent is None else base.scatter(1, order, torch.where(valid, ent, zero))
+    return base.scatter(1, order, torch.where(valid, lp, zero)), ent
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The update: mini-batches (optimizer steps) of micro-batches (forward/backward within a token budget)
-
 
 @dataclass
 class Sample:
@@ -601,39 +563,27 @@ def collate(samples: list[Sample], device, pad_id: int = 0):
     """Right-padded (B, T) tokens and mask; old/ref/sampler logps padded to (B, T-1) (None when a sample has none:
     target t+1 at index t, as token_logprobs); advantages (B,)."""
     T = max(len(s.tokens) for s in samples)
-    tok = torch.full((len(samples), T), pad_id, dtype=torch.long)
-    msk = torch.zeros((len(samples), T), dtype=torch.long)
-    for i, s in enumerate(samples):
-        tok[i, : len(s.tokens)] = torch.tensor(s.tokens)
-        msk[i, : len(s.loss_mask)] = torch.tensor(s.loss_mask)
 
-    def pad(get):
-        if any(get(s) is None for s in samples):
+    def pad(rows, width, dtype=torch.float32, fill=0):
+        if any(r is None for r in rows):
             return None
-        out = torch.zeros((len(samples), T - 1), dtype=torch.float32)
-        for i, s in enumerate(samples):
-            v = torch.as_tensor(get(s), dtype=torch.float32)[: T - 1]
-            out[i, : len(v)] = v
+        out = torch.full((len(rows), width), fill, dtype=dtype)
+        for i, r in enumerate(rows):
+            r = torch.as_tensor(r, dtype=dtype)[:width]
+            out[i, : len(r)] = r
         return out.to(device)
 
     adv = torch.tensor([s.advantage for s in samples], dtype=torch.float32, device=device)
-    sampler = pad(lambda s: None if s.sampler_logp is None else s.sampler_logp[1:])
-    return tok.to(device), msk.to(device), adv, pad(lambda s: s.old_logp), pad(lambda s: s.ref_logp), sampler
-
-
-def _dummy_backward(model, device) -> None:
-    """A rank with fewer micro-batches than another still has to join FSDP's collectives: a zero-loss pass."""
-    tok = torch.zeros((1, 2), dtype=torch.long, device=device)
-    (model(tok, logits_at=torch.zeros((1, 1), dtype=torch.long, device=device)).sum() * 0.0).backward()
+    sampler = pad([None if s.sampler_logp is None else s.sampler_logp[1:] for s in samples], T - 1)
+    return (pad([s.tokens for s in samples], T, torch.long, pad_id), pad([s.loss_mask for s in samples], T, torch.long),
+            adv, pad([s.old_logp for s in samples], T - 1), pad([s.ref_logp for s in samples], T - 1), sampler)
 
 
 @torch.no_grad()
 def fill_logprobs(model, samples: list[Sample], cfg: Config, proc: Dist, attr: str, only=None) -> list[Sample]:
-    """New Samples with `attr` (old_logp / ref_logp) from a no-grad forward of `model`, in micro-batches.
-
-    only: indices of the samples that need it (default all); the others are returned unchanged."""
+    """New Samples with `attr` (old_logp / ref_logp) from a no-grad forward of `model`, in micro-batches; `only`: the
+    indices of the samples that need it (default all), the others are returned unchanged."""
     out = list(samples)
-    lengths = [len(s.tokens) for s in samples]
     todo = list(range(len(samples))) if only is None else list(only)
     groups = [([todo[k] for k in g], P) for g, P in micro_batches([samples[i] for i in todo], cfg.micro_tokens,
                                                                    cfg.share_prefix)]
@@ -645,7 +595,7 @@ def fill_logprobs(model, samples: list[Sample], cfg: Config, proc: Dist, attr: s
         tok, msk = collate([samples[i] for i in idx], proc.device)[:2]
         lp, _ = token_logprobs(model, tok, msk, cfg.temperature or 1.0, prefix=P)
         for row, i in enumerate(idx):
-            out[i] = dataclasses.replace(samples[i], **{attr: lp[row, : lengths[i] - 1].float().cpu()})
+            out[i] = replace(samples[i], **{attr: lp[row, : len(samples[i].tokens) - 1].float().cpu()})
     return out
 
 
@@ -671,7 +621,7 @@ def update(model, optimizer, samples: list[Sample], cfg: Config, proc: Dist, ste
         g["lr"] = lr_at(step, cfg)
     const = cfg.loss_agg_const or float(cfg.max_turns * cfg.max_new_tokens)
     sums = dict(loss=0.0, entropy=0.0, kl=0.0, clipfrac=0.0, ratio=0.0, tokens=0.0, logp_diff=0.0, diff_tokens=0.0)
-    grad_norms, finite, nb = [], True, cfg.n_minibatches
+    grad_norms, nb = [], cfg.n_minibatches
     bar = tqdm(total=0, desc="update", unit="micro-batch", leave=False, disable=not (proc.main and show_progress))
     for epoch in range(cfg.ppo_epochs):
         for mb in range(nb):
@@ -693,8 +643,9 @@ def update(model, optimizer, samples: list[Sample], cfg: Config, proc: Dist, ste
             bar.refresh()
             for j in range(n_micro):
                 bar.update()
-                if j >= len(groups):
-                    _dummy_backward(model, proc.device)
+                if j >= len(groups):  # fewer micro-batches than another rank: still join FSDP's collectives
+                    tok = torch.zeros((1, 2), dtype=torch.long, device=proc.device)
+                    (model(tok, logits_at=tok[:, :1]).sum() * 0.0).backward()  # a zero-loss pass
                     continue
                 rows, P = groups[j]
                 tok, msk, adv, old, ref, engine = collate([work[i] for i in rows], proc.device)
@@ -706,29 +657,24 @@ def update(model, optimizer, samples: list[Sample], cfg: Config, proc: Dist, ste
                                        entropy_coef=cfg.entropy_coef, agg_const=const, norm=norm)
                 (loss * proc.world).backward()
                 m = msk[:, 1:].bool()
-                sums["loss"] += float(loss.detach())
-                sums["entropy"] += float(ent.detach()[m].sum())
-                sums["kl"] += float(st["kl"][m].sum()) if "kl" in st else 0.0
-                sums["clipfrac"] += float(st["clipped"].sum())
-                sums["ratio"] += float(st["ratio"][m].sum())
-                sums["tokens"] += float(m.sum())
+                got = dict(loss=loss.detach(), entropy=ent.detach()[m].sum(), clipfrac=st["clipped"].sum(),
+                           ratio=st["ratio"][m].sum(), tokens=m.sum(), kl=st["kl"][m].sum() if "kl" in st else 0.0)
                 if engine is not None and epoch == 0 and mb == 0:  # large gaps: the sampler is not the policy
-                    sums["logp_diff"] += float((logp.detach() - engine)[m].abs().sum())
-                    sums["diff_tokens"] += float(m.sum())
+                    got.update(logp_diff=(logp.detach() - engine)[m].abs().sum(), diff_tokens=m.sum())
+                for k, v in got.items():
+                    sums[k] += float(v)
             gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else 1e30)
             grad_norms.append(float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn))
-            if math.isfinite(grad_norms[-1]):
+            if math.isfinite(grad_norms[-1]):  # a NaN/inf gradient is never applied; the caller stops the run
                 optimizer.step()
-            else:
-                finite = False  # a NaN/inf gradient is never applied; the caller stops the run
             optimizer.zero_grad(set_to_none=True)
     bar.close()
     s = all_reduce_dict(sums, "sum", proc)
     t = max(s["tokens"], 1.0)
     # `loss` is per rank already normalised by the global count: its sum over ranks is the mini-batch loss
-    return {"loss": s["loss"] / (cfg.n_minibatches * cfg.ppo_epochs), "entropy": s["entropy"] / t, "kl": s["kl"] / t,
-            "clipfrac": s["clipfrac"] / t, "ratio": s["ratio"] / t, "grad_norm": max(grad_norms, default=0.0),
-            "finite": finite, "train_tokens": s["tokens"], "logp_diff": s["logp_diff"] / max(s["diff_tokens"], 1.0)}
+    return {"loss": s["loss"] / (cfg.n_minibatches * cfg.ppo_epochs), "grad_norm": max(grad_norms, default=0.0),
+            **{k: s[k] / t for k in ("entropy", "kl", "clipfrac", "ratio")}, "train_tokens": s["tokens"],
+            "finite": all(map(math.isfinite, grad_norms)), "logp_diff": s["logp_diff"] / max(s["diff_tokens"], 1.0)}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -809,10 +755,9 @@ def export_hf(model, tokenizer, path: Path, cfg: Config, proc: Dist) -> None:
     policy computed in: bf16 on GPU (FSDP's mixed precision casts the fp32 masters for every forward, so the bf16
     export is the model that sampled), fp32 on a CPU (a bf16 export of the default run rounds most of its update
     away: after 1 step at lr 2e-5, 92% of the changed weights round back to the base model's bf16 value)."""
-    if _is_dist():  # FSDP2: gather full tensors on rank 0 (on the CPU)
-        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    else:  # one process: the parameters themselves, no gathered copy
-        full = model.state_dict()
+    # FSDP2: gather full tensors on rank 0 (on the CPU); one process: the parameters themselves, no gathered copy
+    full = (get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            if _is_dist() else model.state_dict())
     if model.config.tie_word_embeddings:
         full.pop("lm_head.weight", None)  # the same tensor as the embedding: HF files store it once
     if proc.main:
@@ -888,9 +833,9 @@ def start_state(cfg: Config, proc: Dist, model, optimizer, resume_from: Path | N
             path.write_text("".join(ln + "\n" for ln in keep))
     return start, history
 
+
 # ----------------------------------------------------------------------------------------------------------------
 # Logging
-
 
 def command_line(cfg: Config, script: str = "train.py", **changes) -> str:
     """A `python train.py ...` line that reproduces `cfg` (with `changes`): the options this process was given
@@ -915,17 +860,9 @@ def eval_command(cfg: Config, model: str) -> str:
     return " ".join(["python eval.py"] + [shlex.quote(a) for a in args])
 
 
-def format_line(step: int, m: dict) -> str:
-    """`step 3 | reward 0.123 | f1 0.2 | ...`: one line per step, greppable."""
-    parts = [f"step {step}"] + [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in m.items()
-                                if isinstance(v, (int, float, str))]
-    return " | ".join(parts)
-
-
 def plot_rewards(history: list[dict], path: Path) -> None:
     """reward.png: mean reward, F1 and format-error rate per step (matplotlib, no display needed)."""
     import matplotlib  # optional for the loop itself: imported only when a plot is drawn
-
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -949,7 +886,7 @@ def plot_rewards(history: list[dict], path: Path) -> None:
 
 def turn_records(traj) -> list[dict]:
     """A trajectory's turns as JSON-ready dicts (eval.py's records use it too)."""
-    return [asdict(t) if dataclasses.is_dataclass(t) else dict(t) for t in traj.turns]
+    return [asdict(t) if is_dataclass(t) else dict(t) for t in traj.turns]
 
 
 def trajectory_record(traj, rew, adv: float, tokenizer) -> dict:
@@ -974,7 +911,6 @@ def start_wandb(cfg: Config, proc: Dist):
 # ----------------------------------------------------------------------------------------------------------------
 # The loop
 
-
 @dataclass
 class Batch:
     """One step's trajectories on this rank, scored: what the update and the metrics read."""
@@ -988,9 +924,8 @@ class Batch:
 
 
 def build_samples(trajs: list, cfg: Config) -> Batch:
-    """Rewards and group advantages (groups never straddle ranks: questions are sharded, not trajectories). A
-    trajectory the web (or the engine) ended says nothing about the policy: out of the loss and of its group's
-    mean/std; a group left with fewer than 2 trajectories is skipped."""
+    """Rewards and group advantages (groups never straddle ranks: questions are sharded, not trajectories); a
+    trajectory the web or the engine ended says nothing about the policy, so it is masked (module docstring)."""
     G = cfg.group_size
     rews = [reward([t.text for t in tr.turns], tr.gold, protocol=cfg.protocol) for tr in trajs]
     r = torch.tensor([x.score for x in rews], dtype=torch.float32)
@@ -1000,10 +935,8 @@ def build_samples(trajs: list, cfg: Config) -> Batch:
     zero_var = zero_variance_groups(r, G, valid=valid)
     n_valid = valid.reshape(-1, G).sum(dim=1)  # (Q,)
     skipped = (n_valid < 2) & (n_valid < G)
-    keep = [i for i in range(len(trajs)) if valid[i] and not skipped[i // G]
-            and not (cfg.filter_groups and zero_var[i // G])]
-    samples = [Sample(trajs[i].tokens, trajs[i].loss_mask, float(adv[i]), sampler_logp=trajs[i].logprobs)
-               for i in keep]
+    samples = [Sample(tr.tokens, tr.loss_mask, float(adv[i]), sampler_logp=tr.logprobs) for i, tr in enumerate(trajs)
+               if valid[i] and not skipped[i // G] and not (cfg.filter_groups and zero_var[i // G])]
     return Batch(trajs, rews, adv, valid, zero_var, skipped, samples)
 
 
@@ -1042,12 +975,13 @@ def step_metrics(batch: Batch, upd: dict, seconds: dict, cfg: Config, proc: Dist
 
 def log_step(step: int, m: dict, batch: Batch, tokenizer, history: list[dict], wandb_run, cfg: Config,
              proc: Dist) -> None:
-    """The step's line, metrics.jsonl (and wandb), a few full trajectories, the curve (rank 0); the history on every
-    rank."""
+    """Rank 0: the step's line, metrics.jsonl (and wandb), a few full trajectories, the curve; every rank: history."""
     history.append({"step": step, **{k: m.get(k) for k in ("reward", "f1", "format_error", "dev_f1")}})
     if not proc.main:
         return
-    tqdm.write(format_line(step, m))
+    # `step 3 | reward 0.123 | f1 0.2 | ...`: one line per step, greppable
+    tqdm.write(" | ".join([f"step {step}"] + [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                              for k, v in m.items() if isinstance(v, (int, float, str))]))
     with open(Path(cfg.out_dir) / "metrics.jsonl", "a", encoding="utf-8") as fh:
         fh.write(json.dumps({"step": step, **m}) + "\n")
     if wandb_run is not None:
@@ -1095,10 +1029,9 @@ def start_run(cfg: Config, proc: Dist) -> tuple[str, Path | None]:
     barrier()
     path = path or resolve_model(cfg.model)
     if proc.main:
-        (Path(cfg.out_dir) / "rollouts").mkdir(parents=True, exist_ok=True)
+        (out / "rollouts").mkdir(parents=True, exist_ok=True)
         print(json.dumps(asdict(cfg), indent=2))
-        (Path(cfg.out_dir) / "config.json").write_text(json.dumps({**asdict(cfg), "resolved_model_path": str(path)},
-                                                                  indent=2))
+        (out / "config.json").write_text(json.dumps({**asdict(cfg), "resolved_model_path": str(path)}, indent=2))
     return path, resume_from
 
 
