@@ -56,7 +56,6 @@ from urllib3.util.retry import Retry
 
 from data.config import parse_config
 
-SERPER_URL = "https://google.serper.dev/search"
 SERPER_USD_PER_QUERY = 0.001  # Serper's list price at volume, ~$1 per 1k queries (Nov 2026); an estimate, not a bill
 CACHE_MODES = ("live", "record", "replay", "replay_or_live")
 RETRY_STATUS = (429, 500, 502, 503, 504)  # worth another try; any other status is the answer
@@ -129,7 +128,7 @@ class Session:
         try:
             results = self.browser.backend.search(queries)
         except CacheMiss as e:  # a set-up problem of the run, but the policy still gets an observation
-            results = [SearchError("cache_miss", f"not in the replay cache ({e.kind})")] * len(queries)
+            results = [WebError("cache_miss", f"not in the replay cache ({e.kind})")] * len(queries)
         self.queries = queries
         self.urls = {r.url: r for res in results if not isinstance(res, Exception) for r in res}
         text = render_search(queries, results, cfg.snippet_chars, cfg.obs_chars,
@@ -161,7 +160,7 @@ class Session:
                     info = self.browser.reader.read(self.pages[u], self.question, self.queries)
                     blocks.append(f"Page {u}:\n{info}" if info else
                                   f"Page {u}: nothing new on this page about the question.")
-                except ReaderError as e:  # the reading model's endpoint, not the policy, failed
+                except WebError as e:  # the reading model's endpoint, not the policy, failed
                     down += 1
                     blocks.append(f"Page {u}: fetched, but the reading model failed: {e}.")
         text = _render(blocks, cfg.obs_chars, dropped and f"(only the first {cfg.max_urls} URLs were read)")
@@ -229,8 +228,9 @@ class SearchResult:
 
 
 class WebError(RuntimeError):
-    """A failed request, kept as a value the policy can be shown; reads "kind: message". kind: auth | rate_limit |
-    server | timeout | network | malformed | http | config | cache_miss; tries: the HTTP requests it took."""
+    """A failed search, reading-model call or other request, kept as a value the policy can be shown; reads "kind:
+    message". kind: auth | rate_limit | server | timeout | network | malformed | http | config | cache_miss; tries: the
+    HTTP requests it took."""
 
     def __init__(self, kind: str, message: str, tries: int = 0):
         super().__init__(message)
@@ -240,18 +240,10 @@ class WebError(RuntimeError):
         return f"{self.kind}: {super().__str__()}"
 
 
-class SearchError(WebError):
-    """A failed search."""
-
-
-class ReaderError(WebError):
-    """The reading model failed; the message goes into the observation."""
-
-
 class Backend:
     """What every back end shares: the cache, a small pool and `stats` (a Counter: queries, api_calls, cache_hits,
     cost_usd, latency_s and "failed:<kind>") around each one's `_search_one(query, st)`, which returns one query's
-    results, raises SearchError and counts its requests in st["api_calls"]."""
+    results, raises WebError and counts its requests in st["api_calls"]."""
     name = "?"
     usd_per_query = 0.0
 
@@ -262,7 +254,7 @@ class Backend:
         self._pool = ThreadPoolExecutor(max_workers=n_threads, thread_name_prefix=f"search-{self.name}")
         self.options: dict = {}  # whatever changes the results; part of the cache key
 
-    def _one(self, query: str) -> list[SearchResult] | SearchError:
+    def _one(self, query: str) -> list[SearchResult] | WebError:
         st, t0 = Counter(queries=1), time.perf_counter()
         key = search_key(self.name, query, self.top_k, self.options)
         try:
@@ -275,15 +267,15 @@ class Backend:
                 st["cost_usd"] = self.usd_per_query
                 if self.cache is not None:
                     self.cache.put("search", key, {"query": query, "results": [asdict(r) for r in out]})
-        except SearchError as e:
+        except WebError as e:
             st[f"failed:{e.kind}"], out = 1, e
         st["latency_s"] = time.perf_counter() - t0
         with self._lock:
             self.stats.update(st)
         return out
 
-    def search(self, queries: list[str]) -> list[list[SearchResult] | SearchError]:
-        """Results or a SearchError per query, run concurrently. CacheMiss (replay) is raised: it is a set-up
+    def search(self, queries: list[str]) -> list[list[SearchResult] | WebError]:
+        """Results or a WebError per query, run concurrently. CacheMiss (replay) is raised: it is a set-up
         problem (wrong cache file or mode), not a web failure the policy should see."""
         return list(self._pool.map(self._one, [queries] if isinstance(queries, str) else queries))
 
@@ -292,7 +284,6 @@ class Backend:
 
 
 _thread = threading.local()  # per thread: its requests.Sessions (not thread-safe), and the deadline of its fetch()
-USER_AGENT = "Mozilla/5.0 (compatible; deepresearch-agent/0.1; +https://github.com/)"
 
 
 def http_session(max_tries: int = 1, backoff_s: float = 0.5):
@@ -305,7 +296,7 @@ def http_session(max_tries: int = 1, backoff_s: float = 0.5):
                       backoff_factor=backoff_s, backoff_jitter=backoff_s, backoff_max=MAX_BACKOFF_S,
                       retry_after_max=MAX_BACKOFF_S, raise_on_status=False)
         sessions[max_tries, backoff_s] = s = requests.Session()
-        s.headers["User-Agent"] = USER_AGENT
+        s.headers["User-Agent"] = "Mozilla/5.0 (compatible; deepresearch-agent/0.1)"
         for scheme in ("http://", "https://"):
             s.mount(scheme, adapter := HTTPAdapter(max_retries=retry))
             adapter.poolmanager.pool_classes_by_scheme = _deadline_pools()  # (a proxy gets urllib3's plain pools)
@@ -321,11 +312,11 @@ def _timed_out(e: Exception) -> bool:
 
 
 def http_json(method: str, url: str, *, name: str, timeout: float, max_tries: int = 3, backoff_s: float = 0.5,
-              secret: str = "", auth_hint: str = "check the key", error: type = WebError, **kw):
-    """One JSON request through `http_session`: (parsed body, tries), or raises error(kind, message, tries). Every
+              secret: str = "", auth_hint: str = "check the key", **kw):
+    """One JSON request through `http_session`: (parsed body, tries), or raises WebError(kind, message, tries). Every
     message is cut short and has `secret` scrubbed out (servers echo keys back in their error bodies)."""
     def fail(kind: str, message: str, tries: int = max_tries) -> WebError:
-        return error(kind, message.replace(secret, "***") if secret else message, tries)
+        return WebError(kind, message.replace(secret, "***") if secret else message, tries)
 
     try:
         r = http_session(max_tries, backoff_s).request(method, url, timeout=timeout, **kw)
@@ -352,7 +343,7 @@ def http_json(method: str, url: str, *, name: str, timeout: float, max_tries: in
 # make_backend's options) and the top-k under count_key; a key from $key_env goes in an X-API-KEY header; results:
 # the response's list of results and each one's URL and snippet keys.
 PROVIDERS = {
-    "serper": dict(url=SERPER_URL, method="POST", count_key="num", params={"gl": "us", "hl": "en"},
+    "serper": dict(url="https://google.serper.dev/search", method="POST", count_key="num", params={"gl": "us", "hl": "en"},
                    key_env="SERPER_API_KEY", results=("organic", "link", "snippet"), usd_per_query=SERPER_USD_PER_QUERY,
                    needs="an API key: export SERPER_API_KEY=<your key> (get one at https://serper.dev), or use "
                          "--backend=local / --backend=searxng",
@@ -377,7 +368,7 @@ class HTTPBackend(Backend):
         self._secret = api_key or os.environ.get(self.spec.get("key_env", "-"), "")
         replay = cache is not None and cache.mode == "replay"  # replay needs no key: no request is made
         if not self.url or "key_env" in self.spec and not self._secret and not replay:
-            raise SearchError("config", f"the {name} back end needs {self.spec['needs']}")
+            raise WebError("config", f"the {name} back end needs {self.spec['needs']}")
         self.http = dict(timeout=timeout, max_tries=max_tries, backoff_s=backoff_s)
         self.params = {k: v for k, v in {**self.spec["params"], **options}.items() if v}
         # the cache key: a chosen instance is part of it (different instances give different results)
@@ -390,10 +381,10 @@ class HTTPBackend(Backend):
             send[spec["count_key"]] = self.top_k
         try:
             data, tries = http_json(spec["method"], self.url + spec.get("path", ""), name=self.name,
-                                    secret=self._secret, auth_hint=spec["auth_hint"], error=SearchError, **self.http,
+                                    secret=self._secret, auth_hint=spec["auth_hint"], **self.http,
                                     **{"json" if spec["method"] == "POST" else "params": send},
                                     headers={"X-API-KEY": self._secret} if self._secret else {})
-        except SearchError as e:
+        except WebError as e:
             st["api_calls"] += e.tries
             raise
         st["api_calls"] += tries
@@ -401,7 +392,7 @@ class HTTPBackend(Backend):
         items = data.get(key) if isinstance(data, dict) else None
         if not isinstance(items, list):
             found = f"keys: {list(data)[:8]}" if isinstance(data, dict) else "not a JSON object"
-            raise SearchError("malformed", f"{self.name}: no {key!r} list in the response ({found})")
+            raise WebError("malformed", f"{self.name}: no {key!r} list in the response ({found})")
         items = [r for r in items if isinstance(r, dict) and r.get(url_key)][:self.top_k]  # no URL, no result
         return [SearchResult(str(r.get("title", "")), str(r[url_key]), str(r.get(snippet_key, "")), i + 1)
                 for i, r in enumerate(items)]
@@ -841,13 +832,12 @@ def chunk_text(text: str, max_chars: int, pack: bool = True) -> list[str]:
     return out
 
 
-_WORD = re.compile(r"\w+")
 _STOP = frozenset("a an and are as at be by for from has have he her his how in is it its of on or she that the "
                   "their there this to was were what when where which who whom whose why with".split())
 
 
 def _terms(text: str) -> list[str]:
-    return [w for w in _WORD.findall(text.lower()) if w not in _STOP]
+    return [w for w in re.findall(r"\w+", text.lower()) if w not in _STOP]
 
 
 def bm25_scores(query_terms: list[str], docs: list[list[str]], k1: float = 1.2, b: float = 0.75) -> list[float]:
@@ -856,9 +846,8 @@ def bm25_scores(query_terms: list[str], docs: list[list[str]], k1: float = 1.2, 
     avg = sum(map(len, docs)) / max(n, 1) or 1.0
     df = Counter(t for d in docs for t in q.intersection(d))
     idf = {t: math.log(1 + (n - df[t] + 0.5) / (df[t] + 0.5)) for t in df}
-    tfs = [Counter(d) for d in docs]
     return [sum(idf[t] * tf[t] * (k1 + 1) / (tf[t] + k1 * (1 - b + b * len(d) / avg)) for t in q if t in tf)
-            for d, tf in zip(docs, tfs)]
+            for d, tf in zip(docs, map(Counter, docs))]
 
 
 class ExtractReader:
@@ -914,16 +903,16 @@ def chat_completion(base_url: str, model: str, messages: list[dict], *, api_key:
                     timeout: float = 60.0, max_tries: int = 3, backoff_s: float = 0.5, max_tokens: int = 1024,
                     who: str = "reader endpoint") -> str:
     """The reply's text from one temperature-0 call to an OpenAI-compatible /chat/completions endpoint (the reading
-    model's and eval.py's judge's), through `http_json`; raises ReaderError with a reason that never holds the key."""
+    model's and eval.py's judge's), through `http_json`; raises WebError with a reason that never holds the key."""
     data, _ = http_json("POST", base_url.rstrip("/") + "/chat/completions", name=f"{who} {base_url}",
                         timeout=timeout, max_tries=max_tries, backoff_s=backoff_s, secret=api_key or "",
-                        auth_hint="check the API key variable", error=ReaderError,
+                        auth_hint="check the API key variable",
                         json={"model": model, "messages": messages, "temperature": 0, "max_tokens": max_tokens},
                         headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
     try:
         return data["choices"][0]["message"]["content"] or ""
     except (KeyError, IndexError, TypeError):
-        raise ReaderError("malformed", f"{who} {base_url} sent a reply that is not a chat completion") from None
+        raise WebError("malformed", f"{who} {base_url} sent a reply that is not a chat completion") from None
 
 
 class LLMReader:
@@ -945,7 +934,7 @@ class LLMReader:
         try:
             hit = self.cache.get("read", key) if self.cache is not None else None
         except CacheMiss:
-            raise ReaderError("cache_miss", "reading not in the replay cache") from None
+            raise WebError("cache_miss", "reading not in the replay cache") from None
         if hit is not None:
             return hit
         self.calls += 1
@@ -956,7 +945,7 @@ class LLMReader:
         except (AttributeError, ValueError):
             d = None
         if not isinstance(d, dict) or "extracted_info" not in d:
-            raise ReaderError("malformed", "the reading model's reply was not the JSON asked for")
+            raise WebError("malformed", "the reading model's reply was not the JSON asked for")
         reply = {"extracted_info": str(d.get("extracted_info") or "").strip(),  # read_more: true, "yes", "true"
                  "read_more": str(d.get("read_more", False)).strip().lower() in ("yes", "true", "1"),
                  "summary": str(d.get("summary") or "").strip()}
@@ -975,7 +964,7 @@ class LLMReader:
                                           parts=len(page.chunks), url=page.url, chunk=page.chunks[page.pos])
             try:
                 reply = self._ask(prompt)
-            except ReaderError:
+            except WebError:
                 self.failures += 1
                 if infos:  # keep what was read; the next browse resumes at this chunk
                     break
@@ -1006,11 +995,11 @@ def main(argv: list[str] | None = None) -> int:
                 failed = not all(r["ok"] for r in out)
             else:
                 res = dict(zip(pos, browser.backend.search(pos)))
-                errors = {q: str(r) for q, r in res.items() if isinstance(r, SearchError)}
+                errors = {q: str(r) for q, r in res.items() if isinstance(r, WebError)}
                 out = {"results": {q: [asdict(x) for x in r] for q, r in res.items() if q not in errors},
                        "errors": errors, "stats": browser.backend.stats}
                 failed = bool(errors)
-    except (CacheMiss, SearchError, ValueError) as e:  # a set-up problem: say what to fix
+    except (CacheMiss, WebError, ValueError) as e:  # a set-up problem: say what to fix
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(out, indent=2, ensure_ascii=False))

@@ -203,14 +203,14 @@ def test_llm_replies_cached(llm, tmp_path):
     assert again == first and len(llm.calls) == 2 and reader.calls == 2
     replay = LLMReader(llm_cfg(llm.url), Cache(db, "replay"))  # another run, replaying
     assert replay.read(PageState("u", "t", list(chunks)), "q?", ["query"]) == first and len(llm.calls) == 2
-    with pytest.raises(browse.ReaderError, match="not in the replay cache"):
+    with pytest.raises(browse.WebError, match="not in the replay cache"):
         replay.read(PageState("u", "t", list(chunks)), "another question?", ["query"])
     assert len(llm.calls) == 2
 
 
 def test_llm_reply_forms(llm):
     """The reply's JSON is found inside code fences or prose, "yes"/"no" read as booleans, null as empty; a reply
-    without the JSON asked for is a ReaderError ("malformed"), never a guess."""
+    without the JSON asked for is a WebError ("malformed"), never a guess."""
     reader = LLMReader(llm_cfg(llm.url, max_chunks=4))
     page = PageState("u", "t", ["part one", "part two", "part three"])
     llm.replies = [(200, '```json\n{"extracted_info": "a", "read_more": "yes", "summary": "s"}\n```'),
@@ -219,7 +219,7 @@ def test_llm_reply_forms(llm):
     assert page.memory == {"query": "s"}  # a reply without a summary keeps the last one
     for bad in ("no json here", '{"read_more": true}', "{not json}", "[1, 2]", ""):
         llm.replies = [(200, bad)]
-        with pytest.raises(browse.ReaderError, match="not the JSON asked for"):
+        with pytest.raises(browse.WebError, match="not the JSON asked for"):
             reader.read(PageState("u", "t", ["p"]), "q?", [])
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 import browse
-from browse import Cache, CacheMiss, SearchError, make_backend
+from browse import Cache, CacheMiss, WebError, make_backend
 from data import localweb
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -346,7 +346,7 @@ def test_serper_ok_and_cost(fake, tmp_path):
 
 def test_serper_missing_key(monkeypatch):
     monkeypatch.delenv("SERPER_API_KEY", raising=False)
-    with pytest.raises(SearchError) as e:
+    with pytest.raises(WebError) as e:
         make_backend("serper")
     assert e.value.kind == "config" and "export SERPER_API_KEY" in str(e.value)
 
@@ -355,7 +355,7 @@ def test_serper_401_stops_and_hides_key(fake):
     fake.script = [(401, {}, json.dumps({"message": f"Unauthorized key {SECRET}"}), 0)]
     b = serper(fake, max_tries=5)
     out = b.search(["q"])[0]
-    assert isinstance(out, SearchError) and out.kind == "auth" and "SERPER_API_KEY" in str(out)
+    assert isinstance(out, WebError) and out.kind == "auth" and "SERPER_API_KEY" in str(out)
     assert len(fake.requests) == 1  # no retry on auth errors
     assert SECRET not in str(out) and SECRET not in repr(b) and SECRET not in repr(out.args)
     assert b.stats["failed:auth"] == 1
@@ -382,7 +382,7 @@ def test_serper_bounded_tries(fake):
     fake.script = [(503, {}, "down", 0)]
     b = serper(fake, max_tries=3)
     out = b.search(["q"])[0]
-    assert isinstance(out, SearchError) and out.kind == "server" and len(fake.requests) == 3
+    assert isinstance(out, WebError) and out.kind == "server" and len(fake.requests) == 3
 
 
 def test_serper_slow_times_out(fake):
@@ -390,17 +390,17 @@ def test_serper_slow_times_out(fake):
     b = serper(fake, timeout=0.3, max_tries=2)
     t0 = time.monotonic()
     out = b.search(["q"])[0]
-    assert isinstance(out, SearchError) and out.kind == "timeout"
+    assert isinstance(out, WebError) and out.kind == "timeout"
     assert time.monotonic() - t0 < 1.5 and b.stats["failed:timeout"] == 1
 
 
 def test_serper_malformed(fake):
     fake.script = [(200, {}, "<html>not json", 0)]
     out = serper(fake).search(["q"])[0]
-    assert isinstance(out, SearchError) and out.kind == "malformed"
+    assert isinstance(out, WebError) and out.kind == "malformed"
     fake.script = [(200, {}, json.dumps({"error": "quota"}), 0)]
     out = serper(fake).search(["q"])[0]
-    assert isinstance(out, SearchError) and out.kind == "malformed"
+    assert isinstance(out, WebError) and out.kind == "malformed"
 
 
 def test_serper_mixed_batch_errors_as_values(fake):
@@ -408,7 +408,7 @@ def test_serper_mixed_batch_errors_as_values(fake):
     b = serper(fake, n_threads=1)  # one worker: queries reach the server in order, so the script lines up
     out = b.search(["a", "b", "c"])
     kinds = [type(x).__name__ for x in out]
-    assert kinds.count("SearchError") == 1 and kinds.count("list") == 2
+    assert kinds.count("WebError") == 1 and kinds.count("list") == 2
 
 
 def test_searxng(fake):
@@ -427,7 +427,7 @@ def test_searxng(fake):
 
 def test_searxng_needs_url(monkeypatch):
     monkeypatch.delenv("SEARXNG_URL", raising=False)
-    with pytest.raises(SearchError, match="SEARXNG_URL"):
+    with pytest.raises(WebError, match="SEARXNG_URL"):
         make_backend("searxng")
     with pytest.raises(ValueError, match="unknown search back end"):
         make_backend("bing")
