@@ -19,7 +19,7 @@ How to run (flags: BrowseConfig's fields)
     python browse.py search "highest mountain on Earth" --backend=local --top_k=5
     SERPER_API_KEY=... python browse.py search "who wrote hamlet" --backend=serper --cache=runs/web.sqlite \\
         --cache_mode=record        # then --cache_mode=replay replays it without the key
-    python browse.py fetch https://example.org/ [--allow_private=1]   # one page's readable text, as JSON
+    python -c "import browse; print(browse.fetch('https://example.org/'))"   # one page's readable text
     python -m data.localweb                                           # browse the embedded web at the printed URL
 """
 
@@ -338,13 +338,14 @@ def http_json(method: str, url: str, *, name: str, timeout: float, max_tries: in
         raise fail("malformed", f"{name}: the response is not JSON: {r.text[:200]!r}", tries) from None
 
 
-# The HTTP search APIs. url: a fixed endpoint, else make_backend(url=...) or $url_env (then part of the cache key)
-# plus path; the query goes as a JSON body (POST) or URL parameters (GET) with `fixed`, `params` (overridden by
-# make_backend's options) and the top-k under count_key; a key from $key_env goes in an X-API-KEY header; results:
+# The HTTP search APIs. url: a fixed endpoint, else make_backend(url=...) or $url_env (then part of the cache key),
+# plus path; the query goes as a JSON body (POST) or URL parameters (GET) with `fixed`, `params` (make_backend's
+# options override them) and the top-k under count_key; a key from $key_env goes in an X-API-KEY header; results:
 # the response's list of results and each one's URL and snippet keys.
 PROVIDERS = {
-    "serper": dict(url="https://google.serper.dev/search", method="POST", count_key="num", params={"gl": "us", "hl": "en"},
-                   key_env="SERPER_API_KEY", results=("organic", "link", "snippet"), usd_per_query=SERPER_USD_PER_QUERY,
+    "serper": dict(url="https://google.serper.dev/search", method="POST", count_key="num", key_env="SERPER_API_KEY",
+                   params={"gl": "us", "hl": "en"}, results=("organic", "link", "snippet"),
+                   usd_per_query=SERPER_USD_PER_QUERY,
                    needs="an API key: export SERPER_API_KEY=<your key> (get one at https://serper.dev), or use "
                          "--backend=local / --backend=searxng",
                    auth_hint="the Serper API key in SERPER_API_KEY was rejected or has no credit"),
@@ -597,17 +598,13 @@ def decode_body(body: bytes, declared: str | None = None, is_html: bool = False)
     import charset_normalizer
     meta = _META_CHARSET.search(body[:4096]) if is_html else None
     for enc in filter(None, (declared, meta and meta.group(1).decode("ascii", "ignore"), "utf-8")):
-        try:
+        with contextlib.suppress(LookupError, UnicodeDecodeError):
             return body.decode(enc)
-        except (LookupError, UnicodeDecodeError):
-            pass
     best = charset_normalizer.from_bytes(body[:500_000]).best()
     enc = best.encoding if best is not None else "utf-8"
     if enc in _LATIN:  # a short Western text is ambiguous among the Latin code pages; cp1252 is the web's usual one
-        try:
+        with contextlib.suppress(UnicodeDecodeError):
             return body.decode("cp1252")
-        except UnicodeDecodeError:
-            pass
     return body.decode(enc, errors="replace")
 
 
@@ -705,10 +702,9 @@ def fetch(url: str, *, timeout: float = 10.0, max_bytes: int = MAX_BYTES, allow_
                         res = _fail(hop, "http", f"HTTP {code} {resp.reason or ''}".strip(), code)
                         if code not in RETRY_STATUS and code < 500:
                             return done(res)
-                        try:  # a number of seconds or an HTTP date
+                        # a number of seconds or an HTTP date
+                        with contextlib.suppress(urllib3.exceptions.HTTPError, TypeError, ValueError, OverflowError):
                             retry = Retry().parse_retry_after(resp.headers.get("retry-after") or "0") or 0.0
-                        except (urllib3.exceptions.HTTPError, TypeError, ValueError, OverflowError):
-                            pass
                         break
                     buf = bytearray()
                     try:  # as bytes arrive; the deadline is in the socket reads (_deadline_pools)
@@ -940,10 +936,9 @@ class LLMReader:
         self.calls += 1
         text = chat_completion(self.cfg.llm_base_url, self.cfg.llm_model, [{"role": "user", "content": prompt}],
                                api_key=self.api_key, timeout=self.cfg.llm_timeout)
-        try:  # the JSON object, wherever the model put it (code fences, prose)
+        d = None
+        with contextlib.suppress(AttributeError, ValueError):  # the JSON object, wherever the model put it (fences)
             d = json.loads(re.search(r"\{.*\}", text, re.S).group(0))
-        except (AttributeError, ValueError):
-            d = None
         if not isinstance(d, dict) or "extracted_info" not in d:
             raise WebError("malformed", "the reading model's reply was not the JSON asked for")
         reply = {"extracted_info": str(d.get("extracted_info") or "").strip(),  # read_more: true, "yes", "true"
@@ -979,31 +974,25 @@ class LLMReader:
         return "\n".join(infos)[:self.cfg.page_chars]
 
 
-# ------------------------------------- CLI: a Browser from --key=value flags, its back end or fetcher, JSON on stdout
+# -------------------------------------------------- CLI: a Browser from --key=value flags, its search, JSON on stdout
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     cfg = parse_config(BrowseConfig, [a for a in argv if a.startswith("-")])  # (--help lists the keys)
-    pos = [a for a in argv[1:] if not a.startswith("-")]
-    if argv[:1] not in (["fetch"], ["search"]) or not pos:
-        print("usage: python browse.py search QUERY... | fetch URL... [--key=value ...]", file=sys.stderr)
+    queries = [a for a in argv[1:] if not a.startswith("-")]
+    if argv[:1] != ["search"] or not queries:
+        print("usage: python browse.py search QUERY... [--key=value ...]", file=sys.stderr)
         return 2
     try:
         with contextlib.closing(Browser(cfg)) as browser:
-            if argv[0] == "fetch":
-                out = [asdict(r) for r in browser.fetcher.fetch_many(pos)]
-                failed = not all(r["ok"] for r in out)
-            else:
-                res = dict(zip(pos, browser.backend.search(pos)))
-                errors = {q: str(r) for q, r in res.items() if isinstance(r, WebError)}
-                out = {"results": {q: [asdict(x) for x in r] for q, r in res.items() if q not in errors},
-                       "errors": errors, "stats": browser.backend.stats}
-                failed = bool(errors)
+            res = dict(zip(queries, browser.backend.search(queries)))
     except (CacheMiss, WebError, ValueError) as e:  # a set-up problem: say what to fix
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(out, indent=2, ensure_ascii=False))
-    return int(failed)
+    errors = {q: str(r) for q, r in res.items() if isinstance(r, WebError)}
+    print(json.dumps({"results": {q: [asdict(x) for x in r] for q, r in res.items() if q not in errors},
+                      "errors": errors, "stats": browser.backend.stats}, indent=2, ensure_ascii=False))
+    return int(bool(errors))
 
 
 if __name__ == "__main__":
