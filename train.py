@@ -476,8 +476,8 @@ def policy_loss(logp, old_logp, advantages, mask, *, clip_low=0.2, clip_high=0.2
     per_tok = torch.maximum(pg1, pg2)  # pessimistic bound: the clipped term wins when it is larger
     stats = {"clipped": ((pg2 > pg1) & m).detach(), "ratio": ratio.detach()}  # clipped: tokens where the clip is active
     if kl_coef > 0:
-        d = torch.where(m, ref_logp.to(logp.dtype), zero) - logp
-        kl = (torch.exp(d) - d - 1.0).clamp(-10.0, 10.0)  # k3: unbiased, non-negative, low variance
+        ref_diff = torch.where(m, ref_logp.to(logp.dtype), zero) - logp  # log(pi_ref / pi_theta) per token
+        kl = (torch.exp(ref_diff) - ref_diff - 1.0).clamp(-10.0, 10.0)  # k3: unbiased, non-negative, low variance
         per_tok = per_tok + kl_coef * kl
         stats["kl"] = kl.detach()
     if entropy_coef > 0:

@@ -2,8 +2,8 @@
 
 train.py, eval.py, browse.py and the data/ scripts each declare their options as a dataclass whose fields have plain
 typed defaults (bool, int, float, str: "" means unset) and call `parse_config(Config, sys.argv[1:], PRESETS)`:
-defaults, then a named preset, then the flags; `--help` lists every option with its default. Standard library only,
-so any file can import it.
+defaults, then a named preset, then the flags; `--help` lists every option with its default. It lives in data/ and
+imports nothing of the repo, so every file, core or data/, can use it without an import circle.
 """
 
 from __future__ import annotations
