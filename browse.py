@@ -442,7 +442,7 @@ def make_backend(name: str, *, top_k: int = 10, corpus: str | None = None, cache
 # -------------------------------------------------------------------------------------------------------------- cache
 
 class CacheMiss(LookupError):
-    """Replay mode and the cache has no (fresh) entry. `.key` is the exact key (kind, key string)."""
+    """Replay mode and the cache has no entry. `.key` is the exact key (kind, key string)."""
 
     def __init__(self, kind: str, key: str):
         super().__init__(f"cache miss in replay mode: kind={kind!r} key={key}")

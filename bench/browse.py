@@ -6,7 +6,7 @@ sections of an article, inside a head with CSS and JavaScript, a navigation bar 
 fetch() path runs (SSRF guard, HTTP, deadline watchdog, charset, trafilatura main-content extraction). Search results
 come from many sites, so the URLs are spread over 10 servers on 10 ports ("hosts") and the per-host limit (default 8)
 applies as it would on the web. The servers run in a child process, as remote servers would: in this process they
-would take the GIL from the client (--inproc measures that too).
+would take the GIL from the client (--inproc=true measures that too).
 Runs, in this order, on the same URLs: one after another with fetch(); the pool (Fetcher.fetch_many, browse.py's
 defaults: 32 threads, 8 per host), 3 times (median; the pool is CPU-bound and the machine shared); the pool again
 recording into a Cache; the Cache replayed (no network).
@@ -16,12 +16,11 @@ Reports pages/s for each, the client's CPU per page, the slowest call against th
 What it does not measure: DNS, TLS, real page sizes (real pages are 50-500 KB of HTML: more extraction CPU per page).
 
 Run: python bench/browse.py [--urls=500] [--latency=0.1] [--hosts=10] [--threads=32] [--per_host=8] [--repeat=3]
-       [--inproc] [--profile]
+       [--inproc=true] [--profile=true]
 """
 
 from __future__ import annotations
 
-import argparse
 import html
 import json
 import multiprocessing as mp
@@ -29,11 +28,26 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from data.config import parse_config  # noqa: E402
+
+
+@dataclass
+class Args:
+    urls: int = 500
+    latency: float = 0.1
+    hosts: int = 10
+    threads: int = 0         # pool threads (0 = browse.py's default, 32)
+    per_host: int = 0        # per-host limit (0 = browse.py's default, 8)
+    timeout: float = 10.0
+    inproc: bool = False     # run the servers in this process (they share the GIL)
+    profile: bool = False    # also print where a fetch's CPU time goes
+    repeat: int = 3          # pool runs (the median is reported)
 
 
 def make_pages(n: int) -> list[bytes]:
@@ -118,19 +132,7 @@ def profile(urls: list[str], hosts: tuple, timeout: float) -> None:
         print(f"  {name:<48}{t / total:6.1%}")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--urls", type=int, default=500)
-    ap.add_argument("--latency", type=float, default=0.1)
-    ap.add_argument("--hosts", type=int, default=10)
-    ap.add_argument("--threads", type=int, default=None, help="pool threads (default: browse.py's, 32)")
-    ap.add_argument("--per_host", type=int, default=None, help="per-host limit (default: browse.py's, 8)")
-    ap.add_argument("--timeout", type=float, default=10.0)
-    ap.add_argument("--inproc", action="store_true", help="run the servers in this process (they share the GIL)")
-    ap.add_argument("--profile", action="store_true", help="also print where a fetch's CPU time goes")
-    ap.add_argument("--repeat", type=int, default=3, help="pool runs (the median is reported)")
-    a = ap.parse_args()
-
+def main(a: Args) -> None:
     pages = make_pages(100)
     if a.inproc:
         servers, child = start_servers(pages, a.latency, a.hosts), None
@@ -207,4 +209,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(parse_config(Args, sys.argv[1:]))

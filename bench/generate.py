@@ -31,20 +31,21 @@ What it does not measure: stop strings, tool calls (bench/rollout.py does the ag
 
 from __future__ import annotations
 
-import argparse
 import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from data.config import parse_config  # noqa: E402
 from data.models import SHAPES  # noqa: E402
 from model import KVCache, ModelConfig, Transformer  # noqa: E402
 from rollout import Engine, SamplingParams  # noqa: E402
 
-DEFAULTS = {  # per device; any flag given on the command line wins
+DEFAULTS = {  # per device, for the options left unset; any flag given on the command line wins
     "cuda": dict(shapes="qwen2.5-0.5b,qwen2.5-1.5b", dtype="bfloat16", batches="1,8,64,256", prompt_len=256,
                  new_tokens=64, group_prompt_len=1024, peers=256),
     "cpu": dict(shapes="smollm2-135m", dtype="float32", batches="1,8", prompt_len=64, new_tokens=16,
@@ -227,25 +228,29 @@ def peers(a, dtype, rng) -> None:
     del ours
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--shapes", help="comma-separated data.models.SHAPES names")
-    ap.add_argument("--dtype")
-    ap.add_argument("--batches", help="comma-separated batch sizes")
-    ap.add_argument("--prompt_len", type=int, help="mean prompt length (lengths vary 0.5x-1.5x)")
-    ap.add_argument("--new_tokens", type=int)
-    ap.add_argument("--group", type=int, default=16, help="G, rows sharing one prompt")
-    ap.add_argument("--group_prompt_len", type=int)
-    ap.add_argument("--peers", type=int, help="sequences in the peers' workload (0 = skip)")
-    ap.add_argument("--peers_lens", default="100,1024", help="min,max of prompt and output lengths")
-    ap.add_argument("--peers_shape", default="qwen3-0.6b")
-    ap.add_argument("--reps", type=int, default=1, help="timed repetitions (best is kept)")
-    ap.add_argument("--threads", type=int, default=1, help="CPU torch threads")
-    ap.add_argument("--bandwidth", type=float, help="peak memory bandwidth, B/s (default: from the device name)")
-    a = ap.parse_args()
+@dataclass
+class Args:
+    device: str = "cpu"             # cpu or cuda
+    shapes: str = ""                # comma-separated data.models.SHAPES names ("" = the device's default, DEFAULTS)
+    dtype: str = ""                 # "" = the device's default
+    batches: str = ""               # comma-separated batch sizes ("" = the device's default)
+    prompt_len: int = 0             # mean prompt length (lengths vary 0.5x-1.5x); 0 = the device's default
+    new_tokens: int = 0             # 0 = the device's default
+    group: int = 16                 # G, rows sharing one prompt
+    group_prompt_len: int = 0       # 0 = the device's default
+    peers: int = -1                 # sequences in the peers' workload (0 = skip; -1 = the device's default)
+    peers_lens: str = "100,1024"    # min,max of prompt and output lengths
+    peers_shape: str = "qwen3-0.6b"
+    reps: int = 1                   # timed repetitions (best is kept)
+    threads: int = 1                # CPU torch threads
+    bandwidth: float = 0.0          # peak memory bandwidth, B/s (0 = from the device name)
+
+
+def main(a: Args) -> None:
+    if a.device not in ("cpu", "cuda"):
+        raise SystemExit(f"--device must be cpu or cuda, got {a.device!r}")
     for k, v in DEFAULTS[a.device].items():
-        if getattr(a, k) is None:
+        if getattr(a, k) == getattr(Args, k):  # left at its "unset" default
             setattr(a, k, v)
     if a.device == "cpu":
         torch.set_num_threads(a.threads)
@@ -267,4 +272,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(parse_config(Args, sys.argv[1:]))

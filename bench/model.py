@@ -9,14 +9,15 @@ Run:
 The last line prints `speedup_vs_hf=<ratio>` (transformers time / ours; > 1 means we are faster).
 """
 
-import argparse
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from data.config import parse_config  # noqa: E402
 from data.models import SHAPES  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 
@@ -36,15 +37,19 @@ def timeit(fn, device, iters):
     return sorted(times)[len(times) // 2]  # median
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--shape", default="smollm2-135m", choices=sorted(SHAPES))
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--iters", type=int, default=5)
-    a = ap.parse_args()
+@dataclass
+class Args:
+    shape: str = "smollm2-135m"  # a data.models.SHAPES name
+    device: str = "cpu"
+    dtype: str = "float32"
+    batch: int = 2
+    seq: int = 256
+    iters: int = 5
+
+
+def main(a: Args):
+    if a.shape not in SHAPES:
+        raise SystemExit(f"--shape must be one of {', '.join(sorted(SHAPES))}, got {a.shape!r}")
     from transformers import AutoConfig, AutoModelForCausalLM
 
     dtype = getattr(torch, a.dtype)
@@ -72,4 +77,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    main(parse_config(Args, sys.argv[1:]))

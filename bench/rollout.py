@@ -21,13 +21,13 @@ Run:
     python bench/rollout.py --device=cuda --shape=qwen2.5-0.5b --dtype=bfloat16 --questions=256 --slots=64
 """
 
-import argparse
 import math
 import random
 import sys
 import time
 from bisect import bisect_right
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -36,6 +36,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 # this file is itself named rollout.py: drop bench/ from the path so `import rollout` finds the repo's module
 sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+from data.config import parse_config  # noqa: E402
 from data.models import SHAPES, resolve_model  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 from rollout import Engine, SamplingParams  # noqa: E402
@@ -236,21 +237,29 @@ def run_sync(model, tok, questions, browser, cfg: RolloutConfig, engine: TimedEn
     return n_sampled
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--shape", default="tiny", help="'tiny' (random, SmolLM2 tokenizer) or a data.models.SHAPES name")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    ap.add_argument("--questions", type=int, default=32)
-    ap.add_argument("--slots", type=int, default=16)
-    ap.add_argument("--protocol", default="dr", choices=["dr", "tags"])
-    ap.add_argument("--max_turns", type=int, default=10)
-    ap.add_argument("--max_len", type=int, default=4096)
-    ap.add_argument("--median", type=float, default=0.2)
-    ap.add_argument("--p99", type=float, default=3.0)
-    ap.add_argument("--only", default="", choices=["", "async", "sync"])
-    ap.add_argument("--threads", type=int, default=1, help="CPU threads (1: on shared cores 2 threads ran 10x slower)")
-    args = ap.parse_args()
+@dataclass
+class Args:
+    device: str = "cpu"
+    shape: str = "tiny"       # 'tiny' (random, SmolLM2 tokenizer) or a data.models.SHAPES name
+    dtype: str = "float32"    # float32, bfloat16 or float16
+    questions: int = 32
+    slots: int = 16
+    protocol: str = "dr"      # dr or tags
+    max_turns: int = 10
+    max_len: int = 4096
+    median: float = 0.2
+    p99: float = 3.0
+    only: str = ""            # async or sync ("" = both)
+    threads: int = 1          # CPU threads (1: on shared cores 2 threads ran 10x slower)
+
+
+def main(args: Args):
+    if args.dtype not in ("float32", "bfloat16", "float16"):
+        raise SystemExit(f"--dtype must be float32, bfloat16 or float16, got {args.dtype!r}")
+    if args.protocol not in ("dr", "tags"):
+        raise SystemExit(f"--protocol must be dr or tags, got {args.protocol!r}")
+    if args.only not in ("", "async", "sync"):
+        raise SystemExit(f"--only must be async or sync (or empty: both), got {args.only!r}")
     torch.set_num_threads(args.threads)
     from transformers import AutoTokenizer
 
@@ -297,4 +306,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    main(parse_config(Args, sys.argv[1:]))

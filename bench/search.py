@@ -31,6 +31,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import browse  # noqa: E402
+from data.config import parse_config  # noqa: E402
 from data.localweb import BM25Index  # noqa: E402
 from data.wiki_corpus import default_corpus_path  # noqa: E402
 
@@ -198,25 +200,26 @@ def bench_cache(work: Path, n: int = 20_000, seconds: float = 2.0) -> None:
               f"{puts:,.0f} puts/s (1 thread, autocommit)", flush=True)
 
 
-def main(argv: list[str]) -> None:
-    opts = {"n_passages": 1_000_000, "compare_n": 200_000, "workdir": None}
-    for a in argv:
-        k, _, v = a.lstrip("-").partition("=")
-        if k not in opts:
-            sys.exit(f"unknown option {a}; options: {', '.join('--' + k for k in opts)}")
-        opts[k] = v if k == "workdir" else int(v)
-    work = Path(tempfile.mkdtemp(prefix="bench_search_", dir=opts["workdir"]))
+@dataclass
+class Args:
+    n_passages: int = 1_000_000  # synthetic corpus size (0 = skip)
+    compare_n: int = 200_000     # passages of the library comparison (0 = skip)
+    workdir: str = ""            # where the temp files go ("" = the system's temp dir)
+
+
+def main(a: Args) -> None:
+    work = Path(tempfile.mkdtemp(prefix="bench_search_", dir=a.workdir or None))
     print(f"bench/search.py | {os.cpu_count()} CPUs | tantivy index, workdir {work}", flush=True)
     try:
         bench_embedded(work)
         bench_cache(work)
-        if opts["compare_n"]:
-            bench_compare(work, opts["compare_n"])
-        if opts["n_passages"]:
-            bench_synthetic(work, opts["n_passages"])
+        if a.compare_n:
+            bench_compare(work, a.compare_n)
+        if a.n_passages:
+            bench_synthetic(work, a.n_passages)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main(parse_config(Args, sys.argv[1:]))

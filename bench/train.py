@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import train  # noqa: E402
+from data.config import parse_config  # noqa: E402
 from data.models import SHAPES, TINY_CONFIG  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 
@@ -174,4 +175,4 @@ def main(a: Args) -> None:
 
 
 if __name__ == "__main__":
-    main(train.parse_config(Args, sys.argv[1:], {}))
+    main(parse_config(Args, sys.argv[1:]))
