@@ -290,7 +290,7 @@ def test_session_llm_failures_are_observations(corpus, llm, replies, words):
         lima = b.backend.base_url + "/wiki/Lima"
         assert obs.startswith(f"Page {lima}: fetched, but the reading model failed: ") and words in obs, obs
         assert len(llm.calls) == 1 and llm.calls[0]["auth"] == f"Bearer {SECRET}"  # 4xx: no retry
-        for text in (obs, str(b.fetcher.stats), repr(b.cfg), repr(b.reader.__dict__.get("cfg"))):
+        for text in (obs, str(b.fetcher.stats), str(b.backend.stats), repr(b.cfg), repr(b.reader.__dict__.get("cfg"))):
             assert SECRET not in text  # the key never shows, even when the server echoes it back
         assert b.reader.failures == 1
         assert obs.failed  # the reading model, not the policy, failed on the call's only page
