@@ -191,13 +191,13 @@ class Browser:
 
     def __init__(self, cfg: BrowseConfig | None = None, *, reader=None, backend=None):
         self.cfg = cfg = cfg or BrowseConfig()
-        if reader is None and cfg.reader not in ("extract", "llm"):
+        readers = {"extract": ExtractReader, "llm": LLMReader}
+        if reader is None and cfg.reader not in readers:
             raise ValueError(f"unknown reader {cfg.reader!r}: use extract or llm (or pass a reader object)")
         self.cache = Cache(cfg.cache, cfg.cache_mode) if cfg.cache else None
         # the reader: extract | llm, or any object with `read(page: PageState, question, queries) -> str` (the seam
         # for a `policy` reader: the trained model reading through our engine)
-        self.reader = reader if reader is not None else (ExtractReader if cfg.reader == "extract" else LLMReader)(
-            cfg, self.cache)
+        self.reader = reader if reader is not None else readers[cfg.reader](cfg, self.cache)
         opts = {"url": cfg.searxng_url} if cfg.backend == "searxng" and cfg.searxng_url else {}
         self.backend = backend or make_backend(cfg.backend, top_k=cfg.top_k, corpus=cfg.corpus or None,
                                                cache=self.cache, **opts)

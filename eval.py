@@ -184,9 +184,11 @@ def run_identity(cfg: Config, model_path: str | None, corpus: str | None) -> dic
 
 def check_same_run(out_dir: Path, identity: dict, n_done: int) -> None:
     """Refuse to add to (and re-score) trajectories that another model or other settings produced."""
+    if not n_done:
+        return
     f = out_dir / "run.json"
     old = json.loads(f.read_text()) if f.exists() else {}  # (no run.json: written by an older eval.py)
-    if diff := [k for k in identity if k != "model" and old.get(k) != identity[k]] if n_done else []:
+    if diff := [k for k in identity if k != "model" and old.get(k) != identity[k]]:
         said = "; ".join(f"{k} was {old.get(k)!r}, now {identity[k]!r}" for k in diff)
         raise SystemExit(f"{out_dir / 'trajectories.jsonl'} holds {n_done} trajectories of a different run ({said})"
                          f": resuming would mix them with this one's; pass --out_dir=<another folder> (the default "
