@@ -1,9 +1,11 @@
 """Train a deep research agent with GRPO: rollouts in a (local or real) web, F1 rewards, a clipped policy update.
 
 Each step runs `rollout.rollout` on `batch_size` questions (rank r takes every world-th one), `group_size` trajectories
-each; scores them with `reward.reward` on the policy's own turn texts (-1 format error, else word-set F1); turns the
-rewards into group advantages and takes clipped policy-gradient steps on the sampled tokens; logs one line,
-metrics.jsonl, a few full trajectories and reward.png; saves a checkpoint every `save_every` steps.
+each; scores them with `reward.reward` on the policy's own turn texts against the gold answers this file holds (-1
+format error, else word-set F1); turns the rewards into group advantages and takes clipped policy-gradient steps on
+the sampled tokens; logs one line, metrics.jsonl, a few full trajectories and reward.png; saves a checkpoint every
+`save_every` steps. Reading order: the config, then the algorithm (advantages, the loss, the GRPO micro-step, the
+update, the step), then the plumbing (start-up checks, processes and FSDP, data, checkpoints, logging, `main`).
 
 The objective (all choices are config keys). For a question q, G trajectories o_1..o_G with rewards r_i:
     A_i   = r_i - mean(r)                                  (norm_adv_by_std=False, Dr.GRPO)
@@ -21,33 +23,75 @@ the batch is split; "sequences" are those with at least one sampled token, as in
     loss_agg="seq-mean-token-mean"      mean over sequences of (mean over that sequence's tokens)      (GRPO paper)
     loss_agg="token-mean"               sum over all tokens / number of tokens                 (DAPO; verl default)
     loss_agg="seq-mean-token-sum-norm"  sum over sequences of (token sum / loss_agg_const) / number of sequences
-                                        (the Dr.GRPO paper's 1/G and current verl; verl 0.3-0.4's agg_loss divided
-                                        by the constant only, a loss (number of sequences) times larger)
+                                        (Dr.GRPO's constant. Current verl gets the same: its agg_loss divides the
+                                        token sums by the constant, and the 1 / number of sequences comes from its
+                                        actor scaling each micro-batch's loss by the micro-batch's share)
 With kl_coef == 0 the frozen reference model is not even loaded. Logits are divided by the sampling temperature
 before the log-softmax, so logp_theta is the distribution the sampler drew from.
 
-Departures from the paper / the reference implementation (verl + vLLM + Ray)
+Departures of the deepresearcher preset from the paper and its reference implementation (verl + vLLM + Ray)
 - One process per GPU (torchrun); our own KV-cached engine (rollout.py), not vLLM, generates inside the training
   process on the policy unsharded once per rollout (not per decoded token); no Ray, no weight re-sync between engines.
 - The update trains on the exact token ids the sampler produced (the reference re-rendered text and re-tokenised).
+  So the forced `<think>` opening each turn is not trained on (loss mask 0), and `<|im_end|>` is never sampled after
+  a tool call: the engine stops at `</tool_call>` and appends the end of turn itself.
 - logp_old is recomputed by a training forward when there are several mini-batches or epochs; with one of each
-  (the default) the update is exactly on-policy and logp_old = logp_theta.detach() (ratio 1, no extra forward).
-- loss_agg default "token-mean", a global token mean over the mini-batch; the paper states GRPO's sequence-mean;
-  both, and Dr.GRPO's constant, are switches. The reference's verl computed neither: it weighted each micro-batch's
-  token mean equally, so a token's weight depended on how many tokens shared its micro-batch. Optional filtering of
-  zero-variance groups (DAPO, without resampling). The paper does not state its mini-batch size: one update per step.
-- Search back ends: Serper (the paper), SearxNG or the embedded offline web (the default); the reading agent is an
-  OpenAI-compatible LLM (the paper) or a local extractive reader (`reader=extract`, the CPU default).
-- Checkpoints are torch.distributed.checkpoint shards (+ an HF export per step), written atomically.
+  (the preset, as the reference) the update is exactly on-policy and logp_old = logp_theta.detach().
+- loss_agg "token-mean" is a global token mean over the mini-batch. The reference's verl (use_dynamic_bsz) took
+  each micro-batch's token mean and weighted it by the micro-batch's share of the mini-batch's sequences, so a
+  token's weight depended on how many tokens shared its micro-batch. The paper states its mini-batch, 4,096
+  trajectories (256 questions x 16): one update per rollout stage, as n_minibatches=1 here.
+- The system prompt and the tool descriptions are in our own wording (rollout.py; the README shows the rendered
+  prompt), with the reference's structure: the role, today's date, two JSON-schema tools, the two output forms.
+- Observations are our own format: numbered results (rank, title, URL, the snippet cut at snippet_chars=300), each
+  query's block cut at obs_chars / 3, the whole at obs_chars; a browse returns the reading agent's extracted facts per page.
+- The reading agent's caps are ours: max_urls=3 pages per browse call, max_chunks=4 chunks of ~40k characters per
+  page per call, a one-line memory per query (browse.BrowseConfig).
+- A turn without `</think>` goes on to the next turn; the -1 comes at the end from the format check. `<search>`
+  and `<browse>` tags in the policy's text are format-checked under the dr protocol too (reward.py).
 - The reward reads only the policy's own turns (reward.py); the reference's format check also read web text.
 - Trajectories that the web or the engine ended are out of the loss (`mask_tool_failures`, above); the reference
   trained on them (its failed searches became observations). Counts per end reason are logged every step.
-- The default run (no preset) is ours, not the paper's: SmolLM2-135M-Instruct on a CPU, 4 questions x 8, 25 steps,
-  lr 1e-5, temperature 0.7, no KL, a 30-token system prompt, one worked example as chat turns before the question
-  (`example`: an unrelated question, its real search, its answer; without it a 135M model never writes an `<answer>`
-  tag, see the README) and turn 1 forced to open with `<search>` (loss-masked); up to 3 turns, top-3 results, turns
-  of at most 24 tokens. `--preset=deepresearcher` is the paper's recipe (n_slots, micro_tokens: see PRESETS).
-The step line's metrics (also in metrics.jsonl) are listed in the README.
+- steps=100, a fixed count; the paper ran one epoch of its training set (about 34 steps of 256 questions).
+- Search back ends: Serper (the paper), SearxNG or the embedded offline web; the reading agent is any
+  OpenAI-compatible LLM (the paper: qwen-plus) or a local extractive reader (`reader=extract`, the CPU default).
+- Checkpoints are torch.distributed.checkpoint shards (+ an HF export per step), written atomically.
+
+Every field the reference's train_grpo.sh sets (and the verl defaults it relies on): there -> here (why)
+    actor_rollout_ref.model.path Qwen2.5-7B-Instruct -> model, the same
+    data.train_batch_size 256, agent_grpo.n 16 -> batch_size 256, group_size 16
+    max_turns 10, data.max_response_length 2000 (per turn) -> max_turns 10, max_new_tokens 2000
+    data.max_model_len 32768, data.max_prompt_length 30767 -> max_len 32768 (prompt and turns share it)
+    actor.optim.lr 1e-6, constant, no warm-up -> lr 1e-6, warmup_steps 0
+    actor.optim weight decay 0.01, betas (0.9, 0.999) (verl's defaults) -> the same
+    actor.ppo_mini_batch_size 4096, ppo_epochs 1 -> n_minibatches 1, ppo_epochs 1
+    actor.clip_ratio 0.2, grad_clip 1.0 -> clip_low = clip_high = 0.2, grad_clip 1.0
+    actor.use_kl_loss, kl_loss_coef 0.001, kl_loss_type low_var_kl -> kl_coef 0.001, k3
+    algorithm.kl_ctrl.kl_coef 0.001 -> none: with use_kl_loss verl puts no KL in the reward either
+    actor.entropy_coeff 0.001 -> entropy_coef 0.001
+    algorithm.adv_estimator grpo -> norm_adv_by_std True
+    actor.use_dynamic_bsz, ppo_max_token_len_per_gpu 12288, ppo_micro_batch_size_per_gpu 2 -> micro_tokens 8192
+        (a token budget per forward; the loss does not depend on it, see loss_agg above)
+    actor.ulysses_sequence_parallel_size 4 -> none: one rank holds a whole sequence (activation checkpointing and
+        logits only at sampled positions keep 32k tokens in memory)
+    actor and ref fsdp_config.param_offload / optimizer_offload true -> cpu_offload False (FSDP2 shards fit an
+        80 GB GPU next to the KV cache; --cpu_offload=True is there)
+    model.enable_gradient_checkpointing, use_remove_padding -> activation_checkpointing True; no padding is
+        computed for logits, and a group's prompt is computed once (share_prefix)
+    rollout vllm: temperature 1.0, top_p 1, top_k -1, gpu_memory_utilization 0.6, max_num_batched_tokens 32768,
+        tensor_model_parallel_size 1 -> temperature 1.0, top_p 1.0; our engine, n_slots 80 rows per GPU
+    search_engine online_search (Serper, search_top_k 10, region us, language en) -> backend serper, top_k 10
+    page_view_port_size 40k characters, reading_agent_model qwen-plus -> chunk_chars 40000, reader llm
+    trainer.total_epochs 1 -> steps 100 (above)
+    trainer.save_freq 1 -> save_every 10 (a 7B checkpoint with Adam state is ~90 GB)
+    trainer.test_freq 1, val_before_train false -> eval_every 5 on eval_n 64 dev questions, and one at step 0
+    trainer.nnodes 1, n_gpus_per_node 8 -> any torchrun world size
+    critic.* -> none (GRPO has no critic; the reference set the fields but did not use them)
+The default run (no preset) is ours, not the paper's: SmolLM2-135M-Instruct on a CPU, 4 questions x 8, 25 steps,
+lr 1e-5, temperature 0.7, no KL, a 30-token system prompt, one worked example as chat turns before the question
+(`example`: an unrelated question, its real search, its answer; without it a 135M model never writes an `<answer>`
+tag, see the README) and turn 1 forced to open with `<search>` (loss-masked); up to 3 turns, top-3 results, turns
+of at most 24 tokens. The step line's metrics (also in metrics.jsonl) are listed in the README.
 
 How to run
     python train.py                                                   # CPU: SmolLM2-135M-Instruct, local web
@@ -55,8 +99,8 @@ How to run
     python train.py --preset=deepresearcher --dry_run=True            # memory per GPU before launching
     torchrun --standalone --nproc_per_node=2 train.py --preset=tiny --steps=2          # 2 CPU processes (gloo)
     torchrun --standalone --nproc_per_node=8 train.py --preset=deepresearcher         # one 8-GPU node (NCCL)
-    torchrun --nnodes=4 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
-        train.py --preset=deepresearcher --out_dir=/shared/fs/run1                    # multi-node, shared out_dir
+    torchrun --nnodes=4 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HEAD:29500 train.py --preset=...
+        # multi-node: the same line on every node, with --out_dir on a filesystem every node sees
     python train.py --preset=tiny --resume=True                       # continue from the latest checkpoint
     python train.py --preset=tiny --resume=runs/train-tiny/ckpt/step_000002   # ... or from a given one
     python train.py --preset=tiny --overwrite=True                    # out_dir holds a run: delete it, start again
@@ -76,8 +120,8 @@ import os
 import resource
 import shlex
 import shutil
-import tempfile
 import sys
+import tempfile
 import time
 import traceback
 import warnings
@@ -96,8 +140,8 @@ from transformers import AutoTokenizer
 # the agent (module-level names: tests swap in fakes with monkeypatch.setattr(train, "rollout", ...))
 from browse import BrowseConfig, Browser
 from data.config import parse_config, subconfig
-from data.prepare import load_examples
 from data.models import memory_per_gpu, resolve_model
+from data.prepare import load_examples
 from model import ModelConfig, Transformer, save_pretrained
 from reward import reward
 from rollout import END_REASONS, RolloutConfig, rollout
@@ -221,38 +265,582 @@ PRESETS: dict[str, dict] = {
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The algorithm, 1: rewards -> group advantages. Pure functions of tensors; they never modify their inputs.
+
+INFRA_END_REASONS = ("tool_failure", "engine_error")  # trajectories ended by the web or the engine, not the policy
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, norm_by_std: bool = True, eps: float = 1e-6,
+                     valid: torch.Tensor | None = None):
+    """rewards (N,) question-major (G consecutive per question) -> advantages (N,), as in the module docstring (a
+    singleton's mean is 0 and std 1, as verl). valid (N,) bool: rows to score (e.g. not ended by a web failure); the
+    others get 0 and leave their group's mean and std; a group left with fewer than 2 valid rows gets 0 throughout."""
+    scores = rewards.reshape(-1, group_size).to(torch.float32)  # (Q, G)
+    if valid is None:
+        scored = torch.ones_like(scores, dtype=torch.bool)  # (Q, G)
+    else:
+        scored = valid.reshape(-1, group_size).bool()
+    zero = torch.zeros_like(scores)
+    if group_size == 1:
+        singleton = scores / (1.0 + eps) if norm_by_std else scores
+        return torch.where(scored, singleton, zero).reshape(-1)
+    n_scored = scored.sum(dim=1, keepdim=True)  # (Q, 1)
+    mean = torch.where(scored, scores, zero).sum(dim=1, keepdim=True) / n_scored.clamp(min=1)  # (Q, 1)
+    advantages = scores - mean
+    if norm_by_std:
+        var = torch.where(scored, advantages * advantages, zero).sum(dim=1, keepdim=True) / (n_scored - 1).clamp(min=1)
+        advantages = advantages / (var.sqrt() + eps)  # unbiased std, as verl
+    return torch.where(scored & (n_scored >= 2), advantages, zero).reshape(-1)
+
+
+def zero_variance_groups(rewards: torch.Tensor, group_size: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """(N,) rewards -> (Q,) bool: every (valid) trajectory of the question got the same reward (advantage 0)."""
+    scores = rewards.reshape(-1, group_size)  # (Q, G)
+    if valid is None:
+        scored = torch.ones_like(scores, dtype=torch.bool)
+    else:
+        scored = valid.reshape(-1, group_size).bool()
+    first = torch.where(scored, scores, torch.full_like(scores, float("inf"))).min(dim=1, keepdim=True).values
+    return ((scores == first) | ~scored).all(dim=1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The algorithm, 2: the loss on the sampled tokens
+
+def policy_loss(logp, old_logp, advantages, mask, *, clip_low=0.2, clip_high=0.2, loss_agg="token-mean",
+                ref_logp=None, kl_coef=0.0, entropy=None, entropy_coef=0.0, agg_const=1.0, norm=None):
+    """The clipped GRPO surrogate on masked tokens, aggregated; returns (loss, stats).
+    logp, old_logp, ref_logp, entropy, mask: (B, T); advantages: (B,). Only positions with mask 1 count, and
+    `torch.where` (not a multiplication) keeps even inf/NaN at mask-0 positions out of the value and the gradient.
+    norm: the denominator (tokens for token-mean, sequences with at least one sampled token otherwise) summed
+    over the whole mini-batch on every rank; None = this call's own count (a plain mean).
+    stats: "clipped" (B, T) tokens where the clip is active, "ratio" (B, T), "kl" (B, T) when kl_coef > 0.
+    """
+    sampled = mask.bool()
+    zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
+    logp = torch.where(sampled, logp, zero)
+    old = torch.where(sampled, old_logp.to(logp.dtype), zero)
+    adv = advantages.to(logp.dtype)[:, None]  # (B, 1)
+    log_ratio = (logp - old).clamp(-20.0, 20.0)  # as verl: exp() of a huge drift would overflow
+    ratio = torch.exp(log_ratio)  # (B, T)
+    pg_unclipped = -adv * ratio
+    pg_clipped = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    per_token = torch.maximum(pg_unclipped, pg_clipped)  # pessimistic bound: the clipped term wins when larger
+    stats = {"clipped": ((pg_clipped > pg_unclipped) & sampled).detach(), "ratio": ratio.detach()}
+    if kl_coef > 0:
+        ref_diff = torch.where(sampled, ref_logp.to(logp.dtype), zero) - logp  # log(pi_ref / pi_theta) per token
+        kl = (torch.exp(ref_diff) - ref_diff - 1.0).clamp(-10.0, 10.0)  # k3: unbiased, non-negative, low variance
+        per_token = per_token + kl_coef * kl
+        stats["kl"] = kl.detach()
+    if entropy_coef > 0:
+        per_token = per_token - entropy_coef * torch.where(sampled, entropy, zero)
+    per_token = torch.where(sampled, per_token, zero)
+    tokens_per_row = sampled.sum(dim=1)  # (B,)
+    if loss_agg == "token-mean":
+        total = per_token.sum()
+    elif loss_agg == "seq-mean-token-mean":
+        total = (per_token.sum(dim=1) / tokens_per_row.clamp(min=1)).sum()
+    else:  # seq-mean-token-sum-norm
+        total = (per_token.sum(dim=1) / agg_const).sum()
+    if norm is None:  # tokens for token-mean; else, as verl, the sequences with at least one sampled token
+        if loss_agg == "token-mean":
+            norm = tokens_per_row.sum().clamp(min=1)
+        else:
+            norm = (tokens_per_row > 0).sum().clamp(min=1)
+    return total / norm, stats
+
+
+def token_logprobs(model, tokens, mask, temperature: float = 1.0, with_entropy: bool = False,
+                   entropy_grad: bool = True, prefix: int = 0):
+    """Per-token log-probs of `tokens[:, 1:]` under the model, only where `mask[:, 1:]` is 1.
+    tokens, mask: (B, T). Returns logp (B, T-1) and entropy (B, T-1) or None, zero where the mask is 0. Logits are
+    computed only at the sampled positions (`logits_at`), which is most of the memory saved on long observations.
+    prefix: the first `prefix` tokens are the same in every row; the model computes them once."""
+    target_mask = mask[:, 1:].bool()  # (B, T-1): token t+1 is predicted from position t
+    width = max(int(target_mask.sum(dim=1).max()), 1)
+    # time indices of the masked positions, packed left, padded with 0 (their results are discarded below)
+    order = torch.sort((~target_mask).to(torch.int8), dim=1, stable=True).indices[:, :width]  # (B, K)
+    valid = torch.gather(target_mask, 1, order)  # (B, K)
+    logits = model(tokens[:, :-1], logits_at=order, prefix=prefix).float()  # (B, K, V)
+    if temperature > 0 and temperature != 1.0:
+        logits = logits / temperature
+    logp_all = torch.log_softmax(logits, dim=-1)  # (B, K, V); its backward needs only this output
+    del logits
+    targets = torch.gather(tokens[:, 1:], 1, order)  # (B, K)
+    logp = torch.gather(logp_all, 2, targets[:, :, None]).squeeze(-1)  # (B, K)
+    zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
+    base = torch.zeros_like(target_mask, dtype=logp.dtype, device=logp.device)  # (B, T-1); scatter() returns a copy
+    entropy = None
+    if with_entropy:  # without entropy_grad it is only logged: no autograd graph over another (B, K, V) tensor
+        with torch.set_grad_enabled(torch.is_grad_enabled() and entropy_grad):
+            packed_entropy = -(logp_all.exp() * logp_all).sum(dim=-1)  # (B, K)
+        entropy = base.scatter(1, order, torch.where(valid, packed_entropy, zero))
+    return base.scatter(1, order, torch.where(valid, logp, zero)), entropy
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The algorithm, 3: the GRPO micro-step, and the update that runs it over mini-batches and micro-batches
+
+@dataclass
+class Sample:
+    """One trajectory as the update sees it."""
+    tokens: list[int]
+    loss_mask: list[int]
+    advantage: float
+    group: int                               # its question (rollout's Trajectory.group): the rows sharing a prompt
+    old_logp: torch.Tensor | None = None     # (T-1,) set before the update when needed
+    sampler_logp: list[float] | None = None  # the engine's log-probs (same length as tokens), for a diagnostic
+    ref_logp: torch.Tensor | None = None     # (T-1,)
+
+
+@dataclass
+class MicroBatch:
+    """Samples padded into tensors for one forward/backward (collate). Log-prob rows hold the target t+1 at index t,
+    as token_logprobs returns them; each is None unless every sample has one."""
+    tokens: torch.Tensor                   # (B, T) right-padded
+    mask: torch.Tensor                     # (B, T) loss mask
+    advantages: torch.Tensor               # (B,)
+    old_logp: torch.Tensor | None          # (B, T-1)
+    ref_logp: torch.Tensor | None          # (B, T-1)
+    sampler_logp: torch.Tensor | None      # (B, T-1)
+    prefix: int = 0                        # the first `prefix` tokens are the same in every row: computed once
+
+
+def grpo_micro_step(model, micro: MicroBatch, cfg: Config, norm: float, world: int, on_policy: bool):
+    """The GRPO step on one micro-batch: log-probs of the sampled tokens -> the clipped surrogate (+ KL, - entropy)
+    -> backward. `norm` is the mini-batch's denominator summed over all ranks (minibatch_denominator), so this
+    micro-batch adds its exact share of the mini-batch loss. Returns (loss, logp, entropy, stats) for diagnostics."""
+    logp, entropy = token_logprobs(model, micro.tokens, micro.mask, cfg.temperature or 1.0,  # greedy: T = 1
+                                   with_entropy=True, entropy_grad=cfg.entropy_coef > 0, prefix=micro.prefix)
+    # one mini-batch and one epoch: exactly on-policy, logp_old is this very forward (ratio 1, no extra pass)
+    old_logp = logp.detach() if on_policy else micro.old_logp
+    loss, stats = policy_loss(logp, old_logp, micro.advantages, micro.mask[:, 1:], clip_low=cfg.clip_low,
+                              clip_high=cfg.clip_high, loss_agg=cfg.loss_agg, ref_logp=micro.ref_logp,
+                              kl_coef=cfg.kl_coef, entropy=entropy, entropy_coef=cfg.entropy_coef,
+                              agg_const=loss_agg_constant(cfg), norm=norm)
+    # FSDP averages gradients over ranks while `loss` is already this rank's share of the global sum: scale back
+    (loss * world).backward()
+    return loss, logp, entropy, stats
+
+
+def update(model, optimizer, samples: list[Sample], cfg: Config, proc: Dist, step: int, ref_model=None,
+           show_progress: bool = True) -> dict:
+    """Policy-gradient steps on this rank's samples: ppo_epochs x n_minibatches optimizer steps (minibatch_step),
+    each over micro-batches (grpo_micro_step). Every rank calls it, even with no samples. Returns metrics."""
+    on_policy = cfg.n_minibatches * cfg.ppo_epochs == 1
+    trained_rows = [i for i, sample in enumerate(samples) if is_trained(sample, cfg)]
+    if not on_policy:  # the policy moves between mini-batches: freeze logp_old with a training forward first
+        samples = fill_logprobs(model, samples, cfg, proc, "old_logp", only=trained_rows)
+    if cfg.kl_coef > 0:
+        samples = fill_logprobs(ref_model, samples, cfg, proc, "ref_logp")
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at(step, cfg)
+    sums = dict.fromkeys(DIAGNOSTIC_SUMS, 0.0)
+    grad_norms = []
+    bar = tqdm(total=0, desc="update", unit="micro-batch", leave=False, disable=not (proc.main and show_progress))
+    for epoch in range(cfg.ppo_epochs):
+        for index in range(cfg.n_minibatches):
+            part = samples[index * len(samples) // cfg.n_minibatches: (index + 1) * len(samples) // cfg.n_minibatches]
+            first_pass = epoch == 0 and index == 0  # the weights that sampled: logp_diff is measured here
+            grad_norm = minibatch_step(model, optimizer, part, cfg, proc, sums, bar, on_policy, first_pass)
+            if grad_norm is not None:
+                grad_norms.append(grad_norm)
+    bar.close()
+    return update_metrics(sums, grad_norms, cfg, proc)
+
+
+def minibatch_step(model, optimizer, part: list[Sample], cfg: Config, proc: Dist, sums: dict, bar, on_policy: bool,
+                   first_pass: bool) -> float | None:
+    """One optimizer step on a mini-batch: its micro-batches' gradients, clipped, applied. Adds the diagnostics to
+    `sums`. Returns the gradient norm, or None when no rank had a token to learn from: then there is no step at all,
+    so neither weight decay nor Adam's moments move on an empty batch."""
+    norm = minibatch_denominator(part, cfg, proc)
+    if norm == 0:
+        return None
+    trained = [sample for sample in part if is_trained(sample, cfg)]
+    untrained = [sample for sample in part if not is_trained(sample, cfg)]
+    measure_untrained(model, untrained, cfg, proc, sums, first_pass)
+    passes = in_lockstep(micro_batches(trained, cfg.micro_tokens, cfg.share_prefix), proc)
+    if not passes:  # every trajectory on every rank has advantage 0: nothing to apply, not even weight decay
+        return None
+    bar.total += len(passes)
+    bar.refresh()
+    for rows_and_prefix in passes:
+        bar.update()
+        if rows_and_prefix is None:  # fewer micro-batches here than on another rank: still join FSDP's collectives
+            zero_loss_pass(model, proc)
+            continue
+        rows, prefix = rows_and_prefix
+        micro = collate([trained[i] for i in rows], proc.device, prefix=prefix)
+        loss, logp, entropy, stats = grpo_micro_step(model, micro, cfg, norm, proc.world, on_policy)
+        add_diagnostics(sums, micro, logp, entropy, first_pass, loss=loss, stats=stats)
+    return clip_and_step(model, optimizer, cfg)
+
+
+def is_trained(sample: Sample, cfg: Config) -> bool:
+    """With no KL and no entropy term, a trajectory with advantage exactly 0 (e.g. its whole group got the same
+    reward) adds exactly 0 to the loss and its gradient: it still counts in the denominators, but its forward and
+    backward are skipped. Early in training most groups are like that, so this is most of the time saved."""
+    return cfg.kl_coef > 0 or cfg.entropy_coef > 0 or sample.advantage != 0.0
+
+
+def minibatch_denominator(part: list[Sample], cfg: Config, proc: Dist) -> float:
+    """The loss's denominator over the whole mini-batch on all ranks (tokens for token-mean, else sequences with at
+    least one sampled token, as verl), so micro-batching and sharding do not change the loss. 0: nothing to learn."""
+    counts = all_reduce_dict({"tokens": sum(sum(sample.loss_mask[1:]) for sample in part),
+                              "seqs": sum(1 for sample in part if any(sample.loss_mask[1:]))}, "sum", proc)
+    if counts["tokens"] == 0:
+        return 0.0
+    return counts["tokens"] if cfg.loss_agg == "token-mean" else counts["seqs"]
+
+
+def loss_agg_constant(cfg: Config) -> float:
+    """Dr.GRPO's constant: loss_agg_const, or the longest a response can be (max_turns x max_new_tokens)."""
+    return cfg.loss_agg_const or float(cfg.max_turns * cfg.max_new_tokens)
+
+
+def lr_at(step: int, cfg: Config) -> float:
+    """Linear warm-up over `warmup_steps`, then constant (the paper's schedule is constant 1e-6)."""
+    if cfg.warmup_steps <= 0:
+        return cfg.lr
+    return cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps)
+
+
+def clip_and_step(model, optimizer, cfg: Config) -> float:
+    """Clip the gradient's global norm, take the optimizer step unless it is NaN/inf (the caller stops the run),
+    clear the gradients; returns the norm before clipping."""
+    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else 1e30
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor, reduced over ranks
+        grad_norm = grad_norm.full_tensor()
+    grad_norm = float(grad_norm)
+    if math.isfinite(grad_norm):
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+# ------------------------------------------------------------------------------------------------ micro-batches
+
+def prompt_length(sample: Sample) -> int:
+    """Tokens before the position that predicts the first sampled token: a GRPO group's rows agree on them."""
+    first_sampled = next((pos for pos in range(1, len(sample.loss_mask)) if sample.loss_mask[pos]), len(sample.tokens))
+    return first_sampled - 1
+
+
+def shared_prompt_length(samples: list[Sample], rows: list[int]) -> int:
+    """How many leading tokens the rows of one group share (their prompt), checked: rows that differ there do not
+    belong to one question, and computing their prefix once would silently train on the wrong context."""
+    length = min(prompt_length(samples[i]) for i in rows)
+    head = samples[rows[0]].tokens[:length]
+    if any(samples[i].tokens[:length] != head for i in rows):
+        raise ValueError(f"samples of group {samples[rows[0]].group} differ in their first {length} tokens: "
+                         f"Sample.group must name the question (rollout's Trajectory.group)")
+    return length
+
+
+def micro_batches(samples: list[Sample], budget: int, share: bool = True) -> list[tuple[list[int], int]]:
+    """Split samples into forward/backward passes: (indices, P), where the P first tokens are the same in every row
+    and are computed once (the prompt of the rows' group, Sample.group; P = 0 without `share`). A pass computes
+    P + rows x (longest - P) <= budget tokens (a longer single row goes alone). Longest first keeps padding small;
+    the order within a mini-batch does not change the result."""
+    groups: dict[int, list[int]] = {}
+    for index, sample in enumerate(samples):
+        groups.setdefault(sample.group if share else 0, []).append(index)
+    passes = []
+    for rows in groups.values():
+        rows.sort(key=lambda i: -len(samples[i].tokens))
+        shared = shared_prompt_length(samples, rows) if share else 0
+        current = []
+        for i in rows:
+            longest = len(samples[current[0]].tokens) if current else 0
+            if current and shared + (len(current) + 1) * (longest - shared) > budget:
+                passes.append((current, shared if len(current) > 1 else 0))
+                current = []
+            current.append(i)
+        passes.append((current, shared if len(current) > 1 else 0))
+    return passes
+
+
+def pad_rows(rows: list, width: int, device, dtype=torch.float32, fill=0) -> torch.Tensor | None:
+    """(len(rows), width) tensor of the rows, right-padded with `fill` (cut at `width`); None if any row is None."""
+    if any(row is None for row in rows):
+        return None
+    out = torch.full((len(rows), width), fill, dtype=dtype)
+    for i, row in enumerate(rows):
+        values = torch.as_tensor(row, dtype=dtype)[:width]
+        out[i, : len(values)] = values
+    return out.to(device)
+
+
+def collate(samples: list[Sample], device, pad_id: int = 0, prefix: int = 0) -> MicroBatch:
+    """Right-padded (B, T) tokens and mask; old/ref/sampler logps padded to (B, T-1); advantages (B,)."""
+    width = max(len(sample.tokens) for sample in samples)
+    sampler_rows = [None if sample.sampler_logp is None else sample.sampler_logp[1:] for sample in samples]
+    return MicroBatch(tokens=pad_rows([sample.tokens for sample in samples], width, device, torch.long, pad_id),
+                      mask=pad_rows([sample.loss_mask for sample in samples], width, device, torch.long),
+                      advantages=torch.tensor([sample.advantage for sample in samples], dtype=torch.float32,
+                                              device=device),
+                      old_logp=pad_rows([sample.old_logp for sample in samples], width - 1, device),
+                      ref_logp=pad_rows([sample.ref_logp for sample in samples], width - 1, device),
+                      sampler_logp=pad_rows(sampler_rows, width - 1, device), prefix=prefix)
+
+
+# ------------------------------------------------------------------------------------------------ FSDP lockstep
+
+def in_lockstep(passes: list, proc: Dist) -> list:
+    """This rank's passes padded with None up to the largest count over ranks: FSDP2 runs collectives inside every
+    forward and backward, so a rank with fewer micro-batches joins the others' with a dummy pass per None."""
+    n_passes = int(all_reduce_dict({"passes": len(passes)}, "max", proc)["passes"])
+    return passes + [None] * (n_passes - len(passes))
+
+
+def zero_loss_pass(model, proc: Dist) -> None:
+    """A forward and backward that changes no gradient (the loss is multiplied by 0), for FSDP's collectives."""
+    tokens = torch.zeros((1, 2), dtype=torch.long, device=proc.device)
+    (model(tokens, logits_at=tokens[:, :1]).sum() * 0.0).backward()
+
+
+@torch.no_grad()
+def fill_logprobs(model, samples: list[Sample], cfg: Config, proc: Dist, attr: str, only=None) -> list[Sample]:
+    """New Samples with `attr` (old_logp / ref_logp) from a no-grad forward of `model`, in micro-batches; `only`: the
+    indices of the samples that need it (default all), the others are returned unchanged."""
+    out = list(samples)
+    todo = list(range(len(samples))) if only is None else list(only)
+    passes = micro_batches([samples[i] for i in todo], cfg.micro_tokens, cfg.share_prefix)
+    for rows_and_prefix in in_lockstep(passes, proc):
+        if rows_and_prefix is None:
+            model(torch.zeros((1, 2), dtype=torch.long, device=proc.device))  # keep FSDP's collectives in step
+            continue
+        rows, prefix = rows_and_prefix
+        indices = [todo[k] for k in rows]
+        micro = collate([samples[i] for i in indices], proc.device, prefix=prefix)
+        logp, _ = token_logprobs(model, micro.tokens, micro.mask, cfg.temperature or 1.0, prefix=prefix)
+        for row, i in enumerate(indices):
+            out[i] = replace(samples[i], **{attr: logp[row, : len(samples[i].tokens) - 1].float().cpu()})
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ diagnostics
+# entropy and logp_diff cover every sampled token of the update's samples: the rows the update skips (advantage 0,
+# is_trained) get a forward without grad at the place the update would have computed them, so skipping changes no
+# metric. clipfrac divides by the same tokens (a zero-advantage token is never clipped); kl covers the trained tokens,
+# which is all of them when kl_coef > 0 (and kl is missing when kl_coef == 0). logp_diff is measured on the first
+# mini-batch of the first epoch only: the later ones run after an optimizer step, on weights that did not sample.
+
+DIAGNOSTIC_SUMS = ("loss", "entropy", "measured_tokens", "clipped", "kl", "trained_tokens", "logp_diff",
+                   "logp_diff_tokens")
+
+
+def add_diagnostics(sums: dict, micro: MicroBatch, logp, entropy, first_pass: bool, loss=None, stats=None) -> None:
+    """Add one pass's sums to `sums` (a trained pass has a loss and policy_loss's stats; a measured one has not)."""
+    sampled = micro.mask[:, 1:].bool()
+    n_sampled = float(sampled.sum())
+    sums["entropy"] += float(entropy.detach()[sampled].sum())
+    sums["measured_tokens"] += n_sampled
+    if loss is not None:
+        sums["loss"] += float(loss.detach())
+        sums["clipped"] += float(stats["clipped"].sum())
+        sums["trained_tokens"] += n_sampled
+        if "kl" in stats:
+            sums["kl"] += float(stats["kl"][sampled].sum())
+    if first_pass and micro.sampler_logp is not None:  # large gaps: the sampler is not the policy
+        sums["logp_diff"] += float((logp.detach() - micro.sampler_logp)[sampled].abs().sum())
+        sums["logp_diff_tokens"] += n_sampled
+
+
+@torch.no_grad()
+def measure_untrained(model, untrained: list[Sample], cfg: Config, proc: Dist, sums: dict, first_pass: bool) -> None:
+    """Entropy (and on the first pass logp_diff) of the rows the update skips, from a forward without grad."""
+    passes = micro_batches(untrained, cfg.micro_tokens, cfg.share_prefix)
+    for rows_and_prefix in in_lockstep(passes, proc):
+        if rows_and_prefix is None:
+            model(torch.zeros((1, 2), dtype=torch.long, device=proc.device))  # keep FSDP's collectives in step
+            continue
+        rows, prefix = rows_and_prefix
+        micro = collate([untrained[i] for i in rows], proc.device, prefix=prefix)
+        logp, entropy = token_logprobs(model, micro.tokens, micro.mask, cfg.temperature or 1.0, with_entropy=True,
+                                       prefix=prefix)
+        add_diagnostics(sums, micro, logp, entropy, first_pass)
+
+
+def mean_or_missing(total: dict, key: str, count: str) -> float | None:
+    """total[key] / total[count], or None (missing, not 0) when nothing was counted."""
+    if total[count] <= 0:
+        return None
+    return total[key] / total[count]
+
+
+def update_metrics(sums: dict, grad_norms: list[float], cfg: Config, proc: Dist) -> dict:
+    """The update's metrics from the diagnostics summed over all ranks (see the comment above DIAGNOSTIC_SUMS)."""
+    total = all_reduce_dict(sums, "sum", proc)
+    kl = mean_or_missing(total, "kl", "trained_tokens") if cfg.kl_coef > 0 else None
+    # `loss` is per rank already normalised by the global count: its sum over ranks is the mini-batch loss
+    return {"loss": total["loss"] / (cfg.n_minibatches * cfg.ppo_epochs),
+            "grad_norm": max(grad_norms, default=0.0),
+            "entropy": mean_or_missing(total, "entropy", "measured_tokens"),
+            "clipfrac": mean_or_missing(total, "clipped", "measured_tokens"),
+            "kl": kl,
+            "logp_diff": mean_or_missing(total, "logp_diff", "logp_diff_tokens"),
+            "train_tokens": total["trained_tokens"],
+            "finite": all(math.isfinite(norm) for norm in grad_norms)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The algorithm, 4: one step. Rollouts -> rewards -> group advantages -> the update -> metrics
+
+@dataclass
+class Batch:
+    """One step's trajectories on this rank, scored: what the update and the metrics read."""
+    trajs: list
+    golds: list                  # gold answers per question, indexed by Trajectory.group
+    rewards: list                # reward.Reward per trajectory
+    advantages: torch.Tensor     # (N,)
+    valid: torch.Tensor          # (N,) bool: judged on (not ended by a web or engine failure)
+    zero_var: torch.Tensor       # (Q,) bool: every valid trajectory of the question got the same reward
+    skipped: torch.Tensor        # (Q,) bool: groups that masking left too small to compare
+    samples: list[Sample]        # what the update trains on
+
+
+def train_step(run: Run, cfg: Config, proc: Dist, step: int) -> tuple[Batch, dict, bool]:
+    """One GRPO step: this rank's questions -> rollouts -> rewards and group advantages -> the update -> the step's
+    metrics (and the dev F1 on evaluation steps). Returns the batch, the metrics and whether every gradient of the
+    update was finite (one that was not was not applied)."""
+    started = time.perf_counter()
+    indices = batch_indices(len(run.questions), step, cfg.batch_size, cfg.seed)[proc.rank:: proc.world]
+    questions = [run.questions[i] for i in indices]
+    if proc.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    with unsharded(run.model):  # one all-gather for the whole rollout
+        trajs = rollout(run.model, run.tokenizer, [q["question"] for q in questions], run.browser, run.rollout_cfg,
+                        group_size=cfg.group_size, seed=rng_seed(cfg.seed, step, proc.rank))
+    rolled_out = time.perf_counter()
+    batch = build_samples(trajs, [q["answers"] for q in questions], cfg)
+    update_stats = update(run.model, run.optimizer, batch.samples, cfg, proc, step, run.ref_model)
+    seconds = {"time_rollout": rolled_out - started, "time_learn": time.perf_counter() - rolled_out}
+    metrics = step_metrics(batch, update_stats, seconds, cfg, proc, step)
+    if run.dev and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
+        metrics["dev_f1"] = dev_f1(run, cfg, proc)
+    return batch, metrics, update_stats["finite"]
+
+
+def build_samples(trajs: list, golds: list, cfg: Config) -> Batch:
+    """Rewards against the gold answers (golds[trajectory.group]) and group advantages (groups never straddle
+    ranks: questions are sharded, not trajectories); a trajectory the web or the engine ended says nothing about the
+    policy, so it is masked (module docstring)."""
+    G = cfg.group_size
+    rewards = [reward([turn.text for turn in traj.turns], golds[traj.group], protocol=cfg.protocol) for traj in trajs]
+    scores = torch.tensor([result.score for result in rewards], dtype=torch.float32)
+    valid = torch.tensor([not (cfg.mask_tool_failures and traj.end_reason in INFRA_END_REASONS) for traj in trajs],
+                         dtype=torch.bool)
+    advantages = group_advantages(scores, G, cfg.norm_adv_by_std, valid=valid)
+    zero_var = zero_variance_groups(scores, G, valid=valid)
+    n_valid = valid.reshape(-1, G).sum(dim=1)  # (Q,)
+    skipped = (n_valid < 2) & (n_valid < G)
+    samples = []
+    for i, traj in enumerate(trajs):
+        dropped = skipped[i // G] or (cfg.filter_groups and zero_var[i // G])
+        if valid[i] and not dropped:
+            samples.append(Sample(traj.tokens, traj.loss_mask, float(advantages[i]), traj.group,
+                                  sampler_logp=traj.logprobs))
+    return Batch(trajs, golds, rewards, advantages, valid, zero_var, skipped, samples)
+
+
+def peak_memory_bytes(proc: Dist) -> int:
+    """The GPU allocator's peak since the step began, or on a CPU the process's peak RSS (Linux reports KiB)."""
+    if proc.device.type == "cuda":
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def step_metrics(batch: Batch, update_stats: dict, seconds: dict, cfg: Config, proc: Dist, step: int) -> dict:
+    """The step's metrics: sums and counts over all ranks in one collective, then means. reward, f1, em and
+    format_error are over the judged trajectories (missing when every one was masked), zero_var_groups over the
+    groups compared (not skipped), the rest per trajectory; times and memory are the slowest rank's."""
+    trajs = batch.trajs
+    judged = [result for result, valid in zip(batch.rewards, batch.valid.tolist()) if valid]
+    compared = ~batch.skipped
+    sums = all_reduce_dict({
+        "reward": sum(result.score for result in judged), "reward_sq": sum(result.score ** 2 for result in judged),
+        "f1": sum(result.f1 for result in judged), "em": sum(result.em for result in judged),
+        "format_error": sum(not result.format_ok for result in judged), "judged": len(judged),
+        "zero_var_groups": int((batch.zero_var & compared).sum()), "compared_groups": int(compared.sum()),
+        "turns": sum(len(traj.turns) for traj in trajs),
+        "search_calls": sum(traj.stats.get("n_search", 0) for traj in trajs),
+        "browse_calls": sum(traj.stats.get("n_browse", 0) for traj in trajs),
+        "response_len": sum(sum(traj.loss_mask) for traj in trajs), "seq_len": sum(len(traj.tokens) for traj in trajs),
+        "trajectories": len(trajs), "time_tools_sum": sum(turn.tool_s or 0.0 for traj in trajs for turn in traj.turns),
+        "masked_tool_failures": int((~batch.valid).sum()), "skipped_groups": int(batch.skipped.sum()),
+        **{f"end_{reason}": sum(traj.end_reason == reason for traj in trajs) for reason in END_REASONS}}, "sum", proc)
+    slowest = all_reduce_dict({**seconds, "peak_mem_gib": peak_memory_bytes(proc) / 2**30}, "max", proc)
+    n_trajs = max(sums["trajectories"], 1.0)
+    metrics = judged_means(sums)
+    metrics["zero_var_groups"] = mean_or_missing(sums, "zero_var_groups", "compared_groups")
+    for key in ("turns", "search_calls", "browse_calls", "response_len", "seq_len"):
+        metrics[key] = sums[key] / n_trajs
+    for key in ("entropy", "kl", "clipfrac", "loss", "grad_norm", "logp_diff"):
+        metrics[key] = update_stats[key]
+    metrics["lr"] = lr_at(step, cfg)
+    metrics["time_rollout"] = slowest["time_rollout"]
+    metrics["time_tools_sum"] = sums["time_tools_sum"] / proc.world
+    metrics["time_learn"] = slowest["time_learn"]
+    metrics["tok_per_s"] = (sums["response_len"] + update_stats["train_tokens"]) / max(sum(seconds.values()), 1e-9)
+    metrics["peak_mem_gib"] = slowest["peak_mem_gib"]
+    for key, value in sums.items():
+        if key.startswith("end_") or key in ("masked_tool_failures", "skipped_groups"):
+            metrics[key] = int(value)
+    return metrics
+
+
+def judged_means(sums: dict) -> dict:
+    """reward, reward_std, f1, em and format_error over the judged trajectories; all missing (None) when the web or
+    the engine ended every one (a 0.0 would draw a fake drop in reward.png and wandb)."""
+    if sums["judged"] == 0:
+        return dict.fromkeys(("reward", "reward_std", "f1", "em", "format_error"))
+    mean = sums["reward"] / sums["judged"]
+    return {"reward": mean, "reward_std": math.sqrt(max(sums["reward_sq"] / sums["judged"] - mean * mean, 0.0)),
+            "f1": sums["f1"] / sums["judged"], "em": sums["em"] / sums["judged"],
+            "format_error": sums["format_error"] / sums["judged"]}
+
+
+# ================================================================================================================
+# Plumbing: start-up checks, processes and FSDP, data, checkpoints, logging, the run. Nothing below changes the math.
+
+# ----------------------------------------------------------------------------------------------------------------
 # Start-up checks: bad input stops here with one line that says what to do, before any model loads. eval.py reuses
 # `validate` for the fields it shares (a check applies when the config has that field).
 
 # field -> smallest allowed value: the loop divides by some and ranges over others (0 = off for the optional ones)
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")  # see the module docstring
-_MINIMUM = dict(steps=1, group_size=2, batch_size=1, max_turns=1, max_new_tokens=1, max_len=2, n_slots=1,
-                micro_tokens=1, save_every=1, keep_last=1, n_minibatches=1, ppo_epochs=1, top_k=1, limit=0,
-                warmup_steps=0, plot_every=0, temperature=0, lr=0, kl_coef=0, entropy_coef=0, grad_clip=0)
+MINIMUM = dict(steps=1, group_size=2, batch_size=1, max_turns=1, max_new_tokens=1, max_len=2, n_slots=1,
+               micro_tokens=1, save_every=1, keep_last=1, n_minibatches=1, ppo_epochs=1, top_k=1, limit=0,
+               warmup_steps=0, plot_every=0, temperature=0, lr=0, kl_coef=0, entropy_coef=0, grad_clip=0)
 
 
 def check_model(name: str) -> None:
     """A local model folder must exist and hold config.json (else resolve_model would report a hub failure)."""
-    p = Path(name).expanduser()
-    if name == "tiny" or (p / "config.json").exists():
+    folder = Path(name).expanduser()
+    if name == "tiny" or (folder / "config.json").exists():
         return
-    if (p / "hf" / "config.json").exists():
-        raise SystemExit(f"--model={name}: that is a training checkpoint; its Hugging Face folder is {p / 'hf'}")
-    if p.exists() or name.startswith(("/", ".", "~")) or name.count("/") >= 2:  # a folder, not "org/name"
-        raise SystemExit(f"--model={name}: {p} {'has no config.json' if p.exists() else 'does not exist'}; pass a "
-                         f"Hugging Face checkpoint folder (e.g. runs/train/ckpt/step_000006/hf) or a hub id like "
-                         f"HuggingFaceTB/SmolLM2-135M-Instruct")
+    if (folder / "hf" / "config.json").exists():
+        raise SystemExit(f"--model={name}: that is a training checkpoint; its Hugging Face folder is {folder / 'hf'}")
+    if folder.exists() or name.startswith(("/", ".", "~")) or name.count("/") >= 2:  # a folder, not "org/name"
+        what = "has no config.json" if folder.exists() else "does not exist"
+        raise SystemExit(f"--model={name}: {folder} {what}; pass a Hugging Face checkpoint folder (e.g. "
+                         f"runs/train/ckpt/step_000006/hf) or a hub id like HuggingFaceTB/SmolLM2-135M-Instruct")
 
 
 def validate(cfg) -> None:
     """Every start-up check on a Config (train.py's or eval.py's): numbers in range, the model folder, the data
     file (read and parsed: empty, malformed or question-less rows stop here), out_dir writable."""
-    for key, low in _MINIMUM.items():
-        v = getattr(cfg, key, None)
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and not v >= low:  # `not >=` also catches NaN
-            why = "GRPO compares each trajectory with the others of its question, so a group needs at least 2; " \
-                if key == "group_size" else ""
-            raise SystemExit(f"--{key}={v}: must be at least {low}; {why}e.g. --{key}={getattr(type(cfg)(), key)}")
+    for key, low in MINIMUM.items():
+        value = getattr(cfg, key, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not value >= low:  # catches NaN too
+            why = ""
+            if key == "group_size":
+                why = "GRPO compares each trajectory with the others of its question, so a group needs at least 2; "
+            raise SystemExit(f"--{key}={value}: must be at least {low}; {why}e.g. "
+                             f"--{key}={getattr(type(cfg)(), key)}")
     if getattr(cfg, "loss_agg", "token-mean") not in LOSS_AGGS:
         raise SystemExit(f"--loss_agg={cfg.loss_agg}: use one of {', '.join(LOSS_AGGS)}")
     if getattr(cfg, "dry_run", False):  # an estimate needs neither the data nor the weights
@@ -262,8 +850,8 @@ def validate(cfg) -> None:
     try:  # a read-only or missing mount fails here, not at the first save
         Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=cfg.out_dir).close()
-    except OSError as e:
-        raise SystemExit(f"--out_dir={cfg.out_dir}: cannot write there ({e.strerror or e}); "
+    except OSError as error:
+        raise SystemExit(f"--out_dir={cfg.out_dir}: cannot write there ({error.strerror or error}); "
                          f"pass --out_dir=<a folder you can write to>") from None
 
 
@@ -291,51 +879,62 @@ def setup_distributed(device: str = "auto") -> Dist:
     torchrun = "RANK" in os.environ
     if not (torchrun or use_cuda):
         return Dist()  # a plain CPU process: no process group, no FSDP
-    rank, world, local = [int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")] if torchrun else [0, 1, 0]
-    dev = torch.device("cuda", local) if use_cuda else torch.device("cpu")
+    proc = Dist()
+    if torchrun:
+        proc = Dist(rank=int(os.environ["RANK"]), world=int(os.environ["WORLD_SIZE"]),
+                    local_rank=int(os.environ["LOCAL_RANK"]))
+    proc.device = torch.device("cuda", proc.local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
-        torch.cuda.set_device(dev)
+        torch.cuda.set_device(proc.device)
     if torchrun and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=proc.device if use_cuda else None)
     elif not dist.is_initialized():  # one GPU without torchrun: a 1-rank group anyway, so FSDP2's bf16 as on 8 GPUs
         dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
-    return Dist(rank=rank, world=world, local_rank=local, device=dev)
+    return proc
 
 
-def _is_dist() -> bool:
+def is_distributed() -> bool:
+    """Whether a process group is up (torchrun, or one GPU): collectives and FSDP apply."""
     return dist.is_available() and dist.is_initialized()
 
 
 def barrier() -> None:
-    if _is_dist():
+    if is_distributed():
         dist.barrier()
+
+
+REDUCE_OPS = {"sum": "SUM", "max": "MAX", "min": "MIN"}
 
 
 def all_reduce_dict(values: dict[str, float], op: str = "sum", proc: Dist | None = None) -> dict[str, float]:
     """Reduce named floats over ranks in one collective (float64, so sums of counts stay exact)."""
-    if not _is_dist():
-        return {k: float(v) for k, v in values.items()}
-    device = (proc or Dist()).device if dist.get_backend() == "nccl" else "cpu"  # gloo reduces on the CPU
-    t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
-    dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
-    return dict(zip(values, t.tolist()))
+    if not is_distributed():
+        return {key: float(value) for key, value in values.items()}
+    device = "cpu"  # gloo reduces on the CPU
+    if dist.get_backend() == "nccl":
+        device = (proc or Dist()).device
+    packed = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
+    dist.all_reduce(packed, op=getattr(dist.ReduceOp, REDUCE_OPS[op]))
+    return dict(zip(values, packed.tolist()))
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Model: load, shard with FSDP2, unshard for rollouts
 
 def fsdp_modules(model) -> list:
-    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+    return [module for module in model.modules() if isinstance(module, FSDPModule)]
 
 
 def build_model(path: str, cfg: Config, proc: Dist, trainable: bool = True):
     """Load an HF checkpoint (fp32 master weights) and, when distributed or on GPU, shard it with FSDP2. Rank 0 reads
     the weights; the other ranks build on the meta device and receive their shards by broadcast, so the job holds
     one full host copy in all, not one per GPU."""
-    if not _is_dist():
+    if not is_distributed():
         model = Transformer.from_pretrained(path, dtype=torch.float32, device=proc.device)
     else:
-        full_sd = Transformer.from_pretrained(path, dtype=torch.float32, device="cpu").state_dict() if proc.main else {}
+        full_sd = {}
+        if proc.main:
+            full_sd = Transformer.from_pretrained(path, dtype=torch.float32, device="cpu").state_dict()
         with torch.device("meta"):
             model = Transformer(ModelConfig.from_json(path))
         apply_fsdp(model, proc, cfg.cpu_offload)
@@ -350,17 +949,17 @@ def build_model(path: str, cfg: Config, proc: Dist, trainable: bool = True):
 def apply_fsdp(model, proc: Dist, cpu_offload: bool = False):
     """FSDP2 in place: each transformer block is one all-gather unit, the root holds the rest; then allocate the
     local shards (a model built on the meta device gets uninitialised storage: load or init it afterwards)."""
-    kw = {"offload_policy": CPUOffloadPolicy()} if cpu_offload else {}
+    options = {"offload_policy": CPUOffloadPolicy()} if cpu_offload else {}
     if proc.device.type == "cuda":  # fp32 master weights, bf16 compute, fp32 gradient reduction
-        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for block in model.model.layers:
-        fully_shard(block, **kw)
+        fully_shard(block, **options)
         block.fsdp_reshard_after_forward = True  # FSDP2's default for a non-root group; `unsharded` restores it
-    fully_shard(model, **kw)  # the root group: embeddings, final norm and (tied or not) lm_head
+    fully_shard(model, **options)  # the root group: embeddings, final norm and (tied or not) lm_head
     # FSDP2 keeps the root's parameters after forward (its lazy init sets False: they are needed again at once for
     # backward); recorded because the module offers no public getter and `unsharded` must put it back
     model.fsdp_reshard_after_forward = False
-    if any(p.is_meta for p in model.parameters()):
+    if any(param.is_meta for param in model.parameters()):
         model.to_empty(device="cpu" if cpu_offload else proc.device)
         if model.config.tie_word_embeddings:  # keep one parameter under both names
             model.lm_head.weight = model.model.embed_tokens.weight
@@ -372,11 +971,11 @@ def unsharded(model):
     """All-gather every FSDP group once and keep them gathered for the whole rollout (else every decoded token would
     all-gather every layer), eval mode and no autograd inside; on exit reshard, and each group gets back its own
     setting (recorded by apply_fsdp; FSDP2's defaults otherwise: the root False, others True)."""
-    mods = fsdp_modules(model)
-    before = [getattr(m, "fsdp_reshard_after_forward", m is not model) for m in mods]
-    for m in mods:
-        m.unshard()
-        m.set_reshard_after_forward(False, recurse=False)
+    modules = fsdp_modules(model)
+    before = [getattr(module, "fsdp_reshard_after_forward", module is not model) for module in modules]
+    for module in modules:
+        module.unshard()
+        module.set_reshard_after_forward(False, recurse=False)
     was_training = model.training
     model.eval()
     try:
@@ -384,9 +983,9 @@ def unsharded(model):
             yield model
     finally:
         model.train(was_training)
-        for m, prev in zip(mods, before):
-            m.reshard()
-            m.set_reshard_after_forward(bool(prev), recurse=False)
+        for module, previous in zip(modules, before):
+            module.reshard()
+            module.set_reshard_after_forward(bool(previous), recurse=False)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -395,286 +994,34 @@ def unsharded(model):
 def load_questions(path: str) -> list[dict]:
     """[{question, answers}] from a data file (data/prepare.py's reader); a relative path not found here is taken
     from the repository (`torchrun train.py` from another folder)."""
-    p = Path(path) if Path(path).is_absolute() or Path(path).exists() else ROOT / path
-    if not path or not p.is_file():
+    file = Path(path) if Path(path).is_absolute() or Path(path).exists() else ROOT / path
+    if not path or not file.is_file():
         raise SystemExit(f"--data={path}: file not found; build one with the scripts in data/ "
                          f"(data/qa_train.jsonl is the offline default)")
     try:
-        rows = load_examples(p)
-    except (ValueError, OSError) as e:  # malformed JSON, a row without a question, an unreadable file
-        raise SystemExit(f"--data={path}: {e}") from None
+        rows = load_examples(file)
+    except (ValueError, OSError) as error:  # malformed JSON, a row without a question, an unreadable file
+        raise SystemExit(f"--data={path}: {error}") from None
     if not rows:
-        raise SystemExit(f"--data={path}: {p} holds no questions; point --data at a JSONL file with one "
+        raise SystemExit(f"--data={path}: {file} holds no questions; point --data at a JSONL file with one "
                          f'{{"question": ..., "answers": [...]}} per line')
-    return [{"question": e["question"], "answers": e["answers"]} for e in rows]
+    return [{"question": row["question"], "answers": row["answers"]} for row in rows]
+
+
+def epoch_permutation(n: int, epoch: int, seed: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
 
 
 def batch_indices(n: int, step: int, batch_size: int, seed: int) -> list[int]:
     """Indices of the questions of global step `step`: epochs are seeded permutations, read in order. A pure
     function of (n, step, batch, seed), so the data position after a resume is exact by construction."""
-    def perm(epoch: int) -> torch.Tensor:
-        return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-    return [int(perm(pos // n)[pos % n]) for pos in range(step * batch_size, (step + 1) * batch_size)]
+    positions = range(step * batch_size, (step + 1) * batch_size)
+    return [int(epoch_permutation(n, pos // n, seed)[pos % n]) for pos in positions]
 
 
 def rng_seed(seed: int, step: int, rank: int) -> int:
     """Seed of the generator used at (seed, step, rank): distinct streams, reproducible after a resume."""
     return (seed * 1_000_003 + step) * 65_537 + rank
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Advantages and the loss. Pure functions of tensors; they never modify their inputs.
-
-INFRA_END_REASONS = ("tool_failure", "engine_error")  # trajectories ended by the web or the engine, not the policy
-
-
-def group_advantages(rewards: torch.Tensor, group_size: int, norm_by_std: bool = True, eps: float = 1e-6,
-                     valid: torch.Tensor | None = None):
-    """rewards (N,) question-major (G consecutive per question) -> advantages (N,), as in the module docstring (a
-    singleton's mean is 0 and std 1, as verl). valid (N,) bool: rows to score (e.g. not ended by a web failure); the
-    others get 0 and leave their group's mean and std; a group left with fewer than 2 valid rows gets 0 throughout."""
-    r = rewards.reshape(-1, group_size).to(torch.float32)  # (Q, G)
-    v = torch.ones_like(r, dtype=torch.bool) if valid is None else valid.reshape(-1, group_size).bool()  # (Q, G)
-    if group_size == 1:
-        a = r / (1.0 + eps) if norm_by_std else r
-        return torch.where(v, a, torch.zeros_like(a)).reshape(-1)
-    n = v.sum(dim=1, keepdim=True)  # (Q, 1)
-    zero = torch.zeros_like(r)
-    mean = torch.where(v, r, zero).sum(dim=1, keepdim=True) / n.clamp(min=1)  # (Q, 1)
-    a = r - mean
-    if norm_by_std:
-        var = torch.where(v, a * a, zero).sum(dim=1, keepdim=True) / (n - 1).clamp(min=1)  # unbiased
-        a = a / (var.sqrt() + eps)
-    return torch.where(v & (n >= 2), a, zero).reshape(-1)
-
-
-def zero_variance_groups(rewards: torch.Tensor, group_size: int, valid: torch.Tensor | None = None) -> torch.Tensor:
-    """(N,) rewards -> (Q,) bool: every (valid) trajectory of the question got the same reward (advantage 0)."""
-    r = rewards.reshape(-1, group_size)  # (Q, G)
-    v = torch.ones_like(r, dtype=torch.bool) if valid is None else valid.reshape(-1, group_size).bool()
-    first = torch.where(v, r, torch.full_like(r, float("inf"))).min(dim=1, keepdim=True).values  # (Q, 1)
-    return ((r == first) | ~v).all(dim=1)
-
-
-def policy_loss(logp, old_logp, advantages, mask, *, clip_low=0.2, clip_high=0.2, loss_agg="token-mean",
-                ref_logp=None, kl_coef=0.0, entropy=None, entropy_coef=0.0, agg_const=1.0, norm=None):
-    """The clipped GRPO surrogate on masked tokens, aggregated; returns (loss, stats).
-    logp, old_logp, ref_logp, entropy, mask: (B, T); advantages: (B,). Only positions with mask 1 count, and
-    `torch.where` (not a multiplication) keeps even inf/NaN at mask-0 positions out of the value and the gradient.
-    norm: the denominator (tokens for token-mean, sequences with at least one sampled token otherwise) summed
-    over the whole mini-batch on every rank; None = this call's own count (a plain mean).
-    """
-    m = mask.bool()
-    zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
-    logp = torch.where(m, logp, zero)
-    old = torch.where(m, old_logp.to(logp.dtype), zero)
-    adv = advantages.to(logp.dtype)[:, None]  # (B, 1)
-    log_ratio = (logp - old).clamp(-20.0, 20.0)  # as verl: exp() of a huge drift would overflow
-    ratio = torch.exp(log_ratio)  # (B, T)
-    pg1 = -adv * ratio
-    pg2 = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
-    per_tok = torch.maximum(pg1, pg2)  # pessimistic bound: the clipped term wins when it is larger
-    stats = {"clipped": ((pg2 > pg1) & m).detach(), "ratio": ratio.detach()}  # clipped: tokens where the clip is active
-    if kl_coef > 0:
-        ref_diff = torch.where(m, ref_logp.to(logp.dtype), zero) - logp  # log(pi_ref / pi_theta) per token
-        kl = (torch.exp(ref_diff) - ref_diff - 1.0).clamp(-10.0, 10.0)  # k3: unbiased, non-negative, low variance
-        per_tok = per_tok + kl_coef * kl
-        stats["kl"] = kl.detach()
-    if entropy_coef > 0:
-        per_tok = per_tok - entropy_coef * torch.where(m, entropy, zero)
-    per_tok = torch.where(m, per_tok, zero)
-    n_tok = m.sum(dim=1)  # (B,)
-    total = {"token-mean": per_tok.sum(), "seq-mean-token-mean": (per_tok.sum(dim=1) / n_tok.clamp(min=1)).sum(),
-             "seq-mean-token-sum-norm": (per_tok.sum(dim=1) / agg_const).sum()}[loss_agg]
-    if norm is None:  # tokens for token-mean; else, as verl, the sequences with at least one sampled token
-        norm = (n_tok.sum() if loss_agg == "token-mean" else (n_tok > 0).sum()).clamp(min=1)
-    return total / norm, stats
-
-
-def token_logprobs(model, tokens, mask, temperature: float = 1.0, with_entropy: bool = False,
-                   entropy_grad: bool = True, prefix: int = 0):
-    """Per-token log-probs of `tokens[:, 1:]` under the model, only where `mask[:, 1:]` is 1.
-    tokens, mask: (B, T). Returns logp (B, T-1) and entropy (B, T-1) or None, zero where the mask is 0. Logits are
-    computed only at the sampled positions (`logits_at`), which is most of the memory saved on long observations.
-    prefix: the first `prefix` tokens are the same in every row; the model computes them once."""
-    tgt_mask = mask[:, 1:].bool()  # (B, T-1): token t+1 is predicted from position t
-    k = max(int(tgt_mask.sum(dim=1).max()), 1)
-    # time indices of the masked positions, packed left, padded with 0 (their results are discarded below)
-    order = torch.sort((~tgt_mask).to(torch.int8), dim=1, stable=True).indices[:, :k]  # (B, K)
-    valid = torch.gather(tgt_mask, 1, order)  # (B, K)
-    logits = model(tokens[:, :-1], logits_at=order, prefix=prefix).float()  # (B, K, V)
-    if temperature > 0 and temperature != 1.0:
-        logits = logits / temperature
-    logp_all = torch.log_softmax(logits, dim=-1)  # (B, K, V); its backward needs only this output
-    del logits
-    tgt = torch.gather(tokens[:, 1:], 1, order)  # (B, K)
-    lp = torch.gather(logp_all, 2, tgt[:, :, None]).squeeze(-1)  # (B, K)
-    ent = None
-    if with_entropy:  # without entropy_grad it is only logged: no autograd graph over another (B, K, V) tensor
-        with torch.set_grad_enabled(torch.is_grad_enabled() and entropy_grad):
-            ent = -(logp_all.exp() * logp_all).sum(dim=-1)  # (B, K)
-    zero = torch.zeros((), dtype=lp.dtype, device=lp.device)
-    base = torch.zeros_like(tgt_mask, dtype=lp.dtype, device=lp.device)  # (B, T-1); scatter() returns a filled copy
-    ent = None if ent is None else base.scatter(1, order, torch.where(valid, ent, zero))
-    return base.scatter(1, order, torch.where(valid, lp, zero)), ent
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The update: mini-batches (optimizer steps) of micro-batches (forward/backward within a token budget)
-
-@dataclass
-class Sample:
-    """One trajectory as the update sees it."""
-    tokens: list[int]
-    loss_mask: list[int]
-    advantage: float
-    old_logp: torch.Tensor | None = None  # (T-1,) set before the update when needed
-    sampler_logp: list[float] | None = None  # the engine's log-probs (same length as tokens), for a diagnostic
-    ref_logp: torch.Tensor | None = None  # (T-1,)
-
-
-def prompt_length(s: Sample) -> int:
-    """Tokens before the position that predicts the first sampled token: a GRPO group's rows agree on them."""
-    return next((t for t in range(1, len(s.loss_mask)) if s.loss_mask[t]), len(s.tokens)) - 1
-
-
-def micro_batches(samples: list[Sample], budget: int, share: bool = True) -> list[tuple[list[int], int]]:
-    """Split samples into forward/backward passes: (indices, P), where the P first tokens are the same in every row
-    and are computed once (a group's prompt; P = 0 without `share`). A pass computes P + rows x (longest - P) <=
-    budget tokens (a longer single row goes alone). Longest first keeps padding small; the order within a
-    mini-batch does not change the result."""
-    groups: dict[tuple, list[int]] = {}
-    for i, s in enumerate(samples):
-        groups.setdefault(tuple(s.tokens[:prompt_length(s)]) if share else (), []).append(i)
-    out = []
-    for prompt, rows in groups.items():
-        rows.sort(key=lambda i: -len(samples[i].tokens))
-        P, cur = len(prompt), []
-        for i in rows:
-            if cur and P + (len(cur) + 1) * (len(samples[cur[0]].tokens) - P) > budget:
-                out.append((cur, P if len(cur) > 1 else 0))
-                cur = []
-            cur.append(i)
-        out.append((cur, P if len(cur) > 1 else 0))
-    return out
-
-
-def collate(samples: list[Sample], device, pad_id: int = 0):
-    """Right-padded (B, T) tokens and mask; old/ref/sampler logps padded to (B, T-1) (None when a sample has none:
-    target t+1 at index t, as token_logprobs); advantages (B,)."""
-    T = max(len(s.tokens) for s in samples)
-
-    def pad(rows, width, dtype=torch.float32, fill=0):
-        if any(r is None for r in rows):
-            return None
-        out = torch.full((len(rows), width), fill, dtype=dtype)
-        for i, r in enumerate(rows):
-            r = torch.as_tensor(r, dtype=dtype)[:width]
-            out[i, : len(r)] = r
-        return out.to(device)
-
-    adv = torch.tensor([s.advantage for s in samples], dtype=torch.float32, device=device)
-    sampler = pad([None if s.sampler_logp is None else s.sampler_logp[1:] for s in samples], T - 1)
-    return (pad([s.tokens for s in samples], T, torch.long, pad_id), pad([s.loss_mask for s in samples], T, torch.long),
-            adv, pad([s.old_logp for s in samples], T - 1), pad([s.ref_logp for s in samples], T - 1), sampler)
-
-
-@torch.no_grad()
-def fill_logprobs(model, samples: list[Sample], cfg: Config, proc: Dist, attr: str, only=None) -> list[Sample]:
-    """New Samples with `attr` (old_logp / ref_logp) from a no-grad forward of `model`, in micro-batches; `only`: the
-    indices of the samples that need it (default all), the others are returned unchanged."""
-    out = list(samples)
-    todo = list(range(len(samples))) if only is None else list(only)
-    groups = [([todo[k] for k in g], P) for g, P in micro_batches([samples[i] for i in todo], cfg.micro_tokens,
-                                                                   cfg.share_prefix)]
-    for j in range(int(all_reduce_dict({"n": len(groups)}, "max", proc)["n"])):
-        if j >= len(groups):
-            model(torch.zeros((1, 2), dtype=torch.long, device=proc.device))  # keep FSDP's collectives in step
-            continue
-        idx, P = groups[j]
-        tok, msk = collate([samples[i] for i in idx], proc.device)[:2]
-        lp, _ = token_logprobs(model, tok, msk, cfg.temperature or 1.0, prefix=P)
-        for row, i in enumerate(idx):
-            out[i] = replace(samples[i], **{attr: lp[row, : len(samples[i].tokens) - 1].float().cpu()})
-    return out
-
-
-def lr_at(step: int, cfg: Config) -> float:
-    """Linear warm-up over `warmup_steps`, then constant (the paper's schedule is constant 1e-6)."""
-    return cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else cfg.lr
-
-
-def update(model, optimizer, samples: list[Sample], cfg: Config, proc: Dist, step: int, ref_model=None,
-           show_progress: bool = True) -> dict:
-    """Policy-gradient steps on this rank's samples; every rank calls it, even with no samples. Returns metrics."""
-    multi = cfg.n_minibatches * cfg.ppo_epochs > 1
-    # With no KL and no entropy term, a trajectory with advantage exactly 0 (e.g. its whole group got the same
-    # reward) adds exactly 0 to the loss and its gradient: it still counts in the denominators below, but its
-    # forward/backward is skipped. Early in training most groups are like that, so this is most of the time saved.
-    skip_zero = cfg.kl_coef == 0 and cfg.entropy_coef == 0
-    active = [i for i, s in enumerate(samples) if not (skip_zero and s.advantage == 0.0)]
-    if multi:  # the policy moves between mini-batches: freeze logp_old with a training forward first
-        samples = fill_logprobs(model, samples, cfg, proc, "old_logp", only=active)
-    if cfg.kl_coef > 0:
-        samples = fill_logprobs(ref_model, samples, cfg, proc, "ref_logp")
-    for g in optimizer.param_groups:
-        g["lr"] = lr_at(step, cfg)
-    const = cfg.loss_agg_const or float(cfg.max_turns * cfg.max_new_tokens)
-    sums = dict(loss=0.0, entropy=0.0, kl=0.0, clipfrac=0.0, ratio=0.0, tokens=0.0, logp_diff=0.0, diff_tokens=0.0)
-    grad_norms, nb = [], cfg.n_minibatches
-    bar = tqdm(total=0, desc="update", unit="micro-batch", leave=False, disable=not (proc.main and show_progress))
-    for epoch in range(cfg.ppo_epochs):
-        for mb in range(nb):
-            part = samples[mb * len(samples) // nb: (mb + 1) * len(samples) // nb]
-            # the denominators are over the whole mini-batch on all ranks, so micro-batching and sharding do not
-            # change the loss (verl: sequences with no sampled token do not count); FSDP averages gradients over
-            # ranks, hence the factor `world` below
-            n = all_reduce_dict({"tokens": sum(sum(s.loss_mask[1:]) for s in part),
-                                 "seqs": sum(1 for s in part if any(s.loss_mask[1:]))}, "sum", proc)
-            if n["tokens"] == 0:  # nothing to learn from on any rank (e.g. every group filtered): no step at all,
-                continue          # so neither weight decay nor Adam's moments move on an empty batch
-            norm = n["tokens"] if cfg.loss_agg == "token-mean" else n["seqs"]
-            work = [s for s in part if not (skip_zero and s.advantage == 0.0)]
-            groups = micro_batches(work, cfg.micro_tokens, cfg.share_prefix)
-            n_micro = int(all_reduce_dict({"n": len(groups)}, "max", proc)["n"])
-            if n_micro == 0:  # every trajectory on every rank has advantage 0: nothing to apply, not even decay
-                continue
-            bar.total += n_micro
-            bar.refresh()
-            for j in range(n_micro):
-                bar.update()
-                if j >= len(groups):  # fewer micro-batches than another rank: still join FSDP's collectives
-                    tok = torch.zeros((1, 2), dtype=torch.long, device=proc.device)
-                    (model(tok, logits_at=tok[:, :1]).sum() * 0.0).backward()  # a zero-loss pass
-                    continue
-                rows, P = groups[j]
-                tok, msk, adv, old, ref, engine = collate([work[i] for i in rows], proc.device)
-                logp, ent = token_logprobs(model, tok, msk, cfg.temperature or 1.0, with_entropy=True,  # greedy: T=1
-                                           entropy_grad=cfg.entropy_coef > 0, prefix=P)
-                old = old if multi else logp.detach()
-                loss, st = policy_loss(logp, old, adv, msk[:, 1:], clip_low=cfg.clip_low, clip_high=cfg.clip_high,
-                                       loss_agg=cfg.loss_agg, ref_logp=ref, kl_coef=cfg.kl_coef, entropy=ent,
-                                       entropy_coef=cfg.entropy_coef, agg_const=const, norm=norm)
-                (loss * proc.world).backward()
-                m = msk[:, 1:].bool()
-                got = dict(loss=loss.detach(), entropy=ent.detach()[m].sum(), clipfrac=st["clipped"].sum(),
-                           ratio=st["ratio"][m].sum(), tokens=m.sum(), kl=st["kl"][m].sum() if "kl" in st else 0.0)
-                if engine is not None and epoch == 0 and mb == 0:  # large gaps: the sampler is not the policy
-                    got.update(logp_diff=(logp.detach() - engine)[m].abs().sum(), diff_tokens=m.sum())
-                for k, v in got.items():
-                    sums[k] += float(v)
-            gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else 1e30)
-            grad_norms.append(float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn))
-            if math.isfinite(grad_norms[-1]):  # a NaN/inf gradient is never applied; the caller stops the run
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-    bar.close()
-    s = all_reduce_dict(sums, "sum", proc)
-    t = max(s["tokens"], 1.0)
-    # `loss` is per rank already normalised by the global count: its sum over ranks is the mini-batch loss
-    return {"loss": s["loss"] / (cfg.n_minibatches * cfg.ppo_epochs), "grad_norm": max(grad_norms, default=0.0),
-            **{k: s[k] / t for k in ("entropy", "kl", "clipfrac", "ratio")}, "train_tokens": s["tokens"],
-            "finite": all(map(math.isfinite, grad_norms)), "logp_diff": s["logp_diff"] / max(s["diff_tokens"], 1.0)}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -687,67 +1034,109 @@ RUN_OUTPUTS = ("metrics.jsonl", "ckpt", "rollouts", "reward.png", "config.json")
 
 def step_folders(cfg: Config) -> list[Path]:
     """Step folders in out_dir, oldest first (`step_000003.tmp` is a save that was killed: never one of them)."""
-    return sorted(p for p in (Path(cfg.out_dir) / "ckpt").glob("step_*[0-9]") if p.is_dir())
+    return sorted(folder for folder in (Path(cfg.out_dir) / "ckpt").glob("step_*[0-9]") if folder.is_dir())
 
 
 def latest_checkpoint(cfg: Config) -> Path | None:
-    return (step_folders(cfg) or [None])[-1]
+    folders = step_folders(cfg)
+    return folders[-1] if folders else None
+
+
+def step_number(folder: Path) -> int:
+    return int(folder.name.split("_")[-1])
 
 
 def resume_target(cfg: Config) -> str | None:
     """--resume: None (a new run), "auto" (the newest intact checkpoint in out_dir) or a step folder."""
-    v = str(cfg.resume).strip()
-    if v.lower() in ("", "0", "false", "no", "none"):
+    value = str(cfg.resume).strip()
+    if value.lower() in ("", "0", "false", "no", "none"):
         return None
-    return "auto" if v.lower() in ("1", "true", "yes", "auto", "latest") else v
+    return "auto" if value.lower() in ("1", "true", "yes", "auto", "latest") else value
 
 
-def checkpoint_problem(path: Path, rank: int = 0) -> str | None:
+def checkpoint_problem(path: Path) -> str | None:
     """What is wrong with a step folder, naming the file, or None when it is complete: state.json, the DCP metadata
-    and this rank's RNG state read as a resume reads them, and each .distcp shard is as long as the metadata says
-    (dcp.load fails on a short one only half way through the load, naming no file)."""
-    got = {}
-    reads = {path / "state.json": lambda f: int(json.loads(f.read_text())["step"]),
-             path / "dcp" / ".metadata": lambda f: got.update(meta=dcp.FileSystemReader(str(f.parent)).read_metadata()),
-             path / f"rng_rank{rank}.pt": lambda f: f.exists() and torch.load(f, weights_only=False)}
-    for f, read in reads.items():
+    and the RNG state of every rank that saved (state.json's world_size) read as a resume reads them, and each
+    .distcp shard as long as the metadata says (dcp.load fails on a short one only half way, naming no file).
+    A damaged file fails in many ways (unpickling can raise almost anything), hence the broad excepts."""
+    state_file = path / "state.json"
+    try:
+        state = json.loads(state_file.read_text())
+        int(state["step"])
+        saved_world = int(state.get("world_size", 1))
+    except Exception as error:
+        return f"{state_file}: {type(error).__name__}: {error}"
+    try:
+        metadata = dcp.FileSystemReader(str(path / "dcp")).read_metadata()
+    except Exception as error:
+        return f"{path / 'dcp' / '.metadata'}: {type(error).__name__}: {error}"
+    for rank in range(saved_world):
+        rng_file = path / f"rng_rank{rank}.pt"
         try:
-            read(f)
-        except Exception as e:  # a damaged file fails in many ways (unpickling can raise almost anything)
-            return f"{f}: {type(e).__name__}: {e}"
-    for info in got["meta"].storage_data.values():  # where each tensor's bytes are: shard file, offset, length
-        f, need = path / "dcp" / info.relative_path, info.offset + info.length
-        if not f.exists() or f.stat().st_size < need:
-            return f"{f}: {f'truncated ({f.stat().st_size} of at least {need} bytes)' if f.exists() else 'missing'}"
+            torch.load(rng_file, weights_only=False)
+        except Exception as error:
+            return f"{rng_file}: {type(error).__name__}: {error}"
+    for info in metadata.storage_data.values():  # where each tensor's bytes are: shard file, offset, length
+        shard = path / "dcp" / info.relative_path
+        need = info.offset + info.length
+        if not shard.exists():
+            return f"{shard}: missing"
+        if shard.stat().st_size < need:
+            return f"{shard}: truncated ({shard.stat().st_size} of at least {need} bytes)"
     return None
 
 
-def find_resume_checkpoint(cfg: Config, rank: int = 0, say=print) -> Path | None:
-    """The checkpoint --resume continues from: the folder given, or the newest intact one in out_dir (a damaged one
-    is named and skipped); None when out_dir has none yet."""
+def agree_on_step(intact_steps: list[int], proc: Dist | None = None) -> int:
+    """The newest step every rank found intact, or -1. Each rank proposes its newest intact step not above the
+    bound (at first its newest); the smallest proposal stands if every rank has it intact, else the bound goes
+    below it and they try again. Every rank takes the same branches (they follow all-reduced values)."""
+    bound = max(intact_steps, default=-1)
+    while True:  # ends: `agreed` goes down every round
+        proposal = max((step for step in intact_steps if step <= bound), default=-1)
+        agreed = int(all_reduce_dict({"step": proposal}, "min", proc)["step"])
+        if agreed < 0:
+            return -1
+        if all_reduce_dict({"intact": float(agreed in intact_steps)}, "min", proc)["intact"] == 1.0:
+            return agreed
+        bound = agreed - 1
+
+
+def find_resume_checkpoint(cfg: Config, say=print, proc: Dist | None = None) -> Path | None:
+    """The checkpoint --resume continues from: the folder given, or the newest step folder that is intact (every
+    rank's files, checkpoint_problem) as seen by every rank (agree_on_step), a damaged newer one named and skipped;
+    None when out_dir has none yet. All ranks return the same folder or all stop with the same message."""
     target = resume_target(cfg)
     if target != "auto":
-        if problem := checkpoint_problem(Path(target), rank):
-            raise SystemExit(f"--resume={target}: cannot resume from it ({problem}); pass a step folder such as "
+        problem = checkpoint_problem(Path(target))
+        damaged_anywhere = all_reduce_dict({"damaged": float(problem is not None)}, "max", proc)["damaged"]
+        if damaged_anywhere:
+            why = problem or "another rank cannot read it"
+            raise SystemExit(f"--resume={target}: cannot resume from it ({why}); pass a step folder such as "
                              f"{Path(cfg.out_dir) / 'ckpt' / 'step_000003'}, or --resume=True for the newest")
         return Path(target)
-    for i, p in enumerate(reversed(step_folders(cfg))):
-        if (problem := checkpoint_problem(p, rank)) is None:
-            if i:
-                say(f"resuming from the newest intact checkpoint, {p}, instead")
-            return p
-        say(f"checkpoint {p.name} is damaged: {problem}")
-    if step_folders(cfg):
+    folders = step_folders(cfg)
+    problems = {step_number(folder): checkpoint_problem(folder) for folder in folders}
+    agreed = agree_on_step([step for step, problem in problems.items() if problem is None], proc)
+    for folder in reversed(folders):  # the newer ones that are not resumed from: say why
+        if step_number(folder) <= agreed:
+            break
+        say(f"checkpoint {folder.name} is damaged: {problems[step_number(folder)] or 'not intact on every rank'}")
+    if agreed >= 0:
+        chosen = Path(cfg.out_dir) / "ckpt" / f"step_{agreed:06d}"
+        if folders and folders[-1] != chosen:
+            say(f"resuming from the newest intact checkpoint, {chosen}, instead")
+        return chosen
+    if all_reduce_dict({"folders": len(folders)}, "max", proc)["folders"] > 0:
         raise SystemExit(f"no intact checkpoint in {Path(cfg.out_dir) / 'ckpt'} (see above); --overwrite=True "
                          f"starts the run again from step 0")
     return None
 
 
-def _disk_full(e: BaseException) -> bool:
+def disk_full(error: BaseException) -> bool:
     """Whether a failed save ran out of disk: ENOSPC in the exception chain (DCP's CheckpointException carries each
     rank's error in its text), or torch's zip writer's way of saying it ("unexpected pos 704 vs 598")."""
-    text = "".join(traceback.format_exception(e))
-    return any(s in text for s in ("No space left", f"[Errno {errno.ENOSPC}]", "unexpected pos"))
+    text = "".join(traceback.format_exception(error))
+    return any(sign in text for sign in ("No space left", f"[Errno {errno.ENOSPC}]", "unexpected pos"))
 
 
 def export_hf(model, tokenizer, path: Path, cfg: Config, proc: Dist) -> None:
@@ -756,17 +1145,21 @@ def export_hf(model, tokenizer, path: Path, cfg: Config, proc: Dist) -> None:
     export is the model that sampled), fp32 on a CPU (a bf16 export of the default run rounds most of its update
     away: after 1 step at lr 2e-5, 92% of the changed weights round back to the base model's bf16 value)."""
     # FSDP2: gather full tensors on rank 0 (on the CPU); one process: the parameters themselves, no gathered copy
-    full = (get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-            if _is_dist() else model.state_dict())
+    if is_distributed():
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        full = model.state_dict()
     if model.config.tie_word_embeddings:
         full.pop("lm_head.weight", None)  # the same tensor as the embedding: HF files store it once
-    if proc.main:
-        auto = torch.bfloat16 if proc.device.type == "cuda" else torch.float32
-        dt = auto if cfg.export_dtype == "auto" else getattr(torch, cfg.export_dtype)
-        for k in list(full):  # in place, key by key: at most one fp32 tensor and the bf16 export at once
-            full[k] = full[k].detach().to(dt)
-        save_pretrained(model, path, state_dict=full)
-        tokenizer.save_pretrained(path)
+    if not proc.main:
+        return
+    dtype = torch.bfloat16 if proc.device.type == "cuda" else torch.float32
+    if cfg.export_dtype != "auto":
+        dtype = getattr(torch, cfg.export_dtype)
+    for key in list(full):  # in place, key by key: at most one fp32 tensor and the bf16 export at once
+        full[key] = full[key].detach().to(dtype)
+    save_pretrained(model, path, state_dict=full)
+    tokenizer.save_pretrained(path)
 
 
 def save_checkpoint(model, optimizer, tokenizer, cfg: Config, proc: Dist, step: int, history: list[dict]) -> Path:
@@ -780,22 +1173,23 @@ def save_checkpoint(model, optimizer, tokenizer, cfg: Config, proc: Dist, step: 
             tmp.mkdir(parents=True)
         barrier()
         dcp.save(dict(zip(("model", "optim"), get_state_dict(model, optimizer))), checkpoint_id=str(tmp / "dcp"))
-        torch.save({"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state()
-                    if proc.device.type == "cuda" else None}, tmp / f"rng_rank{proc.rank}.pt")
+        cuda_rng = torch.cuda.get_rng_state() if proc.device.type == "cuda" else None
+        torch.save({"torch": torch.get_rng_state(), "cuda": cuda_rng}, tmp / f"rng_rank{proc.rank}.pt")
         export_hf(model, tokenizer, tmp / "hf", cfg, proc)
         if proc.main:  # written last: its presence says the folder is complete
-            (tmp / "state.json").write_text(json.dumps({"step": step, "data_position": step * cfg.batch_size,
-                                                        "world_size": proc.world, "config": asdict(cfg),
-                                                        "history": history}))
+            state = {"step": step, "data_position": step * cfg.batch_size, "world_size": proc.world,
+                     "config": asdict(cfg), "history": history}
+            (tmp / "state.json").write_text(json.dumps(state))
         barrier()
-    except BaseException as e:  # anything, Ctrl-C included: clean up, then let it go on
+    except BaseException as error:  # anything, Ctrl-C included: clean up, then let it go on
         if proc.main:
             shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, Exception) and _disk_full(e):
-            prev = latest_checkpoint(cfg)
+        if isinstance(error, Exception) and disk_full(error):
+            previous = latest_checkpoint(cfg)
+            kept = f"the previous one, {previous}, is intact" if previous else "none kept"
             raise SystemExit(f"no space left on {final.parent.resolve()} while saving step {step}: removed the "
-                             f"partial checkpoint; {f'the previous one, {prev}, is intact' if prev else 'none kept'}"
-                             f". Free some space (or --keep_last=1) and run again with --resume=True") from None
+                             f"partial checkpoint; {kept}. Free some space (or --keep_last=1) and run again with "
+                             f"--resume=True") from None
         raise
     if proc.main:
         shutil.rmtree(final, ignore_errors=True)
@@ -808,30 +1202,46 @@ def save_checkpoint(model, optimizer, tokenizer, cfg: Config, proc: Dist, step: 
 
 def load_checkpoint(path: Path, model, optimizer, proc: Dist) -> dict:
     """Restore model + optimizer shards in place (any world size: DCP reshards) and RNG; returns state.json."""
-    sd = dict(zip(("model", "optim"), get_state_dict(model, optimizer)))
-    dcp.load(sd, checkpoint_id=str(path / "dcp"))
-    set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
-    if (rng := path / f"rng_rank{proc.rank}.pt").exists():  # absent when resuming on more ranks than saved
-        r = torch.load(rng, weights_only=False)
-        torch.set_rng_state(r["torch"])
-        if r["cuda"] is not None and proc.device.type == "cuda":
-            torch.cuda.set_rng_state(r["cuda"])
+    state_dicts = dict(zip(("model", "optim"), get_state_dict(model, optimizer)))
+    dcp.load(state_dicts, checkpoint_id=str(path / "dcp"))
+    set_state_dict(model, optimizer, model_state_dict=state_dicts["model"], optim_state_dict=state_dicts["optim"])
+    rng_file = path / f"rng_rank{proc.rank}.pt"
+    if rng_file.exists():  # absent when resuming on more ranks than saved
+        rng = torch.load(rng_file, weights_only=False)
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and proc.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"])
     return json.loads((path / "state.json").read_text())
 
 
+def trim_metrics(path: Path, last_step: int) -> None:
+    """metrics.jsonl keeps the lines of steps up to `last_step` (the later ones will run again: the run died after
+    logging them, before saving). A line that does not decode (torn by a full disk or a kill) is dropped."""
+    kept = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= last_step:
+            kept.append(line)
+    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
 def start_state(cfg: Config, proc: Dist, model, optimizer, resume_from: Path | None) -> tuple[int, list[dict]]:
-    """(first step, history) of a resumed run: what the checkpoint saved, or 0 and [] when out_dir had none yet.
-    metrics.jsonl loses the lines of steps that will run again (the run died after logging them, before saving)."""
-    state = load_checkpoint(resume_from, model, optimizer, proc) if resume_from else {"step": 0}
-    start, history = state["step"], state.get("history", [])
+    """(first step, history) of a resumed run: what the checkpoint saved, or 0 and [] when out_dir had none yet."""
+    state = {"step": 0}
+    if resume_from:
+        state = load_checkpoint(resume_from, model, optimizer, proc)
     if proc.main:
-        print(f"resumed from {resume_from} at step {start}" if resume_from else
-              f"--resume={cfg.resume} but no checkpoint in {Path(cfg.out_dir) / 'ckpt'}: starting from step 0")
-        path = Path(cfg.out_dir) / "metrics.jsonl"
-        if path.exists():
-            keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= start]
-            path.write_text("".join(ln + "\n" for ln in keep))
-    return start, history
+        if resume_from:
+            print(f"resumed from {resume_from} at step {state['step']}")
+        else:
+            print(f"--resume={cfg.resume} but no checkpoint in {Path(cfg.out_dir) / 'ckpt'}: starting from step 0")
+        metrics_file = Path(cfg.out_dir) / "metrics.jsonl"
+        if metrics_file.exists():
+            trim_metrics(metrics_file, state["step"])
+    return state["step"], state.get("history", [])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -841,39 +1251,54 @@ def command_line(cfg: Config, script: str = "train.py", **changes) -> str:
     """A `python train.py ...` line that reproduces `cfg` (with `changes`): the options this process was given
     when it was started from the command line, else every field that differs from the defaults."""
     if Path(sys.argv[0]).name == script:
-        args = [a for a in sys.argv[1:] if a.split("=", 1)[0].lstrip("-").replace("-", "_") not in changes]
+        args = [arg for arg in sys.argv[1:] if arg.split("=", 1)[0].lstrip("-").replace("-", "_") not in changes]
     else:  # called as a function (tests, notebooks): spell the config out
-        base = asdict(Config())
-        args = [f"--{k}={v}" for k, v in asdict(cfg).items() if v != base[k] and k not in changes]
-    args += [f"--{k}={v}" for k, v in changes.items()]
-    launcher = "python" if int(os.environ.get("WORLD_SIZE", "1")) == 1 else "torchrun <the same launcher options>"
-    return " ".join([launcher, script] + [shlex.quote(a) for a in args])
+        args = [f"--{key}={value}" for key, value in config_changes(cfg).items() if key not in changes]
+    args += [f"--{key}={value}" for key, value in changes.items()]
+    launcher = "python"
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        launcher = "torchrun <the same launcher options>"
+    return " ".join([launcher, script] + [shlex.quote(arg) for arg in args])
+
+
+def config_changes(cfg) -> dict:
+    """The fields of a config dataclass that differ from its defaults."""
+    defaults = asdict(type(cfg)())
+    return {key: value for key, value in asdict(cfg).items() if value != defaults[key]}
+
+
+# eval.py's offline preset is the AgentConfig defaults, greedy: these fields do not change its answers
+NOT_FOR_EVAL = ("model", "temperature", "top_p", "seed", "device", "n_slots")
 
 
 def eval_command(cfg: Config, model: str) -> str:
-    """The eval.py line that scores `model` on the offline dev set with this run's agent settings. eval.py's offline
-    preset is the AgentConfig defaults, greedy; sampling, seed, device and engine width do not change its answers."""
+    """The eval.py line that scores `model` on the offline dev set with this run's agent settings."""
     base = AgentConfig()
-    args = ["--preset=offline", f"--model={model}"] + [
-        f"--{f.name}={getattr(cfg, f.name)}" for f in fields(AgentConfig) if getattr(cfg, f.name) != getattr(
-            base, f.name) and f.name not in ("model", "temperature", "top_p", "seed", "device", "n_slots")]
-    return " ".join(["python eval.py"] + [shlex.quote(a) for a in args])
+    args = ["--preset=offline", f"--model={model}"]
+    for agent_field in fields(AgentConfig):
+        value = getattr(cfg, agent_field.name)
+        if value != getattr(base, agent_field.name) and agent_field.name not in NOT_FOR_EVAL:
+            args.append(f"--{agent_field.name}={value}")
+    return " ".join(["python eval.py"] + [shlex.quote(arg) for arg in args])
 
 
 def plot_rewards(history: list[dict], path: Path) -> None:
-    """reward.png: mean reward, F1 and format-error rate per step (matplotlib, no display needed)."""
+    """reward.png: mean reward, F1 and format-error rate per step (matplotlib, no display needed); a step whose
+    value is missing (every trajectory masked) is a gap in its line."""
     import matplotlib  # optional for the loop itself: imported only when a plot is drawn
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = [h["step"] for h in history]
+    steps = [entry["step"] for entry in history]
     fig, ax = plt.subplots(figsize=(7, 4))
     for key, label in (("reward", "mean reward"), ("f1", "F1 (training samples)"),
                        ("format_error", "format-error rate")):
-        ax.plot(steps, [h.get(key, float("nan")) for h in history], marker="o", ms=3, label=label)
-    dev = [(h["step"], h["dev_f1"]) for h in history if h.get("dev_f1") is not None]
+        values = [entry.get(key) for entry in history]
+        ax.plot(steps, [float("nan") if value is None else value for value in values], marker="o", ms=3, label=label)
+    dev = [(entry["step"], entry["dev_f1"]) for entry in history if entry.get("dev_f1") is not None]
     if dev:  # the learning curve: greedy F1 on a fixed dev subset, measured every eval_every steps
-        ax.plot(*zip(*dev), marker="s", ms=5, lw=2, color="black", label="dev F1 (greedy)")
+        ax.plot([step for step, _ in dev], [f1 for _, f1 in dev], marker="s", ms=5, lw=2, color="black",
+                label="dev F1 (greedy)")
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -886,14 +1311,17 @@ def plot_rewards(history: list[dict], path: Path) -> None:
 
 def turn_records(traj) -> list[dict]:
     """A trajectory's turns as JSON-ready dicts (eval.py's records use it too)."""
-    return [asdict(t) if is_dataclass(t) else dict(t) for t in traj.turns]
+    return [asdict(turn) if is_dataclass(turn) else dict(turn) for turn in traj.turns]
 
 
-def trajectory_record(traj, rew, adv: float, tokenizer) -> dict:
-    """A full trajectory as JSON: decoded text, every turn, reward and advantage."""
-    return {"question": traj.question, "gold": traj.gold, "end_reason": traj.end_reason, "answer": traj.answer,
-            "reward": rew.score, "f1": rew.f1, "format_ok": rew.format_ok, "reason": rew.reason, "advantage": adv,
-            "n_tokens": len(traj.tokens), "n_sampled": sum(traj.loss_mask), "stats": traj.stats,
+def trajectory_record(traj, gold: list[str], result, advantage: float, tokenizer) -> dict:
+    """A full trajectory as JSON: the exact tokens with their loss mask and sampled log-probs (4 decimals: the
+    report's per-token view), the decoded text, every turn, the reward and the advantage."""
+    return {"question": traj.question, "gold": gold, "end_reason": traj.end_reason, "answer": traj.answer,
+            "reward": result.score, "f1": result.f1, "format_ok": result.format_ok, "reason": result.reason,
+            "advantage": advantage, "n_tokens": len(traj.tokens), "n_sampled": sum(traj.loss_mask),
+            "prompt_len": traj.prompt_len, "stats": traj.stats, "tokens": list(traj.tokens),
+            "loss_mask": list(traj.loss_mask), "logprobs": [round(float(lp), 4) for lp in traj.logprobs],
             "text": tokenizer.decode(traj.tokens), "turns": turn_records(traj)}
 
 
@@ -908,121 +1336,93 @@ def start_wandb(cfg: Config, proc: Dist):
     return wandb.init(project=cfg.wandb_project, config=asdict(cfg), dir=cfg.out_dir)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The loop
-
-@dataclass
-class Batch:
-    """One step's trajectories on this rank, scored: what the update and the metrics read."""
-    trajs: list
-    rewards: list                # reward.Reward per trajectory
-    advantages: torch.Tensor     # (N,)
-    valid: torch.Tensor          # (N,) bool: judged on (not ended by a web or engine failure)
-    zero_var: torch.Tensor       # (Q,) bool: every valid trajectory of the question got the same reward
-    skipped: torch.Tensor        # (Q,) bool: groups that masking left too small to compare
-    samples: list[Sample]        # what the update trains on
+def step_line(step: int, metrics: dict) -> str:
+    """`step 3 | reward 0.123 | f1 0.2 | ...`: one greppable line per step (missing values are left out)."""
+    parts = [f"step {step}"]
+    for key, value in metrics.items():
+        if isinstance(value, float):
+            parts.append(f"{key} {value:.4g}")
+        elif isinstance(value, (int, str)):
+            parts.append(f"{key} {value}")
+    return " | ".join(parts)
 
 
-def build_samples(trajs: list, cfg: Config) -> Batch:
-    """Rewards and group advantages (groups never straddle ranks: questions are sharded, not trajectories); a
-    trajectory the web or the engine ended says nothing about the policy, so it is masked (module docstring)."""
-    G = cfg.group_size
-    rews = [reward([t.text for t in tr.turns], tr.gold, protocol=cfg.protocol) for tr in trajs]
-    r = torch.tensor([x.score for x in rews], dtype=torch.float32)
-    valid = torch.tensor([not (cfg.mask_tool_failures and tr.end_reason in INFRA_END_REASONS) for tr in trajs],
-                         dtype=torch.bool)
-    adv = group_advantages(r, G, cfg.norm_adv_by_std, valid=valid)
-    zero_var = zero_variance_groups(r, G, valid=valid)
-    n_valid = valid.reshape(-1, G).sum(dim=1)  # (Q,)
-    skipped = (n_valid < 2) & (n_valid < G)
-    samples = [Sample(tr.tokens, tr.loss_mask, float(adv[i]), sampler_logp=tr.logprobs) for i, tr in enumerate(trajs)
-               if valid[i] and not skipped[i // G] and not (cfg.filter_groups and zero_var[i // G])]
-    return Batch(trajs, rews, adv, valid, zero_var, skipped, samples)
-
-
-def step_metrics(batch: Batch, upd: dict, seconds: dict, cfg: Config, proc: Dist, step: int) -> dict:
-    """The step's metrics: sums and counts over all ranks in one collective, then means (reward, f1, em and
-    format_error over the judged trajectories, the rest per trajectory); times and memory are the slowest rank's."""
-    trajs, judged = batch.trajs, [x for x, v in zip(batch.rewards, batch.valid.tolist()) if v]
-    peak = torch.cuda.max_memory_allocated() if proc.device.type == "cuda" else \
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the process's peak RSS (Linux reports KiB)
-    s = all_reduce_dict({
-        "reward": sum(x.score for x in judged), "reward_sq": sum(x.score ** 2 for x in judged),
-        "f1": sum(x.f1 for x in judged), "em": sum(x.em for x in judged),
-        "format_error": sum(not x.format_ok for x in judged), "judged": len(judged),
-        "zero_var_groups": int(batch.zero_var.sum()), "groups": len(batch.zero_var),
-        "turns": sum(len(tr.turns) for tr in trajs), "search_calls": sum(tr.stats.get("n_search", 0) for tr in trajs),
-        "browse_calls": sum(tr.stats.get("n_browse", 0) for tr in trajs),
-        "response_len": sum(sum(tr.loss_mask) for tr in trajs), "seq_len": sum(len(tr.tokens) for tr in trajs),
-        "trajectories": len(trajs), "time_tools_sum": sum(t.tool_s or 0.0 for tr in trajs for t in tr.turns),
-        "masked_tool_failures": int((~batch.valid).sum()), "skipped_groups": int(batch.skipped.sum()),
-        **{f"end_{e}": sum(tr.end_reason == e for tr in trajs) for e in END_REASONS}}, "sum", proc)
-    slowest = all_reduce_dict({**seconds, "peak_mem_gib": peak / 2**30}, "max", proc)
-    n, n_judged = max(s["trajectories"], 1.0), max(s["judged"], 1.0)
-    mean = s["reward"] / n_judged
-    return {"reward": mean, "reward_std": math.sqrt(max(s["reward_sq"] / n_judged - mean * mean, 0.0)),
-            **{k: s[k] / n_judged for k in ("f1", "em", "format_error")},
-            "zero_var_groups": s["zero_var_groups"] / max(s["groups"], 1.0),
-            **{k: s[k] / n for k in ("turns", "search_calls", "browse_calls", "response_len", "seq_len")},
-            **{k: upd[k] for k in ("entropy", "kl", "clipfrac", "loss", "grad_norm", "logp_diff")},
-            "lr": lr_at(step, cfg), "time_rollout": slowest["time_rollout"],
-            "time_tools_sum": s["time_tools_sum"] / proc.world, "time_learn": slowest["time_learn"],
-            "tok_per_s": (s["response_len"] + upd["train_tokens"]) / max(sum(seconds.values()), 1e-9),
-            "peak_mem_gib": slowest["peak_mem_gib"],
-            **{k: int(v) for k, v in s.items() if k.startswith("end_") or k in ("masked_tool_failures",
-                                                                                  "skipped_groups")}}
-
-
-def log_step(step: int, m: dict, batch: Batch, tokenizer, history: list[dict], wandb_run, cfg: Config,
-             proc: Dist) -> None:
+def log_step(step: int, metrics: dict, batch: Batch, run: Run, wandb_run, cfg: Config, proc: Dist) -> None:
     """Rank 0: the step's line, metrics.jsonl (and wandb), a few full trajectories, the curve; every rank: history."""
-    history.append({"step": step, **{k: m.get(k) for k in ("reward", "f1", "format_error", "dev_f1")}})
+    run.history.append({"step": step, **{key: metrics.get(key) for key in ("reward", "f1", "format_error", "dev_f1")}})
     if not proc.main:
         return
-    # `step 3 | reward 0.123 | f1 0.2 | ...`: one line per step, greppable
-    tqdm.write(" | ".join([f"step {step}"] + [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                              for k, v in m.items() if isinstance(v, (int, float, str))]))
+    tqdm.write(step_line(step, metrics))
     with open(Path(cfg.out_dir) / "metrics.jsonl", "a", encoding="utf-8") as fh:
-        fh.write(json.dumps({"step": step, **m}) + "\n")
-    if wandb_run is not None:
-        wandb_run.log({k: v for k, v in m.items() if isinstance(v, (int, float))}, step=step)
-    dump = [trajectory_record(batch.trajs[i], batch.rewards[i], float(batch.advantages[i]), tokenizer)
-            for i in range(min(cfg.n_log_rollouts, len(batch.trajs)))]
+        fh.write(json.dumps({"step": step, **metrics}) + "\n")
+    if wandb_run is not None:  # a missing value (None) is not logged: wandb would draw it as 0
+        wandb_run.log({key: value for key, value in metrics.items() if isinstance(value, (int, float))}, step=step)
+    dump = []
+    for i in range(min(cfg.n_log_rollouts, len(batch.trajs))):
+        traj = batch.trajs[i]
+        dump.append(trajectory_record(traj, batch.golds[traj.group], batch.rewards[i], float(batch.advantages[i]),
+                                      run.tokenizer))
     with open(Path(cfg.out_dir) / "rollouts" / f"step_{step:06d}.jsonl", "w", encoding="utf-8") as fh:
-        fh.writelines(json.dumps(x, ensure_ascii=False) + "\n" for x in dump)
+        fh.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in dump)
     if cfg.plot_every and step % cfg.plot_every == 0:
-        plot_rewards(history, Path(cfg.out_dir) / "reward.png")
+        plot_rewards(run.history, Path(cfg.out_dir) / "reward.png")
 
 
-def dev_f1(model, tokenizer, dev: list[dict], browser, cfg: Config, proc: Dist) -> float:
+# ----------------------------------------------------------------------------------------------------------------
+# The run
+
+@dataclass
+class Run:
+    """What a training run holds from step to step (open_run builds it)."""
+    tokenizer: object
+    model: torch.nn.Module
+    ref_model: torch.nn.Module | None   # the frozen initial policy (kl_coef > 0)
+    optimizer: torch.optim.Optimizer
+    questions: list[dict]               # the training set: [{question, answers}]
+    dev: list[dict]                     # the fixed dev questions of the learning curve ([] = eval_every 0)
+    browser: object
+    rollout_cfg: object                 # rollout.RolloutConfig
+    start: int                          # the first step to run (a resumed run's saved step)
+    history: list[dict]                 # per step: reward, f1, format_error, dev_f1 (the curve; saved in state.json)
+
+
+def dev_f1(run: Run, cfg: Config, proc: Dist) -> float:
     """Greedy F1 on a fixed list of dev questions (the learning curve); each rank runs its share."""
-    mine = dev[proc.rank:: proc.world]
-    with unsharded(model):  # every rank joins the all-gather, even one with no question
-        trajs = rollout(model, tokenizer, [q["question"] for q in mine], [q["answers"] for q in mine], browser,
-                        subconfig(RolloutConfig, cfg, temperature=0.0), group_size=1, seed=0) if mine else []
-    f1s = [reward([t.text for t in tr.turns], tr.gold, protocol=cfg.protocol).f1 for tr in trajs]
-    s = all_reduce_dict({"f1": sum(f1s), "n": len(f1s)}, "sum", proc)
-    return s["f1"] / max(s["n"], 1.0)
+    mine = run.dev[proc.rank:: proc.world]
+    trajs = []
+    with unsharded(run.model):  # every rank joins the all-gather, even one with no question
+        if mine:
+            trajs = rollout(run.model, run.tokenizer, [q["question"] for q in mine], run.browser,
+                            subconfig(RolloutConfig, cfg, temperature=0.0), group_size=1, seed=0)
+    f1s = [reward([turn.text for turn in traj.turns], mine[traj.group]["answers"], protocol=cfg.protocol).f1
+           for traj in trajs]
+    sums = all_reduce_dict({"f1": sum(f1s), "n": len(f1s)}, "sum", proc)
+    return sums["f1"] / max(sums["n"], 1.0)
 
 
-def start_run(cfg: Config, proc: Dist) -> tuple[str, Path | None]:
+def prepare_out_dir(cfg: Config, proc: Dist) -> tuple[str, Path | None]:
     """Checks that need the world size; out_dir wiped (--overwrite) or its checkpoint found (--resume); the model
-    resolved; the config printed and saved. Returns (model folder, checkpoint to resume from)."""
+    resolved; the config's changes printed, all of it saved. Returns (model folder, checkpoint to resume from)."""
     if cfg.batch_size % proc.world:
         raise SystemExit(f"batch_size={cfg.batch_size} must be divisible by the world size {proc.world}")
     if cfg.cpu_offload and proc.device.type != "cuda":
         raise SystemExit("--cpu_offload=True moves FSDP's sharded state from GPU to host memory: it needs GPUs")
-    out, target = Path(cfg.out_dir), resume_target(cfg)
+    out = Path(cfg.out_dir)
+    target = resume_target(cfg)
     earlier = [name for name in ("metrics.jsonl", "ckpt") if (out / name).exists()]
     if target is None and earlier and not cfg.overwrite:
         raise SystemExit(f"{out} already holds a run ({', '.join(earlier)}): --resume=True continues it, "
                          f"--out_dir=<new folder> starts another beside it, --overwrite=True deletes it first")
     if target is None and cfg.overwrite and proc.main:  # only the run's own outputs: out_dir may hold other files
-        for p in (out / name for name in RUN_OUTPUTS):
-            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+        for output in (out / name for name in RUN_OUTPUTS):
+            if output.is_dir():
+                shutil.rmtree(output)
+            else:
+                output.unlink(missing_ok=True)
     barrier()
-    quiet = print if proc.main else (lambda *a: None)
-    resume_from = find_resume_checkpoint(cfg, proc.rank, say=quiet) if target else None
+    resume_from = None
+    if target:
+        resume_from = find_resume_checkpoint(cfg, say=print if proc.main else say_nothing, proc=proc)
     # the first process of each node resolves (downloads or converts) the model into that node's cache, then the
     # others find it there; only rank 0 reads the weights, the others need config.json and the tokenizer
     path = resolve_model(cfg.model) if proc.local_rank == 0 else None
@@ -1030,32 +1430,101 @@ def start_run(cfg: Config, proc: Dist) -> tuple[str, Path | None]:
     path = path or resolve_model(cfg.model)
     if proc.main:
         (out / "rollouts").mkdir(parents=True, exist_ok=True)
-        print(json.dumps(asdict(cfg), indent=2))
+        changes = " ".join(f"--{key}={value}" for key, value in config_changes(cfg).items())
+        print(f"config: {changes or 'the defaults'} (all of it: {out / 'config.json'})")
         (out / "config.json").write_text(json.dumps({**asdict(cfg), "resolved_model_path": str(path)}, indent=2))
     return path, resume_from
 
 
+def say_nothing(*args) -> None:
+    """`say` for the ranks that do not print."""
+
+
+def open_run(cfg: Config, proc: Dist) -> Run:
+    """Everything a run needs, built once: out_dir, the model (and the reference model), the optimizer, the data,
+    the web, a resumed checkpoint; and the learning curve's first point, the model we were given."""
+    path, resume_from = prepare_out_dir(cfg, proc)
+    torch.manual_seed(cfg.seed)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = build_model(path, cfg, proc)
+    ref_model = build_model(path, cfg, proc, trainable=False) if cfg.kl_coef > 0 else None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  weight_decay=cfg.weight_decay, eps=1e-8)
+    questions = load_questions(cfg.data)
+    start = 0
+    history = []
+    if resume_target(cfg):
+        start, history = start_state(cfg, proc, model, optimizer, resume_from)
+    browser = Browser(subconfig(BrowseConfig, cfg))
+    dev = load_questions(cfg.eval_data)[: cfg.eval_n] if cfg.eval_every > 0 else []
+    run = Run(tokenizer, model, ref_model, optimizer, questions, dev, browser, subconfig(RolloutConfig, cfg), start,
+              history)
+    if dev and start == 0:  # the curve starts at the model we were given
+        history.append({"step": 0, "dev_f1": dev_f1(run, cfg, proc)})
+        if proc.main:
+            print(f"step 0 | dev_f1 {history[-1]['dev_f1']:.4g} (greedy, {len(dev)} questions of {cfg.eval_data})")
+    return run
+
+
+def numbers_problem(step: int, metrics: dict, finite_update: bool, cfg: Config) -> str:
+    """Why the run must stop now, or "": a NaN/inf loss, reward or entropy, or a gradient that was not applied.
+    The metrics are all-reduced, so every rank takes the same decision."""
+    values = [metrics[key] for key in ("loss", "reward", "entropy") if metrics[key] is not None]
+    if finite_update and all(math.isfinite(value) for value in values):
+        return ""
+    return (f"step {step}: loss or gradient is NaN/inf; the update was not applied. Stopping; the last good "
+            f"checkpoint is {latest_checkpoint(cfg)}. Lower --lr or check the data.")
+
+
 def end_run(cfg: Config, proc: Dist, history: list[dict], stop: str, saved_at: Path | None) -> None:
-    """Ctrl-C exits 130 saying how to resume; otherwise the curve, why it stopped, and what to run next."""
-    ck = saved_at or latest_checkpoint(cfg)
+    """Ctrl-C exits 130 saying how to resume; otherwise the curve, the report, why it stopped, what to run next."""
+    checkpoint = saved_at or latest_checkpoint(cfg)
     if stop == "interrupted":
         if proc.main:
-            saved = (f"the last checkpoint is {ck} (step {int(ck.name.split('_')[-1])})" if ck else "nothing was "
-                     f"saved yet (the first checkpoint comes at step {min(cfg.save_every, cfg.steps)})")
+            saved = f"nothing was saved yet (the first checkpoint comes at step {min(cfg.save_every, cfg.steps)})"
+            if checkpoint:
+                saved = f"the last checkpoint is {checkpoint} (step {step_number(checkpoint)})"
             print(f"interrupted: {saved}; to continue:\n  {command_line(cfg, resume='True')}", file=sys.stderr)
         raise SystemExit(130)
     if proc.main:
         if history:
             plot_rewards(history, Path(cfg.out_dir) / "reward.png")
+        report = write_report(Path(cfg.out_dir))
         if stop:
             print(stop, file=sys.stderr)
-        print(f"done: {len(history) and history[-1]['step']} steps; last checkpoint {ck}")
+        last_step = history[-1]["step"] if history else 0
+        print(f"done: {last_step} steps; last checkpoint {checkpoint}")
+        dev = [entry["dev_f1"] for entry in history if entry.get("dev_f1") is not None]
+        if dev:
+            print(f"last dev F1 (greedy): {dev[-1]:.4g}")
         print(f"reward curve: {Path(cfg.out_dir) / 'reward.png'}; metrics: {Path(cfg.out_dir) / 'metrics.jsonl'}")
-        if ck is not None:
+        if report is not None:
+            print(f"report: {report}")
+        if checkpoint is not None:
             print(f"evaluate the trained checkpoint on the dev questions (greedy), then the base model beside it:\n"
-                  f"  {eval_command(cfg, str(ck / 'hf'))}\n  {eval_command(cfg, cfg.model)}")
-    if _is_dist():
+                  f"  {eval_command(cfg, str(checkpoint / 'hf'))}\n  {eval_command(cfg, cfg.model)}")
+    if is_distributed():
         dist.destroy_process_group()
+
+
+def write_report(folder: Path) -> Path | None:
+    """report.html from the run's files, when report.py is there (`write_report(folder) -> Path`). The run's results
+    are on disk already, so a report that fails says so and the run still ends as it would have."""
+    try:
+        import report
+    except ModuleNotFoundError as error:
+        if error.name == "report":  # no report.py: nothing to write
+            return None
+        print(f"no report: report.py needs {error.name} ({error}); the run's files are intact", file=sys.stderr)
+        return None
+    if not hasattr(report, "write_report"):
+        return None
+    try:
+        return Path(report.write_report(folder))
+    except Exception as error:  # whatever the report did wrong, the run's outputs stay as they are
+        print(f"no report: report.write_report failed ({type(error).__name__}: {error}); the run's files are intact",
+              file=sys.stderr)
+        return None
 
 
 def main(cfg: Config) -> dict:
@@ -1064,62 +1533,37 @@ def main(cfg: Config) -> dict:
     proc = setup_distributed(cfg.device)
     if cfg.dry_run:
         return memory_per_gpu(cfg, cfg.world_size or proc.world, say=print if proc.main else None)
-    path, resume_from = start_run(cfg, proc)
-    torch.manual_seed(cfg.seed)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = build_model(path, cfg, proc)
-    ref_model = build_model(path, cfg, proc, trainable=False) if cfg.kl_coef > 0 else None
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                  weight_decay=cfg.weight_decay, eps=1e-8)
-    questions = load_questions(cfg.data)
-    start, history = start_state(cfg, proc, model, optimizer, resume_from) if resume_target(cfg) else (0, [])
-    rcfg, browser = subconfig(RolloutConfig, cfg), Browser(subconfig(BrowseConfig, cfg))
-    dev = load_questions(cfg.eval_data)[: cfg.eval_n] if cfg.eval_every > 0 else []
-    if dev and start == 0:  # the curve starts at the model we were given
-        history.append({"step": 0, "dev_f1": dev_f1(model, tokenizer, dev, browser, cfg, proc)})
-        if proc.main:
-            print(f"step 0 | dev_f1 {history[-1]['dev_f1']:.4g} (greedy, {len(dev)} questions of {cfg.eval_data})")
-    wandb_run, last, low_entropy, saved_at, stop = start_wandb(cfg, proc), {}, 0, None, ""
+    run = open_run(cfg, proc)
+    wandb_run = start_wandb(cfg, proc)
+    last_metrics = {}
+    low_entropy_steps = 0
+    saved_at = None
+    stop = ""
     try:
-        for step in tqdm(range(start, cfg.steps), desc="train", disable=not proc.main, initial=start,
+        for step in tqdm(range(run.start, cfg.steps), desc="train", disable=not proc.main, initial=run.start,
                          total=cfg.steps):
-            t0 = time.perf_counter()
-            idx = batch_indices(len(questions), step, cfg.batch_size, cfg.seed)[proc.rank:: proc.world]
-            if proc.device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            with unsharded(model):  # one all-gather for the whole rollout
-                trajs = rollout(model, tokenizer, [questions[i]["question"] for i in idx],
-                                [questions[i]["answers"] for i in idx], browser, rcfg, group_size=cfg.group_size,
-                                seed=rng_seed(cfg.seed, step, proc.rank))
-            t1 = time.perf_counter()
-            batch = build_samples(trajs, cfg)
-            upd = update(model, optimizer, batch.samples, cfg, proc, step, ref_model)
-            seconds = {"time_rollout": t1 - t0, "time_learn": time.perf_counter() - t1}
-            last = step_metrics(batch, upd, seconds, cfg, proc, step)
-            if dev and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
-                last["dev_f1"] = dev_f1(model, tokenizer, dev, browser, cfg, proc)
-            log_step(step + 1, last, batch, tokenizer, history, wandb_run, cfg, proc)
-            # health checks: the metrics are all-reduced, so every rank takes the same decision
-            if not upd["finite"] or not all(math.isfinite(last[k]) for k in ("loss", "reward", "entropy")):
-                stop = (f"step {step + 1}: loss or gradient is NaN/inf; the update was not applied. Stopping; the "
-                        f"last good checkpoint is {latest_checkpoint(cfg)}. Lower --lr or check the data.")
+            batch, last_metrics, finite_update = train_step(run, cfg, proc, step)
+            log_step(step + 1, last_metrics, batch, run, wandb_run, cfg, proc)
+            stop = numbers_problem(step + 1, last_metrics, finite_update, cfg)
+            if stop:  # no checkpoint of a broken state
                 break
-            low_entropy = low_entropy + 1 if upd["train_tokens"] and last["entropy"] < cfg.min_entropy else 0
-            if low_entropy >= 3:
-                stop = (f"step {step + 1}: entropy {last['entropy']:.2e} < min_entropy={cfg.min_entropy} for 3 "
-                        f"steps (the policy collapsed to near-deterministic outputs). Stopping.")
+            entropy = last_metrics["entropy"]
+            low_entropy_steps = low_entropy_steps + 1 if entropy is not None and entropy < cfg.min_entropy else 0
+            if low_entropy_steps >= 3:
+                stop = (f"step {step + 1}: entropy {entropy:.2e} < min_entropy={cfg.min_entropy} for 3 steps (the "
+                        f"policy collapsed to near-deterministic outputs). Stopping.")
             if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps or stop:
-                saved_at = save_checkpoint(model, optimizer, tokenizer, cfg, proc, step + 1, history)
+                saved_at = save_checkpoint(run.model, run.optimizer, run.tokenizer, cfg, proc, step + 1, run.history)
             if stop:
                 break
     except KeyboardInterrupt:  # Ctrl-C: no traceback; say what is on disk and how to go on (exit code 130)
         stop = "interrupted"
     finally:
-        browser.close()
+        run.browser.close()
         if wandb_run is not None:
             wandb_run.finish()
-    end_run(cfg, proc, history, stop, saved_at)
-    return last
+    end_run(cfg, proc, run.history, stop, saved_at)
+    return last_metrics
 
 
 if __name__ == "__main__":

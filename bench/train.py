@@ -84,14 +84,15 @@ def make_samples(n: int, seq: int, vocab: int, group: int = 1, prompt: int = 0, 
         if i % group == 0:
             head = torch.randint(0, vocab, (prompt,), generator=g).tolist()
         adv = 1.0 if i % 2 else -1.0  # never 0: update() skips zero-advantage rows
-        out.append(train.Sample(head + torch.randint(0, vocab, (rest,), generator=g).tolist(), mask, adv))
+        tokens = head + torch.randint(0, vocab, (rest,), generator=g).tolist()
+        out.append(train.Sample(tokens, mask, adv, group=i // group))
     return out
 
 
 def build(shape: str, d: train.Dist, checkpointing: bool):
     cfg = ModelConfig.from_json(TINY_CONFIG if shape == "tiny" else SHAPES[shape])
     torch.manual_seed(0)
-    if train._is_dist():  # FSDP2 as in train.py (always on GPU: a 1-rank group; on CPU only under torchrun)
+    if train.is_distributed():  # FSDP2 as in train.py (always on GPU: a 1-rank group; on CPU only under torchrun)
         with torch.device("meta"):
             model = Transformer(cfg)
         train.apply_fsdp(model, d)

@@ -108,9 +108,9 @@ def test_update_global_seq_count_skips_empty_sequences(tiny_qwen2):
     from model import Transformer
 
     g = torch.Generator().manual_seed(3)
-    samples = [Sample(torch.randint(0, 49152, (n,), generator=g).tolist(), [0] * 3 + [1] * (n - 3), a)
-               for n, a in ((8, 1.0), (10, -0.5))]
-    empty = Sample(torch.randint(0, 49152, (7,), generator=g).tolist(), [0] * 7, 2.0)
+    samples = [Sample(torch.randint(0, 49152, (n,), generator=g).tolist(), [0] * 3 + [1] * (n - 3), a, group)
+               for group, (n, a) in enumerate(((8, 1.0), (10, -0.5)))]
+    empty = Sample(torch.randint(0, 49152, (7,), generator=g).tolist(), [0] * 7, 2.0, 2)
     for agg in ("seq-mean-token-mean", "seq-mean-token-sum-norm"):
         params = []
         for batch in (samples, samples + [empty]):
@@ -299,7 +299,7 @@ def test_helpers_do_not_mutate_inputs(tiny_qwen2):
     tc, mc = tok.clone(), m.clone()
     token_logprobs(model, tok, m)
     assert torch.equal(tok, tc) and torch.equal(m, mc)
-    samples = [Sample([1, 2, 3, 4], [0, 1, 1, 1], 0.5), Sample([5, 6, 7], [0, 0, 1], -0.5)]
+    samples = [Sample([1, 2, 3, 4], [0, 1, 1, 1], 0.5, 0), Sample([5, 6, 7], [0, 0, 1], -0.5, 1)]
     snap = [dataclasses.replace(s, tokens=list(s.tokens), loss_mask=list(s.loss_mask)) for s in samples]
     cfg = Config(micro_tokens=4)
     out = train.fill_logprobs(model, samples, cfg, train.Dist(), "old_logp")
@@ -316,7 +316,7 @@ def _grouped_samples(seed: int, advantages: list[float], prompt: int = 4, group:
         n = 3 + 2 * i
         mask = [0] * prompt + [int(x) for x in torch.randint(0, 2, (n,), generator=g)]
         mask[prompt] = mask[-1] = 1
-        out.append(Sample(head + torch.randint(0, 49152, (n,), generator=g).tolist(), mask, a))
+        out.append(Sample(head + torch.randint(0, 49152, (n,), generator=g).tolist(), mask, a, i // group))
     return out
 
 
@@ -364,9 +364,9 @@ def test_update_equals_one_step_on_the_full_batch_loss(tiny_qwen2):
     cfg = Config(micro_tokens=40, grad_clip=0.0, lr=0.5, temperature=1.0)
     train.update(ours, torch.optim.SGD(ours.parameters(), lr=0.5), samples, cfg, train.Dist(), step=0)
     ref = Transformer.from_pretrained(tiny_qwen2)
-    tok, msk, adv = train.collate(samples, "cpu")[:3]
-    logp, _ = token_logprobs(ref, tok, msk)
-    loss, _ = policy_loss(logp, logp.detach(), adv, msk[:, 1:], loss_agg="token-mean")
+    batch = train.collate(samples, "cpu")
+    logp, _ = token_logprobs(ref, batch.tokens, batch.mask)
+    loss, _ = policy_loss(logp, logp.detach(), batch.advantages, batch.mask[:, 1:], loss_agg="token-mean")
     loss.backward()
     torch.optim.SGD(ref.parameters(), lr=0.5).step()
     for (k, p), q in zip(ours.named_parameters(), ref.parameters()):
@@ -403,7 +403,6 @@ class FakeTurn:
 @dataclass
 class FakeTrajectory:
     question: str
-    gold: list
     group: int
     tokens: list
     loss_mask: list
@@ -438,10 +437,19 @@ class FakeBrowser:
         pass
 
 
+def gold_answers(questions: list[str]) -> list[list[str]]:
+    """The gold answers of questions from the default train and dev files (rollout() gets no gold: train.py scores)."""
+    root = Path(train.__file__).resolve().parent
+    golds = {row["question"]: row["answers"] for path in (Config.data, Config.eval_data)
+             for row in train.load_questions(str(root / path))}
+    return [golds[question] for question in questions]
+
+
 @torch.no_grad()
-def fake_rollout(model, tokenizer, questions, golds, browser, cfg, group_size=1, seed=0):
+def fake_rollout(model, tokenizer, questions, browser, cfg, group_size=1, seed=0):
     """Sample from the real model (so the update sees real logprobs), with a forced 3-token 'observation' (mask 0)
     in the middle; the answer is right when the first sampled token id is even, so rewards vary."""
+    golds = gold_answers(questions)
     g = torch.Generator().manual_seed(seed)
     dev = next(model.parameters()).device
     out = []
@@ -466,7 +474,7 @@ def fake_rollout(model, tokenizer, questions, golds, browser, cfg, group_size=1,
             first = toks[len(prompt)]
             ans = gold[0] if first % 2 == 0 else "no idea"
             text = f"<think>t</think><answer>{ans}</answer>" if first % 3 else "<think>oops"
-            out.append(FakeTrajectory(q, gold, qi, toks, mask, lps, len(prompt), [FakeTurn(text)], ans,
+            out.append(FakeTrajectory(q, qi, toks, mask, lps, len(prompt), [FakeTurn(text)], ans,
                                       "answer", {"n_search": 1, "n_browse": 0}))
     return out
 
@@ -509,7 +517,8 @@ def test_tool_failures_are_masked_from_the_loss(tmp_path, tiny_qwen2, monkeypatc
     m = train.main(parse_config(Config, args, PRESETS))
     trajs, samples = seen["trajs"], seen["samples"]
     assert len(trajs) == 6 and len(samples) == 5 and samples[1].tokens == trajs[2].tokens  # row 1 is gone
-    r = torch.tensor([reward([t.text for t in tr.turns], tr.gold).score for tr in trajs])
+    golds = gold_answers([tr.question for tr in trajs])
+    r = torch.tensor([reward([t.text for t in tr.turns], gold).score for tr, gold in zip(trajs, golds)])
     want = torch.cat([group_advantages(r[[0, 2]], 2), group_advantages(r[3:], 3)])
     assert torch.allclose(torch.tensor([s.advantage for s in samples]), want)
     assert m["end_tool_failure"] == 1 and m["end_answer"] == 5 and m["masked_tool_failures"] == 1
