@@ -14,7 +14,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 import browse
-from browse import BrowseConfig, Browser, Cache, ExtractReader, LLMReader, PageState, chunk_text
+from browse import (READER_MAX_TOKENS, BrowseConfig, Browser, Cache, ExtractReader, LLMReader, PageState, chunk_text,
+                    fit_page_text, parse_reader_reply)
 
 SECRET = "sk-test-SECRET-4242"
 
@@ -133,8 +134,12 @@ def llm(monkeypatch):
     srv.server_close()
 
 
-def reply(info: str, more: bool, summary: str = "") -> tuple[int, str]:
-    return 200, "Here is the JSON:\n" + json.dumps({"extracted_info": info, "read_more": more, "summary": summary})
+def reply(info: str, more: bool) -> tuple[int, str]:
+    return 200, "Here is the JSON:\n" + json.dumps({"extracted_info": info, "read_more": more})
+
+
+def prompt_of(call: dict) -> str:
+    return call["body"]["messages"][0]["content"]
 
 
 def llm_cfg(url: str, **kw) -> BrowseConfig:
@@ -146,38 +151,37 @@ def llm_cfg(url: str, **kw) -> BrowseConfig:
 
 def test_llm_normal_reply_and_request(llm):
     page = PageState("http://x.org/lima", "Lima", ["Lima was founded in 1535 by Francisco Pizarro."])
-    llm.replies = [reply("Lima was founded in 1535.", False, "founding date found")]
+    llm.replies = [reply("Lima was founded in 1535.", False)]
     out = LLMReader(llm_cfg(llm.url)).read(page, "When was Lima founded?", ["Lima founded", "Lima history"])
     assert out == "Lima was founded in 1535." and page.pos == 1
-    assert page.memory == {"Lima founded | Lima history": "founding date found"}
     (call,) = llm.calls
     assert call["path"] == "/v1/chat/completions" and call["auth"] == f"Bearer {SECRET}"
     body = call["body"]
     assert body["model"] == "reader-m" and body["temperature"] == 0 and body["messages"][0]["role"] == "user"
-    prompt = body["messages"][0]["content"]
+    assert body["max_tokens"] == READER_MAX_TOKENS  # room for what the prompt asks for (issue 22.2)
     for part in ("When was Lima founded?", "Lima founded; Lima history", "Page part 1 of 1 (http://x.org/lima)",
-                 "Lima was founded in 1535 by Francisco Pizarro.", "(nothing yet)", '"read_more"'):
-        assert part in prompt, part
+                 "Lima was founded in 1535 by Francisco Pizarro.", "(nothing yet)", '"read_more"', "1,500 words"):
+        assert part in prompt_of(call), part
 
 
 def test_llm_read_more_and_resume(llm):
-    page = PageState("u", "t", ["part one text", "part two text", "part three text"])
+    page = PageState("u", "t", ["part one text", "part two text", "part three text"], memory="fact from another page")
     reader = LLMReader(llm_cfg(llm.url, max_chunks=4))
-    llm.replies = [reply("fact A", True, "noted A"), reply("fact B", False, "noted A and B")]
+    llm.replies = [reply("fact A", True), reply("fact B", False)]
     assert reader.read(page, "q?", ["query"]) == "fact A\nfact B" and page.pos == 2  # read on, then stop
-    prompts = [c["body"]["messages"][0]["content"] for c in llm.calls]
+    prompts = [prompt_of(call) for call in llm.calls]
     assert "part one text" in prompts[0] and "part two text" in prompts[1] and "Page part 2 of 3" in prompts[1]
-    assert "noted A" in prompts[1]  # the running summary goes into the next chunk's prompt
+    assert "fact from another page" in prompts[0] and "fact A" not in prompts[0]
+    assert "fact from another page\nfact A" in prompts[1]  # the facts found so far go into the next part's prompt
     llm.replies = [reply("fact C", True)]
     assert reader.read(page, "q?", ["query"]) == "fact C" and page.pos == 3  # re-browsing resumes at part three
-    assert "part three text" in llm.calls[-1]["body"]["messages"][0]["content"]
-    assert "noted A and B" in llm.calls[-1]["body"]["messages"][0]["content"]
-    n = len(llm.calls)
-    assert reader.read(page, "q?", ["query"]) == "" and len(llm.calls) == n  # the end of the page: no call
-    assert reader.calls == 3 and reader.failures == 0
+    assert "part three text" in prompt_of(llm.calls[-1])
+    n_calls = len(llm.calls)
+    assert reader.read(page, "q?", ["query"]) == "" and len(llm.calls) == n_calls  # the end of the page: no call
+    assert (reader.calls, reader.failures, reader.unparsed) == (3, 0, 0)
 
 
-def test_llm_reading_is_bounded(llm):
+def test_llm_reading_caps(llm):
     reader = LLMReader(llm_cfg(llm.url, max_chunks=3))
     page = PageState("u", "t", [f"part {i}" for i in range(10)])
     llm.replies = [reply(f"fact {i}", True) for i in range(10)]
@@ -186,17 +190,33 @@ def test_llm_reading_is_bounded(llm):
     page = PageState("u", "t", ["only part"])
     llm.replies, llm.calls[:] = [reply("x", True)] * 5, []
     assert reader.read(page, "q?", []) == "x" and len(llm.calls) == 1
-    # the result is bounded by page_chars
-    reader = LLMReader(llm_cfg(llm.url, page_chars=20))
-    llm.replies = [reply("y" * 500, False)]
-    assert reader.read(PageState("u", "t", ["p"]), "q?", []) == "y" * 20
+    # the default, as the reference: no cap, read on while the reader asks, to the page's end
+    reader = LLMReader(llm_cfg(llm.url))
+    page = PageState("u", "t", [f"part {i}" for i in range(7)])
+    llm.replies, llm.calls[:] = [reply(f"fact {i}", i < 5) for i in range(7)], []
+    assert reader.read(page, "q?", []) == "\n".join(f"fact {i}" for i in range(6)) and page.pos == 6
+    # nothing the reader extracts is cut (issue 22.1: the reference returns all of it)
+    llm.replies = [reply("y" * 5000, False)]
+    assert reader.read(PageState("u", "t", ["p"]), "q?", []) == "y" * 5000
+
+
+def test_llm_memory_is_bounded(llm):
+    reader = LLMReader(llm_cfg(llm.url, chunk_chars=100))
+    old_facts = "\n".join(f"old fact number {i:03d}" for i in range(50))  # 1,000 characters of earlier facts
+    page = PageState("u", "t", ["part"], memory=old_facts)
+    llm.replies = [reply("", False)]
+    reader.read(page, "q?", [])
+    prompt = prompt_of(llm.calls[0])
+    assert "old fact number 049" in prompt and "old fact number 000" not in prompt  # the newest facts, whole lines
+    memory = prompt.split("(do not repeat them):\n")[1].split("\n\nPage part")[0]
+    assert len(memory) <= 100 and memory.startswith("old fact number")
 
 
 def test_llm_replies_cached(llm, tmp_path):
     db = tmp_path / "web.sqlite"
     chunks = ["part one", "part two"]
     reader = LLMReader(llm_cfg(llm.url), Cache(db, "replay_or_live"))
-    llm.replies = [reply("fact A", True, "s1"), reply("fact B", False, "s2")]
+    llm.replies = [reply("fact A", True), reply("fact B", False)]
     first = reader.read(PageState("u", "t", list(chunks)), "q?", ["query"])
     assert first == "fact A\nfact B" and len(llm.calls) == 2
     again = reader.read(PageState("u", "t", list(chunks)), "q?", ["query"])  # the same reading: from the cache
@@ -206,21 +226,39 @@ def test_llm_replies_cached(llm, tmp_path):
     with pytest.raises(browse.WebError, match="not in the replay cache"):
         replay.read(PageState("u", "t", list(chunks)), "another question?", ["query"])
     assert len(llm.calls) == 2
+    # a reply that could not be parsed is recorded too: the replay reads it the same way
+    llm.replies = [(200, "no json here")]
+    unparsed = reader.read(PageState("u", "t", ["part x"]), "q?", ["query"])
+    assert "could not be parsed" in unparsed and len(llm.calls) == 3
+    assert replay.read(PageState("u", "t", ["part x"]), "q?", ["query"]) == unparsed and len(llm.calls) == 3
 
 
-def test_llm_reply_forms(llm):
+def test_parse_reader_reply():
     """The reply's JSON is found inside code fences or prose, "yes"/"no" read as booleans, null as empty; a reply
-    without the JSON asked for is a WebError ("malformed"), never a guess."""
-    reader = LLMReader(llm_cfg(llm.url, max_chunks=4))
+    without the JSON asked for is None, never a guess."""
+    fenced = '```json\n{"extracted_info": "a", "read_more": "yes", "summary": "s"}\n```'
+    assert parse_reader_reply(fenced) == {"extracted_info": "a", "read_more": True}
+    assert parse_reader_reply('{"extracted_info": null, "read_more": "no"}') == {"extracted_info": "",
+                                                                                 "read_more": False}
+    cut_at_the_limit = '{"extracted_info": "Lima was founded in 1535 by Francisco Piz'
+    for bad in ("no json here", '{"read_more": true}', "{not json}", "[1, 2]", "", cut_at_the_limit):
+        assert parse_reader_reply(bad) is None, bad
+
+
+def test_llm_unparsed_reply_is_skipped_not_raised(llm):
+    """Issue 22.2: a reply that is not the JSON asked for ends this reading with a note; the part counts as read
+    (at temperature 0 the model would write the same again) and the next browse reads on."""
+    reader = LLMReader(llm_cfg(llm.url))
     page = PageState("u", "t", ["part one", "part two", "part three"])
-    llm.replies = [(200, '```json\n{"extracted_info": "a", "read_more": "yes", "summary": "s"}\n```'),
-                   (200, '{"extracted_info": null, "read_more": "no"}')]
-    assert reader.read(page, "q?", ["query"]) == "a" and page.pos == 2  # "yes": read on; "no": stop
-    assert page.memory == {"query": "s"}  # a reply without a summary keeps the last one
-    for bad in ("no json here", '{"read_more": true}', "{not json}", "[1, 2]", ""):
-        llm.replies = [(200, bad)]
-        with pytest.raises(browse.WebError, match="not the JSON asked for"):
-            reader.read(PageState("u", "t", ["p"]), "q?", [])
+    llm.replies = [reply("fact A", True), (200, '{"extracted_info": "fact B, cut at the li')]
+    out = reader.read(page, "q?", ["query"])
+    assert out == ("fact A\n(part 2 of 3: the reading model's reply could not be parsed, so this part was skipped; "
+                   "browse the page again to read on)")
+    assert page.pos == 2 and (reader.calls, reader.failures, reader.unparsed) == (2, 0, 1)
+    llm.replies = [(200, "I think the page is about Lima.")]
+    last = reader.read(page, "q?", ["query"])
+    assert last == "(part 3 of 3: the reading model's reply could not be parsed, so this part was skipped)"
+    assert page.pos == 3
 
 
 def test_llm_needs_an_endpoint():
@@ -256,8 +294,8 @@ def test_session_extract_reader(corpus):
         s.web_search(["Lima founded"])
         lima = b.backend.base_url + "/wiki/Lima"
         obs = s.browse_webpage([lima])
-        assert obs == f"Page {lima}:\nLima\nLima is the capital and largest city of Peru. It was founded in 1535 by " \
-                      "Francisco Pizarro."  # the heading and the answer passage, nothing else
+        answer = "Lima is the capital and largest city of Peru. It was founded in 1535 by Francisco Pizarro."
+        assert obs == f"Page {lima}:\nLima\n{answer}"  # the heading and the answer passage, nothing else
         assert s.browse_webpage([lima]) == f"Page {lima}: nothing new on this page about the question."
     finally:
         b.close()
@@ -277,12 +315,11 @@ def test_session_llm_reader_and_cache(corpus, llm, tmp_path):
 
 
 @pytest.mark.parametrize("replies,words", [
-    ([(200, "I think the page is about Lima.")], "the reading model's reply was not the JSON asked for"),
     ([(200, {"result": "not a chat completion"})], "a reply that is not a chat completion"),
     ([(401, None)], "refused access (HTTP 401)"),
     ([(400, None)], "answered HTTP 400"),
 ])
-def test_session_llm_failures_are_observations(corpus, llm, replies, words):
+def test_session_llm_endpoint_failures_are_failed_observations(corpus, llm, replies, words):
     b = Browser(llm_cfg(llm.url, corpus=corpus))
     try:
         llm.replies = list(replies)
@@ -293,7 +330,26 @@ def test_session_llm_failures_are_observations(corpus, llm, replies, words):
         for text in (obs, str(b.fetcher.stats), str(b.backend.stats), repr(b.cfg), repr(b.reader.__dict__.get("cfg"))):
             assert SECRET not in text  # the key never shows, even when the server echoes it back
         assert b.reader.failures == 1
-        assert obs.failed  # the reading model, not the policy, failed on the call's only page
+        assert obs.failed  # the reading model's endpoint, not the policy, failed on the call's only page
+    finally:
+        b.close()
+
+
+@pytest.mark.parametrize("bad_reply", ["I think the page is about Lima.",
+                                       '{"extracted_info": "Francisco Pizarro founded Lima in 15',  # cut at the limit
+                                       'Sure! {"extracted_info": "Pizarro", "read_more": false} and {more}'])
+def test_session_unparsed_reply_is_an_observation_not_a_failure(corpus, llm, bad_reply):
+    """Issue 22.2: the reading model's formatting is not the web failing: the policy reads that the reply could not
+    be parsed, and the trajectory stays in the loss (failed=False)."""
+    b = Browser(llm_cfg(llm.url, corpus=corpus))
+    try:
+        llm.replies = [(200, bad_reply)]
+        obs = browse_lima(b)
+        lima = b.backend.base_url + "/wiki/Lima"
+        note = "(part 1 of 1: the reading model's reply could not be parsed, so this part was skipped)"
+        assert obs == f"Page {lima}:\n{note}"
+        assert obs.failed is False
+        assert (b.reader.calls, b.reader.failures, b.reader.unparsed) == (1, 0, 1)
     finally:
         b.close()
 
@@ -307,10 +363,97 @@ def test_session_llm_retry_then_ok_and_failure_resumes(corpus, llm):
         # a failed reading keeps its place: the same session's next browse reads the same part again
         s = b.session("Who founded Lima?")
         s.web_search(["Lima founded"])
-        llm.replies = [(200, "not json")]
-        assert "reading model failed" in s.browse_webpage([lima]) and s.pages[lima].pos == 0
+        llm.replies = [(400, None)]
+        obs = s.browse_webpage([lima])
+        assert "reading model failed" in obs and obs.failed and s.pages[lima].pos == 0
         llm.replies = [reply("Pizarro.", False)]
         assert s.browse_webpage([lima]) == f"Page {lima}:\nPizarro." and s.pages[lima].pos == 1
+    finally:
+        b.close()
+
+
+FACT_LINES = [f"Fact {i:02d}: Lima's district number {i} was founded in year {1500 + i} by settler {i}." for i in
+              range(70)]  # ~5,000 characters, one fact a line
+
+
+def test_session_long_reply_reaches_the_policy_in_full_across_browses(corpus, llm):
+    """Issue 22.1: a reply of 5,000 characters reaches the policy in full: what does not fit the observation waits
+    for the next browse of the page, which shows it before reading on; nothing is cut silently."""
+    facts = "\n".join(FACT_LINES)
+    assert 4900 <= len(facts) <= 5600
+    b = Browser(llm_cfg(llm.url, corpus=corpus, obs_chars=1500))
+    try:
+        lima = b.backend.base_url + "/wiki/Lima"
+        s = b.session("Who founded Lima?")
+        s.web_search(["Lima founded"])
+        llm.replies = [reply(facts, False)]
+        seen, n_browses = [], 0
+        while True:
+            obs = s.browse_webpage([lima])
+            n_browses += 1
+            assert len(obs) <= 1500 and obs.startswith(f"Page {lima}:\n") and not obs.failed
+            body = obs.split("\n")[1:]
+            if body[-1].endswith("browse it again to read them)"):
+                left = int(body[-1].split()[0].lstrip("("))
+                body = body[:-1]
+                assert left == len(s.pages[lima].pending) > 0  # the note says how much is still to come
+            seen += body
+            if not s.pages[lima].pending:
+                break
+        assert seen == FACT_LINES and n_browses >= 4  # every fact once, in order, whole lines
+        assert len(llm.calls) == 1  # shown from what was read, not read again
+        assert s.browse_webpage([lima]) == f"Page {lima}: nothing new on this page about the question."
+    finally:
+        b.close()
+    b = Browser(llm_cfg(llm.url, corpus=corpus, obs_chars=15000))  # the deepresearcher preset's budget: one browse
+    try:
+        llm.replies = [reply(facts, False)]
+        assert browse_lima(b) == f"Page {b.backend.base_url}/wiki/Lima:\n{facts}"
+    finally:
+        b.close()
+
+
+def test_fit_page_text_always_moves_on():
+    page = PageState("http://x.org/p", "t", ["c"])
+    text = "one two three four five six seven eight nine ten " * 20
+    shown = []
+    for _ in range(len(text)):
+        block = fit_page_text(page, page.pending or text, 30)  # a share smaller than the header and the note
+        shown.append(block.split("\n")[1])
+        if not page.pending:
+            break
+    assert "".join(shown).replace(" ", "") == text.replace(" ", "")  # every character, in order (spaces aside)
+    assert len(shown) > 100  # a character or so per browse, but always some
+
+
+def test_session_memory_is_the_facts_since_the_last_search(corpus, llm):
+    """The reading model remembers the facts found on every page since the trajectory's most recent search (the
+    reference's context of a sub-question); the pages of one call are read in parallel, each with the facts found
+    before the call, and their facts join the memory in URL order."""
+    b = Browser(llm_cfg(llm.url, corpus=corpus))
+    try:
+        lima, kiwi = b.backend.base_url + "/wiki/Lima", b.backend.base_url + "/wiki/Kiwi"
+        s = b.session("Who founded Lima, and what are kiwi?")
+        s.web_search(["Lima founded", "kiwi bird"])
+        assert {lima, kiwi} <= set(s.urls)
+        llm.replies = [reply("Pizarro founded Lima.", False)]
+        s.browse_webpage([lima])
+        llm.replies = [reply("Kiwi are flightless.", False)]
+        s.browse_webpage([kiwi])
+        assert "Pizarro founded Lima." in prompt_of(llm.calls[1])  # another page's facts, same search
+        assert s.found == "Pizarro founded Lima.\nKiwi are flightless."
+        s.web_search(["Lima founded", "kiwi bird"])  # a new search starts a new memory
+        assert s.found == ""
+        s = b.session("Who founded Lima, and what are kiwi?")  # (pages already read to their end stay read)
+        s.web_search(["Lima founded", "kiwi bird"])
+        llm.replies = [reply("fact one", False), reply("fact two", False)]
+        obs = s.browse_webpage([kiwi, lima])
+        kiwi_block, lima_block = obs.split("\n\n")
+        kiwi_fact = kiwi_block.removeprefix(f"Page {kiwi}:\n")
+        lima_fact = lima_block.removeprefix(f"Page {lima}:\n")
+        assert {kiwi_fact, lima_fact} == {"fact one", "fact two"}  # (the fake answers in arrival order)
+        assert all("(nothing yet)" in prompt_of(call) for call in llm.calls[2:])  # both read with the same memory
+        assert s.found == f"{kiwi_fact}\n{lima_fact}"  # URL order
     finally:
         b.close()
 
