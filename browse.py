@@ -191,16 +191,18 @@ class Session:
         # the pages are read in parallel, each with the facts found before this call (not each other's), so the
         # readings (and their cache keys) do not depend on which page finishes first
         found_before = self.found
-        jobs = [(url, fetched.get(url), share, found_before) for url in urls]
-        blocks = list(self.browser.read_pool.map(self._page_block, *zip(*jobs)))
-        note = f"(only the first {cfg.max_urls} URLs were read)" if dropped else None
-        text = "\n\n".join([block.text for block in blocks] + ([note] if note else []))
-        # every readable page was lost to the web (an outage, not the page's own refusal): nothing the policy did
-        n_lost = sum(block.web_failed for block in blocks)
+        readings = [self.browser.read_pool.submit(self._page_block, url, fetched.get(url), share, found_before)
+                    for url in urls]
+        blocks = [reading.result() for reading in readings]
         for block in blocks:  # in URL order, whatever order the readings finished in
             if block.new_info:
                 self.found = f"{self.found}\n{block.new_info}".strip()
-        return Observation(text, failed=bool(readable) and n_lost == len(readable))
+        parts = [block.text for block in blocks]
+        if dropped:
+            parts.append(f"(only the first {cfg.max_urls} URLs were read)")
+        # every readable page was lost to the web (an outage, not the page's own refusal): nothing the policy did
+        n_lost = sum(block.web_failed for block in blocks)
+        return Observation("\n\n".join(parts), failed=bool(readable) and n_lost == len(readable))
 
     def _page_block(self, url: str, result: FetchResult | None, share: int, found_before: str) -> PageBlock:
         """One URL's block of the observation, within `share` characters."""
@@ -420,7 +422,8 @@ def http_session(max_tries: int = 1, backoff_s: float = 0.5) -> requests.Session
 def _timed_out(error: Exception) -> bool:
     """Whether a requests exception is a timeout. Retries used up on read timeouts come as a ConnectionError around
     a ReadTimeoutError; a refused connection is, oddly, a NewConnectionError, a subclass of ConnectTimeoutError."""
-    reason = getattr(error.args[0] if error.args else None, "reason", None)
+    wrapped = error.args[0] if error.args else None  # (requests wraps urllib3's error, whose reason says more)
+    reason = getattr(wrapped, "reason", None)
     if isinstance(reason, urllib3.exceptions.ReadTimeoutError):
         return True
     refused = isinstance(reason, urllib3.exceptions.NewConnectionError)
@@ -1118,8 +1121,8 @@ class ExtractReader:
             passages = chunk_text(page.chunks[page.pos], 600, pack=False)
             fresh = [i for i, passage in enumerate(passages) if passage not in page.returned]
             scores = bm25_scores(query_terms, [_terms(passages[i]) for i in fresh])
-            ranked = sorted(zip(scores, fresh), key=lambda score_and_index: -score_and_index[0])
-            relevant = [i for score, i in ranked if score > 0]
+            ranked = sorted(zip(scores, fresh), key=lambda score_and_index: score_and_index[0], reverse=True)
+            relevant = [i for score, i in ranked if score > 0]  # best first (ties in page order)
             if first_visit and not relevant and fresh and page.pos == 0:
                 relevant = fresh[:1]
             keep = []
