@@ -739,3 +739,153 @@ def test_default_config_one_step(tmp_path):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and cfg["data"] == "data/qa_train.jsonl"
     assert (out / "ckpt" / "step_000001" / "hf" / "config.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------------- issue 22: resume
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory, tiny_qwen2):
+    """A 1-process run of 2 steps that kept both checkpoints (fake agent); tests copy it before damaging it."""
+    out = tmp_path_factory.mktemp("two_checkpoints") / "run"
+    with pytest.MonkeyPatch.context() as patch:
+        use_agent(patch, fake_agent)
+        train.main(parse_config(Config, _cfg(out, tiny_qwen2, steps=2, save_every=1, keep_last=2, eval_every=0),
+                                PRESETS))
+    return out
+
+
+def _copy_run(run, tmp_path, name="run"):
+    import shutil
+
+    return Path(shutil.copytree(run, tmp_path / name))
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def test_resume_checks_every_ranks_rng_file(two_checkpoints, tmp_path):
+    """A checkpoint saved by 2 ranks whose rank-1 RNG file is damaged is not resumed from by any rank (rank 0 used to
+    check only its own file and resume the newest step while rank 1 resumed the one before)."""
+    out = _copy_run(two_checkpoints, tmp_path)
+    for step in (1, 2):  # make both folders look like 2-rank saves
+        folder = out / "ckpt" / f"step_{step:06d}"
+        (folder / "rng_rank1.pt").write_bytes((folder / "rng_rank0.pt").read_bytes())
+        state = json.loads((folder / "state.json").read_text())
+        (folder / "state.json").write_text(json.dumps({**state, "world_size": 2}))
+    damaged = out / "ckpt" / "step_000002" / "rng_rank1.pt"
+    _truncate(damaged)
+    said = []
+    cfg = Config(out_dir=str(out), resume="True")
+    assert train.find_resume_checkpoint(cfg, say=said.append) == out / "ckpt" / "step_000001"
+    assert str(damaged) in said[0] and "step_000001" in said[1]
+    damaged.unlink()  # a missing file of a rank that saved is damage too
+    assert train.find_resume_checkpoint(cfg, say=said.append) == out / "ckpt" / "step_000001"
+
+
+def _agree_worker(rank, views, port):
+    """One of two gloo ranks, each with its own view of out_dir: writes the folder it would resume from."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        cfg = Config(out_dir=views[rank], resume="True")
+        chosen = train.find_resume_checkpoint(cfg, say=lambda *args: None, proc=train.Dist(rank=rank, world=2))
+        (Path(views[rank]) / "chosen.txt").write_text(chosen.name)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_agree_on_the_resume_step(two_checkpoints, tmp_path):
+    """Two gloo ranks that see different damage (rank 1's copy of the newest step has a short shard, as on a disk
+    that is not shared) resume the same step, the newest that both find intact."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    views = [_copy_run(two_checkpoints, tmp_path, f"rank{rank}") for rank in (0, 1)]
+    _truncate(next((views[1] / "ckpt" / "step_000002" / "dcp").glob("*.distcp")))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_agree_worker, args=([str(view) for view in views], port), nprocs=2, join=True)
+    assert [(view / "chosen.txt").read_text() for view in views] == ["step_000001", "step_000001"]
+
+
+def test_resume_skips_a_torn_metrics_line(two_checkpoints, tmp_path, tiny_qwen2):
+    """A disk-full stop can leave half a line at the end of metrics.jsonl: the resume drops it and goes on."""
+    from model import Transformer
+
+    out = _copy_run(two_checkpoints, tmp_path)
+    with open(out / "metrics.jsonl", "a", encoding="utf-8") as fh:
+        fh.write('{"step": 3, "reward": 0.')
+    model = Transformer.from_pretrained(tiny_qwen2)
+    cfg = Config(out_dir=str(out), resume="True")
+    start, history = train.start_state(cfg, train.Dist(), model, torch.optim.AdamW(model.parameters()),
+                                       out / "ckpt" / "step_000002")
+    assert start == 2 and [entry["step"] for entry in history] == [1, 2]
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+# ---------------------------------------------------------------------------------------------------- issue 22: metrics
+
+def _scored_batch(end_reasons, answers, group_size=2):
+    """build_samples over fake trajectories with the given end reasons and answers (gold "Paris")."""
+    trajs = [FakeTrajectory("q", i // group_size, [1, 2, 3, 4], [0, 0, 1, 1], [0.0] * 4, 2,
+                            [FakeTurn(f"<think>t</think><answer>{answer}</answer>")], answer, end_reason,
+                            {"n_search": 1, "n_browse": 0})
+             for i, (end_reason, answer) in enumerate(zip(end_reasons, answers))]
+    cfg = Config(group_size=group_size)
+    golds = [["Paris"]] * (len(trajs) // group_size)
+    return train.build_samples(trajs, golds, cfg), cfg
+
+
+UPDATE_STATS = dict(entropy=None, kl=None, clipfrac=None, loss=0.0, grad_norm=0.0, logp_diff=None, train_tokens=0.0)
+
+
+def test_all_masked_step_logs_missing_not_zero(tmp_path):
+    """Every trajectory ended by the web: reward, f1, em and format_error are missing (None), not a fake 0.0, and
+    reward.png draws a gap there."""
+    batch, cfg = _scored_batch(["tool_failure"] * 4, ["Paris", "Lyon", "Paris", "Paris"])
+    metrics = train.step_metrics(batch, UPDATE_STATS, {"time_rollout": 1.0, "time_learn": 1.0}, cfg, train.Dist(), 0)
+    for key in ("reward", "reward_std", "f1", "em", "format_error", "zero_var_groups"):
+        assert metrics[key] is None, key
+    assert metrics["masked_tool_failures"] == 4 and metrics["skipped_groups"] == 2
+    history = [{"step": 1, "reward": 0.5, "f1": 0.5, "format_error": 0.0}, {"step": 2, **metrics}]
+    train.plot_rewards(history, tmp_path / "reward.png")
+    assert (tmp_path / "reward.png").stat().st_size > 0
+    assert "reward" not in train.step_line(2, metrics)  # the step line leaves a missing value out
+
+
+def test_zero_var_groups_counts_only_compared_groups():
+    """A group that masking left with one trajectory is skipped, not a group "with equal rewards"."""
+    batch, cfg = _scored_batch(["tool_failure", "answer", "answer", "answer", "answer", "answer"],
+                               ["Paris", "Paris", "Paris", "Lyon", "Paris", "Paris"])
+    assert batch.skipped.tolist() == [True, False, False]
+    metrics = train.step_metrics(batch, UPDATE_STATS, {"time_rollout": 1.0, "time_learn": 1.0}, cfg, train.Dist(), 0)
+    assert metrics["zero_var_groups"] == 0.5  # of the 2 compared groups, the third has equal rewards
+    assert metrics["skipped_groups"] == 1 and metrics["reward"] == pytest.approx(0.8)
+
+
+def test_update_diagnostics_cover_every_sampled_token(tiny_qwen2):
+    """entropy and logp_diff are over all sampled tokens, the zero-advantage rows (whose forward/backward the update
+    skips) included; kl is missing without a KL term; all of them are missing when there is no sampled token."""
+    from model import Transformer
+
+    model = Transformer.from_pretrained(tiny_qwen2)
+    samples = _grouped_samples(4, [0.0, 0.0, 0.0, 1.0, -1.0, 0.5])  # group 0: advantage 0, skipped by the update
+    batch = train.collate(samples, "cpu")
+    with torch.no_grad():
+        logp, entropy = token_logprobs(model, batch.tokens, batch.mask, with_entropy=True)
+    sampled = batch.mask[:, 1:].bool()
+    samples = [dataclasses.replace(sample, sampler_logp=[0.0] + (logp[i] + 0.25).tolist())
+               for i, sample in enumerate(samples)]  # the sampler's log-probs, 0.25 off everywhere
+    cfg = Config(micro_tokens=10_000, lr=0.1, temperature=1.0)
+    got = train.update(model, torch.optim.SGD(model.parameters(), lr=0.1), samples, cfg, train.Dist(), step=0)
+    assert got["entropy"] == pytest.approx(float(entropy[sampled].mean()), rel=1e-5)
+    assert got["logp_diff"] == pytest.approx(0.25, rel=1e-4)
+    assert got["clipfrac"] == 0.0 and got["kl"] is None
+    assert got["train_tokens"] == float(sampled[3:].sum())  # only the rows with an advantage were trained
+    empty = [Sample([1, 2, 3], [0, 0, 0], 1.0, 0)]
+    got = train.update(model, torch.optim.SGD(model.parameters(), lr=0.1), empty, cfg, train.Dist(), step=0)
+    assert all(got[key] is None for key in ("entropy", "clipfrac", "kl", "logp_diff"))
