@@ -133,13 +133,22 @@ def load_tokenizer(path: str):
 
 
 class Pieces:
-    """Each token's text, decoded on its own (cached per id), interned in one table the page shares."""
+    """Each token's text, decoded on its own (cached per id), interned in one table the page shares. The tokenizer
+    is found and loaded on first use: a folder whose records hold no token ids (first_title) never needs it."""
 
-    def __init__(self, tokenizer):
-        self.tok = tokenizer
+    def __init__(self, find_tokenizer):
+        self.find_tokenizer = find_tokenizer  # () -> tokenizer folder or None
         self.by_id: dict[int, str] = {}
         self.table: list[str] = []
         self.index: dict[str, int] = {}
+
+    @functools.cached_property
+    def path(self) -> str | None:
+        return self.find_tokenizer()
+
+    @functools.cached_property
+    def tok(self):
+        return load_tokenizer(self.path) if self.path else None
 
     def intern(self, text: str) -> int:
         if text not in self.index:
@@ -212,9 +221,9 @@ def token_kinds(rec: dict, tokenizer) -> tuple[str, bool]:
     return "".join(kinds), located
 
 
-def token_view(rec: dict, pieces: Pieces | None) -> dict | None:
+def token_view(rec: dict, pieces: Pieces) -> dict | None:
     """What the page needs to draw a record token by token, or None (no token ids, or no tokenizer)."""
-    if pieces is None or not rec.get("tokens") or len(rec.get("loss_mask") or []) != len(rec["tokens"]):
+    if not rec.get("tokens") or len(rec.get("loss_mask") or []) != len(rec["tokens"]) or pieces.tok is None:
         return None
     kinds, located = token_kinds(rec, pieces.tok)
     logprobs = rec.get("logprobs") or [0.0] * len(kinds)
@@ -236,7 +245,7 @@ def light_turns(turns: list[dict], with_observations: bool) -> list[dict]:
     return out
 
 
-def trajectory_entry(rec: dict, pieces: Pieces | None, with_tokens: bool, **extra) -> dict:
+def trajectory_entry(rec: dict, pieces: Pieces, with_tokens: bool, **extra) -> dict:
     """One row of the page's trajectory list: what the table shows, and the trajectory for the panel."""
     view = token_view(rec, pieces) if with_tokens else None
     scores = rec.get("scores") or {}
@@ -382,7 +391,7 @@ def spread(items: list, k: int) -> list:
     return [items[i] for i in picks]
 
 
-def training_data(folder: Path, pieces: Pieces | None) -> dict:
+def training_data(folder: Path, pieces: Pieces) -> dict:
     metrics = read_jsonl(folder / "metrics.jsonl")
     dumps = sorted((folder / "rollouts").glob("step_*.jsonl"))
     chosen = spread(dumps, MAX_STEPS)
@@ -420,7 +429,7 @@ def group_means(records: list[dict], ids: set) -> dict[str, tuple[float, int]]:
     return {k: (sum(v) / len(v), len(v)) for k, v in groups.items()}
 
 
-def eval_data(folder: Path, pieces: Pieces | None) -> dict:
+def eval_data(folder: Path, pieces: Pieces) -> dict:
     records = list({r["id"]: r for r in read_jsonl(folder / "trajectories.jsonl")}.values())
     summary = read_json(folder / "summary.json").get("metrics") or {}
     ids = {r["id"] for r in records}
@@ -461,13 +470,12 @@ def write_report(folder: str | Path) -> Path:
         raise ValueError(f"{folder} is not a folder: pass a train.py out_dir or an eval.py out_dir")
     kind = folder_kind(folder)
     config, run = read_json(folder / "config.json"), read_json(folder / "run.json")
-    tok_path = tokenizer_folder(folder, config, run)
-    pieces = Pieces(load_tokenizer(tok_path)) if tok_path else None
+    pieces = Pieces(lambda: tokenizer_folder(folder, config, run))
     data = training_data(folder, pieces) if kind == "train" else eval_data(folder, pieces)
     data.update(kind=kind, folder=str(folder.resolve()), model=config.get("model") or run.get("model"),
-                agent=config.get("agent"), tokenizer=tok_path, config=config,
+                agent=config.get("agent"), tokenizer=pieces.path if pieces.table else None, config=config,
                 changes=config_changes(config, kind) if config else {},
-                pieces=pieces.table if pieces else [], written=_dt.datetime.now().isoformat(timespec="seconds"))
+                pieces=pieces.table, written=_dt.datetime.now().isoformat(timespec="seconds"))
     charts = data.pop("charts", "")
     # JSON inside <script type="application/json">: every "<" escaped, so no text can close the tag
     payload = json.dumps(data, ensure_ascii=False, separators=(",", ":")).replace("<", "\\u003c")
@@ -563,7 +571,8 @@ function showFacts() {
     f.append(el("span", {}, el("b", {text: k + ": "}), shown));
   }
   $("#footer").textContent = "written " + D.written + " from " + D.folder +
-    (D.tokenizer ? " · tokens decoded with the tokenizer of " + D.tokenizer : " · no tokenizer found: turn text only");
+    (D.tokenizer ? " · tokens decoded with the tokenizer of " + D.tokenizer :
+      " · no tokenizer found: turn text only");
   for (const e of document.querySelectorAll(D.kind === "train" ? ".eval-only" : ".train-only")) e.remove();
 }
 
@@ -615,16 +624,24 @@ const COLS = D.kind === "train" ? [
     ["F1 " + b.name, (r) => pct(r.baseline_f1[j]), "num"]));
 
 const filterState = {wrong: false, twice: false, template: "", end: "", step: "", text: ""};
-function distinct(key) { return [...new Set(D.rows.map((r) => String(r[key])))].sort(); }
+function distinct(key) {
+  return [...new Set(D.rows.map((r) => String(r[key])))].sort();
+}
 function selectFilter(id, label, key, values) {
   const s = el("select", {id: id}, el("option", {value: "", text: "all"}));
   for (const v of values) s.append(el("option", {value: v, text: v}));
-  s.addEventListener("change", () => { filterState[key] = s.value; renderRows(); });
+  s.addEventListener("change", () => {
+    filterState[key] = s.value;
+    renderRows();
+  });
   return el("label", {}, label + " ", s);
 }
 function checkFilter(id, label, key) {
   const c = el("input", {type: "checkbox", id: id});
-  c.addEventListener("change", () => { filterState[key] = c.checked; renderRows(); });
+  c.addEventListener("change", () => {
+    filterState[key] = c.checked;
+    renderRows();
+  });
   return el("label", {}, c, " " + label);
 }
 function buildFilters() {
@@ -635,7 +652,10 @@ function buildFilters() {
   f.append(selectFilter("f-end", "end reason", "end", distinct("end_reason")));
   f.append(checkFilter("f-twice", "searched twice or more", "twice"));
   const q = el("input", {type: "search", id: "f-text", placeholder: "search question, gold, answer, turns"});
-  q.addEventListener("input", () => { filterState.text = q.value.toLowerCase(); renderRows(); });
+  q.addEventListener("input", () => {
+    filterState.text = q.value.toLowerCase();
+    renderRows();
+  });
   f.append(q);
 }
 function haystack(r) {
@@ -667,7 +687,9 @@ function renderRows() {
     for (const [, get, c] of COLS) tr.append(el("td", {class: c || "", text: String(get(r, i))}));
     if (r.f1 !== null && r.f1 !== undefined) tr.children[COLS.findIndex((c) => c[0] === "F1")].className +=
       r.f1 >= 0.999 ? " good" : r.f1 <= 0 ? " bad" : "";
-    tr.addEventListener("click", () => { location.hash = "traj=" + i; });
+    tr.addEventListener("click", () => {
+      location.hash = "traj=" + i;
+    });
     rows.push(tr);
   });
   tbody.replaceChildren(...rows);
@@ -682,7 +704,7 @@ function toolCall(t) {
 }
 function tokenStream(r) {
   const v = r.tokens, box = el("div", {class: "stream", id: "stream"});
-  let i = 0, lpIndex = 0, turn = -1, prev = "";
+  let i = 0, lpIndex = 0, turn = -1;
   while (i < v.k.length) {
     let j = i;
     while (j < v.k.length && v.k[j] === v.k[i]) j++;
@@ -693,8 +715,8 @@ function tokenStream(r) {
       box.append(holder);
     } else if (kind === "observation") {
       const t = r.turns[turn] || {};
-      holder = el("details", {class: "obs"},
-        el("summary", {text: "observation of turn " + (turn + 1) + " · " + toolCall(t) + " (" + (j - i) + " tokens)"}));
+      const what = "observation of turn " + (turn + 1) + " · " + toolCall(t) + " (" + (j - i) + " tokens)";
+      holder = el("details", {class: "obs"}, el("summary", {text: what}));
       box.append(holder);
     } else if (kind === "sampled") {
       turn++;
@@ -708,7 +730,6 @@ function tokenStream(r) {
       }
       holder.append(span);
     }
-    prev = kind;
     i = j;
   }
   return box;
@@ -747,7 +768,8 @@ function showTrajectory(i) {
         forced: "forced text (mask 0)", observation: "tool observation (mask 0)"}[k];
       legend.append(el("span", {class: "legend-tok tok-" + k, text: label}));
     }
-    const counts = {}; for (const c of r.tokens.k) counts[c] = (counts[c] || 0) + 1;
+    const counts = {};
+    for (const c of r.tokens.k) counts[c] = (counts[c] || 0) + 1;
     box.append(legend, el("div", {class: "muted", text: Object.entries(counts).map(([c, n]) => KIND[c] + " " + n)
       .join(" · ") + (r.tokens.located ? "" : " · an observation could not be located: its tokens show as forced")}),
       tokenStream(r));
@@ -761,7 +783,9 @@ function showTrajectory(i) {
 }
 function onHash() {
   const m = /traj=(\d+)/.exec(location.hash);
-  if (m) { showTrajectory(+m[1]); $("#traj-section").scrollIntoView(); }
+  if (!m) return;
+  showTrajectory(+m[1]);
+  $("#traj-section").scrollIntoView();
 }
 
 function showConfig() {

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 import report
+import train
 from reward import reward
 from rollout import RolloutConfig, rollout
 from test_rollout import FakeBrowser, FakeEngine
@@ -61,17 +62,12 @@ def trajectories(tok):
     return make_trajectories(tok)
 
 
-def dump_record(traj, gold, adv):
-    """A step dump's record: train.trajectory_record's fields, with the token ids, mask and 4-decimal log-probs."""
-    rew = reward([t.text for t in traj.turns], gold, protocol="tags")
-    return {"question": traj.question, "gold": gold, "end_reason": traj.end_reason, "answer": traj.answer,
-            "reward": rew.score, "f1": rew.f1, "format_ok": rew.format_ok, "advantage": adv,
-            "n_tokens": len(traj.tokens), "stats": traj.stats, "prompt_len": traj.prompt_len,
-            "turns": [dict(t.__dict__) for t in traj.turns], "tokens": traj.tokens, "loss_mask": traj.loss_mask,
-            "logprobs": [round(x, 4) for x in traj.logprobs]}
+def dump_record(traj, gold, adv, tok):
+    """A step dump's record, as train.py writes it (token ids, loss mask, 4-decimal log-probs, turns)."""
+    return train.trajectory_record(traj, gold, reward([t.text for t in traj.turns], gold, protocol="tags"), adv, tok)
 
 
-def make_run_folder(folder: Path, trajectories, model: str) -> Path:
+def make_run_folder(folder: Path, trajectories, model: str, tok) -> Path:
     """A train.py out_dir: config.json, metrics.jsonl for 3 steps (dev F1 on two), a dump per step."""
     (folder / "config.json").write_text(json.dumps({"model": model, "steps": 3, "batch_size": 3}))
     metrics = [{"step": s, "reward": -0.5 + 0.3 * s, "f1": 0.1 * s, "em": 0.05 * s, "format_error": 0.3 / s,
@@ -81,14 +77,14 @@ def make_run_folder(folder: Path, trajectories, model: str) -> Path:
     (folder / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
     (folder / "rollouts").mkdir()
     for step in (1, 2, 3):  # step s dumps the trajectories of the first s questions (both samples)
-        recs = [dump_record(t, QUESTIONS[t.group][1], 0.5) for t in trajectories if t.group < step]
+        recs = [dump_record(t, QUESTIONS[t.group][1], 0.5, tok) for t in trajectories if t.group < step]
         (folder / "rollouts" / f"step_{step:06d}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     return folder
 
 
 @pytest.fixture(scope="module")
-def run_folder(tmp_path_factory, trajectories, tiny_qwen2):
-    return make_run_folder(tmp_path_factory.mktemp("run"), trajectories, str(tiny_qwen2))
+def run_folder(tmp_path_factory, trajectories, tiny_qwen2, tok):
+    return make_run_folder(tmp_path_factory.mktemp("run"), trajectories, str(tiny_qwen2), tok)
 
 
 def eval_folder(parent: Path, name: str, agent: str, model: str, trajectories, with_tokens: bool) -> Path:
@@ -132,7 +128,7 @@ def test_token_kinds_follow_the_rollout(trajectories, tok):
     """prompt up to prompt_len, sampled exactly where the loss mask is 1, and the observation tokens decode to the
     observation each turn got; the forced rest is the chat frame and the turn prefixes."""
     t = trajectories[0]  # searched twice: two observations
-    rec = dump_record(t, ["Oslo"], 0.0)
+    rec = dump_record(t, ["Oslo"], 0.0, tok)
     kinds, located = report.token_kinds(rec, tok)
     assert located and len(kinds) == len(t.tokens)
     assert kinds[:t.prompt_len] == "p" * t.prompt_len and "p" not in kinds[t.prompt_len:]
@@ -150,11 +146,12 @@ def test_token_kinds_follow_the_rollout(trajectories, tok):
     assert forced.startswith("<search>") and "<tool_response>" in forced and "Results for" not in forced
 
 
-def test_record_without_tokens_shows_turn_text(trajectories):
-    rec = dump_record(trajectories[0], ["Oslo"], 0.0)
+def test_record_without_tokens_shows_turn_text(trajectories, tok):
+    rec = dump_record(trajectories[0], ["Oslo"], 0.0, tok)
     for key in ("tokens", "loss_mask", "logprobs"):
         del rec[key]
-    entry = report.trajectory_entry(rec, None, with_tokens=True)
+    never = report.Pieces(lambda: pytest.fail("a record without token ids needs no tokenizer"))
+    entry = report.trajectory_entry(rec, never, with_tokens=True)
     assert entry["tokens"] is None and entry["turns"][0]["observation"] == trajectories[0].turns[0].observation
 
 
