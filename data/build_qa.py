@@ -1,25 +1,57 @@
-"""Build the offline QA set from the embedded Wikipedia corpus: questions whose answers are found by searching it.
+"""Build the offline QA sets from the embedded Wikipedia corpus: questions whose answers are found by searching it.
 
 What it does: reads the corpus JSONL (data/wiki_corpus.py; each article has a title, a short Wikipedia description
 and a summary), writes questions from templates, keeps only those that are verified answerable, and splits by
 the article a question is about, so no dev question is about an article a training question is about.
-Reproducible: same corpus + seed -> same files.
+Reproducible: same corpus + seed -> same files. Two sets:
 
-Templates (answers are short: a title, a country, a city):
+1. The single-hop set (data/qa_train.jsonl, data/qa_dev.jsonl). Templates (answers are short: a title, a country):
 - `who` (1 hop, people): description "German playwright and poet (1898–1956)" -> "Who was the German playwright and
   poet born in 1898?" -> the title (Bertolt Brecht).
 - `what` (1 hop): description "Highest mountain on Earth" -> "What is the highest mountain on Earth?" -> the title.
 - `country` (1 hop): first sentence "X is a city in A, B, Country." -> "In which country is X?" -> Country.
 - `capital` (2 hops): X lies in country C (a `country` fact) and C's article says "its capital is Z" ->
   "What is the capital of the country where X is located?" -> Z.
-
 Answerable means: for each hop, the gold answer (normalised as reward.normalize does) appears in an article that the
 local BM25 search returns in its top k (default 5) for a reasonable query (the question itself; for the second hop,
 "capital of C"), and the answer is not in the question. Records follow data/prepare.py's schema
 (id, source, question, answers) plus `hops` and `support` (the article ids that hold the facts).
 
+2. The research set (issue 21: data/qa_train_research.jsonl, data/qa_dev_research.jsonl): questions ONE search of the
+question cannot answer, checked against exactly what the default agent sees of a search (browse.py's local back end,
+top_k=3 results, snippet_chars=200, obs_chars=1000: train.py's defaults). On this corpus a result's snippet is the
+first ~200 characters of its best passage, so a fact counts only if it is in those characters; facts only a page
+(browse_webpage) shows are counted as "needs browsing" and left out. Kinds (`template`, and `kind` for the sub-kind):
+- `bridge` (2 hops): the question names article A; A's snippet names B (the bridge, never in the question); the answer
+  is a fact of B's. `capital`: "What is the capital of the country where Samara is located?" (Samara -> Russia ->
+  Moscow); also "... of which François Mitterrand was president?" (a ruler's description names the country).
+  `continent`: "On which continent is the country where Bratislava is located?" (-> Slovakia -> Europe).
+  `nationality`: "What nationality was the director of Metropolis?" (-> Fritz Lang -> Austrian).
+- `comparison` (2 hops): two articles' years; the answer is one of the two names. `reign`: "Who came to power first,
+  Louis XV or François Duvalier?"; `work`: "Which is older, Tokyo Story or The Rite of Spring?"; `event`, `founded`,
+  `born`. A guess is right half the time. The first-title rule below also makes "answer the name that is NOT the
+  first title" right almost always (95-97%): `summarize` reports that shortcut as other_name_f1.
+- `read` (1 hop, must read): the answer is a word or phrase of an article's snippet, never a result's title. `year`:
+  "In which year was Crime and Punishment published?" -> 1866; `creator`: "Who directed Casablanca?" -> Michael
+  Curtiz; `nationality`: "What nationality was Jorge Amado?" -> Brazilian.
+A question is accepted only when (check_research, check_comparison): the answer is not in the question (comparisons
+excepted); searching the whole question does not give the answer as the first title (F1 < 0.5), nor as any top-3
+title (bridge, read); for bridges, neither the named article's nor the bridge's snippet in that search shows the
+answer, A's own snippet does not, and the second-hop query without the bridge's name does not surface it (masking);
+a scripted oracle that knows the articles finds each fact in the observation of its searches (`oracle_queries`, in
+order: the bridge's name then the answer; each compared article with its year; the answer). Records add `template`,
+`kind`, `support` (article ids in hop order), `bridge` (title), `years` (comparisons) and `oracle_queries`. Split:
+articles of the single-hop set keep its split; the others go to dev with probability dev_frac (a hash); a question
+goes with the article it names, a person bridge goes with it, and a country bridge serves both splits, as the capital
+questions of the single-hop set do. Comparisons pair articles within one split. At most 80 dev and max_per_kind
+training questions per kind. The training file mixes in the single-hop set's one-hop training questions that the
+first-title heuristic gets wrong, 1 for every 3 research questions.
+
 Run: python data/build_qa.py                    # -> data/qa_train.jsonl, data/qa_dev.jsonl
      python data/build_qa.py --n_train=3000 --n_dev=300 --seed=0 --corpus=FILE --out_dir=data
+     python data/build_qa.py --research=true    # -> data/qa_{train,dev}_research.jsonl (~20 s on 2 cores), printing
+                                                #    the rejections per rule and, per kind, the first-title
+                                                #    heuristic's F1 and the oracle's hit rate
 """
 
 from __future__ import annotations
@@ -32,12 +64,13 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import unquote
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script (python data/build_qa.py): make the repo root importable
     sys.path.insert(0, str(ROOT))
 from data.config import parse_config  # noqa: E402
-from reward import normalize  # noqa: E402
+from reward import f1, normalize  # noqa: E402
 
 PERSON = re.compile(r"^(?P<what>[A-Z][^()]{8,80}?) \((?:born |b\. )?(?:c\. )?(?P<born>\d{3,4})(?:–\d{3,4})?\)$")
 PLACE = re.compile(r"^(?:[A-Z]\w+ )?(?:[Cc]ity|[Tt]own|[Cc]apital|[Vv]illage|[Mm]unicipality|[Pp]ort|[Rr]iver|[Ll]ake|"
@@ -173,6 +206,490 @@ def build(corpus: str, n_train: int, n_dev: int, seed: int = 0, k: int = 5, two_
     return out
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Research kinds (issue 21): questions that one search of the question cannot answer
+
+RESEARCH_SOURCE = "wiki_offline_research"
+# What the default agent sees of a search (train.py's AgentConfig): 3 results, 200 characters of each snippet,
+# 1,000 characters for the whole observation. tests/test_qa.py checks these still equal train.py's defaults.
+POLICY_TOP_K, POLICY_SNIPPET_CHARS, POLICY_OBS_CHARS = 3, 200, 1000
+
+# Nationality adjectives as people's first sentences use them ("was a German playwright"). Written out by hand: the
+# corpus has no demonym table. Religions and empires ("Christian", "Roman", "Ottoman") are left out on purpose.
+DEMONYMS = ("South African|New Zealand|Sri Lankan|Saudi Arabian|North Korean|South Korean|Hong Kong|Afghan|Albanian|"
+            "Algerian|American|Argentine|Argentinian|Armenian|Australian|Austrian|Azerbaijani|Bangladeshi|Belarusian|"
+            "Belgian|Bolivian|Bosnian|Brazilian|British|Bulgarian|Burmese|Cambodian|Cameroonian|Canadian|Catalan|"
+            "Chilean|Chinese|Colombian|Congolese|Croatian|Cuban|Czech|Danish|Dominican|Dutch|Ecuadorian|Egyptian|"
+            "English|Estonian|Ethiopian|Filipino|Finnish|Flemish|French|Georgian|German|Ghanaian|Greek|Guatemalan|"
+            "Haitian|Hungarian|Icelandic|Indian|Indonesian|Iranian|Iraqi|Irish|Israeli|Italian|Jamaican|Japanese|"
+            "Jordanian|Kazakh|Kenyan|Korean|Latvian|Lebanese|Libyan|Lithuanian|Malaysian|Malian|Mexican|Moroccan|"
+            "Mongolian|Nepalese|Nigerian|Norwegian|Pakistani|Palestinian|Peruvian|Polish|Portuguese|Prussian|Romanian|"
+            "Russian|Scottish|Senegalese|Serbian|Singaporean|Slovak|Slovenian|Somali|Soviet|Spanish|Swedish|Swiss|"
+            "Syrian|Taiwanese|Tanzanian|Thai|Tunisian|Turkish|Ugandan|Ukrainian|Uruguayan|Venezuelan|Vietnamese|Welsh|"
+            "Zimbabwean")
+NATIONALITY = re.compile(r"^[^.]*?\b(?P<verb>was|is|were|are) (?:an?|the) (?:(?:[a-z][\w-]*|\d{1,2}(?:st|nd|rd|th)-"
+                         rf"century|Ancient) ){{0,3}}?(?P<nat>(?:{DEMONYMS})(?:-(?:{DEMONYMS}))*)\b")
+CONTINENT = re.compile(r"\bcountry\b.*?\b(?P<continent>South America|North America|Europe|Asia|Africa|Oceania)\b")
+# The creator of a work: the description's noun ("1813 novel by Jane Austen") or the first sentence's participle
+# ("produced and directed by Alfred Hitchcock") names the role; (role noun, the verb for a "Who ...?" question)
+ROLE_OF_NOUN = {**dict.fromkeys("novel novella book poem play tragedy comedy essay treatise story epic satire "
+                                "dialogue".split(), ("author", "wrote")),
+                "film": ("director", "directed"), "painting": ("painter", "painted"), "fresco": ("painter", "painted"),
+                **dict.fromkeys("opera ballet symphony composition concerto oratorio suite requiem".split(),
+                                ("composer", "composed")),
+                "sculpture": ("sculptor", "sculpted")}
+ROLE_OF_VERB = {"written": ("author", "wrote"), "directed": ("director", "directed"),
+                "composed": ("composer", "composed"), "painted": ("painter", "painted"),
+                "designed": ("designer", "designed"), "founded": ("founder", "founded"),
+                "invented": ("inventor", "invented"), "created": ("creator", "created"),
+                "sculpted": ("sculptor", "sculpted")}
+WORK_NOUN = re.compile(r"\b(?P<noun>" + "|".join(ROLE_OF_NOUN) + r")s? (?:(?:written|directed|composed|painted) )?by ")
+BY_VERB = re.compile(r"\b(?P<verb>" + "|".join(ROLE_OF_VERB) + r") (?:and \w+ )?by ")
+# lower-case words that may follow a name (a noun after capitalised words means they were adjectives)
+NAME_FOLLOWERS = set("and in for with from at on of as who which that to the a an is was between during after before "
+                     "under starring about".split())
+NAME_PARTICLES = {"de", "van", "von", "da", "di", "del", "der", "la", "le", "du", "y", "al", "bin", "ibn"}
+# when a year in a work's description ("1885 novel by Mark Twain") happened, for "In which year was X ...?"
+WORK_YEAR = re.compile(r"^(?P<year>\d{4}) (?:[\w'-]+ ){0,2}?(?P<noun>novel|novella|book|poem|essay|treatise|play|ballet|"
+                       r"opera|film|album|single|painting)\b")
+WORK_VERB = {**dict.fromkeys("novel novella book poem essay treatise".split(), "published"),
+             **dict.fromkeys("play ballet opera".split(), "first performed"),
+             **dict.fromkeys("film album single".split(), "released"), "painting": "painted"}
+REIGN = re.compile(r"^(?P<office>[A-Z][^(),;]*?) (?:from (?P<start>\d{3,4}) to \d{3,4}|since (?P<since>\d{4}))$")
+EVENT = re.compile(r"^(?:(?P<y1>\d{4})(?:–\d{2,4})? )?(?:[\w'-]+ ){0,3}?(?:war|conflict|battle|siege|revolution|"
+                   r"rebellion|uprising|conquest|invasion|revolt|coup|crisis)\b[^()]*?(?: \((?P<y2>\d{4})–\d{2,4}\))?$")
+EVENT_TITLE = re.compile(r"\b(?:War|Battle|Revolution|Siege|Rebellion|Uprising|Massacre|Conquest|Invasion|Revolt|"
+                         r"Treaty|Congress|Conference)\b")
+FOUNDED = re.compile(r"\b(?P<verb>[Ff]ounded|[Ee]stablished|[Ff]ormed)(?: [^.,;]{0,40}?)? in (?P<year>\d{4})\b")
+GROUP = re.compile(r"\b(?:dynasty|band|group|empire|kingdom|league|confederation|house|family|duo|trio|team)\b", re.I)
+LIFESPAN = re.compile(r"\((?:born |b\. )?(?P<born>\d{4})(?:–\d{4})?\)$")
+# comparison wordings per class of dated fact: (the earlier one is the answer, the later one is)
+COMPARE = {"born": ("Who was born first, {} or {}?", "Who was born later, {} or {}?"),
+           "reign": ("Who came to power first, {} or {}?", "Who came to power later, {} or {}?"),
+           "work": ("Which is older, {} or {}?", "Which is more recent, {} or {}?"),
+           "founded": ("Which was founded first, {} or {}?", "Which was founded later, {} or {}?"),
+           "event": ("Which began first, {} or {}?", "Which began later, {} or {}?")}
+
+
+def visible(text: str, phrase: str) -> bool:
+    """Whether `phrase` is in `text` as whole words, both normalised as reward.normalize does (dashes also split
+    words here, so the 1608 of "(1608–1674)" counts as seen)."""
+    def norm(s: str) -> str:
+        return " " + normalize(re.sub(r"[–—]", " ", s)) + " "
+    return bool(normalize(phrase)) and norm(phrase) in norm(text)
+
+
+class PolicyWeb:
+    """What the default agent's web_search returns for one query: browse.py's local back end with the policy's top_k,
+    rendered by browse.render_search with its snippet and observation limits. Searches are memoised."""
+
+    def __init__(self, corpus: str, top_k: int = POLICY_TOP_K, snippet_chars: int = POLICY_SNIPPET_CHARS,
+                 obs_chars: int = POLICY_OBS_CHARS):
+        import browse  # the policy's own search and rendering, so what we check is what it sees
+        self._render = browse.render_search
+        self.backend = browse.LocalBackend(top_k, corpus=corpus, serve=False, n_threads=1)
+        self.snippet_chars, self.obs_chars = snippet_chars, obs_chars
+        self._memo: dict[str, tuple[list[dict], str]] = {}
+
+    def search(self, query: str) -> tuple[list[dict], str]:
+        """(results as dicts of id, title and the text shown of each, the results part of the observation)."""
+        if query not in self._memo:
+            results = self.backend.search([query])[0]
+            if isinstance(results, Exception):
+                raise RuntimeError(f"the local search failed for {query!r}: {results}")
+            text = self._render([query], [results], self.snippet_chars, self.obs_chars)
+            body = text.split("\n", 1)[1] if "\n" in text else ""  # drop the 'Search "<query>":' echo line
+            shown = [dict(id=unquote(r.url.rsplit("/", 1)[1]), title=r.title) for r in results]
+            blocks = re.split(r"(?m)^\d+\. ", body)[1:]  # the text shown per result, cut as the policy sees it
+            for item, block in zip(shown, blocks):
+                item["text"] = block
+            self._memo[query] = (shown, body)
+        return self._memo[query]
+
+    def first_title(self, question: str) -> str:
+        """The no-model baseline's answer: the first result's title for the whole question."""
+        shown, _ = self.search(question)
+        return shown[0]["title"] if shown else ""
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+def _name_in_text(title: str, card: str) -> str:
+    """How a question names an article: its short title, with the card's leading "the" ("the Battle of Hastings")."""
+    name = re.sub(r"\s*\(.*?\)\s*", " ", title).strip()
+    return f"the {name}" if card.startswith(f"The {name}") and not name.startswith("The ") else name
+
+
+def _creator(card_sentence: str, after: int) -> str | None:
+    """The person named right after "by " at `after`: 2 to 5 capitalised words (particles allowed). Capitalised
+    words followed by a lower-case noun were an adjective, not the name ("by the Macedonian Greek general Ptolemy I
+    Soter" -> "Ptolemy I Soter"; "by the Polish-British novelist Joseph Conrad" -> "Joseph Conrad")."""
+    words = card_sentence[after:].split()[:12]
+    i, name = 0, []
+    for _ in range(3):  # at most two adjective runs before the name
+        while i < len(words) and words[i][:1].islower() and words[i] not in NAME_PARTICLES:
+            i += 1
+        name = []
+        while i < len(words):
+            word = words[i]
+            core = word.rstrip(",.;:")
+            if not core or not (core[:1].isupper() or core in NAME_PARTICLES):
+                break
+            name.append(word if re.fullmatch(r"[A-Z]\.", word) else core)  # an initial keeps its dot
+            i += 1
+            if core != word and not re.fullmatch(r"[A-Z]\.", word):
+                break  # a comma or full stop ends the name
+        follows = words[i] if i < len(words) else ""
+        if not follows[:1].islower() or follows in NAME_FOLLOWERS:
+            break
+    while name and name[-1] in NAME_PARTICLES:
+        name.pop()
+    return " ".join(name) if 2 <= len(name) <= 5 else None
+
+
+def first_sentence(text: str) -> str:
+    """The card's first sentence (a full stop after a lower-case word, a digit or a bracket ends it)."""
+    return re.split(r"(?<=[a-z0-9)\]])\. ", text, maxsplit=1)[0]
+
+
+def research_candidates(recs: list[dict], rng: random.Random) -> tuple[list[dict], list[dict]]:
+    """Bridge and read questions before the search checks, and the dated facts comparisons are made from.
+
+    A candidate: template, kind, q (question), a (answer), hops, named (the id of the article the question names),
+    bridge and bridge_id (bridges), and query_options: per hop, the oracle's query forms to try, plainest first."""
+    by_title = {r["title"]: r for r in recs}
+    people = {r["title"]: r for r in recs if r.get("topic") == "People" and not GROUP.search(r.get("description") or "")}
+    nationality = {}
+    for r in people.values():
+        if m := NATIONALITY.match(first_sentence(r["text"])):
+            nationality[r["title"]] = (m["nat"], "is" if m["verb"] in ("is", "are") else "was")
+    countries = {r["title"] for r in recs if (r.get("description") or "").startswith("Country")}
+    country_names = "|".join(re.escape(c) for c in sorted(countries, key=len, reverse=True))
+    located = re.compile(rf"\b(?:is|was|are|were) (?:a|an|the|one)\b[^.]{{0,120}}?\b(?P<prep>in|of) (?:[^.;]{{0,60}}?, )?"
+                         rf"(?:the )?(?:[a-z-]+ )?(?P<country>{country_names})\b")
+    ruler_of = re.compile(rf"^(?P<office>[A-Z][\w -]*?) of (?:the )?(?P<country>{country_names})$")
+    _, capital = candidates(recs)
+    out, dated = [], []
+
+    def country_bridges(article: dict, country: str, where: str, hop1_word: str) -> None:
+        """Bridge `capital` and `continent`: the article's first sentence names the country, whose facts answer."""
+        base = dict(template="bridge", named=article["id"], bridge=country, bridge_id=by_title[country]["id"], hops=2)
+        hop1 = [article["title"], f"{article['title']} {hop1_word}"]
+        if country in capital:
+            out.append(dict(base, kind="capital", a=capital[country], q=f"What is the capital of the country {where}?",
+                            query_options=[hop1, [f"capital of {country}", f"{country} capital"]]))
+        if m := CONTINENT.search(first_sentence(by_title[country]["text"])):
+            out.append(dict(base, kind="continent", a=m["continent"],
+                            q=f"On which continent is the country {where}?",
+                            query_options=[hop1, [country, f"{country} located", f"{country} country"]]))
+
+    for r in recs:
+        desc, card = (r.get("description") or "").strip(), r["text"][:POLICY_SNIPPET_CHARS]
+        sentence = first_sentence(r["text"])
+        name = _name_in_text(r["title"], r["text"])
+        title = r["title"]
+        # places, institutions and events -> the country their first sentence puts them in
+        if title not in people and title not in countries and (m := located.search(sentence)):
+            if r.get("topic") == "Geography" or PLACE.match(desc):
+                country_bridges(r, m["country"], f"where {name} is located", "country")
+            elif m["prep"] == "in" and EVENT_TITLE.search(title):
+                country_bridges(r, m["country"], f"where {name} took place", "country")
+        # rulers -> the country they ruled ("King of France from 1515 to 1547")
+        reign = REIGN.match(desc) if title in people else None
+        if reign and (m := ruler_of.match(reign["office"])):
+            office = m["office"] if m["office"].split()[0] in ("King", "Queen") else m["office"].lower()
+            country_bridges(r, m["country"], f"of which {name} was {office}", "ruler")
+        # works -> their creator (bridge `nationality`; read `creator`)
+        role = None
+        if (m := WORK_NOUN.search(desc)) or (m := WORK_NOUN.search(sentence)):
+            role = ROLE_OF_NOUN[m["noun"]]
+        elif m := BY_VERB.search(sentence):
+            role = ROLE_OF_VERB[m["verb"]]
+        by_at = [b.end() for b in re.finditer(r"\bby ", sentence)]
+        creator = _creator(sentence, by_at[0]) if role and by_at and title not in people else None
+        if creator:
+            out.append(dict(template="read", kind="creator", named=r["id"], a=creator, hops=1,
+                            q=f"Who {role[1]} {name}?", query_options=[[title, f"{title} {role[0]}"]]))
+            if creator in nationality and creator != title:
+                nat, verb = nationality[creator]
+                out.append(dict(template="bridge", kind="nationality", named=r["id"], bridge=creator,
+                                bridge_id=people[creator]["id"], hops=2, a=nat,
+                                q=f"What nationality {verb} the {role[0]} of {name}?",
+                                query_options=[[title, f"{title} {role[0]}"], [creator]]))
+        # dated facts (read `year`, comparisons): one per article, the first pattern that fits
+        date = None
+        if title in people:
+            if reign and not re.search(r"\d", reign["office"]):
+                date = ("reign", reign["start"] or reign["since"], f"In which year did {name} become "
+                                                                    f"{reign['office']}?", "reign")
+            elif m := LIFESPAN.search(desc):
+                date = ("born", m["born"], f"In which year was {name} born?", "born")
+        elif m := WORK_YEAR.match(desc):
+            verb = WORK_VERB[m["noun"]]
+            date = ("work", m["year"], f"In which year was {name} {verb}?", verb)
+        elif (m := EVENT.match(desc)) and (m["y1"] or m["y2"]):
+            date = ("event", m["y1"] or m["y2"], f"In which year did {name} begin?", "began")
+        elif m := FOUNDED.search(sentence):
+            date = ("founded", m["year"], f"In which year was {name} {m['verb'].lower()}?", m["verb"].lower())
+        if date and visible(card, date[1]) and "BC" not in desc:
+            dated.append(dict(cls=date[0], year=date[1], named=r["id"], name=name, title=title))
+            out.append(dict(template="read", kind="year", named=r["id"], a=date[1], hops=1, q=date[2],
+                            query_options=[[title, f"{title} {date[3]}"]]))
+        # read `nationality`: a person's first sentence
+        if title in nationality:
+            nat, verb = nationality[title]
+            out.append(dict(template="read", kind="nationality", named=r["id"], a=nat, hops=1,
+                            q=f"What nationality {verb} {name}?", query_options=[[title]]))
+    rng.shuffle(out)
+    return out, dated
+
+
+def check_research(c: dict, web: PolicyWeb, by_id: dict) -> tuple[list[str] | None, list[str], str]:
+    """(support article ids in hop order, the oracle's queries, "") when a bridge or read candidate meets the
+    acceptance rules, else (None, [], the first rule it breaks). The rules are in the module docstring."""
+    question, answer, bridge = c["q"], c["a"], c["template"] == "bridge"
+    if visible(question, answer):
+        return None, [], "answer in question"
+    if bridge and visible(question, c["bridge"]):  # "... of which Louis IX of France was King?" names France
+        return None, [], "bridge in question"
+    shown, text = web.search(question)
+    if shown and f1(shown[0]["title"], answer) >= 0.5:
+        return None, [], "first title answers"
+    if any(f1(s["title"], answer) >= 0.5 for s in shown):
+        return None, [], "answer is a result's title"
+    # a bridge's facts are not on one page of the question's search either: neither the named article's snippet nor
+    # the bridge article's shows the answer (an unrelated snippet may: "Asia is the largest continent")
+    fact_pages = {c["named"], c.get("bridge_id")}
+    if bridge and any(s["id"] in fact_pages and visible(s["text"], answer) for s in shown):
+        return None, [], "one search shows the answer"
+    support, chosen = [], []
+    phrases = [c["bridge"], answer] if bridge else [answer]
+    bridge_words = set(normalize(c.get("bridge", "")).split())
+    for hop, (options, phrase) in enumerate(zip(c["query_options"], phrases)):
+        hit, why = None, ""
+        for query in options:  # the oracle's query forms for this hop, plainest first: the first that passes
+            shown_q, text_q = web.search(query)
+            # the first hop's fact is on the named article itself; a later hop's on any result
+            hit = next((s["id"] for s in shown_q if visible(s["title"] + "\n" + s.get("text", ""), phrase)
+                        and (hop > 0 or s["id"] == c["named"])), None)
+            if hit is None or not visible(text_q, phrase) or visible(query, answer):
+                hit = None
+                continue
+            if bridge and hop == 0 and any(s["id"] == c["named"] and visible(s["text"], answer) for s in shown_q):
+                return None, [], "first hop shows the answer"
+            # masking the bridge: the second hop's query without the bridge's name must not find the answer
+            masked = " ".join(w for w in normalize(query).split() if w not in bridge_words)
+            if bridge and hop == 1 and masked and visible(web.search(masked)[1], answer):
+                hit, why = None, "masked second hop finds the answer"
+                continue
+            chosen.append(query)
+            break
+        if hit is None:
+            target = by_id.get(c["bridge_id"] if bridge and phrase == answer else c["named"], {})
+            page = f"{target.get('description', '')}\n{target.get('text', '')}"
+            return None, [], why or ("needs browsing" if visible(page, phrase) else "oracle misses")
+        support.append(hit)
+    return support, chosen, ""
+
+
+def check_comparison(c: dict, web: PolicyWeb) -> tuple[list[str] | None, str]:
+    """Comparisons: the first title is not the answer, and the oracle's search for each article shows that article
+    with its year. (The question's own search often shows both articles: the two names are in it.)"""
+    shown, _ = web.search(c["q"])
+    if shown and f1(shown[0]["title"], c["a"]) >= 0.5:
+        return None, "first title answers"
+    for query, doc_id, year in zip(c["oracle_queries"], c["support"], c["years"]):
+        result = next((s for s in web.search(query)[0] if s["id"] == doc_id), None)
+        if result is None or not visible(result["text"], year):
+            return None, "oracle misses"
+    return c["support"], ""
+
+
+class Groups:
+    """Union-find over article ids, so every question's articles land in one split. Articles of the existing QA set
+    keep their split (`fixed`): a question whose articles would join a training and a dev article is dropped."""
+
+    def __init__(self, fixed: dict[str, str]):
+        self.parent: dict[str, str] = {}
+        self.fixed = dict(fixed)
+        self.label: dict[str, str] = {}  # root -> the split its group must take
+
+    def find(self, x: str) -> str:
+        self.parent.setdefault(x, x)
+        while self.parent[x] != x:
+            self.parent[x] = self.parent[self.parent[x]]
+            x = self.parent[x]
+        return x
+
+    def join(self, ids: list[str]) -> bool:
+        """Put `ids` in one group unless that joins a training-bound and a dev-bound article; says whether it did."""
+        roots = {self.find(i) for i in ids}
+        labels = {self.label[r] for r in roots if r in self.label} | {self.fixed[i] for i in ids if i in self.fixed}
+        if len(labels) > 1:
+            return False
+        root = min(roots)
+        for r in roots:
+            self.parent[r] = root
+        if labels:
+            self.label[root] = labels.pop()
+        return True
+
+    def split_of(self, seed: int, dev_frac: float):
+        """A function id -> "train" | "dev": a group's fixed split, else a hash of its smallest id (in_dev)."""
+        members = collections.defaultdict(list)
+        for x in list(self.parent):
+            members[self.find(x)].append(x)
+        decided = {root: self.label.get(root) or ("dev" if in_dev(min(ids), seed, dev_frac) else "train")
+                   for root, ids in members.items()}
+
+        def split(doc_id: str) -> str:
+            if doc_id in self.parent:
+                return decided[self.find(doc_id)]
+            return self.fixed.get(doc_id) or ("dev" if in_dev(doc_id, seed, dev_frac) else "train")
+        return split
+
+
+def comparisons(dated: list[dict], split, rng: random.Random, per_fact: int = 2) -> list[dict]:
+    """Pairs of dated facts of one class inside one split (each fact paired with the next `per_fact` of a shuffled
+    list, so with at most 2 * per_fact others; never two equal years).
+    The wording ("first" / "later") and the order of the two names are drawn, so neither is a tell."""
+    out = []
+    groups = collections.defaultdict(list)
+    for d in dated:
+        groups[(split(d["named"]), d["cls"])].append(d)
+    for (_, cls), items in sorted(groups.items()):
+        rng.shuffle(items)
+        for i, x in enumerate(items):
+            for y in items[i + 1:i + 1 + per_fact]:
+                if x["year"] == y["year"]:
+                    continue
+                earlier = x if int(x["year"]) < int(y["year"]) else y
+                later = y if earlier is x else x
+                wording = rng.randrange(2)
+                answer = (earlier, later)[wording]
+                first, second = (x, y) if rng.randrange(2) else (y, x)
+                out.append(dict(template="comparison", kind=cls, hops=2, a=answer["name"].removeprefix("the "),
+                                q=COMPARE[cls][wording].format(first["name"], second["name"]),
+                                support=[first["named"], second["named"]], years=[first["year"], second["year"]],
+                                oracle_queries=[first["title"], second["title"]], named=first["named"]))
+    return out
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def build_research(corpus: str, old_train: list[dict], old_dev: list[dict], seed: int = 0, dev_frac: float = 0.3,
+                   per_fact: int = 3, single_hop_share: float = 0.25,
+                   max_per_kind: dict | None = None):
+    """The research splits and a report: {"train": [...], "dev": [...]}, {"rejected": Counter, ...}.
+
+    `old_train`/`old_dev` are the existing QA splits: their articles keep their split, and the training file mixes in
+    the existing single-hop training questions the first-title heuristic gets wrong, `single_hop_share` of it."""
+    max_per_kind = max_per_kind or {"train": 300, "dev": 80}
+    recs = read_jsonl(corpus)
+    by_id = {r["id"]: r for r in recs}
+    rng = random.Random(seed)
+    cands, dated = research_candidates(recs, rng)
+    web = PolicyWeb(corpus)
+    rejected: collections.Counter = collections.Counter()
+    # (one-hop questions only: a capital question's first support article can be in both splits of the old set)
+    fixed = {r["support"][0]: split_name for split_name, rows in (("train", old_train), ("dev", old_dev))
+             for r in rows if r["hops"] == 1}
+    groups = Groups(fixed)
+    accepted, seen_q = [], set()
+    for c in cands:
+        if c["q"] in seen_q:
+            continue
+        support, queries, why = check_research(c, web, by_id)
+        # the articles a question is about, which one split owns: the one it names, and a person bridge (the
+        # answer is that person's fact); a country bridge serves both splits, as today's capital questions do
+        ids = [c["named"]] + ([c["bridge_id"]] if c["kind"] == "nationality" and c["template"] == "bridge" else [])
+        if support is not None and not groups.join(ids):
+            support, why = None, "split conflict"
+        if support is None:
+            rejected[(c["template"], c["kind"], why)] += 1
+            continue
+        seen_q.add(c["q"])
+        accepted.append({**c, "support": support, "oracle_queries": queries})
+    split = groups.split_of(seed, dev_frac)
+    for c in comparisons(dated, split, rng, per_fact):
+        support, why = check_comparison(c, web)
+        if support is None:
+            rejected[(c["template"], c["kind"], why)] += 1
+            continue
+        accepted.append(c)
+    out: dict[str, list[dict]] = {"train": [], "dev": []}
+    for c in accepted:
+        out[split(c["named"])].append(c)
+    for name, rows in out.items():
+        rng.shuffle(rows)
+        per_kind: collections.Counter = collections.Counter()
+        records = []
+        for c in rows:
+            per_kind[(c["template"], c["kind"])] += 1
+            if per_kind[(c["template"], c["kind"])] > max_per_kind[name]:
+                continue  # keeps the plentiful kinds (a person's nationality) from crowding out the rest
+            rec = dict(id=f"research-{name}-{len(records):05d}", source=RESEARCH_SOURCE, question=c["q"],
+                       answers=[c["a"]], hops=c["hops"], template=c["template"], kind=c["kind"], support=c["support"])
+            if c["template"] == "bridge":
+                rec["bridge"] = c["bridge"]
+            if c["template"] == "comparison":
+                rec["years"] = c["years"]
+            rec["oracle_queries"] = c["oracle_queries"]
+            records.append(rec)
+        out[name] = records
+    # the single-hop share of training: existing training questions the first-title heuristic does not answer
+    single = [dict(r, kind=r["template"], oracle_queries=[r["question"]]) for r in old_train
+              if r["hops"] == 1 and f1(web.first_title(r["question"]), r["answers"]) < 0.5]
+    rng.shuffle(single)
+    n_single = min(len(single), round(len(out["train"]) * single_hop_share / (1 - single_hop_share)))
+    out["train"] = out["train"] + single[:n_single]
+    rng.shuffle(out["train"])
+    web.close()
+    return out, dict(rejected=rejected, single_hop_available=len(single))
+
+
+def oracle_sees(rec: dict, web: PolicyWeb) -> bool:
+    """The scripted oracle, from the record alone: run its queries in order; does each search show its fact (the
+    bridge's name then the answer; the answer; each compared article's year)? Single-hop records: the answer."""
+    if rec["template"] == "comparison":
+        return all(any(s["id"] == doc_id and visible(s["text"], year) for s in web.search(query)[0])
+                   for query, doc_id, year in zip(rec["oracle_queries"], rec["support"], rec["years"]))
+    phrases = [rec["bridge"], rec["answers"][0]] if rec["template"] == "bridge" else [rec["answers"][0]]
+    return all(visible(web.search(query)[1], phrase) for query, phrase in zip(rec["oracle_queries"], phrases))
+
+
+def other_name(question: str, first_title: str) -> str:
+    """A comparison's shortcut: of the two names in "..., X or Y?", the one that is not the first title."""
+    m = re.search(r", (.+) or (.+)\?$", question)
+    if not m:
+        return ""
+    names = [m[1].removeprefix("the "), m[2].removeprefix("the ")]
+    return names[1] if f1(first_title, names[0]) >= f1(first_title, names[1]) else names[0]
+
+
+def summarize(rows: list[dict], web: PolicyWeb) -> dict[str, dict]:
+    """Per kind (and "all"): questions, the first-title heuristic's mean F1 (search the whole question, answer the
+    first title), the oracle's hit rate, and for comparisons the other-name shortcut's F1."""
+    table: dict[str, dict] = collections.defaultdict(lambda: collections.Counter())
+    for r in rows:
+        title = web.first_title(r["question"])
+        for key in ("all", r["template"], f"{r['template']}/{r['kind']}"):
+            row = table[key]
+            row["n"] += 1
+            row["first_title_f1"] += f1(title, r["answers"])
+            row["oracle"] += oracle_sees(r, web)
+            if r["template"] == "comparison" and key != "all":
+                row["other_name_f1"] += f1(other_name(r["question"], title), r["answers"])
+    return {k: {"n": v["n"], "first_title_f1": round(100 * v["first_title_f1"] / v["n"], 1),
+                "oracle_hit": round(100 * v["oracle"] / v["n"], 1),
+                **({"other_name_f1": round(100 * v["other_name_f1"] / v["n"], 1)} if "other_name_f1" in v else {})}
+            for k, v in sorted(table.items())}
+
+
 @dataclass
 class Args:
     corpus: str = ""                    # corpus JSONL ("" = the embedded Wikipedia summaries)
@@ -181,6 +698,39 @@ class Args:
     n_dev: int = 300
     seed: int = 0
     k: int = 5                          # top-k of the answerability check
+    research: bool = False              # build the research set (reads qa_train/qa_dev.jsonl from out_dir)
+    dev_frac: float = 0.3               # research: share of the articles not in the existing set that go to dev
+    max_per_kind: int = 300             # research: training questions per kind at most (dev: 80)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        for r in rows:
+            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def main_research(a: Args) -> None:
+    """--research=true: write qa_train_research.jsonl and qa_dev_research.jsonl, print counts and baselines."""
+    out_dir = Path(a.out_dir)
+    old = {}
+    for name in ("train", "dev"):
+        path = out_dir / f"qa_{name}.jsonl"
+        if not path.exists():
+            raise SystemExit(f"{path} is missing: build the single-hop set first (python data/build_qa.py)")
+        old[name] = read_jsonl(path)
+    out, report = build_research(a.corpus, old["train"], old["dev"], a.seed, a.dev_frac,
+                                 max_per_kind={"train": a.max_per_kind, "dev": 80})
+    for (template, kind, why), n in sorted(report["rejected"].items()):
+        print(f"rejected {template}/{kind}: {why}: {n}")
+    web = PolicyWeb(a.corpus)
+    for name, rows in out.items():
+        path = out_dir / f"qa_{name}_research.jsonl"
+        write_jsonl(path, rows)
+        kinds = collections.Counter(f"{r['template']}/{r['kind']}" for r in rows)
+        print(f"{path}: {len(rows)} questions | {dict(sorted(kinds.items()))}")
+        for key, row in summarize(rows, web).items():
+            print(f"  {name} {key:24s} " + " | ".join(f"{k} {v}" for k, v in row.items()))
+    web.close()
 
 
 def main(argv: list[str]) -> None:
@@ -188,12 +738,12 @@ def main(argv: list[str]) -> None:
     if not a.corpus:
         from data.wiki_corpus import default_corpus_path
         a.corpus = str(default_corpus_path())
+    if a.research:
+        return main_research(a)
     out = build(a.corpus, a.n_train, a.n_dev, a.seed, a.k)
     for split, rows in out.items():
         path = Path(a.out_dir) / f"qa_{split}.jsonl"
-        with open(path, "w", encoding="utf-8") as fh:
-            for r in rows:
-                fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+        write_jsonl(path, rows)
         by_t = collections.Counter(r["template"] for r in rows)
         lens = collections.Counter(min(len(r["answers"][0].split()), 4) for r in rows)
         print(f"{path}: {len(rows)} questions | templates {dict(by_t)} | answer words {dict(sorted(lens.items()))}")

@@ -97,3 +97,122 @@ def test_committed_splits():
     # split by the article a question is about: no dev question is about a training question's article
     assert not {r["support"][0] for r in train if r["hops"] == 1} & {r["support"][0] for r in dev if r["hops"] == 1}
     assert sum(r["hops"] == 1 for r in train) / len(train) >= 0.7 and any(r["hops"] == 2 for r in dev)
+
+
+# ------------------------------------------------------------------------------------------ the research set (issue 21)
+
+TOPICS = {"Bertolt_Brecht": "People", "Cusco": "Geography", "Lima": "Geography"}
+
+
+@pytest.fixture()
+def research_corpus(tmp_path, monkeypatch):
+    """The hand-written articles with the Wikipedia topics the research kinds read (people, places)."""
+    monkeypatch.setenv("DR_CACHE_DIR", str(tmp_path / "cache"))
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("".join(json.dumps({**a, "topic": TOPICS.get(a["id"], "Uncategorized"),
+                                        "url": f"https://en.wikipedia.org/wiki/{a['id']}"}) + "\n"
+                            for a in ARTICLES))
+    return str(path)
+
+def test_policy_view_matches_train_defaults():
+    """The checks must see what the default agent sees: train.py's search settings."""
+    import train
+    cfg = train.Config()
+    assert (cfg.top_k, cfg.snippet_chars, cfg.obs_chars) == (build_qa.POLICY_TOP_K, build_qa.POLICY_SNIPPET_CHARS,
+                                                             build_qa.POLICY_OBS_CHARS)
+
+
+def test_visible_and_creator_parsing():
+    assert build_qa.visible("John Milton (1608–1674) was", "1608")
+    assert not build_qa.visible("in 16080 BC", "1608")
+    assert build_qa.visible("the Capital of PERU.", "capital of peru")
+    by = "by the Macedonian Greek general Ptolemy I Soter, in 305 BC"
+    assert build_qa._creator(by, 3) == "Ptolemy I Soter"
+    assert build_qa._creator("by D. W. Griffith and starring Lillian Gish", 3) == "D. W. Griffith"
+    assert build_qa._creator("by HBO for cable", 3) is None  # one word is not a person's name
+
+
+def test_research_checks_on_hand_written_articles(research_corpus):
+    corpus = research_corpus
+    recs = [json.loads(x) for x in open(corpus)]
+    by_id = {r["id"]: r for r in recs}
+    cands, _ = build_qa.research_candidates(recs, build_qa.random.Random(0))
+    found = {(c["template"], c["kind"], c["q"]): c for c in cands}
+    read = found[("read", "nationality", "What nationality was Bertolt Brecht?")]
+    assert read["a"] == "German"
+    bridge = found[("bridge", "capital", "What is the capital of the country where Cusco is located?")]
+    assert (bridge["a"], bridge["bridge"]) == ("Lima", "Peru")
+    web = build_qa.PolicyWeb(corpus)
+    try:
+        support, queries, why = build_qa.check_research(read, web, by_id)
+        assert (support, queries, why) == (["Bertolt_Brecht"], ["Bertolt Brecht"], "")
+        # the answer given away by the question is rejected
+        leaked = {**read, "q": "Was Bertolt Brecht German?"}
+        assert build_qa.check_research(leaked, web, by_id)[2] == "answer in question"
+        # an answer the oracle's search never shows is rejected
+        unseen = {**read, "a": "Danish"}
+        assert build_qa.check_research(unseen, web, by_id)[0] is None
+        # on 7 articles the question's own search puts Lima first: the first-title heuristic answers it, rejected
+        assert build_qa.check_research(bridge, web, by_id) == (None, [], "first title answers")
+    finally:
+        web.close()
+
+
+def test_research_build_is_deterministic(research_corpus):
+    corpus = research_corpus
+    a = build_qa.build_research(corpus, [], [], seed=1)
+    b = build_qa.build_research(corpus, [], [], seed=1)
+    assert a == b and any(a[0].values())
+
+
+def _named(r):
+    """The articles a question is about: the compared pair, else the article it names."""
+    return r["support"][:2] if r["template"] == "comparison" else r["support"][:1]
+
+
+def test_committed_research_splits():
+    train, dev = _load("qa_train_research.jsonl"), _load("qa_dev_research.jsonl")
+    research_train = [r for r in train if r["source"] == build_qa.RESEARCH_SOURCE]
+    single = [r for r in train if r["source"] != build_qa.RESEARCH_SOURCE]
+    assert len(dev) >= 300 and len(train) >= 1500
+    per_template = {t: sum(r["template"] == t for r in dev) for t in ("bridge", "comparison", "read")}
+    assert min(per_template.values()) >= 80, per_template
+    assert 2.5 <= len(research_train) / len(single) <= 3.5  # about 3 research : 1 single-hop
+    assert all(r["hops"] == 1 for r in single)
+    for r in research_train + dev:
+        assert set(r) >= {"id", "source", "question", "answers", "hops", "template", "kind", "support",
+                          "oracle_queries"}
+        answer = r["answers"][0]
+        if r["template"] == "comparison":
+            assert answer in r["question"] and len(r["years"]) == 2 and len(r["oracle_queries"]) == 2
+        else:
+            assert not build_qa.visible(r["question"], answer)
+        if r["template"] == "bridge":
+            assert not build_qa.visible(r["question"], r["bridge"]) and len(r["oracle_queries"]) == 2
+            assert not any(build_qa.visible(q, answer) for q in r["oracle_queries"])
+    assert len({r["id"] for r in train + dev}) == len(train) + len(dev)
+    # split by article: no dev question names an article a training question names, nor one of qa_train.jsonl's
+    train_articles = {a for r in train for a in _named(r)}
+    train_articles |= {r["support"][0] for r in _load("qa_train.jsonl") if r["hops"] == 1}
+    assert not train_articles & {a for r in dev for a in _named(r)}
+
+
+@pytest.mark.slow
+def test_committed_research_acceptance():
+    """On the committed files, through the policy's own search: the first title never answers (F1 < 0.5), for dev
+    and for every training question; no dev read or bridge answer is a top-3 title; the oracle sees every fact."""
+    from data.wiki_corpus import default_corpus_path
+    from reward import f1
+    train, dev = _load("qa_train_research.jsonl"), _load("qa_dev_research.jsonl")
+    web = build_qa.PolicyWeb(str(default_corpus_path()))
+    try:
+        for r in train + dev:
+            shown, _ = web.search(r["question"])
+            assert f1(shown[0]["title"], r["answers"]) < 0.5, r
+        for r in dev + [r for r in train if r["source"] == build_qa.RESEARCH_SOURCE]:
+            shown, _ = web.search(r["question"])
+            if r["template"] != "comparison":
+                assert all(f1(s["title"], r["answers"]) < 0.5 for s in shown), r
+            assert build_qa.oracle_sees(r, web), r
+    finally:
+        web.close()
