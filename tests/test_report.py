@@ -155,14 +155,29 @@ def test_record_without_tokens_shows_turn_text(trajectories, tok):
     assert entry["tokens"] is None and entry["turns"][0]["observation"] == trajectories[0].turns[0].observation
 
 
-class Links(HTMLParser):
+class Checker(HTMLParser):
+    """Collects every src/href-like attribute and checks that each element is closed in order."""
+    VOID = {"meta", "br", "hr", "img", "input", "link", "wbr"}
+
     def __init__(self):
         super().__init__()
-        self.refs, self.tags = [], 0
+        self.refs, self.open, self.tags, self.problems = [], [], 0, []
 
     def handle_starttag(self, tag, attrs):
         self.tags += 1
-        self.refs += [v for k, v in attrs if k in ("src", "href", "action", "srcset") and v]
+        self.refs += [v for k, v in attrs if k in ("src", "href", "action", "srcset", "xlink:href") and v]
+        if tag not in self.VOID:
+            self.open.append(tag)
+
+    def handle_startendtag(self, tag, attrs):  # <line .../> in SVG: opened and closed at once
+        self.tags += 1
+        self.refs += [v for k, v in attrs if k in ("src", "href", "xlink:href") and v]
+
+    def handle_endtag(self, tag):
+        if not self.open or self.open[-1] != tag:
+            self.problems.append(f"</{tag}> closes {self.open[-1:] or 'nothing'} at line {self.getpos()[0]}")
+        else:
+            self.open.pop()
 
 
 def test_html_parses_and_reaches_nothing(run_folder, eval_folders):
@@ -170,9 +185,10 @@ def test_html_parses_and_reaches_nothing(run_folder, eval_folders):
         page = report.write_report(folder)
         assert page == folder / "report.html"
         text = page.read_text(encoding="utf-8")
-        parser = Links()
+        parser = Checker()
         parser.feed(text)
         parser.close()
+        assert parser.problems == [] and parser.open == []  # every element closed, in order
         assert parser.tags > 10 and parser.refs == []  # no src/href at all: nothing loads, nothing links out
         assert "<link" not in text and "@import" not in text and "url(" not in text
         assert text.count("<script") == 2  # the data and the inline script, no src
