@@ -250,7 +250,8 @@ NAME_FOLLOWERS = set("and in for with from at on of as who which that to the a a
                      "under starring about".split())
 NAME_PARTICLES = {"de", "van", "von", "da", "di", "del", "der", "la", "le", "du", "y", "al", "bin", "ibn"}
 # when a year in a work's description ("1885 novel by Mark Twain") happened, for "In which year was X ...?"
-WORK_YEAR = re.compile(r"^(?P<year>\d{4}) (?:[\w'-]+ ){0,2}?(?P<noun>novel|novella|book|poem|essay|treatise|play|ballet|"
+WORK_YEAR = re.compile(r"^(?P<year>\d{4}) (?:[\w'-]+ ){0,2}?(?P<noun>novel|novella|book|poem|essay|treatise|play|"
+                       r"ballet|"
                        r"opera|film|album|single|painting)\b")
 WORK_VERB = {**dict.fromkeys("novel novella book poem essay treatise".split(), "published"),
              **dict.fromkeys("play ballet opera".split(), "first performed"),
@@ -359,14 +360,16 @@ def research_candidates(recs: list[dict], rng: random.Random) -> tuple[list[dict
     A candidate: template, kind, q (question), a (answer), hops, named (the id of the article the question names),
     bridge and bridge_id (bridges), and query_options: per hop, the oracle's query forms to try, plainest first."""
     by_title = {r["title"]: r for r in recs}
-    people = {r["title"]: r for r in recs if r.get("topic") == "People" and not GROUP.search(r.get("description") or "")}
+    people = {r["title"]: r for r in recs
+              if r.get("topic") == "People" and not GROUP.search(r.get("description") or "")}
     nationality = {}
     for r in people.values():
         if m := NATIONALITY.match(first_sentence(r["text"])):
             nationality[r["title"]] = (m["nat"], "is" if m["verb"] in ("is", "are") else "was")
     countries = {r["title"] for r in recs if (r.get("description") or "").startswith("Country")}
     country_names = "|".join(re.escape(c) for c in sorted(countries, key=len, reverse=True))
-    located = re.compile(rf"\b(?:is|was|are|were) (?:a|an|the|one)\b[^.]{{0,120}}?\b(?P<prep>in|of) (?:[^.;]{{0,60}}?, )?"
+    located = re.compile(rf"\b(?:is|was|are|were) (?:a|an|the|one)\b[^.]{{0,120}}?\b(?P<prep>in|of) "
+                         rf"(?:[^.;]{{0,60}}?, )?"
                          rf"(?:the )?(?:[a-z-]+ )?(?P<country>{country_names})\b")
     ruler_of = re.compile(rf"^(?P<office>[A-Z][\w -]*?) of (?:the )?(?P<country>{country_names})$")
     _, capital = candidates(recs)
