@@ -413,17 +413,17 @@ def run_meta(cfg: Config, identity: dict, corpus: str | None) -> dict:
             "finished_at": _dt.datetime.now().isoformat(timespec="seconds"), "config": asdict(cfg)}
 
 
-def first_title_rollout(model, tokenizer, questions, golds, browser, cfg, group_size=1, seed=0) -> list:
+def first_title_rollout(model, tokenizer, questions, browser, cfg, group_size=1, seed=0) -> list:
     """The no-model baseline (`--agent=first_title`): search the question as it is, answer the first result's title,
     through the policy's own browser session, so the observation is recorded as for an agent."""
     out = []
-    for qi, (q, gold) in enumerate(zip(questions, golds)):
+    for qi, q in enumerate(questions):
         session = browser.session(q)
         obs = session.web_search([q])
         title = next(iter(session.urls.values())).title if session.urls else ""  # its results, in rank order
         turns = [Turn(f"<search>{q}</search>", "web_search", {"query": [q]}, obs, None, 0, 0.0, 0.0),
                  Turn(f"<answer>{title}</answer>", None, None, None, None, 0, 0.0, 0.0)]
-        out.append(Trajectory(question=q, gold=list(gold), group=qi, turns=turns, answer=title, end_reason="answer",
+        out.append(Trajectory(question=q, group=qi, turns=turns, answer=title, end_reason="answer",
                               stats=dict(n_search=1, n_browse=0, n_bad_calls=0)))
     return out
 
@@ -449,8 +449,7 @@ def run_agent(cfg: Config, todo: list[dict], path: Path, model_path: str | None,
         for b in range(0, len(todo), cfg.batch_size):
             chunk = todo[b:b + cfg.batch_size]
             with torch.no_grad():
-                trajs = run(model, tok, [e["question"] for e in chunk], [e["answers"] for e in chunk], browser,
-                            rcfg, group_size=1, seed=cfg.seed)
+                trajs = run(model, tok, [e["question"] for e in chunk], browser, rcfg, group_size=1, seed=cfg.seed)
             recs = [trajectory_record(ex, tr) for ex, tr in zip(chunk, trajs)]
             recs = [dict(rec, scores=score_record(rec, cfg.protocol)) for rec in recs]
             append_records(path, recs)

@@ -445,8 +445,7 @@ class Turn:
 @dataclass
 class Trajectory:
     question: str
-    gold: list[str]
-    group: int                     # index of the question in the input list
+    group: int                     # index of the question in rollout()'s input list (the caller holds its gold)
     tokens: list[int] = field(default_factory=list)  # prompt + turns + observations, exactly the engine's cache
     loss_mask: list[int] = field(default_factory=list)  # 1 exactly on sampled tokens
     logprobs: list[float] = field(default_factory=list)  # sampled-token logprobs, 0.0 where loss_mask is 0
@@ -690,16 +689,15 @@ def _extend(t: Trajectory, tokens: list[int], logprobs: list[float] | None = Non
     t.logprobs += list(logprobs) if logprobs is not None else [0.0] * len(tokens)
 
 
-def rollout(model, tokenizer, questions: list[str], golds: list[list[str]], browser, cfg: RolloutConfig,
-            group_size: int = 1, seed: int = 0, *, engine=None) -> list[Trajectory]:
+def rollout(model, tokenizer, questions: list[str], browser, cfg: RolloutConfig, group_size: int = 1, seed: int = 0,
+            *, engine=None) -> list[Trajectory]:
     """Run the agent on every question `group_size` times; returns trajectories question-major
-    (question i's rows are [i*G, (i+1)*G)). `engine` overrides the Engine built here (tests, benchmarks)."""
+    (question i's rows are [i*G, (i+1)*G), each with `group` = i: the caller scores them against its own gold
+    answers). `engine` overrides the Engine built here (tests, benchmarks)."""
     if cfg.protocol not in STOP_STRINGS:
         raise ValueError(f"protocol must be 'tags' or 'dr', got {cfg.protocol!r}")
     if cfg.on_bad_call not in ("end", "error_observation"):
         raise ValueError(f"on_bad_call must be 'end' or 'error_observation', got {cfg.on_bad_call!r}")
-    if len(golds) != len(questions):
-        raise ValueError(f"{len(questions)} questions but {len(golds)} gold lists")
     G = group_size
     if engine is None:
         n_slots = min(cfg.n_slots, len(questions) * G)
@@ -793,7 +791,7 @@ def rollout(model, tokenizer, questions: list[str], golds: list[list[str]], brow
             qi = queue.popleft()
             prompt = render_prompt(tokenizer, questions[qi], cfg.protocol, cfg.date, cfg.prompt, example)
             first = prompt + prefix(0)[1]  # the first turn's forced prefix rides with the prompt's prefill
-            trajs = [Trajectory(questions[qi], list(golds[qi]), qi, prompt_len=len(prompt)) for _ in range(G)]
+            trajs = [Trajectory(questions[qi], qi, prompt_len=len(prompt)) for _ in range(G)]
             out[qi * G : (qi + 1) * G] = trajs
             for tr in trajs:
                 _extend(tr, first)

@@ -290,7 +290,7 @@ def main(args: Args):
         t0 = time.perf_counter()
         with torch.no_grad():
             if name == "async":
-                trajs = rollout(model, tok, questions, [["x"]] * len(questions), browser, cfg, engine=eng)
+                trajs = rollout(model, tok, questions, browser, cfg, engine=eng)
                 n_tok = sum(sum(t.loss_mask) for t in trajs)
                 statuses = {s: sum(t.end_reason == s for t in trajs) for s in {t.end_reason for t in trajs}}
             else:

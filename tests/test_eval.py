@@ -33,7 +33,6 @@ class FakeTurn:
 @dataclass
 class FakeTraj:
     question: str
-    gold: list
     group: int
     turns: list
     answer: str | None
@@ -41,6 +40,15 @@ class FakeTraj:
     tokens: list = field(default_factory=lambda: [1, 2, 3])
     prompt_len: int = 1
     stats: dict = field(default_factory=dict)
+
+
+def gold_lookup() -> dict:
+    """question -> gold answers, over the held-out dev file (when present) and the repo's offline QA files."""
+    from data.prepare import load_examples
+
+    root = Path(ev.__file__).resolve().parent
+    paths = [root / "data" / "qa_train.jsonl", root / "data" / "qa_dev.jsonl"] + ([DEV] if DEV.exists() else [])
+    return {row["question"]: row["answers"] for path in paths for row in load_examples(path)}
 
 
 class FakeAgent:
@@ -51,11 +59,14 @@ class FakeAgent:
         self.seen: list[str] = []
         self.fail_after = fail_after
 
-    def rollout(self, model, tokenizer, questions, golds, browser, cfg, group_size=1, seed=0):
+    def rollout(self, model, tokenizer, questions, browser, cfg, group_size=1, seed=0):
         if self.fail_after is not None and len(self.seen) >= self.fail_after:
             raise KeyboardInterrupt("simulated crash")
+        # rollout() gets no gold answers (the caller scores); this scripted agent looks them up in the data files
+        golds = gold_lookup()
         out = []
-        for q, g in zip(questions, golds):
+        for q in questions:
+            g = golds[q]
             i = len(self.seen)
             self.seen.append(q)
             search = FakeTurn("<think>look</think><search>q</search>", tool="web_search", args={"query": [q]},
@@ -64,7 +75,7 @@ class FakeAgent:
                 final = FakeTurn("<think>hmm</think>")
             else:
                 final = FakeTurn(f"<think>ok</think><answer>{g[0] if i % 2 == 0 else 'no idea'}</answer>")
-            out.append(FakeTraj(q, g, len(out), [search, final], None, stats={"n_search": 1, "n_browse": 0}))
+            out.append(FakeTraj(q, len(out), [search, final], None, stats={"n_search": 1, "n_browse": 0}))
         return out
 
 

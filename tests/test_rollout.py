@@ -160,7 +160,7 @@ def run(tok, policy, questions=("What is the capital of France?",), cfg=None, br
     cfg = cfg or RolloutConfig(date="2026-11-24", max_len=max_len, n_slots=n_slots, **kw)
     eng = FakeEngine(tok, policy, n_slots=n_slots, max_len=max_len)
     browser = browser or FakeBrowser()
-    trajs = rollout(None, tok, list(questions), [["Paris"]] * len(questions), browser, cfg,
+    trajs = rollout(None, tok, list(questions), browser, cfg,
                     group_size=group_size, engine=eng)
     return trajs, eng, browser
 
@@ -328,7 +328,7 @@ def test_bad_calls(tok, bad):
         return bad if turn == 0 else "<answer>Paris</answer>"
     (t,), _, browser = run(tok, policy, protocol="dr", on_bad_call="end")
     assert t.end_reason == "bad_call" and len(t.turns) == 1 and t.turns[0].error and not browser.calls
-    assert reward([x.text for x in t.turns], t.gold, protocol="dr").score == -1.0  # the reference's score
+    assert reward([x.text for x in t.turns], ["Paris"], protocol="dr").score == -1.0  # the reference's score
     (t,), eng, browser = run(tok, policy, protocol="dr", on_bad_call="error_observation")
     assert t.end_reason == "answer" and t.stats["n_bad_calls"] == 1 and not browser.calls
     assert t.turns[0].observation.startswith("Error: ") and t.turns[0].error
@@ -397,7 +397,7 @@ def test_real_engine_tokens_and_logprobs_match_model(tiny_policy):
     model, tok = tiny_policy
     cfg = RolloutConfig(max_new_tokens=12, max_len=1024, n_slots=4, date="2026-11-24")
     with torch.no_grad():
-        trajs = rollout(model, tok, ["Who?", "Where is it?"], [["a"], ["b"]], FakeBrowser(), cfg, group_size=2)
+        trajs = rollout(model, tok, ["Who?", "Where is it?"], FakeBrowser(), cfg, group_size=2)
     assert [t.group for t in trajs] == [0, 0, 1, 1]
     for t in trajs:
         assert t.end_reason in ("format_error", "answer", "context_limit", "max_turns")
@@ -491,7 +491,7 @@ def test_engine_error_end_reason(tok):
             raise RuntimeError("device lost")
     cfg = RolloutConfig(date="2026-11-24", max_len=4096, n_slots=8)
     eng = BadAppend(tok, search_browse_answer("tags"))
-    trajs = rollout(None, tok, ["q1?", "q2?"], [["Paris"]] * 2, FakeBrowser(), cfg, engine=eng)
+    trajs = rollout(None, tok, ["q1?", "q2?"], FakeBrowser(), cfg, engine=eng)
     assert [t.end_reason for t in trajs] == ["engine_error", "engine_error"] and eng.n_free == 8
     assert "device lost" in trajs[0].turns[-1].error
 
@@ -528,7 +528,7 @@ def test_real_engine_row_stops_on_first_token(stop_first_model, n_q, group_size,
     model, tok = stop_first_model
     cfg = RolloutConfig(max_new_tokens=8, max_len=1024, n_slots=4, date="2026-11-24", temperature=temperature)
     with torch.no_grad():
-        trajs = rollout(model, tok, [f"q{i}?" for i in range(n_q)], [["a"]] * n_q, FakeBrowser(), cfg,
+        trajs = rollout(model, tok, [f"q{i}?" for i in range(n_q)], FakeBrowser(), cfg,
                         group_size=group_size)
     assert len(trajs) == n_q * group_size
     for t in trajs:
@@ -542,7 +542,7 @@ def test_real_engine_max_new_tokens_one(tiny_policy):
     model, tok = tiny_policy
     cfg = RolloutConfig(max_new_tokens=1, max_len=1024, n_slots=4, date="2026-11-24")
     with torch.no_grad():
-        trajs = rollout(model, tok, ["Who?", "Where?"], [["a"], ["b"]], FakeBrowser(), cfg, group_size=2)
+        trajs = rollout(model, tok, ["Who?", "Where?"], FakeBrowser(), cfg, group_size=2)
     assert [len(t.turns) for t in trajs] == [1] * 4 and all(t.end_reason == "format_error" for t in trajs)
 
 
@@ -576,7 +576,7 @@ def test_one_failed_call_in_a_group_is_masked_from_its_group(tok):
         return "<search>capital</search>" if turn == 0 else f"<answer>{next(answers)}</answer>"
     trajs, _, _ = run(tok, policy, group_size=3, browser=OneBadBrowser())
     assert sorted(t.end_reason for t in trajs) == ["answer", "answer", "tool_failure"]
-    r = torch.tensor([reward([x.text for x in t.turns], t.gold).score for t in trajs])
+    r = torch.tensor([reward([x.text for x in t.turns], ["Paris"]).score for t in trajs])
     valid = torch.tensor([t.end_reason not in INFRA_END_REASONS for t in trajs])
     a = group_advantages(r, 3, valid=valid)
     assert a[~valid].tolist() == [0.0] and torch.allclose(a[valid], group_advantages(r[valid], 2))
@@ -599,8 +599,7 @@ def test_real_browser_outage_ends_every_trajectory_as_tool_failure(tiny_policy):
                         turn_prefixes="<search>capital of France</search>")
     try:
         with torch.no_grad():
-            trajs = rollout(model, tok, ["Capital of France?", "Capital of Peru?"], [["Paris"], ["Lima"]], browser,
-                            cfg, group_size=2)
+            trajs = rollout(model, tok, ["Capital of France?", "Capital of Peru?"], browser, cfg, group_size=2)
     finally:
         browser.close()
     assert len(trajs) == 4 and [t.end_reason for t in trajs] == ["tool_failure"] * 4, [t.turns for t in trajs]
