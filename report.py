@@ -15,7 +15,7 @@ trajectory stay plain text).
   without token ids (older dumps, the first_title baseline) show their turns' text instead.
 
 Not here: any server, a JS framework, wandb; the report does not run a model (the tokenizer only decodes ids).
-Large runs stay light: at most MAX_STEPS dumped steps (spread over the run) and MAX_TOKEN_TRAJS token streams.
+Large runs stay light: at most MAX_STEPS dumped steps (spread over the run) and TOKEN_BUDGET token ids in all.
 
 Run: `python eval.py --report=<run or eval folder>` (train.py and eval.py also write it at their end), or
 `python report.py <folder>`. Tests: `python -m pytest -q tests/test_report.py` (headless Chromium).
@@ -33,7 +33,7 @@ import sys
 from pathlib import Path
 
 MAX_STEPS = 60           # training steps whose dumped trajectories are embedded (spread evenly, first and last kept)
-MAX_TOKEN_TRAJS = 300    # token streams embedded (the rest show their turn text): a few MB at most
+TOKEN_BUDGET = 300_000   # token ids embedded per page, ~6 bytes each (later records show their turn text)
 MAX_OBS_CHARS = 4000     # observation text kept per turn where a record has no tokens
 KIND_LETTERS = {"prompt": "p", "sampled": "s", "forced": "f", "observation": "o"}
 
@@ -138,6 +138,7 @@ class Pieces:
 
     def __init__(self, find_tokenizer):
         self.find_tokenizer = find_tokenizer  # () -> tokenizer folder or None
+        self.budget = TOKEN_BUDGET  # token ids the page may still embed
         self.by_id: dict[int, str] = {}
         self.table: list[str] = []
         self.index: dict[str, int] = {}
@@ -222,9 +223,13 @@ def token_kinds(rec: dict, tokenizer) -> tuple[str, bool]:
 
 
 def token_view(rec: dict, pieces: Pieces) -> dict | None:
-    """What the page needs to draw a record token by token, or None (no token ids, or no tokenizer)."""
-    if not rec.get("tokens") or len(rec.get("loss_mask") or []) != len(rec["tokens"]) or pieces.tok is None:
+    """What the page needs to draw a record token by token, or None (no token ids, no tokenizer, or the page's
+    token budget is spent)."""
+    if not rec.get("tokens") or len(rec.get("loss_mask") or []) != len(rec["tokens"]):
         return None
+    if pieces.budget < len(rec["tokens"]) or pieces.tok is None:
+        return None
+    pieces.budget -= len(rec["tokens"])
     kinds, located = token_kinds(rec, pieces.tok)
     logprobs = rec.get("logprobs") or [0.0] * len(kinds)
     return {"t": pieces.of(rec["tokens"]), "k": kinds, "located": located,
@@ -245,9 +250,9 @@ def light_turns(turns: list[dict], with_observations: bool) -> list[dict]:
     return out
 
 
-def trajectory_entry(rec: dict, pieces: Pieces, with_tokens: bool, **extra) -> dict:
+def trajectory_entry(rec: dict, pieces: Pieces, **extra) -> dict:
     """One row of the page's trajectory list: what the table shows, and the trajectory for the panel."""
-    view = token_view(rec, pieces) if with_tokens else None
+    view = token_view(rec, pieces)
     scores = rec.get("scores") or {}
     stats = rec.get("stats") or {}
     f1 = scores.get("f1", rec.get("f1"))
@@ -256,7 +261,8 @@ def trajectory_entry(rec: dict, pieces: Pieces, with_tokens: bool, **extra) -> d
             "advantage": rec.get("advantage"), "end_reason": rec.get("end_reason", ""),
             "searches": stats.get("n_search", 0), "browses": stats.get("n_browse", 0),
             "n_turns": len(rec.get("turns") or []), "n_tokens": rec.get("n_tokens"),
-            "turns": light_turns(rec.get("turns"), with_observations=view is None), "tokens": view, **extra}
+            "turns": light_turns(rec.get("turns"), with_observations=view is None), "tokens": view,
+            "tokens_left_out": view is None and bool(rec.get("tokens")), **extra}
 
 
 # ----------------------------------------------------------------------------------------------- SVG plots
@@ -399,7 +405,7 @@ def training_data(folder: Path, pieces: Pieces) -> dict:
     for path in chosen:
         step = int(path.stem.split("_")[1])
         for n, rec in enumerate(read_jsonl(path)):
-            rows.append(trajectory_entry(rec, pieces, with_tokens=len(rows) < MAX_TOKEN_TRAJS, step=step, n=n))
+            rows.append(trajectory_entry(rec, pieces, step=step, n=n))
     last = metrics[-1] if metrics else {}
     dev = [(m["step"], m["dev_f1"]) for m in metrics if m.get("dev_f1") is not None]
     facts = {"steps logged": len(metrics), "last step": last.get("step"),
@@ -447,10 +453,10 @@ def eval_data(folder: Path, pieces: Pieces) -> dict:
                           "folder": sibling.name, "means": group_means(list(theirs.values()), common),
                           "mine": group_means(records, common), "f1": {i: theirs[i]["scores"]["f1"] for i in common}})
     rows = []
-    for n, rec in enumerate(records):
+    for rec in records:
         extra = {"id": rec["id"], "source": rec.get("source", ""), "template": rec.get("template", ""),
                  "baseline_f1": [b["f1"].get(rec["id"]) for b in baselines]}
-        rows.append(trajectory_entry(rec, pieces, with_tokens=n < MAX_TOKEN_TRAJS, **extra))
+        rows.append(trajectory_entry(rec, pieces, **extra))
     for b in baselines:
         del b["f1"]
     overall = summary.get("overall") or {}
@@ -776,8 +782,9 @@ function showTrajectory(i) {
     const calls = el("details", {}, el("summary", {text: "turns as text (tool calls and errors)"}), turnList(r));
     box.append(calls);
   } else {
-    box.append(el("div", {class: "muted", text: "no token ids in this record (an older dump or a no-model " +
-      "baseline): its turns' text"}), turnList(r));
+    const why = r.tokens_left_out ? "its token ids are left out of this page (the page's token budget is spent)" :
+      "no token ids in this record (an older dump, a no-model baseline, or no tokenizer found)";
+    box.append(el("div", {class: "muted", text: why + ": its turns' text"}), turnList(r));
   }
   $("#traj-section").hidden = false;
 }

@@ -151,8 +151,19 @@ def test_record_without_tokens_shows_turn_text(trajectories, tok):
     for key in ("tokens", "loss_mask", "logprobs"):
         del rec[key]
     never = report.Pieces(lambda: pytest.fail("a record without token ids needs no tokenizer"))
-    entry = report.trajectory_entry(rec, never, with_tokens=True)
+    entry = report.trajectory_entry(rec, never)
     assert entry["tokens"] is None and entry["turns"][0]["observation"] == trajectories[0].turns[0].observation
+
+
+def test_token_budget_keeps_the_page_light(trajectories, tok, tiny_qwen2, monkeypatch):
+    """Past the page's token budget a record shows its turn text (observations included), and says why."""
+    records = [dump_record(t, ["Oslo"], 0.0, tok) for t in trajectories[:3]]
+    monkeypatch.setattr(report, "TOKEN_BUDGET", len(records[0]["tokens"]) + len(records[1]["tokens"]))
+    pieces = report.Pieces(lambda: str(tiny_qwen2))
+    entries = [report.trajectory_entry(r, pieces) for r in records]
+    assert [e["tokens"] is not None for e in entries] == [True, True, False]
+    assert entries[2]["tokens_left_out"] and entries[2]["turns"][0]["observation"]
+    assert entries[0]["turns"][0]["observation"] is None  # the token stream holds it: not embedded twice
 
 
 class Checker(HTMLParser):
