@@ -276,10 +276,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, norm_by_std: bool =
     singleton's mean is 0 and std 1, as verl). valid (N,) bool: rows to score (e.g. not ended by a web failure); the
     others get 0 and leave their group's mean and std; a group left with fewer than 2 valid rows gets 0 throughout."""
     scores = rewards.reshape(-1, group_size).to(torch.float32)  # (Q, G)
-    if valid is None:
-        scored = torch.ones_like(scores, dtype=torch.bool)  # (Q, G)
-    else:
-        scored = valid.reshape(-1, group_size).bool()
+    scored = torch.ones_like(scores, dtype=torch.bool) if valid is None else valid.reshape(-1, group_size).bool()
     zero = torch.zeros_like(scores)
     if group_size == 1:
         singleton = scores / (1.0 + eps) if norm_by_std else scores
@@ -296,10 +293,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, norm_by_std: bool =
 def zero_variance_groups(rewards: torch.Tensor, group_size: int, valid: torch.Tensor | None = None) -> torch.Tensor:
     """(N,) rewards -> (Q,) bool: every (valid) trajectory of the question got the same reward (advantage 0)."""
     scores = rewards.reshape(-1, group_size)  # (Q, G)
-    if valid is None:
-        scored = torch.ones_like(scores, dtype=torch.bool)
-    else:
-        scored = valid.reshape(-1, group_size).bool()
+    scored = torch.ones_like(scores, dtype=torch.bool) if valid is None else valid.reshape(-1, group_size).bool()
     first = torch.where(scored, scores, torch.full_like(scores, float("inf"))).min(dim=1, keepdim=True).values
     return ((scores == first) | ~scored).all(dim=1)
 
@@ -433,8 +427,8 @@ def update(model, optimizer, samples: list[Sample], cfg: Config, proc: Dist, ste
         samples = fill_logprobs(model, samples, cfg, proc, "old_logp", only=trained_rows)
     if cfg.kl_coef > 0:
         samples = fill_logprobs(ref_model, samples, cfg, proc, "ref_logp")
-    for group in optimizer.param_groups:
-        group["lr"] = lr_at(step, cfg)
+    for param_group in optimizer.param_groups:
+        param_group["lr"] = lr_at(step, cfg)
     sums = dict.fromkeys(DIAGNOSTIC_SUMS, 0.0)
     grad_norms = []
     bar = tqdm(total=0, desc="update", unit="micro-batch", leave=False, disable=not (proc.main and show_progress))
@@ -442,27 +436,28 @@ def update(model, optimizer, samples: list[Sample], cfg: Config, proc: Dist, ste
         for index in range(cfg.n_minibatches):
             part = samples[index * len(samples) // cfg.n_minibatches: (index + 1) * len(samples) // cfg.n_minibatches]
             first_pass = epoch == 0 and index == 0  # the weights that sampled: logp_diff is measured here
-            grad_norm = minibatch_step(model, optimizer, part, cfg, proc, sums, bar, on_policy, first_pass)
+            grad_norm, minibatch_sums = minibatch_step(model, optimizer, part, cfg, proc, bar, on_policy, first_pass)
+            sums = add_sums(sums, minibatch_sums)
             if grad_norm is not None:
                 grad_norms.append(grad_norm)
     bar.close()
     return update_metrics(sums, grad_norms, cfg, proc)
 
 
-def minibatch_step(model, optimizer, part: list[Sample], cfg: Config, proc: Dist, sums: dict, bar, on_policy: bool,
-                   first_pass: bool) -> float | None:
-    """One optimizer step on a mini-batch: its micro-batches' gradients, clipped, applied. Adds the diagnostics to
-    `sums`. Returns the gradient norm, or None when no rank had a token to learn from: then there is no step at all,
-    so neither weight decay nor Adam's moments move on an empty batch."""
+def minibatch_step(model, optimizer, part: list[Sample], cfg: Config, proc: Dist, bar, on_policy: bool,
+                   first_pass: bool) -> tuple[float | None, dict]:
+    """One optimizer step on a mini-batch: its micro-batches' gradients, clipped, applied. Returns the gradient norm
+    and the diagnostics' sums; the norm is None when no rank had a token to learn from: then there is no step at
+    all, so neither weight decay nor Adam's moments move on an empty batch."""
     norm = minibatch_denominator(part, cfg, proc)
     if norm == 0:
-        return None
+        return None, {}
     trained = [sample for sample in part if is_trained(sample, cfg)]
     untrained = [sample for sample in part if not is_trained(sample, cfg)]
-    measure_untrained(model, untrained, cfg, proc, sums, first_pass)
+    sums = measure_untrained(model, untrained, cfg, proc, first_pass)
     passes = in_lockstep(micro_batches(trained, cfg.micro_tokens, cfg.share_prefix), proc)
     if not passes:  # every trajectory on every rank has advantage 0: nothing to apply, not even weight decay
-        return None
+        return None, sums
     bar.total += len(passes)
     bar.refresh()
     for rows_and_prefix in passes:
@@ -473,8 +468,8 @@ def minibatch_step(model, optimizer, part: list[Sample], cfg: Config, proc: Dist
         rows, prefix = rows_and_prefix
         micro = collate([trained[i] for i in rows], proc.device, prefix=prefix)
         loss, logp, entropy, stats = grpo_micro_step(model, micro, cfg, norm, proc.world, on_policy)
-        add_diagnostics(sums, micro, logp, entropy, first_pass, loss=loss, stats=stats)
-    return clip_and_step(model, optimizer, cfg)
+        sums = add_sums(sums, pass_sums(micro, logp, entropy, first_pass, loss=loss, stats=stats))
+    return clip_and_step(model, optimizer, cfg), sums
 
 
 def is_trained(sample: Sample, cfg: Config) -> bool:
@@ -602,22 +597,29 @@ def zero_loss_pass(model, proc: Dist) -> None:
 
 
 @torch.no_grad()
+def forward_passes(model, samples: list[Sample], cfg: Config, proc: Dist, with_entropy: bool = False):
+    """Yields (rows, micro-batch, logp, entropy) for each micro-batch of `samples`, from forwards without grad, in
+    lockstep with the other ranks (a dummy forward where this rank has none left)."""
+    for rows_and_prefix in in_lockstep(micro_batches(samples, cfg.micro_tokens, cfg.share_prefix), proc):
+        if rows_and_prefix is None:
+            model(torch.zeros((1, 2), dtype=torch.long, device=proc.device))  # keep FSDP's collectives in step
+            continue
+        rows, prefix = rows_and_prefix
+        micro = collate([samples[i] for i in rows], proc.device, prefix=prefix)
+        logp, entropy = token_logprobs(model, micro.tokens, micro.mask, cfg.temperature or 1.0,
+                                       with_entropy=with_entropy, prefix=prefix)
+        yield rows, micro, logp, entropy
+
+
 def fill_logprobs(model, samples: list[Sample], cfg: Config, proc: Dist, attr: str, only=None) -> list[Sample]:
     """New Samples with `attr` (old_logp / ref_logp) from a no-grad forward of `model`, in micro-batches; `only`: the
     indices of the samples that need it (default all), the others are returned unchanged."""
     out = list(samples)
     todo = list(range(len(samples))) if only is None else list(only)
-    passes = micro_batches([samples[i] for i in todo], cfg.micro_tokens, cfg.share_prefix)
-    for rows_and_prefix in in_lockstep(passes, proc):
-        if rows_and_prefix is None:
-            model(torch.zeros((1, 2), dtype=torch.long, device=proc.device))  # keep FSDP's collectives in step
-            continue
-        rows, prefix = rows_and_prefix
-        indices = [todo[k] for k in rows]
-        micro = collate([samples[i] for i in indices], proc.device, prefix=prefix)
-        logp, _ = token_logprobs(model, micro.tokens, micro.mask, cfg.temperature or 1.0, prefix=prefix)
-        for row, i in enumerate(indices):
-            out[i] = replace(samples[i], **{attr: logp[row, : len(samples[i].tokens) - 1].float().cpu()})
+    for rows, _, logp, _ in forward_passes(model, [samples[i] for i in todo], cfg, proc):
+        for row, k in enumerate(rows):
+            sample = samples[todo[k]]
+            out[todo[k]] = replace(sample, **{attr: logp[row, : len(sample.tokens) - 1].float().cpu()})
     return out
 
 
@@ -632,36 +634,37 @@ DIAGNOSTIC_SUMS = ("loss", "entropy", "measured_tokens", "clipped", "kl", "train
                    "logp_diff_tokens")
 
 
-def add_diagnostics(sums: dict, micro: MicroBatch, logp, entropy, first_pass: bool, loss=None, stats=None) -> None:
-    """Add one pass's sums to `sums` (a trained pass has a loss and policy_loss's stats; a measured one has not)."""
+def pass_sums(micro: MicroBatch, logp, entropy, first_pass: bool, loss=None, stats=None) -> dict:
+    """One pass's diagnostic sums (a trained pass has a loss and policy_loss's stats; a measured one has not)."""
     sampled = micro.mask[:, 1:].bool()
     n_sampled = float(sampled.sum())
-    sums["entropy"] += float(entropy.detach()[sampled].sum())
-    sums["measured_tokens"] += n_sampled
+    sums = {"entropy": float(entropy.detach()[sampled].sum()), "measured_tokens": n_sampled}
     if loss is not None:
-        sums["loss"] += float(loss.detach())
-        sums["clipped"] += float(stats["clipped"].sum())
-        sums["trained_tokens"] += n_sampled
+        sums["loss"] = float(loss.detach())
+        sums["clipped"] = float(stats["clipped"].sum())
+        sums["trained_tokens"] = n_sampled
         if "kl" in stats:
-            sums["kl"] += float(stats["kl"][sampled].sum())
+            sums["kl"] = float(stats["kl"][sampled].sum())
     if first_pass and micro.sampler_logp is not None:  # large gaps: the sampler is not the policy
-        sums["logp_diff"] += float((logp.detach() - micro.sampler_logp)[sampled].abs().sum())
-        sums["logp_diff_tokens"] += n_sampled
+        sums["logp_diff"] = float((logp.detach() - micro.sampler_logp)[sampled].abs().sum())
+        sums["logp_diff_tokens"] = n_sampled
+    return sums
 
 
-@torch.no_grad()
-def measure_untrained(model, untrained: list[Sample], cfg: Config, proc: Dist, sums: dict, first_pass: bool) -> None:
-    """Entropy (and on the first pass logp_diff) of the rows the update skips, from a forward without grad."""
-    passes = micro_batches(untrained, cfg.micro_tokens, cfg.share_prefix)
-    for rows_and_prefix in in_lockstep(passes, proc):
-        if rows_and_prefix is None:
-            model(torch.zeros((1, 2), dtype=torch.long, device=proc.device))  # keep FSDP's collectives in step
-            continue
-        rows, prefix = rows_and_prefix
-        micro = collate([untrained[i] for i in rows], proc.device, prefix=prefix)
-        logp, entropy = token_logprobs(model, micro.tokens, micro.mask, cfg.temperature or 1.0, with_entropy=True,
-                                       prefix=prefix)
-        add_diagnostics(sums, micro, logp, entropy, first_pass)
+def add_sums(total: dict, more: dict) -> dict:
+    """A new dict: `total` with `more`'s values added key by key."""
+    added = dict(total)
+    for key, value in more.items():
+        added[key] = added.get(key, 0.0) + value
+    return added
+
+
+def measure_untrained(model, untrained: list[Sample], cfg: Config, proc: Dist, first_pass: bool) -> dict:
+    """Diagnostic sums of the rows the update skips (entropy; on the first pass logp_diff), forwards without grad."""
+    sums = {}
+    for _, micro, logp, entropy in forward_passes(model, untrained, cfg, proc, with_entropy=True):
+        sums = add_sums(sums, pass_sums(micro, logp, entropy, first_pass))
+    return sums
 
 
 def mean_or_missing(total: dict, key: str, count: str) -> float | None:
