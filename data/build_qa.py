@@ -386,7 +386,9 @@ def research_candidates(recs: list[dict], rng: random.Random) -> tuple[list[dict
         hop1 = [article["title"], f"{article['title']} {hop1_word}"]
         if country in capital:
             out.append(dict(base, kind="capital", a=capital[country], q=f"What is the capital of the country {where}?",
-                            query_options=[hop1, [f"capital of {country}", f"{country} capital"]]))
+                            query_options=[hop1, [f"capital of {country}", f"{country} capital",
+                                                  f"capital city of {country}",
+                                                  f"capital and largest city of {country}"]]))
         if m := CONTINENT.search(first_sentence(by_title[country]["text"])):
             out.append(dict(base, kind="continent", a=m["continent"],
                             q=f"On which continent is the country {where}?",
