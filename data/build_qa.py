@@ -266,10 +266,12 @@ EVENT_TITLE = re.compile(r"\b(?:War|Battle|Revolution|Siege|Rebellion|Uprising|M
                          r"Treaty|Congress|Conference)\b")
 FOUNDED = re.compile(r"\b(?P<verb>[Ff]ounded|[Ee]stablished|[Ff]ormed)(?: [^.,;]{0,40}?)? in (?P<year>\d{4})\b")
 GROUP = re.compile(r"\b(?:dynasty|band|group|empire|kingdom|league|confederation|house|family|duo|trio|team)\b", re.I)
+# "German playwright (1898–1956)": born 1898; but "King of Poland (1386–1434)" is a reign, not a life
 LIFESPAN = re.compile(r"\((?:born |b\. )?(?P<born>\d{4})(?:–\d{4})?\)$")
-# comparison wordings per class of dated fact: (the earlier one is the answer, the later one is)
-# comparison wordings per class of dated fact: (the earliest is the answer, the latest is); {} = "X or Y" or
-# "X, Y or Z"; the second pair is for three names
+OFFICE = re.compile(r"\b(?:King|Queen|Emperor|Empress|Sultan|President|Minister|Duke|Duchess|Pope|Caliph|Shah|Tsar|"
+                    r"Pharaoh|Chancellor|Governor|Khan|Prince|Princess|Emir|Regent|Leader|[Rr]uler|monarch|leader)\b")
+# comparison wordings per class of dated fact, {} = "X or Y" or "X, Y or Z": (the earliest is the answer, the later
+# of two is, the last of three is)
 COMPARE = {"born": ("Who was born first, {}?", "Who was born later, {}?", "Who was born last, {}?"),
            "reign": ("Who came to power first, {}?", "Who came to power later, {}?", "Who came to power last, {}?"),
            "work": ("Which is older, {}?", "Which is more recent, {}?", "Which is the most recent, {}?"),
@@ -433,7 +435,7 @@ def research_candidates(recs: list[dict], rng: random.Random) -> tuple[list[dict
             if reign and not re.search(r"\d", reign["office"]):
                 date = ("reign", reign["start"] or reign["since"], f"In which year did {name} become "
                                                                     f"{reign['office']}?", "reign")
-            elif m := LIFESPAN.search(desc):
+            elif (m := LIFESPAN.search(desc)) and not OFFICE.search(desc):
                 date = ("born", m["born"], f"In which year was {name} born?", "born")
         elif m := WORK_YEAR.match(desc):
             verb = WORK_VERB[m["noun"]]
