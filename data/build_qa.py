@@ -688,21 +688,34 @@ def other_name(rec: dict, first_title: str) -> str:
     return rest[0]
 
 
-def summarize(rows: list[dict], web: PolicyWeb) -> dict[str, dict]:
+def majority_answers(rows: list[dict]) -> dict[str, str]:
+    """Per kind, the most common gold answer (of training questions): a constant-answer baseline ("Europe")."""
+    counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for r in rows:
+        counts[f"{r['template']}/{r['kind']}"][r["answers"][0]] += 1
+    return {kind: c.most_common(1)[0][0] for kind, c in sorted(counts.items())}
+
+
+def summarize(rows: list[dict], web: PolicyWeb, constant: dict[str, str] | None = None) -> dict[str, dict]:
     """Per kind (and "all"): questions, the first-title heuristic's mean F1 (search the whole question, answer the
-    first title), the oracle's hit rate, and for comparisons the other-name shortcut's F1."""
-    table: dict[str, dict] = collections.defaultdict(lambda: collections.Counter())
+    first title), the oracle's hit rate, the F1 of answering `constant`'s answer for the kind (majority_f1), and for
+    comparisons the other-name shortcut's F1."""
+    constant = constant or {}
+    table: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     for r in rows:
         title = web.first_title(r["question"])
-        for key in ("all", r["template"], f"{r['template']}/{r['kind']}"):
+        kind = f"{r['template']}/{r['kind']}"
+        for key in ("all", r["template"], kind):
             row = table[key]
             row["n"] += 1
             row["first_title_f1"] += f1(title, r["answers"])
             row["oracle"] += oracle_sees(r, web)
+            row["majority_f1"] += f1(constant.get(kind, ""), r["answers"])
             if r["template"] == "comparison" and key != "all":
                 row["other_name_f1"] += f1(other_name(r, title), r["answers"])
     return {k: {"n": v["n"], "first_title_f1": round(100 * v["first_title_f1"] / v["n"], 1),
                 "oracle_hit": round(100 * v["oracle"] / v["n"], 1),
+                "majority_f1": round(100 * v["majority_f1"] / v["n"], 1),
                 **({"other_name_f1": round(100 * v["other_name_f1"] / v["n"], 1)} if "other_name_f1" in v else {})}
             for k, v in sorted(table.items())}
 
@@ -742,12 +755,13 @@ def main_research(a: Args) -> None:
     for (template, kind, why), n in sorted(report["rejected"].items()):
         print(f"rejected {template}/{kind}: {why}: {n}")
     web = PolicyWeb(a.corpus)
+    constant = majority_answers(out["train"])
     for name, rows in out.items():
         path = out_dir / f"qa_{name}_research.jsonl"
         write_jsonl(path, rows)
         kinds = collections.Counter(f"{r['template']}/{r['kind']}" for r in rows)
         print(f"{path}: {len(rows)} questions | {dict(sorted(kinds.items()))}")
-        for key, row in summarize(rows, web).items():
+        for key, row in summarize(rows, web, constant).items():
             print(f"  {name} {key:24s} " + " | ".join(f"{k} {v}" for k, v in row.items()))
     web.close()
 
