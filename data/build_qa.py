@@ -253,9 +253,8 @@ NAME_FOLLOWERS = set("and in for with from at on of as who which that to the a a
                      "under starring about".split())
 NAME_PARTICLES = {"de", "van", "von", "da", "di", "del", "der", "la", "le", "du", "y", "al", "bin", "ibn"}
 # when a year in a work's description ("1885 novel by Mark Twain") happened, for "In which year was X ...?"
-WORK_YEAR = re.compile(r"^(?P<year>\d{4}) (?:[\w'-]+ ){0,2}?(?P<noun>novel|novella|book|poem|essay|treatise|play|"
-                       r"ballet|"
-                       r"opera|film|album|single|painting)\b")
+WORK_YEAR = re.compile(r"^(?P<year>\d{4}) (?:[\w'-]+ ){0,2}?(?P<noun>novel|novella|book|poem|essay|treatise|"
+                       r"play|ballet|opera|film|album|single|painting)\b")
 WORK_VERB = {**dict.fromkeys("novel novella book poem essay treatise".split(), "published"),
              **dict.fromkeys("play ballet opera".split(), "first performed"),
              **dict.fromkeys("film album single".split(), "released"), "painting": "painted"}
@@ -375,9 +374,9 @@ def research_candidates(recs: list[dict], rng: random.Random) -> tuple[list[dict
             nationality[r["title"]] = (m["nat"], "is" if m["verb"] in ("is", "are") else "was")
     countries = {r["title"] for r in recs if (r.get("description") or "").startswith("Country")}
     country_names = "|".join(re.escape(c) for c in sorted(countries, key=len, reverse=True))
+    # "X is a city in southeastern Peru", "... a university in Haidian, Beijing, China"
     located = re.compile(rf"\b(?:is|was|are|were) (?:a|an|the|one)\b[^.]{{0,120}}?\b(?P<prep>in|of) "
-                         rf"(?:[^.;]{{0,60}}?, )?"
-                         rf"(?:the )?(?:[a-z-]+ )?(?P<country>{country_names})\b")
+                         rf"(?:[^.;]{{0,60}}?, )?(?:the )?(?:[a-z-]+ )?(?P<country>{country_names})\b")
     ruler_of = re.compile(rf"^(?P<office>[A-Z][\w -]*?) of (?:the )?(?P<country>{country_names})$")
     _, capital = candidates(recs)
     out, dated = [], []
@@ -429,7 +428,8 @@ def research_candidates(recs: list[dict], rng: random.Random) -> tuple[list[dict
                                 bridge_id=people[creator]["id"], hops=2, a=nat,
                                 q=f"What nationality {verb} the {role[0]} of {name}?",
                                 query_options=[[title, f"{title} {role[0]}"], [creator]]))
-        # dated facts (read `year`, comparisons): one per article, the first pattern that fits
+        # dated facts (read `year`, comparisons): one per article, the first pattern that fits, as
+        # (class, year, the read question, a word the oracle may add to the title in its query)
         date = None
         if title in people:
             if reign and not re.search(r"\d", reign["office"]):
