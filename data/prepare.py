@@ -34,7 +34,7 @@ import json
 import os
 import random
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,6 +58,10 @@ class Example:
     question: str
     answers: list[str]
     template: str = ""  # the question's kind where the data says it (our offline QA set): eval reports F1 per kind
+    # our research QA set (data/build_qa.py) only: the bridge entity a second hop must search for (eval counts later
+    # queries that name it), and the scripted oracle's queries (the ceiling agent and the warm start's demonstrations)
+    bridge: str = ""
+    oracle_queries: list[str] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -80,7 +84,8 @@ def _from_our_row(row: dict, i: int) -> Example:
         answers = answers.split(ANSWER_SPLIT)
     return Example(id=str(row.get("id", i)), source=str(row.get("source", "unknown")),
                    question=str(row["question"]).strip(), answers=[str(a) for a in answers],
-                   template=str(row.get("template", "")))
+                   template=str(row.get("template", "")), bridge=str(row.get("bridge") or ""),
+                   oracle_queries=[str(query) for query in row.get("oracle_queries") or []])
 
 
 def _row_to_example(row: dict, i: int) -> Example:
