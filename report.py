@@ -85,14 +85,20 @@ def folder_kind(folder: Path) -> str:
                      " pass the out_dir of one of them")
 
 
-def config_changes(config: dict, kind: str) -> dict:
-    """The settings that differ from the entry script's defaults (train.Config or eval.Config)."""
+def config_changes(config: dict, kind: str) -> tuple[dict, dict]:
+    """The settings that differ from the entry script's defaults (train.Config or eval.Config), and those that
+    differ from the paper's recipe (its `deepresearcher` preset) with the recipe's value."""
     if kind == "train":
-        from train import Config
+        from train import PRESETS, Config
     else:
-        from eval import Config
+        from eval import PRESETS, Config
     defaults = {f.name: f.default for f in dataclasses.fields(Config)}
-    return {k: v for k, v in config.items() if k not in defaults or defaults[k] != v}
+    paper = {**defaults, **PRESETS.get("deepresearcher", {})}
+    changed = {k: v for k, v in config.items() if k not in defaults or defaults[k] != v}
+    # where the recipe says nothing about a run's place or bookkeeping, a difference is no departure
+    bookkeeping = {"out_dir", "data", "eval_data", "resume", "overwrite", "device", "n_slots", "cache", "dry_run"}
+    departures = {k: [v, paper[k]] for k, v in config.items() if k in paper and paper[k] != v and k not in bookkeeping}
+    return changed, departures
 
 
 # ----------------------------------------------------------------------------------------------- tokens
@@ -195,10 +201,10 @@ def token_kinds(rec: dict, tokenizer) -> tuple[str, bool]:
 
     The loss mask says prompt (before prompt_len), sampled (1) or forced (0). Among the forced tokens after the
     prompt, rollout.py appends after turn k (when it ran a call or answered a bad one) the chat frame, then
-    tokenizer.encode(_defang(observation)) encoded on its own, then the closing frame and the next turn's prefix.
+    tokenizer.encode(defang(observation)) encoded on its own, then the closing frame and the next turn's prefix.
     So the observation's ids appear verbatim in the forced run that follows turn k's sampled tokens: that exact
     sub-sequence is the observation, the rest of the run is forced text. No token id is guessed from text."""
-    from rollout import _defang
+    from rollout import defang
 
     tokens, mask, prompt_len = rec["tokens"], rec["loss_mask"], rec.get("prompt_len", 0)
     kinds = ["p" if i < prompt_len else "s" if m else "f" for i, m in enumerate(mask)]
@@ -212,7 +218,7 @@ def token_kinds(rec: dict, tokenizer) -> tuple[str, bool]:
         if mask[i]:
             turn += 1
         elif turn >= 0 and turn < len(turns) and turns[turn].get("observation"):
-            ids = tokenizer.encode(_defang(turns[turn]["observation"], specials), add_special_tokens=False)
+            ids = tokenizer.encode(defang(turns[turn]["observation"], specials), add_special_tokens=False)
             at = _find(tokens, ids, i, j)
             if at >= 0:
                 kinds[at:at + len(ids)] = ["o"] * len(ids)
@@ -478,9 +484,10 @@ def write_report(folder: str | Path) -> Path:
     config, run = read_json(folder / "config.json"), read_json(folder / "run.json")
     pieces = Pieces(lambda: tokenizer_folder(folder, config, run))
     data = training_data(folder, pieces) if kind == "train" else eval_data(folder, pieces)
+    changes, departures = config_changes(config, kind) if config else ({}, {})
     data.update(kind=kind, folder=str(folder.resolve()), model=config.get("model") or run.get("model"),
                 agent=config.get("agent"), tokenizer=pieces.path if pieces.table else None, config=config,
-                changes=config_changes(config, kind) if config else {},
+                changes=changes, departures=departures,
                 pieces=pieces.table, written=_dt.datetime.now().isoformat(timespec="seconds"))
     charts = data.pop("charts", "")
     # JSON inside <script type="application/json">: every "<" escaped, so no text can close the tag
@@ -518,6 +525,7 @@ CSS = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;margin:0 auto;max-width:1320px;padding:0 18px 40px;
 color:#1d1d1f}
 h1{font-size:20px;margin:16px 0 6px}h2{font-size:16px;margin:22px 0 8px;border-bottom:1px solid #ddd}
+h3{font-size:13px;margin:8px 0 4px;font-weight:600}
 .muted{color:#666;font-size:12px}
 #facts span{display:inline-block;margin:0 14px 4px 0}#facts b{font-weight:600}
 .charts{display:flex;flex-wrap:wrap;gap:8px}.chartbox{border:1px solid #e3e3e3;border-radius:4px;background:#fff}
@@ -797,10 +805,17 @@ function onHash() {
 
 function showConfig() {
   const c = $("#config");
-  const rows = Object.entries(D.changes).map(([k, v]) => el("tr", {}, el("td", {text: k}),
+  const script = D.kind === "train" ? "train.py" : "eval.py";
+  const changed = Object.entries(D.changes).map(([k, v]) => el("tr", {}, el("td", {text: k}),
     el("td", {text: JSON.stringify(v)})));
-  c.append(el("div", {class: "muted", text: "what differs from the defaults of " +
-    (D.kind === "train" ? "train.py" : "eval.py")}), el("table", {id: "changes"}, el("tbody", {}, ...rows)),
+  const departed = Object.entries(D.departures).map(([k, [v, paper]]) => el("tr", {}, el("td", {text: k}),
+    el("td", {text: JSON.stringify(v)}), el("td", {class: "muted", text: JSON.stringify(paper)})));
+  c.append(el("h3", {text: "what differs from the defaults of " + script}),
+    el("table", {id: "changes"}, el("tbody", {}, ...changed)),
+    el("details", {id: "departures"}, el("summary", {text: "departures from the paper's recipe (" + script +
+      " --preset=deepresearcher): " + departed.length + " settings"}),
+      el("table", {}, el("thead", {}, el("tr", {}, el("th", {text: "setting"}), el("th", {text: "this run"}),
+        el("th", {text: "the paper's recipe"}))), el("tbody", {}, ...departed))),
     el("details", {}, el("summary", {text: "the full config"}),
       el("pre", {class: "config", text: JSON.stringify(D.config, null, 2)})));
 }
