@@ -43,10 +43,10 @@ Departures of the deepresearcher preset from the paper and its reference impleme
   trajectories (256 questions x 16): one update per rollout stage, as n_minibatches=1 here.
 - The system prompt and the tool descriptions are in our own wording (rollout.py; the README shows the rendered
   prompt), with the reference's structure: the role, today's date, two JSON-schema tools, the two output forms.
-- Observations are our own format: numbered results (rank, title, URL, the snippet cut at snippet_chars=300), each
-  query's block cut at obs_chars / 3, the whole at obs_chars; a browse returns the reading agent's extracted facts per page.
-- The reading agent's caps are ours: max_urls=3 pages per browse call, max_chunks=4 chunks of ~40k characters per
-  page per call, a one-line memory per query (browse.BrowseConfig).
+- Observations are our own format: per query its numbered results (rank, title, URL, the snippet cut at
+  snippet_chars=300), each query's block cut to an equal share of obs_chars; a browse returns the reading agent's
+  extracted facts per page. The reading agent reads as the reference does: any URL of the most recent search,
+  chunks of ~40k characters while it asks to read on, a memory per query (browse.py; max_urls and max_chunks cap it).
 - A turn without `</think>` goes on to the next turn; the -1 comes at the end from the format check. `<search>`
   and `<browse>` tags in the policy's text are format-checked under the dr protocol too (reward.py).
 - The reward reads only the policy's own turns (reward.py); the reference's format check also read web text.
@@ -81,7 +81,8 @@ Every field the reference's train_grpo.sh sets (and the verl defaults it relies 
     rollout vllm: temperature 1.0, top_p 1, top_k -1, gpu_memory_utilization 0.6, max_num_batched_tokens 32768,
         tensor_model_parallel_size 1 -> temperature 1.0, top_p 1.0; our engine, n_slots 80 rows per GPU
     search_engine online_search (Serper, search_top_k 10, region us, language en) -> backend serper, top_k 10
-    page_view_port_size 40k characters, reading_agent_model qwen-plus -> chunk_chars 40000, reader llm
+    page_view_port_size 40k characters, reading_agent_model qwen-plus -> chunk_chars 40000, reader llm (any
+        OpenAI-compatible model, llm_model)
     trainer.total_epochs 1 -> steps 100 (above)
     trainer.save_freq 1 -> save_every 10 (a 7B checkpoint with Adam state is ~90 GB)
     trainer.test_freq 1, val_before_train false -> eval_every 5 on eval_n 64 dev questions, and one at step 0
@@ -144,7 +145,7 @@ from data.models import memory_per_gpu, resolve_model
 from data.prepare import load_examples
 from model import ModelConfig, Transformer, save_pretrained
 from reward import reward
-from rollout import END_REASONS, RolloutConfig, rollout
+from rollout import END_REASONS, RolloutConfig, make_engine, rollout
 
 ROOT = Path(__file__).resolve().parent
 # DCP on one process warns that it "assumes" no process group: as intended, so not every checkpoint says it
@@ -716,7 +717,7 @@ def train_step(run: Run, cfg: Config, proc: Dist, step: int) -> tuple[Batch, dic
         torch.cuda.reset_peak_memory_stats()
     with unsharded(run.model):  # one all-gather for the whole rollout
         trajs = rollout(run.model, run.tokenizer, [q["question"] for q in questions], run.browser, run.rollout_cfg,
-                        group_size=cfg.group_size, seed=rng_seed(cfg.seed, step, proc.rank))
+                        group_size=cfg.group_size, seed=rng_seed(cfg.seed, step, proc.rank), engine=run.engine)
     rolled_out = time.perf_counter()
     batch = build_samples(trajs, [q["answers"] for q in questions], cfg)
     update_stats = update(run.model, run.optimizer, batch.samples, cfg, proc, step, run.ref_model)
@@ -1387,6 +1388,7 @@ class Run:
     rollout_cfg: object                 # rollout.RolloutConfig
     start: int                          # the first step to run (a resumed run's saved step)
     history: list[dict]                 # per step: reward, f1, format_error, dev_f1 (the curve; saved in state.json)
+    engine: object                      # rollout's engine, built once: every rollout reseeds it (make_engine)
 
 
 def dev_f1(run: Run, cfg: Config, proc: Dist) -> float:
@@ -1396,7 +1398,7 @@ def dev_f1(run: Run, cfg: Config, proc: Dist) -> float:
     with unsharded(run.model):  # every rank joins the all-gather, even one with no question
         if mine:
             trajs = rollout(run.model, run.tokenizer, [q["question"] for q in mine], run.browser,
-                            subconfig(RolloutConfig, cfg, temperature=0.0), group_size=1, seed=0)
+                            subconfig(RolloutConfig, cfg, temperature=0.0), group_size=1, seed=0, engine=run.engine)
     f1s = [reward([turn.text for turn in traj.turns], mine[traj.group]["answers"], protocol=cfg.protocol).f1
            for traj in trajs]
     sums = all_reduce_dict({"f1": sum(f1s), "n": len(f1s)}, "sum", proc)
@@ -1460,8 +1462,10 @@ def open_run(cfg: Config, proc: Dist) -> Run:
         start, history = start_state(cfg, proc, model, optimizer, resume_from)
     browser = Browser(subconfig(BrowseConfig, cfg))
     dev = load_questions(cfg.eval_data)[: cfg.eval_n] if cfg.eval_every > 0 else []
-    run = Run(tokenizer, model, ref_model, optimizer, questions, dev, browser, subconfig(RolloutConfig, cfg), start,
-              history)
+    rollout_cfg = subconfig(RolloutConfig, cfg)
+    with unsharded(model):  # the engine's cache takes the dtype the rollout computes in (bf16 under FSDP on a GPU)
+        engine = make_engine(model, tokenizer, rollout_cfg, seed=cfg.seed)  # its KV pool lives as long as the run
+    run = Run(tokenizer, model, ref_model, optimizer, questions, dev, browser, rollout_cfg, start, history, engine)
     if dev and start == 0:  # the curve starts at the model we were given
         history.append({"step": 0, "dev_f1": dev_f1(run, cfg, proc)})
         if proc.main:

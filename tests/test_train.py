@@ -446,7 +446,7 @@ def gold_answers(questions: list[str]) -> list[list[str]]:
 
 
 @torch.no_grad()
-def fake_rollout(model, tokenizer, questions, browser, cfg, group_size=1, seed=0):
+def fake_rollout(model, tokenizer, questions, browser, cfg, group_size=1, seed=0, engine=None):
     """Sample from the real model (so the update sees real logprobs), with a forced 3-token 'observation' (mask 0)
     in the middle; the answer is right when the first sampled token id is even, so rewards vary."""
     golds = gold_answers(questions)
@@ -479,11 +479,17 @@ def fake_rollout(model, tokenizer, questions, browser, cfg, group_size=1, seed=0
     return out
 
 
+def no_engine(model, tokenizer, cfg, seed=0):
+    """The fake agent needs no engine (rollout.make_engine's stand-in)."""
+    return None
+
+
 def fake_agent():
-    return fake_rollout, FakeRolloutConfig, FakeBrowser, FakeBrowseConfig
+    return fake_rollout, FakeRolloutConfig, FakeBrowser, FakeBrowseConfig, no_engine
 
 
-AGENT_NAMES = ("rollout", "RolloutConfig", "Browser", "BrowseConfig")  # train.py's (and eval.py's) agent seams
+# train.py's (and eval.py's) agent seams; a part list of 4 keeps the real make_engine (a real rollout)
+AGENT_NAMES = ("rollout", "RolloutConfig", "Browser", "BrowseConfig", "make_engine")
 
 
 def use_agent(monkeypatch, parts, module=train):
@@ -510,8 +516,7 @@ def test_tool_failures_are_masked_from_the_loss(tmp_path, tiny_qwen2, monkeypatc
         return real_update(model, optimizer, samples, cfg, d, step, ref_model, show_progress)
 
     real_update = train.update
-    use_agent(monkeypatch, lambda: (flaky_rollout, FakeRolloutConfig, FakeBrowser,
-                                                         FakeBrowseConfig))
+    use_agent(monkeypatch, lambda: (flaky_rollout, FakeRolloutConfig, FakeBrowser, FakeBrowseConfig, no_engine))
     monkeypatch.setattr(train, "update", spy_update)
     args = _cfg(tmp_path, tiny_qwen2, steps=1, group_size=3, batch_size=2, eval_every=0)  # no dev rollout after it
     m = train.main(parse_config(Config, args, PRESETS))
