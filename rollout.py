@@ -1,34 +1,45 @@
 """Generation engine and research-agent loop: everything that turns a policy into trajectories.
 
 Part 1, the engine (`Engine`, `generate`): a paged KV cache (`model.KVCache`: one pool of `block_size`-token blocks,
-a block table, a length per row and a refcount per block, so memory follows the tokens rows hold). A row is free,
-decoding or parked: `submit` (a GRPO group shares its prompt's full blocks by reference), `step`, `append` (forced
-tokens at the row's own offset), `release` (continuous batching). A full pool is an error with the numbers, never an
-overwrite. A row's last sampled token enters the cache with the next forward, so a stop token costs no forward. Each
-token comes with its log-prob under the sampling distribution (temperature applied, before top-p/top-k: what the
-trainer recomputes). Each row samples by Gumbel-max from its own generator seeded from (engine seed, row key), so its
-tokens do not depend on which rows share its batches or when tool calls return (logits still differ in the last bits
-with the batch: a near-tie can flip a token, rarely on CPU, more often in bf16). CUDA graphs: see `Engine`.
+a block table, a length per row and a refcount per block, so memory follows the tokens rows hold). Its pieces, in
+reading order: the block pool (`BlockPool`: refcounts, free list, share, release), admission (`submit`: a GRPO group
+shares its prompt's full blocks by reference; `append`: forced tokens at the row's own offset), prefill, sampling,
+the decode step (`step`), and the CUDA-graph capture of that step. A row is free, decoding, parked (its turn ended,
+waiting for `append` or `release`) or waiting (it has tokens to prefill before it can go on). A row's last sampled
+token enters the cache with the next forward, so a stop token costs no forward. Each token comes with its log-prob
+under the sampling distribution (temperature applied, before top-p/top-k: what the trainer recomputes). Each row
+samples by Gumbel-max from its own generator seeded from (engine seed, row key), so its tokens do not depend on
+which rows share its batches or when tool calls return (logits still differ in the last bits with the batch: a
+near-tie can flip a token, rarely on CPU, more often in bf16).
+
+Running out of blocks is normal: `can_admit` says whether the free blocks cover a new group's prompt and one turn,
+and when a decode step needs a block that is not free, the engine preempts a row (a parked one first, then the
+newest decoding one): its blocks go back to the pool, and it is resumed later by re-prefilling its exact tokens, so
+its sampled tokens and its random stream are unchanged. CUDA graphs are off by default (`cuda_graphs=False`): the
+GPU test (`test_cuda_graphs_match_eager`) and the bench have not yet passed on a device with the training path.
 
 Part 2, the agent loop (`rollout()`): every row decodes a turn; a turn that ends in a tool call parks its row while
 the call runs in a thread pool and the others decode; the observation, wrapped in the chat template's tool turn and
 the next assistant header, is appended as forced tokens. A finished trajectory frees its slots for the next question.
-`Trajectory.tokens` is exactly the cache content, `loss_mask` is 1 exactly on sampled tokens (with their `logprobs`):
-nothing is re-rendered or re-tokenised, and only the policy's own turn text is parsed, so web text cannot end a
-trajectory or fake an answer. Protocols: `dr` (the reference's `<tool_call>{JSON}</tool_call>`) and `tags`
-(`<search>q1 | q2</search>`, which small models learn faster), described in the system text. End reasons (exactly one
-each, END_REASONS): answer; max_turns (a call after the last turn is not run); bad_call (a malformed call under
-on_bad_call="end"; "error_observation" answers it and goes on); format_error (neither call nor answer);
-context_limit; tool_failure (the web failed, not the policy: the trainer masks these); engine_error.
+What a finished turn means is one pure function, `decide_turn`. `Trajectory.tokens` is exactly the cache content,
+`loss_mask` is 1 exactly on sampled tokens (with their `logprobs`): nothing is re-rendered or re-tokenised, and only
+the policy's own turn text is parsed, so web text cannot end a trajectory or fake an answer. Protocols: `dr` (the
+reference's `<tool_call>{JSON}</tool_call>`) and `tags` (`<search>q1 | q2</search>`, which small models learn
+faster), described in the system text. End reasons (exactly one each, END_REASONS): answer; max_turns (a call after
+the last turn is not run); bad_call (a malformed call under on_bad_call="end"; "error_observation" answers it and
+goes on); format_error (neither call nor answer); context_limit; tool_failure (the web failed, not the policy: the
+trainer masks these); engine_error. `scripted_trajectory` builds, with no model, the trajectory a policy writing
+given turn texts would get, through the same code.
 
-Not here: a paged-attention kernel, preemption when the pool runs out (size it with `train.py --dry_run=True`), prefix
-caching across groups, speculative decoding, beam search. Bench (decode step vs the bandwidth floor):
+Not here: a paged-attention kernel, prefix caching across groups, swapping preempted rows to host memory (they are
+re-prefilled), speculative decoding, beam search. Bench (decode step vs the bandwidth floor):
 `python bench/generate.py [--device=cuda]`; tests: `python -m pytest tests/test_engine.py tests/test_rollout.py`.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import hashlib
 import itertools
 import json
@@ -63,25 +74,37 @@ class Finished:
     reason: str  # "stop_token" | "stop_string" | "length" | "context"
 
 
-FREE, DECODING, PARKED = 0, 1, 2
+FREE = 0
+DECODING = 1
+PARKED = 2
+WAITING = 3  # has tokens to prefill (preempted, or appended to while the pool was full) before it can go on
 
 
 @dataclass
 class Slot:
-    """One row of the engine: its state, where its KV lives, and the turn it is sampling."""
+    """One row of the engine: its state, its tokens, where their KV lives, and the turn it is sampling."""
     state: int = FREE
     blocks: list[int] = field(default_factory=list)  # physical KV blocks, in position order (some may be shared)
-    cached: int = 0  # tokens in the cache
+    seq: list[int] = field(default_factory=list)  # every token of the row that belongs in the cache, in order
+    cached: int = 0  # how many of seq are in the cache (0 after a preemption)
     pending: int | None = None  # last sampled token, not yet in the cache
     sampling: SamplingParams | None = None
+    new_turn: SamplingParams | None = None  # a waiting row that starts a turn under these once prefilled
     gen: torch.Generator | None = None  # the row's own random stream (see row_seed)
+    admitted: int = 0  # admission order: preemption takes the newest row, resumption the oldest
     tokens: list[int] = field(default_factory=list)  # this turn's sampled tokens
     logprobs: list[float] = field(default_factory=list)
 
 
+def blocks_for(n_tokens: int, block_size: int) -> int:
+    """Blocks that hold n_tokens positions (ceiling division)."""
+    return -(-n_tokens // block_size)
+
+
 def memory_check(nbytes: int, device: torch.device) -> None:
     """Fail with numbers (asked vs free) instead of an opaque OOM when the KV cache cannot fit."""
-    if (free := free_memory(device)) is not None and nbytes > 0.9 * free:
+    free = free_memory(device)
+    if free is not None and nbytes > 0.9 * free:
         raise MemoryError(f"KV cache needs {nbytes / 2**30:.2f} GiB but only {free / 2**30:.2f} GiB is free on "
                           f"{device}: lower n_slots (rows) or max_len, or pass kv_tokens")
 
@@ -105,164 +128,288 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], gens: list) -> tu
     """One token per row of logits (B, V), row i under params[i] with noise from its own generator gens[i]:
     (tokens (B,), logprobs (B,)) on the device. Settings are all decided on the host from `params`: no host sync."""
     logits = logits.float()
-    V, dev = logits.shape[-1], logits.device
-    temp = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=dev)
-    scaled = logits / temp[:, None]  # (B, V)
+    vocab_size = logits.shape[-1]
+    device = logits.device
+    temperature = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=device)
+    scaled = logits / temperature[:, None]  # (B, V)
     logp = torch.log_softmax(scaled, dim=-1)  # (B, V): the distribution the trainer recomputes
     tokens = logits.argmax(-1)  # (B,): greedy rows draw nothing
     drawn = [i for i, p in enumerate(params) if p.temperature > 0]
     if drawn:
-        idx = torch.tensor(drawn, device=dev)
-        filt = scaled[idx]  # (b, V)
-        sp = [params[i] for i in drawn]
-        if any(p.top_k > 0 or p.top_p < 1 for p in sp):
-            top_p = torch.tensor([p.top_p for p in sp], device=dev)
-            top_k = torch.tensor([p.top_k if p.top_k > 0 else V for p in sp], device=dev)
-            sorted_logits, order = filt.sort(dim=-1, descending=True)  # (b, V)
+        drawn_idx = torch.tensor(drawn, device=device)
+        filtered = scaled[drawn_idx]  # (b, V)
+        drawn_params = [params[i] for i in drawn]
+        if any(p.top_k > 0 or p.top_p < 1 for p in drawn_params):
+            top_p = torch.tensor([p.top_p for p in drawn_params], device=device)
+            top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab_size for p in drawn_params], device=device)
+            sorted_logits, order = filtered.sort(dim=-1, descending=True)  # (b, V)
             probs = sorted_logits.softmax(-1)
             # drop a token when the mass before it already reaches top_p (the first token always stays)
             drop = (probs.cumsum(-1) - probs) >= top_p[:, None]
-            drop |= torch.arange(V, device=dev)[None] >= top_k[:, None]
-            filt = torch.empty_like(filt).scatter_(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+            drop |= torch.arange(vocab_size, device=device)[None] >= top_k[:, None]
+            kept = sorted_logits.masked_fill(drop, float("-inf"))
+            filtered = torch.empty_like(filtered).scatter_(-1, order, kept)
         # Gumbel-max: argmax(logit - log E), E ~ Exp(1), is a draw from softmax(logit) (torch.multinomial's own
         # trick), with each row's uniforms from its own generator. u = 0 gives E = inf: that token is never taken.
-        u = torch.stack([torch.rand(V, generator=gens[i], device=dev) for i in drawn])  # (b, V)
-        tokens[idx] = (filt - torch.log(-torch.log(u))).argmax(-1)
+        uniforms = torch.stack([torch.rand(vocab_size, generator=gens[i], device=device) for i in drawn])  # (b, V)
+        tokens[drawn_idx] = (filtered - torch.log(-torch.log(uniforms))).argmax(-1)
     return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
 
 
-class Engine:
-    """Slots over one paged KV cache (see the module docstring); only ever calls `model(...)` (plain or FSDP2).
-    block_size: tokens per KV block. kv_tokens: tokens the pool holds, all rows together (None: every row can reach
-    max_len, i.e. n_slots x max_len, capped on CUDA to what fits in the free memory). cuda_graphs: capture the
-    decode step per (batch, blocks) bucket and replay it (CUDA only; CPU is always eager)."""
+def stop_reason(turn_tokens: list[int], sampling: SamplingParams, seq_len: int, max_len: int, decode,
+                pieces: dict[int, str] | None = None) -> str | None:
+    """Why a turn stops after its last token (None: it goes on). seq_len: the row's tokens so far, this one
+    included. decode(ids) -> text is needed for stop strings; pieces caches each token's text alone, so the whole
+    tail is decoded only when the token could complete a stop string (shared by the engine and scripted turns)."""
+    token = turn_tokens[-1]
+    if token in sampling.stop_token_ids:
+        return "stop_token"
+    if sampling.stop_strings:
+        piece = pieces.get(token) if pieces is not None else None
+        if piece is None:
+            piece = decode([token])
+            if pieces is not None:
+                pieces[token] = piece
+        # the token could complete a stop string when its text holds a stop string's last char (or is part of a
+        # multi-byte char, or a stop string ends in whitespace a tokenizer may strip from a lone token)
+        could_complete = "\ufffd" in piece or any(s[-1] in piece or s[-1].isspace() for s in sampling.stop_strings)
+        if could_complete:
+            tail_len = max(map(len, sampling.stop_strings)) + 2  # a token holds >= 1 char
+            tail = decode(turn_tokens[-tail_len:])
+            if any(s in tail for s in sampling.stop_strings):
+                return "stop_string"
+    if len(turn_tokens) >= sampling.max_new_tokens:
+        return "length"
+    if seq_len >= max_len:  # the pending token takes the last cache position
+        return "context"
+    return None
 
-    def __init__(self, model, n_slots: int, max_len: int, *, decode=None, seed: int = 0, prefill_tokens: int = 8192,
-                 block_size: int = 16, kv_tokens: int | None = None, cuda_graphs: bool = False):
-        p = next(model.parameters())
-        self.model, self.n_slots, self.max_len, self.decode, self.seed = model, n_slots, max_len, decode, seed
-        self.device, self.prefill_tokens, self.block_size = p.device, prefill_tokens, block_size
-        cfg = model.config
-        self.max_blocks = -(-max_len // block_size)  # table width: blocks of a row at max_len
-        per_block = KVCache.nbytes_for(cfg, block_size, p.dtype)
-        if kv_tokens is None:
-            kv_tokens = n_slots * self.max_blocks * block_size
-            free = free_memory(self.device) if self.device.type == "cuda" else None
-            if free is not None:  # like vLLM: leave room for activations, take what fits
-                kv_tokens = min(kv_tokens, max(0, int(0.85 * free) - 2**30) // per_block * block_size)
-        n_blocks = -(-kv_tokens // block_size) + 1  # + block 0, the scratch block pads and padding rows write to
-        memory_check(n_blocks * per_block, self.device)
-        self.cache = KVCache.allocate(cfg, n_blocks, block_size, p.dtype, self.device, zero=False)
-        self._zero([0])
-        self.refs = [0] * n_blocks  # rows holding each block
-        self.free_blocks = list(range(n_blocks - 1, 0, -1))  # a stack: pop() hands out the lowest ids first
-        # Device mirror of every row's block list, 0 (scratch) past its end, so pad writes never reach another row.
-        self.table = torch.zeros(n_slots, self.max_blocks, dtype=torch.long, device=self.device)
-        self.slots = [Slot() for _ in range(n_slots)]
-        self.n_admitted = 0  # rows admitted so far: the key of rows submitted without seeds
-        self._done: list[Finished] = []  # rows stopped since the last step() (a first token can already stop)
-        self._pieces: dict[int, str] = {}  # token id -> its text alone (stop-string pre-check)
-        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
-        self._graphs: dict = {}  # (batch bucket, table width) -> captured graph
-        n = self._buckets(n_slots, 1)[0]  # the decode step's buffers, for every bucket (a view of the first rows)
-        self._static = {k: torch.zeros(n, w, dtype=torch.long, device=self.device)
-                        for k, w in (("tok", 1), ("pos", 1), ("table", self.max_blocks))}
-        self._static["out"] = torch.zeros(n, cfg.vocab_size, dtype=p.dtype, device=self.device)
-        # one memory pool for all captured graphs: the buckets never run at once
-        self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
 
-    n_free = property(lambda self: sum(s.state == FREE for s in self.slots))
-    n_decoding = property(lambda self: sum(s.state == DECODING for s in self.slots))
+# ------------------------------------------------------------------------------------------------ the block pool
+class BlockPool:
+    """The paged cache's books: a refcount per block (a GRPO group's prompt blocks are held by all its rows), the
+    free list, and the device block table, which mirrors each row's block list (0, the scratch block, past its end,
+    so pad writes never reach another row). Block 0 is never handed out: pads and padding rows write there."""
 
-    def length(self, slot: int) -> int:
-        """Tokens of the row's sequence so far (cache + the pending sampled token)."""
-        s = self.slots[slot]
-        return s.cached + (s.pending is not None)
+    def __init__(self, cache: KVCache, n_rows: int, max_blocks: int, device: torch.device):
+        self.cache = cache
+        self.device = device
+        self.refs = [0] * cache.n_blocks  # rows holding each block
+        self.free = list(range(cache.n_blocks - 1, 0, -1))  # a stack: pop() hands out the lowest ids first
+        self.table = torch.zeros(n_rows, max_blocks, dtype=torch.long, device=device)
+        self.zero([0])
 
-    def release(self, slot: int) -> None:
-        for b in self.slots[slot].blocks:  # a shared prompt block goes back when its last row lets go
-            self.refs[b] -= 1
-            if self.refs[b] == 0:
-                self.free_blocks.append(b)
-        self.slots[slot] = Slot()
-        self.table[slot] = 0
+    @property
+    def n_free(self) -> int:
+        return len(self.free)
 
-    def _alloc(self, n: int) -> list[int]:
-        if n > len(self.free_blocks):
-            raise RuntimeError(f"KV cache pool exhausted: {n} blocks asked, {len(self.free_blocks)} free of "
-                               f"{self.cache.n_blocks - 1} ({self.block_size} tokens each): lower n_slots, or "
+    def check(self, n: int) -> None:
+        """Raise, with the numbers, when n blocks are not free (before any state changes)."""
+        if n > len(self.free):
+            block_size = self.cache.k.shape[2]
+            raise RuntimeError(f"KV cache pool exhausted: {n} blocks asked, {len(self.free)} free of "
+                               f"{self.cache.n_blocks - 1} ({block_size} tokens each): lower n_slots, or "
                                f"raise kv_tokens (Engine(..., kv_tokens=...))")
-        out = [self.free_blocks.pop() for _ in range(n)]
-        for b in out:
-            self.refs[b] = 1
-        self._zero(out)
-        return out
 
-    def _zero(self, blocks: list[int]) -> None:
+    def take(self, n: int) -> list[int]:
+        """n fresh blocks, held once each, zeroed."""
+        self.check(n)
+        blocks = [self.free.pop() for _ in range(n)]
+        for block in blocks:
+            self.refs[block] = 1
+        self.zero(blocks)
+        return blocks
+
+    def share(self, blocks: list[int], n_more: int) -> None:
+        """n_more rows now hold these blocks too (by reference, not copied)."""
+        for block in blocks:
+            self.refs[block] += n_more
+
+    def drop(self, blocks: list[int]) -> None:
+        """A row lets go of its blocks; a shared block goes back to the free list when its last row lets go."""
+        for block in blocks:
+            self.refs[block] -= 1
+            if self.refs[block] == 0:
+                self.free.append(block)
+
+    def zero(self, blocks: list[int]) -> None:
         """Zero blocks as they are handed out: the pool is allocated untouched (memory follows the blocks in use)."""
         if blocks:
             idx = torch.tensor(blocks, device=self.device)
             self.cache.k[:, idx] = 0
             self.cache.v[:, idx] = 0
 
-    def _grant(self, grants: list[tuple[int, list[int]]]) -> None:
-        """Append blocks to rows' block lists (each row once) and mirror them in the device table (one index_put)."""
-        new = [(slot, len(self.slots[slot].blocks) + j, b) for slot, blocks in grants for j, b in enumerate(blocks)]
-        for slot, blocks in grants:
-            self.slots[slot].blocks = self.slots[slot].blocks + blocks
-        if new:
-            rows, cols, vals = zip(*new)  # (row, table column, block) of each new entry
-            self.table[list(rows), list(cols)] = torch.tensor(vals, device=self.device)
+    def copy(self, src: int, dst: list[int]) -> None:
+        """Copy block src's keys and values into each block of dst."""
+        idx = torch.tensor(dst, device=self.device)
+        self.cache.k[:, idx] = self.cache.k[:, src : src + 1]  # (L, n, bs, Hkv, D)
+        self.cache.v[:, idx] = self.cache.v[:, src : src + 1]
 
+    def mirror(self, entries: list[tuple[int, int, int]]) -> None:
+        """Write (row, table column, block) entries into the device table in one index_put."""
+        if entries:
+            rows, cols, blocks = zip(*entries)
+            self.table[list(rows), list(cols)] = torch.tensor(blocks, device=self.device)
+
+    def clear_row(self, row: int) -> None:
+        self.table[row] = 0
+
+
+# ------------------------------------------------------------------------------------------------ the engine
+class Engine:
+    """Slots over one paged KV cache (see the module docstring); only ever calls `model(...)` (plain or FSDP2).
+    block_size: tokens per KV block. kv_tokens: tokens the pool holds, all rows together (None: every row can reach
+    max_len, i.e. n_slots x max_len, capped on CUDA to what fits in the free memory; at least one row at max_len).
+    cuda_graphs: capture the decode step per (batch, blocks) bucket and replay it (CUDA only; CPU is always eager;
+    off by default until verified on a GPU)."""
+
+    def __init__(self, model, n_slots: int, max_len: int, *, decode=None, seed: int = 0, prefill_tokens: int = 8192,
+                 block_size: int = 16, kv_tokens: int | None = None, cuda_graphs: bool = False):
+        first_param = next(model.parameters())
+        model_cfg = model.config
+        self.model = model
+        self.n_slots = n_slots
+        self.max_len = max_len
+        self.decode = decode
+        self.seed = seed
+        self.device = first_param.device
+        self.prefill_tokens = prefill_tokens
+        self.block_size = block_size
+        self.max_blocks = blocks_for(max_len, block_size)  # table width: blocks of a row at max_len
+        block_bytes = KVCache.nbytes_for(model_cfg, block_size, first_param.dtype)
+        if kv_tokens is None:
+            kv_tokens = n_slots * self.max_blocks * block_size
+            free = free_memory(self.device) if self.device.type == "cuda" else None
+            if free is not None:  # like vLLM: leave room for activations, take what fits
+                kv_tokens = min(kv_tokens, max(0, int(0.85 * free) - 2**30) // block_bytes * block_size)
+        if blocks_for(kv_tokens, block_size) < self.max_blocks:  # preemption needs one row to fit alone
+            raise MemoryError(f"the KV pool ({kv_tokens} tokens) cannot hold one row of max_len={max_len}: "
+                              f"raise kv_tokens or free GPU memory, or lower max_len")
+        n_blocks = blocks_for(kv_tokens, block_size) + 1  # + block 0, the scratch block
+        memory_check(n_blocks * block_bytes, self.device)
+        self.cache = KVCache.allocate(model_cfg, n_blocks, block_size, first_param.dtype, self.device, zero=False)
+        self.pool = BlockPool(self.cache, n_slots, self.max_blocks, self.device)
+        self.slots = [Slot() for _ in range(n_slots)]
+        self.n_admitted = 0  # rows admitted so far: the key of rows submitted without seeds, and their order
+        self._done: list[Finished] = []  # rows stopped since the last step() (a first token can already stop)
+        self._pieces: dict[int, str] = {}  # token id -> its text alone (stop-string pre-check)
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        self._graphs: dict = {}  # (batch bucket, table width) -> captured graph
+        biggest_batch = self._buckets(n_slots, 1)[0]  # the decode step's buffers: every bucket is a view of them
+        self._static = {
+            "tok": torch.zeros(biggest_batch, 1, dtype=torch.long, device=self.device),
+            "pos": torch.zeros(biggest_batch, 1, dtype=torch.long, device=self.device),
+            "table": torch.zeros(biggest_batch, self.max_blocks, dtype=torch.long, device=self.device),
+            "out": torch.zeros(biggest_batch, model_cfg.vocab_size, dtype=first_param.dtype, device=self.device),
+        }
+        # one memory pool for all captured graphs: the buckets never run at once
+        self._graph_pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
+
+    # The pool's books, under the names the tests and benches read.
+    @property
+    def refs(self) -> list[int]:
+        return self.pool.refs
+
+    @property
+    def free_blocks(self) -> list[int]:
+        return self.pool.free
+
+    @property
+    def table(self) -> torch.Tensor:
+        return self.pool.table
+
+    @property
+    def n_free(self) -> int:
+        return sum(s.state == FREE for s in self.slots)
+
+    @property
+    def n_decoding(self) -> int:
+        return sum(s.state == DECODING for s in self.slots)
+
+    @property
+    def n_waiting(self) -> int:
+        return sum(s.state == WAITING for s in self.slots)
+
+    def length(self, slot: int) -> int:
+        """Tokens of the row's sequence so far (cache + the pending sampled token)."""
+        row = self.slots[slot]
+        return len(row.seq) + (row.pending is not None)
+
+    def reseed(self, seed: int) -> None:
+        """Rows submitted from now on draw from streams keyed by this seed (a reused engine changes no token)."""
+        self.seed = seed
+
+    # -------------------------------------------------------------------------------------------- row blocks
     def _reserve(self, slots: list[int], lengths: list[int]) -> None:
         """Give each slot the blocks to hold `lengths` tokens; all or nothing (a pool error changes no state)."""
-        need = [max(0, -(-n // self.block_size) - len(self.slots[s].blocks)) for s, n in zip(slots, lengths)]
-        new = self._alloc(sum(need))
-        self._grant([(s, new[i - k : i]) for s, k, i in zip(slots, need, itertools.accumulate(need))])
+        need = [max(0, blocks_for(n, self.block_size) - len(self.slots[s].blocks)) for s, n in zip(slots, lengths)]
+        new_blocks = self.pool.take(sum(need))
+        ends = itertools.accumulate(need)
+        self._grant([(slot, new_blocks[end - n : end]) for slot, n, end in zip(slots, need, ends)])
+
+    def _grant(self, grants: list[tuple[int, list[int]]]) -> None:
+        """Append blocks to rows' block lists (each row once) and mirror them in the device table."""
+        entries = []
+        for slot, blocks in grants:
+            start = len(self.slots[slot].blocks)
+            entries += [(slot, start + j, block) for j, block in enumerate(blocks)]
+            self.slots[slot].blocks = self.slots[slot].blocks + blocks
+        self.pool.mirror(entries)
 
     def _share(self, src: int, dst: list[int]) -> None:
         """dst rows take src's prompt: its full blocks by reference, a private copy of a partly filled last block
         (each row writes its own next tokens there)."""
-        s, bs = self.slots[src], self.block_size
-        full = s.blocks[: s.cached // bs]
-        copies = self._alloc(len(dst)) if s.cached % bs else []
+        source = self.slots[src]
+        full = source.blocks[: source.cached // self.block_size]
+        copies = self.pool.take(len(dst)) if source.cached % self.block_size else []
         if copies:
-            last = s.blocks[len(full)]
-            idx = torch.tensor(copies, device=self.device)
-            self.cache.k[:, idx] = self.cache.k[:, last : last + 1]  # (L, n, bs, Hkv, D)
-            self.cache.v[:, idx] = self.cache.v[:, last : last + 1]
-        for b in full:
-            self.refs[b] += len(dst)
-        self._grant([(d, full + copies[i : i + 1]) for i, d in enumerate(dst)])
-        for d in dst:
-            self.slots[d].cached = s.cached
+            self.pool.copy(source.blocks[len(full)], copies)
+        self.pool.share(full, len(dst))
+        self._grant([(row, full + copies[i : i + 1]) for i, row in enumerate(dst)])
+        for row in dst:
+            self.slots[row].cached = source.cached
+            self.slots[row].seq = list(source.seq)
 
-    @torch.no_grad()
-    def _prefill(self, seqs: list[list[int]], slots: list[int]) -> torch.Tensor:
-        """Write each token list into its slot at its cursor (blocks reserved); return the last-token logits (B, V)."""
-        out, bs, i = [], self.block_size, 0
-        while i < len(seqs):
-            # Chunks bounded by a padded-token budget so a big batch of long prompts does not blow up activations.
-            j = i + 1
-            while j < len(seqs) and max(map(len, seqs[i:j + 1])) * (j + 1 - i) <= self.prefill_tokens:
-                j += 1
-            chunk, rows = seqs[i:j], slots[i:j]
-            T = max(len(s) for s in chunk)
-            # (submit and append have checked that every row fits max_len; a chunk is one append or prompts at 0)
-            starts = [self.slots[r].cached for r in rows]
-            toks = torch.tensor([list(s) + [0] * (T - len(s)) for s in chunk], device=self.device)  # (B, T)
-            # Right padding: pads take the positions after a row's own tokens, so its real tokens never see them;
-            # they write into the row's own last block or the scratch block (table entries past its end are 0).
-            pos = torch.tensor(starts, device=self.device)[:, None] + torch.arange(T, device=self.device)  # (B, T)
-            last = torch.tensor([len(s) - 1 for s in chunk], device=self.device)[:, None]  # (B, 1)
-            width = -(-(max(starts) + T) // bs)
-            table = self.table[torch.tensor(rows, device=self.device), :width]  # (B, nb)
-            logits = self.model(toks, positions=pos, cache=self.cache, block_table=table, logits_at=last)
-            for r, s in zip(rows, chunk):
-                self.slots[r].cached += len(s)
-            out.append(logits[:, 0])  # (B, V)
-            i = j
-        return torch.cat(out)  # (B, V)
+    def release(self, slot: int) -> None:
+        self.pool.drop(self.slots[slot].blocks)
+        self.slots[slot] = Slot()
+        self.pool.clear_row(slot)
+
+    def _evict(self, slot: int) -> None:
+        """Preempt a row: its blocks go back to the pool; its tokens stay, to be re-prefilled when it resumes."""
+        row = self.slots[slot]
+        self.pool.drop(row.blocks)
+        self.pool.clear_row(slot)
+        row.blocks = []
+        row.cached = 0
+        if row.state == DECODING:  # a parked row stays parked: append() makes it wait
+            row.state = WAITING
+            row.new_turn = None
+
+    def _victim(self, decoding: list[int], keep: int | None = None) -> int | None:
+        """The row to preempt: the newest idle row (parked, or waiting) holding blocks, else the newest row of
+        `decoding`; never `keep`."""
+        idle = [i for i, s in enumerate(self.slots) if s.state in (PARKED, WAITING) and s.blocks and i != keep]
+        candidates = idle or [i for i in decoding if self.slots[i].blocks and i != keep]
+        if not candidates:
+            return None
+        return max(candidates, key=lambda i: self.slots[i].admitted)
+
+    # -------------------------------------------------------------------------------------------- admission
+    def group_blocks(self, prompt_len: int, n: int) -> int:
+        """Blocks a group of n rows sharing a prompt of prompt_len tokens takes at submit."""
+        partial_last = prompt_len % self.block_size > 0  # each row but the first copies a partly filled block
+        return blocks_for(prompt_len, self.block_size) + (n - 1) * partial_last
+
+    def can_admit(self, prompt_len: int, n: int, new_tokens: int) -> bool:
+        """Whether n free slots and the free blocks cover a group's prompt plus one turn of new_tokens per row;
+        never while a preempted row waits (it goes first)."""
+        if self.n_free < n or self.n_waiting:
+            return False
+        turn_end = min(prompt_len + new_tokens, self.max_len)
+        shared = prompt_len // self.block_size  # full prompt blocks, held once for the group
+        row_blocks = blocks_for(turn_end, self.block_size)
+        return row_blocks + (n - 1) * (row_blocks - shared) <= self.pool.n_free
 
     def submit(self, prompt: list[int], sampling: SamplingParams, n: int = 1, seeds: list | None = None) -> list[int]:
         """Prefill `prompt` once into n free slots (a GRPO group); the rows start decoding. Returns the slots.
@@ -275,130 +422,241 @@ class Engine:
         """Like submit for several prompts at once: one ragged prefill for all of them; seeds prompt-major."""
         self._check(sampling)
         free = [i for i, s in enumerate(self.slots) if s.state == FREE]
-        if len(free) < n * len(prompts):
-            raise RuntimeError(f"{len(prompts)} prompts x {n} need {n * len(prompts)} free slots, {len(free)} free")
-        if bad := [len(p) for p in prompts if not 0 < len(p) < self.max_len]:
-            raise ValueError(f"prompt of {bad[0]} tokens does not fit max_len={self.max_len}")
-        if seeds is not None and len(seeds) != n * len(prompts):
-            raise ValueError(f"{len(seeds)} seeds for {n * len(prompts)} rows")
-        blocks = sum(-(-len(p) // self.block_size) + (n - 1) * (len(p) % self.block_size > 0) for p in prompts)
-        if blocks > len(self.free_blocks):
-            self._alloc(blocks)  # raises with the numbers, before any state changes
+        n_rows = n * len(prompts)
+        if len(free) < n_rows:
+            raise RuntimeError(f"{len(prompts)} prompts x {n} need {n_rows} free slots, {len(free)} free")
+        too_long = [len(p) for p in prompts if not 0 < len(p) < self.max_len]
+        if too_long:
+            raise ValueError(f"prompt of {too_long[0]} tokens does not fit max_len={self.max_len}")
+        if seeds is not None and len(seeds) != n_rows:
+            raise ValueError(f"{len(seeds)} seeds for {n_rows} rows")
+        self.pool.check(sum(self.group_blocks(len(p), n) for p in prompts))
         groups = [free[i * n : (i + 1) * n] for i in range(len(prompts))]
-        heads = [g[0] for g in groups]
+        heads = [group[0] for group in groups]
+        for head, prompt in zip(heads, prompts):
+            self.slots[head].seq = list(prompt)
         self._reserve(heads, [len(p) for p in prompts])
-        logits = self._prefill(prompts, heads)  # (P, V)
-        for g in groups:
-            self._share(g[0], g[1:])
-        rows = [s for g in groups for s in g]
-        for r, key in zip(rows, seeds if seeds is not None else [None] * len(rows)):
-            key = ("admission", self.n_admitted) if key is None else key
-            self.slots[r].gen = torch.Generator(self.device).manual_seed(row_seed(self.seed, key))
+        logits = self._prefill(heads)  # (P, V)
+        for group in groups:
+            self._share(group[0], group[1:])
+        rows = [slot for group in groups for slot in group]
+        keys = seeds if seeds is not None else [None] * len(rows)
+        for slot, key in zip(rows, keys):
+            row = self.slots[slot]
+            if key is None:
+                key = ("admission", self.n_admitted)
+            row.gen = torch.Generator(self.device).manual_seed(row_seed(self.seed, key))
+            row.admitted = self.n_admitted
             self.n_admitted += 1
-        self._sample(rows, logits.repeat_interleave(n, dim=0), sampling)
+            self._start_turn(row, sampling)
+        self._sample(rows, logits.repeat_interleave(n, dim=0))
         return groups
 
     def append(self, slot: int, tokens: list[int], sampling: SamplingParams) -> None:
-        """Append forced tokens to a parked row (prefilled at its own offset); the row decodes a new turn."""
-        s = self.slots[slot]
-        if s.state != PARKED:
+        """Append forced tokens to a parked row (prefilled at its own offset); the row decodes a new turn. When the
+        pool cannot take them now, the row waits and step() prefills it once blocks free up."""
+        row = self.slots[slot]
+        if row.state != PARKED:
             raise RuntimeError(f"slot {slot} is not parked")
         self._check(sampling)
-        seq = ([s.pending] if s.pending is not None else []) + list(tokens)
-        if s.cached + len(seq) >= self.max_len:
+        forced = ([row.pending] if row.pending is not None else []) + list(tokens)
+        if len(row.seq) + len(forced) >= self.max_len:
             raise ValueError(f"slot {slot}: {self.length(slot)} + {len(tokens)} tokens exceed max_len={self.max_len}")
-        self._reserve([slot], [s.cached + len(seq)])
-        s.pending = None
-        self._sample([slot], self._prefill([seq], [slot]), sampling)
+        row.seq = row.seq + forced
+        row.pending = None
+        row.state = WAITING
+        row.new_turn = sampling
+        self._resume_waiting(may_evict=False)
 
     def _check(self, sampling: SamplingParams) -> None:
         if sampling.stop_strings and self.decode is None:  # never silently ignore a stop the caller asked for
             raise ValueError("stop_strings need the engine's `decode` (e.g. Engine(..., decode=tokenizer.decode))")
 
-    def _sample(self, rows: list[int], logits: torch.Tensor, new_turn: SamplingParams | None = None) -> None:
-        """Sample one token per row (the first of a new turn under `new_turn`), bring tokens and logprobs to the
-        host in one transfer, park rows that stop."""
+    def _resume_waiting(self, may_evict: bool) -> None:
+        """Prefill waiting rows, oldest first, while the free blocks cover them (may_evict: preempt parked rows to
+        make room for the oldest; the step does when nothing decodes, so a lone row always goes on). A row that
+        was appended to starts its new turn; a preempted row decodes on from its pending token."""
+        waiting = sorted((i for i, s in enumerate(self.slots) if s.state == WAITING),
+                         key=lambda i: self.slots[i].admitted)
+        chosen = []
+        free = self.pool.n_free
+        for slot in waiting:
+            row = self.slots[slot]
+            need = max(0, blocks_for(len(row.seq), self.block_size) - len(row.blocks))
+            while need > free and may_evict and not chosen:
+                victim = self._victim([], keep=slot)
+                if victim is None:
+                    break
+                self._evict(victim)
+                free = self.pool.n_free
+            if need > free:
+                break  # first come, first served: a later row does not jump ahead
+            chosen.append(slot)
+            free -= need
+        if not chosen:
+            return
+        self._reserve(chosen, [len(self.slots[slot].seq) for slot in chosen])
+        logits = self._prefill(chosen)  # (B, V)
+        turn_starts = [i for i, slot in enumerate(chosen) if self.slots[slot].new_turn is not None]
+        for slot in chosen:
+            row = self.slots[slot]
+            row.state = DECODING
+            if row.new_turn is not None:
+                self._start_turn(row, row.new_turn)
+                row.new_turn = None
+        if turn_starts:
+            self._sample([chosen[i] for i in turn_starts], logits[turn_starts])
+
+    # -------------------------------------------------------------------------------------------- prefill
+    @torch.no_grad()
+    def _prefill(self, slots: list[int]) -> torch.Tensor:
+        """Write each row's uncached tokens into its cache at its cursor (blocks reserved); return the last-token
+        logits (B, V)."""
+        seqs = [self.slots[slot].seq[self.slots[slot].cached :] for slot in slots]
+        starts = [self.slots[slot].cached for slot in slots]
+        out = []
+        start = 0
+        while start < len(seqs):
+            # Chunks bounded by a padded-token budget so a big batch of long prompts does not blow up activations,
+            # and by max_len: every row's pads must stay inside its block table (a resumed row at 0 next to an
+            # append at a high offset would push the append's pads past it).
+            end = start + 1
+            while end < len(seqs):
+                longest = max(map(len, seqs[start : end + 1]))
+                if longest * (end + 1 - start) > self.prefill_tokens:
+                    break
+                if max(starts[start : end + 1]) + longest > self.max_len:
+                    break
+                end += 1
+            out.append(self._prefill_chunk(seqs[start:end], slots[start:end]))
+            start = end
+        return torch.cat(out)  # (B, V)
+
+    def _prefill_chunk(self, chunk: list[list[int]], rows: list[int]) -> torch.Tensor:
+        """One forward over a ragged chunk of rows; returns each row's last-token logits (B, V)."""
+        width_tokens = max(len(seq) for seq in chunk)
+        # (submit and append have checked that every row fits max_len; _prefill that the pads do too)
+        starts = [self.slots[row].cached for row in rows]
+        padded = [list(seq) + [0] * (width_tokens - len(seq)) for seq in chunk]
+        tokens = torch.tensor(padded, device=self.device)  # (B, T)
+        # Right padding: pads take the positions after a row's own tokens, so its real tokens never see them;
+        # they write into the row's own last block or the scratch block (table entries past its end are 0).
+        offsets = torch.arange(width_tokens, device=self.device)
+        positions = torch.tensor(starts, device=self.device)[:, None] + offsets  # (B, T)
+        last = torch.tensor([len(seq) - 1 for seq in chunk], device=self.device)[:, None]  # (B, 1)
+        width = blocks_for(max(starts) + width_tokens, self.block_size)
+        table = self.pool.table[torch.tensor(rows, device=self.device), :width]  # (B, nb)
+        logits = self.model(tokens, positions=positions, cache=self.cache, block_table=table, logits_at=last)
+        for row, seq in zip(rows, chunk):
+            self.slots[row].cached += len(seq)
+        return logits[:, 0]  # (B, V)
+
+    # -------------------------------------------------------------------------------------------- sampling
+    def _start_turn(self, row: Slot, sampling: SamplingParams) -> None:
+        row.state = DECODING
+        row.sampling = sampling
+        row.tokens = []
+        row.logprobs = []
+
+    def _sample(self, rows: list[int], logits: torch.Tensor) -> None:
+        """Sample one token per row under its turn's settings, bring tokens and logprobs to the host in one
+        transfer, park rows that stop."""
         slots = [self.slots[r] for r in rows]
-        for s in slots if new_turn else []:
-            s.state, s.sampling, s.tokens, s.logprobs = DECODING, new_turn, [], []
-        toks, lps = sample(logits, [s.sampling for s in slots], [s.gen for s in slots])
-        both = torch.stack([toks.double(), lps.double()]).tolist()  # one host sync per step
-        for r, s, t, lp in zip(rows, slots, map(int, both[0]), both[1]):
-            s.pending = t
-            s.tokens.append(t)
-            s.logprobs.append(lp)
-            if reason := self._stop_reason(s, t):
-                s.state = PARKED
-                self._done.append(Finished(r, s.tokens, s.logprobs, reason))
+        tokens, logprobs = sample(logits, [s.sampling for s in slots], [s.gen for s in slots])
+        both = torch.stack([tokens.double(), logprobs.double()]).tolist()  # one host sync per step
+        for slot, row, token, logprob in zip(rows, slots, map(int, both[0]), both[1]):
+            row.pending = token
+            row.tokens.append(token)
+            row.logprobs.append(logprob)
+            reason = stop_reason(row.tokens, row.sampling, len(row.seq) + 1, self.max_len, self.decode, self._pieces)
+            if reason:
+                row.state = PARKED
+                self._done.append(Finished(slot, row.tokens, row.logprobs, reason))
 
-    def _stop_reason(self, s: Slot, t: int) -> str | None:
-        sp = s.sampling
-        if t in sp.stop_token_ids:
-            return "stop_token"
-        if sp.stop_strings:
-            # Decode only when t could complete a stop string: its text holds a stop string's last char (or is part
-            # of a multi-byte char, or a stop string ends in whitespace a tokenizer may strip from a lone token).
-            if (piece := self._pieces.get(t)) is None:
-                piece = self._pieces[t] = self.decode([t])
-            if "\ufffd" in piece or any(x[-1] in piece or x[-1].isspace() for x in sp.stop_strings):
-                tail = self.decode(s.tokens[-(max(map(len, sp.stop_strings)) + 2):])  # a token holds >= 1 char
-                if any(x in tail for x in sp.stop_strings):
-                    return "stop_string"
-        if len(s.tokens) >= sp.max_new_tokens:
-            return "length"
-        if s.cached + 1 >= self.max_len:  # the pending token needs the last cache position
-            return "context"
-        return None
-
+    # -------------------------------------------------------------------------------------------- decode
     @torch.no_grad()
     def step(self) -> list[Finished]:
-        """One decode step for all decoding rows; returns the rows that stopped (also those stopped at admission)."""
-        rows = [i for i, s in enumerate(self.slots) if s.state == DECODING]
+        """One decode step for all decoding rows (after resuming waiting rows the pool can take); returns the rows
+        that stopped (also those stopped at admission)."""
+        self._resume_waiting(may_evict=not self.n_decoding)
+        rows = self._make_room([i for i, s in enumerate(self.slots) if s.state == DECODING])
         if rows:
             self._decode(rows)
-        done, self._done = self._done, []
+        done = self._done
+        self._done = []
         return done
+
+    def _make_room(self, rows: list[int]) -> list[int]:
+        """Preempt rows until the pool covers every decoding row's next position; returns the rows that decode."""
+        while True:
+            need = sum(max(0, blocks_for(self.slots[r].cached + 1, self.block_size) - len(self.slots[r].blocks))
+                       for r in rows)
+            if need <= self.pool.n_free:
+                return rows
+            victim = self._victim(rows)
+            if victim is None:  # cannot happen: the pool holds a row at max_len, and one row is left
+                raise RuntimeError(f"no row to preempt for {need} blocks ({self.pool.n_free} free)")
+            self._evict(victim)
+            rows = [r for r in rows if r != victim]
 
     def _decode(self, rows: list[int]) -> None:
         """The decode forward over static buffers, eager or (cuda_graphs) a graph replay. A bucket's padding rows run
         on the scratch block (token 0 at position 0, a table of zeros), so they write and read nothing real."""
         slots = [self.slots[r] for r in rows]
         self._reserve(rows, [s.cached + 1 for s in slots])  # the pending token may open a new block
-        B, width = len(rows), max(len(s.blocks) for s in slots)
-        Bb, W = self._buckets(B, width) if self.cuda_graphs else (B, width)
-        st = self._static
-        # Logits go to the one static output, so a graph keeps no (Bb, V) tensor of its own alive.
-        run = lambda: st["out"][:Bb].copy_(self.model(  # noqa: E731
-            st["tok"][:Bb], positions=st["pos"][:Bb], cache=self.cache, block_table=st["table"][:Bb, :W])[:, -1])
-        if self.cuda_graphs and (Bb, W) not in self._graphs:
-            for v in st.values():  # the warm-up really runs: make it write to the scratch block only
-                v.zero_()
-            self._graphs[(Bb, W)] = self._capture(run)
-        for v in (st["tok"], st["pos"], st["table"]):
-            v[B:Bb].zero_()
-        st["tok"][:B, 0] = torch.tensor([s.pending for s in slots], device=self.device)
-        st["pos"][:B, 0] = torch.tensor([s.cached for s in slots], device=self.device)
-        st["table"][:B, :W] = self.table[torch.tensor(rows, device=self.device), :W]
-        (self._graphs[(Bb, W)].replay if self.cuda_graphs else run)()
-        for s in slots:
-            s.cached += 1
-        self._sample(rows, st["out"][:B])  # (B, V)
+        batch = len(rows)
+        width = max(len(s.blocks) for s in slots)
+        if self.cuda_graphs:
+            batch_bucket, width_bucket = self._buckets(batch, width)
+        else:
+            batch_bucket, width_bucket = batch, width
+        static = self._static
+        forward = functools.partial(self._decode_forward, batch_bucket, width_bucket)
+        if self.cuda_graphs and (batch_bucket, width_bucket) not in self._graphs:
+            for buffer in static.values():  # the warm-up really runs: make it write to the scratch block only
+                buffer.zero_()
+            self._graphs[(batch_bucket, width_bucket)] = self._capture(forward)
+        for name in ("tok", "pos", "table"):
+            static[name][batch:batch_bucket].zero_()
+        static["tok"][:batch, 0] = torch.tensor([s.pending for s in slots], device=self.device)
+        static["pos"][:batch, 0] = torch.tensor([s.cached for s in slots], device=self.device)
+        static["table"][:batch, :width_bucket] = self.pool.table[torch.tensor(rows, device=self.device), :width_bucket]
+        if self.cuda_graphs:
+            self._graphs[(batch_bucket, width_bucket)].replay()
+        else:
+            forward()
+        for row in slots:
+            row.seq.append(row.pending)
+            row.cached += 1
+        self._sample(rows, static["out"][:batch])  # (B, V)
 
-    def _buckets(self, B: int, width: int) -> tuple[int, int]:
+    def _decode_forward(self, batch: int, width: int) -> None:
+        """The decode forward on the first `batch` rows of the static buffers; logits go to the one static output,
+        so a graph keeps no (B, V) tensor of its own alive."""
+        static = self._static
+        logits = self.model(static["tok"][:batch], positions=static["pos"][:batch], cache=self.cache,
+                            block_table=static["table"][:batch, :width])
+        static["out"][:batch].copy_(logits[:, -1])
+
+    # -------------------------------------------------------------------------------------------- CUDA graphs
+    def _buckets(self, batch: int, width: int) -> tuple[int, int]:
         """Graph sizes: batch 1, 2, 4, 8, then multiples of 16; table width a power of two (<= max_blocks)."""
-        Bb = next(b for b in (1, 2, 4, 8) if b >= B) if B <= 8 else -(-B // 16) * 16
-        return Bb, min(self.max_blocks, 1 << (width - 1).bit_length())
+        if batch <= 8:
+            batch_bucket = next(b for b in (1, 2, 4, 8) if b >= batch)
+        else:
+            batch_bucket = blocks_for(batch, 16) * 16
+        return batch_bucket, min(self.max_blocks, 1 << (width - 1).bit_length())
 
-    def _capture(self, run):
-        """Warm `run` up on a side stream (lazy inits, cuBLAS workspaces), then capture it in a CUDA graph."""
+    def _capture(self, forward):
+        """Warm `forward` up on a side stream (lazy inits, cuBLAS workspaces), then capture it in a CUDA graph."""
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
-            run()
+            forward()
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):  # tool threads go on
-            run()
+        with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):  # tool threads go on
+            forward()
         return graph
 
 
@@ -408,21 +666,27 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: 
     """New token ids for each prompt (ending with the stop token when one was hit); continuous batching over
     `n_slots` rows (default: all prompts at once, at most 64). Prompt i samples from the stream keyed i, whatever
     n_slots is. engine_kw: Engine options (block_size, kv_tokens, cuda_graphs)."""
-    sp = SamplingParams(temperature, top_p, top_k, max_new_tokens, tuple(stop_token_ids), tuple(stop_strings))
+    sampling = SamplingParams(temperature, top_p, top_k, max_new_tokens, tuple(stop_token_ids), tuple(stop_strings))
     if not prompts:
         return []
     n_slots = n_slots or max(1, min(len(prompts), 64))
     max_len = max_len or max(len(p) for p in prompts) + max_new_tokens + 1
-    eng = Engine(model, n_slots, max_len, decode=decode, seed=seed, **engine_kw)
-    out, owner, queue = [None] * len(prompts), {}, list(range(len(prompts)))  # owner: slot -> prompt index
+    engine = Engine(model, n_slots, max_len, decode=decode, seed=seed, **engine_kw)
+    out = [None] * len(prompts)
+    owner = {}  # slot -> prompt index
+    queue = deque(range(len(prompts)))
     while queue or owner:
-        take, queue = queue[:eng.n_free], queue[eng.n_free:]
-        for i, g in zip(take, eng.submit_many([prompts[i] for i in take], sp, seeds=take) if take else []):
-            owner[g[0]] = i
-        for f in eng.step():
-            i = owner.pop(f.slot)
-            out[i] = (f.tokens, f.logprobs) if return_logprobs else f.tokens
-            eng.release(f.slot)
+        taken = []
+        while queue and engine.n_free > len(taken) and not engine.n_waiting:
+            taken.append(queue.popleft())
+        if taken:
+            groups = engine.submit_many([prompts[i] for i in taken], sampling, seeds=taken)
+            for prompt_index, group in zip(taken, groups):
+                owner[group[0]] = prompt_index
+        for finished in engine.step():
+            prompt_index = owner.pop(finished.slot)
+            out[prompt_index] = (finished.tokens, finished.logprobs) if return_logprobs else finished.tokens
+            engine.release(finished.slot)
     return out
 
 
@@ -478,6 +742,10 @@ class RolloutConfig:
     turn_prefixes: tuple | str = ()
     turn_prefix_every: str = ""        # forced text opening EVERY turn, before turn_prefixes[i] (reference: "<think>")
     example: str = ""                  # "question|query|answer": a worked example before the question (example_turns)
+    # decode through CUDA graphs (CUDA only). Off until the GPU test (test_cuda_graphs_match_eager) and the bench
+    # have passed on a device through the training path; build one engine per run (make_engine) so they are captured
+    # once, not per rollout
+    cuda_graphs: bool = False
 
 
 # ------------------------------------------------------------------------------------------------ prompt
@@ -530,13 +798,14 @@ def system_prompt(protocol: str, date: str | None = None, style: str = "referenc
 def render_prompt(tokenizer, question: str, protocol: str, date: str | None = None, style: str = "reference",
                   example: list[dict] = ()) -> list[int]:
     """Prompt token ids through the chat template: system, the example's turns, the question, the assistant header."""
-    sys_text, msgs = system_prompt(protocol, date, style), [*example, {"role": "user", "content": question}]
+    system_text = system_prompt(protocol, date, style)
+    messages = [*example, {"role": "user", "content": question}]
     try:
-        text = tokenizer.apply_chat_template([{"role": "system", "content": sys_text}, *msgs], tokenize=False,
+        text = tokenizer.apply_chat_template([{"role": "system", "content": system_text}, *messages], tokenize=False,
                                              add_generation_prompt=True)
     except Exception:  # noqa: BLE001  templates without a system role raise (jinja TemplateError): merge into user
-        msgs[0] = {"role": "user", "content": f"{sys_text}\n\nQuestion: {msgs[0]['content']}"}
-        text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        messages[0] = {"role": "user", "content": f"{system_text}\n\nQuestion: {messages[0]['content']}"}
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return tokenizer.encode(text, add_special_tokens=False)
 
 
@@ -544,12 +813,15 @@ def example_turns(example: str, protocol: str, session) -> list[dict]:
     """One worked example as chat turns, from "question|query|answer": the question, a search call, the real
     observation of that search (through the same browser, so it looks exactly like the ones the policy will see),
     and the answer. A format demonstration for small models; its question must not be one it is scored on."""
-    question, query, answer = (x.strip() for x in example.split("|"))
-    ask, reply = {"role": "user", "content": question}, {"role": "assistant", "content": f"<answer>{answer}</answer>"}
+    question, query, answer = (part.strip() for part in example.split("|"))
+    ask = {"role": "user", "content": question}
+    reply = {"role": "assistant", "content": f"<answer>{answer}</answer>"}
     if not query:  # a closed-book example: the question and its answer only
         return [ask, reply]
-    call = (f"<search>{query}</search>" if protocol == "tags" else
-            "<tool_call>" + json.dumps({"name": "web_search", "arguments": {"query": [query]}}) + "</tool_call>")
+    if protocol == "tags":
+        call = f"<search>{query}</search>"
+    else:
+        call = "<tool_call>" + json.dumps({"name": "web_search", "arguments": {"query": [query]}}) + "</tool_call>"
     return [ask, {"role": "assistant", "content": call},
             {"role": "user", "content": f"<tool_response>\n{session.web_search([query])}\n</tool_response>"}, reply]
 
@@ -565,23 +837,29 @@ class ObsFrame:
 
 
 def obs_frame(tokenizer) -> ObsFrame:
-    mark_a, mark_o = "\x00ASSISTANT\x00", "\x00OBSERVATION\x00"
+    assistant_mark = "\x00ASSISTANT\x00"
+    observation_mark = "\x00OBSERVATION\x00"
     role = "tool" if re.search(r"""['"]tool['"]""", tokenizer.chat_template or "") else "user"  # the template's own
-    msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": mark_a},
-            {"role": role, "content": mark_o}]
-    text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-    before, after = text[text.index(mark_a) + len(mark_a):].split(mark_o)
+    messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": assistant_mark},
+                {"role": role, "content": observation_mark}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    before, after = text[text.index(assistant_mark) + len(assistant_mark):].split(observation_mark)
     if "<tool_response>" not in before:  # templates without tool support: wrap it ourselves, like Qwen2.5 does
-        before, after = before + "<tool_response>\n", "\n</tool_response>" + after
-    enc = lambda s: tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
-    return ObsFrame(before, after, enc(before), enc(after))
+        before = before + "<tool_response>\n"
+        after = "\n</tool_response>" + after
+    before_ids = tokenizer.encode(before, add_special_tokens=False)
+    after_ids = tokenizer.encode(after, add_special_tokens=False)
+    return ObsFrame(before, after, before_ids, after_ids)
 
 
 def stop_token_ids(tokenizer) -> tuple[int, ...]:
     """eos plus the end-of-turn tokens chat models emit (Qwen2.5-Instruct stops on either of two)."""
     vocab = tokenizer.get_vocab()
-    ids = {vocab[t] for t in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>") if t in vocab}
-    return tuple(sorted(ids | ({tokenizer.eos_token_id} - {None})))  # a tokenizer may have no eos
+    names = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>")
+    ids = {vocab[name] for name in names if name in vocab}
+    if tokenizer.eos_token_id is not None:  # a tokenizer may have no eos
+        ids.add(tokenizer.eos_token_id)
+    return tuple(sorted(ids))
 
 
 # ------------------------------------------------------------------------------------------------ parsing
@@ -604,16 +882,19 @@ def parse_turn(text: str, protocol: str) -> Action:
     call or an answer), where the engine stopped the turn: the stop string can fire inside a token that carries more
     (SmolLM2 tokenises "</search>," as "</", "search", ">,"). An answer with no stop string hit (eos) still counts."""
     call_tags = ("tool_call",) if protocol == "dr" else ("search", "browse")
-    ends = [i + len(c) for c in (*(f"</{t}>" for t in call_tags), "</answer>") if (i := text.find(c)) >= 0]
+    closings = [f"</{tag}>" for tag in call_tags] + ["</answer>"]
+    ends = [text.find(closing) + len(closing) for closing in closings if closing in text]
     body = text[:min(ends)] if ends else text.rstrip()
     for tag in call_tags:
-        if body.endswith(close := f"</{tag}>"):
+        closing = f"</{tag}>"
+        if body.endswith(closing):
             start = body.rfind(f"<{tag}>")
             if start < 0:
-                return Action("bad_call", error=f"{close} without <{tag}>")
-            return _parse_call(tag, body[start + len(tag) + 2:len(body) - len(close)].strip())
-    if m := _ANSWER.search(body):
-        return Action("answer", answer=m.group(1).strip())
+                return Action("bad_call", error=f"{closing} without <{tag}>")
+            return _parse_call(tag, body[start + len(tag) + 2:len(body) - len(closing)].strip())
+    answer_match = _ANSWER.search(body)
+    if answer_match:
+        return Action("answer", answer=answer_match.group(1).strip())
     for tag in call_tags:
         if f"<{tag}>" in body:
             return Action("bad_call", error=f"<{tag}> is not closed")
@@ -626,199 +907,407 @@ def _parse_call(tag: str, inner: str) -> Action:
     if tag == "tool_call":
         try:
             call = json.loads(inner)
-        except json.JSONDecodeError as e:
-            return Action("bad_call", error=f"tool call is not valid JSON ({e.msg})")
+        except json.JSONDecodeError as error:
+            return Action("bad_call", error=f"tool call is not valid JSON ({error.msg})")
         if not isinstance(call, dict) or not isinstance(call.get("name"), str):
             return Action("bad_call", error='tool call must be {"name": ..., "arguments": {...}}')
-        name, arguments = call["name"], call.get("arguments")
+        name = call["name"]
+        arguments = call.get("arguments")
         if name not in ARG_KEY:
             return Action("bad_call", error=f"unknown tool '{name}' (use web_search or browse_webpage)")
         if not isinstance(arguments, dict):
             return Action("bad_call", tool=name, error=f"{name}: 'arguments' must be an object")
         value = arguments.get(ARG_KEY[name])
     else:
-        name, value = ("web_search" if tag == "search" else "browse_webpage"), inner.split("|")
-    key, value = ARG_KEY[name], [value] if isinstance(value, str) else value
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        name = "web_search" if tag == "search" else "browse_webpage"
+        value = inner.split("|")
+    key = ARG_KEY[name]
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
         return Action("bad_call", tool=name, error=f"{name}: '{key}' must be a list of strings")
-    value = [v.strip() for v in value if v.strip()]
-    return Action("call", tool=name, args={key: value}) if value else Action("bad_call", tool=name,
-                                                                             error=f"{name}: empty '{key}'")
+    value = [item.strip() for item in value if item.strip()]
+    if not value:
+        return Action("bad_call", tool=name, error=f"{name}: empty '{key}'")
+    return Action("call", tool=name, args={key: value})
 
 
 def bad_call_message(error: str, protocol: str) -> str:
     """The short observation a malformed call gets under on_bad_call='error_observation'."""
-    how = ('<tool_call>{"name": ..., "arguments": {...}}</tool_call>' if protocol == "dr"
-           else "<search>query</search> or <browse>url</browse>")
+    if protocol == "dr":
+        how = '<tool_call>{"name": ..., "arguments": {...}}</tool_call>'
+    else:
+        how = "<search>query</search> or <browse>url</browse>"
     return f"Error: {error}. Call a tool as {how}, or give the final answer as <answer>...</answer>."
 
 
 def run_tool(session, tool: str, args: dict) -> tuple[str, float, bool]:
     """Run one call on a browser session: (text, seconds, failed: a browse.Observation's `.failed`, the web's fault).
     Sessions should not raise; an exception anyway is a tool failure, so one row cannot take the rollout down."""
-    t0 = time.perf_counter()
+    started = time.perf_counter()
     try:
-        obs = session.web_search(args["query"]) if tool == "web_search" else session.browse_webpage(args["url_list"])
-        text, failed = str(obs), bool(getattr(obs, "failed", False))  # text: a plain str, JSON-safe in records
-    except Exception as e:  # noqa: BLE001
-        text, failed = f"Error: {tool} failed ({type(e).__name__}: {e})", True
-    return text, time.perf_counter() - t0, failed
+        if tool == "web_search":
+            observation = session.web_search(args["query"])
+        else:
+            observation = session.browse_webpage(args["url_list"])
+        text = str(observation)  # a plain str, JSON-safe in records
+        failed = bool(getattr(observation, "failed", False))
+    except Exception as error:  # noqa: BLE001
+        text = f"Error: {tool} failed ({type(error).__name__}: {error})"
+        failed = True
+    return text, time.perf_counter() - started, failed
 
 
-def _defang(text: str, specials: list[str]) -> str:
+def defang(text: str, specials: list[str]) -> str:
     """Web text that spells a control token (`<|im_end|>`) must not become that token: break it up."""
-    for s in filter(None, specials):
-        text = text.replace(s, s[:1] + " " + s[1:])
+    for special in filter(None, specials):
+        text = text.replace(special, special[:1] + " " + special[1:])
     return text
+
+
+# ------------------------------------------------------------------------------------------------ what a turn means
+OUTCOMES = ("answer", "tool_call", "bad_call", "max_turns", "context_limit", "format_error")
+
+
+@dataclass
+class Decision:
+    """What a finished turn means for its trajectory (see decide_turn)."""
+    outcome: str                     # one of OUTCOMES
+    action: Action                   # the parse of the turn's own text
+    end_reason: str | None           # the trajectory ends with this turn, for this reason (END_REASONS); None: goes on
+    turn_error: str | None           # recorded on the turn
+    observation: str | None = None   # a bad call answered with an error message: the text appended next
+    counts_bad_call: bool = False    # a malformed call the trajectory's stats count (n_bad_calls)
+
+
+def decide_turn(n_turns: int, text: str, stop: str, cfg: RolloutConfig) -> Decision:
+    """What a finished turn means, from the number of turns so far (this one included), the turn's text (its forced
+    prefix + what the policy wrote) and why the engine stopped it (Finished.reason). The order of the checks is the
+    rule: an answer counts even when the context ran out; a turn cut by the context ends the trajectory; neither a
+    call nor an answer is a format error; a malformed call ends it under on_bad_call="end"; a call after the last
+    turn is not run; a malformed call under "error_observation" is answered with an error message; else the call
+    runs."""
+    action = parse_turn(text, cfg.protocol)
+    if action.kind == "answer":
+        return Decision("answer", action, "answer", action.error)
+    if stop == "context":
+        return Decision("context_limit", action, "context_limit", "context budget exhausted while generating")
+    if action.kind == "none":
+        error = action.error
+        if stop == "length":
+            error = f"no tool call or answer within max_new_tokens={cfg.max_new_tokens}"
+        return Decision("format_error", action, "format_error", error)
+    is_bad_call = action.kind == "bad_call"
+    if is_bad_call and cfg.on_bad_call == "end":
+        return Decision("bad_call", action, "bad_call", action.error, counts_bad_call=True)
+    if n_turns >= cfg.max_turns:  # no turn left to read the observation: do not run the call
+        return Decision("max_turns", action, "max_turns", action.error, counts_bad_call=is_bad_call)
+    if is_bad_call:
+        message = bad_call_message(action.error, cfg.protocol)
+        return Decision("bad_call", action, None, action.error, observation=message, counts_bad_call=True)
+    return Decision("tool_call", action, None, action.error)
+
+
+# ------------------------------------------------------------------------------------------------ building a trajectory
+@dataclass
+class Framing:
+    """Everything the loop writes around the policy's own tokens, built once per rollout (make_framing)."""
+    cfg: RolloutConfig
+    tokenizer: object
+    sampling: SamplingParams          # what a turn samples under (stop tokens and strings of the protocol)
+    frame: ObsFrame                   # the chat frame around an observation
+    reopen: dict[int, list[int]]      # stop token -> the frame's opening after that token already closed the turn
+    prefixes: list[tuple[str, list[int]]]  # (text, ids) forced at the start of turn i; the last covers later turns
+    example: list[dict]               # the worked example's chat turns (example_turns), or none
+    specials: list[str]               # control tokens web text must not spell (defang)
+    decode_raw: object                # token ids -> text with special tokens (stop strings are checked on it)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def prefix(self, turn: int) -> tuple[str, list[int]]:
+        return self.prefixes[min(turn, len(self.prefixes) - 1)]
+
+
+def check_config(cfg: RolloutConfig) -> None:
+    if cfg.protocol not in STOP_STRINGS:
+        raise ValueError(f"protocol must be 'tags' or 'dr', got {cfg.protocol!r}")
+    if cfg.on_bad_call not in ("end", "error_observation"):
+        raise ValueError(f"on_bad_call must be 'end' or 'error_observation', got {cfg.on_bad_call!r}")
+
+
+def make_framing(tokenizer, browser, cfg: RolloutConfig) -> Framing:
+    check_config(cfg)
+    sampling = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
+                              stop_token_ids=stop_token_ids(tokenizer), stop_strings=STOP_STRINGS[cfg.protocol])
+    frame = obs_frame(tokenizer)
+    # after a turn that closed itself (its stop token is eos/<|im_end|>), the frame goes on without closing it twice
+    reopen = {}
+    for token in sampling.stop_token_ids:
+        closing = tokenizer.decode([token])
+        if frame.before.startswith(closing):
+            reopen[token] = tokenizer.encode(frame.before[len(closing):], add_special_tokens=False)
+    example = example_turns(cfg.example, cfg.protocol, browser.session("")) if cfg.example else []
+    if isinstance(cfg.turn_prefixes, str):
+        listed = cfg.turn_prefixes.split(",")
+    else:
+        listed = [str(text) for text in cfg.turn_prefixes]
+    # turn i opens with turn_prefix_every + turn_prefixes[i]; the last entry ("") covers every later turn
+    texts = [(cfg.turn_prefix_every or "") + text for text in [*listed, ""]]
+    prefixes = [(text, tokenizer.encode(text, add_special_tokens=False)) for text in texts]
+    specials = list(getattr(tokenizer, "all_special_tokens", []))
+    decode_raw = functools.partial(tokenizer.decode, skip_special_tokens=False)
+    return Framing(cfg, tokenizer, sampling, frame, reopen, prefixes, example, specials, decode_raw)
+
+
+def _extend(traj: Trajectory, tokens: list[int], logprobs: list[float] | None = None) -> None:
+    """Add sampled tokens (with their logprobs: loss mask 1) or forced ones (no logprobs: mask 0) to a trajectory."""
+    traj.tokens += tokens
+    traj.loss_mask += [int(logprobs is not None)] * len(tokens)
+    traj.logprobs += list(logprobs) if logprobs is not None else [0.0] * len(tokens)
+
+
+def start_trajectories(framing: Framing, question: str, group: int, n: int) -> list[Trajectory]:
+    """n trajectories of one question holding its prompt and the first turn's forced prefix (what the engine
+    prefills, once for the group); ended as context_limit at once when no turn fits after them."""
+    cfg = framing.cfg
+    prompt = render_prompt(framing.tokenizer, question, cfg.protocol, cfg.date, cfg.prompt, framing.example)
+    first = prompt + framing.prefix(0)[1]  # the first turn's forced prefix rides with the prompt's prefill
+    trajs = [Trajectory(question, group, prompt_len=len(prompt)) for _ in range(n)]
+    for traj in trajs:
+        _extend(traj, first)
+        if len(first) + cfg.min_turn_tokens > cfg.max_len:  # nothing to decode: never takes a slot
+            traj.end_reason = "context_limit"
+    return trajs
+
+
+def record_turn(framing: Framing, traj: Trajectory, tokens: list[int], logprobs: list[float], stop: str,
+                gen_s: float) -> Decision:
+    """Add a finished turn's sampled tokens and its Turn record to the trajectory; returns what the turn means."""
+    _extend(traj, tokens, logprobs)
+    text = framing.prefix(len(traj.turns))[0] + framing.tokenizer.decode(tokens, skip_special_tokens=True)
+    decision = decide_turn(len(traj.turns) + 1, text, stop, framing.cfg)
+    action = decision.action
+    traj.turns.append(Turn(text=text, tool=action.tool, args=action.args, observation=None, error=decision.turn_error,
+                           n_tokens=len(tokens), gen_s=gen_s, tool_s=0.0))
+    traj.stats["n_bad_calls"] += decision.counts_bad_call
+    if decision.outcome == "tool_call":
+        traj.stats["n_search" if action.tool == "web_search" else "n_browse"] += 1
+    return decision
+
+
+def record_tool_result(traj: Trajectory, text: str, seconds: float, failed: bool, wall_s: float) -> bool:
+    """Put a tool call's result on the last turn; a failed call (the web's fault, not the policy's) ends the
+    trajectory as tool_failure (the trainer keeps it out of the loss). Returns whether it ended."""
+    turn = traj.turns[-1]
+    turn.tool_s = seconds
+    if not failed:
+        return False
+    turn.observation = text
+    turn.error = "the tool failed (infrastructure)"
+    end_trajectory(traj, "tool_failure", wall_s)
+    return True
+
+
+def next_turn_tokens(framing: Framing, traj: Trajectory, observation: str, wall_s: float) -> list[int] | None:
+    """The forced tokens after a turn: the chat frame around the observation and the next turn's prefix. None when
+    they would leave no room for a turn: the trajectory then ends as context_limit."""
+    cfg = framing.cfg
+    traj.turns[-1].observation = observation
+    opening = framing.reopen.get(traj.tokens[-1], framing.frame.before_ids)
+    body = framing.encode(defang(observation, framing.specials))
+    forced = opening + body + framing.frame.after_ids + framing.prefix(len(traj.turns))[1]
+    if len(traj.tokens) + len(forced) + cfg.min_turn_tokens > cfg.max_len:
+        end_trajectory(traj, "context_limit", wall_s, error="observation does not fit in the context budget")
+        return None
+    return forced
+
+
+def end_trajectory(traj: Trajectory, end_reason: str, wall_s: float, answer: str | None = None,
+                   error: str | None = None) -> None:
+    if error:  # added to the turn's own error (a bad call's, say)
+        traj.turns[-1].error = "; ".join(filter(None, [traj.turns[-1].error, error]))
+    traj.end_reason = end_reason
+    traj.answer = answer
+    traj.stats.update(n_turns=len(traj.turns), wall_s=wall_s, gen_s=sum(turn.gen_s for turn in traj.turns),
+                      tool_s=sum(turn.tool_s for turn in traj.turns))
 
 
 # ------------------------------------------------------------------------------------------------ the loop
 @dataclass
-class _Row:
-    """Loop-side state of one live trajectory (slot -> _Row); its current turn is traj.turns[-1]."""
+class Row:
+    """One live trajectory of the loop (engine slot -> Row): its record, its browser session, its tool call."""
     traj: Trajectory
     session: object
-    t_start: float                     # when the trajectory was admitted
-    t_turn: float                      # when the current turn started decoding
+    started: float                    # when the trajectory was admitted
+    turn_started: float               # when the current turn started decoding
+    tool_call: Future | None = None   # the call in flight while the row waits on the web
 
 
-def _extend(t: Trajectory, tokens: list[int], logprobs: list[float] | None = None) -> None:
-    """Add sampled tokens (with their logprobs: loss mask 1) or forced ones (no logprobs: mask 0) to a trajectory."""
-    t.tokens += tokens
-    t.loss_mask += [int(logprobs is not None)] * len(tokens)
-    t.logprobs += list(logprobs) if logprobs is not None else [0.0] * len(tokens)
+def make_engine(model, tokenizer, cfg: RolloutConfig, seed: int = 0, n_rows: int | None = None) -> Engine:
+    """The engine rollout() runs on: cfg.n_slots rows (fewer when n_rows, one rollout's rows, is smaller) of up to
+    cfg.max_len tokens, CUDA graphs when cfg.cuda_graphs. Build one per run and pass it to every rollout(engine=...):
+    each rollout reseeds it with its own seed, so reuse changes no sampled token, and graphs are captured once."""
+    n_slots = cfg.n_slots if n_rows is None else min(cfg.n_slots, n_rows)
+    decode_raw = functools.partial(tokenizer.decode, skip_special_tokens=False)
+    return Engine(model, n_slots=n_slots, max_len=cfg.max_len, decode=decode_raw, seed=seed,
+                  cuda_graphs=cfg.cuda_graphs)
 
 
 def rollout(model, tokenizer, questions: list[str], browser, cfg: RolloutConfig, group_size: int = 1, seed: int = 0,
             *, engine=None) -> list[Trajectory]:
     """Run the agent on every question `group_size` times; returns trajectories question-major
     (question i's rows are [i*G, (i+1)*G), each with `group` = i: the caller scores them against its own gold
-    answers). `engine` overrides the Engine built here (tests, benchmarks)."""
-    if cfg.protocol not in STOP_STRINGS:
-        raise ValueError(f"protocol must be 'tags' or 'dr', got {cfg.protocol!r}")
-    if cfg.on_bad_call not in ("end", "error_observation"):
-        raise ValueError(f"on_bad_call must be 'end' or 'error_observation', got {cfg.on_bad_call!r}")
-    G = group_size
+    answers). `engine`: a reused engine (make_engine), or a stand-in (tests, benchmarks); None builds one here."""
+    framing = make_framing(tokenizer, browser, cfg)
+    if not questions:
+        return []
     if engine is None:
-        n_slots = min(cfg.n_slots, len(questions) * G)
-        if n_slots < G:
-            raise ValueError(f"n_slots={cfg.n_slots} cannot hold a group of {G}")
-        engine = Engine(model, n_slots=n_slots, max_len=cfg.max_len,
-                        decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=False), seed=seed)
-    sampling = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
-                              stop_token_ids=stop_token_ids(tokenizer), stop_strings=STOP_STRINGS[cfg.protocol])
-    enc = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
-    frame = obs_frame(tokenizer)
-    # after a turn that closed itself (its stop token is eos/<|im_end|>), the frame goes on without closing it twice
-    closed = {t: tokenizer.decode([t]) for t in sampling.stop_token_ids}
-    opening = {t: enc(frame.before[len(c):]) for t, c in closed.items() if frame.before.startswith(c)}
-    example = example_turns(cfg.example, cfg.protocol, browser.session("")) if cfg.example else []
-    tp = cfg.turn_prefixes.split(",") if isinstance(cfg.turn_prefixes, str) else list(map(str, cfg.turn_prefixes))
-    # turn i opens with turn_prefix_every + turn_prefixes[i]; the last entry covers every later turn
-    prefixes = [(p, enc(p)) for p in ((cfg.turn_prefix_every or "") + p for p in [*tp, ""])]
-    prefix = lambda i: prefixes[min(i, len(prefixes) - 1)]  # noqa: E731  (text, ids)
-    specials = list(getattr(tokenizer, "all_special_tokens", []))
-    out: list[Trajectory | None] = [None] * (len(questions) * G)
-    queue = deque(range(len(questions)))
-    rows: dict[int, _Row] = {}
-    futures: dict[Future, int] = {}   # tool call in flight -> slot
-
-    def finish(slot: int, end_reason: str, answer: str | None = None, error: str | None = None) -> None:
-        row = rows.pop(slot)
-        engine.release(slot)
-        t = row.traj
-        if error:  # added to the turn's own error (a bad call's, say)
-            t.turns[-1].error = "; ".join(filter(None, [t.turns[-1].error, error]))
-        t.end_reason, t.answer = end_reason, answer
-        t.stats.update(n_turns=len(t.turns), wall_s=time.perf_counter() - row.t_start,
-                       gen_s=sum(x.gen_s for x in t.turns), tool_s=sum(x.tool_s for x in t.turns))
-
-    def resume(slot: int, observation: str) -> None:
-        """Append the forced observation tokens to the parked row, or end it when they would not fit."""
-        t = rows[slot].traj
-        t.turns[-1].observation = observation
-        forced = (opening.get(t.tokens[-1], frame.before_ids) + enc(_defang(observation, specials))
-                  + frame.after_ids + prefix(len(t.turns))[1])
-        if len(t.tokens) + len(forced) + cfg.min_turn_tokens > cfg.max_len:
-            return finish(slot, "context_limit", error="observation does not fit in the context budget")
+        engine = make_engine(model, tokenizer, cfg, seed, n_rows=len(questions) * group_size)
+    if engine.n_slots < group_size:
+        raise ValueError(f"the engine has {engine.n_slots} slots, a group needs {group_size}: raise n_slots")
+    engine.reseed(seed)  # every row's random stream is keyed by this rollout's seed, whatever engine runs it
+    trajs = [traj for index, question in enumerate(questions)
+             for traj in start_trajectories(framing, question, index, group_size)]
+    queue = deque(index for index in range(len(questions)) if not trajs[index * group_size].end_reason)
+    rows: dict[int, Row] = {}
+    with ThreadPoolExecutor(max_workers=cfg.tool_threads, thread_name_prefix="tool") as tool_pool:
         try:
-            engine.append(slot, forced, sampling)
-        except (RuntimeError, ValueError) as e:  # the engine refused the row: end it, keep the others going
-            return finish(slot, "engine_error", error=f"engine: {type(e).__name__}: {e}")
-        _extend(t, forced)
-        rows[slot].t_turn = time.perf_counter()
+            while queue or rows:
+                # admission: whole groups, while the engine has slots and blocks for a prompt and a turn
+                while queue and engine.can_admit(len(trajs[queue[0] * group_size].tokens), group_size,
+                                                 cfg.max_new_tokens):
+                    index = queue.popleft()
+                    group = trajs[index * group_size : (index + 1) * group_size]
+                    rows.update(admit_group(engine, framing, browser, group, seed))
+                if queue and not rows:
+                    raise RuntimeError(f"an empty engine cannot take a group of {group_size}: {engine.n_free} free "
+                                       f"slots; raise n_slots or the KV pool (kv_tokens)")
+                # A live row decodes, waits on a tool, or stopped on the first token that submit()/append() sampled:
+                # the engine queued it as done, and step() returns it (with no forward when no row decodes).
+                if any(row.tool_call is None for row in rows.values()):
+                    finished_turns = engine.step()
+                    for finished in finished_turns:
+                        if on_turn_end(engine, framing, rows[finished.slot], finished, tool_pool):
+                            close_row(engine, rows, finished.slot)
+                    if not finished_turns and not engine.n_decoding:  # a row is unaccounted for: fail, not spin
+                        raise RuntimeError(f"rows {sorted(rows)} are neither decoding nor waiting on a tool")
+                else:  # every live row waits on the web: block until one call returns
+                    wait([row.tool_call for row in rows.values()], return_when=FIRST_COMPLETED)
+                for slot in [slot for slot, row in rows.items() if row.tool_call is not None and row.tool_call.done()]:
+                    if on_tool_done(engine, framing, rows[slot], slot):
+                        close_row(engine, rows, slot)
+        finally:
+            for slot in list(rows):  # an error leaves no slot taken: the engine takes the next rollout
+                close_row(engine, rows, slot)
+    return trajs
 
-    def on_finished(fin: Finished) -> None:
-        row = rows[fin.slot]
-        t = row.traj
-        _extend(t, fin.tokens, fin.logprobs)
-        text = prefix(len(t.turns))[0] + tokenizer.decode(fin.tokens, skip_special_tokens=True)
-        act = parse_turn(text, cfg.protocol)
-        turn = Turn(text=text, tool=act.tool, args=act.args, observation=None, error=act.error,
-                    n_tokens=len(fin.tokens), gen_s=time.perf_counter() - row.t_turn, tool_s=0.0)
-        t.turns.append(turn)
-        if act.kind == "answer":
-            return finish(fin.slot, "answer", act.answer)
-        if fin.reason == "context":
-            turn.error = "context budget exhausted while generating"
-            return finish(fin.slot, "context_limit")
-        if act.kind == "none":
-            if fin.reason == "length":
-                turn.error = f"no tool call or answer within max_new_tokens={cfg.max_new_tokens}"
-            return finish(fin.slot, "format_error")
-        t.stats["n_bad_calls"] += act.kind == "bad_call"
-        if act.kind == "bad_call" and cfg.on_bad_call == "end":
-            return finish(fin.slot, "bad_call")
-        if len(t.turns) >= cfg.max_turns:  # no turn left to read the observation: do not run the call
-            return finish(fin.slot, "max_turns")
-        if act.kind == "bad_call":
-            return resume(fin.slot, bad_call_message(act.error, cfg.protocol))
-        t.stats["n_search" if act.tool == "web_search" else "n_browse"] += 1
-        futures[pool.submit(run_tool, row.session, act.tool, act.args)] = fin.slot
 
-    def on_tool_done(fut: Future) -> None:
-        slot, (text, seconds, failed) = futures.pop(fut), fut.result()
-        turn = rows[slot].traj.turns[-1]
-        turn.tool_s = seconds
-        if failed:  # the web, not the policy, failed: end here (the trainer keeps it out of the loss)
-            turn.observation, turn.error = text, "the tool failed (infrastructure)"
-            return finish(slot, "tool_failure")
-        resume(slot, text)
+def admit_group(engine, framing: Framing, browser, group: list[Trajectory], seed: int) -> dict[int, Row]:
+    """Prefill a group's prompt once into len(group) slots. One random stream per trajectory, keyed (seed, question,
+    sample): the run is the same whatever order tool calls end in."""
+    seeds = [(seed, traj.group, sample_index) for sample_index, traj in enumerate(group)]
+    slots = engine.submit(group[0].tokens, framing.sampling, n=len(group), seeds=seeds)
+    now = time.perf_counter()
+    return {slot: Row(traj, browser.session(traj.question), now, now) for slot, traj in zip(slots, group)}
 
-    def admit() -> None:
-        """Queued questions take free slots, a whole group at a time (its prompt is prefilled once)."""
-        while queue and engine.n_free >= G:
-            qi = queue.popleft()
-            prompt = render_prompt(tokenizer, questions[qi], cfg.protocol, cfg.date, cfg.prompt, example)
-            first = prompt + prefix(0)[1]  # the first turn's forced prefix rides with the prompt's prefill
-            trajs = [Trajectory(questions[qi], qi, prompt_len=len(prompt)) for _ in range(G)]
-            out[qi * G : (qi + 1) * G] = trajs
-            for tr in trajs:
-                _extend(tr, first)
-            if len(first) + cfg.min_turn_tokens > cfg.max_len:  # nothing to decode: never occupy a slot
-                for tr in trajs:
-                    tr.end_reason = "context_limit"
-                continue
-            # one random stream per trajectory, keyed (seed, question, sample): same run whatever order calls end in
-            now = time.perf_counter()
-            for slot, tr in zip(engine.submit(first, sampling, n=G, seeds=[(seed, qi, g) for g in range(G)]), trajs):
-                rows[slot] = _Row(traj=tr, session=browser.session(questions[qi]), t_start=now, t_turn=now)
 
-    with ThreadPoolExecutor(max_workers=cfg.tool_threads, thread_name_prefix="tool") as pool:
-        while queue or rows:
-            admit()
-            if queue and not rows:
-                raise ValueError(f"the engine has {engine.n_free} free slots, a group needs {G}")
-            # A live row decodes, waits on a tool, or stopped on the first token that submit()/append() sampled:
-            # the engine queued it as done, and step() returns it (with no forward when no row decodes).
-            if engine.n_decoding or len(rows) > len(futures):
-                done = engine.step()
-                for fin in done:
-                    on_finished(fin)
-                if not done and not engine.n_decoding:  # a row is unaccounted for: fail rather than spin
-                    raise RuntimeError(f"rows {sorted(rows)} are neither decoding nor waiting on a tool")
-            elif futures:  # every live row waits on the web: block until one call returns
-                wait(list(futures), return_when=FIRST_COMPLETED)
-            for fut in [f for f in futures if f.done()]:
-                on_tool_done(fut)
-    return out
+def close_row(engine, rows: dict[int, Row], slot: int) -> None:
+    del rows[slot]
+    engine.release(slot)
+
+
+def on_turn_end(engine, framing: Framing, row: Row, finished: Finished, tool_pool) -> bool:
+    """A row's turn ended: record it and do what it means (end, run its call in the pool, or answer a bad call).
+    Returns whether the trajectory ended."""
+    gen_s = time.perf_counter() - row.turn_started
+    decision = record_turn(framing, row.traj, finished.tokens, finished.logprobs, finished.reason, gen_s)
+    if decision.end_reason:
+        end_trajectory(row.traj, decision.end_reason, time.perf_counter() - row.started, decision.action.answer)
+        return True
+    if decision.outcome == "tool_call":
+        row.tool_call = tool_pool.submit(run_tool, row.session, decision.action.tool, decision.action.args)
+        return False
+    return resume(engine, framing, row, finished.slot, decision.observation)
+
+
+def on_tool_done(engine, framing: Framing, row: Row, slot: int) -> bool:
+    """A row's tool call returned: record it and resume the row, or end it when the web failed."""
+    text, seconds, failed = row.tool_call.result()
+    row.tool_call = None
+    if record_tool_result(row.traj, text, seconds, failed, time.perf_counter() - row.started):
+        return True
+    return resume(engine, framing, row, slot, text)
+
+
+def resume(engine, framing: Framing, row: Row, slot: int, observation: str) -> bool:
+    """Append the observation's forced tokens to the parked row, which then decodes its next turn; or end it when
+    they do not fit, or the engine refuses them. Returns whether the trajectory ended."""
+    wall_s = time.perf_counter() - row.started
+    forced = next_turn_tokens(framing, row.traj, observation, wall_s)
+    if forced is None:
+        return True
+    try:
+        engine.append(slot, forced, framing.sampling)
+    except (RuntimeError, ValueError) as error:  # the engine refused the row: end it, keep the others going
+        end_trajectory(row.traj, "engine_error", wall_s, error=f"engine: {type(error).__name__}: {error}")
+        return True
+    _extend(row.traj, forced)
+    row.turn_started = time.perf_counter()
+    return False
+
+
+# ------------------------------------------------------------------------------------------------ scripted turns
+def scripted_trajectory(tokenizer, question: str, turn_texts: list[str], browser, cfg: RolloutConfig,
+                        group: int = 0) -> Trajectory:
+    """The trajectory a policy writing exactly `turn_texts` would get, with no model: the same prompt, forced
+    prefixes, observation frames, tool calls (through browser.session(question)), decisions and end reasons as
+    rollout(). turn_texts[i] is what the policy writes after turn i's forced prefix (the prefix is not part of it);
+    a text with no stop string ends with the end-of-turn token (eos), and a turn is cut where the engine would cut
+    it (max_new_tokens, the context). Its tokens get loss_mask 1 and logprob 0.0."""
+    framing = make_framing(tokenizer, browser, cfg)
+    traj = start_trajectories(framing, question, group, 1)[0]
+    if traj.end_reason:
+        return traj
+    session = browser.session(question)
+    started = time.perf_counter()
+    for text in turn_texts:
+        tokens, stop = scripted_turn(framing, traj, text)
+        decision = record_turn(framing, traj, tokens, [0.0] * len(tokens), stop, gen_s=0.0)
+        if decision.end_reason:
+            end_trajectory(traj, decision.end_reason, time.perf_counter() - started, decision.action.answer)
+            return traj
+        observation = decision.observation
+        if decision.outcome == "tool_call":
+            observation, seconds, failed = run_tool(session, decision.action.tool, decision.action.args)
+            if record_tool_result(traj, observation, seconds, failed, time.perf_counter() - started):
+                return traj
+        forced = next_turn_tokens(framing, traj, observation, time.perf_counter() - started)
+        if forced is None:
+            return traj
+        _extend(traj, forced)
+    raise ValueError(f"the trajectory goes on after the {len(turn_texts)} turn texts given: end the script with an "
+                     f"answer (or a turn with neither a call nor an answer)")
+
+
+def end_of_turn_token(framing: Framing) -> int:
+    """The token a policy ends a turn with when it writes no stop string: eos when it is a stop token, else the
+    first stop token."""
+    stop_ids = framing.sampling.stop_token_ids
+    if not stop_ids:
+        raise ValueError("the tokenizer has no stop token to end a scripted turn with")
+    eos = framing.tokenizer.eos_token_id
+    return eos if eos in stop_ids else stop_ids[0]
+
+
+def scripted_turn(framing: Framing, traj: Trajectory, text: str) -> tuple[list[int], str]:
+    """The tokens a policy writing `text` (then its end-of-turn token) samples, cut where the engine stops the turn,
+    and why it stops (Finished.reason)."""
+    written = framing.encode(text) + [end_of_turn_token(framing)]
+    for count in range(1, len(written) + 1):
+        tokens = written[:count]
+        reason = stop_reason(tokens, framing.sampling, len(traj.tokens) + count, framing.cfg.max_len,
+                             framing.decode_raw)
+        if reason:
+            return tokens, reason
+    raise AssertionError("the end-of-turn token is a stop token")  # unreachable: stop_reason stops on it

@@ -180,6 +180,16 @@ class TimedEngine:
     n_free = property(lambda self: self.e.n_free)
     n_decoding = property(lambda self: self.e.n_decoding)
 
+    @property
+    def n_slots(self):
+        return self.e.n_slots
+
+    def can_admit(self, *a, **kw):
+        return self.e.can_admit(*a, **kw)
+
+    def reseed(self, seed):
+        self.e.reseed(seed)
+
     def submit(self, *a, **kw):
         return self._timed(self.e.submit, *a, **kw)
 

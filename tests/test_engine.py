@@ -29,7 +29,7 @@ import torch
 
 from conftest import make_tiny_checkpoint
 from model import Transformer
-from rollout import FREE, PARKED, Engine, SamplingParams, generate, memory_check
+from rollout import FREE, PARKED, WAITING, Engine, SamplingParams, generate, memory_check
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=10)
 LENGTHS = (5, 17, 9, 30, 1, 12)  # ragged prompts; 1 = a single-token prompt
@@ -573,11 +573,13 @@ def check_blocks(eng: Engine) -> None:
 
 def test_block_accounting_no_leak(model):
     """Thousands of random submit (groups too) / append / step / release operations on a pool small enough to run
-    out: the books always balance, a pool error changes nothing, and at the end every block is free again."""
+    out: the books always balance, a pool error at submit changes nothing, decode preempts instead of failing, and
+    at the end every block is free again."""
     rng = random.Random(0)
     eng = Engine(model, n_slots=6, max_len=48, block_size=4, kv_tokens=96)  # 24 blocks for 6 x 12 possible
     sp = SamplingParams(temperature=0.0, max_new_tokens=3)
     errors = Counter()
+    preempted = 0
     for _ in range(3000):
         op = rng.random()
         parked = [i for i, s in enumerate(eng.slots) if s.state == PARKED]
@@ -597,26 +599,52 @@ def test_block_accounting_no_leak(model):
         except RuntimeError as e:
             assert "pool exhausted" in str(e)
             errors[str(e).split(":")[1].split(",")[0]] += 1
+        preempted += sum(s.state == WAITING and not s.blocks for s in eng.slots)
         check_blocks(eng)
     for i in range(eng.n_slots):
         eng.release(i)
     check_blocks(eng)
     assert len(eng.free_blocks) == eng.cache.n_blocks - 1 == 24
-    assert sum(errors.values()) > 10, errors  # the pool did run out, at submit and in decode
+    assert sum(errors.values()) > 10, errors  # the pool did run out at submit ...
+    assert preempted > 10  # ... and rows were preempted (not failed) in decode and append
 
 
-def test_pool_exhaustion_is_a_clear_error(model):
-    eng = Engine(model, n_slots=3, max_len=64, block_size=8, kv_tokens=32)  # 4 blocks of 8 tokens
-    with pytest.raises(RuntimeError, match=r"pool exhausted: 5 blocks asked, 4 free of 4 \(8 tokens each\)"):
-        eng.submit(list(range(3, 43)), GREEDY)  # 40 tokens
-    assert eng.n_free == 3 and len(eng.free_blocks) == 4  # nothing was taken
-    prompt = make_prompts((16,), seed=23)[0]
-    a = eng.submit(prompt, SamplingParams(temperature=0.0, max_new_tokens=10))[0]  # 2 blocks each
-    b = eng.submit(prompt, SamplingParams(temperature=0.0, max_new_tokens=10))[0]
-    with pytest.raises(RuntimeError, match="2 blocks asked, 0 free"):  # position 16 opens a third block per row
-        eng.step()
+def test_pool_exhaustion_preempts_and_resumes_exactly(model):
+    """Two greedy rows that outgrow a pool of one row's size: the newest is preempted (its blocks freed), resumed
+    by re-prefilling its exact tokens once the other is parked, and both decode exactly what they decode alone. A
+    group too big for the pool at submit is still a clear error that changes nothing."""
+    eng = Engine(model, n_slots=3, max_len=64, block_size=8, kv_tokens=64)  # 8 blocks of 8 tokens: one row's worth
+    with pytest.raises(RuntimeError, match=r"pool exhausted: 10 blocks asked, 8 free of 8 \(8 tokens each\)"):
+        eng.submit(list(range(3, 63)), GREEDY, n=3)  # 60 tokens: 8 blocks, + 2 private copies of the last one
+    assert eng.n_free == 3 and len(eng.free_blocks) == 8  # nothing was taken
+    pa, pb = make_prompts((16, 12), seed=23)
+    sampling = SamplingParams(temperature=0.0, max_new_tokens=30)
+    a = eng.submit(pa, sampling)[0]
+    b = eng.submit(pb, sampling)[0]
+    done = {}
+    waited = False
+    for _ in range(200):
+        for finished in eng.step():
+            done[finished.slot] = finished
+        waited = waited or eng.slots[b].state == WAITING
+        check_blocks(eng)
+        if len(done) == 2:
+            break
+    assert waited and eng.slots[b].blocks and eng.n_decoding == 0  # b was preempted, then came back
+    assert done[a].tokens == argmax_loop(model, pa, 30)
+    assert done[b].tokens == argmax_loop(model, pb, 30)
+    assert eng.length(a) == 16 + 30 and eng.length(b) == 12 + 30
+    forced = make_prompts((5,), seed=24)[0]
+    eng.append(a, forced, SamplingParams(temperature=0.0, max_new_tokens=4))  # a was evicted to resume b
+    assert run(eng, [a])[a].tokens == argmax_loop(model, pa + done[a].tokens + forced, 4)
+    eng.release(a)
     eng.release(b)
-    assert run(eng, [a])[a].tokens == argmax_loop(model, prompt, 10)  # the row carries on, its cache intact
+    assert len(eng.free_blocks) == 8 and eng.n_free == 3
+
+
+def test_pool_smaller_than_a_row_fails_at_construction(model):
+    with pytest.raises(MemoryError, match="cannot hold one row of max_len=64"):
+        Engine(model, n_slots=2, max_len=64, block_size=8, kv_tokens=32)
 
 
 # ------------------------------------------------------------------------------------------------ same seed, same run

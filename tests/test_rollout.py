@@ -15,7 +15,8 @@ import pytest
 from rollout import Finished
 
 from reward import reward
-from rollout import RolloutConfig, obs_frame, parse_turn, render_prompt, rollout, system_prompt
+from rollout import (Decision, RolloutConfig, bad_call_message, decide_turn, obs_frame, parse_turn, render_prompt,
+                     rollout, scripted_trajectory, system_prompt)
 
 QWEN_TEMPLATE = (  # the parts of Qwen2.5-Instruct's template that matter here (system, tool role -> user turn)
     "{%- for message in messages %}"
@@ -47,8 +48,9 @@ class FakeEngine:
     engine emits its tokens one per step (eos appended when the text has no stop string). A policy returning
     None rambles until max_new_tokens."""
 
-    def __init__(self, tokenizer, policy, n_slots=8, max_len=4096):
+    def __init__(self, tokenizer, policy, n_slots=8, max_len=4096, end_token=None):
         self.tok, self.policy, self.n_slots, self.max_len = tokenizer, policy, n_slots, max_len
+        self.end_token = end_token  # appended to a text with no stop string (default: the first stop token)
         self.cache: dict[int, list[int]] = {}
         self.sampled: dict[int, list[int]] = {}      # positions in the row that were sampled
         self.rows: dict[int, dict] = {}              # decoding/parked state
@@ -67,6 +69,12 @@ class FakeEngine:
     def length(self, slot):
         return len(self.cache[slot])
 
+    def can_admit(self, prompt_len, n, new_tokens):
+        return self.n_free >= n
+
+    def reseed(self, seed):
+        pass
+
     def _start(self, slot, sampling):
         row = self.rows.setdefault(slot, {"turn": 0})
         text = self.policy(self.tok.decode(self.cache[slot]), row["turn"])
@@ -75,7 +83,7 @@ class FakeEngine:
         else:
             script = self.tok.encode(text, add_special_tokens=False)
             if not any(s in text for s in sampling.stop_strings):
-                script.append(sampling.stop_token_ids[0])
+                script.append(sampling.stop_token_ids[0] if self.end_token is None else self.end_token)
         row.update(script=script, k=0, new=[], lp=[], sampling=sampling, decoding=True)
 
     def submit(self, prompt, sampling, n=1, seeds=None):
@@ -605,3 +613,183 @@ def test_real_browser_outage_ends_every_trajectory_as_tool_failure(tiny_policy):
     assert len(trajs) == 4 and [t.end_reason for t in trajs] == ["tool_failure"] * 4, [t.turns for t in trajs]
     assert all(len(t.turns) == 1 and "failed: network" in t.turns[0].observation for t in trajs)
     assert browser.backend.stats["failed:network"] == 4
+
+
+# ------------------------------------------------------------------------------------------------ what a turn means
+
+DECIDE_CFG = RolloutConfig(max_turns=3, max_new_tokens=7, protocol="tags")
+
+
+@pytest.mark.parametrize("n_turns,text,stop,on_bad_call,want", [
+    # outcome, end reason (None: the trajectory goes on), turn error (a prefix of it), whether it counts a bad call
+    (1, "<answer>Paris</answer>", "stop_string", "end", ("answer", "answer", None, False)),
+    (1, "<answer>Paris</answer>", "context", "end", ("answer", "answer", None, False)),  # an answer still counts
+    (3, "<answer>Paris</answer>", "stop_string", "end", ("answer", "answer", None, False)),
+    (1, "<search>capital", "context", "end", ("context_limit", "context_limit", "context budget exhausted", False)),
+    (1, "I think so", "stop_token", "end", ("format_error", "format_error", "the turn has neither", False)),
+    (1, "I think so", "length", "end", ("format_error", "format_error", "no tool call or answer within "
+                                                                         "max_new_tokens=7", False)),
+    (1, "<search>capital", "stop_token", "end", ("bad_call", "bad_call", "<search> is not closed", True)),
+    (3, "<search>capital", "stop_token", "end", ("bad_call", "bad_call", "<search> is not closed", True)),
+    (1, "<search>capital", "stop_token", "error_observation", ("bad_call", None, "<search> is not closed", True)),
+    (3, "<search>capital", "stop_token", "error_observation", ("max_turns", "max_turns", "<search> is not", True)),
+    (2, "<search>capital of France</search>", "stop_string", "end", ("tool_call", None, None, False)),
+    (3, "<search>capital of France</search>", "stop_string", "end", ("max_turns", "max_turns", None, False)),
+])
+def test_decide_turn_every_outcome(n_turns, text, stop, on_bad_call, want):
+    """decide_turn, called directly: each outcome, and the precedence among them (answer > context > format error
+    > bad call under "end" > out of turns > a bad call answered > a call that runs)."""
+    from dataclasses import replace
+
+    cfg = replace(DECIDE_CFG, on_bad_call=on_bad_call)
+    decision = decide_turn(n_turns, text, stop, cfg)
+    assert isinstance(decision, Decision)
+    outcome, end_reason, error, counts = want
+    assert (decision.outcome, decision.end_reason, decision.counts_bad_call) == (outcome, end_reason, counts)
+    assert decision.turn_error == error if error is None else decision.turn_error.startswith(error)
+    if outcome == "answer":
+        assert decision.action.answer == "Paris"
+    if outcome == "tool_call":
+        assert decision.action.args == {"query": ["capital of France"]} and decision.observation is None
+    if outcome == "bad_call" and end_reason is None:  # answered: the error message is the next observation
+        assert decision.observation == bad_call_message("<search> is not closed", "tags")
+    else:
+        assert decision.observation is None
+
+
+# ------------------------------------------------------------------------------------------------ KV pool exhaustion
+
+def _pool_engine(model, tok, cfg, kv_tokens):
+    from functools import partial
+
+    from rollout import Engine
+
+    decode_raw = partial(tok.decode, skip_special_tokens=False)
+    return Engine(model, n_slots=cfg.n_slots, max_len=cfg.max_len, decode=decode_raw, kv_tokens=kv_tokens)
+
+
+POOL_CFG = RolloutConfig(max_new_tokens=16, max_len=320, n_slots=6, date="2026-11-24", prompt="short",
+                         temperature=0.0, max_turns=3, turn_prefixes="<search>capital</search>,<search>city</search>")
+
+
+def test_rollout_over_a_pool_too_small_preempts_and_matches_a_large_pool(tiny_policy):
+    """Six greedy rows whose trajectories together need about three times the KV pool (which holds one row at
+    max_len): rows are preempted and resumed by re-prefilling their exact tokens, every trajectory finishes with the
+    same tokens as on a large pool, and the same engine then takes the next rollout. (The engine used to raise
+    "pool exhausted" from inside step() and keep its slots.)"""
+    import torch
+
+    model, tok = tiny_policy
+    questions = ["Who?", "Where is it?", "When?"]
+    with torch.no_grad():
+        large = rollout(model, tok, questions, FakeBrowser(), POOL_CFG, group_size=2, seed=1)
+        small_engine = _pool_engine(model, tok, POOL_CFG, kv_tokens=POOL_CFG.max_len)
+        small = rollout(model, tok, questions, FakeBrowser(), POOL_CFG, group_size=2, seed=1, engine=small_engine)
+        assert sum(len(t.tokens) for t in large) > 2 * POOL_CFG.max_len  # the rows did outgrow the pool
+        assert all(len(t.turns) == 3 for t in large)  # two observations appended to every row
+        for want, got in zip(large, small):
+            assert got.tokens == want.tokens and got.loss_mask == want.loss_mask
+            assert got.end_reason == want.end_reason
+        assert small_engine.n_free == small_engine.n_slots
+        assert len(small_engine.free_blocks) == small_engine.cache.n_blocks - 1
+        again = rollout(model, tok, questions[::-1], FakeBrowser(), POOL_CFG, group_size=2, seed=1,
+                        engine=small_engine)
+    assert [t.tokens for t in again] == [t.tokens for t in large[4:] + large[2:4] + large[:2]]
+
+
+def test_engine_is_usable_after_a_failed_rollout(tiny_policy):
+    """A forward that raises in the middle of a rollout: the error reaches the caller, no slot or block stays
+    taken, and the same engine then runs the rollout exactly as a fresh one."""
+    import torch
+
+    model, tok = tiny_policy
+
+    class Breaks(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner, self.config, self.calls, self.break_at = model, model.config, 0, 5
+
+        def forward(self, *args, **kwargs):
+            self.calls += 1
+            if self.calls == self.break_at:
+                raise RuntimeError("device lost")
+            return self.inner(*args, **kwargs)
+
+    policy = Breaks()
+    engine = _pool_engine(policy, tok, POOL_CFG, kv_tokens=None)
+    with torch.no_grad():
+        with pytest.raises(RuntimeError, match="device lost"):
+            rollout(policy, tok, ["Who?", "Where?"], FakeBrowser(), POOL_CFG, group_size=2, engine=engine)
+        assert engine.n_free == engine.n_slots and len(engine.free_blocks) == engine.cache.n_blocks - 1
+        again = rollout(policy, tok, ["Who?", "Where?"], FakeBrowser(), POOL_CFG, group_size=2, engine=engine)
+        fresh = rollout(model, tok, ["Who?", "Where?"], FakeBrowser(), POOL_CFG, group_size=2)
+    assert [t.tokens for t in again] == [t.tokens for t in fresh]
+
+
+def test_reused_engine_samples_what_a_fresh_one_does(tiny_policy):
+    """make_engine once, then rollouts with different seeds (temperature 1): each gives the tokens of a rollout that
+    built its own engine, so train.py can keep one engine (and its CUDA graphs) for the whole run."""
+    import torch
+
+    from dataclasses import replace
+
+    from rollout import make_engine
+
+    model, tok = tiny_policy
+    cfg = replace(POOL_CFG, temperature=1.0)
+    engine = make_engine(model, tok, cfg, seed=0)
+    with torch.no_grad():
+        for seed in (3, 4):
+            reused = rollout(model, tok, ["Who?", "Where?"], FakeBrowser(), cfg, group_size=2, seed=seed,
+                             engine=engine)
+            fresh = rollout(model, tok, ["Who?", "Where?"], FakeBrowser(), cfg, group_size=2, seed=seed)
+            assert [t.tokens for t in reused] == [t.tokens for t in fresh]
+
+
+# ------------------------------------------------------------------------------------------------ scripted turns
+
+SCRIPTS = {  # what the policy writes after the forced "<think>" of every turn: a call, a malformed call (answered
+    # with an error message), a browse of the last result, the answer
+    "tags": ["look</think><search>capital of France</search>", "oops</think><search>capital",
+             "read</think><browse>https://example.org/2</browse>", "done</think><answer>Paris</answer>"],
+    "dr": ['look</think><tool_call>{"name": "web_search", "arguments": {"query": ["capital of France"]}}</tool_call>',
+           "oops</think><tool_call>{", 'read</think><tool_call>{"name": "browse_webpage", "arguments": {"url_list": '
+           '["https://example.org/2"]}}</tool_call>', "done</think><answer>Paris</answer>"],
+}
+
+
+@pytest.mark.parametrize("protocol", ["tags", "dr"])
+def test_scripted_trajectory_is_the_rollout_of_a_policy_writing_it(tok, protocol):
+    """A policy that happens to write the script (the fake engine samples exactly its tokens): rollout() and
+    scripted_trajectory give the same tokens, loss mask, turns, observations, stats and end."""
+    script = SCRIPTS[protocol]
+    cfg = RolloutConfig(date="2026-11-24", protocol=protocol, turn_prefix_every="<think>", max_turns=5)
+    engine = FakeEngine(tok, lambda ctx, turn: script[turn], end_token=tok.eos_token_id)
+    question = "What is the capital of France?"
+    (rolled,) = rollout(None, tok, [question], FakeBrowser(), cfg, engine=engine)
+    browser = FakeBrowser()
+    scripted = scripted_trajectory(tok, question, script, browser, cfg, group=0)
+    assert rolled.end_reason == "answer" and rolled.answer == "Paris" and rolled.stats["n_bad_calls"] == 1
+    assert [t.tool for t in rolled.turns] == ["web_search", None, "browse_webpage", None]
+    assert scripted.tokens == rolled.tokens and scripted.loss_mask == rolled.loss_mask
+    assert scripted.prompt_len == rolled.prompt_len and (scripted.end_reason, scripted.answer) == ("answer", "Paris")
+    for mine, theirs in zip(scripted.turns, rolled.turns):
+        assert (mine.text, mine.tool, mine.args, mine.observation, mine.error, mine.n_tokens) == (
+            theirs.text, theirs.tool, theirs.args, theirs.observation, theirs.error, theirs.n_tokens)
+    for key in ("n_search", "n_browse", "n_bad_calls", "n_turns"):
+        assert scripted.stats[key] == rolled.stats[key]
+    assert all(lp == 0.0 for lp in scripted.logprobs) and [c[0] for c in browser.calls] == ["search", "browse"]
+
+
+def test_scripted_trajectory_cuts_and_ends_like_the_engine(tok):
+    cfg = RolloutConfig(date="2026-11-24", max_new_tokens=5, max_turns=2)
+    rambling = scripted_trajectory(tok, "Who?", ["one two three four five six seven eight"], FakeBrowser(), cfg)
+    assert rambling.end_reason == "format_error" and rambling.turns[0].n_tokens == 5 == sum(rambling.loss_mask)
+    assert "max_new_tokens=5" in rambling.turns[0].error
+    cfg = RolloutConfig(date="2026-11-24", max_new_tokens=16, max_turns=2)
+    beyond = scripted_trajectory(tok, "Who?", ["<search>a</search> and more text", "<search>b</search>"],
+                                 FakeBrowser(), cfg)
+    assert beyond.end_reason == "max_turns" and beyond.turns[0].text == "<search>a</search>"  # cut at the stop
+    assert beyond.stats["n_search"] == 1  # the call after the last turn did not run
+    with pytest.raises(ValueError, match="goes on after the 1 turn texts"):
+        scripted_trajectory(tok, "Who?", ["<search>a</search>"], FakeBrowser(), cfg)
