@@ -7,6 +7,7 @@ import dataclasses
 import errno
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -78,14 +79,31 @@ def test_existing_run_is_refused_unless_resume_or_overwrite(tmp_path, tiny_qwen2
     use_agent(monkeypatch, fake_agent)
     out = tmp_path / "run"
     _main(_cfg(out, tiny_qwen2, steps=1))
-    printed = capsys.readouterr().out  # the end of a run says what to do next
-    assert f"{out / 'reward.png'}" in printed
+    printed = capsys.readouterr().out  # the start says what differs from the defaults; the end what to do next
+    assert "config: --preset" not in printed and f"--out_dir={out}" in printed and '"max_turns"' not in printed
+    assert f"{out / 'reward.png'}" in printed and "last dev F1 (greedy): " in printed
+    assert f"report: {out / 'report.html'}" in printed and (out / "report.html").exists()
     assert f"python eval.py --preset=offline --model={out / 'ckpt' / 'step_000001' / 'hf'}" in printed
     with pytest.raises(SystemExit, match=r"already holds a run .*--resume=True.*--out_dir=.*--overwrite=True"):
         _main(_cfg(out, tiny_qwen2, steps=1))
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1  # nothing appended
     _main(_cfg(out, tiny_qwen2, steps=1, overwrite=True))
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1  # the old run was wiped, not appended to
+
+
+def test_a_failing_report_does_not_lose_the_run(tmp_path, monkeypatch, capsys):
+    """report.py is optional and runs last: missing, it is skipped; failing, the run says so and ends normally."""
+    import types
+
+    def broken(folder):
+        raise RuntimeError("no tokenizer")
+
+    monkeypatch.setitem(sys.modules, "report", types.SimpleNamespace(write_report=broken))
+    assert train.write_report(tmp_path) is None
+    said = capsys.readouterr().err
+    assert "report.write_report failed (RuntimeError: no tokenizer); the run's files are intact" in said
+    monkeypatch.setitem(sys.modules, "report", None)  # `import report` raises ModuleNotFoundError
+    assert train.write_report(tmp_path) is None
 
 
 def test_disk_full_at_save_keeps_previous_checkpoint(tmp_path, tiny_qwen2, monkeypatch):
