@@ -609,7 +609,8 @@ class Engine:
         if self.cuda_graphs:
             batch_bucket, width_bucket = self._buckets(batch, width)
         else:
-            batch_bucket, width_bucket = batch, width
+            batch_bucket = batch
+            width_bucket = width
         static = self._static
         forward = functools.partial(self._decode_forward, batch_bucket, width_bucket)
         if self.cuda_graphs and (batch_bucket, width_bucket) not in self._graphs:
@@ -717,7 +718,7 @@ class Trajectory:
     turns: list[Turn] = field(default_factory=list)
     answer: str | None = None
     end_reason: str = ""           # one of END_REASONS (see the module docstring)
-    stats: dict = field(default_factory=lambda: dict(n_search=0, n_browse=0, n_bad_calls=0, n_turns=0))
+    stats: dict = field(default_factory=lambda: {"n_search": 0, "n_browse": 0, "n_bad_calls": 0, "n_turns": 0})
 
 
 END_REASONS = ("answer", "format_error", "bad_call", "max_turns", "context_limit", "tool_failure", "engine_error")
@@ -746,6 +747,10 @@ class RolloutConfig:
     # have passed on a device through the training path; build one engine per run (make_engine) so they are captured
     # once, not per rollout
     cuda_graphs: bool = False
+    # tokens the KV pool holds, all rows together (None: n_slots x max_len, capped on CUDA to what is free when the
+    # engine is built). Rows that outgrow it are preempted and resumed, not failed. An engine kept for a whole run
+    # (make_engine) should get an explicit budget on a GPU, so the training step keeps its memory
+    kv_tokens: int | None = None
 
 
 # ------------------------------------------------------------------------------------------------ prompt
@@ -1146,11 +1151,11 @@ class Row:
 
 def make_engine(model, tokenizer, cfg: RolloutConfig, seed: int = 0, n_rows: int | None = None) -> Engine:
     """The engine rollout() runs on: cfg.n_slots rows (fewer when n_rows, one rollout's rows, is smaller) of up to
-    cfg.max_len tokens, CUDA graphs when cfg.cuda_graphs. Build one per run and pass it to every rollout(engine=...):
+    cfg.max_len tokens, a pool of cfg.kv_tokens, CUDA graphs when cfg.cuda_graphs. Build one per run and pass it to every rollout(engine=...):
     each rollout reseeds it with its own seed, so reuse changes no sampled token, and graphs are captured once."""
     n_slots = cfg.n_slots if n_rows is None else min(cfg.n_slots, n_rows)
     decode_raw = functools.partial(tokenizer.decode, skip_special_tokens=False)
-    return Engine(model, n_slots=n_slots, max_len=cfg.max_len, decode=decode_raw, seed=seed,
+    return Engine(model, n_slots=n_slots, max_len=cfg.max_len, decode=decode_raw, seed=seed, kv_tokens=cfg.kv_tokens,
                   cuda_graphs=cfg.cuda_graphs)
 
 
