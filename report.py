@@ -422,10 +422,12 @@ def training_data(folder: Path, pieces: Pieces) -> dict:
 
 
 def eval_label(config: dict, run: dict) -> str:
-    """A baseline's name as a reader knows it: first_title, closed_book (model), or the model."""
+    """A baseline's name as a reader knows it: first_title, closed_book (model), or the model's short name."""
+    from eval import model_tag
+
     agent = config.get("agent") or run.get("agent") or "model"
-    model = config.get("model") or run.get("model") or "?"
-    return agent if agent == "first_title" else f"{agent} ({model})" if agent != "model" else f"model {model}"
+    model = model_tag(config.get("model") or run.get("model") or "?")
+    return agent if agent == "first_title" else f"{agent} ({model})" if agent != "model" else model
 
 
 def group_means(records: list[dict], ids: set) -> dict[str, tuple[float, int]]:

@@ -9,6 +9,7 @@ sampled token. They skip only when chromium is not installed (.ci/run installs i
 Run: python -m pytest -q tests/test_report.py
 """
 
+import dataclasses
 import json
 import shutil
 from html.parser import HTMLParser
@@ -88,19 +89,19 @@ def run_folder(tmp_path_factory, trajectories, tiny_qwen2, tok):
 
 
 def eval_folder(parent: Path, name: str, agent: str, model: str, trajectories, with_tokens: bool) -> Path:
+    """An eval.py out_dir with one record per question (eval.trajectory_record, scored as eval.py scores); without
+    tokens, the records look like the first_title baseline's (its trajectories hold no token ids)."""
     import eval as evaluation
 
     folder = parent / name
     folder.mkdir()
     records = []
-    for n, t in enumerate(trajectories[::2]):  # one trajectory per question, as an eval has
+    for n, traj in enumerate(trajectories[::2]):  # one trajectory per question, as an eval has
         question, gold, template = QUESTIONS[n]
-        rec = {"id": f"q{n}", "source": "offline_qa", "template": template, "question": question, "gold": gold,
-               "answer": t.answer if agent == "model" else "Oslo", "end_reason": t.end_reason,
-               "turns": [dict(x.__dict__) for x in t.turns], "stats": dict(t.stats), "n_tokens": len(t.tokens)}
-        if with_tokens:
-            rec.update(tokens=t.tokens, loss_mask=t.loss_mask, logprobs=[round(x, 4) for x in t.logprobs],
-                       prompt_len=t.prompt_len)
+        example = {"id": f"q{n}", "source": "offline_qa", "template": template, "question": question, "answers": gold}
+        if not with_tokens:
+            traj = dataclasses.replace(traj, tokens=[], loss_mask=[], logprobs=[], prompt_len=0)
+        rec = evaluation.trajectory_record(example, traj)
         rec["scores"] = evaluation.score_record(rec, "tags")
         records.append(rec)
     (folder / "trajectories.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
