@@ -403,9 +403,12 @@ class Engine:
 
     def can_admit(self, prompt_len: int, n: int, new_tokens: int) -> bool:
         """Whether n free slots and the free blocks cover a group's prompt plus one turn of new_tokens per row;
-        never while a preempted row waits (it goes first)."""
+        never while a preempted row waits (it goes first). An idle engine takes any group whose prompt fits: its
+        rows are preempted as they grow, so a pool smaller than a group's turn still runs it."""
         if self.n_free < n or self.n_waiting:
             return False
+        if self.n_free == self.n_slots:
+            return self.group_blocks(prompt_len, n) <= self.pool.n_free
         turn_end = min(prompt_len + new_tokens, self.max_len)
         shared = prompt_len // self.block_size  # full prompt blocks, held once for the group
         row_blocks = blocks_for(turn_end, self.block_size)
