@@ -1,8 +1,10 @@
 """Run a research agent over benchmark questions; write per-question trajectories and per-source metrics.
 
-- An agent (`--agent`): `model` (a checkpoint through rollout.py, greedy) and two baselines through the same harness:
-  `first_title` (no model: search the question, answer the first result's title) and `closed_book` (the model, no
-  tools, one turn). Data: the reference's parquet or our JSONL (data/prepare.py).
+- An agent (`--agent`): `model` (a checkpoint through rollout.py, greedy) and, through the same harness, prompt and
+  token framing: `closed_book` (the model, no tools, one turn) and two scripted agents with no model, `first_title`
+  (search the question, answer the first result's title: the shortcut a trained agent must beat) and `oracle` (one
+  search per supporting article, from the data's oracle_queries; answers the gold when its searches showed it: the
+  ceiling of this web, not a baseline). Data: the reference's parquet or our JSONL (data/prepare.py).
 - `<out_dir>/trajectories.jsonl` gets one line per question (turns, calls, observations, answer, scores) as each
   batch finishes. Resumable: done ids are skipped; `run.json` records what produced them (weights fingerprint, data
   hash, every setting that changes an answer) and a different run refuses to resume there. One folder per model.
@@ -45,7 +47,7 @@ import torch
 from transformers import AutoTokenizer
 
 # one config source: the agent's fields, the start-up checks and the process set-up are train.py's
-from train import DEEPRESEARCHER_AGENT, AgentConfig, barrier, setup_distributed, turn_records, validate, _is_dist
+from train import DEEPRESEARCHER_AGENT, AgentConfig, barrier, is_distributed, setup_distributed, turn_records, validate
 # the agent (module-level names: tests swap in fakes with monkeypatch.setattr(eval, "rollout", ...))
 from browse import BrowseConfig, Browser, WebError, chat_completion
 from data.config import parse_config, subconfig
@@ -53,8 +55,9 @@ from data.prepare import load_examples
 from data.wiki_corpus import default_corpus_path
 from data.models import resolve_model
 from model import Transformer
+from report import write_report
 from reward import em, normalize, reward, split_golds, squad_em, squad_f1
-from rollout import RolloutConfig, Trajectory, Turn, rollout
+from rollout import RolloutConfig, Trajectory, make_framing, rollout, scripted_trajectory, system_prompt
 
 ROOT = Path(__file__).resolve().parent
 
@@ -63,8 +66,9 @@ ROOT = Path(__file__).resolve().parent
 class Config(AgentConfig):
     """train.py's AgentConfig (the same fields and defaults: the embedded offline run) and what evaluation adds."""
     temperature: float = 0.0        # greedy, as the paper evaluates: eval's own default (training samples at 0.7)
-    agent: str = "model"            # model | first_title (no model: search the question, answer the first title)
-    #                                 | closed_book (the model answers with no tools, one turn)
+    agent: str = "model"            # model | closed_book (the model answers with no tools, one turn) | no model:
+    #                                 first_title (search the question, answer the first title) | oracle (searches
+    #                                 the supporting articles, answers the gold when it saw it: the ceiling)
     data: str = "data/qa_dev.jsonl"  # our offline dev set; the reference's parquet only when asked (--data=...)
     out_dir: str = "runs/eval-{model}"  # {model}: a short name of --model (or the agent), one folder per agent
     limit: int = 0                  # first N rows of the data file (0 = all), before sharding and resumption
@@ -78,6 +82,7 @@ class Config(AgentConfig):
     # runtime
     dtype: str = "auto"             # auto (bf16 on cuda, fp32 on cpu) | float32 | bfloat16
     score_only: bool = False
+    report: str = ""                # a training run's or an eval's folder: write its report.html and stop
 
 
 PRESETS: dict[str, dict] = {
@@ -154,8 +159,12 @@ def model_tag(model: str) -> str:
 
 def resolve_out_dir(cfg: Config) -> Config:
     """The config with `{model}` in out_dir filled in (an explicit --out_dir without it is used as given)."""
-    tag = model_tag(cfg.model) if cfg.agent == "model" else cfg.agent if cfg.agent == "first_title" else \
-        f"{cfg.agent}-{model_tag(cfg.model)}"
+    if cfg.agent == "model":
+        tag = model_tag(cfg.model)
+    elif cfg.agent in NO_MODEL_AGENTS:
+        tag = cfg.agent
+    else:
+        tag = f"{cfg.agent}-{model_tag(cfg.model)}"
     return replace(cfg, out_dir=cfg.out_dir.replace("{model}", tag))
 
 
@@ -171,15 +180,18 @@ def weights_sha256(model_path: str | None, head_bytes: int = 8 << 20) -> str | N
 
 
 def run_identity(cfg: Config, model_path: str | None, corpus: str | None) -> dict:
-    """What decides the trajectories of a question: the model's weights, the data, and every setting that changes
-    an answer. Resuming into a folder whose trajectories came from another identity would mix two runs."""
+    """What decides the trajectories of a question: the model's weights, the data, the system prompt as the policy
+    reads it, and every setting that changes an answer. Resuming into a folder whose trajectories came from another
+    identity would mix two runs. The date counts only where the prompt shows it (the reference prompt does, the
+    short one does not), so an offline eval resumed the next day is the same run."""
     # the agent's fields but those that cannot change an answer (device, engine width) or are recorded otherwise
-    keys = [f.name for f in fields(AgentConfig) if f.name not in ("model", "device", "n_slots", "date", "corpus",
-                                                                   "cache", "llm_base_url")] + ["agent", "dtype"]
+    skipped = ("model", "device", "n_slots", "date", "corpus", "cache", "llm_base_url", "cuda_graphs")
+    keys = [f.name for f in fields(AgentConfig) if f.name not in skipped] + ["agent", "dtype"]
+    prompt_text = system_prompt(cfg.protocol, cfg.date or None, cfg.prompt)
     return {"model": cfg.model, "model_path": str(Path(model_path).resolve()) if model_path else None,
             "weights_sha256": weights_sha256(model_path), "data_sha256": sha256_file(cfg.data),
-            "corpus": corpus, "date": cfg.date or _dt.date.today().isoformat(),
-            **{k: getattr(cfg, k) for k in keys}}
+            "corpus": corpus, "system_prompt_sha256": hashlib.sha256(prompt_text.encode()).hexdigest(),
+            **{key: getattr(cfg, key) for key in keys}}
 
 
 def check_same_run(out_dir: Path, identity: dict, n_done: int) -> None:
@@ -197,15 +209,46 @@ def check_same_run(out_dir: Path, identity: dict, n_done: int) -> None:
 
 # ----------------------------------------------------------------------------------------------- scoring
 
+RESULT_TITLE = re.compile(r"^\d+\. (.+)\n(?:https?://)", re.MULTILINE)  # "2. Apple Inc.\nhttp://..." in a search
+
+
+def search_queries(rec: dict) -> list[str]:
+    """Every query the agent searched, in order (calls that ran or were answered with an error alike)."""
+    queries = []
+    for turn in rec["turns"]:
+        if turn.get("tool") == "web_search" and turn.get("args"):
+            queries += [str(q) for q in turn["args"].get("query", [])]
+    return queries
+
+
+def behaviour(rec: dict, answer: str | None) -> dict:
+    """What the agent did, countable per question kind: did it search twice, did a later query name the bridge entity
+    (bridge questions only; None elsewhere), and is its answer the title of a result it was shown (the shortcut)."""
+    queries = search_queries(rec)
+    titles = [title for turn in rec["turns"] for title in RESULT_TITLE.findall(turn.get("observation") or "")]
+    bridge = normalize(rec.get("bridge") or "")
+    later_names_bridge = None
+    if bridge:
+        later_names_bridge = any(bridge in normalize(query) for query in queries[1:])
+    answer_is_title = bool(answer) and normalize(answer) in {normalize(title) for title in titles}
+    return {"n_queries": len(queries), "searched_twice": rec["stats"]["n_search"] >= 2,
+            "bridge_in_later_query": later_names_bridge, "answer_is_title": answer_is_title}
+
+
 def score_record(rec: dict, protocol: str | None = None) -> dict:
     """Scores from the policy's own turn texts and the gold answers (observations are never format-checked);
-    protocol "dr": every turn must close </think>, as in training (reward.format_ok)."""
-    r = reward([t["text"] for t in rec["turns"]], rec["gold"], protocol=protocol)
-    st = rec["stats"]  # calls that ran (a malformed call, or one after the last turn, did not)
-    return {"reward": r.score, "format_ok": r.format_ok, "format_reason": r.reason, "f1": r.f1, "em": r.em,
-            "squad_f1": squad_f1(r.answer, rec["gold"]) if r.format_ok else 0.0,  # format_ok: there is an answer
-            "squad_em": squad_em(r.answer, rec["gold"]) if r.format_ok else 0.0, "answer": r.answer,
-            "n_turns": len(rec["turns"]), "n_search": st["n_search"], "n_browse": st["n_browse"]}
+    protocol "dr": every turn must close </think>, as in training (reward.format_ok). Plus the behaviour counts."""
+    result = reward([turn["text"] for turn in rec["turns"]], rec["gold"], protocol=protocol)
+    stats = rec["stats"]  # calls that ran (a malformed call, or one after the last turn, did not)
+    squad_f1_score = 0.0
+    squad_em_score = 0.0
+    if result.format_ok:  # there is an answer
+        squad_f1_score = squad_f1(result.answer, rec["gold"])
+        squad_em_score = squad_em(result.answer, rec["gold"])
+    return {"reward": result.score, "format_ok": result.format_ok, "format_reason": result.reason, "f1": result.f1,
+            "em": result.em, "squad_f1": squad_f1_score, "squad_em": squad_em_score, "answer": result.answer,
+            "n_turns": len(rec["turns"]), "n_search": stats["n_search"], "n_browse": stats["n_browse"],
+            **behaviour(rec, result.answer if result.format_ok else None)}
 
 
 # ----------------------------------------------------------------------------------------------- the LLM judge (MBE)
@@ -316,44 +359,80 @@ def _mean(xs: list[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
-PERCENT = ("f1", "em", "squad_f1", "squad_em", "mbe", "format_error_rate")  # rates, shown as percentages
+def _share(flags: list) -> float | None:
+    """The share of True among the flags that apply (None = does not apply to this question)."""
+    return _mean([1.0 if flag else 0.0 for flag in flags if flag is not None])
+
+
+# rates, shown as percentages
+PERCENT = ("f1", "em", "squad_f1", "squad_em", "mbe", "format_error_rate", "searched_twice", "bridge_in_later_query",
+           "answer_is_title")
+
+
+def summary_row(scores: list[dict]) -> dict:
+    """One row of the summary: the scores' means, MBE over judged questions (unjudged ones counted, not guessed),
+    and the behaviour counts (searches per question, searching twice, the bridge entity in a later query, answers
+    that are a result's title). Records scored before the behaviour counts existed count as not applicable."""
+    row = {"n": len(scores)}
+    for key in ("f1", "em", "squad_f1", "squad_em"):
+        row[key] = _mean([x[key] for x in scores])
+    if any("mbe" in x for x in scores):
+        row["mbe"] = _mean([x["mbe"] for x in scores if x.get("mbe") is not None])
+        row["n_unjudged"] = sum("mbe" in x and x["mbe"] is None for x in scores)
+    row["mean_turns"] = _mean([x["n_turns"] for x in scores])
+    row["mean_tool_calls"] = _mean([x["n_search"] + x["n_browse"] for x in scores])
+    row["mean_search"] = _mean([x["n_search"] for x in scores])
+    row["mean_browse"] = _mean([x["n_browse"] for x in scores])
+    row["format_error_rate"] = _mean([0.0 if x["format_ok"] else 1.0 for x in scores])
+    row["searched_twice"] = _share([x.get("searched_twice") for x in scores])
+    row["bridge_in_later_query"] = _share([x.get("bridge_in_later_query") for x in scores])
+    row["answer_is_title"] = _share([x.get("answer_is_title") for x in scores])
+    return row
 
 
 def summarize(records: list[dict]) -> dict:
-    """Per-source, per-template (where the data has one) and overall metrics. MBE averages judged questions;
-    unjudged ones are counted, not guessed."""
+    """Per-source, per-template (where the data has one) and overall rows (summary_row)."""
     groups: dict[str, list[dict]] = defaultdict(list)
-    for r in records:
-        groups[r["source"]].append(r["scores"])
-        if r.get("template"):
-            groups[f"template: {r['template']}"].append(r["scores"])
-    out = {}
-    for name, s in [*sorted(groups.items()), ("overall", [r["scores"] for r in records])]:
-        row = {"n": len(s), **{k: _mean([x[k] for x in s]) for k in ("f1", "em", "squad_f1", "squad_em")}}
-        if any("mbe" in x for x in s):
-            row["mbe"] = _mean([x["mbe"] for x in s if x.get("mbe") is not None])
-            row["n_unjudged"] = sum("mbe" in x and x["mbe"] is None for x in s)
-        out[name] = {**row, "mean_turns": _mean([x["n_turns"] for x in s]),
-                     "mean_tool_calls": _mean([x["n_search"] + x["n_browse"] for x in s]),
-                     "mean_search": _mean([x["n_search"] for x in s]), "mean_browse": _mean([x["n_browse"] for x in s]),
-                     "format_error_rate": _mean([0.0 if x["format_ok"] else 1.0 for x in s])}
-    return out
+    for rec in records:
+        groups[rec["source"]].append(rec["scores"])
+        if rec.get("template"):
+            groups[f"template: {rec['template']}"].append(rec["scores"])
+    named = [*sorted(groups.items()), ("overall", [rec["scores"] for rec in records])]
+    return {name: summary_row(scores) for name, scores in named}
+
+
+SUMMARY_COLUMNS = [("n", "n"), ("f1", "F1 (ref)"), ("em", "EM"), ("squad_f1", "SQuAD-F1"), ("squad_em", "SQuAD-EM"),
+                   ("mbe", "MBE"), ("mean_turns", "turns"), ("mean_search", "searches"),
+                   ("mean_tool_calls", "tool calls"), ("searched_twice", "searched 2+"),
+                   ("bridge_in_later_query", "bridge in later query"), ("answer_is_title", "answer is a title"),
+                   ("format_error_rate", "format err")]
+
+
+def format_cell(key: str, value) -> str:
+    if value is None:
+        return "-"
+    if key == "n":
+        return str(value)
+    if key in PERCENT:
+        return f"{100 * value:.1f}"
+    return f"{value:.2f}"
 
 
 def render_md(summary: dict) -> str:
-    cols = [("n", "n"), ("f1", "F1 (ref)"), ("em", "EM"), ("squad_f1", "SQuAD-F1"), ("squad_em", "SQuAD-EM"),
-            ("mbe", "MBE"), ("mean_turns", "turns"), ("mean_tool_calls", "tool calls"),
-            ("format_error_rate", "format err")]
-    cols = [c for c in cols if c[0] != "mbe" or any("mbe" in row for row in summary["metrics"].values())]
-    lines = ["# Evaluation summary", "", "| source | " + " | ".join(c[1] for c in cols) + " |",
-             "|---|" + "---:|" * len(cols)]
-    for name, row in summary["metrics"].items():
-        cells = ["-" if row.get(k) is None else str(row[k]) if k == "n" else f"{100 * row[k]:.1f}" if k in PERCENT
-                 else f"{row[k]:.2f}" for k, _ in cols]
-        lines.append(f"| {'**overall**' if name == 'overall' else name} | " + " | ".join(cells) + " |")
-    lines += ["", "Scores are percentages. F1 (ref) is the reference's word-set F1 (articles kept), 0 on a format "
-              "error; SQuAD columns remove articles and count repeated words.", "", "## Run", ""]
-    lines += [f"- {k}: `{v}`" for k, v in summary["meta"].items() if k != "config"]
+    rows = summary["metrics"]
+    columns = [(key, title) for key, title in SUMMARY_COLUMNS
+               if key == "n" or any(row.get(key) is not None for row in rows.values())]
+    lines = ["# Evaluation summary", "", "| source | " + " | ".join(title for _, title in columns) + " |",
+             "|---|" + "---:|" * len(columns)]
+    for name, row in rows.items():
+        cells = [format_cell(key, row.get(key)) for key, _ in columns]
+        label = "**overall**" if name == "overall" else name
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", "Scores and shares are percentages. F1 (ref) is the reference's word-set F1 (articles kept), 0 on a "
+              "format error; SQuAD columns remove articles and count repeated words. `bridge in later query`: bridge "
+              "questions whose second or later query names the bridge entity; `answer is a title`: answers equal to "
+              "the title of a search result the agent was shown.", "", "## Run", ""]
+    lines += [f"- {key}: `{value}`" for key, value in summary["meta"].items() if key != "config"]
     return "\n".join(lines) + "\n"
 
 
@@ -389,15 +468,23 @@ def rescore(cfg: Config, out_dir: Path, meta: dict | None = None, ids: set[str] 
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     (out_dir / "summary.md").write_text(render_md(summary))
     print(render_md(summary).split("\n## Run")[0])
+    try:  # the scores are on disk already: a report that fails to render costs nothing but itself
+        print(f"report: {write_report(out_dir)}")
+    except Exception as e:  # noqa: BLE001
+        print(f"report: not written ({type(e).__name__}: {e}); retry with python eval.py --report={out_dir}")
     return summary
 
 
 # ----------------------------------------------------------------------------------------------- running the agent
 
 def trajectory_record(ex: dict, traj) -> dict:
+    """One line of trajectories.jsonl: the question, what the agent did and said, and the exact token stream (ids,
+    loss mask, sampled log-probs) that report.py shows token by token."""
     return {"id": ex["id"], "source": ex["source"], "template": ex.get("template", ""), "question": ex["question"],
-            "gold": ex["answers"], "answer": traj.answer, "end_reason": traj.end_reason, "turns": turn_records(traj),
-            "stats": dict(traj.stats), "n_tokens": len(traj.tokens), "prompt_len": traj.prompt_len}
+            "gold": ex["answers"], "bridge": ex.get("bridge", ""), "answer": traj.answer,
+            "end_reason": traj.end_reason, "turns": turn_records(traj), "stats": dict(traj.stats),
+            "n_tokens": len(traj.tokens), "prompt_len": traj.prompt_len, "tokens": list(traj.tokens),
+            "loss_mask": list(traj.loss_mask), "logprobs": [round(logp, 4) for logp in traj.logprobs]}
 
 
 def run_meta(cfg: Config, identity: dict, corpus: str | None) -> dict:
@@ -406,60 +493,128 @@ def run_meta(cfg: Config, identity: dict, corpus: str | None) -> dict:
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                                 timeout=10).stdout.strip() or None
-    return {**identity, "model": cfg.model if cfg.agent != "first_title" else None, "data": cfg.data,
+    return {**identity, "model": cfg.model if cfg.agent not in NO_MODEL_AGENTS else None, "data": cfg.data,
             "limit": cfg.limit, "sources": cfg.sources or "all", "cache": cfg.cache or None,
             "cache_sha256": sha256_file(cfg.cache), "corpus_sha256": sha256_file(corpus),
             "judge_model": cfg.judge_model if cfg.judge_base_url else None, "git_commit": commit,
             "finished_at": _dt.datetime.now().isoformat(timespec="seconds"), "config": asdict(cfg)}
 
 
-def first_title_rollout(model, tokenizer, questions, browser, cfg, group_size=1, seed=0) -> list:
-    """The no-model baseline (`--agent=first_title`): search the question as it is, answer the first result's title,
-    through the policy's own browser session, so the observation is recorded as for an agent."""
+# ----------------------------------------------------------------------------------------------- scripted agents
+
+def search_call(query: str, protocol: str) -> str:
+    """One web_search call, written as the policy writes it under `protocol`."""
+    if protocol == "tags":
+        return f"<search>{query}</search>"
+    call = {"name": "web_search", "arguments": {"query": [query]}}
+    return f"<think>I search for {query}.</think><tool_call>{json.dumps(call)}</tool_call>"
+
+
+def script_texts(queries: list[str], answer: str, cfg: RolloutConfig, prefixes: list[str]) -> list[str]:
+    """The turn texts of an agent that searches `queries`, one per turn, then answers: what the policy itself writes
+    after each turn's forced text `prefixes[i]` (scripted_trajectory adds the forced text back)."""
+    answer_text = f"<answer>{answer}</answer>"
+    if cfg.protocol == "dr":
+        answer_text = f"<think>I have the answer.</think>{answer_text}"
+    texts = []
+    for turn, full_text in enumerate([search_call(query, cfg.protocol) for query in queries] + [answer_text]):
+        forced = prefixes[min(turn, len(prefixes) - 1)]
+        if not full_text.startswith(forced):
+            raise ValueError(f"a scripted turn {full_text!r} does not start with the forced text {forced!r}: a scripted "
+                             f"agent needs turn prefixes that a search or an answer can start with")
+        texts.append(full_text[len(forced):])
+    return texts
+
+
+def first_title_plan(example: dict, session) -> tuple[list[str], str]:
+    """The no-model baseline: search the question as it is, answer the first result's title."""
+    session.web_search([example["question"]])
+    first = next(iter(session.urls.values()), None)  # the results, in rank order
+    return [example["question"]], first.title if first else ""
+
+
+def oracle_plan(example: dict, session) -> tuple[list[str], str]:
+    """The ceiling on this web: an agent that knows which articles hold the answer (the data's oracle_queries, one
+    search each) and reads perfectly: it answers the gold answer when the gold is in what its searches showed it,
+    else says it does not know. Not a baseline to beat: the most that searching these articles can give."""
+    queries = example.get("oracle_queries") or [example["question"]]
+    seen = " ".join(str(session.web_search([query])) for query in queries)
+    gold = example["answers"][0]
+    return queries, gold if normalize(gold) in normalize(seen) else "unknown"
+
+
+PLANS = {"first_title": first_title_plan, "oracle": oracle_plan}
+NO_MODEL_AGENTS = tuple(PLANS)
+AGENTS = ("model", "closed_book", *NO_MODEL_AGENTS)
+
+
+def scripted_rollout(plan, tokenizer, examples: list[dict], browser, cfg: RolloutConfig) -> list[Trajectory]:
+    """A no-model agent through the policy's own prompt, tools and token framing (rollout.scripted_trajectory): the
+    plan runs its searches in a scratch session to decide its script, then the script is replayed for the record."""
+    prefixes = [text for text, _ in make_framing(tokenizer, browser, cfg).prefixes]
     out = []
-    for qi, q in enumerate(questions):
-        session = browser.session(q)
-        obs = session.web_search([q])
-        title = next(iter(session.urls.values())).title if session.urls else ""  # its results, in rank order
-        turns = [Turn(f"<search>{q}</search>", "web_search", {"query": [q]}, obs, None, 0, 0.0, 0.0),
-                 Turn(f"<answer>{title}</answer>", None, None, None, None, 0, 0.0, 0.0)]
-        out.append(Trajectory(question=q, group=qi, turns=turns, answer=title, end_reason="answer",
-                              stats=dict(n_search=1, n_browse=0, n_bad_calls=0)))
+    for group, example in enumerate(examples):
+        queries, answer = plan(example, browser.session(example["question"]))
+        texts = script_texts(queries, answer, cfg, prefixes)
+        out.append(scripted_trajectory(tokenizer, example["question"], texts, browser, cfg, group=group))
     return out
 
 
-def run_agent(cfg: Config, todo: list[dict], path: Path, model_path: str | None, corpus: str | None, proc) -> None:
+def load_policy(model_path: str, dtype_name: str, device):
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    dtypes["auto"] = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return Transformer.from_pretrained(model_path, dtype=dtypes[dtype_name], device=device).eval()
+
+
+def closed_book_config(cfg: Config) -> Config:
+    """The closed_book agent: no tools, one turn, a prompt without them, no forced search; the worked example keeps
+    its question and answer without its search."""
+    question, _, answer = (cfg.example.split("|") + ["", ""])[:3]
+    example = f"{question}||{answer}" if cfg.example else ""
+    return replace(cfg, prompt="closed_book", turn_prefixes="", example=example, max_turns=1)
+
+
+def run_agent(cfg: Config, todo: list[dict], path: Path, model_path: str, corpus: str | None, proc) -> None:
     """Run the agent over `todo` in batches, appending each finished batch to `path`."""
     if not todo:
         return
-    tok = model = None
-    run = first_title_rollout if cfg.agent == "first_title" else rollout
-    if cfg.agent != "first_title":
-        dtype = {"auto": torch.bfloat16 if proc.device.type == "cuda" else torch.float32, "float32": torch.float32,
-                 "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
-        tok = AutoTokenizer.from_pretrained(model_path)
-        model = Transformer.from_pretrained(model_path, dtype=dtype, device=proc.device).eval()
-    if cfg.agent == "closed_book":  # no tools: one turn, a prompt without them, no forced search
-        q, _, a = (cfg.example.split("|") + ["", ""])[:3]  # the same example, answered without a search
-        cfg = replace(cfg, prompt="closed_book", turn_prefixes="", example=f"{q}||{a}" if cfg.example else "",
-                      max_turns=1)
-    rcfg = subconfig(RolloutConfig, cfg)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)  # the scripted agents write through it too
+    model = None
+    if cfg.agent not in NO_MODEL_AGENTS:
+        model = load_policy(model_path, cfg.dtype, proc.device)
+    if cfg.agent == "closed_book":
+        cfg = closed_book_config(cfg)
+    if cfg.agent in NO_MODEL_AGENTS:  # a rule, not a model's attempt at it: the policy's turn budget never cuts it
+        cfg = replace(cfg, max_turns=max(cfg.max_turns, 8), max_new_tokens=max(cfg.max_new_tokens, 256),
+                      max_len=max(cfg.max_len, 8192))
+    rollout_cfg = subconfig(RolloutConfig, cfg)
     with contextlib.closing(Browser(subconfig(BrowseConfig, cfg, corpus=corpus))) as browser:
-        t0 = time.time()
-        for b in range(0, len(todo), cfg.batch_size):
-            chunk = todo[b:b + cfg.batch_size]
-            with torch.no_grad():
-                trajs = run(model, tok, [e["question"] for e in chunk], browser, rcfg, group_size=1, seed=cfg.seed)
-            recs = [trajectory_record(ex, tr) for ex, tr in zip(chunk, trajs)]
-            recs = [dict(rec, scores=score_record(rec, cfg.protocol)) for rec in recs]
-            append_records(path, recs)
-            done = b + len(chunk)
-            print(f"rank {proc.rank} | done {done}/{len(todo)} | batch_f1 "
-                  f"{sum(r['scores']['f1'] for r in recs) / len(recs):.3f} | "
-                  f"{(time.time() - t0) / done:.2f} s/question", flush=True)
+        started = time.time()
+        for start in range(0, len(todo), cfg.batch_size):
+            chunk = todo[start:start + cfg.batch_size]
+            if cfg.agent in NO_MODEL_AGENTS:
+                trajs = scripted_rollout(PLANS[cfg.agent], tokenizer, chunk, browser, rollout_cfg)
+            else:
+                with torch.no_grad():
+                    trajs = rollout(model, tokenizer, [ex["question"] for ex in chunk], browser, rollout_cfg,
+                                    group_size=1, seed=cfg.seed)
+            records = []
+            for example, traj in zip(chunk, trajs):
+                record = trajectory_record(example, traj)
+                record["scores"] = score_record(record, cfg.protocol)
+                records.append(record)
+            append_records(path, records)
+            done = start + len(chunk)
+            batch_f1 = sum(record["scores"]["f1"] for record in records) / len(records)
+            seconds_each = (time.time() - started) / done
+            print(f"rank {proc.rank} | done {done}/{len(todo)} | batch_f1 {batch_f1:.3f} | "
+                  f"{seconds_each:.2f} s/question", flush=True)
 
 
 def main(cfg: Config) -> dict | None:
+    if cfg.report:
+        print(f"report: {write_report(cfg.report)}")
+        return None
     cfg = resolve_out_dir(cfg)
     if not Path(cfg.data).exists() and (ROOT / cfg.data).exists():  # the repo's data/ from another folder
         cfg = replace(cfg, data=str(ROOT / cfg.data))
@@ -467,14 +622,14 @@ def main(cfg: Config) -> dict | None:
     if cfg.score_only:
         return rescore(cfg, out_dir)
     validate(cfg)  # train.py's start-up checks: numbers, model folder, data file, out_dir writable
-    if cfg.agent not in ("model", "first_title", "closed_book"):
-        raise SystemExit(f"--agent={cfg.agent!r}: use model, first_title or closed_book")
+    if cfg.agent not in AGENTS:
+        raise SystemExit(f"--agent={cfg.agent!r}: use one of {', '.join(AGENTS)}")
     proc = setup_distributed(cfg.device)
     examples = load_examples(cfg.data, limit=cfg.limit or None)
     examples = [e for e in examples if not cfg.sources or e["source"] in cfg.sources.split(",")]
     path = out_dir / "trajectories.jsonl"
     finished = {r["id"] for r in load_records(path)}
-    model_path = resolve_model(cfg.model) if cfg.agent != "first_title" else None
+    model_path = resolve_model(cfg.model)  # the scripted agents use its tokenizer only
     # the local back end's corpus file, recorded in run.json (None for the other back ends)
     corpus = cfg.corpus or (str(default_corpus_path()) if cfg.backend == "local" else None)
     identity = run_identity(cfg, model_path, corpus)
@@ -489,7 +644,7 @@ def main(cfg: Config) -> dict | None:
         (out_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
     run_agent(cfg, todo[proc.rank::proc.world], path, model_path, corpus, proc)
     barrier()
-    if _is_dist():
+    if is_distributed():
         torch.distributed.destroy_process_group()  # rank 0 scores alone (the judge may take minutes)
     if not proc.main:
         return None

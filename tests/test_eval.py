@@ -38,6 +38,8 @@ class FakeTraj:
     answer: str | None
     end_reason: str = "answer"
     tokens: list = field(default_factory=lambda: [1, 2, 3])
+    loss_mask: list = field(default_factory=lambda: [0, 1, 1])
+    logprobs: list = field(default_factory=lambda: [0.0, -0.5, -0.25])
     prompt_len: int = 1
     stats: dict = field(default_factory=dict)
 
@@ -239,7 +241,7 @@ def test_prepare_reads_reference_parquet_and_jsonl(tmp_path):
     from data.prepare import Config, load_examples, main
 
     exs = load_examples(DEV)
-    assert len(exs) == 875 and set(exs[0]) == {"id", "source", "question", "answers", "template"}
+    assert len(exs) == 875 and set(exs[0]) == {"id", "source", "question", "answers", "template", "bridge", "oracle_queries"}
     assert {e["source"] for e in exs} == {"nq", "tq", "hotpotqa", "2wiki", "musique", "Bamboogle", "popqa"}
     tq = next(e for e in exs if e["id"] == "tq_qg_3477")
     assert "turkey" in tq["answers"] and tq["question"].startswith("Lasting from 1299")
@@ -371,3 +373,40 @@ def test_agent_baselines_through_the_same_harness(tmp_path):
     recs = ev.load_records(tmp_path / "cb" / "trajectories.jsonl")
     assert len(recs) == 2 and all(len(r["turns"]) == 1 and not r["turns"][0]["tool"] for r in recs)
     assert s["meta"]["agent"] == "closed_book"
+
+
+def test_oracle_agent_and_behaviour_counts(tmp_path):
+    """--agent=oracle searches each supporting article (the data's oracle_queries) through the policy's own prompt and
+    token framing, and answers the gold only when its searches showed it; the summary counts the behaviour: searches,
+    a later query naming the bridge entity, answers that are a result's title."""
+    rows = [dict(id="a", source="s", question="What nationality was the author of Hamlet?", answers=["English"],
+                 template="bridge", bridge="William Shakespeare", oracle_queries=["Hamlet", "William Shakespeare"]),
+            dict(id="b", source="s", question="What nationality was the author of Hamlet?", answers=["Zzyzxian"],
+                 template="bridge", bridge="William Shakespeare", oracle_queries=["Hamlet", "William Shakespeare"])]
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    s = ev.main(make_cfg(tmp_path, agent="oracle", data=str(data), out_dir=str(tmp_path / "or"), max_turns=3))
+    recs = {r["id"]: r for r in ev.load_records(tmp_path / "or" / "trajectories.jsonl")}
+    assert recs["a"]["answer"] == "English" and recs["a"]["scores"]["f1"] == 1.0
+    assert recs["b"]["answer"] == "unknown" and recs["b"]["scores"]["f1"] == 0.0  # not seen: no guess
+    for rec in recs.values():
+        assert ev.search_queries(rec) == ["Hamlet", "William Shakespeare"]
+        assert rec["scores"]["searched_twice"] and rec["scores"]["bridge_in_later_query"]
+        # the exact token stream: the scripted turns are the policy-written (mask 1) tokens, nothing else is
+        assert len(rec["tokens"]) == len(rec["loss_mask"]) == len(rec["logprobs"]) == rec["n_tokens"]
+        assert 0 < sum(rec["loss_mask"]) < rec["n_tokens"] - rec["prompt_len"]
+    row = s["metrics"]["template: bridge"]
+    assert row["mean_search"] == 2.0 and row["bridge_in_later_query"] == 1.0 and row["answer_is_title"] == 0.0
+
+
+def test_behaviour_hand_checked():
+    def rec(queries, observation, bridge=""):
+        turns = [dict(text="", tool="web_search", args={"query": [q]}, observation=observation) for q in queries]
+        return dict(turns=turns, stats={"n_search": len(queries)}, bridge=bridge)
+
+    shown = 'Search "x":\n1. Apple Inc.\nhttp://localweb/wiki/Apple_Inc.\nApple is ...\n2. Steve Jobs\nhttp://l/S\n...'
+    one = ev.behaviour(rec(["apple founder"], shown, bridge="Steve Jobs"), "steve jobs")
+    assert one == {"n_queries": 1, "searched_twice": False, "bridge_in_later_query": False, "answer_is_title": True}
+    two = ev.behaviour(rec(["apple founder", "Steve Jobs birth"], shown, bridge="Steve Jobs"), "1955")
+    assert two["searched_twice"] and two["bridge_in_later_query"] and not two["answer_is_title"]
+    assert ev.behaviour(rec(["a", "b"], shown), None)["bridge_in_later_query"] is None  # not a bridge question
