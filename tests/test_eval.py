@@ -410,3 +410,16 @@ def test_behaviour_hand_checked():
     two = ev.behaviour(rec(["apple founder", "Steve Jobs birth"], shown, bridge="Steve Jobs"), "1955")
     assert two["searched_twice"] and two["bridge_in_later_query"] and not two["answer_is_title"]
     assert ev.behaviour(rec(["a", "b"], shown), None)["bridge_in_later_query"] is None  # not a bridge question
+
+
+def test_run_identity_counts_the_date_only_where_the_prompt_shows_it(tmp_path):
+    """An offline eval (short prompt, no date in it) resumed the next day is the same run; under the reference
+    prompt, which states today's date, it is not (the policy reads a different prompt)."""
+    from dataclasses import replace
+
+    cfg = make_cfg(tmp_path, prompt="short")
+    today = ev.run_identity(replace(cfg, date="2025-01-01"), None, None)
+    assert ev.run_identity(replace(cfg, date="2025-01-02"), None, None) == today
+    ref = replace(cfg, prompt="reference")
+    assert ev.run_identity(replace(ref, date="2025-01-01"), None, None) != ev.run_identity(
+        replace(ref, date="2025-01-02"), None, None)
