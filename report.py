@@ -445,7 +445,11 @@ def group_means(records: list[dict], ids: set) -> dict[str, tuple[float, int]]:
 
 def eval_data(folder: Path, pieces: Pieces) -> dict:
     records = list({r["id"]: r for r in read_jsonl(folder / "trajectories.jsonl")}.values())
-    summary = read_json(folder / "summary.json").get("metrics") or {}
+    summary = read_json(folder / "summary.json").get("metrics")
+    if summary is None and records and all("scores" in r for r in records):  # an eval stopped before its summary
+        from eval import summarize
+        summary = summarize(records)
+    summary = summary or {}
     ids = {r["id"] for r in records}
     # baselines: sibling eval folders (same parent), compared on the questions both runs answered
     baselines = []
