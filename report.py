@@ -547,7 +547,7 @@ font-variant-numeric:tabular-nums}
 .good{color:#1a7f37}.bad{color:#c62828}
 .stream{white-space:pre-wrap;word-break:break-word;font:12.5px/1.7 ui-monospace,Menlo,Consolas,monospace;
 border:1px solid #ddd;padding:8px;background:#fff}
-.tok{border-radius:2px}
+.tok{border-radius:2px;box-shadow:inset -1px 0 0 rgba(255,255,255,.95)}
 .tok-prompt{background:#ececec;color:#555}
 .tok-sampled{background:#c9f2c7;color:#0b3d0b}
 .tok-sampled:hover{outline:1px solid #1a7f37}
@@ -598,7 +598,10 @@ function showFacts() {
 
 function showSummary() {
   if (D.kind !== "eval") return;
-  const s = D.summary, names = Object.keys(s);
+  const s = D.summary;
+  // sources first, then templates, overall last
+  const rank = (name) => name === "overall" ? 2 : name.startsWith("template: ") ? 1 : 0;
+  const names = Object.keys(s).sort((a, b) => rank(a) - rank(b) || a.localeCompare(b));
   const t = el("table", {id: "summary-table"});
   const head = el("tr", {}, el("th", {text: "source / template"}), el("th", {class: "num", text: "n"}),
     el("th", {class: "num", text: "F1"}), el("th", {class: "num", text: "EM"}),
