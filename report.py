@@ -262,7 +262,9 @@ def trajectory_entry(rec: dict, pieces: Pieces, **extra) -> dict:
     scores = rec.get("scores") or {}
     stats = rec.get("stats") or {}
     f1 = scores.get("f1", rec.get("f1"))
-    return {"question": rec.get("question", ""), "gold": rec.get("gold") or [], "answer": rec.get("answer"),
+    gold = rec.get("gold") or []
+    return {"question": rec.get("question", ""), "gold": [gold] if isinstance(gold, str) else list(gold),
+            "answer": rec.get("answer"),
             "f1": f1, "em": scores.get("em", rec.get("em")), "reward": scores.get("reward", rec.get("reward")),
             "advantage": rec.get("advantage"), "end_reason": rec.get("end_reason", ""),
             "searches": stats.get("n_search", 0), "browses": stats.get("n_browse", 0),
