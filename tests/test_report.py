@@ -257,13 +257,16 @@ def test_training_report_in_chromium(browser, run_folder, trajectories):
     t = trajectories[0]
     sampled = page.locator("#stream .tok-sampled")
     assert sampled.count() == sum(t.loss_mask)
-    assert sampled.first.evaluate("e => getComputedStyle(e).backgroundColor") == COLOURS["sampled"]
+    colours = sampled.evaluate_all("spans => [...new Set(spans.map(e => getComputedStyle(e).backgroundColor))]")
+    assert colours == [COLOURS["sampled"]]
     assert sampled.first.get_attribute("title").startswith("log p = -0.")
     for kind in ("observation", "forced", "prompt"):
         spans = page.locator(f"#stream .tok-{kind}")
         assert spans.count() > 0 and spans.first.evaluate("e => getComputedStyle(e).backgroundColor") == COLOURS[kind]
     assert page.locator("#stream details.obs").count() == 2  # each observation collapsible, named by its call
     assert "web_search: capital city" in page.locator("#stream details.obs summary").first.inner_text()
+    first_observation = page.locator("#stream details.obs").first.locator(".tok").all_text_contents()
+    assert "".join(first_observation) == t.turns[0].observation  # the blue tokens are exactly what the tool said
     assert "".join(page.locator("#stream .tok").all_text_contents()) == report.load_tokenizer(
         str(json.loads((run_folder / "config.json").read_text())["model"])).decode(t.tokens)
     assert errors == []
