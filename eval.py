@@ -57,7 +57,7 @@ from data.models import resolve_model
 from model import Transformer
 from report import write_report
 from reward import em, normalize, reward, split_golds, squad_em, squad_f1
-from rollout import RolloutConfig, Trajectory, make_framing, rollout, scripted_trajectory, system_prompt
+from rollout import PLANS, RolloutConfig, rollout, scripted_rollout, system_prompt
 
 ROOT = Path(__file__).resolve().parent
 
@@ -140,6 +140,10 @@ def read_jsonl(path: str | os.PathLike | None) -> list[dict]:
             with contextlib.suppress(json.JSONDecodeError):
                 out.append(json.loads(line))
     return out
+
+
+NO_MODEL_AGENTS = tuple(PLANS)  # rollout.py's scripted agents: first_title, oracle
+AGENTS = ("model", "closed_book", *NO_MODEL_AGENTS)
 
 
 def load_records(path: Path) -> list[dict]:
@@ -498,66 +502,6 @@ def run_meta(cfg: Config, identity: dict, corpus: str | None) -> dict:
             "cache_sha256": sha256_file(cfg.cache), "corpus_sha256": sha256_file(corpus),
             "judge_model": cfg.judge_model if cfg.judge_base_url else None, "git_commit": commit,
             "finished_at": _dt.datetime.now().isoformat(timespec="seconds"), "config": asdict(cfg)}
-
-
-# ----------------------------------------------------------------------------------------------- scripted agents
-
-def search_call(query: str, protocol: str) -> str:
-    """One web_search call, written as the policy writes it under `protocol`."""
-    if protocol == "tags":
-        return f"<search>{query}</search>"
-    call = {"name": "web_search", "arguments": {"query": [query]}}
-    return f"<think>I search for {query}.</think><tool_call>{json.dumps(call)}</tool_call>"
-
-
-def script_texts(queries: list[str], answer: str, cfg: RolloutConfig, prefixes: list[str]) -> list[str]:
-    """The turn texts of an agent that searches `queries`, one per turn, then answers: what the policy itself writes
-    after each turn's forced text `prefixes[i]` (scripted_trajectory adds the forced text back)."""
-    answer_text = f"<answer>{answer}</answer>"
-    if cfg.protocol == "dr":
-        answer_text = f"<think>I have the answer.</think>{answer_text}"
-    texts = []
-    for turn, full_text in enumerate([search_call(query, cfg.protocol) for query in queries] + [answer_text]):
-        forced = prefixes[min(turn, len(prefixes) - 1)]
-        if not full_text.startswith(forced):
-            raise ValueError(f"a scripted turn {full_text!r} does not start with the forced text {forced!r}: a scripted "
-                             f"agent needs turn prefixes that a search or an answer can start with")
-        texts.append(full_text[len(forced):])
-    return texts
-
-
-def first_title_plan(example: dict, session) -> tuple[list[str], str]:
-    """The no-model baseline: search the question as it is, answer the first result's title."""
-    session.web_search([example["question"]])
-    first = next(iter(session.urls.values()), None)  # the results, in rank order
-    return [example["question"]], first.title if first else ""
-
-
-def oracle_plan(example: dict, session) -> tuple[list[str], str]:
-    """The ceiling on this web: an agent that knows which articles hold the answer (the data's oracle_queries, one
-    search each) and reads perfectly: it answers the gold answer when the gold is in what its searches showed it,
-    else says it does not know. Not a baseline to beat: the most that searching these articles can give."""
-    queries = example.get("oracle_queries") or [example["question"]]
-    seen = " ".join(str(session.web_search([query])) for query in queries)
-    gold = example["answers"][0]
-    return queries, gold if normalize(gold) in normalize(seen) else "unknown"
-
-
-PLANS = {"first_title": first_title_plan, "oracle": oracle_plan}
-NO_MODEL_AGENTS = tuple(PLANS)
-AGENTS = ("model", "closed_book", *NO_MODEL_AGENTS)
-
-
-def scripted_rollout(plan, tokenizer, examples: list[dict], browser, cfg: RolloutConfig) -> list[Trajectory]:
-    """A no-model agent through the policy's own prompt, tools and token framing (rollout.scripted_trajectory): the
-    plan runs its searches in a scratch session to decide its script, then the script is replayed for the record."""
-    prefixes = [text for text, _ in make_framing(tokenizer, browser, cfg).prefixes]
-    out = []
-    for group, example in enumerate(examples):
-        queries, answer = plan(example, browser.session(example["question"]))
-        texts = script_texts(queries, answer, cfg, prefixes)
-        out.append(scripted_trajectory(tokenizer, example["question"], texts, browser, cfg, group=group))
-    return out
 
 
 def load_policy(model_path: str, dtype_name: str, device):

@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 import torch
 
 from model import KVCache
+from reward import normalize
 
 
 @dataclass
@@ -817,21 +818,26 @@ def render_prompt(tokenizer, question: str, protocol: str, date: str | None = No
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-def example_turns(example: str, protocol: str, session) -> list[dict]:
-    """One worked example as chat turns, from "question|query|answer": the question, a search call, the real
-    observation of that search (through the same browser, so it looks exactly like the ones the policy will see),
-    and the answer. A format demonstration for small models; its question must not be one it is scored on."""
-    question, query, answer = (part.strip() for part in example.split("|"))
-    ask = {"role": "user", "content": question}
-    reply = {"role": "assistant", "content": f"<answer>{answer}</answer>"}
-    if not query:  # a closed-book example: the question and its answer only
-        return [ask, reply]
+def search_call(query: str, protocol: str) -> str:
+    """One web_search call for one query, written as the policy writes it under `protocol`."""
     if protocol == "tags":
-        call = f"<search>{query}</search>"
-    else:
-        call = "<tool_call>" + json.dumps({"name": "web_search", "arguments": {"query": [query]}}) + "</tool_call>"
-    return [ask, {"role": "assistant", "content": call},
-            {"role": "user", "content": f"<tool_response>\n{session.web_search([query])}\n</tool_response>"}, reply]
+        return f"<search>{query}</search>"
+    return "<tool_call>" + json.dumps({"name": "web_search", "arguments": {"query": [query]}}) + "</tool_call>"
+
+
+def example_turns(example: str, protocol: str, session) -> list[dict]:
+    """One worked example as chat turns, from "question|query|answer" (or "question|query 1;query 2|answer": one
+    search per query, e.g. a two-hop example): the question, each search call and the real observation of that search
+    (through the same browser, so it looks exactly like the ones the policy will see), and the answer. A format
+    demonstration for small models; its question must not be one it is scored on."""
+    question, queries, answer = (part.strip() for part in example.split("|"))
+    turns = [{"role": "user", "content": question}]
+    for query in [query.strip() for query in queries.split(";") if query.strip()]:  # none: a closed-book example
+        observation = session.web_search([query])
+        turns.append({"role": "assistant", "content": search_call(query, protocol)})
+        turns.append({"role": "user", "content": f"<tool_response>\n{observation}\n</tool_response>"})
+    turns.append({"role": "assistant", "content": f"<answer>{answer}</answer>"})
+    return turns
 
 
 @dataclass
@@ -1319,3 +1325,63 @@ def scripted_turn(framing: Framing, traj: Trajectory, text: str) -> tuple[list[i
         if reason:
             return tokens, reason
     raise AssertionError("the end-of-turn token is a stop token")  # unreachable: stop_reason stops on it
+
+
+# =====================================================================================================================
+# Part 3: scripted agents (no model), through the policy's own prompt, tools and token framing
+#
+# A plan decides what an agent searches and answers; scripted_rollout writes it as the policy would (search_call, the
+# forced turn prefixes left out) and replays it through scripted_trajectory, so its record has the same tokens,
+# observations and end reason a policy writing those turns would get. eval.py runs them as baselines (--agent=...);
+# train.py's warm start trains on the oracle's trajectories.
+
+def script_texts(queries: list[str], answer: str, protocol: str, prefixes: list[str]) -> list[str]:
+    """The turn texts of an agent that searches `queries`, one per turn, then answers: what the policy itself writes
+    after each turn's forced text `prefixes[i]` (the last covers later turns). Under the dr protocol each turn opens
+    with a short reasoning closed by </think>, as its format check asks."""
+    full_texts = [search_call(query, protocol) for query in queries] + [f"<answer>{answer}</answer>"]
+    if protocol == "dr":
+        full_texts = [f"<think>Next step.</think>{text}" for text in full_texts]
+    texts = []
+    for turn, full_text in enumerate(full_texts):
+        forced = prefixes[min(turn, len(prefixes) - 1)]
+        if not full_text.startswith(forced):
+            raise ValueError(f"a scripted turn {full_text!r} does not start with the forced text {forced!r}: a scripted "
+                             f"agent needs turn prefixes that a search or an answer can start with")
+        texts.append(full_text[len(forced):])
+    return texts
+
+
+def first_title_plan(example: dict, session) -> tuple[list[str], str]:
+    """The no-model baseline: search the question as it is, answer the first result's title."""
+    session.web_search([example["question"]])
+    first = next(iter(session.urls.values()), None)  # the results, in rank order
+    return [example["question"]], first.title if first else ""
+
+
+def oracle_plan(example: dict, session) -> tuple[list[str], str]:
+    """The ceiling on this web: an agent that knows which articles hold the answer (the data's oracle_queries, one
+    search each) and reads perfectly: it answers the gold answer when the gold is in what its searches showed it,
+    else says it does not know. Not a baseline to beat: the most that searching these articles can give."""
+    queries = example.get("oracle_queries") or [example["question"]]
+    seen = " ".join(str(session.web_search([query])) for query in queries)
+    gold = example["answers"][0]
+    if normalize(gold) in normalize(seen):
+        return queries, gold
+    return queries, "unknown"
+
+
+PLANS = {"first_title": first_title_plan, "oracle": oracle_plan}
+
+
+def scripted_rollout(plan, tokenizer, examples: list[dict], browser, cfg: RolloutConfig) -> list[Trajectory]:
+    """A no-model agent over `examples` (dicts with question, answers, oracle_queries): the plan runs its searches in
+    a scratch session to decide its script, then the script is replayed for the record (the web is deterministic or
+    cached, so both see the same results). Trajectory.group is the example's index."""
+    prefixes = [text for text, _ in make_framing(tokenizer, browser, cfg).prefixes]
+    trajs = []
+    for group, example in enumerate(examples):
+        queries, answer = plan(example, browser.session(example["question"]))
+        texts = script_texts(queries, answer, cfg.protocol, prefixes)
+        trajs.append(scripted_trajectory(tokenizer, example["question"], texts, browser, cfg, group=group))
+    return trajs

@@ -793,3 +793,20 @@ def test_scripted_trajectory_cuts_and_ends_like_the_engine(tok):
     assert beyond.stats["n_search"] == 1  # the call after the last turn did not run
     with pytest.raises(ValueError, match="goes on after the 1 turn texts"):
         scripted_trajectory(tok, "Who?", ["<search>a</search>"], FakeBrowser(), cfg)
+
+
+def test_example_turns_one_search_per_query():
+    """A worked example "question|query 1;query 2|answer" is two real searches, then the answer, as chat turns."""
+    from rollout import example_turns
+
+    class Session:
+        def web_search(self, queries):
+            return f"results for {queries[0]}"
+
+    turns = example_turns("Who?|The Apu Trilogy;Satyajit Ray|Indian", "tags", Session())
+    assert [turn["role"] for turn in turns] == ["user", "assistant", "user", "assistant", "user", "assistant"]
+    assert turns[1]["content"] == "<search>The Apu Trilogy</search>"
+    assert turns[4]["content"] == "<tool_response>\nresults for Satyajit Ray\n</tool_response>"
+    assert turns[5]["content"] == "<answer>Indian</answer>"
+    assert example_turns("Who?||Ray", "tags", Session()) == [{"role": "user", "content": "Who?"},
+                                                             {"role": "assistant", "content": "<answer>Ray</answer>"}]
