@@ -35,7 +35,7 @@ from pathlib import Path
 MAX_STEPS = 60           # training steps whose dumped trajectories are embedded (spread evenly, first and last kept)
 TOKEN_BUDGET = 300_000   # token ids embedded per page, ~6 bytes each (later records show their turn text)
 MAX_OBS_CHARS = 4000     # observation text kept per turn where a record has no tokens
-KIND_LETTERS = {"prompt": "p", "sampled": "s", "forced": "f", "observation": "o"}
+KIND_LETTERS = {"prompt": "p", "sampled": "s", "forced": "f", "observation": "o"}  # the page's KIND, reversed
 
 # the training curves: (title, [(metrics key, label)], y format). Rates are shown as percentages.
 CURVES = [
@@ -207,7 +207,9 @@ def token_kinds(rec: dict, tokenizer) -> tuple[str, bool]:
     from rollout import defang
 
     tokens, mask, prompt_len = rec["tokens"], rec["loss_mask"], rec.get("prompt_len", 0)
-    kinds = ["p" if i < prompt_len else "s" if m else "f" for i, m in enumerate(mask)]
+    letter = KIND_LETTERS
+    kinds = [letter["prompt"] if i < prompt_len else letter["sampled"] if m else letter["forced"]
+             for i, m in enumerate(mask)]
     specials = list(getattr(tokenizer, "all_special_tokens", []))
     turns, located = rec.get("turns") or [], True
     turn, i = -1, prompt_len  # turn: index of the last sampled run seen
@@ -221,7 +223,7 @@ def token_kinds(rec: dict, tokenizer) -> tuple[str, bool]:
             ids = tokenizer.encode(defang(turns[turn]["observation"], specials), add_special_tokens=False)
             at = _find(tokens, ids, i, j)
             if at >= 0:
-                kinds[at:at + len(ids)] = ["o"] * len(ids)
+                kinds[at:at + len(ids)] = [letter["observation"]] * len(ids)
             else:  # (never seen: the dump and the tokenizer disagree) left as forced, and the page says so
                 located = False
         i = j
@@ -239,7 +241,7 @@ def token_view(rec: dict, pieces: Pieces) -> dict | None:
     kinds, located = token_kinds(rec, pieces.tok)
     logprobs = rec.get("logprobs") or [0.0] * len(kinds)
     return {"t": pieces.of(rec["tokens"]), "k": kinds, "located": located,
-            "lp": [round(float(lp), 4) for lp, k in zip(logprobs, kinds) if k == "s"]}
+            "lp": [round(float(lp), 4) for lp, k in zip(logprobs, kinds) if k == KIND_LETTERS["sampled"]]}
 
 
 def light_turns(turns: list[dict], with_observations: bool) -> list[dict]:
