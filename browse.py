@@ -68,8 +68,10 @@ MAX_BYTES = 5_000_000  # a page is cut here (after decompression); the readers n
 
 @dataclass
 class BrowseConfig:  # (plain typed defaults, "" = unset: the flags of `python browse.py`, data/config.py)
+    """The web's settings. Defaults: the embedded offline run (train.py's default, whose configs inherit these
+    fields); the paper's values are train.py's DEEPRESEARCHER_AGENT."""
     backend: str = "local"              # local | serper | searxng
-    top_k: int = 10                     # results per query (the reference: 10)
+    top_k: int = 3                      # results per query (the reference: 10)
     corpus: str = ""                    # local back end's JSONL corpus ("" = the embedded Wikipedia summaries)
     searxng_url: str = ""               # searxng: the instance ("" = $SEARXNG_URL)
     cache: str = ""                     # SQLite record/replay file for searches, pages and readings ("" = none)
@@ -82,8 +84,8 @@ class BrowseConfig:  # (plain typed defaults, "" = unset: the flags of `python b
     max_chunks: int = 0                 # chunks read per page per call (0 = no cap, the reference: read on while
     #                                     the reader asks, to the page's end; a cap bounds one call's reading time)
     page_chars: int = 1500              # the extract reader's selection per page per call (the llm reader has none)
-    snippet_chars: int = 300
-    obs_chars: int = 4000               # the whole observation; a page's text past its share waits for the next call
+    snippet_chars: int = 200            # characters of each result's snippet the policy sees (the reference: 300)
+    obs_chars: int = 1000               # the whole observation; a page's text past its share waits for the next call
     llm_base_url: str = ""              # reader=llm: OpenAI-compatible endpoint
     llm_model: str = ""
     llm_api_key_env: str = "OPENAI_API_KEY"  # read from the environment, never logged; "" for local servers

@@ -730,31 +730,35 @@ END_REASONS = ("answer", "format_error", "bad_call", "max_turns", "context_limit
 
 @dataclass
 class RolloutConfig:
+    """The agent loop's settings. Defaults: the embedded offline run (a 135M model on a CPU, train.py's default);
+    the paper's values are train.py's DEEPRESEARCHER_AGENT. train.py's and eval.py's configs inherit these fields."""
     protocol: str = "tags"             # "tags" | "dr"
-    max_turns: int = 10                # generation turns (reference 10)
-    max_new_tokens: int = 512          # per turn (reference 2000)
-    max_len: int = 8192                # context budget per row = engine cache length
-    temperature: float = 1.0
+    max_turns: int = 3                 # generation turns (reference 10): after each search, search again or answer
+    max_new_tokens: int = 24           # per turn (reference 2000): a query or a short answer
+    max_len: int = 1024                # context budget per row = engine cache length (reference 32768)
+    temperature: float = 0.7           # the paper: 1.0; a 135M model at 1.0 mostly writes noise
     top_p: float = 1.0
-    n_slots: int = 64                  # rows decoding at once (fewer are allocated when there is less work)
+    n_slots: int = 32                  # rows decoding at once, per rank (fewer when a rollout has fewer rows)
     on_bad_call: str = "error_observation"   # or "end" (reference: a malformed call is a format error)
-    date: str | None = None            # today's date in the system prompt; None = the real date
+    date: str = ""                     # the date in the system prompt; "" = today (tests fix it)
     tool_threads: int = 32             # concurrent tool calls (each blocks on the web)
     min_turn_tokens: int = 64          # an observation must leave this much room for the next turn
-    prompt: str = "reference"          # system prompt: "reference" (the paper's, ~440 tokens) | "short" (~40 tokens)
+    prompt: str = "short"              # system prompt: "reference" (the paper's, ~440 tokens) | "short" (~40 tokens)
     # forced text opening turn i (loss mask 0), e.g. ("<search>", "<answer>") or "<search>,<answer>": a scaffold for
-    # models too small to find the format alone (SmolLM2-135M); () = none, the reference
-    turn_prefixes: tuple | str = ()
+    # models too small to find the format alone (SmolLM2-135M); "" = none, the reference
+    turn_prefixes: str = "<search>"
     turn_prefix_every: str = ""        # forced text opening EVERY turn, before turn_prefixes[i] (reference: "<think>")
-    example: str = ""                  # "question|query|answer": a worked example before the question (example_turns)
+    # "question|query|answer": a worked example before the question, its search run live (example_turns; without
+    # it a 135M model never writes an <answer> tag); "" = none, the reference
+    example: str = "What is the capital of Norway?|capital of Norway|Oslo"
     # decode through CUDA graphs (CUDA only). Off until the GPU test (test_cuda_graphs_match_eager) and the bench
     # have passed on a device through the training path; build one engine per run (make_engine) so they are captured
     # once, not per rollout
     cuda_graphs: bool = False
-    # tokens the KV pool holds, all rows together (None: n_slots x max_len, capped on CUDA to what is free when the
+    # tokens the KV pool holds, all rows together (0: n_slots x max_len, capped on CUDA to what is free when the
     # engine is built). Rows that outgrow it are preempted and resumed, not failed. An engine kept for a whole run
     # (make_engine) should get an explicit budget on a GPU, so the training step keeps its memory
-    kv_tokens: int | None = None
+    kv_tokens: int = 0
 
 
 # ------------------------------------------------------------------------------------------------ prompt
@@ -1164,7 +1168,7 @@ def make_engine(model, tokenizer, cfg: RolloutConfig, seed: int = 0, n_rows: int
     each rollout reseeds it with its own seed, so reuse changes no sampled token, and graphs are captured once."""
     n_slots = cfg.n_slots if n_rows is None else min(cfg.n_slots, n_rows)
     decode_raw = functools.partial(tokenizer.decode, skip_special_tokens=False)
-    return Engine(model, n_slots=n_slots, max_len=cfg.max_len, decode=decode_raw, seed=seed, kv_tokens=cfg.kv_tokens,
+    return Engine(model, n_slots=n_slots, max_len=cfg.max_len, decode=decode_raw, seed=seed, kv_tokens=cfg.kv_tokens or None,
                   cuda_graphs=cfg.cuda_graphs)
 
 

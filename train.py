@@ -153,42 +153,16 @@ warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Config: the agent's fields are declared once (AgentConfig) and shared with eval.py, whose Config inherits them
+# Config: the agent's and the web's fields come from rollout.py and browse.py (AgentConfig); eval.py shares them
 
 @dataclass
-class AgentConfig:
-    """The policy, its agent loop and its web: what train.py and eval.py share. Defaults are the embedded offline run;
-    `subconfig` passes the fields to rollout.RolloutConfig and browse.BrowseConfig by name."""
+class AgentConfig(RolloutConfig, BrowseConfig):
+    """The policy, its agent loop (rollout.RolloutConfig) and its web (browse.BrowseConfig): what train.py and eval.py
+    share. The agent's and the web's fields, and their defaults (the embedded offline run), are declared once, in
+    those two files; `subconfig` hands them back by name. The paper's values: DEEPRESEARCHER_AGENT below."""
     model: str = "HuggingFaceTB/SmolLM2-135M-Instruct"  # hub id, local HF folder, or "tiny" (data/models.py)
     seed: int = 0
     device: str = "auto"            # auto | cpu | cuda
-    # agent (rollout.RolloutConfig)
-    protocol: str = "tags"          # tags | dr
-    max_turns: int = 3              # the policy decides after each search: search again or answer
-    max_new_tokens: int = 24        # per turn: a query or a short answer
-    max_len: int = 1024             # context per trajectory
-    temperature: float = 0.7        # the paper: 1.0; a 135M model at 1.0 mostly writes noise
-    top_p: float = 1.0
-    n_slots: int = 32               # concurrent rows in the rollout engine, per rank
-    on_bad_call: str = "error_observation"  # or "end": a malformed tool call ends the trajectory (the reference)
-    prompt: str = "short"           # system prompt: reference (the paper's) | short (~30 tokens, small models)
-    turn_prefixes: str = "<search>"  # forced text opening turns 1, 2, ... (comma-separated; "" = none)
-    turn_prefix_every: str = ""     # forced text opening EVERY turn, before turn_prefixes (the reference: <think>)
-    example: str = "What is the capital of Norway?|capital of Norway|Oslo"  # a worked example before the question:
-    #                                 "question|query|answer", its search run live ("" = none, the reference)
-    date: str = ""                  # date in the system prompt ("" = today); fixed in tests for reproducibility
-    # search and reading (browse.BrowseConfig)
-    backend: str = "local"          # local | serper | searxng
-    top_k: int = 3                  # results per query (the paper: 10)
-    corpus: str = ""                # local back end's corpus ("" = the embedded default)
-    cache: str = ""                 # SQLite search/page cache ("" = none)
-    cache_mode: str = "replay_or_live"
-    reader: str = "extract"         # extract | llm
-    snippet_chars: int = 200        # characters of each search result's snippet the policy sees
-    page_chars: int = 1500          # information a reader returns per page per call
-    obs_chars: int = 1000           # the whole observation
-    llm_base_url: str = ""          # reading agent's OpenAI-compatible endpoint (reader=llm)
-    llm_model: str = ""
 
 
 @dataclass

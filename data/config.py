@@ -52,8 +52,8 @@ def parse_config(cls, argv: list[str], presets: dict[str, dict] | None = None):
 
 def subconfig(cls, cfg, **extra):
     """Another file's config dataclass (RolloutConfig, BrowseConfig) from the fields of `cfg` with the same names,
-    then `extra`. Our "" means unset (no corpus, no cache, today's date, no prefixes): that key is left out, so the
-    other file's default (None or empty) stands."""
+    then `extra` (None: that field's default). train.py's and eval.py's configs inherit both, so every field is
+    there, with the same default: one place for each."""
     names = {f.name for f in fields(cls)}
     values = {**asdict(cfg), **extra}
-    return cls(**{k: v for k, v in values.items() if k in names and v != "" and v is not None})
+    return cls(**{k: v for k, v in values.items() if k in names and v is not None})

@@ -728,7 +728,7 @@ def test_rollout_same_seed_same_run_whatever_the_tool_latency(sharp_qwen2, tok):
     ids = [tok.encode(s, add_special_tokens=False)[0] for s in ("</", "search", ">", " par")]
     policy = Biased(base, ids)
     cfg = RolloutConfig(max_turns=3, max_new_tokens=12, max_len=512, n_slots=4, date="2026-11-30", prompt="short",
-                        turn_prefixes=("<search>",) * 3, temperature=1.0)
+                        turn_prefixes=",".join(["<search>"] * 3), temperature=1.0, example="")
     questions = ["Who?", "Where is it?", "When?"]
     runs = []
     for latency_seed in (None, 1):  # instant tools, then random latencies up to 0.15 s

@@ -18,6 +18,17 @@ from reward import reward
 from rollout import (Decision, RolloutConfig, bad_call_message, decide_turn, obs_frame, parse_turn, render_prompt,
                      rollout, scripted_trajectory, system_prompt)
 
+
+# The agent loop these tests were written for: rollout.RolloutConfig's defaults before they became the embedded
+# offline run's (issue 23.6: one default per setting): the paper's prompt and turn budget, no scaffold.
+LOOP_DEFAULTS = dict(max_turns=10, max_new_tokens=512, max_len=8192, temperature=1.0, n_slots=64, prompt="reference",
+                     turn_prefixes="", example="")
+
+
+def loop_config(**overrides) -> RolloutConfig:
+    return RolloutConfig(**{**LOOP_DEFAULTS, **overrides})
+
+
 QWEN_TEMPLATE = (  # the parts of Qwen2.5-Instruct's template that matter here (system, tool role -> user turn)
     "{%- for message in messages %}"
     "{%- if message.role == 'tool' %}"
@@ -165,7 +176,7 @@ class FakeBrowser:
 
 def run(tok, policy, questions=("What is the capital of France?",), cfg=None, browser=None, group_size=1,
         n_slots=8, max_len=4096, **kw):
-    cfg = cfg or RolloutConfig(date="2026-11-24", max_len=max_len, n_slots=n_slots, **kw)
+    cfg = cfg or loop_config(date="2026-11-24", max_len=max_len, n_slots=n_slots, **kw)
     eng = FakeEngine(tok, policy, n_slots=n_slots, max_len=max_len)
     browser = browser or FakeBrowser()
     trajs = rollout(None, tok, list(questions), browser, cfg,
@@ -403,7 +414,7 @@ def test_real_engine_tokens_and_logprobs_match_model(tiny_policy):
     import torch
 
     model, tok = tiny_policy
-    cfg = RolloutConfig(max_new_tokens=12, max_len=1024, n_slots=4, date="2026-11-24")
+    cfg = loop_config(max_new_tokens=12, max_len=1024, n_slots=4, date="2026-11-24")
     with torch.no_grad():
         trajs = rollout(model, tok, ["Who?", "Where is it?"], FakeBrowser(), cfg, group_size=2)
     assert [t.group for t in trajs] == [0, 0, 1, 1]
@@ -497,7 +508,7 @@ def test_engine_error_end_reason(tok):
     class BadAppend(FakeEngine):
         def append(self, slot, tokens, sampling):
             raise RuntimeError("device lost")
-    cfg = RolloutConfig(date="2026-11-24", max_len=4096, n_slots=8)
+    cfg = loop_config(date="2026-11-24", max_len=4096, n_slots=8)
     eng = BadAppend(tok, search_browse_answer("tags"))
     trajs = rollout(None, tok, ["q1?", "q2?"], FakeBrowser(), cfg, engine=eng)
     assert [t.end_reason for t in trajs] == ["engine_error", "engine_error"] and eng.n_free == 8
@@ -534,7 +545,7 @@ def test_real_engine_row_stops_on_first_token(stop_first_model, n_q, group_size,
     import torch
 
     model, tok = stop_first_model
-    cfg = RolloutConfig(max_new_tokens=8, max_len=1024, n_slots=4, date="2026-11-24", temperature=temperature)
+    cfg = loop_config(max_new_tokens=8, max_len=1024, n_slots=4, date="2026-11-24", temperature=temperature)
     with torch.no_grad():
         trajs = rollout(model, tok, [f"q{i}?" for i in range(n_q)], FakeBrowser(), cfg,
                         group_size=group_size)
@@ -548,7 +559,7 @@ def test_real_engine_max_new_tokens_one(tiny_policy):
     import torch
 
     model, tok = tiny_policy
-    cfg = RolloutConfig(max_new_tokens=1, max_len=1024, n_slots=4, date="2026-11-24")
+    cfg = loop_config(max_new_tokens=1, max_len=1024, n_slots=4, date="2026-11-24")
     with torch.no_grad():
         trajs = rollout(model, tok, ["Who?", "Where?"], FakeBrowser(), cfg, group_size=2)
     assert [len(t.turns) for t in trajs] == [1] * 4 and all(t.end_reason == "format_error" for t in trajs)
@@ -603,7 +614,7 @@ def test_real_browser_outage_ends_every_trajectory_as_tool_failure(tiny_policy):
     model, tok = tiny_policy
     down = make_backend("serper", api_key="k", url="http://127.0.0.1:9/search", max_tries=1, timeout=2.0)
     browser = Browser(BrowseConfig(), backend=down)
-    cfg = RolloutConfig(max_new_tokens=4, max_len=1024, n_slots=4, date="2026-11-24", prompt="short",
+    cfg = loop_config(max_new_tokens=4, max_len=1024, n_slots=4, date="2026-11-24", prompt="short",
                         turn_prefixes="<search>capital of France</search>")
     try:
         with torch.no_grad():
@@ -617,7 +628,7 @@ def test_real_browser_outage_ends_every_trajectory_as_tool_failure(tiny_policy):
 
 # ------------------------------------------------------------------------------------------------ what a turn means
 
-DECIDE_CFG = RolloutConfig(max_turns=3, max_new_tokens=7, protocol="tags")
+DECIDE_CFG = loop_config(max_turns=3, max_new_tokens=7, protocol="tags")
 
 
 @pytest.mark.parametrize("n_turns,text,stop,on_bad_call,want", [
@@ -668,7 +679,7 @@ def _pool_engine(model, tok, cfg, kv_tokens):
     return Engine(model, n_slots=cfg.n_slots, max_len=cfg.max_len, decode=decode_raw, kv_tokens=kv_tokens)
 
 
-POOL_CFG = RolloutConfig(max_new_tokens=16, max_len=320, n_slots=6, date="2026-11-24", prompt="short",
+POOL_CFG = loop_config(max_new_tokens=16, max_len=320, n_slots=6, date="2026-11-24", prompt="short",
                          temperature=0.0, max_turns=3, turn_prefixes="<search>capital</search>,<search>city</search>")
 
 
@@ -763,7 +774,7 @@ def test_scripted_trajectory_is_the_rollout_of_a_policy_writing_it(tok, protocol
     """A policy that happens to write the script (the fake engine samples exactly its tokens): rollout() and
     scripted_trajectory give the same tokens, loss mask, turns, observations, stats and end."""
     script = SCRIPTS[protocol]
-    cfg = RolloutConfig(date="2026-11-24", protocol=protocol, turn_prefix_every="<think>", max_turns=5)
+    cfg = loop_config(date="2026-11-24", protocol=protocol, turn_prefix_every="<think>", max_turns=5)
     engine = FakeEngine(tok, lambda ctx, turn: script[turn], end_token=tok.eos_token_id)
     question = "What is the capital of France?"
     (rolled,) = rollout(None, tok, [question], FakeBrowser(), cfg, engine=engine)
@@ -782,11 +793,11 @@ def test_scripted_trajectory_is_the_rollout_of_a_policy_writing_it(tok, protocol
 
 
 def test_scripted_trajectory_cuts_and_ends_like_the_engine(tok):
-    cfg = RolloutConfig(date="2026-11-24", max_new_tokens=5, max_turns=2)
+    cfg = loop_config(date="2026-11-24", max_new_tokens=5, max_turns=2)
     rambling = scripted_trajectory(tok, "Who?", ["one two three four five six seven eight"], FakeBrowser(), cfg)
     assert rambling.end_reason == "format_error" and rambling.turns[0].n_tokens == 5 == sum(rambling.loss_mask)
     assert "max_new_tokens=5" in rambling.turns[0].error
-    cfg = RolloutConfig(date="2026-11-24", max_new_tokens=16, max_turns=2)
+    cfg = loop_config(date="2026-11-24", max_new_tokens=16, max_turns=2)
     beyond = scripted_trajectory(tok, "Who?", ["<search>a</search> and more text", "<search>b</search>"],
                                  FakeBrowser(), cfg)
     assert beyond.end_reason == "max_turns" and beyond.turns[0].text == "<search>a</search>"  # cut at the stop
