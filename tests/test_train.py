@@ -894,3 +894,53 @@ def test_update_diagnostics_cover_every_sampled_token(tiny_qwen2):
     empty = [Sample([1, 2, 3], [0, 0, 0], 1.0, 0)]
     got = train.update(model, torch.optim.SGD(model.parameters(), lr=0.1), empty, cfg, train.Dist(), step=0)
     assert all(got[key] is None for key in ("entropy", "clipfrac", "kl", "logp_diff"))
+
+
+def test_supervised_step_is_grpo_with_advantage_one(tiny_qwen2):
+    """The warm start's step (token-mean NLL of the loss-mask tokens) moves the weights exactly as GRPO's on-policy
+    update does when every advantage is 1, and it computes the rows' common prefix once without changing that."""
+    from model import Transformer
+
+    samples = [dataclasses.replace(sample, advantage=1.0) for sample in _grouped_samples(3, [0.0] * 6)]
+    cfg = Config(micro_tokens=10_000, loss_agg="token-mean", grad_clip=0.0, lr=0.5, temperature=1.0)
+    params = []
+    for use_update in (True, False):
+        model = Transformer.from_pretrained(tiny_qwen2)
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        if use_update:
+            assert train.update(model, opt, samples, cfg, train.Dist(), step=0)["finite"]
+        else:
+            nll_sum, grad_norm = train.supervised_step(model, opt, samples, cfg, train.Dist())
+            assert nll_sum > 0 and math.isfinite(grad_norm)
+        params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert not torch.equal(params[0], torch.cat([p.flatten() for p in Transformer.from_pretrained(tiny_qwen2)
+                                                 .parameters()]))  # it moved
+    assert torch.allclose(params[0], params[1], atol=1e-6, rtol=1e-4)
+    # a group shares its 4 prompt tokens; the prefix stops before the position that predicts the first trained one
+    assert train.common_prefix_length(samples[:3]) == 3 and train.common_prefix_length(samples[2:4]) == 0
+
+
+def test_warm_start_demonstrations_are_the_oracle_in_the_policy_format(tmp_path, tiny_qwen2):
+    """A demonstration is the oracle's trajectory through the policy's own prompt and framing: its trained tokens
+    (loss mask 1) are exactly the policy-written parts of the turns (the forced <search> of turn 1 is not trained),
+    and a question without oracle queries, or whose answer its searches do not show, gives none."""
+    from transformers import AutoTokenizer
+
+    from browse import BrowseConfig, Browser
+
+    questions = [dict(question="What nationality was the author of Hamlet?", answers=["English"],
+                      oracle_queries=["Hamlet", "William Shakespeare"]),
+                 dict(question="Who?", answers=["Oslo"]),
+                 dict(question="What nationality was the author of Hamlet?", answers=["Zzyzxian"],
+                      oracle_queries=["Hamlet", "William Shakespeare"])]
+    cfg = Config(model=tiny_qwen2, max_turns=4, max_len=2048, date="2025-01-01", warm_start_demos=5)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_qwen2)
+    browser = Browser(train.subconfig(BrowseConfig, cfg))
+    try:
+        demos = train.demonstrations(questions, tokenizer, browser, cfg, train.Dist())
+    finally:
+        browser.close()
+    assert len(demos) == 1
+    trained = [token for token, mask in zip(demos[0].tokens, demos[0].loss_mask) if mask]
+    text = tokenizer.decode(trained, skip_special_tokens=True)
+    assert text == "Hamlet</search><search>William Shakespeare</search><answer>English</answer>"
