@@ -92,11 +92,15 @@ The default run (no preset) is ours, not the paper's: SmolLM2-135M-Instruct on a
 lr 1e-5, temperature 0.7, no KL, a 30-token system prompt, one worked example as chat turns before the question
 (`example`: an unrelated question, its real search, its answer; without it a 135M model never writes an `<answer>`
 tag, see the README) and turn 1 forced to open with `<search>` (loss-masked); up to 3 turns, top-3 results, turns
-of at most 24 tokens. The step line's metrics (also in metrics.jsonl) are listed in the README.
+of at most 24 tokens. `--preset=research` trains on the research task (data/build_qa.py: questions one search cannot
+answer), with 4 turns and a warm start ("The algorithm, 5"): supervised steps on 64 of the oracle's scripted
+demonstrations before GRPO, a departure from the paper for models too small to find research by sampling.
+The step line's metrics (also in metrics.jsonl) are listed in the README.
 
 How to run
     python train.py                                                   # CPU: SmolLM2-135M-Instruct, local web
     python train.py --preset=tiny --steps=3                           # tiny random model, seconds per step
+    python train.py --preset=research                                 # CPU: the research task, warm start + GRPO
     python train.py --preset=deepresearcher --dry_run=True            # memory per GPU before launching
     torchrun --standalone --nproc_per_node=2 train.py --preset=tiny --steps=2          # 2 CPU processes (gloo)
     torchrun --standalone --nproc_per_node=8 train.py --preset=deepresearcher         # one 8-GPU node (NCCL)
