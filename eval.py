@@ -257,19 +257,22 @@ def score_record(rec: dict, protocol: str | None = None) -> dict:
 
 # ----------------------------------------------------------------------------------------------- the LLM judge (MBE)
 
-JUDGE_PROMPT = """You are grading an answer to a question. You get the question, a list of reference answers \
-(each one of them is a fully correct answer) and a predicted answer.
-
-Decide whether the predicted answer correctly answers the question. It does not have to be worded like any \
-reference answer, but it must mean the same thing as at least one of them in the context of the question. \
-An answer that is vaguer, only partly right, or hedges between several options is incorrect.
-
-question: {question}
-reference answers: {golds}
-predicted answer: {prediction}
-
-Explain your reasoning briefly first, then give your verdict. Reply with a single JSON object and nothing else:
-{{"rationale": "<your reasoning, as text>", "judgement": "<correct or incorrect>"}}"""
+JUDGE_PROMPT = (  # one string: the text the judge reads (its cache keys hash it)
+    'You are grading an answer to a question. You get the question, a list of reference answers (each '
+    'one of them is a fully correct answer) and a predicted answer.\n'
+    '\n'
+    'Decide whether the predicted answer correctly answers the question. It does not have to be worded '
+    'like any reference answer, but it must mean the same thing as at least one of them in the context '
+    'of the question. An answer that is vaguer, only partly right, or hedges between several options is '
+    'incorrect.\n'
+    '\n'
+    'question: {question}\n'
+    'reference answers: {golds}\n'
+    'predicted answer: {prediction}\n'
+    '\n'
+    'Explain your reasoning briefly first, then give your verdict. Reply with a single JSON object and '
+    'nothing else:\n'
+    '{{"rationale": "<your reasoning, as text>", "judgement": "<correct or incorrect>"}}')
 
 
 @dataclass

@@ -1164,11 +1164,13 @@ class Row:
 
 def make_engine(model, tokenizer, cfg: RolloutConfig, seed: int = 0, n_rows: int | None = None) -> Engine:
     """The engine rollout() runs on: cfg.n_slots rows (fewer when n_rows, one rollout's rows, is smaller) of up to
-    cfg.max_len tokens, a pool of cfg.kv_tokens, CUDA graphs when cfg.cuda_graphs. Build one per run and pass it to every rollout(engine=...):
-    each rollout reseeds it with its own seed, so reuse changes no sampled token, and graphs are captured once."""
+    cfg.max_len tokens, a pool of cfg.kv_tokens, CUDA graphs when cfg.cuda_graphs. Build one per run and pass it to
+    every rollout(engine=...): each rollout reseeds it with its own seed, so reuse changes no sampled token, and
+    graphs are captured once."""
     n_slots = cfg.n_slots if n_rows is None else min(cfg.n_slots, n_rows)
     decode_raw = functools.partial(tokenizer.decode, skip_special_tokens=False)
-    return Engine(model, n_slots=n_slots, max_len=cfg.max_len, decode=decode_raw, seed=seed, kv_tokens=cfg.kv_tokens or None,
+    kv_tokens = cfg.kv_tokens or None  # 0: every row can reach max_len (capped on CUDA to what is free)
+    return Engine(model, n_slots=n_slots, max_len=cfg.max_len, decode=decode_raw, seed=seed, kv_tokens=kv_tokens,
                   cuda_graphs=cfg.cuda_graphs)
 
 
@@ -1350,8 +1352,8 @@ def script_texts(queries: list[str], answer: str, protocol: str, prefixes: list[
     for turn, full_text in enumerate(full_texts):
         forced = prefixes[min(turn, len(prefixes) - 1)]
         if not full_text.startswith(forced):
-            raise ValueError(f"a scripted turn {full_text!r} does not start with the forced text {forced!r}: a scripted "
-                             f"agent needs turn prefixes that a search or an answer can start with")
+            raise ValueError(f"a scripted turn {full_text!r} does not start with the forced text {forced!r}: "
+                             f"a scripted agent needs turn prefixes that a search or an answer can start with")
         texts.append(full_text[len(forced):])
     return texts
 

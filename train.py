@@ -1109,7 +1109,8 @@ def rng_seed(seed: int, step: int, rank: int) -> int:
 # .tmp folder and renamed, so a step folder is complete or absent. --resume continues from one, --overwrite deletes
 # the earlier run; without either, out_dir must not hold one (its metrics would be appended to).
 
-RUN_OUTPUTS = ("metrics.jsonl", "ckpt", "rollouts", "reward.png", "config.json")  # what --overwrite deletes
+# what --overwrite deletes
+RUN_OUTPUTS = ("metrics.jsonl", "ckpt", "rollouts", "reward.png", "config.json", "report.html", "warm_start")
 
 
 def step_folders(cfg: Config) -> list[Path]:
