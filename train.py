@@ -239,18 +239,21 @@ PRESETS: dict[str, dict] = {
     "tiny": dict(model="tiny", out_dir="runs/train-tiny", steps=3, batch_size=4, group_size=2, max_turns=2,
                  max_new_tokens=16, max_len=1024, n_slots=8, lr=1e-3, date="2025-01-01", save_every=2,
                  micro_tokens=4096, plot_every=1, temperature=1.0, eval_every=3, eval_n=4),
-    # the paper's recipe on one or more 8-GPU nodes (weight decay 0.01, grad clip 1.0, clip 0.2 are the defaults).
-    # n_slots: the paged KV cache (56 KiB/token for the 7B) holds ~94 rows of 8k tokens per 80 GiB GPU next to the
-    # weights and sharded states (23 at the full 32k; an H200 ~210 / 53); `--dry_run=True` prints these numbers.
     # the research task (issue 21): questions one search cannot answer (data/build_qa.py --research=true: bridge,
     # comparison, must-read, 3:1 with single-hop ones the first-title shortcut misses), 4 turns (a three-name
     # comparison needs three searches), and a warm start on 64 oracle demonstrations before GRPO. Not measured end to
     # end yet: see the README ("The research task")
     "research": dict(data="data/qa_train_research.jsonl", eval_data="data/qa_dev_research.jsonl",
                      out_dir="runs/train-research", max_turns=4, max_len=1536, warm_start_demos=64),
+    # the paper's recipe on one or more 8-GPU nodes (weight decay 0.01, grad clip 1.0, clip 0.2 are the defaults).
+    # n_slots: the paged KV cache (56 KiB/token for the 7B) holds ~94 rows of 8k tokens per 80 GiB GPU next to the
+    # weights and sharded states (23 at the full 32k; an H200 ~210 / 53); `--dry_run=True` prints these numbers.
+    # kv_tokens: the run's one engine keeps its pool through the update, so it gets a fixed 384k tokens (~21 GiB for
+    # the 7B), not what is free when it is built (~85%, which would leave the update nothing); rows that outgrow it
+    # are preempted and resumed exactly. Not yet checked on a GPU.
     "deepresearcher": dict(DEEPRESEARCHER_AGENT, data="data/train.jsonl", out_dir="runs/deepresearcher", steps=100,
                            batch_size=256, group_size=16, n_slots=80, temperature=1.0, lr=1e-6, kl_coef=0.001,
-                           entropy_coef=0.001, micro_tokens=8192, save_every=10),
+                           entropy_coef=0.001, micro_tokens=8192, save_every=10, kv_tokens=393_216),
 }
 
 

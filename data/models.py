@@ -177,9 +177,9 @@ TYPICAL_TOKENS = 8192  # tokens a research trajectory typically holds at its end
 def memory_per_gpu(cfg, world: int, say=print) -> dict[str, float]:
     """Bytes per GPU by kind for a train.Config on `world` GPUs (printed by `say` with the rows the paged KV cache
     holds), returned. Approximate (no allocator fragmentation, no NCCL buffers) but in the right units. Sharded fp32
-    master weights, grads and two Adam moments: 16 bytes/param / world (on the CPU with cpu_offload). The rollout
-    holds the full bf16 weights and the paged KV cache, rows x TYPICAL_TOKENS (memory follows the tokens rows hold,
-    not max_len). Training holds two unsharded bf16 blocks, one micro-batch's activations (bf16; with checkpointing
+    master weights, grads and two Adam moments: 16 bytes/param / world (on the CPU with cpu_offload). The paged KV
+    pool (kv_tokens, else rows x TYPICAL_TOKENS: memory follows the tokens rows hold, not max_len) lives all run, as
+    train.py keeps one engine. The rollout holds the full bf16 weights. Training holds two unsharded bf16 blocks, one micro-batch's activations (bf16; with checkpointing
     only each block's input is kept) and its fp32 logits."""
     import torch
 
@@ -191,12 +191,14 @@ def memory_per_gpu(cfg, world: int, say=print) -> dict[str, float]:
     per_tok_layer = 2 * (6 * h + 2 * mc.num_key_value_heads * mc.head_dim + 4 * mc.intermediate_size)  # bf16 bytes
     acts = T * (L * h * 2 + per_tok_layer) if cfg.activation_checkpointing else T * L * per_tok_layer
     rows = min(cfg.n_slots, max(cfg.batch_size * cfg.group_size // world, 1))
-    kv = float(KVCache.nbytes_for(mc, rows * min(cfg.max_len, TYPICAL_TOKENS), torch.bfloat16))
+    # the run's one engine keeps its KV pool through the update: a fixed kv_tokens, else what its rows typically hold
+    kv_pool_tokens = getattr(cfg, "kv_tokens", 0) or rows * min(cfg.max_len, TYPICAL_TOKENS)
+    kv = float(KVCache.nbytes_for(mc, kv_pool_tokens, torch.bfloat16))
     on_gpu = 0.0 if cfg.cpu_offload else 1.0
     m = {"params (fp32, sharded)": on_gpu * 4 * n / world, "grads (fp32, sharded)": on_gpu * 4 * n / world,
          "adam state (2 x fp32, sharded)": on_gpu * 8 * n / world,
          "reference model (bf16, sharded)": 2 * n / world if cfg.kl_coef > 0 else 0.0,
-         "rollout: unsharded bf16 weights": 2 * n, f"rollout: KV cache (bf16, rows x {TYPICAL_TOKENS} tokens)": kv,
+         f"KV pool (bf16, {kv_pool_tokens} tokens, kept all run)": kv, "rollout: unsharded bf16 weights": 2 * n,
          "train: gathered blocks (2 x bf16)": 2 * 2 * (n - V * h * (1 if mc.tie_word_embeddings else 2)) / L,
          "train: activations": float(acts), "train: logits (fp32, x3 for softmax+grad)": 3 * 4 * T * V}
     states = sum(v for k, v in m.items() if not k.startswith(("rollout", "train")))
