@@ -21,8 +21,10 @@ from collections import Counter
 from dataclasses import dataclass
 
 ANSWER_SPLIT = "<|answer_split|>"
-# Tags whose balance the reference checked, plus our "tags" protocol's tool tags (<search>, <browse>).
-CHECKED_TAGS = ("think", "tool_call", "answer", "search", "browse")
+# Tags whose balance the reference checked; our "tags" protocol's tool tags (<search>, <browse>) are checked only
+# under that protocol (under "dr", as in the reference, they are text like any other).
+CHECKED_TAGS = ("think", "tool_call", "answer")
+TAGS_PROTOCOL_TAGS = ("search", "browse")
 
 _PUNCT_TABLE = str.maketrans({c: " " for c in string.punctuation})
 _ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
@@ -107,12 +109,13 @@ def extract_answer(text: str) -> str | None:
     return m.group(1).strip() if m else None
 
 
-def _tags_balanced(text: str) -> str | None:
+def _tags_balanced(text: str, protocol: str | None = None) -> str | None:
     """The reference's check_tags_balance on one text: the name of the first bad tag, or None. For each tag: as
     many openings as closings, and walking left to right, each opening has a closing after it (the walk resumes after
     that closing, so nesting of a tag inside itself is not rejected, as in the reference)."""
     low = text.lower()  # the reference lowercases the whole response first, so <Answer> counts as <answer>
-    for tag in CHECKED_TAGS:
+    tags = CHECKED_TAGS if protocol == "dr" else CHECKED_TAGS + TAGS_PROTOCOL_TAGS
+    for tag in tags:
         start, end = f"<{tag}>", f"</{tag}>"
         if low.count(start) != low.count(end):
             return tag
@@ -130,7 +133,7 @@ def format_ok(responses: list[str] | str, protocol: str | None = None) -> tuple[
     "unbalanced <tag> in turn i", "no </think> in turn i" (protocol "dr": see the module docstring) or "no answer"."""
     turns = [responses] if isinstance(responses, str) else list(responses)
     for i, text in enumerate(turns):
-        if (bad := _tags_balanced(text)) is not None:
+        if (bad := _tags_balanced(text, protocol)) is not None:
             return False, f"unbalanced <{bad}> in turn {i}"
         if protocol == "dr" and "</think>" not in text.lower():
             return False, f"no </think> in turn {i}"

@@ -111,3 +111,13 @@ def test_dr_protocol_requires_every_turn_to_close_think():
     forced = ["<think>a</think><tool_call>{}</tool_call>", "<think>b <answer>Paris</answer>"]  # forced prefix kept
     assert reward(forced, "Paris", protocol="dr").score == -1.0
     assert format_ok(good, protocol="dr") == (True, "ok")
+
+
+def test_dr_protocol_checks_only_the_reference_tags():
+    """Under dr the reference's tags are checked (think, tool_call, answer); an unbalanced <search> in the text is
+    not a format error there, as in the reference, but it is under our tags protocol, where it is a tool tag."""
+    from reward import format_ok
+
+    text = "<think>the page mentions a <search> box</think><answer>Paris</answer>"
+    assert format_ok([text], protocol="dr") == (True, "ok")
+    assert format_ok([text], protocol="tags")[0] is False

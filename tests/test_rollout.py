@@ -668,6 +668,19 @@ def test_decide_turn_every_outcome(n_turns, text, stop, on_bad_call, want):
         assert decision.observation is None
 
 
+def test_decide_turn_dr_turn_without_think_closed_ends_it():
+    """Under the dr protocol, as in the reference, a turn that does not close </think> ends the trajectory as a
+    format error, even with a well-formed call in it; a closed one goes on to its call."""
+    from dataclasses import replace
+
+    cfg = replace(DECIDE_CFG, protocol="dr", turn_prefix_every="<think>")
+    call = '<tool_call>{"name": "web_search", "arguments": {"query": ["capital of France"]}}</tool_call>'
+    unclosed = decide_turn(1, "<think>I should search" + call, "stop_string", cfg)
+    assert (unclosed.outcome, unclosed.end_reason) == ("format_error", "format_error")
+    closed = decide_turn(1, "<think>I should search.</think>" + call, "stop_string", cfg)
+    assert (closed.outcome, closed.end_reason) == ("tool_call", None)
+
+
 # ------------------------------------------------------------------------------------------------ KV pool exhaustion
 
 def _pool_engine(model, tok, cfg, kv_tokens):
