@@ -57,7 +57,7 @@ from data.models import resolve_model
 from model import Transformer
 from report import write_report
 from reward import em, normalize, reward, split_golds, squad_em, squad_f1
-from rollout import PLANS, RolloutConfig, rollout, scripted_rollout, system_prompt
+from rollout import PLANS, RolloutConfig, rollout, rule_config, scripted_rollout, system_prompt
 
 ROOT = Path(__file__).resolve().parent
 
@@ -531,10 +531,9 @@ def run_agent(cfg: Config, todo: list[dict], path: Path, model_path: str, corpus
         model = load_policy(model_path, cfg.dtype, proc.device)
     if cfg.agent == "closed_book":
         cfg = closed_book_config(cfg)
-    if cfg.agent in NO_MODEL_AGENTS:  # a rule, not a model's attempt at it: the policy's turn budget never cuts it
-        cfg = replace(cfg, max_turns=max(cfg.max_turns, 8), max_new_tokens=max(cfg.max_new_tokens, 256),
-                      max_len=max(cfg.max_len, 8192))
     rollout_cfg = subconfig(RolloutConfig, cfg)
+    if cfg.agent in NO_MODEL_AGENTS:
+        rollout_cfg = rule_config(rollout_cfg)
     with contextlib.closing(Browser(subconfig(BrowseConfig, cfg, corpus=corpus))) as browser:
         started = time.time()
         for start in range(0, len(todo), cfg.batch_size):

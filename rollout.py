@@ -48,7 +48,7 @@ import re
 import time
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -1381,6 +1381,14 @@ def oracle_plan(example: dict, session) -> tuple[list[str], str]:
 
 
 PLANS = {"first_title": first_title_plan, "oracle": oracle_plan}
+
+
+def rule_config(cfg: RolloutConfig) -> RolloutConfig:
+    """The loop settings for a scripted baseline: a rule, not a model's attempt at it, so the policy's turn budget
+    never cuts it (a whole question as a query can be longer than a policy's turn). Demonstrations to train on keep
+    the policy's own settings instead."""
+    return replace(cfg, max_turns=max(cfg.max_turns, 8), max_new_tokens=max(cfg.max_new_tokens, 256),
+                   max_len=max(cfg.max_len, 8192))
 
 
 def scripted_rollout(plan, tokenizer, examples: list[dict], browser, cfg: RolloutConfig) -> list[Trajectory]:

@@ -149,7 +149,8 @@ from data.models import memory_per_gpu, resolve_model
 from data.prepare import load_examples
 from model import ModelConfig, Transformer, save_pretrained
 from reward import reward
-from rollout import END_REASONS, RolloutConfig, make_engine, oracle_plan, rollout, scripted_rollout
+from rollout import (END_REASONS, RolloutConfig, first_title_plan, make_engine, oracle_plan, rollout,
+                     rule_config, scripted_rollout)
 
 ROOT = Path(__file__).resolve().parent
 # DCP on one process warns that it "assumes" no process group: as intended, so not every checkpoint says it
@@ -1485,6 +1486,16 @@ def dev_f1(run: Run, cfg: Config, proc: Dist) -> float:
     return sums["f1"] / max(sums["n"], 1.0)
 
 
+def first_title_f1(run: Run, cfg: Config) -> float:
+    """The shortcut's F1 on the learning curve's questions (search the question, answer the first title; no model):
+    the line a trained agent must clear, printed beside the last dev F1. Cheap: searches only."""
+    rollout_cfg = rule_config(subconfig(RolloutConfig, cfg))
+    trajs = scripted_rollout(first_title_plan, run.tokenizer, run.dev, run.browser, rollout_cfg)
+    f1s = [reward([turn.text for turn in traj.turns], run.dev[traj.group]["answers"], protocol=cfg.protocol).f1
+           for traj in trajs]
+    return sum(f1s) / max(len(f1s), 1)
+
+
 def prepare_out_dir(cfg: Config, proc: Dist) -> tuple[str, Path | None]:
     """Checks that need the world size; out_dir wiped (--overwrite) or its checkpoint found (--resume); the model
     resolved; the config's changes printed, all of it saved. Returns (model folder, checkpoint to resume from)."""
@@ -1546,10 +1557,12 @@ def open_run(cfg: Config, proc: Dist) -> Run:
     with unsharded(model):  # the engine's cache takes the dtype the rollout computes in (bf16 under FSDP on a GPU)
         engine = make_engine(model, tokenizer, rollout_cfg, seed=cfg.seed)  # its KV pool lives as long as the run
     run = Run(tokenizer, model, ref_model, optimizer, questions, dev, browser, rollout_cfg, start, history, engine)
-    if dev and start == 0:  # the curve starts at the model we were given
+    if dev and start == 0:  # the curve starts at the model we were given, beside the no-model shortcut
         history.append({"step": 0, "dev_f1": dev_f1(run, cfg, proc)})
         if proc.main:
-            print(f"step 0 | dev_f1 {history[-1]['dev_f1']:.4g} (greedy, {len(dev)} questions of {cfg.eval_data})")
+            history[-1]["dev_f1_first_title"] = first_title_f1(run, cfg)
+            print(f"step 0 | dev_f1 {history[-1]['dev_f1']:.4g} (greedy, {len(dev)} questions of {cfg.eval_data}) | "
+                  f"the first-title shortcut on them: {history[-1]['dev_f1_first_title']:.4g}")
     if cfg.warm_start_demos > 0 and start == 0:
         point = warm_start(run, cfg, proc)
         if dev:  # the warm start alone, before any GRPO step: what RL adds is what comes after this point
@@ -1592,8 +1605,10 @@ def end_run(cfg: Config, proc: Dist, history: list[dict], stop: str, saved_at: P
         last_step = history[-1]["step"] if history else 0
         print(f"done: {last_step} steps; last checkpoint {checkpoint}")
         dev = [entry["dev_f1"] for entry in history if entry.get("dev_f1") is not None]
+        shortcut = [entry["dev_f1_first_title"] for entry in history if entry.get("dev_f1_first_title") is not None]
         if dev:
-            print(f"last dev F1 (greedy): {dev[-1]:.4g}")
+            beside = f" | the first-title shortcut on the same questions: {shortcut[0]:.4g}" if shortcut else ""
+            print(f"last dev F1 (greedy): {dev[-1]:.4g}{beside}")
         print(f"reward curve: {Path(cfg.out_dir) / 'reward.png'}; metrics: {Path(cfg.out_dir) / 'metrics.jsonl'}")
         if report is not None:
             print(f"report: {report}")

@@ -484,12 +484,19 @@ def no_engine(model, tokenizer, cfg, seed=0):
     return None
 
 
+def fake_scripted_rollout(plan, tokenizer, examples, browser, cfg):
+    """The fake web has no search: a scripted agent (the first-title shortcut beside the dev F1) answers nothing."""
+    return [FakeTrajectory(ex["question"], index, [], [], [], 0, [FakeTurn("<answer>nothing</answer>")], "nothing",
+                           "answer", {"n_search": 0, "n_browse": 0}) for index, ex in enumerate(examples)]
+
+
 def fake_agent():
-    return fake_rollout, FakeRolloutConfig, FakeBrowser, FakeBrowseConfig, no_engine
+    return fake_rollout, FakeRolloutConfig, FakeBrowser, FakeBrowseConfig, no_engine, fake_scripted_rollout
 
 
-# train.py's (and eval.py's) agent seams; a part list of 4 keeps the real make_engine (a real rollout)
-AGENT_NAMES = ("rollout", "RolloutConfig", "Browser", "BrowseConfig", "make_engine")
+# train.py's (and eval.py's) agent seams; a part list of 4 keeps the real make_engine (a real rollout) and a list of 5
+# the real scripted_rollout
+AGENT_NAMES = ("rollout", "RolloutConfig", "Browser", "BrowseConfig", "make_engine", "scripted_rollout")
 
 
 def use_agent(monkeypatch, parts, module=train):
@@ -621,8 +628,11 @@ class StubBrowser:
 
 
 def real_rollout_stub_browser():
+    from rollout import make_engine
+
     rollout, RolloutConfig, _, _ = real_agent_parts()
-    return rollout, RolloutConfig, StubBrowser, FakeBrowseConfig
+    # the stub web has no ranked results for the first-title shortcut: its scripted agent is the fake one
+    return rollout, RolloutConfig, StubBrowser, FakeBrowseConfig, make_engine, fake_scripted_rollout
 
 
 def real_agent_parts():

@@ -82,6 +82,7 @@ def test_existing_run_is_refused_unless_resume_or_overwrite(tmp_path, tiny_qwen2
     printed = capsys.readouterr().out  # the start says what differs from the defaults; the end what to do next
     assert "config: --preset" not in printed and f"--out_dir={out}" in printed and '"max_turns"' not in printed
     assert f"{out / 'reward.png'}" in printed and "last dev F1 (greedy): " in printed
+    assert "the first-title shortcut on the same questions: " in printed  # the line a trained agent must clear
     assert f"report: {out / 'report.html'}" in printed and (out / "report.html").exists()
     assert f"python eval.py --preset=offline --model={out / 'ckpt' / 'step_000001' / 'hf'}" in printed
     with pytest.raises(SystemExit, match=r"already holds a run .*--resume=True.*--out_dir=.*--overwrite=True"):
