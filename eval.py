@@ -18,6 +18,8 @@ How to run
     python eval.py                                            # the offline dev set, the base SmolLM2, CPU, ~4 min
     python eval.py --model=runs/train/ckpt/step_000025/hf     # the default run's checkpoint
     python eval.py --agent=first_title                        # the no-model baseline, seconds
+    python eval.py --agent=oracle --data=data/qa_dev_research.jsonl   # the ceiling of the embedded web, seconds
+    python eval.py --report=runs/train                        # (re)write a run's or an eval's report.html
     python eval.py --preset=tiny --data=../shared/held_out_data/dev.parquet --limit=14          # CPU, seconds
     python eval.py --model=runs/ckpt/step_100 --data=../shared/held_out_data/test.parquet --backend=serper \\
         --cache=runs/search.sqlite --reader=llm --device=cuda                                      # 1 GPU

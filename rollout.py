@@ -1001,14 +1001,14 @@ class Decision:
 def decide_turn(n_turns: int, text: str, stop: str, cfg: RolloutConfig) -> Decision:
     """What a finished turn means, from the number of turns so far (this one included), the turn's text (its forced
     prefix + what the policy wrote) and why the engine stopped it (Finished.reason). The order of the checks is the
-    rule: under the dr protocol a turn that does not close </think> ends the trajectory (the reference's format
-    rule; reward.format_ok scores it -1); an answer counts even when the context ran out; a turn cut by the context ends the trajectory; neither a
+    rule: when every turn is forced to open <think> (the reference's set-up), a turn that does not close it ends the
+    trajectory (reward.format_ok scores it -1 under dr); an answer counts even when the context ran out; a turn cut by the context ends the trajectory; neither a
     call nor an answer is a format error; a malformed call ends it under on_bad_call="end"; a call after the last
     turn is not run; a malformed call under "error_observation" is answered with an error message; else the call
     runs."""
     action = parse_turn(text, cfg.protocol)
-    if cfg.protocol == "dr" and "</think>" not in text.lower():  # as the reference: the turn's format is broken
-        return Decision("format_error", action, "format_error", "no </think> in this turn")
+    if "<think>" in cfg.turn_prefix_every and "</think>" not in text.lower():  # the reference's rule: its turns
+        return Decision("format_error", action, "format_error", "no </think> in this turn")  # open <think>, forced
     if action.kind == "answer":
         return Decision("answer", action, "answer", action.error)
     if stop == "context":

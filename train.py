@@ -47,8 +47,8 @@ Departures of the deepresearcher preset from the paper and its reference impleme
   snippet_chars=300), each query's block cut to an equal share of obs_chars; a browse returns the reading agent's
   extracted facts per page. The reading agent reads as the reference does: any URL of the most recent search,
   chunks of ~40k characters while it asks to read on, a memory per query (browse.py; max_urls and max_chunks cap it).
-- As the reference, a turn that does not close `</think>` ends the trajectory (a format error, -1), and under the
-  dr protocol only the reference's tags are balance-checked (think, tool_call, answer).
+- As the reference, a turn forced to open `<think>` that does not close it ends the trajectory (a format error,
+  -1), and under the dr protocol only the reference's tags are balance-checked (think, tool_call, answer).
 - The reward reads only the policy's own turns (reward.py); the reference's format check also read web text.
 - Trajectories that the web or the engine ended are out of the loss (`mask_tool_failures`, above); the reference
   trained on them (its failed searches became observations). Counts per end reason are logged every step.
