@@ -842,7 +842,7 @@ def common_prefix_length(samples: list[Sample]) -> int:
 
 def supervised_step(model, optimizer, part: list[Sample], cfg: Config, proc: Dist) -> tuple[float, float]:
     """One optimizer step on the token-mean negative log-likelihood of `part`'s loss-mask tokens over all ranks.
-    Returns (the NLL summed on this rank, the gradient norm)."""
+    Returns (that NLL per trained token, before the step; the gradient norm)."""
     n_tokens = all_reduce_dict({"tokens": sum(sum(sample.loss_mask[1:]) for sample in part)}, "sum", proc)["tokens"]
     nll_sum = 0.0
     for rows_and_prefix in in_lockstep(micro_batches(part, cfg.micro_tokens, share=False), proc):
@@ -857,7 +857,9 @@ def supervised_step(model, optimizer, part: list[Sample], cfg: Config, proc: Dis
         nll = -logp.sum()
         (nll / n_tokens * proc.world).backward()  # FSDP averages gradients over ranks: scale back to the global sum
         nll_sum += nll.item()
-    return nll_sum, clip_and_step(model, optimizer, cfg)
+    grad_norm = clip_and_step(model, optimizer, cfg)
+    total_nll = all_reduce_dict({"nll": nll_sum}, "sum", proc)["nll"]
+    return total_nll / max(n_tokens, 1.0), grad_norm
 
 
 def warm_start(run: Run, cfg: Config, proc: Dist) -> dict:
@@ -872,10 +874,8 @@ def warm_start(run: Run, cfg: Config, proc: Dist) -> dict:
     nll_per_token = []
     for step in tqdm(range(n_steps), desc="warm start", disable=not proc.main):
         part = demos[step * per_rank: (step + 1) * per_rank]
-        nll_sum, _ = supervised_step(run.model, optimizer, part, cfg, proc)
-        counts = {"nll": nll_sum, "tokens": sum(sum(sample.loss_mask[1:]) for sample in part)}
-        sums = all_reduce_dict(counts, "sum", proc)
-        nll_per_token.append(sums["nll"] / max(sums["tokens"], 1.0))
+        step_nll, _ = supervised_step(run.model, optimizer, part, cfg, proc)
+        nll_per_token.append(step_nll)
     n_demos = all_reduce_dict({"demos": len(demos)}, "sum", proc)["demos"]
     metrics = {"warm_start_demos": n_demos, "warm_start_steps": n_steps,
                "warm_start_nll_first": nll_per_token[0] if nll_per_token else None,
