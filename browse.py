@@ -261,6 +261,15 @@ def render_search(queries: list[str], results: list, snippet_chars: int, obs_cha
     return _render(blocks, obs_chars, note)
 
 
+# "2. Apple Inc.\nhttp://..." : a result's rank and title as render_search writes them, followed by its URL
+RESULT_TITLE = re.compile(r"^\d+\. (.+)\n(?:https?://)", re.MULTILINE)
+
+
+def shown_titles(observation: str | None) -> list[str]:
+    """The titles of the search results render_search put in an observation, in order (none in other text)."""
+    return RESULT_TITLE.findall(observation or "")
+
+
 def _cut(text: str, n_chars: int) -> str:
     """`text` within n_chars, ending with " ..." when it was cut."""
     if len(text) <= n_chars:

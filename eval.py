@@ -15,10 +15,11 @@
 A format error scores 0 F1 (as in the reference) and counts in the format-error rate; no pass@k.
 
 How to run
-    python eval.py                                            # the offline dev set, the base SmolLM2, CPU, ~4 min
-    python eval.py --model=runs/train/ckpt/step_000025/hf     # the default run's checkpoint
+    python eval.py                                            # the research dev set, the base SmolLM2, CPU
+    python eval.py --model=runs/train/ckpt/step_000006/hf     # the default run's checkpoint
     python eval.py --agent=first_title                        # the no-model baseline, seconds
-    python eval.py --agent=oracle --data=data/qa_dev_research.jsonl   # the ceiling of the embedded web, seconds
+    python eval.py --agent=oracle                             # the ceiling of the embedded web, seconds
+    python eval.py --preset=single_hop                        # the single-hop dev set (data/qa_dev.jsonl), 3 turns
     python eval.py --report=runs/train                        # (re)write a run's or an eval's report.html
     python eval.py --preset=tiny --data=../shared/held_out_data/dev.parquet --limit=14          # CPU, seconds
     python eval.py --model=runs/ckpt/step_100 --data=../shared/held_out_data/test.parquet --backend=serper \\
@@ -51,14 +52,14 @@ from transformers import AutoTokenizer
 # one config source: the agent's fields, the start-up checks and the process set-up are train.py's
 from train import DEEPRESEARCHER_AGENT, AgentConfig, barrier, is_distributed, setup_distributed, turn_records, validate
 # the agent (module-level names: tests swap in fakes with monkeypatch.setattr(eval, "rollout", ...))
-from browse import BrowseConfig, Browser, WebError, chat_completion
+from browse import BrowseConfig, Browser, WebError, chat_completion, shown_titles
 from data.config import parse_config, subconfig
 from data.prepare import load_examples
 from data.wiki_corpus import default_corpus_path
 from data.models import resolve_model
 from model import Transformer
 from report import write_report
-from reward import em, normalize, reward, split_golds, squad_em, squad_f1
+from reward import behaviour, em, normalize, reward, split_golds, squad_em, squad_f1
 from rollout import PLANS, RolloutConfig, rollout, rule_config, scripted_rollout, system_prompt
 
 ROOT = Path(__file__).resolve().parent
@@ -71,7 +72,7 @@ class Config(AgentConfig):
     agent: str = "model"            # model | closed_book (the model answers with no tools, one turn) | no model:
     #                                 first_title (search the question, answer the first title) | oracle (searches
     #                                 the supporting articles, answers the gold when it saw it: the ceiling)
-    data: str = "data/qa_dev.jsonl"  # our offline dev set; the reference's parquet only when asked (--data=...)
+    data: str = "data/qa_dev_research.jsonl"  # the research dev set (train.py's default trains for it)
     out_dir: str = "runs/eval-{model}"  # {model}: a short name of --model (or the agent), one folder per agent
     limit: int = 0                  # first N rows of the data file (0 = all), before sharding and resumption
     sources: str = ""               # comma-separated data sources to keep ("" = all)
@@ -90,10 +91,12 @@ class Config(AgentConfig):
 PRESETS: dict[str, dict] = {
     # tiny random model + offline local search: the whole path in seconds on a CPU (tests, smoke runs)
     "tiny": dict(model="tiny", max_turns=3, max_new_tokens=24, max_len=2048, n_slots=16, batch_size=8,
-                 date="2025-01-01", out_dir="runs/eval-tiny-{model}", device="cpu"),
+                 date="2025-01-01", out_dir="runs/eval-tiny-{model}", device="cpu", data="data/qa_dev.jsonl"),
     # the embedded offline default, as train.py's default trains it (the defaults: SmolLM2-135M-Instruct or
-    # --model=<trained checkpoint>/hf, the offline dev split, local search, the short prompt and the scaffold)
+    # --model=<trained checkpoint>/hf, the research dev split, local search, the short prompt and the scaffold)
     "offline": dict(out_dir="runs/eval-offline-{model}"),
+    # train.py's single_hop preset: the earlier default's dev set and agent (3 turns), the README's single-hop table
+    "single_hop": dict(data="data/qa_dev.jsonl", max_turns=3, max_len=1024, out_dir="runs/eval-single-hop-{model}"),
     # the paper's evaluation set-up: train.py's deepresearcher agent and web (Qwen2.5-7B-Instruct or a trained
     # checkpoint, Serper top 10, reading agent, 10 turns of at most 2000 new tokens, ~32k context), greedy
     "deepresearcher": dict(DEEPRESEARCHER_AGENT, n_slots=64, data="../shared/held_out_data/test.parquet",
@@ -215,9 +218,6 @@ def check_same_run(out_dir: Path, identity: dict, n_done: int) -> None:
 
 # ----------------------------------------------------------------------------------------------- scoring
 
-RESULT_TITLE = re.compile(r"^\d+\. (.+)\n(?:https?://)", re.MULTILINE)  # "2. Apple Inc.\nhttp://..." in a search
-
-
 def search_queries(rec: dict) -> list[str]:
     """Every query the agent searched, in order (calls that ran or were answered with an error alike)."""
     queries = []
@@ -227,18 +227,10 @@ def search_queries(rec: dict) -> list[str]:
     return queries
 
 
-def behaviour(rec: dict, answer: str | None) -> dict:
-    """What the agent did, countable per question kind: did it search twice, did a later query name the bridge entity
-    (bridge questions only; None elsewhere), and is its answer the title of a result it was shown (the shortcut)."""
-    queries = search_queries(rec)
-    titles = [title for turn in rec["turns"] for title in RESULT_TITLE.findall(turn.get("observation") or "")]
-    bridge = normalize(rec.get("bridge") or "")
-    later_names_bridge = None
-    if bridge:
-        later_names_bridge = any(bridge in normalize(query) for query in queries[1:])
-    answer_is_title = bool(answer) and normalize(answer) in {normalize(title) for title in titles}
-    return {"n_queries": len(queries), "searched_twice": rec["stats"]["n_search"] >= 2,
-            "bridge_in_later_query": later_names_bridge, "answer_is_title": answer_is_title}
+def record_behaviour(rec: dict, answer: str | None) -> dict:
+    """reward.behaviour of a record: its searches, the result titles it was shown, its bridge entity (if any)."""
+    titles = [title for turn in rec["turns"] for title in shown_titles(turn.get("observation"))]
+    return behaviour(rec["stats"]["n_search"], search_queries(rec), titles, rec.get("bridge"), answer)
 
 
 def score_record(rec: dict, protocol: str | None = None) -> dict:
@@ -254,7 +246,7 @@ def score_record(rec: dict, protocol: str | None = None) -> dict:
     return {"reward": result.score, "format_ok": result.format_ok, "format_reason": result.reason, "f1": result.f1,
             "em": result.em, "squad_f1": squad_f1_score, "squad_em": squad_em_score, "answer": result.answer,
             "n_turns": len(rec["turns"]), "n_search": stats["n_search"], "n_browse": stats["n_browse"],
-            **behaviour(rec, result.answer if result.format_ok else None)}
+            **record_behaviour(rec, result.answer if result.format_ok else None)}
 
 
 # ----------------------------------------------------------------------------------------------- the LLM judge (MBE)

@@ -51,6 +51,12 @@ CURVES = [
     ("KL to the initial model", [("kl", "kl")], "num"),
     ("gradient norm", [("grad_norm", "grad norm")], "num"),
     ("seconds per step", [("time_rollout", "rollout"), ("time_learn", "update")], "num"),
+    ("what the policy did (sampled)", [("searched_twice", "searched 2+"),
+                                       ("bridge_in_later_query", "bridge entity in a later query"),
+                                       ("answer_is_title", "answer is a title")], "pct"),
+    ("what the policy did on dev (greedy)", [("dev_searched_twice", "searched 2+"),
+                                             ("dev_bridge_in_later_query", "bridge entity in a later query"),
+                                             ("dev_answer_is_title", "answer is a title")], "pct"),
 ]
 CHART_W, CHART_H = 300, 190  # four charts to a row on a laptop screen
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2"]

@@ -9,6 +9,8 @@ functions of strings (no torch, no I/O). Library only; tests: `python -m pytest 
   their concatenation: a tag may not span turns, which our engine cannot produce), and an `<answer>` somewhere.
   Protocol "dr": every turn must also close a `<think>` (the reference prompts each turn with `<think>`).
 - `reward(turns, gold)`: -1 on a format error, else the best word-set F1, as a `Reward` record.
+- `behaviour(...)`: what an agent did, countable per question kind (searched twice, the bridge entity in a later
+  query, an answer that is a shown result's title); train.py's metrics and eval.py's summary both count with it.
 Departure: observations are NEVER format-checked. The reference checked the whole rendered trajectory, so a web page
 that contained "<answer>" or "</think>" turned a good rollout into -1. The LLM judge (MBE) is eval.py's.
 """
@@ -161,3 +163,20 @@ def reward(responses: list[str] | str, gold: str | list[str], protocol: str | No
         return Reward(score=-1.0, format_ok=False, f1=0.0, em=0.0, answer=answer, reason=reason)
     score = f1(answer, gold)
     return Reward(score=score, format_ok=True, f1=score, em=em(answer, gold), answer=answer, reason=reason)
+
+
+# ----------------------------------------------------------------------------------------------- behaviour
+
+def behaviour(n_searches: int, queries: list[str], shown_titles: list[str], bridge: str | None,
+              answer: str | None) -> dict:
+    """What an agent did on one question: did it search twice (calls that ran), did a query after the first name
+    the bridge entity (bridge questions only; None elsewhere), and is its answer the title of a search result it was
+    shown (the first-title shortcut; False without an answer). Names compare after `normalize`."""
+    later_names_bridge = None
+    if bridge:
+        bridge_name = normalize(bridge)
+        later_names_bridge = any(bridge_name in normalize(query) for query in queries[1:])
+    titles = {normalize(title) for title in shown_titles}
+    answer_is_title = bool(answer) and normalize(answer) in titles
+    return {"n_queries": len(queries), "searched_twice": n_searches >= 2, "bridge_in_later_query": later_names_bridge,
+            "answer_is_title": answer_is_title}

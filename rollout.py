@@ -733,9 +733,9 @@ class RolloutConfig:
     """The agent loop's settings. Defaults: the embedded offline run (a 135M model on a CPU, train.py's default);
     the paper's values are train.py's DEEPRESEARCHER_AGENT. train.py's and eval.py's configs inherit these fields."""
     protocol: str = "tags"             # "tags" | "dr"
-    max_turns: int = 3                 # generation turns (reference 10): after each search, search again or answer
+    max_turns: int = 5                 # generation turns (reference 10): a three-name comparison needs 3 searches
     max_new_tokens: int = 24           # per turn (reference 2000): a query or a short answer
-    max_len: int = 1024                # context budget per row = engine cache length (reference 32768)
+    max_len: int = 1536                # context budget per row = engine cache length (reference 32768): 4 searches
     temperature: float = 0.7           # the paper: 1.0; a 135M model at 1.0 mostly writes noise
     top_p: float = 1.0
     n_slots: int = 32                  # rows decoding at once, per rank (fewer when a rollout has fewer rows)

@@ -88,19 +88,23 @@ Every field the reference's train_grpo.sh sets (and the verl defaults it relies 
     trainer.test_freq 1, val_before_train false -> eval_every 5 on eval_n 64 dev questions, and one at step 0
     trainer.nnodes 1, n_gpus_per_node 8 -> any torchrun world size
     critic.* -> none (GRPO has no critic; the reference set the fields but did not use them)
-The default run (no preset) is ours, not the paper's: SmolLM2-135M-Instruct on a CPU, 4 questions x 8, 25 steps,
-lr 1e-5, temperature 0.7, no KL, a 30-token system prompt, one worked example as chat turns before the question
-(`example`: an unrelated question, its real search, its answer; without it a 135M model never writes an `<answer>`
-tag, see the README) and turn 1 forced to open with `<search>` (loss-masked); up to 3 turns, top-3 results, turns
-of at most 24 tokens. `--preset=research` trains on the research task (data/build_qa.py: questions one search cannot
-answer), with 4 turns and a warm start ("The algorithm, 5"): supervised steps on 64 of the oracle's scripted
-demonstrations before GRPO, a departure from the paper for models too small to find research by sampling.
+The default run (no preset) is ours, not the paper's: SmolLM2-135M-Instruct on a CPU learning the research task
+(data/build_qa.py --research=true: bridge, comparison and must-read questions one search cannot answer, 3:1 with
+single-hop ones, half of which the first title answers). Its departures, all switches that the deepresearcher preset
+turns off: a 30-token system prompt; one worked example as chat turns before the question (`example`: an unrelated
+question, its real search, its answer; without it a 135M model never writes an `<answer>` tag, see the README); turn
+1 forced to open with `<search>` (loss-masked); up to 5 turns of at most 24 tokens, top-3 results; temperature 0.7,
+lr 1e-5, no KL; a warm start ("The algorithm, 5": supervised steps on 64 of the oracle's demonstrations) and, in
+every GRPO group, one oracle demonstration in place of a sampled trajectory (`group_demo`), because GRPO alone
+drives a 135M policy to one search per question (README); then 6 GRPO steps of 4 questions x 8.
+`--preset=single_hop` is the earlier default (single-hop questions, 3 turns, 25 steps, neither warm start nor
+demonstrations), whose agent learns the first-title shortcut.
 The step line's metrics (also in metrics.jsonl) are listed in the README.
 
 How to run
-    python train.py                                                   # CPU: SmolLM2-135M-Instruct, local web
+    python train.py                                                   # CPU: SmolLM2-135M-Instruct, the research task
     python train.py --preset=tiny --steps=3                           # tiny random model, seconds per step
-    python train.py --preset=research                                 # CPU: the research task, warm start + GRPO
+    python train.py --preset=single_hop                               # CPU: the earlier single-hop default
     python train.py --preset=deepresearcher --dry_run=True            # memory per GPU before launching
     torchrun --standalone --nproc_per_node=2 train.py --preset=tiny --steps=2          # 2 CPU processes (gloo)
     torchrun --standalone --nproc_per_node=8 train.py --preset=deepresearcher         # one 8-GPU node (NCCL)
@@ -143,12 +147,12 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 
 # the agent (module-level names: tests swap in fakes with monkeypatch.setattr(train, "rollout", ...))
-from browse import BrowseConfig, Browser
+from browse import BrowseConfig, Browser, shown_titles
 from data.config import parse_config, subconfig
 from data.models import memory_per_gpu, resolve_model
 from data.prepare import load_examples
 from model import ModelConfig, Transformer, save_pretrained
-from reward import reward
+from reward import behaviour, reward
 from rollout import (END_REASONS, RolloutConfig, first_title_plan, make_engine, oracle_plan, rollout,
                      rule_config, scripted_rollout)
 
@@ -172,10 +176,10 @@ class AgentConfig(RolloutConfig, BrowseConfig):
 
 @dataclass
 class Config(AgentConfig):
-    data: str = "data/qa_train.jsonl"  # .jsonl / .parquet (data/prepare.py schema)
+    data: str = "data/qa_train_research.jsonl"  # .jsonl / .parquet (data/prepare.py schema); the research mix
     out_dir: str = "runs/train"
     # steps and batch
-    steps: int = 25                 # 24 min on 2 idle CPU cores (README)
+    steps: int = 6                  # GRPO steps after the warm start (the whole default run: README, Result)
     batch_size: int = 4             # questions per step, over all ranks (divisible by world size)
     group_size: int = 8             # trajectories per question (G); 8 gives most groups a reward spread
     # optimisation
@@ -212,14 +216,19 @@ class Config(AgentConfig):
     plot_every: int = 3             # reward.png every N steps (and at the end)
     min_entropy: float = 1e-3       # mean token entropy below this for 3 steps in a row = collapse: stop
     wandb_project: str = ""         # "" = off; imported lazily
-    eval_every: int = 5             # greedy dev F1 on `eval_n` fixed dev questions every N steps (0 = off)
-    eval_data: str = "data/qa_dev.jsonl"
+    eval_every: int = 6             # greedy dev F1 on `eval_n` fixed dev questions every N steps and at the end,
+                                    # and before the first step (0 = off)
+    eval_data: str = "data/qa_dev_research.jsonl"
     eval_n: int = 64
     # the warm start ("The algorithm, 5"): supervised steps on scripted oracle demonstrations before the first GRPO
     # step, for models too small to find research by sampling; 0 = off (the paper)
-    warm_start_demos: int = 0       # demonstrations, from training questions that name their supporting articles
+    warm_start_demos: int = 64      # demonstrations, from training questions that name their supporting articles
     warm_start_batch: int = 8       # demonstrations per optimizer step (one pass over them)
     warm_start_lr: float = 1e-4     # its own AdamW; GRPO's optimizer starts fresh after it
+    # one oracle demonstration in each GRPO group, in place of one sampled trajectory (where the question names its
+    # supporting articles): every group ranks a research path that answers right beside the policy's own, so GRPO
+    # keeps a reason to search again after sampling stops doing it (off-policy guidance, as LUFFY). False = the paper
+    group_demo: bool = True
     dry_run: bool = False           # print the per-GPU memory estimate and exit
     world_size: int = 0             # dry run only: world size to estimate for (0 = the current one)
 
@@ -239,13 +248,12 @@ PRESETS: dict[str, dict] = {
     # tiny random model + local search: the whole loop in seconds per step (tests, smoke runs)
     "tiny": dict(model="tiny", out_dir="runs/train-tiny", steps=3, batch_size=4, group_size=2, max_turns=2,
                  max_new_tokens=16, max_len=1024, n_slots=8, lr=1e-3, date="2025-01-01", save_every=2,
-                 micro_tokens=4096, plot_every=1, temperature=1.0, eval_every=3, eval_n=4),
-    # the research task (issue 21): questions one search cannot answer (data/build_qa.py --research=true: bridge,
-    # comparison, must-read, 3:1 with single-hop ones the first-title shortcut misses), 4 turns (a three-name
-    # comparison needs three searches), and a warm start on 64 oracle demonstrations before GRPO. Not measured end to
-    # end yet: see the README ("The research task")
-    "research": dict(data="data/qa_train_research.jsonl", eval_data="data/qa_dev_research.jsonl",
-                     out_dir="runs/train-research", max_turns=4, max_len=1536, warm_start_demos=64),
+                 micro_tokens=4096, plot_every=1, temperature=1.0, eval_every=3, eval_n=4, data="data/qa_train.jsonl",
+                 eval_data="data/qa_dev.jsonl", warm_start_demos=0, group_demo=False),
+    # the earlier default: single-hop questions (data/qa_train.jsonl), 3 turns, no warm start, 25 steps. Its agent
+    # learns the first-title shortcut (the README's single-hop table); kept so that table can be reproduced
+    "single_hop": dict(data="data/qa_train.jsonl", eval_data="data/qa_dev.jsonl", out_dir="runs/train-single-hop",
+                       max_turns=3, max_len=1024, warm_start_demos=0, group_demo=False, steps=25, eval_every=5),
     # the paper's recipe on one or more 8-GPU nodes (weight decay 0.01, grad clip 1.0, clip 0.2 are the defaults).
     # n_slots: the paged KV cache (56 KiB/token for the 7B) holds ~94 rows of 8k tokens per 80 GiB GPU next to the
     # weights and sharded states (23 at the full 32k; an H200 ~210 / 53); `--dry_run=True` prints these numbers.
@@ -254,7 +262,8 @@ PRESETS: dict[str, dict] = {
     # are preempted and resumed exactly. Not yet checked on a GPU.
     "deepresearcher": dict(DEEPRESEARCHER_AGENT, data="data/train.jsonl", out_dir="runs/deepresearcher", steps=100,
                            batch_size=256, group_size=16, n_slots=80, temperature=1.0, lr=1e-6, kl_coef=0.001,
-                           entropy_coef=0.001, micro_tokens=8192, save_every=10, kv_tokens=393_216),
+                           entropy_coef=0.001, micro_tokens=8192, save_every=10, kv_tokens=393_216, eval_every=5,
+                           warm_start_demos=0, group_demo=False),
 }
 
 
@@ -565,7 +574,9 @@ def pad_rows(rows: list, width: int, device, dtype=torch.float32, fill=0) -> tor
 def collate(samples: list[Sample], device, pad_id: int = 0, prefix: int = 0) -> MicroBatch:
     """Right-padded (B, T) tokens and mask; old/ref/sampler logps padded to (B, T-1); advantages (B,)."""
     width = max(len(sample.tokens) for sample in samples)
-    sampler_rows = [None if sample.sampler_logp is None else sample.sampler_logp[1:] for sample in samples]
+    # a row with no sampler log-probs (a demonstration: nothing sampled it) is NaN there, left out of logp_diff
+    sampler_rows = [[math.nan] * (len(sample.tokens) - 1) if sample.sampler_logp is None else sample.sampler_logp[1:]
+                    for sample in samples]
     return MicroBatch(tokens=pad_rows([sample.tokens for sample in samples], width, device, torch.long, pad_id),
                       mask=pad_rows([sample.loss_mask for sample in samples], width, device, torch.long),
                       advantages=torch.tensor([sample.advantage for sample in samples], dtype=torch.float32,
@@ -640,8 +651,9 @@ def pass_sums(micro: MicroBatch, logp, entropy, first_pass: bool, loss=None, sta
         if "kl" in stats:
             sums["kl"] = float(stats["kl"][sampled].sum())
     if first_pass and micro.sampler_logp is not None:  # large gaps: the sampler is not the policy
-        sums["logp_diff"] = float((logp.detach() - micro.sampler_logp)[sampled].abs().sum())
-        sums["logp_diff_tokens"] = n_sampled
+        measured = sampled & micro.sampler_logp.isfinite()  # not a demonstration's tokens
+        sums["logp_diff"] = float((logp.detach() - micro.sampler_logp)[measured].abs().sum())
+        sums["logp_diff_tokens"] = float(measured.sum())
     return sums
 
 
@@ -697,6 +709,7 @@ class Batch:
     zero_var: torch.Tensor       # (Q,) bool: every valid trajectory of the question got the same reward
     skipped: torch.Tensor        # (Q,) bool: groups that masking left too small to compare
     samples: list[Sample]        # what the update trains on
+    demo: list[bool]             # (N,) the row is the oracle's demonstration (group_demo), not the policy's
 
 
 def train_step(run: Run, cfg: Config, proc: Dist, step: int) -> tuple[Batch, dict, bool]:
@@ -711,20 +724,44 @@ def train_step(run: Run, cfg: Config, proc: Dist, step: int) -> tuple[Batch, dic
     with unsharded(run.model):  # one all-gather for the whole rollout
         trajs = rollout(run.model, run.tokenizer, [q["question"] for q in questions], run.browser, run.rollout_cfg,
                         group_size=cfg.group_size, seed=rng_seed(cfg.seed, step, proc.rank), engine=run.engine)
+    demo = [False] * len(trajs)
+    if cfg.group_demo:
+        trajs, demo = with_group_demos(trajs, questions, run, cfg)
     rolled_out = time.perf_counter()
-    batch = build_samples(trajs, [q["answers"] for q in questions], cfg)
+    batch = build_samples(trajs, [q["answers"] for q in questions], cfg, demo)
     update_stats = update(run.model, run.optimizer, batch.samples, cfg, proc, step, run.ref_model)
     seconds = {"time_rollout": rolled_out - started, "time_learn": time.perf_counter() - rolled_out}
     metrics = step_metrics(batch, update_stats, seconds, cfg, proc, step)
+    policy_rows = [i for i, is_demo in enumerate(demo) if not is_demo]
+    metrics.update(behaviour_metrics([trajs[i] for i in policy_rows], questions,
+                                     [batch.rewards[i] for i in policy_rows], run.kinds, proc))
     if run.dev and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
-        metrics["dev_f1"] = dev_f1(run, cfg, proc)
+        metrics.update(dev_metrics(run, cfg, proc))
     return batch, metrics, update_stats["finite"]
 
 
-def build_samples(trajs: list, golds: list, cfg: Config) -> Batch:
+def with_group_demos(trajs: list, questions: list[dict], run: Run, cfg: Config) -> tuple[list, list[bool]]:
+    """group_demo: each group's last sampled trajectory replaced by the oracle's demonstration of its question, where
+    there is one (`demonstration`). Returns the trajectories and which rows are demonstrations. Its tokens are the
+    policy's own framing of the oracle's turns (loss mask 1 on what the policy would write); rewarded like any
+    other row, it gets a positive advantage where the policy's samples answer worse and none where they all match it."""
+    G = cfg.group_size
+    trajs = list(trajs)
+    demo = [False] * len(trajs)
+    for index, question in enumerate(questions):
+        shown = demonstration(question, run.tokenizer, run.browser, run.rollout_cfg)
+        if shown is not None:
+            shown.group = index
+            trajs[(index + 1) * G - 1] = shown
+            demo[(index + 1) * G - 1] = True
+    return trajs, demo
+
+
+def build_samples(trajs: list, golds: list, cfg: Config, demo: list[bool] | None = None) -> Batch:
     """Rewards against the gold answers (golds[trajectory.group]) and group advantages (groups never straddle
     ranks: questions are sharded, not trajectories); a trajectory the web or the engine ended says nothing about the
-    policy, so it is masked (module docstring)."""
+    policy, so it is masked (module docstring). demo: rows that are demonstrations (no sampler log-probs)."""
+    demo = demo or [False] * len(trajs)
     G = cfg.group_size
     rewards = [reward([turn.text for turn in traj.turns], golds[traj.group], protocol=cfg.protocol) for traj in trajs]
     scores = torch.tensor([result.score for result in rewards], dtype=torch.float32)
@@ -738,9 +775,10 @@ def build_samples(trajs: list, golds: list, cfg: Config) -> Batch:
     for i, traj in enumerate(trajs):
         dropped = skipped[i // G] or (cfg.filter_groups and zero_var[i // G])
         if valid[i] and not dropped:
+            sampler_logp = None if demo[i] else traj.logprobs
             samples.append(Sample(traj.tokens, traj.loss_mask, float(advantages[i]), traj.group,
-                                  sampler_logp=traj.logprobs))
-    return Batch(trajs, golds, rewards, advantages, valid, zero_var, skipped, samples)
+                                  sampler_logp=sampler_logp))
+    return Batch(trajs, golds, rewards, advantages, valid, zero_var, skipped, samples, demo)
 
 
 def peak_memory_bytes(proc: Dist) -> int:
@@ -753,9 +791,11 @@ def peak_memory_bytes(proc: Dist) -> int:
 def step_metrics(batch: Batch, update_stats: dict, seconds: dict, cfg: Config, proc: Dist, step: int) -> dict:
     """The step's metrics: sums and counts over all ranks in one collective, then means. reward, f1, em and
     format_error are over the judged trajectories (missing when every one was masked), zero_var_groups over the
-    groups compared (not skipped), the rest per trajectory; times and memory are the slowest rank's."""
-    trajs = batch.trajs
-    judged = [result for result, valid in zip(batch.rewards, batch.valid.tolist()) if valid]
+    groups compared (not skipped), the rest per trajectory; times and memory are the slowest rank's. Demonstrations
+    (group_demo) count in zero_var_groups and the update's diagnostics, nowhere else: the rest is the policy's."""
+    trajs = [traj for traj, is_demo in zip(batch.trajs, batch.demo) if not is_demo]
+    judged = [result for result, valid, is_demo in zip(batch.rewards, batch.valid.tolist(), batch.demo)
+              if valid and not is_demo]
     compared = ~batch.skipped
     sums = all_reduce_dict({
         "reward": sum(result.score for result in judged), "reward_sq": sum(result.score ** 2 for result in judged),
@@ -768,6 +808,7 @@ def step_metrics(batch: Batch, update_stats: dict, seconds: dict, cfg: Config, p
         "response_len": sum(sum(traj.loss_mask) for traj in trajs), "seq_len": sum(len(traj.tokens) for traj in trajs),
         "trajectories": len(trajs), "time_tools_sum": sum(turn.tool_s or 0.0 for traj in trajs for turn in traj.turns),
         "masked_tool_failures": int((~batch.valid).sum()), "skipped_groups": int(batch.skipped.sum()),
+        "group_demos": sum(batch.demo),
         **{f"end_{reason}": sum(traj.end_reason == reason for traj in trajs) for reason in END_REASONS}}, "sum", proc)
     slowest = all_reduce_dict({**seconds, "peak_mem_gib": peak_memory_bytes(proc) / 2**30}, "max", proc)
     n_trajs = max(sums["trajectories"], 1.0)
@@ -784,9 +825,55 @@ def step_metrics(batch: Batch, update_stats: dict, seconds: dict, cfg: Config, p
     metrics["tok_per_s"] = (sums["response_len"] + update_stats["train_tokens"]) / max(sum(seconds.values()), 1e-9)
     metrics["peak_mem_gib"] = slowest["peak_mem_gib"]
     for key, value in sums.items():
-        if key.startswith("end_") or key in ("masked_tool_failures", "skipped_groups"):
+        if key.startswith("end_") or key in ("masked_tool_failures", "skipped_groups", "group_demos"):
             metrics[key] = int(value)
     return metrics
+
+
+def behaviour_metrics(trajs: list, rows: list[dict], results: list, kinds: list[str], proc: Dist,
+                      prefix: str = "") -> dict:
+    """What the agent did, over every trajectory of all ranks (reward.behaviour): the share that searched twice, of
+    bridge questions' trajectories the share whose later query named the bridge entity, the share whose answer is a
+    shown result's title; per question kind (the data's `template`) searches per trajectory and F1. rows[traj.group]
+    is the trajectory's question; a share or mean with nothing to count is missing."""
+    sums = {"trajectories": len(trajs), "searched_twice": 0, "bridge_trajectories": 0, "bridge_in_later_query": 0,
+            "answer_is_title": 0}
+    for kind in kinds:
+        sums.update({f"n/{kind}": 0, f"search_calls/{kind}": 0, f"f1/{kind}": 0.0})
+    for traj, result in zip(trajs, results):
+        row = rows[traj.group]
+        done = behaviour(traj.stats["n_search"], trajectory_queries(traj), trajectory_titles(traj), row.get("bridge"),
+                         result.answer if result.format_ok else None)
+        sums["searched_twice"] += done["searched_twice"]
+        sums["answer_is_title"] += done["answer_is_title"]
+        if done["bridge_in_later_query"] is not None:
+            sums["bridge_trajectories"] += 1
+            sums["bridge_in_later_query"] += done["bridge_in_later_query"]
+        kind = row.get("template")
+        if kind in kinds:
+            sums[f"n/{kind}"] += 1
+            sums[f"search_calls/{kind}"] += traj.stats["n_search"]
+            sums[f"f1/{kind}"] += result.f1
+    sums = all_reduce_dict(sums, "sum", proc)
+    metrics = {
+        f"{prefix}searched_twice": mean_or_missing(sums, "searched_twice", "trajectories"),
+        f"{prefix}bridge_in_later_query": mean_or_missing(sums, "bridge_in_later_query", "bridge_trajectories"),
+        f"{prefix}answer_is_title": mean_or_missing(sums, "answer_is_title", "trajectories")}
+    for kind in kinds:
+        metrics[f"{prefix}search_calls/{kind}"] = mean_or_missing(sums, f"search_calls/{kind}", f"n/{kind}")
+        metrics[f"{prefix}f1/{kind}"] = mean_or_missing(sums, f"f1/{kind}", f"n/{kind}")
+    return metrics
+
+
+def trajectory_queries(traj) -> list[str]:
+    """Every query of the trajectory's web_search calls, in order."""
+    return [str(query) for turn in traj.turns if turn.tool == "web_search" and turn.args
+            for query in turn.args.get("query", [])]
+
+
+def trajectory_titles(traj) -> list[str]:
+    """The titles of every search result the trajectory was shown."""
+    return [title for turn in traj.turns for title in shown_titles(turn.observation)]
 
 
 def judged_means(sums: dict) -> dict:
@@ -819,14 +906,22 @@ def demonstrations(questions: list[dict], tokenizer, browser, cfg: Config, proc:
     for index in order:
         if len(demos) == cfg.warm_start_demos:
             break
-        question = questions[index]
-        if not question.get("oracle_queries"):
-            continue
-        traj = scripted_rollout(oracle_plan, tokenizer, [question], browser, rollout_cfg)[0]
-        result = reward([turn.text for turn in traj.turns], question["answers"], protocol=cfg.protocol)
-        if traj.end_reason == "answer" and result.f1 == 1.0:
+        traj = demonstration(questions[index], tokenizer, browser, rollout_cfg)
+        if traj is not None:
             demos.append(Sample(traj.tokens, traj.loss_mask, advantage=1.0, group=len(demos)))
     return demos[proc.rank:: proc.world]
+
+
+def demonstration(question: dict, tokenizer, browser, rollout_cfg: RolloutConfig):
+    """The oracle's trajectory on a training question, in the policy's framing; None when the question names no
+    supporting articles (oracle_queries) or the oracle does not end with the right answer."""
+    if not question.get("oracle_queries"):
+        return None
+    traj = scripted_rollout(oracle_plan, tokenizer, [question], browser, rollout_cfg)[0]
+    result = reward([turn.text for turn in traj.turns], question["answers"], protocol=rollout_cfg.protocol)
+    if traj.end_reason != "answer" or result.f1 != 1.0:
+        return None
+    return traj
 
 
 def common_prefix_length(samples: list[Sample]) -> int:
@@ -1090,6 +1185,12 @@ def load_questions(path: str) -> list[dict]:
         raise SystemExit(f"--data={path}: {file} holds no questions; point --data at a JSONL file with one "
                          f'{{"question": ..., "answers": [...]}} per line')
     return rows  # question and answers, and the research set's oracle_queries (the warm start's demonstrations)
+
+
+def question_kinds(rows: list[dict]) -> list[str]:
+    """The data's question kinds (its `template` field), sorted: the same list on every rank, so per-kind counts
+    reduce in one collective."""
+    return sorted({row["template"] for row in rows if row.get("template")})
 
 
 def epoch_permutation(n: int, epoch: int, seed: int) -> torch.Tensor:
@@ -1422,9 +1523,12 @@ def start_wandb(cfg: Config, proc: Dist):
 
 
 def step_line(step: int, metrics: dict) -> str:
-    """`step 3 | reward 0.123 | f1 0.2 | ...`: one greppable line per step (missing values are left out)."""
+    """`step 3 | reward 0.123 | f1 0.2 | ...`: one greppable line per step (missing values are left out, and so are
+    the per-kind breakdowns, keys with a "/": metrics.jsonl and the report hold them)."""
     parts = [f"step {step}"]
     for key, value in metrics.items():
+        if "/" in key:
+            continue
         if isinstance(value, float):
             parts.append(f"{key} {value:.4g}")
         elif isinstance(value, (int, str)):
@@ -1470,20 +1574,24 @@ class Run:
     start: int                          # the first step to run (a resumed run's saved step)
     history: list[dict]                 # per step: reward, f1, format_error, dev_f1 (the curve; saved in state.json)
     engine: object                      # rollout's engine, built once: every rollout reseeds it (make_engine)
+    kinds: list[str]                    # the training set's question kinds (templates): behaviour per kind
 
 
-def dev_f1(run: Run, cfg: Config, proc: Dist) -> float:
-    """Greedy F1 on a fixed list of dev questions (the learning curve); each rank runs its share."""
+def dev_metrics(run: Run, cfg: Config, proc: Dist) -> dict:
+    """Greedy F1 on a fixed list of dev questions (the learning curve; each rank runs its share), and what the
+    agent did on them: dev_f1, then behaviour_metrics with the prefix "dev_" (per kind of the dev set's templates)."""
     mine = run.dev[proc.rank:: proc.world]
     trajs = []
     with unsharded(run.model):  # every rank joins the all-gather, even one with no question
         if mine:
             trajs = rollout(run.model, run.tokenizer, [q["question"] for q in mine], run.browser,
                             subconfig(RolloutConfig, cfg, temperature=0.0), group_size=1, seed=0, engine=run.engine)
-    f1s = [reward([turn.text for turn in traj.turns], mine[traj.group]["answers"], protocol=cfg.protocol).f1
-           for traj in trajs]
-    sums = all_reduce_dict({"f1": sum(f1s), "n": len(f1s)}, "sum", proc)
-    return sums["f1"] / max(sums["n"], 1.0)
+    results = [reward([turn.text for turn in traj.turns], mine[traj.group]["answers"], protocol=cfg.protocol)
+               for traj in trajs]
+    sums = all_reduce_dict({"f1": sum(result.f1 for result in results), "n": len(results)}, "sum", proc)
+    dev_kinds = question_kinds(run.dev)
+    return {"dev_f1": sums["f1"] / max(sums["n"], 1.0),
+            **behaviour_metrics(trajs, mine, results, dev_kinds, proc, prefix="dev_")}
 
 
 def first_title_f1(run: Run, cfg: Config) -> float:
@@ -1556,9 +1664,10 @@ def open_run(cfg: Config, proc: Dist) -> Run:
     rollout_cfg = subconfig(RolloutConfig, cfg)
     with unsharded(model):  # the engine's cache takes the dtype the rollout computes in (bf16 under FSDP on a GPU)
         engine = make_engine(model, tokenizer, rollout_cfg, seed=cfg.seed)  # its KV pool lives as long as the run
-    run = Run(tokenizer, model, ref_model, optimizer, questions, dev, browser, rollout_cfg, start, history, engine)
+    run = Run(tokenizer, model, ref_model, optimizer, questions, dev, browser, rollout_cfg, start, history, engine,
+              question_kinds(questions))
     if dev and start == 0:  # the curve starts at the model we were given, beside the no-model shortcut
-        history.append({"step": 0, "dev_f1": dev_f1(run, cfg, proc)})
+        history.append({"step": 0, **dev_metrics(run, cfg, proc)})
         if proc.main:
             history[-1]["dev_f1_first_title"] = first_title_f1(run, cfg)
             print(f"step 0 | dev_f1 {history[-1]['dev_f1']:.4g} (greedy, {len(dev)} questions of {cfg.eval_data}) | "
@@ -1566,7 +1675,8 @@ def open_run(cfg: Config, proc: Dist) -> Run:
     if cfg.warm_start_demos > 0 and start == 0:
         point = warm_start(run, cfg, proc)
         if dev:  # the warm start alone, before any GRPO step: what RL adds is what comes after this point
-            point["dev_f1_warm_start"] = dev_f1(run, cfg, proc)
+            after = dev_metrics(run, cfg, proc)
+            point.update({f"{key}_warm_start": value for key, value in after.items()})
             if proc.main:
                 print(f"after the warm start | dev_f1 {point['dev_f1_warm_start']:.4g}")
         if history:

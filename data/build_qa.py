@@ -47,8 +47,11 @@ order: the bridge's name then the answer; each compared article with its year; t
 articles of the single-hop set keep its split; the others go to dev with probability dev_frac (a hash); a question
 goes with the article it names, a person bridge goes with it, and a country bridge serves both splits, as the capital
 questions of the single-hop set do. Comparisons pair articles within one split. At most 80 dev and max_per_kind
-training questions per kind. The training file mixes in the single-hop set's one-hop training questions that the
-first-title heuristic gets wrong, 1 for every 3 research questions.
+training questions per kind. The training file mixes in the single-hop set's one-hop training questions, 1 for every
+3 research questions: half of them ones the first-title heuristic gets wrong, half ones it answers (`shortcut_share`;
+`first_title_answers` marks them). With none of the latter, a policy learns "never answer the first title", which is
+as blind as the shortcut: on data/qa_dev.jsonl, where two thirds of the answers are the first title, such an agent
+fell from the single-hop default's 53.9 F1 to 33.6 (README).
 
 Run: python data/build_qa.py                    # -> data/qa_train.jsonl, data/qa_dev.jsonl
      python data/build_qa.py --n_train=3000 --n_dev=300 --seed=0 --corpus=FILE --out_dir=data
@@ -599,12 +602,13 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 
 def build_research(corpus: str, old_train: list[dict], old_dev: list[dict], seed: int = 0, dev_frac: float = 0.3,
-                   per_fact: int = 3, single_hop_share: float = 0.25,
+                   per_fact: int = 3, single_hop_share: float = 0.25, shortcut_share: float = 0.5,
                    max_per_kind: dict | None = None, comparison_names: int = 3):
     """The research splits and a report: {"train": [...], "dev": [...]}, {"rejected": Counter, ...}.
 
     `old_train`/`old_dev` are the existing QA splits: their articles keep their split, and the training file mixes in
-    the existing single-hop training questions the first-title heuristic gets wrong, `single_hop_share` of it."""
+    the existing single-hop training questions, `single_hop_share` of it; `shortcut_share` of those are questions the
+    first-title heuristic answers (marked `first_title_answers`), the rest ones it gets wrong."""
     max_per_kind = max_per_kind or {"train": 300, "dev": 80}
     recs = read_jsonl(corpus)
     by_id = {r["id"]: r for r in recs}
@@ -658,15 +662,22 @@ def build_research(corpus: str, old_train: list[dict], old_dev: list[dict], seed
             rec["oracle_queries"] = c["oracle_queries"]
             records.append(rec)
         out[name] = records
-    # the single-hop share of training: existing training questions the first-title heuristic does not answer
-    single = [dict(r, kind=r["template"], oracle_queries=[r["question"]]) for r in old_train
-              if r["hops"] == 1 and f1(web.first_title(r["question"]), r["answers"]) < 0.5]
-    rng.shuffle(single)
-    n_single = min(len(single), round(len(out["train"]) * single_hop_share / (1 - single_hop_share)))
-    out["train"] = out["train"] + single[:n_single]
+    # the single-hop share of training: existing training questions, some the first-title heuristic answers
+    single = {False: [], True: []}
+    for r in old_train:
+        if r["hops"] == 1:
+            answers = f1(web.first_title(r["question"]), r["answers"]) >= 0.5
+            single[answers].append(dict(r, kind=r["template"], oracle_queries=[r["question"]],
+                                        first_title_answers=answers))
+    n_single = round(len(out["train"]) * single_hop_share / (1 - single_hop_share))
+    n_shortcut = min(len(single[True]), round(n_single * shortcut_share))
+    n_missed = min(len(single[False]), n_single - n_shortcut)
+    for answers, n in ((False, n_missed), (True, n_shortcut)):
+        rng.shuffle(single[answers])
+        out["train"] = out["train"] + single[answers][:n]
     rng.shuffle(out["train"])
     web.close()
-    return out, dict(rejected=rejected, single_hop_available=len(single))
+    return out, dict(rejected=rejected, single_hop_available=len(single[False]))
 
 
 def oracle_sees(rec: dict, web: PolicyWeb) -> bool:

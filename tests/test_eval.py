@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+import browse
 import eval as ev
 from test_train import use_agent
 
@@ -400,16 +401,30 @@ def test_oracle_agent_and_behaviour_counts(tmp_path):
 
 
 def test_behaviour_hand_checked():
+    """reward.behaviour (shared by eval's summary and train's metrics) on hand-made records, through eval's reading
+    of a record: its queries, the titles browse.render_search showed, its bridge entity."""
     def rec(queries, observation, bridge=""):
         turns = [dict(text="", tool="web_search", args={"query": [q]}, observation=observation) for q in queries]
         return dict(turns=turns, stats={"n_search": len(queries)}, bridge=bridge)
 
     shown = 'Search "x":\n1. Apple Inc.\nhttp://localweb/wiki/Apple_Inc.\nApple is ...\n2. Steve Jobs\nhttp://l/S\n...'
-    one = ev.behaviour(rec(["apple founder"], shown, bridge="Steve Jobs"), "steve jobs")
+    one = ev.record_behaviour(rec(["apple founder"], shown, bridge="Steve Jobs"), "steve jobs")
     assert one == {"n_queries": 1, "searched_twice": False, "bridge_in_later_query": False, "answer_is_title": True}
-    two = ev.behaviour(rec(["apple founder", "Steve Jobs birth"], shown, bridge="Steve Jobs"), "1955")
+    two = ev.record_behaviour(rec(["apple founder", "Steve Jobs birth"], shown, bridge="Steve Jobs"), "1955")
     assert two["searched_twice"] and two["bridge_in_later_query"] and not two["answer_is_title"]
-    assert ev.behaviour(rec(["a", "b"], shown), None)["bridge_in_later_query"] is None  # not a bridge question
+    assert ev.record_behaviour(rec(["a", "b"], shown), None)["bridge_in_later_query"] is None  # not a bridge question
+    # the first query naming the bridge does not count: the entity must come from reading, in a later query
+    first_only = ev.record_behaviour(rec(["Steve Jobs", "apple"], shown, bridge="Steve Jobs"), None)
+    assert first_only["bridge_in_later_query"] is False and first_only["answer_is_title"] is False
+
+
+def test_shown_titles_reads_render_search():
+    """The titles come back out of browse's own rendering of results, in order, and from nothing else."""
+    results = [browse.SearchResult(rank=i + 1, title=t, url=f"http://localweb/wiki/{i}", snippet="1. Not a title")
+               for i, t in enumerate(["Oslo", "Norway (country)"])]
+    text = browse.render_search(["capital of Norway"], [results], snippet_chars=200, obs_chars=2000)
+    assert browse.shown_titles(text) == ["Oslo", "Norway (country)"]
+    assert browse.shown_titles("Page http://x:\n1. Oslo is the capital") == [] and browse.shown_titles(None) == []
 
 
 def test_run_identity_counts_the_date_only_where_the_prompt_shows_it(tmp_path):

@@ -179,6 +179,8 @@ def test_committed_research_splits():
     assert min(per_template.values()) >= 80, per_template
     assert 2.5 <= len(research_train) / len(single) <= 3.5  # about 3 research : 1 single-hop
     assert all(r["hops"] == 1 for r in single)
+    # half of the single-hop ones are questions the shortcut answers: answering a title is sometimes right
+    assert 0.4 <= sum(r["first_title_answers"] for r in single) / len(single) <= 0.6
     for r in research_train + dev:
         assert set(r) >= {"id", "source", "question", "answers", "hops", "template", "kind", "support",
                           "oracle_queries"}
@@ -203,7 +205,8 @@ def test_committed_research_splits():
 @pytest.mark.slow
 def test_committed_research_acceptance():
     """On the committed files, through the policy's own search: the first title never answers (F1 < 0.5), for dev
-    and for every training question; no dev read or bridge answer is a top-3 title; the oracle sees every fact."""
+    and for every training question but the single-hop ones marked first_title_answers (where it always does); no
+    dev read or bridge answer is a top-3 title; the oracle sees every fact."""
     from data.wiki_corpus import default_corpus_path
     from reward import f1
     train, dev = _load("qa_train_research.jsonl"), _load("qa_dev_research.jsonl")
@@ -211,7 +214,7 @@ def test_committed_research_acceptance():
     try:
         for r in train + dev:
             shown, _ = web.search(r["question"])
-            assert f1(shown[0]["title"], r["answers"]) < 0.5, r
+            assert (f1(shown[0]["title"], r["answers"]) >= 0.5) == r.get("first_title_answers", False), r
         for r in dev + [r for r in train if r["source"] == build_qa.RESEARCH_SOURCE]:
             shown, _ = web.search(r["question"])
             if r["template"] != "comparison":

@@ -20,6 +20,7 @@ import torch
 
 import train
 from data.models import memory_per_gpu
+from reward import reward
 from train import (Config, PRESETS, Sample, group_advantages, micro_batches, parse_config, policy_loss,
                    token_logprobs, zero_variance_groups)
 
@@ -36,6 +37,13 @@ def test_parse_config_types_presets_and_errors():
     dr = parse_config(Config, ["--preset=deepresearcher"], PRESETS)
     paper = (dr.batch_size, dr.group_size, dr.lr, dr.kl_coef, dr.entropy_coef, dr.max_turns, dr.max_new_tokens)
     assert paper == (256, 16, 1e-6, 0.001, 0.001, 10, 2000)
+    assert dr.warm_start_demos == 0 and dr.group_demo is False  # our departures for small models are off
+    # the earlier default, kept as a preset: its table in the README is reproduced by it
+    single = parse_config(Config, ["--preset=single_hop"], PRESETS)
+    assert (single.data, single.eval_data, single.max_turns, single.max_len, single.steps, single.eval_every) == (
+        "data/qa_train.jsonl", "data/qa_dev.jsonl", 3, 1024, 25, 5)
+    assert single.warm_start_demos == 0 and single.group_demo is False
+    assert Config().warm_start_demos > 0 and Config().group_demo and Config().data == "data/qa_train_research.jsonl"
     with pytest.raises(SystemExit, match="did you mean --kl_coef"):
         parse_config(Config, ["--kl_coeff=0.1"], PRESETS)
     with pytest.raises(SystemExit, match="expects int"):
@@ -438,10 +446,11 @@ class FakeBrowser:
 
 
 def gold_answers(questions: list[str]) -> list[list[str]]:
-    """The gold answers of questions from the default train and dev files (rollout() gets no gold: train.py scores)."""
+    """The gold answers of questions from the default and the tiny preset's train and dev files (rollout() gets no
+    gold: train.py scores)."""
     root = Path(train.__file__).resolve().parent
-    golds = {row["question"]: row["answers"] for path in (Config.data, Config.eval_data)
-             for row in train.load_questions(str(root / path))}
+    paths = (Config.data, Config.eval_data, PRESETS["tiny"]["data"], PRESETS["tiny"]["eval_data"])
+    golds = {row["question"]: row["answers"] for path in paths for row in train.load_questions(str(root / path))}
     return [golds[question] for question in questions]
 
 
@@ -740,19 +749,25 @@ def test_entropy_collapse_stops_with_a_checkpoint(tmp_path, tiny_qwen2, monkeypa
 
 @pytest.mark.slow
 def test_default_config_one_step(tmp_path):
-    """`python train.py --steps=1` on the default config: SmolLM2-135M (offline from the packaged GGUF), the offline
-    QA set, local search and LocalWeb, the scaffold; one real GRPO step, a checkpoint and the reward curve."""
+    """`python train.py --steps=1` on the default config (a shorter warm start): SmolLM2-135M (offline from the
+    packaged GGUF), the research QA mix, local search and LocalWeb, the scaffold; the warm start and its export, one
+    real GRPO step with a demonstration in each group that has one, the behaviour counts, a checkpoint, the curve."""
     out = tmp_path / "run"
     p = subprocess.run([sys.executable, "train.py", "--steps=1", "--batch_size=2", f"--out_dir={out}",
-                        "--eval_n=8", "--date=2026-11-24"], cwd=Path(train.__file__).parent, capture_output=True,
-                       text=True, timeout=1500)
+                        "--eval_n=8", "--warm_start_demos=4", "--warm_start_batch=2", "--date=2026-11-24"],
+                       cwd=Path(train.__file__).parent, capture_output=True, text=True, timeout=1500)
     assert p.returncode == 0, p.stderr[-3000:]
     m = [json.loads(x) for x in open(out / "metrics.jsonl")]
     assert len(m) == 1 and m[0]["step"] == 1 and -1.0 <= m[0]["reward"] <= 1.0 and m[0]["search_calls"] > 0
     assert 0.0 <= m[0]["dev_f1"] <= 1.0  # the learning curve's point at the last step (and one at step 0 in the plot)
+    assert 1 <= m[0]["group_demos"] <= 2 and 0.0 <= m[0]["searched_twice"] <= 1.0
+    assert 0.0 <= m[0]["dev_searched_twice"] <= 1.0 and "dev_f1/bridge" in m[0]
+    state = json.loads(max((out / "ckpt").glob("step_*/state.json")).read_text())
+    assert state["history"][0]["warm_start_demos"] == 4 and "dev_f1_warm_start" in state["history"][0]
+    assert (out / "warm_start" / "hf" / "config.json").exists()
     assert (out / "reward.png").stat().st_size > 1000
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and cfg["data"] == "data/qa_train.jsonl"
+    assert cfg["model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and cfg["data"] == "data/qa_train_research.jsonl"
     assert (out / "ckpt" / "step_000001" / "hf" / "config.json").exists()
 
 
@@ -882,6 +897,37 @@ def test_zero_var_groups_counts_only_compared_groups():
     assert metrics["skipped_groups"] == 1 and metrics["reward"] == pytest.approx(0.8)
 
 
+def test_behaviour_metrics_per_kind_and_bridge():
+    """What the agent did, by hand: a bridge question (one trajectory searched its bridge entity second, one answered
+    the first title) and a read question (one search); shares over trajectories, searches and F1 per kind, and the
+    bridge share over bridge questions' trajectories only. A kind with no trajectory this step is missing."""
+    shown = 'Search "q":\n1. Hamlet\nhttp://localweb/wiki/Hamlet\nHamlet is a play by William Shakespeare ...'
+
+    def search(query):
+        return FakeTurn(f"<search>{query}</search>", "web_search", {"query": [query]}, shown)
+
+    def traj(group, queries, answer):
+        turns = [search(query) for query in queries] + [FakeTurn(f"<answer>{answer}</answer>")]
+        return FakeTrajectory("q", group, [1], [0], [0.0], 1, turns, answer, "answer", {"n_search": len(queries)})
+
+    rows = [dict(question="Where was the author of Hamlet born?", answers=["Stratford"], template="bridge",
+                 bridge="William Shakespeare"),
+            dict(question="Who wrote Hamlet?", answers=["William Shakespeare"], template="read")]
+    trajs = [traj(0, ["Hamlet author", "William Shakespeare birthplace"], "Stratford"), traj(0, ["Hamlet"], "Hamlet"),
+             traj(1, ["Hamlet"], "William Shakespeare")]
+    results = [reward([turn.text for turn in t.turns], rows[t.group]["answers"]) for t in trajs]
+    metrics = train.behaviour_metrics(trajs, rows, results, ["bridge", "comparison", "read"], train.Dist())
+    assert metrics["searched_twice"] == pytest.approx(1 / 3) and metrics["answer_is_title"] == pytest.approx(1 / 3)
+    assert metrics["bridge_in_later_query"] == 0.5  # of the 2 bridge trajectories, not of all 3
+    assert metrics["search_calls/bridge"] == 1.5 and metrics["f1/bridge"] == 0.5
+    assert metrics["search_calls/read"] == 1.0 and metrics["f1/read"] == 1.0
+    assert metrics["search_calls/comparison"] is None and metrics["f1/comparison"] is None
+    dev = train.behaviour_metrics(trajs[2:], rows, results[2:], ["read"], train.Dist(), prefix="dev_")
+    assert dev["dev_bridge_in_later_query"] is None and dev["dev_f1/read"] == 1.0
+    line = train.step_line(1, {"f1": 0.5, **metrics})
+    assert "searched_twice" in line and "/" not in line  # per-kind keys: metrics.jsonl and the report only
+
+
 def test_update_diagnostics_cover_every_sampled_token(tiny_qwen2):
     """entropy and logp_diff are over all sampled tokens, the zero-advantage rows (whose forward/backward the update
     skips) included; kl is missing without a KL term; all of them are missing when there is no sampled token."""
@@ -954,3 +1000,41 @@ def test_warm_start_demonstrations_are_the_oracle_in_the_policy_format(tmp_path,
     trained = [token for token, mask in zip(demos[0].tokens, demos[0].loss_mask) if mask]
     text = tokenizer.decode(trained, skip_special_tokens=True)
     assert text == "Hamlet</search><search>William Shakespeare</search><answer>English</answer>"
+
+
+def test_group_demo_replaces_one_row_per_group_and_stays_out_of_the_policys_metrics(tiny_qwen2):
+    """group_demo: the last row of each group whose question names its supporting articles becomes the oracle's
+    demonstration (answering right), rewarded and ranked like the others, so it gets the positive advantage where
+    the policy's samples are wrong; a question without oracle queries keeps its samples. The policy's metrics leave
+    the demonstration out, and logp_diff skips its tokens (nothing sampled them)."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from browse import BrowseConfig, Browser
+    from rollout import RolloutConfig
+
+    questions = [dict(question="What nationality was the author of Hamlet?", answers=["English"],
+                      oracle_queries=["Hamlet", "William Shakespeare"]),
+                 dict(question="Who?", answers=["Oslo"])]
+    cfg = Config(model=tiny_qwen2, group_size=2, max_turns=4, max_len=2048, date="2025-01-01")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_qwen2)
+    browser = Browser(train.subconfig(BrowseConfig, cfg))
+    run = SimpleNamespace(tokenizer=tokenizer, browser=browser, rollout_cfg=train.subconfig(RolloutConfig, cfg))
+    sampled = [FakeTrajectory("q", i // 2, [1, 2, 3, 4], [0, 0, 1, 1], [0.0, 0.0, -0.5, -0.5], 2,
+                              [FakeTurn(f"<answer>{answer}</answer>")], answer, "answer", {"n_search": 0})
+               for i, answer in enumerate(["French", "French", "Oslo", "Paris"])]
+    try:
+        trajs, demo = train.with_group_demos(sampled, questions, run, cfg)
+    finally:
+        browser.close()
+    assert demo == [False, True, False, False] and trajs[0] is sampled[0] and trajs[2:] == sampled[2:]
+    assert trajs[1].group == 0 and trajs[1].answer == "English" and trajs[1].stats["n_search"] == 2
+    batch = train.build_samples(trajs, [q["answers"] for q in questions], cfg, demo)
+    assert batch.samples[1].sampler_logp is None and batch.samples[1].advantage > 0 > batch.samples[0].advantage
+    metrics = train.step_metrics(batch, UPDATE_STATS, {"time_rollout": 1.0, "time_learn": 1.0}, cfg, train.Dist(), 0)
+    assert metrics["group_demos"] == 1 and metrics["f1"] == pytest.approx(1 / 3)  # French 0, Oslo 1, Paris 0
+    assert metrics["search_calls"] == 0  # the demonstration's two searches are not the policy's
+    micro = train.collate(batch.samples[:2], "cpu")
+    sums = train.pass_sums(micro, torch.zeros(micro.mask[:, 1:].shape), torch.zeros(micro.mask[:, 1:].shape), True)
+    assert sums["logp_diff_tokens"] == 2 and sums["logp_diff"] == pytest.approx(1.0)  # row 0's two sampled tokens

@@ -216,7 +216,9 @@ def test_damaged_checkpoint_is_named_and_skipped(damage, tmp_path, tiny_qwen2, m
 def test_eval_defaults_one_folder_per_model_and_the_offline_dev_set():
     import eval as ev
 
-    assert ev.Config().data == "data/qa_dev.jsonl"
+    assert ev.Config().data == "data/qa_dev_research.jsonl"  # the dev set of what the default run trains for
+    single = ev.parse_config(ev.Config, ["--preset=single_hop"], ev.PRESETS)
+    assert (single.data, single.max_turns, single.max_len) == ("data/qa_dev.jsonl", 3, 1024)
     base = ev.resolve_out_dir(ev.parse_config(ev.Config, ["--preset=offline"], ev.PRESETS))
     trained = ev.resolve_out_dir(ev.parse_config(
         ev.Config, ["--preset=offline", "--model=runs/train/ckpt/step_000006/hf"], ev.PRESETS))
