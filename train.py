@@ -1481,8 +1481,13 @@ def plot_rewards(history: list[dict], path: Path) -> None:
                        ("format_error", "format-error rate")):
         values = [entry.get(key) for entry in history]
         ax.plot(steps, [float("nan") if value is None else value for value in values], marker="o", ms=3, label=label)
-    dev = [(entry["step"], entry["dev_f1"]) for entry in history if entry.get("dev_f1") is not None]
-    if dev:  # the learning curve: greedy F1 on a fixed dev subset, measured every eval_every steps
+    dev = []
+    for entry in history:  # the learning curve: greedy F1 on a fixed dev subset, measured every eval_every steps
+        if entry.get("dev_f1") is not None:
+            dev.append((entry["step"], entry["dev_f1"]))
+        if entry.get("dev_f1_warm_start") is not None:  # after the warm start, before step 1: a jump at step 0
+            dev.append((entry["step"], entry["dev_f1_warm_start"]))
+    if dev:
         ax.plot([step for step, _ in dev], [f1 for _, f1 in dev], marker="s", ms=5, lw=2, color="black",
                 label="dev F1 (greedy)")
     ax.set_xlabel("step")
