@@ -50,16 +50,17 @@ import torch
 from transformers import AutoTokenizer
 
 # one config source: the agent's fields, the start-up checks and the process set-up are train.py's
-from train import DEEPRESEARCHER_AGENT, AgentConfig, barrier, is_distributed, setup_distributed, turn_records, validate
+from train import (DEEPRESEARCHER_AGENT, AgentConfig, barrier, is_distributed, setup_distributed, turn_records,
+                   turns_behaviour, validate)
 # the agent (module-level names: tests swap in fakes with monkeypatch.setattr(eval, "rollout", ...))
-from browse import BrowseConfig, Browser, WebError, chat_completion, shown_titles
+from browse import BrowseConfig, Browser, WebError, chat_completion
 from data.config import parse_config, subconfig
 from data.prepare import load_examples
 from data.wiki_corpus import default_corpus_path
 from data.models import resolve_model
 from model import Transformer
 from report import write_report
-from reward import behaviour, em, normalize, reward, split_golds, squad_em, squad_f1
+from reward import em, normalize, reward, split_golds, squad_em, squad_f1
 from rollout import PLANS, RolloutConfig, rollout, rule_config, scripted_rollout, system_prompt
 
 ROOT = Path(__file__).resolve().parent
@@ -218,19 +219,9 @@ def check_same_run(out_dir: Path, identity: dict, n_done: int) -> None:
 
 # ----------------------------------------------------------------------------------------------- scoring
 
-def search_queries(rec: dict) -> list[str]:
-    """Every query the agent searched, in order (calls that ran or were answered with an error alike)."""
-    queries = []
-    for turn in rec["turns"]:
-        if turn.get("tool") == "web_search" and turn.get("args"):
-            queries += [str(q) for q in turn["args"].get("query", [])]
-    return queries
-
-
 def record_behaviour(rec: dict, answer: str | None) -> dict:
-    """reward.behaviour of a record: its searches, the result titles it was shown, its bridge entity (if any)."""
-    titles = [title for turn in rec["turns"] for title in shown_titles(turn.get("observation"))]
-    return behaviour(rec["stats"]["n_search"], search_queries(rec), titles, rec.get("bridge"), answer)
+    """reward.behaviour of a record (train.turns_behaviour, the same reading as train's metrics)."""
+    return turns_behaviour(rec["turns"], rec["stats"]["n_search"], rec.get("bridge"), answer)
 
 
 def score_record(rec: dict, protocol: str | None = None) -> dict:

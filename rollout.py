@@ -1002,10 +1002,10 @@ def decide_turn(n_turns: int, text: str, stop: str, cfg: RolloutConfig) -> Decis
     """What a finished turn means, from the number of turns so far (this one included), the turn's text (its forced
     prefix + what the policy wrote) and why the engine stopped it (Finished.reason). The order of the checks is the
     rule: when every turn is forced to open <think> (the reference's set-up), a turn that does not close it ends the
-    trajectory (reward.format_ok scores it -1 under dr); an answer counts even when the context ran out; a turn cut by the context ends the trajectory; neither a
-    call nor an answer is a format error; a malformed call ends it under on_bad_call="end"; a call after the last
-    turn is not run; a malformed call under "error_observation" is answered with an error message; else the call
-    runs."""
+    trajectory (reward.format_ok scores it -1 under dr); an answer counts even when the context ran out; a turn cut
+    by the context ends the trajectory; neither a call nor an answer is a format error; a malformed call ends it
+    under on_bad_call="end"; a call after the last turn is not run; a malformed call under "error_observation" is
+    answered with an error message; else the call runs."""
     action = parse_turn(text, cfg.protocol)
     if "<think>" in cfg.turn_prefix_every and "</think>" not in text.lower():  # the reference's rule: its turns
         return Decision("format_error", action, "format_error", "no </think> in this turn")  # open <think>, forced
@@ -1282,13 +1282,14 @@ def resume(engine, framing: Framing, row: Row, slot: int, observation: str) -> b
 
 # ------------------------------------------------------------------------------------------------ scripted turns
 def scripted_trajectory(tokenizer, question: str, turn_texts: list[str], browser, cfg: RolloutConfig,
-                        group: int = 0) -> Trajectory:
+                        group: int = 0, framing: Framing | None = None) -> Trajectory:
     """The trajectory a policy writing exactly `turn_texts` would get, with no model: the same prompt, forced
     prefixes, observation frames, tool calls (through browser.session(question)), decisions and end reasons as
     rollout(). turn_texts[i] is what the policy writes after turn i's forced prefix (the prefix is not part of it);
     a text with no stop string ends with the end-of-turn token (eos), and a turn is cut where the engine would cut
-    it (max_new_tokens, the context). Its tokens get loss_mask 1 and logprob 0.0."""
-    framing = make_framing(tokenizer, browser, cfg)
+    it (max_new_tokens, the context). Its tokens get loss_mask 1 and logprob 0.0. framing: make_framing's, when the
+    caller scripts many questions (it runs the worked example's searches once)."""
+    framing = framing or make_framing(tokenizer, browser, cfg)
     traj = start_trajectories(framing, question, group, 1)[0]
     if traj.end_reason:
         return traj
@@ -1395,10 +1396,11 @@ def scripted_rollout(plan, tokenizer, examples: list[dict], browser, cfg: Rollou
     """A no-model agent over `examples` (dicts with question, answers, oracle_queries): the plan runs its searches in
     a scratch session to decide its script, then the script is replayed for the record (the web is deterministic or
     cached, so both see the same results). Trajectory.group is the example's index."""
-    prefixes = [text for text, _ in make_framing(tokenizer, browser, cfg).prefixes]
+    framing = make_framing(tokenizer, browser, cfg)
+    prefixes = [text for text, _ in framing.prefixes]
     trajs = []
     for group, example in enumerate(examples):
         queries, answer = plan(example, browser.session(example["question"]))
         texts = script_texts(queries, answer, cfg.protocol, prefixes)
-        trajs.append(scripted_trajectory(tokenizer, example["question"], texts, browser, cfg, group=group))
+        trajs.append(scripted_trajectory(tokenizer, example["question"], texts, browser, cfg, group, framing))
     return trajs

@@ -742,16 +742,14 @@ def train_step(run: Run, cfg: Config, proc: Dist, step: int) -> tuple[Batch, dic
 
 def with_group_demos(trajs: list, questions: list[dict], run: Run, cfg: Config) -> tuple[list, list[bool]]:
     """group_demo: each group's last sampled trajectory replaced by the oracle's demonstration of its question, where
-    there is one (`demonstration`). Returns the trajectories and which rows are demonstrations. Its tokens are the
-    policy's own framing of the oracle's turns (loss mask 1 on what the policy would write); rewarded like any
-    other row, it gets a positive advantage where the policy's samples answer worse and none where they all match it."""
+    there is one (`oracle_demonstrations`). Returns the trajectories and which rows are demonstrations. Its tokens are
+    the policy's own framing of the oracle's turns (loss mask 1 on what the policy would write); rewarded like any other
+    row, it gets a positive advantage where the policy's samples answer worse and none where they all match it."""
     G = cfg.group_size
     trajs = list(trajs)
     demo = [False] * len(trajs)
-    for index, question in enumerate(questions):
-        shown = demonstration(question, run.tokenizer, run.browser, run.rollout_cfg)
+    for index, shown in enumerate(oracle_demonstrations(questions, run.tokenizer, run.browser, run.rollout_cfg)):
         if shown is not None:
-            shown.group = index
             trajs[(index + 1) * G - 1] = shown
             demo[(index + 1) * G - 1] = True
     return trajs, demo
@@ -842,8 +840,8 @@ def behaviour_metrics(trajs: list, rows: list[dict], results: list, kinds: list[
         sums.update({f"n/{kind}": 0, f"search_calls/{kind}": 0, f"f1/{kind}": 0.0})
     for traj, result in zip(trajs, results):
         row = rows[traj.group]
-        done = behaviour(traj.stats["n_search"], trajectory_queries(traj), trajectory_titles(traj), row.get("bridge"),
-                         result.answer if result.format_ok else None)
+        done = turns_behaviour(turn_records(traj), traj.stats["n_search"], row.get("bridge"),
+                               result.answer if result.format_ok else None)
         sums["searched_twice"] += done["searched_twice"]
         sums["answer_is_title"] += done["answer_is_title"]
         if done["bridge_in_later_query"] is not None:
@@ -865,15 +863,21 @@ def behaviour_metrics(trajs: list, rows: list[dict], results: list, kinds: list[
     return metrics
 
 
-def trajectory_queries(traj) -> list[str]:
-    """Every query of the trajectory's web_search calls, in order."""
-    return [str(query) for turn in traj.turns if turn.tool == "web_search" and turn.args
-            for query in turn.args.get("query", [])]
+def search_queries(turns: list[dict]) -> list[str]:
+    """Every query of the turns' web_search calls, in order (calls that ran or were answered with an error alike).
+    turns: turn_records of a trajectory, or an eval record's "turns"."""
+    queries = []
+    for turn in turns:
+        if turn.get("tool") == "web_search" and turn.get("args"):
+            queries += [str(query) for query in turn["args"].get("query", [])]
+    return queries
 
 
-def trajectory_titles(traj) -> list[str]:
-    """The titles of every search result the trajectory was shown."""
-    return [title for turn in traj.turns for title in shown_titles(turn.observation)]
+def turns_behaviour(turns: list[dict], n_searches: int, bridge: str | None, answer: str | None) -> dict:
+    """reward.behaviour of one trajectory's turns (turn_records): its queries, the result titles it was shown
+    (browse.shown_titles), its bridge entity if it has one. eval.py's summary reads records through it too."""
+    titles = [title for turn in turns for title in shown_titles(turn.get("observation"))]
+    return behaviour(n_searches, search_queries(turns), titles, bridge, answer)
 
 
 def judged_means(sums: dict) -> dict:
@@ -903,25 +907,32 @@ def demonstrations(questions: list[dict], tokenizer, browser, cfg: Config, proc:
     rollout_cfg = subconfig(RolloutConfig, cfg)
     order = epoch_permutation(len(questions), epoch=-1, seed=cfg.seed).tolist()  # not the first epoch's order
     demos = []
-    for index in order:
+    for start in range(0, len(order), max(cfg.warm_start_demos, 1)):
+        chunk = [questions[index] for index in order[start: start + cfg.warm_start_demos]]
+        for traj in oracle_demonstrations(chunk, tokenizer, browser, rollout_cfg):
+            if traj is not None and len(demos) < cfg.warm_start_demos:
+                demos.append(Sample(traj.tokens, traj.loss_mask, advantage=1.0, group=len(demos)))
         if len(demos) == cfg.warm_start_demos:
             break
-        traj = demonstration(questions[index], tokenizer, browser, rollout_cfg)
-        if traj is not None:
-            demos.append(Sample(traj.tokens, traj.loss_mask, advantage=1.0, group=len(demos)))
     return demos[proc.rank:: proc.world]
 
 
-def demonstration(question: dict, tokenizer, browser, rollout_cfg: RolloutConfig):
-    """The oracle's trajectory on a training question, in the policy's framing; None when the question names no
-    supporting articles (oracle_queries) or the oracle does not end with the right answer."""
-    if not question.get("oracle_queries"):
-        return None
-    traj = scripted_rollout(oracle_plan, tokenizer, [question], browser, rollout_cfg)[0]
-    result = reward([turn.text for turn in traj.turns], question["answers"], protocol=rollout_cfg.protocol)
-    if traj.end_reason != "answer" or result.f1 != 1.0:
-        return None
-    return traj
+def oracle_demonstrations(questions: list[dict], tokenizer, browser, rollout_cfg: RolloutConfig) -> list:
+    """The oracle's trajectory on each training question, in the policy's framing (Trajectory.group: the question's
+    index); None for a question that names no supporting articles (oracle_queries) or whose oracle does not end with
+    the right answer."""
+    scripted = [question for question in questions if question.get("oracle_queries")]
+    trajs = iter(scripted_rollout(oracle_plan, tokenizer, scripted, browser, rollout_cfg))
+    shown = []
+    for index, question in enumerate(questions):
+        traj = next(trajs) if question.get("oracle_queries") else None
+        if traj is not None:
+            traj.group = index
+            result = reward([turn.text for turn in traj.turns], question["answers"], protocol=rollout_cfg.protocol)
+            if traj.end_reason != "answer" or result.f1 != 1.0:
+                traj = None
+        shown.append(traj)
+    return shown
 
 
 def common_prefix_length(samples: list[Sample]) -> int:

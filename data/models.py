@@ -177,10 +177,10 @@ TYPICAL_TOKENS = 8192  # tokens a research trajectory typically holds at its end
 def memory_per_gpu(cfg, world: int, say=print) -> dict[str, float]:
     """Bytes per GPU by kind for a train.Config on `world` GPUs (printed by `say` with the rows the paged KV cache
     holds), returned. Approximate (no allocator fragmentation, no NCCL buffers) but in the right units. Sharded fp32
-    master weights, grads and two Adam moments: 16 bytes/param / world (on the CPU with cpu_offload). The paged KV
-    pool (kv_tokens, else rows x TYPICAL_TOKENS: memory follows the tokens rows hold, not max_len) lives all run, as
-    train.py keeps one engine. The rollout holds the full bf16 weights. Training holds two unsharded bf16 blocks, one micro-batch's activations (bf16; with checkpointing
-    only each block's input is kept) and its fp32 logits."""
+    master weights, grads and two Adam moments: 16 bytes/param / world (on the CPU with cpu_offload). The paged KV pool
+    (kv_tokens, else rows x TYPICAL_TOKENS: memory follows the tokens rows hold, not max_len) lives all run, as train.py
+    keeps one engine. The rollout holds the full bf16 weights. Training holds two unsharded bf16 blocks, one
+    micro-batch's activations (bf16; with checkpointing only each block's input is kept) and its fp32 logits."""
     import torch
 
     from model import KVCache, ModelConfig

@@ -13,6 +13,7 @@ import pytest
 
 import browse
 import eval as ev
+import train
 from test_train import use_agent
 
 DEV = Path(__file__).resolve().parents[2] / "shared" / "held_out_data" / "dev.parquet"
@@ -391,7 +392,7 @@ def test_oracle_agent_and_behaviour_counts(tmp_path):
     assert recs["a"]["answer"] == "English" and recs["a"]["scores"]["f1"] == 1.0
     assert recs["b"]["answer"] == "unknown" and recs["b"]["scores"]["f1"] == 0.0  # not seen: no guess
     for rec in recs.values():
-        assert ev.search_queries(rec) == ["Hamlet", "William Shakespeare"]
+        assert train.search_queries(rec["turns"]) == ["Hamlet", "William Shakespeare"]
         assert rec["scores"]["searched_twice"] and rec["scores"]["bridge_in_later_query"]
         # the exact token stream: the scripted turns are the policy-written (mask 1) tokens, nothing else is
         assert len(rec["tokens"]) == len(rec["loss_mask"]) == len(rec["logprobs"]) == rec["n_tokens"]
