@@ -979,7 +979,8 @@ def test_supervised_step_is_grpo_with_advantage_one(tiny_qwen2):
 def test_warm_start_demonstrations_are_the_oracle_in_the_policy_format(tmp_path, tiny_qwen2):
     """A demonstration is the oracle's trajectory through the policy's own prompt and framing: its trained tokens
     (loss mask 1) are exactly the policy-written parts of the turns (the forced <search> of turn 1 is not trained),
-    and a question without oracle queries, or whose answer its searches do not show, gives none."""
+    and a question without oracle queries, or whose answer its searches do not show, gives none; warm_start_templates
+    keeps only the questions of those templates."""
     from transformers import AutoTokenizer
 
     from browse import BrowseConfig, Browser
@@ -989,14 +990,23 @@ def test_warm_start_demonstrations_are_the_oracle_in_the_policy_format(tmp_path,
                  dict(question="Who?", answers=["Oslo"]),
                  dict(question="What nationality was the author of Hamlet?", answers=["Zzyzxian"],
                       oracle_queries=["Hamlet", "William Shakespeare"])]
-    cfg = Config(model=tiny_qwen2, max_turns=4, max_len=2048, date="2025-01-01", warm_start_demos=5)
+    questions.append(dict(questions[0], template="read"))  # the same demonstration, of a template filtered out below
+    cfg = Config(model=tiny_qwen2, max_turns=4, max_len=2048, date="2025-01-01", warm_start_demos=5,
+                 warm_start_templates="")
     tokenizer = AutoTokenizer.from_pretrained(tiny_qwen2)
     browser = Browser(train.subconfig(BrowseConfig, cfg))
     try:
         demos = train.demonstrations(questions, tokenizer, browser, cfg, train.Dist())
+        # warm_start_templates keeps the questions of those templates only (the default: the two-search ones)
+        questions[0]["template"] = "bridge"
+        bridge_only = dataclasses.replace(cfg, warm_start_templates="bridge")
+        bridges = train.demonstrations(questions, tokenizer, browser, bridge_only, train.Dist())
+        questions[0]["template"] = "comparison"
+        with pytest.raises(ValueError, match="no training question .* has one of these templates"):
+            train.demonstrations(questions, tokenizer, browser, bridge_only, train.Dist())
     finally:
         browser.close()
-    assert len(demos) == 1
+    assert len(demos) == 2 and len(bridges) == 1 and bridges[0].tokens == demos[0].tokens
     trained = [token for token, mask in zip(demos[0].tokens, demos[0].loss_mask) if mask]
     text = tokenizer.decode(trained, skip_special_tokens=True)
     assert text == "Hamlet</search><search>William Shakespeare</search><answer>English</answer>"
