@@ -94,11 +94,11 @@ single-hop ones, half of which the first title answers). Its departures, all swi
 turns off: a 30-token system prompt; one worked example as chat turns before the question (`example`: an unrelated
 question, its real search, its answer; without it a 135M model never writes an `<answer>` tag, see the README); turn
 1 forced to open with `<search>` (loss-masked); up to 5 turns of at most 24 tokens, top-3 results; temperature 0.7,
-lr 1e-5, no KL; a warm start ("The algorithm, 5": supervised steps on 64 of the oracle's demonstrations on bridge
-questions: search the named article, search the entity its snippet names, answer; a warm start on every kind teaches
-one search, README) and, in every GRPO group, one oracle demonstration in place of a sampled trajectory
-(`group_demo`), because GRPO alone drives a 135M policy to one search per question (README); then 6 GRPO steps of 4
-questions x 8.
+lr 1e-5, no KL; a warm start ("The algorithm, 5": supervised steps on 64 of the oracle's demonstrations) and, in
+every GRPO group, one oracle demonstration in place of a sampled trajectory (`group_demo`), because GRPO alone
+drives a 135M policy to one search per question (README); then 6 GRPO steps of 4 questions x 8.
+`--warm_start_templates=bridge` draws the warm start from bridge questions only: its agent searches the entity it
+read on most bridge questions instead of 1 in 8, and loses comparisons, reading and single-hop questions (README).
 `--preset=single_hop` is the earlier default (single-hop questions, 3 turns, 25 steps, neither warm start nor
 demonstrations), whose agent learns the first-title shortcut.
 The step line's metrics (also in metrics.jsonl) are listed in the README.
@@ -227,8 +227,8 @@ class Config(AgentConfig):
     warm_start_demos: int = 64      # demonstrations, from training questions that name their supporting articles
     warm_start_batch: int = 8       # demonstrations per optimizer step (one pass over them)
     warm_start_lr: float = 1e-4     # its own AdamW; GRPO's optimizer starts fresh after it
-    warm_start_templates: str = "bridge"  # the questions they come from, by template ("" = any): bridges, so the
-                                    # warm-started policy searches again, for the entity it read (README)
+    warm_start_templates: str = ""  # comma-separated question templates they come from ("" = any); "bridge": the
+                                    # policy searches the entity it read, at a cost elsewhere (README)
     # one oracle demonstration in each GRPO group, in place of one sampled trajectory (where the question names its
     # supporting articles): every group ranks a research path that answers right beside the policy's own, so GRPO
     # keeps a reason to search again after sampling stops doing it (off-policy guidance, as LUFFY). False = the paper
@@ -904,10 +904,10 @@ def judged_means(sums: dict) -> dict:
 # prompt, tools and token framing (rollout.scripted_trajectory), so their tokens are exactly those the policy would
 # sample to do the same. The loss is the token-mean negative log-likelihood of the tokens GRPO trains (loss mask 1) and
 # of nothing else: the gradient of GRPO's own update with every advantage 1, on-policy. The default draws them from
-# bridge questions only (warm_start_templates). Measured on the 111 bridge dev questions (greedy, README): where the
-# demonstrations hold one-search kinds (read, single-hop) the warm-started policy never searches twice; from bridges
-# and comparisons it always does, and names the bridge entity in its second query on 27% of them; from bridges alone
-# on 76%.
+# every question; warm_start_templates limits them to some templates. Measured on the 111 bridge dev questions (greedy,
+# README): where the demonstrations hold one-search kinds (read, single-hop) the warm-started policy never searches
+# twice; from bridges and comparisons it always does, and names the bridge entity in its second query on 27% of them;
+# from bridges alone on 76%.
 
 def demonstrations(questions: list[dict], tokenizer, browser, cfg: Config, proc: Dist) -> list[Sample]:
     """This rank's share of warm_start_demos oracle demonstrations, from training questions (in a seeded order; of
