@@ -997,7 +997,7 @@ def test_warm_start_demonstrations_are_the_oracle_in_the_policy_format(tmp_path,
     browser = Browser(train.subconfig(BrowseConfig, cfg))
     try:
         demos = train.demonstrations(questions, tokenizer, browser, cfg, train.Dist())
-        # warm_start_templates keeps the questions of those templates only (the default: the two-search ones)
+        # warm_start_templates keeps the questions of those templates only (e.g. --warm_start_templates=bridge)
         questions[0]["template"] = "bridge"
         bridge_only = dataclasses.replace(cfg, warm_start_templates="bridge")
         bridges = train.demonstrations(questions, tokenizer, browser, bridge_only, train.Dist())
