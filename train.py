@@ -922,8 +922,9 @@ def demonstrations(questions: list[dict], tokenizer, browser, cfg: Config, proc:
             raise ValueError(f"warm_start_templates={cfg.warm_start_templates}: no training question in {cfg.data} "
                              f"has one of these templates; pass --warm_start_templates= to draw from every question")
     demos = []
-    for start in range(0, len(order), max(cfg.warm_start_demos, 1)):
-        chunk = [questions[index] for index in order[start: start + cfg.warm_start_demos]]
+    chunk_size = max(cfg.warm_start_demos, 1)  # questions scripted at once: one Framing per chunk
+    for start in range(0, len(order), chunk_size):
+        chunk = [questions[index] for index in order[start: start + chunk_size]]
         for traj in oracle_demonstrations(chunk, tokenizer, browser, rollout_cfg):
             if traj is not None and len(demos) < cfg.warm_start_demos:
                 demos.append(Sample(traj.tokens, traj.loss_mask, advantage=1.0, group=len(demos)))
