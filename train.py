@@ -98,7 +98,8 @@ lr 1e-5, no KL; a warm start ("The algorithm, 5": supervised steps on 64 of the 
 every GRPO group, one oracle demonstration in place of a sampled trajectory (`group_demo`), because GRPO alone
 drives a 135M policy to one search per question (README); then 6 GRPO steps of 4 questions x 8.
 `--warm_start_templates=bridge` draws the warm start from bridge questions only: its agent searches the entity it
-read on most bridge questions instead of 1 in 8, and loses comparisons, reading and single-hop questions (README).
+read on most bridge questions instead of 1 in 8, and loses comparisons, reading and single-hop questions (README);
+counts set a mix (`--warm_start_templates=bridge:24,comparison:16,read`), none of which holds the bridge search yet.
 `--preset=single_hop` is the earlier default (single-hop questions, 3 turns, 25 steps, neither warm start nor
 demonstrations), whose agent learns the first-title shortcut.
 The step line's metrics (also in metrics.jsonl) are listed in the README.
@@ -123,6 +124,7 @@ tensor or pipeline parallelism, asynchronous (off-policy) rollouts.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import json
@@ -227,7 +229,8 @@ class Config(AgentConfig):
     warm_start_demos: int = 64      # demonstrations, from training questions that name their supporting articles
     warm_start_batch: int = 8       # demonstrations per optimizer step (one pass over them)
     warm_start_lr: float = 1e-4     # its own AdamW; GRPO's optimizer starts fresh after it
-    warm_start_templates: str = ""  # comma-separated question templates they come from ("" = any); "bridge": the
+    warm_start_templates: str = ""  # comma-separated question templates they come from ("" = any), each with an
+                                    # optional count: "bridge:24,read" = 24 bridges, the rest read; "bridge": the
                                     # policy searches the entity it read, at a cost elsewhere (README)
     # one oracle demonstration in each GRPO group, in place of one sampled trajectory (where the question names its
     # supporting articles): every group ranks a research path that answers right beside the policy's own, so GRPO
@@ -904,33 +907,63 @@ def judged_means(sums: dict) -> dict:
 # prompt, tools and token framing (rollout.scripted_trajectory), so their tokens are exactly those the policy would
 # sample to do the same. The loss is the token-mean negative log-likelihood of the tokens GRPO trains (loss mask 1) and
 # of nothing else: the gradient of GRPO's own update with every advantage 1, on-policy. The default draws them from
-# every question; warm_start_templates limits them to some templates. Measured on the 111 bridge dev questions (greedy,
-# README): where the demonstrations hold one-search kinds (read, single-hop) the warm-started policy never searches
-# twice; from bridges and comparisons it always does, and names the bridge entity in its second query on 27% of them;
-# from bridges alone on 76%.
+# every question; warm_start_templates limits them to some templates, or sets how many come from each. Measured on
+# the 111 bridge dev questions (greedy, README): where the demonstrations hold one-search kinds (read, single-hop) the
+# warm-started policy never searches twice; from bridges and comparisons it always does, and names the bridge entity
+# in its second query on 27% of them; from bridges alone on 76%. Mixes with counts land on either side of the search
+# decision by chance (README: 2.5% to 100% of bridges searched twice), not on "search again when the question needs it".
 
 def demonstrations(questions: list[dict], tokenizer, browser, cfg: Config, proc: Dist) -> list[Sample]:
     """This rank's share of warm_start_demos oracle demonstrations, from training questions (in a seeded order; of
-    warm_start_templates, when set) that name their supporting articles and whose answer the oracle's searches show;
-    each is its own group."""
+    warm_start_templates, when set, with its counts) that name their supporting articles and whose answer the
+    oracle's searches show; each is its own group."""
     rollout_cfg = subconfig(RolloutConfig, cfg)
     order = epoch_permutation(len(questions), epoch=-1, seed=cfg.seed).tolist()  # not the first epoch's order
-    if cfg.warm_start_templates:
-        wanted = set(cfg.warm_start_templates.split(","))
-        order = [index for index in order if questions[index].get("template") in wanted]
+    counts, shared = template_mix(cfg.warm_start_templates, cfg.warm_start_demos)
+    limits = {**counts, None: cfg.warm_start_demos - sum(counts.values())}  # None: the templates without a count
+    if counts or shared:
+        order = [index for index in order if questions[index].get("template") in counts.keys() | shared]
         if not order:
             raise ValueError(f"warm_start_templates={cfg.warm_start_templates}: no training question in {cfg.data} "
                              f"has one of these templates; pass --warm_start_templates= to draw from every question")
+    taken = collections.Counter()
     demos = []
     chunk_size = max(cfg.warm_start_demos, 1)  # questions scripted at once: one Framing per chunk
     for start in range(0, len(order), chunk_size):
         chunk = [questions[index] for index in order[start: start + chunk_size]]
         for traj in oracle_demonstrations(chunk, tokenizer, browser, rollout_cfg):
-            if traj is not None and len(demos) < cfg.warm_start_demos:
-                demos.append(Sample(traj.tokens, traj.loss_mask, advantage=1.0, group=len(demos)))
+            if traj is None:
+                continue
+            template = chunk[traj.group].get("template")
+            key = template if template in counts else None
+            if taken[key] == limits[key]:
+                continue
+            taken[key] += 1
+            demos.append(Sample(traj.tokens, traj.loss_mask, advantage=1.0, group=len(demos)))
         if len(demos) == cfg.warm_start_demos:
             break
     return demos[proc.rank:: proc.world]
+
+
+def template_mix(spec: str, n_demos: int) -> tuple[dict, set]:
+    """warm_start_templates parsed: ({template: its count of demonstrations}, {templates listed without a count,
+    which share what the counts leave of n_demos}). "bridge:24,read,comparison" = 24 bridges and n_demos - 24 from
+    read and comparison questions in the seeded order; "bridge" = n_demos bridges; "" = any template."""
+    counts = {}
+    shared = set()
+    for entry in filter(None, spec.split(",")):
+        template, _, count = entry.partition(":")
+        if not count:
+            shared.add(template)
+        elif count.isdigit() and int(count) > 0:
+            counts[template] = int(count)
+        else:
+            raise ValueError(f"warm_start_templates: {entry!r} needs a positive whole count after the colon "
+                             f"(e.g. bridge:24)")
+    if sum(counts.values()) > n_demos:
+        raise ValueError(f"warm_start_templates={spec}: the counts add up to {sum(counts.values())}, more than "
+                         f"warm_start_demos={n_demos}; raise --warm_start_demos or lower the counts")
+    return counts, shared
 
 
 def oracle_demonstrations(questions: list[dict], tokenizer, browser, rollout_cfg: RolloutConfig) -> list:

@@ -1012,6 +1012,41 @@ def test_warm_start_demonstrations_are_the_oracle_in_the_policy_format(tmp_path,
     assert text == "Hamlet</search><search>William Shakespeare</search><answer>English</answer>"
 
 
+def test_warm_start_templates_with_counts_set_the_mix(tiny_qwen2):
+    """warm_start_templates="bridge:3,read": exactly 3 bridge demonstrations and the rest of warm_start_demos from
+    read, whatever the seeded order puts first; a bad count, or counts above warm_start_demos, is a clear error."""
+    from transformers import AutoTokenizer
+
+    from browse import BrowseConfig, Browser
+
+    bridge = dict(question="What nationality was the author of Hamlet?", answers=["English"], template="bridge",
+                  oracle_queries=["Hamlet", "William Shakespeare"])
+    read = dict(question="What nationality was William Shakespeare?", answers=["English"], template="read",
+                oracle_queries=["William Shakespeare"])
+    questions = [dict(read) for _ in range(6)] + [dict(bridge) for _ in range(4)]
+    cfg = Config(model=tiny_qwen2, max_turns=4, max_len=2048, date="2025-01-01", warm_start_demos=5,
+                 warm_start_templates="bridge:3,read")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_qwen2)
+    browser = Browser(train.subconfig(BrowseConfig, cfg))
+    try:
+        demos = train.demonstrations(questions, tokenizer, browser, cfg, train.Dist())
+        natural = train.demonstrations(questions, tokenizer, browser, dataclasses.replace(cfg, warm_start_templates=""),
+                                       train.Dist())
+    finally:
+        browser.close()
+
+    def n_bridges(samples):
+        return sum("author of Hamlet" in tokenizer.decode(sample.tokens) for sample in samples)
+
+    assert len(demos) == 5 and n_bridges(demos) == 3
+    assert len(natural) == 5 and n_bridges(natural) != 3  # the seeded order alone gives another mix
+    assert train.template_mix("bridge:3,read", 5) == ({"bridge": 3}, {"read"})
+    with pytest.raises(ValueError, match="positive whole count"):
+        train.template_mix("bridge:x", 5)
+    with pytest.raises(ValueError, match="add up to 6, more than warm_start_demos=5"):
+        train.template_mix("bridge:3,read:3", 5)
+
+
 def test_group_demo_replaces_one_row_per_group_and_stays_out_of_the_policys_metrics(tiny_qwen2):
     """group_demo: the last row of each group whose question names its supporting articles becomes the oracle's
     demonstration (answering right), rewarded and ranked like the others, so it gets the positive advantage where
