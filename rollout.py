@@ -1381,16 +1381,6 @@ def oracle_plan(example: dict, session) -> tuple[list[str], str]:
     return queries, "unknown"
 
 
-def checking_plan(example: dict, session) -> tuple[list[str], str]:
-    """The oracle, then a search of the answer it found before answering (a cross-check): every demonstration ends
-    with its answer as the last query. train.py's demo_check."""
-    queries, answer = oracle_plan(example, session)
-    if answer != "unknown":
-        session.web_search([answer])
-        return [*queries, answer], answer
-    return queries, answer
-
-
 PLANS = {"first_title": first_title_plan, "oracle": oracle_plan}
 
 

@@ -99,8 +99,7 @@ every GRPO group, one oracle demonstration in place of a sampled trajectory (`gr
 drives a 135M policy to one search per question (README); then 6 GRPO steps of 4 questions x 8.
 `--warm_start_templates=bridge` draws the warm start from bridge questions only: its agent searches the entity it
 read on most bridge questions instead of 1 in 8, and loses comparisons, reading and single-hop questions (README);
-counts set a mix (`--warm_start_templates=bridge:24,comparison:16,read`), none of which holds the bridge search yet;
-`--demo_check=true` makes every demonstration search its answer once more before answering (README).
+counts set a mix (`--warm_start_templates=bridge:24,comparison:16,read`), none of which holds the bridge search yet.
 `--preset=single_hop` is the earlier default (single-hop questions, 3 turns, 25 steps, neither warm start nor
 demonstrations), whose agent learns the first-title shortcut.
 The step line's metrics (also in metrics.jsonl) are listed in the README.
@@ -158,7 +157,7 @@ from data.models import memory_per_gpu, resolve_model
 from data.prepare import load_examples
 from model import ModelConfig, Transformer, save_pretrained
 from reward import behaviour, reward
-from rollout import (END_REASONS, RolloutConfig, checking_plan, first_title_plan, make_engine, oracle_plan, rollout,
+from rollout import (END_REASONS, RolloutConfig, first_title_plan, make_engine, oracle_plan, rollout,
                      rule_config, scripted_rollout)
 
 ROOT = Path(__file__).resolve().parent
@@ -233,8 +232,6 @@ class Config(AgentConfig):
     warm_start_templates: str = ""  # comma-separated question templates they come from ("" = any), each with an
                                     # optional count: "bridge:24,read" = 24 bridges, the rest read; "bridge": the
                                     # policy searches the entity it read, at a cost elsewhere (README)
-    demo_check: bool = False        # every demonstration searches its answer once more before answering (a
-                                    # cross-check): reading gains, bridges lose (README)
     # one oracle demonstration in each GRPO group, in place of one sampled trajectory (where the question names its
     # supporting articles): every group ranks a research path that answers right beside the policy's own, so GRPO
     # keeps a reason to search again after sampling stops doing it (off-policy guidance, as LUFFY). False = the paper
@@ -758,8 +755,7 @@ def with_group_demos(trajs: list, questions: list[dict], run: Run, cfg: Config) 
     G = cfg.group_size
     trajs = list(trajs)
     demo = [False] * len(trajs)
-    demos = oracle_demonstrations(questions, run.tokenizer, run.browser, run.rollout_cfg, cfg.demo_check)
-    for index, shown in enumerate(demos):
+    for index, shown in enumerate(oracle_demonstrations(questions, run.tokenizer, run.browser, run.rollout_cfg)):
         if shown is not None:
             trajs[(index + 1) * G - 1] = shown
             demo[(index + 1) * G - 1] = True
@@ -935,7 +931,7 @@ def demonstrations(questions: list[dict], tokenizer, browser, cfg: Config, proc:
     chunk_size = max(cfg.warm_start_demos, 1)  # questions scripted at once: one Framing per chunk
     for start in range(0, len(order), chunk_size):
         chunk = [questions[index] for index in order[start: start + chunk_size]]
-        for traj in oracle_demonstrations(chunk, tokenizer, browser, rollout_cfg, cfg.demo_check):
+        for traj in oracle_demonstrations(chunk, tokenizer, browser, rollout_cfg):
             if traj is None:
                 continue
             template = chunk[traj.group].get("template")
@@ -970,14 +966,12 @@ def template_mix(spec: str, n_demos: int) -> tuple[dict, set]:
     return counts, shared
 
 
-def oracle_demonstrations(questions: list[dict], tokenizer, browser, rollout_cfg: RolloutConfig,
-                          check: bool = False) -> list:
+def oracle_demonstrations(questions: list[dict], tokenizer, browser, rollout_cfg: RolloutConfig) -> list:
     """The oracle's trajectory on each training question, in the policy's framing (Trajectory.group: the question's
     index); None for a question that names no supporting articles (oracle_queries) or whose oracle does not end with
-    the right answer. check: the answer is searched once more before answering (rollout.checking_plan)."""
+    the right answer."""
     scripted = [question for question in questions if question.get("oracle_queries")]
-    plan = checking_plan if check else oracle_plan
-    trajs = iter(scripted_rollout(plan, tokenizer, scripted, browser, rollout_cfg))
+    trajs = iter(scripted_rollout(oracle_plan, tokenizer, scripted, browser, rollout_cfg))
     shown = []
     for index, question in enumerate(questions):
         traj = next(trajs) if question.get("oracle_queries") else None

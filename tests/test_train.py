@@ -1047,38 +1047,6 @@ def test_warm_start_templates_with_counts_set_the_mix(tiny_qwen2):
         train.template_mix("bridge:3,read:3", 5)
 
 
-def test_demo_check_searches_a_one_article_answer_again(tiny_qwen2):
-    """demo_check: every demonstration searches the answer it found once more before answering (a cross-check), after
-    the oracle's own searches (one article, or the two of a bridge)."""
-    from transformers import AutoTokenizer
-
-    from browse import BrowseConfig, Browser
-    from rollout import RolloutConfig
-
-    questions = [dict(question="What nationality was William Shakespeare?", answers=["English"],
-                      oracle_queries=["William Shakespeare"]),
-                 dict(question="What nationality was the author of Hamlet?", answers=["English"],
-                      oracle_queries=["Hamlet", "William Shakespeare"])]
-    cfg = Config(model=tiny_qwen2, max_turns=4, max_len=2048, date="2025-01-01")
-    tokenizer = AutoTokenizer.from_pretrained(tiny_qwen2)
-    browser = Browser(train.subconfig(BrowseConfig, cfg))
-    rollout_cfg = train.subconfig(RolloutConfig, cfg)
-    try:
-        checked = train.oracle_demonstrations(questions, tokenizer, browser, rollout_cfg, check=True)
-        plain = train.oracle_demonstrations(questions, tokenizer, browser, rollout_cfg, check=False)
-    finally:
-        browser.close()
-
-    def trained_text(traj):
-        return tokenizer.decode([t for t, m in zip(traj.tokens, traj.loss_mask) if m], skip_special_tokens=True)
-
-    assert trained_text(checked[0]) == "William Shakespeare</search><search>English</search><answer>English</answer>"
-    assert trained_text(plain[0]) == "William Shakespeare</search><answer>English</answer>"
-    assert trained_text(checked[1]) == ("Hamlet</search><search>William Shakespeare</search><search>English</search>"
-                                        "<answer>English</answer>")
-    assert trained_text(plain[1]) == "Hamlet</search><search>William Shakespeare</search><answer>English</answer>"
-
-
 def test_group_demo_replaces_one_row_per_group_and_stays_out_of_the_policys_metrics(tiny_qwen2):
     """group_demo: the last row of each group whose question names its supporting articles becomes the oracle's
     demonstration (answering right), rewarded and ranked like the others, so it gets the positive advantage where
