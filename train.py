@@ -910,8 +910,9 @@ def judged_means(sums: dict) -> dict:
 # every question; warm_start_templates limits them to some templates, or sets how many come from each. Measured on
 # the 111 bridge dev questions (greedy, README): where the demonstrations hold one-search kinds (read, single-hop) the
 # warm-started policy never searches twice; from bridges and comparisons it always does, and names the bridge entity
-# in its second query on 27% of them; from bridges alone on 76%. Mixes with counts land on either side of the search
-# decision by chance (README: 2.5% to 100% of bridges searched twice), not on "search again when the question needs it".
+# in its second query on 27% of them; from bridges alone on 76%. Mixes with counts flip between all and nothing with
+# the mix (README: 2.5% to 100% of bridges searched twice), not with the question: none learns "search again when
+# the question needs it".
 
 def demonstrations(questions: list[dict], tokenizer, browser, cfg: Config, proc: Dist) -> list[Sample]:
     """This rank's share of warm_start_demos oracle demonstrations, from training questions (in a seeded order; of
