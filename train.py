@@ -99,7 +99,9 @@ every GRPO group, one oracle demonstration in place of a sampled trajectory (`gr
 drives a 135M policy to one search per question (README); then 6 GRPO steps of 4 questions x 8.
 `--warm_start_templates=bridge` draws the warm start from bridge questions only: its agent searches the entity it
 read on most bridge questions instead of 1 in 8, and loses comparisons, reading and single-hop questions (README);
-counts set a mix (`--warm_start_templates=bridge:24,comparison:16,read`), none of which holds the bridge search yet.
+counts set a mix (`--warm_start_templates=bridge:24,comparison:16,read`); three passes over the counted mix
+`bridge:24,comparison:16,read,what,who,country` (`--warm_start_epochs=3`) make the policy search the bridge entity on
+three bridges in four and raise research F1, at a cost to single-hop questions and time (README: "Three passes").
 `--preset=single_hop` is the earlier default (single-hop questions, 3 turns, 25 steps, neither warm start nor
 demonstrations), whose agent learns the first-title shortcut.
 The step line's metrics (also in metrics.jsonl) are listed in the README.
@@ -227,7 +229,9 @@ class Config(AgentConfig):
     # the warm start ("The algorithm, 5"): supervised steps on scripted oracle demonstrations before the first GRPO
     # step, for models too small to find research by sampling; 0 = off (the paper)
     warm_start_demos: int = 64      # demonstrations, from training questions that name their supporting articles
-    warm_start_batch: int = 8       # demonstrations per optimizer step (one pass over them)
+    warm_start_batch: int = 8       # demonstrations per optimizer step
+    warm_start_epochs: int = 1      # passes over the demonstrations, each a seeded shuffle of the last; 3 make
+                                    # the policy's searches follow the question, and memorise answers (README)
     warm_start_lr: float = 1e-4     # its own AdamW; GRPO's optimizer starts fresh after it
     warm_start_templates: str = ""  # comma-separated question templates they come from ("" = any), each with an
                                     # optional count: "bridge:24,read" = 24 bridges, the rest read; "bridge": the
@@ -1019,17 +1023,24 @@ def supervised_step(model, optimizer, part: list[Sample], cfg: Config, proc: Dis
 
 
 def warm_start(run: Run, cfg: Config, proc: Dist) -> dict:
-    """Supervised steps on the demonstrations, warm_start_batch per optimizer step, one pass, at warm_start_lr with
-    its own AdamW; the warm-started model is exported to out_dir/warm_start/hf (eval.py reads it). Returns metrics:
-    the NLL per trained token of the first and the last step, the demonstrations used, the seconds it took."""
+    """Supervised steps on the demonstrations, warm_start_batch per optimizer step, warm_start_epochs passes, at
+    warm_start_lr with its own AdamW; the warm-started model is exported to out_dir/warm_start/hf (eval.py reads
+    it). Returns metrics: the NLL per trained token of the first and the last step, the demonstrations used, the
+    seconds it took."""
     started = time.perf_counter()
     demos = demonstrations(run.questions, run.tokenizer, run.browser, cfg, proc)
     optimizer = torch.optim.AdamW(run.model.parameters(), lr=cfg.warm_start_lr, weight_decay=0.0)
     per_rank = max(cfg.warm_start_batch // proc.world, 1)
-    n_steps = int(all_reduce_dict({"steps": math.ceil(len(demos) / per_rank)}, "max", proc)["steps"])
+    steps_per_epoch = int(all_reduce_dict({"steps": math.ceil(len(demos) / per_rank)}, "max", proc)["steps"])
+    n_steps = steps_per_epoch * cfg.warm_start_epochs
     nll_per_token = []
+    this_pass = demos
     for step in tqdm(range(n_steps), desc="warm start", disable=not proc.main):
-        part = demos[step * per_rank: (step + 1) * per_rank]
+        epoch, step_in_epoch = divmod(step, steps_per_epoch)
+        if step_in_epoch == 0 and epoch > 0:  # a later pass: the previous pass's demonstrations in a seeded shuffle
+            order = epoch_permutation(len(demos), epoch=epoch, seed=cfg.seed).tolist()
+            this_pass = [this_pass[index] for index in order]
+        part = this_pass[step_in_epoch * per_rank: (step_in_epoch + 1) * per_rank]
         step_nll, _ = supervised_step(run.model, optimizer, part, cfg, proc)
         nll_per_token.append(step_nll)
     n_demos = all_reduce_dict({"demos": len(demos)}, "sum", proc)["demos"]
@@ -1054,7 +1065,8 @@ def warm_start(run: Run, cfg: Config, proc: Dist) -> dict:
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")  # see the module docstring
 MINIMUM = dict(steps=1, group_size=2, batch_size=1, max_turns=1, max_new_tokens=1, max_len=2, n_slots=1,
                micro_tokens=1, save_every=1, keep_last=1, n_minibatches=1, ppo_epochs=1, top_k=1, limit=0,
-               warmup_steps=0, plot_every=0, temperature=0, lr=0, kl_coef=0, entropy_coef=0, grad_clip=0)
+               warm_start_epochs=1, warmup_steps=0, plot_every=0, temperature=0, lr=0, kl_coef=0, entropy_coef=0,
+               grad_clip=0)
 
 
 def check_model(name: str) -> None:

@@ -749,12 +749,14 @@ def test_entropy_collapse_stops_with_a_checkpoint(tmp_path, tiny_qwen2, monkeypa
 
 @pytest.mark.slow
 def test_default_config_one_step(tmp_path):
-    """`python train.py --steps=1` on the default config (a shorter warm start): SmolLM2-135M (offline from the
-    packaged GGUF), the research QA mix, local search and LocalWeb, the scaffold; the warm start and its export, one
-    real GRPO step with a demonstration in each group that has one, the behaviour counts, a checkpoint, the curve."""
+    """`python train.py --steps=1` on the default config (a shorter warm start, two passes): SmolLM2-135M (offline
+    from the packaged GGUF), the research QA mix, local search and LocalWeb, the scaffold; the warm start and its
+    export, one real GRPO step with a demonstration in each group that has one, the behaviour counts, a checkpoint,
+    the curve."""
     out = tmp_path / "run"
     p = subprocess.run([sys.executable, "train.py", "--steps=1", "--batch_size=2", f"--out_dir={out}",
-                        "--eval_n=8", "--warm_start_demos=4", "--warm_start_batch=2", "--date=2026-11-24"],
+                        "--eval_n=8", "--warm_start_demos=4", "--warm_start_batch=2", "--warm_start_epochs=2",
+                        "--date=2026-11-24"],
                        cwd=Path(train.__file__).parent, capture_output=True, text=True, timeout=1500)
     assert p.returncode == 0, p.stderr[-3000:]
     m = [json.loads(x) for x in open(out / "metrics.jsonl")]
@@ -763,7 +765,9 @@ def test_default_config_one_step(tmp_path):
     assert 1 <= m[0]["group_demos"] <= 2 and 0.0 <= m[0]["searched_twice"] <= 1.0
     assert 0.0 <= m[0]["dev_searched_twice"] <= 1.0 and "dev_f1/bridge" in m[0]
     state = json.loads(max((out / "ckpt").glob("step_*/state.json")).read_text())
-    assert state["history"][0]["warm_start_demos"] == 4 and "dev_f1_warm_start" in state["history"][0]
+    warm = state["history"][0]
+    assert warm["warm_start_demos"] == 4 and "dev_f1_warm_start" in warm
+    assert warm["warm_start_steps"] == 4  # 2 passes over 4 demonstrations, 2 per step
     assert (out / "warm_start" / "hf" / "config.json").exists()
     assert (out / "reward.png").stat().st_size > 1000
     cfg = json.loads((out / "config.json").read_text())
