@@ -915,8 +915,9 @@ def judged_means(sums: dict) -> dict:
 # the 111 bridge dev questions (greedy, README): where the demonstrations hold one-search kinds (read, single-hop) the
 # warm-started policy never searches twice; from bridges and comparisons it always does, and names the bridge entity
 # in its second query on 27% of them; from bridges alone on 76%. Mixes with counts flip between all and nothing with
-# the mix (README: 2.5% to 100% of bridges searched twice), not with the question: none learns "search again when
-# the question needs it".
+# the mix (README: 2.5% to 100% of bridges searched twice), not with the question, after one pass (8 steps). Three
+# passes (warm_start_epochs=3) over bridge:24,comparison:16 and the rest do make the searches follow the question
+# (bridges searched twice, most read questions once), at a cost to single-hop questions (README: "Three passes").
 
 def demonstrations(questions: list[dict], tokenizer, browser, cfg: Config, proc: Dist) -> list[Sample]:
     """This rank's share of warm_start_demos oracle demonstrations, from training questions (in a seeded order; of
