@@ -16,7 +16,7 @@ A format error scores 0 F1 (as in the reference) and counts in the format-error 
 
 How to run
     python eval.py                                            # the research dev set, the base SmolLM2, CPU
-    python eval.py --model=runs/train/ckpt/step_000006/hf     # the default run's checkpoint
+    python eval.py --model=runs/train/ckpt/step_000004/hf     # the default run's checkpoint
     python eval.py --agent=first_title                        # the no-model baseline, seconds
     python eval.py --agent=oracle                             # the ceiling of the embedded web, seconds
     python eval.py --preset=single_hop                        # the single-hop dev set (data/qa_dev.jsonl), 3 turns
@@ -161,7 +161,7 @@ def load_records(path: Path) -> list[dict]:
 
 def model_tag(model: str) -> str:
     """A short folder-name part for --model: the hub name, or a checkpoint path's meaningful parts
-    ("runs/train/ckpt/step_000006/hf" -> "train-step_000006")."""
+    ("runs/train/ckpt/step_000004/hf" -> "train-step_000004")."""
     parts = [x for x in Path(model).parts if x not in ("/", ".", "..", "~", "runs", "ckpt", "hf")]
     tag = "-".join(parts[-1:] if model.count("/") == 1 and not Path(model).exists() else parts[-3:])
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in tag) or "model"

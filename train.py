@@ -94,14 +94,15 @@ single-hop ones, half of which the first title answers). Its departures, all swi
 turns off: a 30-token system prompt; one worked example as chat turns before the question (`example`: an unrelated
 question, its real search, its answer; without it a 135M model never writes an `<answer>` tag, see the README); turn
 1 forced to open with `<search>` (loss-masked); up to 5 turns of at most 24 tokens, top-3 results; temperature 0.7,
-lr 1e-5, no KL; a warm start ("The algorithm, 5": supervised steps on 64 of the oracle's demonstrations) and, in
-every GRPO group, one oracle demonstration in place of a sampled trajectory (`group_demo`), because GRPO alone
-drives a 135M policy to one search per question (README); then 6 GRPO steps of 4 questions x 8.
-`--warm_start_templates=bridge` draws the warm start from bridge questions only: its agent searches the entity it
-read on most bridge questions instead of 1 in 8, and loses comparisons, reading and single-hop questions (README);
-counts set a mix (`--warm_start_templates=bridge:24,comparison:16,read`); three passes over the counted mix
-`bridge:24,comparison:16,read,what,who,country` (`--warm_start_epochs=3`) make the policy search the bridge entity on
-three bridges in four and raise research F1, at a cost to single-hop questions and time (README: "Three passes").
+lr 1e-5, no KL; a warm start ("The algorithm, 5": three passes, 24 supervised steps, over 64 of the oracle's
+demonstrations: 24 bridges, 16 comparisons and 24 from the other templates) and, in every GRPO group, one oracle
+demonstration in place of a sampled trajectory (`group_demo`), because GRPO alone drives a 135M policy to one search
+per question (README); then 4 GRPO steps of 4 questions x 8; on a CPU the updates' matmuls run in bf16 autocast with
+fp32 weights (`cpu_bf16`, ~1.7x faster warm start). One pass over demonstrations from every template (the default
+until 2026-12-06's sixth session: `--cpu_bf16=false --warm_start_epochs=1 --warm_start_templates= --steps=6`) teaches a
+rate of searching, not when: its agent searched the bridge entity on 1 bridge in 8 and kept single-hop questions;
+the three passes over the counted mix make the searches follow the question (the bridge entity searched on most
+bridges), at a cost to single-hop questions (README: "Result" and "Three passes").
 `--preset=single_hop` is the earlier default (single-hop questions, 3 turns, 25 steps, neither warm start nor
 demonstrations), whose agent learns the first-title shortcut.
 The step line's metrics (also in metrics.jsonl) are listed in the README.
@@ -185,7 +186,7 @@ class Config(AgentConfig):
     data: str = "data/qa_train_research.jsonl"  # .jsonl / .parquet (data/prepare.py schema); the research mix
     out_dir: str = "runs/train"
     # steps and batch
-    steps: int = 6                  # GRPO steps after the warm start (the whole default run: README, Result)
+    steps: int = 4                  # GRPO steps after the warm start (the whole default run: README, Result)
     batch_size: int = 4             # questions per step, over all ranks (divisible by world size)
     group_size: int = 8             # trajectories per question (G); 8 gives most groups a reward spread
     # optimisation
@@ -211,6 +212,8 @@ class Config(AgentConfig):
     share_prefix: bool = True       # a group's prompt is computed once per micro-batch in the update (same loss)
     # runtime
     activation_checkpointing: bool = True  # keep each block's input only (~1.5 MB/token less for 135M, +1 forward)
+    cpu_bf16: bool = True           # CPU: the updates' matmuls in bf16 autocast, fp32 weights (update_precision);
+                                    # False = fp32 throughout (bit-exact with runs before 2026-12-06, sixth session)
     cpu_offload: bool = False       # FSDP2 CPUOffloadPolicy: sharded params, grads and Adam state live on the CPU
     export_dtype: str = "auto"      # HF export: auto (bf16 on GPU, fp32 on CPU: see export_hf) | float32 | bfloat16
     # checkpoints and logging
@@ -230,12 +233,12 @@ class Config(AgentConfig):
     # step, for models too small to find research by sampling; 0 = off (the paper)
     warm_start_demos: int = 64      # demonstrations, from training questions that name their supporting articles
     warm_start_batch: int = 8       # demonstrations per optimizer step
-    warm_start_epochs: int = 1      # passes over the demonstrations, each a seeded shuffle of the last; 3 make
-                                    # the policy's searches follow the question, and memorise answers (README)
+    warm_start_epochs: int = 3      # passes over the demonstrations, each a seeded shuffle of the last; 3 make
+                                    # the policy's searches follow the question (1 pass: a rate, README)
     warm_start_lr: float = 1e-4     # its own AdamW; GRPO's optimizer starts fresh after it
-    warm_start_templates: str = ""  # comma-separated question templates they come from ("" = any), each with an
-                                    # optional count: "bridge:24,read" = 24 bridges, the rest read; "bridge": the
-                                    # policy searches the entity it read, at a cost elsewhere (README)
+    # comma-separated question templates the demonstrations come from ("" = any), each with an optional count:
+    # 24 bridges, 16 comparisons, the rest from the other templates in the seeded order (README: "the mix")
+    warm_start_templates: str = "bridge:24,comparison:16,read,what,who,country"
     # one oracle demonstration in each GRPO group, in place of one sampled trajectory (where the question names its
     # supporting articles): every group ranks a research path that answers right beside the policy's own, so GRPO
     # keeps a reason to search again after sampling stops doing it (off-policy guidance, as LUFFY). False = the paper
@@ -264,6 +267,7 @@ PRESETS: dict[str, dict] = {
     # the earlier default: single-hop questions (data/qa_train.jsonl), 3 turns, no warm start, 25 steps. Its agent
     # learns the first-title shortcut (the README's single-hop table); kept so that table can be reproduced
     "single_hop": dict(data="data/qa_train.jsonl", eval_data="data/qa_dev.jsonl", out_dir="runs/train-single-hop",
+                       cpu_bf16=False,
                        max_turns=3, max_len=1024, warm_start_demos=0, group_demo=False, steps=25, eval_every=5),
     # the paper's recipe on one or more 8-GPU nodes (weight decay 0.01, grad clip 1.0, clip 0.2 are the defaults).
     # n_slots: the paged KV cache (56 KiB/token for the 7B) holds ~94 rows of 8k tokens per 80 GiB GPU next to the
@@ -431,30 +435,41 @@ def grpo_micro_step(model, micro: MicroBatch, cfg: Config, norm: float, world: i
     return loss, logp, entropy, stats
 
 
+def update_precision(cfg: Config, proc: Dist):
+    """Where the updates' forwards and backwards run (GRPO's and the warm start's): under bfloat16 autocast on a CPU
+    with cpu_bf16 (the weights, gradients and Adam state stay fp32; the matmuls run in bf16, ~2x faster on a CPU
+    with AVX512-BF16, bench/RESULTS.md), else as they are (a GPU gets bf16 compute from FSDP's MixedPrecisionPolicy;
+    a CPU run without it stays bit-exact fp32). Sampling is untouched: the engine decodes in the weights' dtype."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.cpu_bf16 and proc.device.type == "cpu")
+
+
 def update(model, optimizer, samples: list[Sample], cfg: Config, proc: Dist, step: int, ref_model=None,
            show_progress: bool = True) -> dict:
     """Policy-gradient steps on this rank's samples: ppo_epochs x n_minibatches optimizer steps (minibatch_step),
     each over micro-batches (grpo_micro_step). Every rank calls it, even with no samples. Returns metrics."""
-    on_policy = cfg.n_minibatches * cfg.ppo_epochs == 1
-    trained_rows = [i for i, sample in enumerate(samples) if is_trained(sample, cfg)]
-    if not on_policy:  # the policy moves between mini-batches: freeze logp_old with a training forward first
-        samples = fill_logprobs(model, samples, cfg, proc, "old_logp", only=trained_rows)
-    if cfg.kl_coef > 0:
-        samples = fill_logprobs(ref_model, samples, cfg, proc, "ref_logp")
-    for param_group in optimizer.param_groups:
-        param_group["lr"] = lr_at(step, cfg)
-    sums = dict.fromkeys(DIAGNOSTIC_SUMS, 0.0)
-    grad_norms = []
-    bar = tqdm(total=0, desc="update", unit="micro-batch", leave=False, disable=not (proc.main and show_progress))
-    for epoch in range(cfg.ppo_epochs):
-        for index in range(cfg.n_minibatches):
-            part = samples[index * len(samples) // cfg.n_minibatches: (index + 1) * len(samples) // cfg.n_minibatches]
-            first_pass = epoch == 0 and index == 0  # the weights that sampled: logp_diff is measured here
-            grad_norm, minibatch_sums = minibatch_step(model, optimizer, part, cfg, proc, bar, on_policy, first_pass)
-            sums = add_sums(sums, minibatch_sums)
-            if grad_norm is not None:
-                grad_norms.append(grad_norm)
-    bar.close()
+    with update_precision(cfg, proc):
+        on_policy = cfg.n_minibatches * cfg.ppo_epochs == 1
+        trained_rows = [i for i, sample in enumerate(samples) if is_trained(sample, cfg)]
+        if not on_policy:  # the policy moves between mini-batches: freeze logp_old with a training forward first
+            samples = fill_logprobs(model, samples, cfg, proc, "old_logp", only=trained_rows)
+        if cfg.kl_coef > 0:
+            samples = fill_logprobs(ref_model, samples, cfg, proc, "ref_logp")
+        for param_group in optimizer.param_groups:
+            param_group["lr"] = lr_at(step, cfg)
+        sums = dict.fromkeys(DIAGNOSTIC_SUMS, 0.0)
+        grad_norms = []
+        bar = tqdm(total=0, desc="update", unit="micro-batch", leave=False, disable=not (proc.main and show_progress))
+        for epoch in range(cfg.ppo_epochs):
+            for index in range(cfg.n_minibatches):
+                start, end = index * len(samples), (index + 1) * len(samples)
+                part = samples[start // cfg.n_minibatches: end // cfg.n_minibatches]
+                first_pass = epoch == 0 and index == 0  # the weights that sampled: logp_diff is measured here
+                grad_norm, minibatch_sums = minibatch_step(model, optimizer, part, cfg, proc, bar, on_policy,
+                                                           first_pass)
+                sums = add_sums(sums, minibatch_sums)
+                if grad_norm is not None:
+                    grad_norms.append(grad_norm)
+        bar.close()
     return update_metrics(sums, grad_norms, cfg, proc)
 
 
@@ -910,13 +925,13 @@ def judged_means(sums: dict) -> dict:
 # per supporting article, then the answer its searches showed: rollout.oracle_plan), replayed through the policy's own
 # prompt, tools and token framing (rollout.scripted_trajectory), so their tokens are exactly those the policy would
 # sample to do the same. The loss is the token-mean negative log-likelihood of the tokens GRPO trains (loss mask 1) and
-# of nothing else: the gradient of GRPO's own update with every advantage 1, on-policy. The default draws them from
-# every question; warm_start_templates limits them to some templates, or sets how many come from each. Measured on
-# the 111 bridge dev questions (greedy, README): where the demonstrations hold one-search kinds (read, single-hop) the
-# warm-started policy never searches twice; from bridges and comparisons it always does, and names the bridge entity
-# in its second query on 27% of them; from bridges alone on 76%. Mixes with counts flip between all and nothing with
-# the mix (README: 2.5% to 100% of bridges searched twice), not with the question, after one pass (8 steps). Three
-# passes (warm_start_epochs=3) over bridge:24,comparison:16 and the rest do make the searches follow the question
+# of nothing else: the gradient of GRPO's own update with every advantage 1, on-policy. warm_start_templates sets
+# which templates they come from and how many from each. Measured on the 111 bridge dev questions (greedy, README):
+# after one pass (8 steps), where the demonstrations hold one-search kinds (read, single-hop) the warm-started policy
+# never searches twice; from bridges and comparisons it always does, and names the bridge entity in its second query
+# on 27% of them; from bridges alone on 76%. Mixes with counts flip between all and nothing with the mix (README: 2.5%
+# to 100% of bridges searched twice), not with the question. Three passes (warm_start_epochs=3, the default) over
+# bridge:24,comparison:16 and the rest make the searches follow the question
 # (bridges searched twice, most read questions once), at a cost to single-hop questions (README: "Three passes").
 
 def demonstrations(questions: list[dict], tokenizer, browser, cfg: Config, proc: Dist) -> list[Sample]:
@@ -1005,19 +1020,20 @@ def supervised_step(model, optimizer, part: list[Sample], cfg: Config, proc: Dis
     """One optimizer step on the token-mean negative log-likelihood of `part`'s loss-mask tokens over all ranks.
     Returns (that NLL per trained token, before the step; the gradient norm)."""
     n_tokens = all_reduce_dict({"tokens": sum(sum(sample.loss_mask[1:]) for sample in part)}, "sum", proc)["tokens"]
-    nll_sum = 0.0
-    for rows_and_prefix in in_lockstep(micro_batches(part, cfg.micro_tokens, share=False), proc):
-        if rows_and_prefix is None:  # fewer micro-batches here than on another rank: still join FSDP's collectives
-            zero_loss_pass(model, proc)
-            continue
-        rows, _ = rows_and_prefix
-        chosen = [part[i] for i in rows]
-        prefix = common_prefix_length(chosen) if len(chosen) > 1 else 0
-        micro = collate(chosen, proc.device, prefix=prefix)
-        logp, _ = token_logprobs(model, micro.tokens, micro.mask, prefix=prefix)  # (B, T-1), temperature 1
-        nll = -logp.sum()
-        (nll / n_tokens * proc.world).backward()  # FSDP averages gradients over ranks: scale back to the global sum
-        nll_sum += nll.item()
+    with update_precision(cfg, proc):
+        nll_sum = 0.0
+        for rows_and_prefix in in_lockstep(micro_batches(part, cfg.micro_tokens, share=False), proc):
+            if rows_and_prefix is None:  # fewer micro-batches here than on another rank: still join FSDP's collectives
+                zero_loss_pass(model, proc)
+                continue
+            rows, _ = rows_and_prefix
+            chosen = [part[i] for i in rows]
+            prefix = common_prefix_length(chosen) if len(chosen) > 1 else 0
+            micro = collate(chosen, proc.device, prefix=prefix)
+            logp, _ = token_logprobs(model, micro.tokens, micro.mask, prefix=prefix)  # (B, T-1), temperature 1
+            nll = -logp.sum()
+            (nll / n_tokens * proc.world).backward()  # FSDP averages gradients over ranks: scale back to the global sum
+            nll_sum += nll.item()
     grad_norm = clip_and_step(model, optimizer, cfg)
     total_nll = all_reduce_dict({"nll": nll_sum}, "sum", proc)["nll"]
     return total_nll / max(n_tokens, 1.0), grad_norm
@@ -1080,7 +1096,7 @@ def check_model(name: str) -> None:
     if folder.exists() or name.startswith(("/", ".", "~")) or name.count("/") >= 2:  # a folder, not "org/name"
         what = "has no config.json" if folder.exists() else "does not exist"
         raise SystemExit(f"--model={name}: {folder} {what}; pass a Hugging Face checkpoint folder (e.g. "
-                         f"runs/train/ckpt/step_000006/hf) or a hub id like HuggingFaceTB/SmolLM2-135M-Instruct")
+                         f"runs/train/ckpt/step_000004/hf) or a hub id like HuggingFaceTB/SmolLM2-135M-Instruct")
 
 
 def validate(cfg) -> None:

@@ -9,6 +9,8 @@ first quarter is the prompt (loss mask 0), the rest sampled (mask 1) but for one
   log-softmax, then gather); it prints speedup_vs_full_logits.
 - `--group=G --prompt=P`: GRPO-shaped trajectories, groups of G sharing a P-token prompt; the baseline is then the
   same update with `share_prefix=False` (every row recomputes its prompt); it prints speedup_vs_no_sharing.
+- `--cpu_bf16=true`: the same update with train.py's `--cpu_bf16` (bf16 autocast, fp32 weights) against the fp32
+  update as the baseline, alternated in the same run; prints speedup_vs_fp32.
 - `--device=cuda`: Qwen2.5-0.5B- and 1.5B-shaped random models, FSDP2 on one GPU (a 1-rank process group), bf16
   compute with fp32 master weights, 4k-token sequences; prints tokens/s and
   MFU = 6 * params * tokens / time / peak (peak 989e12 FLOP/s: H100 SXM bf16 dense; --peak_flops to change).
@@ -21,6 +23,8 @@ Run
     python bench/train.py --device=cuda --shapes=qwen2.5-1.5b --micro_tokens=16384 --checkpointing=true
     python bench/train.py --shapes=smollm2-135m --group=8 --n_seqs=16 --seq=530 --prompt=300 --micro_tokens=2048 \
         --checkpointing=true                                            # the default run's update shape
+    python bench/train.py --shapes=smollm2-135m --group=8 --n_seqs=16 --seq=750 --prompt=450 --micro_tokens=4096 \
+        --checkpointing=true --cpu_bf16=true                            # --cpu_bf16 against fp32
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ class Args:
     baseline: bool = True        # CPU: also time the baseline (full logits; with --group > 1, no prompt sharing)
     group: int = 1               # trajectories per shared prompt (a GRPO group); 1 = independent trajectories
     prompt: int = 0              # prompt tokens (loss mask 0); 0 = a quarter of --seq
+    cpu_bf16: bool = False       # CPU: time the update with --cpu_bf16 against the fp32 one (the baseline)
 
 
 def full_logits_logprobs(model, tokens, mask, temperature=1.0, with_entropy=False, entropy_grad=True, prefix=0):
@@ -123,7 +128,8 @@ def one_update(model, opt, samples, cfg: train.Config, d: train.Dist) -> float:
 
 def time_updates(model, samples, cfg, d, iters: int, warmup: int, baseline: str) -> tuple[float, float | None]:
     """Median seconds per update, ours and (optionally) a baseline ("full_logits" or "no_sharing"), alternated
-    iteration by iteration so that load from other jobs on a shared machine hits both alike."""
+    iteration by iteration so that load from other jobs on a shared machine hits both alike. "fp32": `cfg` has
+    cpu_bf16 set and the baseline is the same update without it."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.01)
     real = train.token_logprobs
     ours, base = [], []
@@ -135,7 +141,7 @@ def time_updates(model, samples, cfg, d, iters: int, warmup: int, baseline: str)
             if baseline == "full_logits":
                 train.token_logprobs = full_logits_logprobs
             try:
-                plain = dataclasses.replace(cfg, share_prefix=baseline != "no_sharing")
+                plain = dataclasses.replace(cfg, share_prefix=baseline != "no_sharing", cpu_bf16=False)
                 t = one_update(model, opt, samples, plain, d)
             finally:
                 train.token_logprobs = real
@@ -153,10 +159,10 @@ def main(a: Args) -> None:
     seq = a.seq or (4096 if cuda else 256)
     n = a.n_seqs or (8 if cuda else 4)
     budget = a.micro_tokens or 2 * seq
-    cfg = train.Config(micro_tokens=budget, loss_agg="token-mean", grad_clip=1.0)
+    cfg = train.Config(micro_tokens=budget, loss_agg="token-mean", grad_clip=1.0, cpu_bf16=a.cpu_bf16)
     dev_name = torch.cuda.get_device_name(0) if cuda else f"CPU ({torch.get_num_threads()} threads)"
     print(f"device {dev_name} | torch {torch.__version__} | {n} trajectories x {seq} tokens | micro-batch budget "
-          f"{budget} tokens | checkpointing {a.checkpointing}")
+          f"{budget} tokens | checkpointing {a.checkpointing} | cpu_bf16 {a.cpu_bf16}")
     for shape in shapes:
         model, mcfg = build(shape, d, a.checkpointing)
         samples = make_samples(n, seq, mcfg.vocab_size, a.group, a.prompt)
@@ -164,6 +170,8 @@ def main(a: Args) -> None:
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         baseline = ("no_sharing" if a.group > 1 else "full_logits") if a.baseline and not cuda else ""
+        if a.cpu_bf16 and a.baseline and not cuda:
+            baseline = "fp32"
         t, tb = time_updates(model, samples, cfg, d, a.iters, a.warmup, baseline)
         line = f"{shape:<14} params {mcfg.n_params / 1e6:8.1f} M | update {t * 1e3:9.1f} ms | {tokens / t:10.0f} tok/s"
         if cuda:

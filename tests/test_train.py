@@ -123,7 +123,7 @@ def test_update_global_seq_count_skips_empty_sequences(tiny_qwen2):
         params = []
         for batch in (samples, samples + [empty]):
             model = Transformer.from_pretrained(tiny_qwen2)
-            cfg = Config(micro_tokens=16, grad_clip=0.0, lr=0.5, loss_agg=agg, loss_agg_const=8.0)
+            cfg = Config(micro_tokens=16, grad_clip=0.0, lr=0.5, loss_agg=agg, loss_agg_const=8.0, cpu_bf16=False)
             train.update(model, torch.optim.SGD(model.parameters(), lr=0.5), batch, cfg, train.Dist(), step=0)
             params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
         assert torch.allclose(params[0], params[1], atol=1e-7), agg
@@ -355,7 +355,7 @@ def test_update_does_not_depend_on_micro_batching(tiny_qwen2):
         for budget, share in ((10_000, False), (20, False), (10_000, True), (30, True)):
             model = Transformer.from_pretrained(tiny_qwen2)
             opt = torch.optim.SGD(model.parameters(), lr=1.0)
-            cfg = Config(micro_tokens=budget, loss_agg=agg, grad_clip=0.0, lr=1.0, share_prefix=share)
+            cfg = Config(micro_tokens=budget, loss_agg=agg, grad_clip=0.0, lr=1.0, share_prefix=share, cpu_bf16=False)
             m = train.update(model, opt, samples, cfg, train.Dist(), step=0)
             assert m["finite"]
             params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
@@ -369,7 +369,7 @@ def test_update_equals_one_step_on_the_full_batch_loss(tiny_qwen2):
 
     samples = _grouped_samples(2, [1.0, 0.0, -0.5, 0.3, 0.0, -0.8])  # two groups of 3, each with 2 rows to learn
     ours = Transformer.from_pretrained(tiny_qwen2)
-    cfg = Config(micro_tokens=40, grad_clip=0.0, lr=0.5, temperature=1.0)
+    cfg = Config(micro_tokens=40, grad_clip=0.0, lr=0.5, temperature=1.0, cpu_bf16=False)
     train.update(ours, torch.optim.SGD(ours.parameters(), lr=0.5), samples, cfg, train.Dist(), step=0)
     ref = Transformer.from_pretrained(tiny_qwen2)
     batch = train.collate(samples, "cpu")
@@ -749,14 +749,15 @@ def test_entropy_collapse_stops_with_a_checkpoint(tmp_path, tiny_qwen2, monkeypa
 
 @pytest.mark.slow
 def test_default_config_one_step(tmp_path):
-    """`python train.py --steps=1` on the default config (a shorter warm start, two passes): SmolLM2-135M (offline
+    """`python train.py --steps=1` on the default config (a shorter warm start: 2 bridge and 2 read demonstrations,
+    two passes): SmolLM2-135M (offline
     from the packaged GGUF), the research QA mix, local search and LocalWeb, the scaffold; the warm start and its
     export, one real GRPO step with a demonstration in each group that has one, the behaviour counts, a checkpoint,
     the curve."""
     out = tmp_path / "run"
     p = subprocess.run([sys.executable, "train.py", "--steps=1", "--batch_size=2", f"--out_dir={out}",
                         "--eval_n=8", "--warm_start_demos=4", "--warm_start_batch=2", "--warm_start_epochs=2",
-                        "--date=2026-11-24"],
+                        "--warm_start_templates=bridge:2,read", "--date=2026-11-24"],
                        cwd=Path(train.__file__).parent, capture_output=True, text=True, timeout=1500)
     assert p.returncode == 0, p.stderr[-3000:]
     m = [json.loads(x) for x in open(out / "metrics.jsonl")]
@@ -945,7 +946,7 @@ def test_update_diagnostics_cover_every_sampled_token(tiny_qwen2):
     sampled = batch.mask[:, 1:].bool()
     samples = [dataclasses.replace(sample, sampler_logp=[0.0] + (logp[i] + 0.25).tolist())
                for i, sample in enumerate(samples)]  # the sampler's log-probs, 0.25 off everywhere
-    cfg = Config(micro_tokens=10_000, lr=0.1, temperature=1.0)
+    cfg = Config(micro_tokens=10_000, lr=0.1, temperature=1.0, cpu_bf16=False)
     got = train.update(model, torch.optim.SGD(model.parameters(), lr=0.1), samples, cfg, train.Dist(), step=0)
     assert got["entropy"] == pytest.approx(float(entropy[sampled].mean()), rel=1e-5)
     assert got["logp_diff"] == pytest.approx(0.25, rel=1e-4)
@@ -962,7 +963,7 @@ def test_supervised_step_is_grpo_with_advantage_one(tiny_qwen2):
     from model import Transformer
 
     samples = [dataclasses.replace(sample, advantage=1.0) for sample in _grouped_samples(3, [0.0] * 6)]
-    cfg = Config(micro_tokens=10_000, loss_agg="token-mean", grad_clip=0.0, lr=0.5, temperature=1.0)
+    cfg = Config(micro_tokens=10_000, loss_agg="token-mean", grad_clip=0.0, lr=0.5, temperature=1.0, cpu_bf16=False)
     params = []
     for use_update in (True, False):
         model = Transformer.from_pretrained(tiny_qwen2)
@@ -978,6 +979,36 @@ def test_supervised_step_is_grpo_with_advantage_one(tiny_qwen2):
     assert torch.allclose(params[0], params[1], atol=1e-6, rtol=1e-4)
     # a group shares its 4 prompt tokens; the prefix stops before the position that predicts the first trained one
     assert train.common_prefix_length(samples[:3]) == 3 and train.common_prefix_length(samples[2:4]) == 0
+
+
+def test_cpu_bf16_runs_the_updates_in_bfloat16_with_fp32_weights(tiny_qwen2):
+    """--cpu_bf16: GRPO's update and the warm start's step run their matmuls under bfloat16 autocast; the weights,
+    so the gradients and the optimizer's state, stay fp32, and one step moves them as the fp32 step does up to bf16
+    rounding (the same direction, nearly the same size)."""
+    from model import Transformer
+
+    base = Transformer.from_pretrained(tiny_qwen2)
+    start = torch.cat([p.detach().flatten() for p in base.parameters()])
+    grpo_samples = _grouped_samples(4, [1.0, -0.5, 0.3, -0.8, 0.6, -0.2])
+    sft_samples = [dataclasses.replace(sample, advantage=1.0) for sample in grpo_samples]
+    for step_kind in ("update", "supervised_step"):
+        moves = []
+        for cpu_bf16 in (False, True):
+            cfg = Config(micro_tokens=10_000, grad_clip=0.0, lr=0.5, temperature=1.0, cpu_bf16=cpu_bf16)
+            model = Transformer.from_pretrained(tiny_qwen2)
+            opt = torch.optim.SGD(model.parameters(), lr=0.5)
+            if step_kind == "update":
+                assert train.update(model, opt, grpo_samples, cfg, train.Dist(), step=0)["finite"]
+            else:
+                nll, grad_norm = train.supervised_step(model, opt, sft_samples, cfg, train.Dist())
+                assert nll > 0 and math.isfinite(grad_norm)
+            assert all(param.dtype == torch.float32 for param in model.parameters())
+            moves.append(torch.cat([p.detach().flatten() for p in model.parameters()]) - start)
+        fp32_move, bf16_move = moves
+        assert fp32_move.norm() > 0
+        assert not torch.equal(fp32_move, bf16_move)  # the bf16 matmuls did run
+        assert torch.nn.functional.cosine_similarity(fp32_move, bf16_move, dim=0) > 0.99
+        assert abs(bf16_move.norm() / fp32_move.norm() - 1) < 0.05
 
 
 def test_warm_start_demonstrations_are_the_oracle_in_the_policy_format(tmp_path, tiny_qwen2):
