@@ -439,8 +439,13 @@ def update_precision(cfg: Config, proc: Dist):
     """Where the updates' forwards and backwards run (GRPO's and the warm start's): under bfloat16 autocast on a CPU
     with cpu_bf16 (the weights, gradients and Adam state stay fp32; the matmuls run in bf16, ~2x faster on a CPU
     with AVX512-BF16, bench/RESULTS.md), else as they are (a GPU gets bf16 compute from FSDP's MixedPrecisionPolicy;
-    a CPU run without it stays bit-exact fp32). Sampling is untouched: the engine decodes in the weights' dtype."""
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.cpu_bf16 and proc.device.type == "cpu")
+    a CPU run without it stays bit-exact fp32). Sampling is untouched: the engine decodes in the weights' dtype.
+    Autocast's cache of bf16 weight copies is off: it outlives an optimizer step inside one update (more than one
+    mini-batch or epoch) and made a resumed FSDP2 run differ from an uninterrupted one; casting again per forward
+    gives the same numbers as the cache on one process (checked on SmolLM2: identical weights after a warm-start step
+    and a GRPO update)."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.cpu_bf16 and proc.device.type == "cpu",
+                          cache_enabled=False)
 
 
 def update(model, optimizer, samples: list[Sample], cfg: Config, proc: Dist, step: int, ref_model=None,

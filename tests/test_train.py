@@ -561,19 +561,21 @@ def _hf_weights(step_dir):
 
 
 def test_loop_resume_exact_and_hf_export(tmp_path, tiny_qwen2, monkeypatch):
-    """3 uninterrupted steps == 2 steps + resume for 1; the HF export loads in transformers with the same logits."""
+    """3 uninterrupted steps == 2 steps + resume for 1; the HF export loads in transformers with the same logits.
+    fp32 (`cpu_bf16=False`), so that the training forward reproduces the sampler's log-probs; the torchrun test below
+    checks resume under the default bf16 updates."""
     from transformers import AutoModelForCausalLM
 
     from model import Transformer
 
     use_agent(monkeypatch, fake_agent)
     a, b = tmp_path / "a", tmp_path / "b"
-    m = train.main(parse_config(Config, _cfg(a, tiny_qwen2, steps=3), PRESETS))
+    m = train.main(parse_config(Config, _cfg(a, tiny_qwen2, steps=3, cpu_bf16=False), PRESETS))
     assert math.isfinite(m["loss"]) and 0 <= m["format_error"] <= 1
-    train.main(parse_config(Config, _cfg(b, tiny_qwen2, steps=2), PRESETS))
+    train.main(parse_config(Config, _cfg(b, tiny_qwen2, steps=2, cpu_bf16=False), PRESETS))
     assert (b / "ckpt" / "step_000002" / "state.json").exists()
     w0 = _hf_weights(b / "ckpt" / "step_000002")
-    train.main(parse_config(Config, _cfg(b, tiny_qwen2, steps=3, resume=True), PRESETS))
+    train.main(parse_config(Config, _cfg(b, tiny_qwen2, steps=3, resume=True, cpu_bf16=False), PRESETS))
     wa, wb = _hf_weights(a / "ckpt" / "step_000003"), _hf_weights(b / "ckpt" / "step_000003")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     assert any(not torch.equal(wa[k], w0[k]) for k in wa)  # training did move the weights
@@ -673,7 +675,8 @@ def _torchrun(tmp_path, args, agent="fake"):
 
 @pytest.mark.slow
 def test_torchrun_two_gloo_processes_resume_exact(tmp_path, tiny_qwen2):
-    """FSDP2 on 2 gloo ranks: 2 steps, resume for a 3rd == 3 uninterrupted steps, bit for bit."""
+    """FSDP2 on 2 gloo ranks: 2 steps, resume for a 3rd == 3 uninterrupted steps, bit for bit (with the default bf16
+    updates: autocast's weight-cast cache, which made them differ, is off)."""
     a, b = tmp_path / "a", tmp_path / "b"
     p = _torchrun(tmp_path, _cfg(a, tiny_qwen2, steps=3))
     assert "step 3 |" in p.stdout + p.stderr
