@@ -237,7 +237,7 @@ class Config(AgentConfig):
                                     # the policy's searches follow the question (1 pass: a rate, README)
     warm_start_lr: float = 1e-4     # its own AdamW; GRPO's optimizer starts fresh after it
     # comma-separated question templates the demonstrations come from ("" = any), each with an optional count:
-    # 24 bridges, 16 comparisons, the rest from the other templates in the seeded order (README: "the mix")
+    # 24 bridges, 16 comparisons, the rest from the other templates in the seeded order (README: "Result")
     warm_start_templates: str = "bridge:24,comparison:16,read,what,who,country"
     # one oracle demonstration in each GRPO group, in place of one sampled trajectory (where the question names its
     # supporting articles): every group ranks a research path that answers right beside the policy's own, so GRPO
@@ -437,7 +437,7 @@ def grpo_micro_step(model, micro: MicroBatch, cfg: Config, norm: float, world: i
 
 def update_precision(cfg: Config, proc: Dist):
     """Where the updates' forwards and backwards run (GRPO's and the warm start's): under bfloat16 autocast on a CPU
-    with cpu_bf16 (the weights, gradients and Adam state stay fp32; the matmuls run in bf16, ~2x faster on a CPU
+    with cpu_bf16 (the weights, gradients and Adam state stay fp32; the matmuls run in bf16, 1.7-2.2x faster on a CPU
     with AVX512-BF16, bench/RESULTS.md), else as they are (a GPU gets bf16 compute from FSDP's MixedPrecisionPolicy;
     a CPU run without it stays bit-exact fp32). Sampling is untouched: the engine decodes in the weights' dtype.
     Autocast's cache of bf16 weight copies is off: it outlives an optimizer step inside one update (more than one
