@@ -466,8 +466,8 @@ def update(model, optimizer, samples: list[Sample], cfg: Config, proc: Dist, ste
         bar = tqdm(total=0, desc="update", unit="micro-batch", leave=False, disable=not (proc.main and show_progress))
         for epoch in range(cfg.ppo_epochs):
             for index in range(cfg.n_minibatches):
-                start, end = index * len(samples), (index + 1) * len(samples)
-                part = samples[start // cfg.n_minibatches: end // cfg.n_minibatches]
+                part = samples[index * len(samples) // cfg.n_minibatches:
+                               (index + 1) * len(samples) // cfg.n_minibatches]
                 first_pass = epoch == 0 and index == 0  # the weights that sampled: logp_diff is measured here
                 grad_norm, minibatch_sums = minibatch_step(model, optimizer, part, cfg, proc, bar, on_policy,
                                                            first_pass)

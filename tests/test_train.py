@@ -753,10 +753,9 @@ def test_entropy_collapse_stops_with_a_checkpoint(tmp_path, tiny_qwen2, monkeypa
 @pytest.mark.slow
 def test_default_config_one_step(tmp_path):
     """`python train.py --steps=1` on the default config (a shorter warm start: 2 bridge and 2 read demonstrations,
-    two passes): SmolLM2-135M (offline
-    from the packaged GGUF), the research QA mix, local search and LocalWeb, the scaffold; the warm start and its
-    export, one real GRPO step with a demonstration in each group that has one, the behaviour counts, a checkpoint,
-    the curve."""
+    two passes): SmolLM2-135M (offline from the packaged GGUF), the research QA mix, local search and LocalWeb, the
+    scaffold; the warm start and its export, one real GRPO step with a demonstration in each group that has one, the
+    behaviour counts, a checkpoint, the curve."""
     out = tmp_path / "run"
     p = subprocess.run([sys.executable, "train.py", "--steps=1", "--batch_size=2", f"--out_dir={out}",
                         "--eval_n=8", "--warm_start_demos=4", "--warm_start_batch=2", "--warm_start_epochs=2",
