@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.nn.utils import parameters_to_vector
 
 import train
 from data.models import memory_per_gpu
@@ -125,7 +126,7 @@ def test_update_global_seq_count_skips_empty_sequences(tiny_qwen2):
             model = Transformer.from_pretrained(tiny_qwen2)
             cfg = Config(micro_tokens=16, grad_clip=0.0, lr=0.5, loss_agg=agg, loss_agg_const=8.0, cpu_bf16=False)
             train.update(model, torch.optim.SGD(model.parameters(), lr=0.5), batch, cfg, train.Dist(), step=0)
-            params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+            params.append(parameters_to_vector(model.parameters()).detach())
         assert torch.allclose(params[0], params[1], atol=1e-7), agg
 
 
@@ -358,7 +359,7 @@ def test_update_does_not_depend_on_micro_batching(tiny_qwen2):
             cfg = Config(micro_tokens=budget, loss_agg=agg, grad_clip=0.0, lr=1.0, share_prefix=share, cpu_bf16=False)
             m = train.update(model, opt, samples, cfg, train.Dist(), step=0)
             assert m["finite"]
-            params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+            params.append(parameters_to_vector(model.parameters()).detach())
         for p in params[1:]:
             assert torch.allclose(params[0], p, atol=1e-6, rtol=1e-4)
 
@@ -975,9 +976,9 @@ def test_supervised_step_is_grpo_with_advantage_one(tiny_qwen2):
         else:
             nll_sum, grad_norm = train.supervised_step(model, opt, samples, cfg, train.Dist())
             assert nll_sum > 0 and math.isfinite(grad_norm)
-        params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
-    assert not torch.equal(params[0], torch.cat([p.flatten() for p in Transformer.from_pretrained(tiny_qwen2)
-                                                 .parameters()]))  # it moved
+        params.append(parameters_to_vector(model.parameters()).detach())
+    untrained = Transformer.from_pretrained(tiny_qwen2)
+    assert not torch.equal(params[0], parameters_to_vector(untrained.parameters()).detach())  # it moved
     assert torch.allclose(params[0], params[1], atol=1e-6, rtol=1e-4)
     # a group shares its 4 prompt tokens; the prefix stops before the position that predicts the first trained one
     assert train.common_prefix_length(samples[:3]) == 3 and train.common_prefix_length(samples[2:4]) == 0
@@ -990,7 +991,7 @@ def test_cpu_bf16_runs_the_updates_in_bfloat16_with_fp32_weights(tiny_qwen2):
     from model import Transformer
 
     base = Transformer.from_pretrained(tiny_qwen2)
-    start = torch.cat([p.detach().flatten() for p in base.parameters()])
+    start = parameters_to_vector(base.parameters()).detach()
     grpo_samples = _grouped_samples(4, [1.0, -0.5, 0.3, -0.8, 0.6, -0.2])
     sft_samples = [dataclasses.replace(sample, advantage=1.0) for sample in grpo_samples]
     for step_kind in ("update", "supervised_step"):
@@ -1005,7 +1006,7 @@ def test_cpu_bf16_runs_the_updates_in_bfloat16_with_fp32_weights(tiny_qwen2):
                 nll, grad_norm = train.supervised_step(model, opt, sft_samples, cfg, train.Dist())
                 assert nll > 0 and math.isfinite(grad_norm)
             assert all(param.dtype == torch.float32 for param in model.parameters())
-            moves.append(torch.cat([p.detach().flatten() for p in model.parameters()]) - start)
+            moves.append(parameters_to_vector(model.parameters()).detach() - start)
         fp32_move, bf16_move = moves
         assert fp32_move.norm() > 0
         assert not torch.equal(fp32_move, bf16_move)  # the bf16 matmuls did run
