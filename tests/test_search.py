@@ -125,6 +125,21 @@ def test_local_custom_corpus(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+
+def test_equal_scores_in_corpus_order(tmp_path):
+    """Articles that score the same come back in the corpus's order, in every build of the index (several indexing
+    threads used to order them by which thread took which passage, so two machines' searches differed)."""
+    corpus = tmp_path / "ties.jsonl"
+    rows = [{"id": f"t{i}", "title": f"Tie {i}", "text": "the same sentence about a heron"} for i in range(40)]
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    orders = []
+    for build in range(3):
+        index = localweb.BM25Index(corpus, index_dir=tmp_path / f"index{build}")
+        hits = index.query("heron", 40)
+        assert len({hit["score"] for hit in hits}) == 1  # a tie: the order is only the tie-break
+        orders.append([hit["id"] for hit in hits])
+    assert orders[0] == [f"t{i}" for i in range(40)] and orders[1] == orders[0] and orders[2] == orders[0]
+
 # Cache
 
 def test_record_then_replay_identical(tmp_path, local):
