@@ -98,7 +98,8 @@ lr 1e-5, no KL; a warm start ("The algorithm, 5": three passes, 24 supervised st
 demonstrations: 24 bridges, 16 comparisons and 24 from the other templates) and, in every GRPO group, one oracle
 demonstration in place of a sampled trajectory (`group_demo`), because GRPO alone drives a 135M policy to one search
 per question (README); then 4 GRPO steps of 4 questions x 8; on a CPU the updates' matmuls run in bf16 autocast with
-fp32 weights (`cpu_bf16`, ~1.7x faster warm start). One pass over demonstrations from every template (the default
+fp32 weights where the CPU has bf16 instructions (`cpu_bf16=auto`, ~1.7x faster warm start; without them bf16 is
+~100x slower, so auto keeps fp32). One pass over demonstrations from every template (the default
 until 2026-12-06's sixth session: `--cpu_bf16=false --warm_start_epochs=1 --warm_start_templates= --steps=6`) teaches a
 rate of searching, not when: its agent searched the bridge entity on 1 bridge in 8 and kept single-hop questions;
 the three passes over the counted mix make the searches follow the question (the bridge entity searched on most
@@ -212,8 +213,9 @@ class Config(AgentConfig):
     share_prefix: bool = True       # a group's prompt is computed once per micro-batch in the update (same loss)
     # runtime
     activation_checkpointing: bool = True  # keep each block's input only (~1.5 MB/token less for 135M, +1 forward)
-    cpu_bf16: bool = True           # CPU: the updates' matmuls in bf16 autocast, fp32 weights (update_precision);
-                                    # False = fp32 throughout (bit-exact with runs before 2026-12-06, sixth session)
+    cpu_bf16: str = "auto"          # CPU: the updates' matmuls in bf16 autocast, fp32 weights (update_precision):
+                                    # auto = where the CPU has bf16 instructions (cpu_has_bf16), true, or false =
+                                    # fp32 throughout (bit-exact with runs before 2026-12-06, sixth session)
     cpu_offload: bool = False       # FSDP2 CPUOffloadPolicy: sharded params, grads and Adam state live on the CPU
     export_dtype: str = "auto"      # HF export: auto (bf16 on GPU, fp32 on CPU: see export_hf) | float32 | bfloat16
     # checkpoints and logging
@@ -267,7 +269,7 @@ PRESETS: dict[str, dict] = {
     # the earlier default: single-hop questions (data/qa_train.jsonl), 3 turns, no warm start, 25 steps. Its agent
     # learns the first-title shortcut (the README's single-hop table); kept so that table can be reproduced
     "single_hop": dict(data="data/qa_train.jsonl", eval_data="data/qa_dev.jsonl", out_dir="runs/train-single-hop",
-                       cpu_bf16=False,
+                       cpu_bf16="false",
                        max_turns=3, max_len=1024, warm_start_demos=0, group_demo=False, steps=25, eval_every=5),
     # the paper's recipe on one or more 8-GPU nodes (weight decay 0.01, grad clip 1.0, clip 0.2 are the defaults).
     # n_slots: the paged KV cache (56 KiB/token for the 7B) holds ~94 rows of 8k tokens per 80 GiB GPU next to the
@@ -435,17 +437,32 @@ def grpo_micro_step(model, micro: MicroBatch, cfg: Config, norm: float, world: i
     return loss, logp, entropy, stats
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX). Without it PyTorch's bf16 matmul falls back
+    to a slow kernel: on a 2-core AVX2 EPYC a 2048x576 @ 576x1536 product took 120x as long in bf16 autocast as in
+    fp32, and one warm-start step 686 s instead of ~27 s."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def bf16_updates(cfg: Config, proc: Dist) -> bool:
+    """cpu_bf16 resolved for this process: never on a GPU; "auto" follows cpu_has_bf16."""
+    if proc.device.type != "cpu":
+        return False
+    if cfg.cpu_bf16.lower() == "auto":
+        return cpu_has_bf16()
+    return cfg.cpu_bf16.lower() == "true"
+
+
 def update_precision(cfg: Config, proc: Dist):
     """Where the updates' forwards and backwards run (GRPO's and the warm start's): under bfloat16 autocast on a CPU
-    with cpu_bf16 (the weights, gradients and Adam state stay fp32; the matmuls run in bf16, 1.7-2.2x faster on a CPU
-    with AVX512-BF16, bench/RESULTS.md), else as they are (a GPU gets bf16 compute from FSDP's MixedPrecisionPolicy;
+    with bf16_updates (the weights, gradients and Adam state stay fp32; the matmuls run in bf16, 1.7-2.2x faster on a
+    CPU with AVX512-BF16, bench/RESULTS.md), else as they are (a GPU gets bf16 compute from FSDP's MixedPrecisionPolicy;
     a CPU run without it stays bit-exact fp32). Sampling is untouched: the engine decodes in the weights' dtype.
     Autocast's cache of bf16 weight copies is off: it outlives an optimizer step inside one update (more than one
     mini-batch or epoch) and made a resumed FSDP2 run differ from an uninterrupted one; casting again per forward
     gives the same numbers as the cache on one process (checked on SmolLM2: identical weights after a warm-start step
     and a GRPO update)."""
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.cpu_bf16 and proc.device.type == "cpu",
-                          cache_enabled=False)
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16_updates(cfg, proc), cache_enabled=False)
 
 
 def update(model, optimizer, samples: list[Sample], cfg: Config, proc: Dist, step: int, ref_model=None,
@@ -1117,6 +1134,9 @@ def validate(cfg) -> None:
                              f"--{key}={getattr(type(cfg)(), key)}")
     if getattr(cfg, "loss_agg", "token-mean") not in LOSS_AGGS:
         raise SystemExit(f"--loss_agg={cfg.loss_agg}: use one of {', '.join(LOSS_AGGS)}")
+    if getattr(cfg, "cpu_bf16", "auto").lower() not in ("auto", "true", "false"):
+        raise SystemExit(f"--cpu_bf16={cfg.cpu_bf16}: use auto (bf16 where the CPU has bf16 instructions), true or "
+                         f"false")
     if getattr(cfg, "dry_run", False):  # an estimate needs neither the data nor the weights
         return
     check_model(cfg.model)
@@ -1736,7 +1756,11 @@ def prepare_out_dir(cfg: Config, proc: Dist) -> tuple[str, Path | None]:
         (out / "rollouts").mkdir(parents=True, exist_ok=True)
         changes = " ".join(f"--{key}={value}" for key, value in config_changes(cfg).items())
         print(f"config: {changes or 'the defaults'} (all of it: {out / 'config.json'})")
-        (out / "config.json").write_text(json.dumps({**asdict(cfg), "resolved_model_path": str(path)}, indent=2))
+        if proc.device.type == "cpu":
+            print(f"updates: {'bf16 autocast, fp32 weights' if bf16_updates(cfg, proc) else 'fp32'} (--cpu_bf16="
+                  f"{cfg.cpu_bf16}; this CPU {'has' if cpu_has_bf16() else 'has no'} bf16 instructions)")
+        resolved = {"resolved_model_path": str(path), "resolved_cpu_bf16": bf16_updates(cfg, proc)}
+        (out / "config.json").write_text(json.dumps({**asdict(cfg), **resolved}, indent=2))
     return path, resume_from
 
 

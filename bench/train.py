@@ -141,7 +141,7 @@ def time_updates(model, samples, cfg, d, iters: int, warmup: int, baseline: str)
             if baseline == "full_logits":
                 train.token_logprobs = full_logits_logprobs
             try:
-                plain = dataclasses.replace(cfg, share_prefix=baseline != "no_sharing", cpu_bf16=False)
+                plain = dataclasses.replace(cfg, share_prefix=baseline != "no_sharing", cpu_bf16="false")
                 t = one_update(model, opt, samples, plain, d)
             finally:
                 train.token_logprobs = real
@@ -159,7 +159,8 @@ def main(a: Args) -> None:
     seq = a.seq or (4096 if cuda else 256)
     n = a.n_seqs or (8 if cuda else 4)
     budget = a.micro_tokens or 2 * seq
-    cfg = train.Config(micro_tokens=budget, loss_agg="token-mean", grad_clip=1.0, cpu_bf16=a.cpu_bf16)
+    cfg = train.Config(micro_tokens=budget, loss_agg="token-mean", grad_clip=1.0,
+                       cpu_bf16="true" if a.cpu_bf16 else "false")
     dev_name = torch.cuda.get_device_name(0) if cuda else f"CPU ({torch.get_num_threads()} threads)"
     print(f"device {dev_name} | torch {torch.__version__} | {n} trajectories x {seq} tokens | micro-batch budget "
           f"{budget} tokens | checkpointing {a.checkpointing} | cpu_bf16 {a.cpu_bf16}")

@@ -124,7 +124,7 @@ def test_update_global_seq_count_skips_empty_sequences(tiny_qwen2):
         params = []
         for batch in (samples, samples + [empty]):
             model = Transformer.from_pretrained(tiny_qwen2)
-            cfg = Config(micro_tokens=16, grad_clip=0.0, lr=0.5, loss_agg=agg, loss_agg_const=8.0, cpu_bf16=False)
+            cfg = Config(micro_tokens=16, grad_clip=0.0, lr=0.5, loss_agg=agg, loss_agg_const=8.0, cpu_bf16="false")
             train.update(model, torch.optim.SGD(model.parameters(), lr=0.5), batch, cfg, train.Dist(), step=0)
             params.append(parameters_to_vector(model.parameters()).detach())
         assert torch.allclose(params[0], params[1], atol=1e-7), agg
@@ -356,7 +356,7 @@ def test_update_does_not_depend_on_micro_batching(tiny_qwen2):
         for budget, share in ((10_000, False), (20, False), (10_000, True), (30, True)):
             model = Transformer.from_pretrained(tiny_qwen2)
             opt = torch.optim.SGD(model.parameters(), lr=1.0)
-            cfg = Config(micro_tokens=budget, loss_agg=agg, grad_clip=0.0, lr=1.0, share_prefix=share, cpu_bf16=False)
+            cfg = Config(micro_tokens=budget, loss_agg=agg, grad_clip=0.0, lr=1.0, share_prefix=share, cpu_bf16="false")
             m = train.update(model, opt, samples, cfg, train.Dist(), step=0)
             assert m["finite"]
             params.append(parameters_to_vector(model.parameters()).detach())
@@ -370,7 +370,7 @@ def test_update_equals_one_step_on_the_full_batch_loss(tiny_qwen2):
 
     samples = _grouped_samples(2, [1.0, 0.0, -0.5, 0.3, 0.0, -0.8])  # two groups of 3, each with 2 rows to learn
     ours = Transformer.from_pretrained(tiny_qwen2)
-    cfg = Config(micro_tokens=40, grad_clip=0.0, lr=0.5, temperature=1.0, cpu_bf16=False)
+    cfg = Config(micro_tokens=40, grad_clip=0.0, lr=0.5, temperature=1.0, cpu_bf16="false")
     train.update(ours, torch.optim.SGD(ours.parameters(), lr=0.5), samples, cfg, train.Dist(), step=0)
     ref = Transformer.from_pretrained(tiny_qwen2)
     batch = train.collate(samples, "cpu")
@@ -563,7 +563,7 @@ def _hf_weights(step_dir):
 
 def test_loop_resume_exact_and_hf_export(tmp_path, tiny_qwen2, monkeypatch):
     """3 uninterrupted steps == 2 steps + resume for 1; the HF export loads in transformers with the same logits.
-    fp32 (`cpu_bf16=False`), so that the training forward reproduces the sampler's log-probs; the torchrun test below
+    fp32 (`cpu_bf16="false"`), so that the training forward reproduces the sampler's log-probs; the torchrun test below
     checks resume under the default bf16 updates."""
     from transformers import AutoModelForCausalLM
 
@@ -571,12 +571,12 @@ def test_loop_resume_exact_and_hf_export(tmp_path, tiny_qwen2, monkeypatch):
 
     use_agent(monkeypatch, fake_agent)
     a, b = tmp_path / "a", tmp_path / "b"
-    m = train.main(parse_config(Config, _cfg(a, tiny_qwen2, steps=3, cpu_bf16=False), PRESETS))
+    m = train.main(parse_config(Config, _cfg(a, tiny_qwen2, steps=3, cpu_bf16="false"), PRESETS))
     assert math.isfinite(m["loss"]) and 0 <= m["format_error"] <= 1
-    train.main(parse_config(Config, _cfg(b, tiny_qwen2, steps=2, cpu_bf16=False), PRESETS))
+    train.main(parse_config(Config, _cfg(b, tiny_qwen2, steps=2, cpu_bf16="false"), PRESETS))
     assert (b / "ckpt" / "step_000002" / "state.json").exists()
     w0 = _hf_weights(b / "ckpt" / "step_000002")
-    train.main(parse_config(Config, _cfg(b, tiny_qwen2, steps=3, resume=True, cpu_bf16=False), PRESETS))
+    train.main(parse_config(Config, _cfg(b, tiny_qwen2, steps=3, resume=True, cpu_bf16="false"), PRESETS))
     wa, wb = _hf_weights(a / "ckpt" / "step_000003"), _hf_weights(b / "ckpt" / "step_000003")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     assert any(not torch.equal(wa[k], w0[k]) for k in wa)  # training did move the weights
@@ -949,7 +949,7 @@ def test_update_diagnostics_cover_every_sampled_token(tiny_qwen2):
     sampled = batch.mask[:, 1:].bool()
     samples = [dataclasses.replace(sample, sampler_logp=[0.0] + (logp[i] + 0.25).tolist())
                for i, sample in enumerate(samples)]  # the sampler's log-probs, 0.25 off everywhere
-    cfg = Config(micro_tokens=10_000, lr=0.1, temperature=1.0, cpu_bf16=False)
+    cfg = Config(micro_tokens=10_000, lr=0.1, temperature=1.0, cpu_bf16="false")
     got = train.update(model, torch.optim.SGD(model.parameters(), lr=0.1), samples, cfg, train.Dist(), step=0)
     assert got["entropy"] == pytest.approx(float(entropy[sampled].mean()), rel=1e-5)
     assert got["logp_diff"] == pytest.approx(0.25, rel=1e-4)
@@ -966,7 +966,7 @@ def test_supervised_step_is_grpo_with_advantage_one(tiny_qwen2):
     from model import Transformer
 
     samples = [dataclasses.replace(sample, advantage=1.0) for sample in _grouped_samples(3, [0.0] * 6)]
-    cfg = Config(micro_tokens=10_000, loss_agg="token-mean", grad_clip=0.0, lr=0.5, temperature=1.0, cpu_bf16=False)
+    cfg = Config(micro_tokens=10_000, loss_agg="token-mean", grad_clip=0.0, lr=0.5, temperature=1.0, cpu_bf16="false")
     params = []
     for use_update in (True, False):
         model = Transformer.from_pretrained(tiny_qwen2)
@@ -996,7 +996,7 @@ def test_cpu_bf16_runs_the_updates_in_bfloat16_with_fp32_weights(tiny_qwen2):
     sft_samples = [dataclasses.replace(sample, advantage=1.0) for sample in grpo_samples]
     for step_kind in ("update", "supervised_step"):
         moves = []
-        for cpu_bf16 in (False, True):
+        for cpu_bf16 in ("false", "true"):
             cfg = Config(micro_tokens=10_000, grad_clip=0.0, lr=0.5, temperature=1.0, cpu_bf16=cpu_bf16)
             model = Transformer.from_pretrained(tiny_qwen2)
             opt = torch.optim.SGD(model.parameters(), lr=0.5)
@@ -1012,6 +1012,22 @@ def test_cpu_bf16_runs_the_updates_in_bfloat16_with_fp32_weights(tiny_qwen2):
         assert not torch.equal(fp32_move, bf16_move)  # the bf16 matmuls did run
         assert torch.nn.functional.cosine_similarity(fp32_move, bf16_move, dim=0) > 0.99
         assert abs(bf16_move.norm() / fp32_move.norm() - 1) < 0.05
+
+
+def test_cpu_bf16_auto_follows_the_cpu(monkeypatch):
+    """--cpu_bf16=auto (the default) runs the updates in bf16 only where the CPU has bf16 instructions (without them
+    a bf16 matmul is ~100x slower than fp32); true and false are what they say, on a CPU only; other words stop."""
+    assert isinstance(train.cpu_has_bf16(), bool)  # the real probe, on this machine's CPU
+    cpu = train.Dist()
+    gpu = dataclasses.replace(cpu, device=torch.device("cuda"))
+    for has_bf16 in (False, True):
+        monkeypatch.setattr(train, "cpu_has_bf16", lambda: has_bf16)
+        assert train.bf16_updates(Config(), cpu) is has_bf16
+        assert train.bf16_updates(Config(cpu_bf16="true"), cpu) is True
+        assert train.bf16_updates(Config(cpu_bf16="False"), cpu) is False
+        assert train.bf16_updates(Config(cpu_bf16="true"), gpu) is False
+    with pytest.raises(SystemExit, match="--cpu_bf16=maybe: use auto"):
+        train.validate(Config(cpu_bf16="maybe", dry_run=True))
 
 
 def test_warm_start_demonstrations_are_the_oracle_in_the_policy_format(tmp_path, tiny_qwen2):
