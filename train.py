@@ -99,7 +99,7 @@ demonstrations: 24 bridges, 16 comparisons and 24 from the other templates) and,
 demonstration in place of a sampled trajectory (`group_demo`), because GRPO alone drives a 135M policy to one search
 per question (README); then 4 GRPO steps of 4 questions x 8; on a CPU the updates' matmuls run in bf16 autocast with
 fp32 weights where the CPU has bf16 instructions (`cpu_bf16=auto`, ~1.7x faster warm start; without them bf16 is
-~100x slower, so auto keeps fp32). One pass over demonstrations from every template (the default
+6-16x slower, so auto keeps fp32). One pass over demonstrations from every template (the default
 until 2026-12-06's sixth session: `--cpu_bf16=false --warm_start_epochs=1 --warm_start_templates= --steps=6`) teaches a
 rate of searching, not when: its agent searched the bridge entity on 1 bridge in 8 and kept single-hop questions;
 the three passes over the counted mix make the searches follow the question (the bridge entity searched on most
@@ -439,8 +439,8 @@ def grpo_micro_step(model, micro: MicroBatch, cfg: Config, norm: float, world: i
 
 def cpu_has_bf16() -> bool:
     """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX). Without it PyTorch's bf16 matmul falls back
-    to a slow kernel: on a 2-core AVX2 EPYC a 2048x576 @ 576x1536 product took 120x as long in bf16 autocast as in
-    fp32, and one warm-start step 686 s instead of ~27 s."""
+    to a slow kernel: on a 2-core AVX2 EPYC one warm-start step took 686 s in bf16 autocast against 43 s in fp32, and
+    bench/train.py's update ran at 0.16x of fp32 (bench/RESULTS.md)."""
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 

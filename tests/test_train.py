@@ -1016,7 +1016,8 @@ def test_cpu_bf16_runs_the_updates_in_bfloat16_with_fp32_weights(tiny_qwen2):
 
 def test_cpu_bf16_auto_follows_the_cpu(monkeypatch):
     """--cpu_bf16=auto (the default) runs the updates in bf16 only where the CPU has bf16 instructions (without them
-    a bf16 matmul is ~100x slower than fp32); true and false are what they say, on a CPU only; other words stop."""
+    the update is 6-16x slower in bf16 than in fp32); true and false are what they say, on a CPU only; other words
+    stop."""
     assert isinstance(train.cpu_has_bf16(), bool)  # the real probe, on this machine's CPU
     cpu = train.Dist()
     gpu = dataclasses.replace(cpu, device=torch.device("cuda"))
