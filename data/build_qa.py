@@ -47,11 +47,13 @@ order: the bridge's name then the answer; each compared article with its year; t
 articles of the single-hop set keep its split; the others go to dev with probability dev_frac (a hash); a question
 goes with the article it names, a person bridge goes with it, and a country bridge serves both splits, as the capital
 questions of the single-hop set do. Comparisons pair articles within one split. At most 80 dev and max_per_kind
-training questions per kind. The training file mixes in the single-hop set's one-hop training questions, 1 for every
-3 research questions: half of them ones the first-title heuristic gets wrong, half ones it answers (`shortcut_share`;
-`first_title_answers` marks them). With none of the latter, a policy learns "never answer the first title", which is
-as blind as the shortcut: on data/qa_dev.jsonl, where two thirds of the answers are the first title, such an agent
-fell from the single-hop default's 53.9 F1 to 33.6 (README).
+training questions per kind. `train_exclude` keeps kinds out of the training file only (the dev file is the same with
+or without it): `--train_exclude=bridge/continent --max_per_kind=150` is the eighth session's probe (README: "A longer
+run"), whose agent dropped the second search sooner, not later. The training file mixes in the single-hop set's
+one-hop training questions, 1 for every 3 research questions: half of them ones the first-title heuristic gets wrong,
+half ones it answers (`shortcut_share`; `first_title_answers` marks them). With none of the latter, a policy learns
+"never answer the first title", which is as blind as the shortcut: on data/qa_dev.jsonl, where two thirds of the
+answers are the first title, such an agent fell from the single-hop default's 53.9 F1 to 33.6 (README).
 
 Run: python data/build_qa.py                    # -> data/qa_train.jsonl, data/qa_dev.jsonl
      python data/build_qa.py --n_train=3000 --n_dev=300 --seed=0 --corpus=FILE --out_dir=data
@@ -603,12 +605,14 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 def build_research(corpus: str, old_train: list[dict], old_dev: list[dict], seed: int = 0, dev_frac: float = 0.3,
                    per_fact: int = 3, single_hop_share: float = 0.25, shortcut_share: float = 0.5,
-                   max_per_kind: dict | None = None, comparison_names: int = 3):
+                   max_per_kind: dict | None = None, comparison_names: int = 3,
+                   train_exclude: tuple[str, ...] = ()):
     """The research splits and a report: {"train": [...], "dev": [...]}, {"rejected": Counter, ...}.
 
     `old_train`/`old_dev` are the existing QA splits: their articles keep their split, and the training file mixes in
     the existing single-hop training questions, `single_hop_share` of it; `shortcut_share` of those are questions the
-    first-title heuristic answers (marked `first_title_answers`), the rest ones it gets wrong."""
+    first-title heuristic answers (marked `first_title_answers`), the rest ones it gets wrong. `train_exclude` names
+    kinds ("bridge/continent") left out of the training split only; the dev split is the same with or without it."""
     max_per_kind = max_per_kind or {"train": 300, "dev": 80}
     recs = read_jsonl(corpus)
     by_id = {r["id"]: r for r in recs}
@@ -642,6 +646,10 @@ def build_research(corpus: str, old_train: list[dict], old_dev: list[dict], seed
             rejected[(c["template"], c["kind"], why)] += 1
             continue
         accepted.append(c)
+    unknown = set(train_exclude) - {f"{c['template']}/{c['kind']}" for c in accepted}
+    if unknown:
+        raise ValueError(f"train_exclude names no kind of this build: {', '.join(sorted(unknown))} (use template/kind, "
+                         f"e.g. bridge/continent)")
     out: dict[str, list[dict]] = {"train": [], "dev": []}
     for c in accepted:
         out[split(c["named"])].append(c)
@@ -653,6 +661,8 @@ def build_research(corpus: str, old_train: list[dict], old_dev: list[dict], seed
             per_kind[(c["template"], c["kind"])] += 1
             if per_kind[(c["template"], c["kind"])] > max_per_kind[name]:
                 continue  # keeps the plentiful kinds (a person's nationality) from crowding out the rest
+            if name == "train" and f"{c['template']}/{c['kind']}" in train_exclude:
+                continue
             rec = dict(id=f"research-{name}-{len(records):05d}", source=RESEARCH_SOURCE, question=c["q"],
                        answers=[c["a"]], hops=c["hops"], template=c["template"], kind=c["kind"], support=c["support"])
             if c["template"] == "bridge":
@@ -742,6 +752,7 @@ class Args:
     research: bool = False              # build the research set (reads qa_train/qa_dev.jsonl from out_dir)
     dev_frac: float = 0.3               # research: share of the articles not in the existing set that go to dev
     max_per_kind: int = 300             # research: training questions per kind at most (dev: 80)
+    train_exclude: str = ""             # research: template/kind names kept out of the training file, comma-separated
     comparison_names: int = 3           # research: names per comparison (2: "X or Y?", see the docstring)
 
 
@@ -762,7 +773,8 @@ def main_research(a: Args) -> None:
         old[name] = read_jsonl(path)
     out, report = build_research(a.corpus, old["train"], old["dev"], a.seed, a.dev_frac,
                                  max_per_kind={"train": a.max_per_kind, "dev": 80},
-                                 comparison_names=a.comparison_names)
+                                 comparison_names=a.comparison_names,
+                                 train_exclude=tuple(k for k in a.train_exclude.split(",") if k))
     for (template, kind, why), n in sorted(report["rejected"].items()):
         print(f"rejected {template}/{kind}: {why}: {n}")
     web = PolicyWeb(a.corpus)

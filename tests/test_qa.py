@@ -1,5 +1,6 @@
 """data/build_qa.py (the offline QA set) and the committed splits. Run: pytest tests/test_qa.py -q"""
 
+import collections
 import json
 import sys
 from pathlib import Path
@@ -163,6 +164,29 @@ def test_research_build_is_deterministic(research_corpus):
     a = build_qa.build_research(corpus, [], [], seed=1)
     b = build_qa.build_research(corpus, [], [], seed=1)
     assert a == b and any(a[0].values())
+
+
+def test_research_train_exclude(research_corpus):
+    """train_exclude drops a kind from the training split only; a name that is no kind of the build stops."""
+    full, _ = build_qa.build_research(research_corpus, [], [], seed=1, dev_frac=0.0)
+    less, _ = build_qa.build_research(research_corpus, [], [], seed=1, dev_frac=0.0,
+                                      train_exclude=("bridge/continent",))
+    assert {r["kind"] for r in full["train"]} == {"continent", "nationality"}
+    assert [r["question"] for r in less["train"]] == [r["question"] for r in full["train"] if r["kind"] != "continent"]
+    with pytest.raises(ValueError, match="bridge/contnent"):
+        build_qa.build_research(research_corpus, [], [], seed=1, train_exclude=("bridge/contnent",))
+
+
+@pytest.mark.slow
+def test_research_train_exclude_leaves_dev_as_committed():
+    """On the embedded corpus, leaving the continent bridges out of training (the eighth session's probe) builds the
+    committed dev file unchanged, so the probe's agent is measured on the same questions."""
+    from data.wiki_corpus import default_corpus_path
+    out, _ = build_qa.build_research(str(default_corpus_path()), _load("qa_train.jsonl"), _load("qa_dev.jsonl"),
+                                     max_per_kind={"train": 150, "dev": 80}, train_exclude=("bridge/continent",))
+    assert out["dev"] == _load("qa_dev_research.jsonl")
+    assert not any(r.get("kind") == "continent" for r in out["train"])
+    assert sum(r.get("kind") == "capital" for r in out["train"]) > 50
 
 
 def _named(r):
