@@ -187,7 +187,8 @@ class BM25Index:
             d = self.searcher.doc(addr)
             out.append({"id": d["id"][0], "title": d["title"][0], "body": d["body"][0], "pno": d["pno"][0],
                         "offset": d["offset"][0], "score": score})
-        # equal scores in corpus order, whatever segments a large corpus was indexed into
+        # equal scores in corpus order, also where a large corpus filled several segments (there, which of the hits
+        # tied at the k-th place make the cut can still follow the segments)
         out.sort(key=lambda hit: (-hit["score"], hit["offset"], hit["pno"]))
         return out
 
