@@ -156,7 +156,7 @@ from transformers import AutoTokenizer
 
 # the agent (module-level names: tests swap in fakes with monkeypatch.setattr(train, "rollout", ...))
 from browse import BrowseConfig, Browser, shown_titles
-from data.config import parse_config, subconfig
+from data.config import BOOLS, parse_config, subconfig
 from data.models import memory_per_gpu, resolve_model
 from data.prepare import load_examples
 from model import ModelConfig, Transformer, save_pretrained
@@ -445,12 +445,13 @@ def cpu_has_bf16() -> bool:
 
 
 def bf16_updates(cfg: Config, proc: Dist) -> bool:
-    """cpu_bf16 resolved for this process: never on a GPU; "auto" follows cpu_has_bf16."""
+    """cpu_bf16 resolved for this process: never on a GPU; "auto" follows cpu_has_bf16, else the words every bool
+    flag takes (data/config.py's BOOLS: true/false, yes/no, 1/0)."""
     if proc.device.type != "cpu":
         return False
     if cfg.cpu_bf16.lower() == "auto":
         return cpu_has_bf16()
-    return cfg.cpu_bf16.lower() == "true"
+    return BOOLS[cfg.cpu_bf16.lower()]
 
 
 def update_precision(cfg: Config, proc: Dist):
@@ -1134,7 +1135,7 @@ def validate(cfg) -> None:
                              f"--{key}={getattr(type(cfg)(), key)}")
     if getattr(cfg, "loss_agg", "token-mean") not in LOSS_AGGS:
         raise SystemExit(f"--loss_agg={cfg.loss_agg}: use one of {', '.join(LOSS_AGGS)}")
-    if getattr(cfg, "cpu_bf16", "auto").lower() not in ("auto", "true", "false"):
+    if getattr(cfg, "cpu_bf16", "auto").lower() not in {"auto", *BOOLS}:
         raise SystemExit(f"--cpu_bf16={cfg.cpu_bf16}: use auto (bf16 where the CPU has bf16 instructions), true or "
                          f"false")
     if getattr(cfg, "dry_run", False):  # an estimate needs neither the data nor the weights
@@ -1756,10 +1757,11 @@ def prepare_out_dir(cfg: Config, proc: Dist) -> tuple[str, Path | None]:
         (out / "rollouts").mkdir(parents=True, exist_ok=True)
         changes = " ".join(f"--{key}={value}" for key, value in config_changes(cfg).items())
         print(f"config: {changes or 'the defaults'} (all of it: {out / 'config.json'})")
+        bf16 = bf16_updates(cfg, proc)
         if proc.device.type == "cpu":
-            print(f"updates: {'bf16 autocast, fp32 weights' if bf16_updates(cfg, proc) else 'fp32'} (--cpu_bf16="
-                  f"{cfg.cpu_bf16}; this CPU {'has' if cpu_has_bf16() else 'has no'} bf16 instructions)")
-        resolved = {"resolved_model_path": str(path), "resolved_cpu_bf16": bf16_updates(cfg, proc)}
+            print(f"updates: {'bf16 autocast, fp32 weights' if bf16 else 'fp32'} (--cpu_bf16={cfg.cpu_bf16}; this "
+                  f"CPU {'has' if cpu_has_bf16() else 'has no'} bf16 instructions)")
+        resolved = {"resolved_model_path": str(path), "resolved_cpu_bf16": bf16}
         (out / "config.json").write_text(json.dumps({**asdict(cfg), **resolved}, indent=2))
     return path, resume_from
 

@@ -1,6 +1,5 @@
 """data/build_qa.py (the offline QA set) and the committed splits. Run: pytest tests/test_qa.py -q"""
 
-import collections
 import json
 import sys
 from pathlib import Path
