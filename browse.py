@@ -640,7 +640,17 @@ class Cache:
         if con is None or self._local.pid != os.getpid():  # a connection must not cross a fork
             con = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
             con.execute("PRAGMA busy_timeout=60000")  # before WAL: switching the journal mode takes a lock too
-            con.execute("PRAGMA journal_mode=WAL")
+            # two processes switching a new file to WAL at once both hold a read lock and both want the write lock:
+            # SQLite answers one of them "database is locked" at once, without waiting (a deadlock, to it). The other
+            # finishes the switch in milliseconds and WAL stays set in the file, so trying again succeeds.
+            for attempt in range(600):
+                try:
+                    con.execute("PRAGMA journal_mode=WAL")
+                    break
+                except sqlite3.OperationalError as error:
+                    if "locked" not in str(error) or attempt == 599:
+                        raise
+                    time.sleep(0.1)
             con.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable against process crashes, fast
             self._local.con = con
             self._local.pid = os.getpid()

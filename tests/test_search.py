@@ -209,6 +209,24 @@ def test_cache_two_processes(tmp_path):
     assert len(c) == 600 and c.get("search", "b-299") == {"i": 299, "tag": "b"}
 
 
+def _proc_opener(path, barrier):
+    barrier.wait()  # both processes open the new file at the same moment
+    Cache(path, "record")
+
+
+def test_two_processes_create_one_cache_at_once(tmp_path):
+    """Two processes opening a new cache file together both switch it to WAL; SQLite refuses one of them at once
+    ("database is locked", no busy wait) in about a third of such races, and the cache must retry, not fail."""
+    ctx = mp.get_context("fork")  # fork: both start within milliseconds, so the race happens on most trials
+    for trial in range(40):
+        barrier = ctx.Barrier(2)
+        path = str(tmp_path / f"race{trial}.sqlite")
+        procs = [ctx.Process(target=_proc_opener, args=(path, barrier)) for _ in range(2)]
+        [p.start() for p in procs]
+        [p.join(60) for p in procs]
+        assert [p.exitcode for p in procs] == [0, 0], f"trial {trial}"
+
+
 def test_cli_search_and_replay_miss(tmp_path):
     cache = str(tmp_path / "cli.sqlite")
     cmd = [sys.executable, str(ROOT / "browse.py"), "search", "highest mountain on Earth", "--top_k=3",
