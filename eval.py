@@ -1,10 +1,11 @@
 """Run a research agent over benchmark questions; write per-question trajectories and per-source metrics.
 
 - An agent (`--agent`): `model` (a checkpoint through rollout.py, greedy) and, through the same harness, prompt and
-  token framing: `closed_book` (the model, no tools, one turn) and two scripted agents with no model, `first_title`
-  (search the question, answer the first result's title: the shortcut a trained agent must beat) and `oracle` (one
+  token framing: `closed_book` (the model, no tools, one turn) and three scripted agents with no model, `first_title`
+  (search the question, answer the first result's title: the shortcut a trained agent must beat), `oracle` (one
   search per supporting article, from the data's oracle_queries; answers the gold when its searches showed it: the
-  ceiling of this web, not a baseline). Data: the reference's parquet or our JSONL (data/prepare.py).
+  ceiling of this web, not a baseline) and `question_first` (the question first, then the supporting articles it did
+  not return: train.py's demonstrations). Data: the reference's parquet or our JSONL (data/prepare.py).
 - `<out_dir>/trajectories.jsonl` gets one line per question (turns, calls, observations, answer, scores) as each
   batch finishes. Resumable: done ids are skipped; `run.json` records what produced them (weights fingerprint, data
   hash, every setting that changes an answer) and a different run refuses to resume there. One folder per model.
@@ -72,7 +73,9 @@ class Config(AgentConfig):
     temperature: float = 0.0        # greedy, as the paper evaluates: eval's own default (training samples at 0.7)
     agent: str = "model"            # model | closed_book (the model answers with no tools, one turn) | no model:
     #                                 first_title (search the question, answer the first title) | oracle (searches
-    #                                 the supporting articles, answers the gold when it saw it: the ceiling)
+    #                                 the supporting articles, answers the gold when it saw it: the ceiling) |
+    #                                 question_first (the question, then the supporting articles it did not return:
+    #                                 the default's demonstrations; a ceiling too)
     data: str = "data/qa_dev_research.jsonl"  # the research dev set (train.py's default trains for it)
     out_dir: str = "runs/eval-{model}"  # {model}: a short name of --model (or the agent), one folder per agent
     limit: int = 0                  # first N rows of the data file (0 = all), before sharding and resumption
@@ -148,7 +151,7 @@ def read_jsonl(path: str | os.PathLike | None) -> list[dict]:
     return out
 
 
-NO_MODEL_AGENTS = tuple(PLANS)  # rollout.py's scripted agents: first_title, oracle
+NO_MODEL_AGENTS = tuple(PLANS)  # rollout.py's scripted agents: first_title, oracle, question_first
 AGENTS = ("model", "closed_book", *NO_MODEL_AGENTS)
 
 

@@ -734,7 +734,8 @@ class RolloutConfig:
     the paper's values are train.py's DEEPRESEARCHER_AGENT. train.py's and eval.py's configs inherit these fields."""
     protocol: str = "tags"             # "tags" | "dr"
     max_turns: int = 5                 # generation turns (reference 10): a three-name comparison needs 3 searches
-    max_new_tokens: int = 24           # per turn (reference 2000): a query or a short answer
+    max_new_tokens: int = 40           # per turn (reference 2000): a query (the longest research question as a query:
+                                       # 39 tokens) or a short answer
     max_len: int = 1536                # context budget per row = engine cache length (reference 32768): 4 searches
     temperature: float = 0.7           # the paper: 1.0; a 135M model at 1.0 mostly writes noise
     top_p: float = 1.0
@@ -1343,7 +1344,7 @@ def scripted_turn(framing: Framing, traj: Trajectory, text: str) -> tuple[list[i
 # A plan decides what an agent searches and answers; scripted_rollout writes it as the policy would (search_call, the
 # forced turn prefixes left out) and replays it through scripted_trajectory, so its record has the same tokens,
 # observations and end reason a policy writing those turns would get. eval.py runs them as baselines (--agent=...);
-# train.py's warm start trains on the oracle's trajectories.
+# train.py's warm start trains on the trajectories of question_first (the default) or oracle.
 
 def script_texts(queries: list[str], answer: str, protocol: str, prefixes: list[str]) -> list[str]:
     """The turn texts of an agent that searches `queries`, one per turn, then answers: what the policy itself writes
@@ -1381,7 +1382,29 @@ def oracle_plan(example: dict, session) -> tuple[list[str], str]:
     return queries, "unknown"
 
 
-PLANS = {"first_title": first_title_plan, "oracle": oracle_plan}
+def question_first_plan(example: dict, session) -> tuple[list[str], str]:
+    """The oracle's knowledge on a path a policy can take without it: search the question as it is, then each
+    supporting article (oracle_queries, titles) that no search so far returned, and a bridge question's bridge entity
+    whatever was shown (that hop is the research); answer the gold when the searches showed it, else say it does not
+    know. On this web the question's own search returns a bridge's first article on ~95% of the bridges, a read
+    question's article on ~98%, every article of a comparison on ~35%."""
+    question = example["question"]
+    queries = [question]
+    seen = [str(session.web_search([question]))]
+    titles = {result.title for result in session.urls.values()}
+    for query in example.get("oracle_queries") or []:
+        if query == question or (query in titles and query != example.get("bridge")):
+            continue
+        queries.append(query)
+        seen.append(str(session.web_search([query])))
+        titles |= {result.title for result in session.urls.values()}
+    gold = example["answers"][0]
+    if normalize(gold) in normalize(" ".join(seen)):
+        return queries, gold
+    return queries, "unknown"
+
+
+PLANS = {"first_title": first_title_plan, "oracle": oracle_plan, "question_first": question_first_plan}
 
 
 def rule_config(cfg: RolloutConfig) -> RolloutConfig:

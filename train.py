@@ -93,17 +93,20 @@ The default run (no preset) is ours, not the paper's: SmolLM2-135M-Instruct on a
 single-hop ones, half of which the first title answers). Its departures, all switches that the deepresearcher preset
 turns off: a 30-token system prompt; one worked example as chat turns before the question (`example`: an unrelated
 question, its real search, its answer; without it a 135M model never writes an `<answer>` tag, see the README); turn
-1 forced to open with `<search>` (loss-masked); up to 5 turns of at most 24 tokens, top-3 results; temperature 0.7,
-lr 1e-5, no KL; a warm start ("The algorithm, 5": three passes, 24 supervised steps, over 64 of the oracle's
-demonstrations: 24 bridges, 16 comparisons and 24 from the other templates) and, in every GRPO group, one oracle
-demonstration in place of a sampled trajectory (`group_demo`), because GRPO alone drives a 135M policy to one search
-per question (README); then 4 GRPO steps of 4 questions x 8; on a CPU the updates' matmuls run in bf16 autocast with
-fp32 weights where the CPU has bf16 instructions (`cpu_bf16=auto`, ~1.7x faster warm start; without them bf16 is
-6-16x slower, so auto keeps fp32). One pass over demonstrations from every template (the default
-until 2026-12-06's sixth session: `--cpu_bf16=false --warm_start_epochs=1 --warm_start_templates= --steps=6`) teaches a
-rate of searching, not when: its agent searched the bridge entity on 1 bridge in 8 and kept single-hop questions;
-the three passes over the counted mix make the searches follow the question (the bridge entity searched on most
-bridges), at a cost to single-hop questions (README: "Result" and "Three passes").
+1 forced to open with `<search>` (loss-masked); up to 5 turns of at most 40 tokens, top-3 results; temperature 0.7,
+lr 1e-5, no KL; a warm start ("The algorithm, 5": three passes, 24 supervised steps, over 64 scripted
+demonstrations: 24 bridges, 16 comparisons and 24 from the other templates; each searches the question as it is,
+then the supporting articles that search did not return and a bridge's bridge entity, then answers: `demo_plan`)
+and, in every GRPO group, one such demonstration in place of a sampled trajectory (`group_demo`), because GRPO alone
+drives a 135M policy to one search per question (README); then 4 GRPO steps of 4 questions x 8; on a CPU the
+updates' matmuls run in bf16 autocast with fp32 weights where the CPU has bf16 instructions (`cpu_bf16=auto`, ~1.7x
+faster warm start; without them bf16 is 6-16x slower, so auto keeps fp32). One pass over demonstrations from every
+template (the default until 2026-12-06's sixth session: `--cpu_bf16=false --warm_start_epochs=1
+--warm_start_templates= --steps=6`) teaches a rate of searching, not when: its agent searched the bridge entity on 1
+bridge in 8 and kept single-hop questions; the three passes over the counted mix make the searches follow the
+question (the bridge entity searched on most bridges); with demonstrations that search the supporting articles
+only (`--demo_plan=oracle`, the default until 2026-12-07) that cost single-hop questions, whose first query the
+policy then took from an entity of the question; searching the question first keeps them (README: "Result").
 `--preset=single_hop` is the earlier default (single-hop questions, 3 turns, 25 steps, neither warm start nor
 demonstrations), whose agent learns the first-title shortcut.
 The step line's metrics (also in metrics.jsonl) are listed in the README.
@@ -161,8 +164,8 @@ from data.models import memory_per_gpu, resolve_model
 from data.prepare import load_examples
 from model import ModelConfig, Transformer, save_pretrained
 from reward import behaviour, reward
-from rollout import (END_REASONS, RolloutConfig, first_title_plan, make_engine, oracle_plan, rollout,
-                     rule_config, scripted_rollout)
+from rollout import (END_REASONS, PLANS, RolloutConfig, first_title_plan, make_engine, rollout, rule_config,
+                     scripted_rollout)
 
 ROOT = Path(__file__).resolve().parent
 # DCP on one process warns that it "assumes" no process group: as intended, so not every checkpoint says it
@@ -245,6 +248,11 @@ class Config(AgentConfig):
     # supporting articles): every group ranks a research path that answers right beside the policy's own, so GRPO
     # keeps a reason to search again after sampling stops doing it (off-policy guidance, as LUFFY). False = the paper
     group_demo: bool = True
+    # how the demonstrations (warm start and group_demo) search: question_first = the question as it is first, then
+    # each supporting article it did not return and the bridge entity (rollout.question_first_plan); oracle = the
+    # supporting articles only (rollout.oracle_plan, the default until 2026-12-07), whose first query a policy
+    # cannot know on a single-hop question (it then searches an entity of the question, README)
+    demo_plan: str = "question_first"
     dry_run: bool = False           # print the per-GPU memory estimate and exit
     world_size: int = 0             # dry run only: world size to estimate for (0 = the current one)
 
@@ -269,7 +277,7 @@ PRESETS: dict[str, dict] = {
     # the earlier default: single-hop questions (data/qa_train.jsonl), 3 turns, no warm start, 25 steps. Its agent
     # learns the first-title shortcut (the README's single-hop table); kept so that table can be reproduced
     "single_hop": dict(data="data/qa_train.jsonl", eval_data="data/qa_dev.jsonl", out_dir="runs/train-single-hop",
-                       cpu_bf16="false",
+                       cpu_bf16="false", max_new_tokens=24, demo_plan="oracle",
                        max_turns=3, max_len=1024, warm_start_demos=0, group_demo=False, steps=25, eval_every=5),
     # the paper's recipe on one or more 8-GPU nodes (weight decay 0.01, grad clip 1.0, clip 0.2 are the defaults).
     # n_slots: the paged KV cache (56 KiB/token for the 7B) holds ~94 rows of 8k tokens per 80 GiB GPU next to the
@@ -797,7 +805,8 @@ def with_group_demos(trajs: list, questions: list[dict], run: Run, cfg: Config) 
     G = cfg.group_size
     trajs = list(trajs)
     demo = [False] * len(trajs)
-    for index, shown in enumerate(oracle_demonstrations(questions, run.tokenizer, run.browser, run.rollout_cfg)):
+    for index, shown in enumerate(oracle_demonstrations(questions, run.tokenizer, run.browser, run.rollout_cfg,
+                                                        PLANS[cfg.demo_plan])):
         if shown is not None:
             trajs[(index + 1) * G - 1] = shown
             demo[(index + 1) * G - 1] = True
@@ -944,8 +953,10 @@ def judged_means(sums: dict) -> dict:
 # The algorithm, 5: the warm start (a departure from the paper for small models; warm_start_demos=0, the deepresearcher
 # preset, turns it off). GRPO sharpens what the policy already does sometimes: DeepResearcher's 7B made 2-3 calls per
 # question before training, while SmolLM2-135M never searches twice, so RL has nothing to amplify. Before the first
-# GRPO step the policy reads scripted demonstrations: the oracle agent's trajectories on training questions (one search
-# per supporting article, then the answer its searches showed: rollout.oracle_plan), replayed through the policy's own
+# GRPO step the policy reads scripted demonstrations: the trajectories of an agent that knows the supporting articles,
+# on training questions (demo_plan: the question as it is first, then each supporting article that search did not
+# return and a bridge's bridge entity, rollout.question_first_plan; or one search per supporting article,
+# rollout.oracle_plan; then the answer its searches showed), replayed through the policy's own
 # prompt, tools and token framing (rollout.scripted_trajectory), so their tokens are exactly those the policy would
 # sample to do the same. The loss is the token-mean negative log-likelihood of the tokens GRPO trains (loss mask 1) and
 # of nothing else: the gradient of GRPO's own update with every advantage 1, on-policy. warm_start_templates sets
@@ -975,7 +986,7 @@ def demonstrations(questions: list[dict], tokenizer, browser, cfg: Config, proc:
     chunk_size = max(cfg.warm_start_demos, 1)  # questions scripted at once: one Framing per chunk
     for start in range(0, len(order), chunk_size):
         chunk = [questions[index] for index in order[start: start + chunk_size]]
-        for traj in oracle_demonstrations(chunk, tokenizer, browser, rollout_cfg):
+        for traj in oracle_demonstrations(chunk, tokenizer, browser, rollout_cfg, PLANS[cfg.demo_plan]):
             if traj is None:
                 continue
             template = chunk[traj.group].get("template")
@@ -1010,12 +1021,13 @@ def template_mix(spec: str, n_demos: int) -> tuple[dict, set]:
     return counts, shared
 
 
-def oracle_demonstrations(questions: list[dict], tokenizer, browser, rollout_cfg: RolloutConfig) -> list:
-    """The oracle's trajectory on each training question, in the policy's framing (Trajectory.group: the question's
-    index); None for a question that names no supporting articles (oracle_queries) or whose oracle does not end with
-    the right answer."""
+def oracle_demonstrations(questions: list[dict], tokenizer, browser, rollout_cfg: RolloutConfig, plan) -> list:
+    """The scripted `plan`'s trajectory on each training question (an agent that knows the supporting articles:
+    rollout.question_first_plan or oracle_plan), in the policy's framing (Trajectory.group: the question's index);
+    None for a question that names no supporting articles (oracle_queries) or whose script does not end with the
+    right answer."""
     scripted = [question for question in questions if question.get("oracle_queries")]
-    trajs = iter(scripted_rollout(oracle_plan, tokenizer, scripted, browser, rollout_cfg))
+    trajs = iter(scripted_rollout(plan, tokenizer, scripted, browser, rollout_cfg))
     shown = []
     for index, question in enumerate(questions):
         traj = next(trajs) if question.get("oracle_queries") else None
@@ -1102,6 +1114,7 @@ def warm_start(run: Run, cfg: Config, proc: Dist) -> dict:
 # `validate` for the fields it shares (a check applies when the config has that field).
 
 # field -> smallest allowed value: the loop divides by some and ranges over others (0 = off for the optional ones)
+DEMO_PLANS = ("question_first", "oracle")  # rollout.PLANS that know the supporting articles
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")  # see the module docstring
 MINIMUM = dict(steps=1, group_size=2, batch_size=1, max_turns=1, max_new_tokens=1, max_len=2, n_slots=1,
                micro_tokens=1, save_every=1, keep_last=1, n_minibatches=1, ppo_epochs=1, top_k=1, limit=0,
@@ -1138,6 +1151,8 @@ def validate(cfg) -> None:
     if getattr(cfg, "cpu_bf16", "auto").lower() not in {"auto", *BOOLS}:
         raise SystemExit(f"--cpu_bf16={cfg.cpu_bf16}: use auto (bf16 where the CPU has bf16 instructions), true or "
                          f"false")
+    if getattr(cfg, "demo_plan", "question_first") not in DEMO_PLANS:
+        raise SystemExit(f"--demo_plan={cfg.demo_plan}: use one of {', '.join(DEMO_PLANS)}")
     if getattr(cfg, "dry_run", False):  # an estimate needs neither the data nor the weights
         return
     check_model(cfg.model)

@@ -8,12 +8,14 @@ import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 import browse
 import eval as ev
 import train
+from rollout import question_first_plan
 from test_train import use_agent
 
 DEV = Path(__file__).resolve().parents[2] / "shared" / "held_out_data" / "dev.parquet"
@@ -399,6 +401,51 @@ def test_oracle_agent_and_behaviour_counts(tmp_path):
         assert 0 < sum(rec["loss_mask"]) < rec["n_tokens"] - rec["prompt_len"]
     row = s["metrics"]["template: bridge"]
     assert row["mean_search"] == 2.0 and row["bridge_in_later_query"] == 1.0 and row["answer_is_title"] == 0.0
+
+
+class FakeSession:
+    """browse.Session's search side for a scripted plan: each query's results as (title, snippet), in rank order."""
+
+    def __init__(self, results: dict):
+        self.results = results
+        self.urls = {}
+        self.queries = []
+
+    def web_search(self, queries):
+        self.queries.append(queries[0])
+        shown = self.results.get(queries[0], [])
+        self.urls = {f"http://localweb/wiki/{title}": SimpleNamespace(title=title) for title, _ in shown}
+        return "\n".join(f"{title}: {snippet}" for title, snippet in shown)
+
+
+def test_question_first_plan_searches_the_question_then_what_it_did_not_return():
+    """rollout.question_first_plan: the question as it is first; then each supporting article no search returned
+    (by title), and a bridge question's bridge entity whether or not it was returned; the gold only when shown."""
+    question = "What nationality was the author of Hamlet?"
+    bridge = dict(question=question, answers=["English"], bridge="William Shakespeare",
+                  oracle_queries=["Hamlet", "William Shakespeare"])
+    shakespeare = [("William Shakespeare", "an English playwright")]
+    hamlet = [("Hamlet", "a tragedy by William Shakespeare"), ("Denmark", "a Nordic country")]
+    # the question returns the first article: its search is skipped, the bridge entity's is not
+    session = FakeSession({question: hamlet, "William Shakespeare": shakespeare})
+    assert question_first_plan(bridge, session) == ([question, "William Shakespeare"], "English")
+    # ... even where the question's results show the bridge entity's article and the answer already
+    session = FakeSession({question: hamlet + shakespeare, "William Shakespeare": shakespeare})
+    assert question_first_plan(bridge, session)[0] == [question, "William Shakespeare"]
+    # the question misses the first article: both hops are searched
+    session = FakeSession({question: [("Denmark", "a Nordic country")], "Hamlet": hamlet,
+                           "William Shakespeare": shakespeare})
+    assert question_first_plan(bridge, session) == ([question, "Hamlet", "William Shakespeare"], "English")
+    # a comparison: only the names whose article the question's search did not return
+    ask = "Which was founded first, Alpha, Beta or Gamma?"
+    comparison = dict(question=ask, answers=["Alpha"], oracle_queries=["Alpha", "Beta", "Gamma"])
+    session = FakeSession({ask: [("Beta", "founded in 1900"), ("Alpha", "founded in 1800")],
+                           "Gamma": [("Gamma", "founded in 1950")]})
+    assert question_first_plan(comparison, session) == ([ask, "Gamma"], "Alpha")
+    # a single-hop question (its oracle query is the question itself): one search; the gold never shown: no guess
+    single = dict(question="What is a young frog?", answers=["Tadpole"], oracle_queries=["What is a young frog?"])
+    session = FakeSession({"What is a young frog?": [("Frog", "an amphibian")]})
+    assert question_first_plan(single, session) == (["What is a young frog?"], "unknown")
 
 
 def test_behaviour_hand_checked():

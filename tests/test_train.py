@@ -1032,26 +1032,28 @@ def test_cpu_bf16_auto_follows_the_cpu(monkeypatch):
 
 
 def test_warm_start_demonstrations_are_the_oracle_in_the_policy_format(tmp_path, tiny_qwen2):
-    """A demonstration is the oracle's trajectory through the policy's own prompt and framing: its trained tokens
-    (loss mask 1) are exactly the policy-written parts of the turns (the forced <search> of turn 1 is not trained),
-    and a question without oracle queries, or whose answer its searches do not show, gives none; warm_start_templates
-    keeps only the questions of those templates."""
+    """A demonstration is a scripted agent's trajectory (demo_plan) through the policy's own prompt and framing: its
+    trained tokens (loss mask 1) are exactly the policy-written parts of the turns (the forced <search> of turn 1 is
+    not trained), and a question without oracle queries, or whose answer its searches do not show, gives none;
+    warm_start_templates keeps only the questions of those templates. The default plan searches the question first."""
     from transformers import AutoTokenizer
 
     from browse import BrowseConfig, Browser
 
     questions = [dict(question="What nationality was the author of Hamlet?", answers=["English"],
-                      oracle_queries=["Hamlet", "William Shakespeare"]),
+                      oracle_queries=["Hamlet", "William Shakespeare"], bridge="William Shakespeare"),
                  dict(question="Who?", answers=["Oslo"]),
                  dict(question="What nationality was the author of Hamlet?", answers=["Zzyzxian"],
                       oracle_queries=["Hamlet", "William Shakespeare"])]
     questions.append(dict(questions[0], template="read"))  # the same demonstration, of a template filtered out below
     cfg = Config(model=tiny_qwen2, max_turns=4, max_len=2048, date="2025-01-01", warm_start_demos=5,
-                 warm_start_templates="")
+                 warm_start_templates="", demo_plan="oracle")
     tokenizer = AutoTokenizer.from_pretrained(tiny_qwen2)
     browser = Browser(train.subconfig(BrowseConfig, cfg))
     try:
         demos = train.demonstrations(questions, tokenizer, browser, cfg, train.Dist())
+        question_first = dataclasses.replace(cfg, demo_plan="question_first")
+        default = train.demonstrations(questions, tokenizer, browser, question_first, train.Dist())
         # warm_start_templates keeps the questions of those templates only (e.g. --warm_start_templates=bridge)
         questions[0]["template"] = "bridge"
         bridge_only = dataclasses.replace(cfg, warm_start_templates="bridge")
@@ -1065,6 +1067,11 @@ def test_warm_start_demonstrations_are_the_oracle_in_the_policy_format(tmp_path,
     trained = [token for token, mask in zip(demos[0].tokens, demos[0].loss_mask) if mask]
     text = tokenizer.decode(trained, skip_special_tokens=True)
     assert text == "Hamlet</search><search>William Shakespeare</search><answer>English</answer>"
+    assert Config.demo_plan == "question_first" and len(default) == 2
+    trained = [token for token, mask in zip(default[0].tokens, default[0].loss_mask) if mask]
+    text = tokenizer.decode(trained, skip_special_tokens=True)
+    assert text.startswith("What nationality was the author of Hamlet?</search><search>")
+    assert text.endswith("William Shakespeare</search><answer>English</answer>")
 
 
 def test_warm_start_templates_with_counts_set_the_mix(tiny_qwen2):
