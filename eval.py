@@ -100,7 +100,8 @@ PRESETS: dict[str, dict] = {
     # --model=<trained checkpoint>/hf, the research dev split, local search, the short prompt and the scaffold)
     "offline": dict(out_dir="runs/eval-offline-{model}"),
     # train.py's single_hop preset: the earlier default's dev set and agent (3 turns), the README's single-hop table
-    "single_hop": dict(data="data/qa_dev.jsonl", max_turns=3, max_len=1024, out_dir="runs/eval-single-hop-{model}"),
+    "single_hop": dict(data="data/qa_dev.jsonl", max_turns=3, max_new_tokens=24, max_len=1024,
+                       out_dir="runs/eval-single-hop-{model}"),
     # the paper's evaluation set-up: train.py's deepresearcher agent and web (Qwen2.5-7B-Instruct or a trained
     # checkpoint, Serper top 10, reading agent, 10 turns of at most 2000 new tokens, ~32k context), greedy
     "deepresearcher": dict(DEEPRESEARCHER_AGENT, n_slots=64, data="../shared/held_out_data/test.parquet",
