@@ -1387,7 +1387,7 @@ def question_first_plan(example: dict, session) -> tuple[list[str], str]:
     supporting article (oracle_queries, titles) that no search so far returned, and a bridge question's bridge entity
     whatever was shown (that hop is the research); answer the gold when the searches showed it, else say it does not
     know. On this web the question's own search returns a bridge's first article on ~95% of the bridges, a read
-    question's article on ~98%, every article of a comparison on ~35%."""
+    question's article on ~98%, all three articles of a comparison on ~30%."""
     question = example["question"]
     queries = [question]
     seen = [str(session.web_search([question]))]

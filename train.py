@@ -1113,8 +1113,8 @@ def warm_start(run: Run, cfg: Config, proc: Dist) -> dict:
 # Start-up checks: bad input stops here with one line that says what to do, before any model loads. eval.py reuses
 # `validate` for the fields it shares (a check applies when the config has that field).
 
-# field -> smallest allowed value: the loop divides by some and ranges over others (0 = off for the optional ones)
 DEMO_PLANS = ("question_first", "oracle")  # rollout.PLANS that know the supporting articles
+# field -> smallest allowed value: the loop divides by some and ranges over others (0 = off for the optional ones)
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")  # see the module docstring
 MINIMUM = dict(steps=1, group_size=2, batch_size=1, max_turns=1, max_new_tokens=1, max_len=2, n_slots=1,
                micro_tokens=1, save_every=1, keep_last=1, n_minibatches=1, ppo_epochs=1, top_k=1, limit=0,

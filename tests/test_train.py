@@ -1031,11 +1031,12 @@ def test_cpu_bf16_auto_follows_the_cpu(monkeypatch):
         train.validate(Config(cpu_bf16="maybe", dry_run=True))
 
 
-def test_warm_start_demonstrations_are_the_oracle_in_the_policy_format(tmp_path, tiny_qwen2):
+def test_warm_start_demonstrations_are_a_scripted_agent_in_the_policy_format(tmp_path, tiny_qwen2):
     """A demonstration is a scripted agent's trajectory (demo_plan) through the policy's own prompt and framing: its
     trained tokens (loss mask 1) are exactly the policy-written parts of the turns (the forced <search> of turn 1 is
     not trained), and a question without oracle queries, or whose answer its searches do not show, gives none;
-    warm_start_templates keeps only the questions of those templates. The default plan searches the question first."""
+    warm_start_templates keeps only the questions of those templates. The default plan searches the question first;
+    an unknown plan stops at start-up."""
     from transformers import AutoTokenizer
 
     from browse import BrowseConfig, Browser
@@ -1072,6 +1073,8 @@ def test_warm_start_demonstrations_are_the_oracle_in_the_policy_format(tmp_path,
     text = tokenizer.decode(trained, skip_special_tokens=True)
     assert text.startswith("What nationality was the author of Hamlet?</search><search>")
     assert text.endswith("William Shakespeare</search><answer>English</answer>")
+    with pytest.raises(SystemExit, match="--demo_plan=scripted: use one of question_first, oracle"):
+        train.validate(Config(demo_plan="scripted", dry_run=True))
 
 
 def test_warm_start_templates_with_counts_set_the_mix(tiny_qwen2):
