@@ -105,8 +105,9 @@ template (the default until 2026-12-06's sixth session: `--cpu_bf16=false --warm
 --warm_start_templates= --steps=6`) teaches a rate of searching, not when: its agent searched the bridge entity on 1
 bridge in 8 and kept single-hop questions; the three passes over the counted mix make the searches follow the
 question (the bridge entity searched on most bridges); with demonstrations that search the supporting articles
-only (`--demo_plan=oracle`, the default until 2026-12-07) that cost single-hop questions, whose first query the
-policy then took from an entity of the question; searching the question first keeps them (README: "Result").
+only (`--demo_plan=oracle`, the default until 2026-12-07), most of which open with a name from the question, that
+cost single-hop questions (the policy searched a name there too); opening every demonstration with the question as
+it is keeps them (README: "Result").
 `--preset=single_hop` is the earlier default (single-hop questions, 3 turns, 25 steps, neither warm start nor
 demonstrations), whose agent learns the first-title shortcut.
 The step line's metrics (also in metrics.jsonl) are listed in the README.
@@ -250,8 +251,8 @@ class Config(AgentConfig):
     group_demo: bool = True
     # how the demonstrations (warm start and group_demo) search: question_first = the question as it is first, then
     # each supporting article it did not return and the bridge entity (rollout.question_first_plan); oracle = the
-    # supporting articles only (rollout.oracle_plan, the default until 2026-12-07), whose first query a policy
-    # cannot know on a single-hop question (it then searches an entity of the question, README)
+    # supporting articles only (rollout.oracle_plan, the default until 2026-12-07): their first query is mostly a
+    # name from the question, and the policy then searched a name on single-hop questions too (README: "Result")
     demo_plan: str = "question_first"
     dry_run: bool = False           # print the per-GPU memory estimate and exit
     world_size: int = 0             # dry run only: world size to estimate for (0 = the current one)
