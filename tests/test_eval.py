@@ -409,10 +409,8 @@ class FakeSession:
     def __init__(self, results: dict):
         self.results = results
         self.urls = {}
-        self.queries = []
 
     def web_search(self, queries):
-        self.queries.append(queries[0])
         shown = self.results.get(queries[0], [])
         self.urls = {f"http://localweb/wiki/{title}": SimpleNamespace(title=title) for title, _ in shown}
         return "\n".join(f"{title}: {snippet}" for title, snippet in shown)
