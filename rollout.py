@@ -1,14 +1,15 @@
 """Generation engine and research-agent loop: everything that turns a policy into trajectories.
 
-Part 1, the engine (`Engine`, `generate`): a paged KV cache (`model.KVCache`: one pool of `block_size`-token blocks,
-a block table, a length per row and a refcount per block, so memory follows the tokens rows hold). Its pieces, in
+Part 1, the engine (`Engine`, `generate`): a paged KV cache (`model.KVCache`: one pool of `block_size`-token blocks, a
+block table, a length per row and a refcount per block, so memory follows the tokens rows hold). Its pieces, in
 reading order: the block pool (`BlockPool`: refcounts, free list, share, release), admission (`submit`: a GRPO group
-shares its prompt's full blocks by reference; `append`: forced tokens at the row's own offset), prefill, sampling,
-the decode step (`step`), and the CUDA-graph capture of that step. A row is free, decoding, parked (its turn ended,
-waiting for `append` or `release`) or waiting (it has tokens to prefill before it can go on). A row's last sampled
-token enters the cache with the next forward, so a stop token costs no forward. Each token comes with its log-prob
-under the sampling distribution (temperature applied, before top-p/top-k: what the trainer recomputes). Each row
-samples by Gumbel-max from its own generator seeded from (engine seed, row key), so its tokens do not depend on
+shares its prompt's full blocks by reference; `keep_prefix`: the head all of a rollout's prompts share, the system
+prompt and worked example, is prefilled once and held; `append`: forced tokens at the row's own offset), prefill,
+sampling, the decode step (`step`), and the CUDA-graph capture of that step. A row is free, decoding, parked (its turn
+ended, waiting for `append` or `release`) or waiting (it has tokens to prefill before it can go on). A row's last
+sampled token enters the cache with the next forward, so a stop token costs no forward. Each token comes with its
+log-prob under the sampling distribution (temperature applied, before top-p/top-k: what the trainer recomputes). Each
+row samples by Gumbel-max from its own generator seeded from (engine seed, row key), so its tokens do not depend on
 which rows share its batches or when tool calls return (logits still differ in the last bits with the batch: a
 near-tie can flip a token, rarely on CPU, more often in bf16).
 
@@ -31,8 +32,8 @@ goes on); format_error (neither call nor answer); context_limit; tool_failure (t
 trainer masks these); engine_error. `scripted_trajectory` builds, with no model, the trajectory a policy writing
 given turn texts would get, through the same code.
 
-Not here: a paged-attention kernel, prefix caching across groups, swapping preempted rows to host memory (they are
-re-prefilled), speculative decoding, beam search. Bench (decode step vs the bandwidth floor):
+Not here: a paged-attention kernel, automatic prefix caching (one kept prefix only), swapping preempted rows to host
+memory (they are re-prefilled), speculative decoding, beam search. Bench (decode step vs the bandwidth floor):
 `python bench/generate.py [--device=cuda]`; tests: `python -m pytest tests/test_engine.py tests/test_rollout.py`.
 """
 
@@ -292,6 +293,7 @@ class Engine:
         self.pool = BlockPool(self.cache, n_slots, self.max_blocks, self.device)
         self.slots = [Slot() for _ in range(n_slots)]
         self.n_admitted = 0  # rows admitted so far: the key of rows submitted without seeds, and their order
+        self._kept: tuple[list[int], list[int]] | None = None  # keep_prefix's (tokens, the blocks holding them)
         self._done: list[Finished] = []  # rows stopped since the last step() (a first token can already stop)
         self._pieces: dict[int, str] = {}  # token id -> its text alone (stop-string pre-check)
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
@@ -396,6 +398,51 @@ class Engine:
             return None
         return max(candidates, key=lambda i: self.slots[i].admitted)
 
+    # -------------------------------------------------------------------------------------------- a kept prefix
+    def keep_prefix(self, tokens: list[int]) -> int:
+        """Prefill the full blocks of `tokens` once and hold them: a prompt submitted later that starts with them
+        takes those blocks by reference and prefills only the rest (rollout() keeps the system prompt and worked
+        example that all its questions share). Returns how many tokens are kept: 0 when `tokens` fill no block, no
+        slot is free, or holding them would leave the pool too small for a group it takes now (one row at max_len
+        plus a partial block per other slot). The blocks hold this model's keys and values: drop_prefix() before
+        the weights change."""
+        self.drop_prefix()
+        n_blocks = min(len(tokens), self.max_len - 1) // self.block_size
+        free_slots = [i for i, s in enumerate(self.slots) if s.state == FREE]
+        if n_blocks == 0 or not free_slots or self.pool.n_free - n_blocks < self.max_blocks + self.n_slots - 1:
+            return 0
+        slot = free_slots[0]
+        kept = list(tokens[: n_blocks * self.block_size])
+        self.slots[slot].seq = kept
+        self._reserve([slot], [len(kept)])
+        try:
+            self._prefill([slot])
+        except BaseException:
+            self.release(slot)
+            raise
+        blocks = self.slots[slot].blocks
+        self.slots[slot] = Slot()  # the engine holds the blocks now (refcount 1), not a row
+        self.pool.clear_row(slot)
+        self._kept = (kept, blocks)
+        return len(kept)
+
+    def drop_prefix(self) -> None:
+        """Let go of the kept prefix: its blocks go back to the pool once no row holds them."""
+        if self._kept is not None:
+            self.pool.drop(self._kept[1])
+            self._kept = None
+
+    def _reuse_kept(self, slot: int) -> None:
+        """A new row whose tokens start with the kept prefix holds its blocks by reference: they are cached."""
+        if self._kept is None:
+            return
+        tokens, blocks = self._kept
+        row = self.slots[slot]
+        if len(row.seq) > len(tokens) and row.seq[: len(tokens)] == tokens:
+            self.pool.share(blocks, 1)
+            self._grant([(slot, list(blocks))])
+            row.cached = len(tokens)
+
     # -------------------------------------------------------------------------------------------- admission
     def group_blocks(self, prompt_len: int, n: int) -> int:
         """Blocks a group of n rows sharing a prompt of prompt_len tokens takes at submit."""
@@ -439,6 +486,7 @@ class Engine:
         heads = [group[0] for group in groups]
         for head, prompt in zip(heads, prompts):
             self.slots[head].seq = list(prompt)
+            self._reuse_kept(head)
         self._reserve(heads, [len(p) for p in prompts])
         logits = self._prefill(heads)  # (P, V)
         for group in groups:
@@ -1197,6 +1245,8 @@ def rollout(model, tokenizer, questions: list[str], browser, cfg: RolloutConfig,
     rows: dict[int, Row] = {}
     with ThreadPoolExecutor(max_workers=cfg.tool_threads, thread_name_prefix="tool") as tool_pool:
         try:
+            if len(queue) > 1:  # the prompts' shared head (system prompt, worked example): prefilled once
+                engine.keep_prefix(shared_head([trajs[index * group_size].tokens for index in queue]))
             while queue or rows:
                 # admission: whole groups, while the engine has slots and blocks for a prompt and a turn
                 while queue and engine.can_admit(len(trajs[queue[0] * group_size].tokens), group_size,
@@ -1224,7 +1274,19 @@ def rollout(model, tokenizer, questions: list[str], browser, cfg: RolloutConfig,
         finally:
             for slot in list(rows):  # an error leaves no slot taken: the engine takes the next rollout
                 close_row(engine, rows, slot)
+            engine.drop_prefix()  # the next rollout may run on other weights
     return trajs
+
+
+def shared_head(sequences: list[list[int]]) -> list[int]:
+    """The longest list of leading tokens every sequence starts with."""
+    head = sequences[0]
+    for sequence in sequences[1:]:
+        length = 0
+        while length < min(len(head), len(sequence)) and head[length] == sequence[length]:
+            length += 1
+        head = head[:length]
+    return head
 
 
 def admit_group(engine, framing: Framing, browser, group: list[Trajectory], seed: int) -> dict[int, Row]:

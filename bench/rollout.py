@@ -190,6 +190,12 @@ class TimedEngine:
     def reseed(self, seed):
         self.e.reseed(seed)
 
+    def keep_prefix(self, tokens):
+        return self._timed(self.e.keep_prefix, tokens)
+
+    def drop_prefix(self):
+        self.e.drop_prefix()
+
     def submit(self, *a, **kw):
         return self._timed(self.e.submit, *a, **kw)
 

@@ -429,6 +429,47 @@ def test_group_sharing_equals_separate_prefills(model):
     assert set(full) <= set(eng.free_blocks)
 
 
+def test_kept_prefix_is_prefilled_once_and_changes_no_token(model):
+    """keep_prefix: prompts that start with the kept tokens hold its full blocks by reference and prefill only the
+    rest; their greedy tokens are those of plain prefills, a prompt that does not start with it is prefilled whole,
+    and once every row and the prefix are let go, every block is free. A pool that could then not take a row at
+    max_len keeps nothing."""
+    head = make_prompts((21,), seed=21)[0]  # 5 full blocks of 4 and one token left over
+    tails = make_prompts((3, 7), seed=22)
+    other = make_prompts((9,), seed=23)[0]
+    prompts = [head + tails[0], head + tails[1], other]
+    calls = []
+
+    class Counting(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner, self.config = model, model.config
+
+        def forward(self, tokens, **kw):
+            calls.append(tokens.shape[1])
+            return self.inner(tokens, **kw)
+
+    eng = Engine(Counting(), n_slots=4, max_len=64, block_size=4)
+    assert eng.keep_prefix(head) == 20
+    kept = eng._kept[1]
+    assert calls == [20] and all(eng.refs[b] == 1 for b in kept)
+    slots = [eng.submit(prompt, GREEDY, n=n) for prompt, n in zip(prompts, (2, 1, 1))]
+    assert calls[1:] == [4, 8, 9]  # 24 - 20, 28 - 20, and the other prompt whole
+    assert eng.slots[slots[0][0]].blocks[:5] == kept and eng.slots[slots[1][0]].blocks[:5] == kept
+    assert all(eng.refs[b] == 4 for b in kept)  # the engine, the group's two rows, the second prompt's row
+    done = run(eng, [s for group in slots for s in group])
+    for prompt, group in zip(prompts, slots):
+        assert [done[s].tokens for s in group] == [argmax_loop(model, prompt, 10)] * len(group)
+    for slot in range(eng.n_slots):
+        eng.release(slot)
+    assert all(eng.refs[b] == 1 for b in kept) and not set(kept) & set(eng.free_blocks)
+    eng.drop_prefix()
+    check_blocks(eng)
+    assert len(eng.free_blocks) == eng.cache.n_blocks - 1
+    tight = Engine(model, n_slots=4, max_len=64, block_size=4, kv_tokens=64 + 3 * 4)
+    assert tight.keep_prefix(head) == 0 and tight._kept is None
+
+
 def test_submit_many_groups_of_several_prompts(model):
     """submit_many(prompts, n=G): one ragged prefill, each prompt's cache copied into its own G rows."""
     prompts = make_prompts((11, 4, 7), seed=15)

@@ -86,6 +86,12 @@ class FakeEngine:
     def reseed(self, seed):
         pass
 
+    def keep_prefix(self, tokens):
+        return 0
+
+    def drop_prefix(self):
+        pass
+
     def _start(self, slot, sampling):
         row = self.rows.setdefault(slot, {"turn": 0})
         text = self.policy(self.tok.decode(self.cache[slot]), row["turn"])
@@ -719,6 +725,38 @@ def test_rollout_over_a_pool_too_small_preempts_and_matches_a_large_pool(tiny_po
         again = rollout(model, tok, questions[::-1], FakeBrowser(), POOL_CFG, group_size=2, seed=1,
                         engine=small_engine)
     assert [t.tokens for t in again] == [t.tokens for t in large[4:] + large[2:4] + large[:2]]
+
+
+def test_rollout_prefills_the_shared_head_once_and_changes_no_token(tiny_policy):
+    """rollout() keeps the head its prompts share (system prompt, worked example) in the engine for the rollout
+    and lets go of it after: the same greedy tokens as an engine that keeps nothing, and every block free after."""
+    import functools
+
+    import torch
+
+    from rollout import Engine
+
+    model, tok = tiny_policy
+    kept = []
+
+    class Keeps(Engine):
+        def keep_prefix(self, tokens):
+            kept.append(super().keep_prefix(tokens))
+            return kept[-1]
+
+    class KeepsNothing(Engine):
+        def keep_prefix(self, tokens):
+            return 0
+
+    questions = ["Who?", "Where is it?", "When?"]
+    decode_raw = functools.partial(tok.decode, skip_special_tokens=False)
+    engines = [cls(model, n_slots=POOL_CFG.n_slots, max_len=POOL_CFG.max_len, decode=decode_raw)
+               for cls in (Keeps, KeepsNothing)]
+    with torch.no_grad():
+        runs = [rollout(model, tok, questions, FakeBrowser(), POOL_CFG, group_size=2, engine=e) for e in engines]
+    assert kept and kept[0] >= 16  # at least one full block of the shared head
+    assert [t.tokens for t in runs[0]] == [t.tokens for t in runs[1]]
+    assert engines[0]._kept is None and len(engines[0].free_blocks) == engines[0].cache.n_blocks - 1
 
 
 def test_engine_is_usable_after_a_failed_rollout(tiny_policy):
