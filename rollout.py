@@ -413,8 +413,8 @@ class Engine:
             return 0
         slot = free_slots[0]
         kept = list(tokens[: n_blocks * self.block_size])
-        self.slots[slot].seq = kept
         self._reserve([slot], [len(kept)])
+        self.slots[slot].seq = kept
         try:
             self._prefill([slot])
         except BaseException:
