@@ -1246,7 +1246,8 @@ def rollout(model, tokenizer, questions: list[str], browser, cfg: RolloutConfig,
     with ThreadPoolExecutor(max_workers=cfg.tool_threads, thread_name_prefix="tool") as tool_pool:
         try:
             if len(queue) > 1:  # the prompts' shared head (system prompt, worked example): prefilled once
-                engine.keep_prefix(shared_head([trajs[index * group_size].tokens for index in queue]))
+                # (commonprefix compares any sequences item by item, token lists too)
+                engine.keep_prefix(os.path.commonprefix([trajs[index * group_size].tokens for index in queue]))
             while queue or rows:
                 # admission: whole groups, while the engine has slots and blocks for a prompt and a turn
                 while queue and engine.can_admit(len(trajs[queue[0] * group_size].tokens), group_size,
@@ -1276,17 +1277,6 @@ def rollout(model, tokenizer, questions: list[str], browser, cfg: RolloutConfig,
                 close_row(engine, rows, slot)
             engine.drop_prefix()  # the next rollout may run on other weights
     return trajs
-
-
-def shared_head(sequences: list[list[int]]) -> list[int]:
-    """The longest list of leading tokens every sequence starts with."""
-    head = sequences[0]
-    for sequence in sequences[1:]:
-        length = 0
-        while length < min(len(head), len(sequence)) and head[length] == sequence[length]:
-            length += 1
-        head = head[:length]
-    return head
 
 
 def admit_group(engine, framing: Framing, browser, group: list[Trajectory], seed: int) -> dict[int, Row]:
