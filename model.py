@@ -15,6 +15,7 @@ Tests: `python -m pytest tests/test_model.py` (logits against transformers); ben
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -274,6 +275,9 @@ class Transformer(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.gradient_checkpointing = False
+        # the embeddings and the first `frozen_blocks` blocks run without autograd: no gradient reaches their weights
+        # and the backward stops above them (train.py's warm start); a tied lm_head still gets its output gradient
+        self.frozen_blocks = 0
         self._inv_freq: dict = {}  # device -> fp32 inverse frequencies; not a buffer so .to(bf16) never rounds it
 
     def forward(self, tokens, positions=None, cache: KVCache | None = None, block_table=None, logits_at=None,
@@ -295,11 +299,15 @@ class Transformer(nn.Module):
         if shared:
             tokens = torch.cat((tokens[0, :prefix], tokens[:, prefix:].flatten()))[None]  # (1, P + B * (T - P))
             positions = torch.cat((positions[0, :prefix], positions[:, prefix:].flatten()))[None]
-        x = self.model.embed_tokens(tokens)  # (B, T, C), or (1, P + B * (T - P), C) with a shared prefix
-        cos, sin = self._rope(positions, x.dtype)  # (B, 1, T, D)
+        frozen = self.model.layers[: self.frozen_blocks]
+        with torch.no_grad() if self.frozen_blocks else contextlib.nullcontext():
+            x = self.model.embed_tokens(tokens)  # (B, T, C), or (1, P + B * (T - P), C) with a shared prefix
+            cos, sin = self._rope(positions, x.dtype)  # (B, 1, T, D)
+            args = (cos, sin, positions, cache, block_table, shared)
+            for layer in frozen:
+                x = layer(x, *args)
         ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        args = (cos, sin, positions, cache, block_table, shared)
-        for layer in self.model.layers:
+        for layer in self.model.layers[self.frozen_blocks:]:
             x = checkpoint(layer, x, *args, use_reentrant=False) if ckpt else layer(x, *args)
         if shared:  # back to (B, T, C), each row with its own copy of the prefix
             x = torch.cat((x[:, :prefix].expand(B, -1, -1), x[0, prefix:].unflatten(0, (B, -1))), dim=1)

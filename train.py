@@ -97,8 +97,10 @@ question, its real search, its answer; without it a 135M model never writes an `
 lr 1e-5, no KL; a warm start ("The algorithm, 5": three passes, 24 supervised steps, over 64 scripted
 demonstrations: 24 bridges, 16 comparisons and 24 from the other templates; each searches the question as it is,
 then the supporting articles that search did not return and a bridge's bridge entity, then answers: `demo_plan`)
-and, in every GRPO group, one such demonstration in place of a sampled trajectory (`group_demo`), because GRPO alone
-drives a 135M policy to one search per question (README); then 4 GRPO steps of 4 questions x 8; on a CPU the
+that trains the top 15 of the 30 blocks and the (tied) output layer only (`warm_start_frozen_layers`: its backward
+stops above the embeddings and the lowest 15 blocks; 598 s instead of 993 s on a 2-core AVX2 CPU) and, in every GRPO
+group, one such demonstration in place of a sampled trajectory (`group_demo`), because GRPO alone
+drives a 135M policy to one search per question (README); then 5 GRPO steps of 4 questions x 8; on a CPU the
 updates' matmuls run in bf16 autocast with fp32 weights where the CPU has bf16 instructions (`cpu_bf16=auto`, ~1.7x
 faster warm start; without them bf16 is 6-16x slower, so auto keeps fp32). One pass over demonstrations from every
 template (the default until 2026-12-06's sixth session: `--cpu_bf16=false --warm_start_epochs=1
@@ -191,7 +193,7 @@ class Config(AgentConfig):
     data: str = "data/qa_train_research.jsonl"  # .jsonl / .parquet (data/prepare.py schema); the research mix
     out_dir: str = "runs/train"
     # steps and batch
-    steps: int = 4                  # GRPO steps after the warm start (the whole default run: README, Result)
+    steps: int = 5                  # GRPO steps after the warm start (the whole default run: README, Result)
     batch_size: int = 4             # questions per step, over all ranks (divisible by world size)
     group_size: int = 8             # trajectories per question (G); 8 gives most groups a reward spread
     # optimisation
@@ -233,6 +235,8 @@ class Config(AgentConfig):
     wandb_project: str = ""         # "" = off; imported lazily
     eval_every: int = 6             # greedy dev F1 on `eval_n` fixed dev questions every N steps and at the end,
                                     # and before the first step (0 = off)
+    eval_before_warm_start: bool = False  # with a warm start, also a dev point of the model we were given (~80 s
+                                    # here; `eval.py --limit=<eval_n>` gives the same number); without one, always
     eval_data: str = "data/qa_dev_research.jsonl"
     eval_n: int = 64
     # the warm start ("The algorithm, 5"): supervised steps on scripted oracle demonstrations before the first GRPO
@@ -242,6 +246,10 @@ class Config(AgentConfig):
     warm_start_epochs: int = 3      # passes over the demonstrations, each a seeded shuffle of the last; 3 make
                                     # the policy's searches follow the question (1 pass: a rate, README)
     warm_start_lr: float = 1e-4     # its own AdamW; GRPO's optimizer starts fresh after it
+    # the warm start trains the top blocks only: the embeddings and the first N transformer blocks run without autograd
+    # (Transformer.frozen_blocks), so its backward stops above them (15 of SmolLM2's 30: ~40% less compute per step on
+    # a CPU); a tied output layer still trains. GRPO trains every parameter. 0 = the whole model
+    warm_start_frozen_layers: int = 15
     # comma-separated question templates the demonstrations come from ("" = any), each with an optional count:
     # 24 bridges, 16 comparisons, the rest from the other templates in the seeded order (README: "Result")
     warm_start_templates: str = "bridge:24,comparison:16,read,what,who,country"
@@ -1081,6 +1089,10 @@ def warm_start(run: Run, cfg: Config, proc: Dist) -> dict:
     it). Returns metrics: the NLL per trained token of the first and the last step, the demonstrations used, the
     seconds it took."""
     started = time.perf_counter()
+    n_blocks = len(run.model.model.layers)
+    if cfg.warm_start_frozen_layers >= n_blocks:
+        raise ValueError(f"warm_start_frozen_layers={cfg.warm_start_frozen_layers} leaves none of the model's {n_blocks} "
+                         f"transformer blocks to train: pass {n_blocks // 2} or less (0 trains the whole model)")
     demos = demonstrations(run.questions, run.tokenizer, run.browser, cfg, proc)
     optimizer = torch.optim.AdamW(run.model.parameters(), lr=cfg.warm_start_lr, weight_decay=0.0)
     per_rank = max(cfg.warm_start_batch // proc.world, 1)
@@ -1088,14 +1100,18 @@ def warm_start(run: Run, cfg: Config, proc: Dist) -> dict:
     n_steps = steps_per_epoch * cfg.warm_start_epochs
     nll_per_token = []
     this_pass = demos
-    for step in tqdm(range(n_steps), desc="warm start", disable=not proc.main):
-        epoch, step_in_epoch = divmod(step, steps_per_epoch)
-        if step_in_epoch == 0 and epoch > 0:  # a later pass: the previous pass's demonstrations in a seeded shuffle
-            order = epoch_permutation(len(demos), epoch=epoch, seed=cfg.seed).tolist()
-            this_pass = [this_pass[index] for index in order]
-        part = this_pass[step_in_epoch * per_rank: (step_in_epoch + 1) * per_rank]
-        step_nll, _ = supervised_step(run.model, optimizer, part, cfg, proc)
-        nll_per_token.append(step_nll)
+    run.model.frozen_blocks = cfg.warm_start_frozen_layers
+    try:
+        for step in tqdm(range(n_steps), desc="warm start", disable=not proc.main):
+            epoch, step_in_epoch = divmod(step, steps_per_epoch)
+            if step_in_epoch == 0 and epoch > 0:  # a later pass: the previous pass's demonstrations, seeded shuffle
+                order = epoch_permutation(len(demos), epoch=epoch, seed=cfg.seed).tolist()
+                this_pass = [this_pass[index] for index in order]
+            part = this_pass[step_in_epoch * per_rank: (step_in_epoch + 1) * per_rank]
+            step_nll, _ = supervised_step(run.model, optimizer, part, cfg, proc)
+            nll_per_token.append(step_nll)
+    finally:
+        run.model.frozen_blocks = 0
     n_demos = all_reduce_dict({"demos": len(demos)}, "sum", proc)["demos"]
     metrics = {"warm_start_demos": n_demos, "warm_start_steps": n_steps,
                "warm_start_nll_first": nll_per_token[0] if nll_per_token else None,
@@ -1808,12 +1824,16 @@ def open_run(cfg: Config, proc: Dist) -> Run:
         engine = make_engine(model, tokenizer, rollout_cfg, seed=cfg.seed)  # its KV pool lives as long as the run
     run = Run(tokenizer, model, ref_model, optimizer, questions, dev, browser, rollout_cfg, start, history, engine,
               question_kinds(questions))
-    if dev and start == 0:  # the curve starts at the model we were given, beside the no-model shortcut
-        history.append({"step": 0, **dev_metrics(run, cfg, proc)})
+    if dev and start == 0:  # the curve starts beside the no-model shortcut on the same questions
+        history.append({"step": 0})
         if proc.main:
             history[-1]["dev_f1_first_title"] = first_title_f1(run, cfg)
-            print(f"step 0 | dev_f1 {history[-1]['dev_f1']:.4g} (greedy, {len(dev)} questions of {cfg.eval_data}) | "
-                  f"the first-title shortcut on them: {history[-1]['dev_f1_first_title']:.4g}")
+            print(f"the first-title shortcut on {len(dev)} questions of {cfg.eval_data}: "
+                  f"dev_f1 {history[-1]['dev_f1_first_title']:.4g}")
+        if cfg.warm_start_demos == 0 or cfg.eval_before_warm_start:  # the model we were given
+            history[-1].update(dev_metrics(run, cfg, proc))
+            if proc.main:
+                print(f"step 0 | dev_f1 {history[-1]['dev_f1']:.4g} (greedy)")
     if cfg.warm_start_demos > 0 and start == 0:
         point = warm_start(run, cfg, proc)
         if dev:  # the warm start alone, before any GRPO step: what RL adds is what comes after this point

@@ -771,8 +771,19 @@ def test_default_config_one_step(tmp_path):
     state = json.loads(max((out / "ckpt").glob("step_*/state.json")).read_text())
     warm = state["history"][0]
     assert warm["warm_start_demos"] == 4 and "dev_f1_warm_start" in warm
+    assert "dev_f1" not in warm and "dev_f1_first_title" in warm  # no dev point of the base model (eval.py has it)
     assert warm["warm_start_steps"] == 4  # 2 passes over 4 demonstrations, 2 per step
-    assert (out / "warm_start" / "hf" / "config.json").exists()
+    # the warm start trained the top 15 of the 30 blocks only (warm_start_frozen_layers); GRPO then trains them all
+    from safetensors.torch import load_file
+
+    from data.models import resolve_model
+    base = load_file(str(Path(resolve_model(Config.model)) / "model.safetensors"))
+    warmed = _hf_weights(out / "warm_start")
+    grpo = _hf_weights(out / "ckpt" / "step_000001")
+    for name in ("model.layers.0.mlp.up_proj.weight", "model.layers.14.self_attn.q_proj.weight"):
+        assert torch.equal(warmed[name], base[name]) and not torch.equal(grpo[name], warmed[name])
+    assert not torch.equal(warmed["model.layers.15.self_attn.q_proj.weight"],
+                           base["model.layers.15.self_attn.q_proj.weight"])
     assert (out / "reward.png").stat().st_size > 1000
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and cfg["data"] == "data/qa_train_research.jsonl"
@@ -982,6 +993,41 @@ def test_supervised_step_is_grpo_with_advantage_one(tiny_qwen2):
     assert torch.allclose(params[0], params[1], atol=1e-6, rtol=1e-4)
     # a group shares its 4 prompt tokens; the prefix stops before the position that predicts the first trained one
     assert train.common_prefix_length(samples[:3]) == 3 and train.common_prefix_length(samples[2:4]) == 0
+
+
+def test_frozen_blocks_stop_the_backward_and_leave_the_other_gradients_exact(tiny_qwen2, tiny_qwen2_untied):
+    """Transformer.frozen_blocks = 1 (of 2, the warm start's warm_start_frozen_layers): the embeddings as inputs and
+    block 0 get no gradient; every other parameter gets exactly the gradient of the whole model (the frozen part
+    only stops the backward), a tied output layer its output part. The logits do not change. Freezing every block is
+    an error before the warm start does anything."""
+    from types import SimpleNamespace
+
+    from model import Transformer
+
+    samples = [dataclasses.replace(sample, advantage=1.0) for sample in _grouped_samples(5, [0.0] * 6)]
+    cfg = Config(micro_tokens=10_000, cpu_bf16="false")
+    batch = train.collate(samples, "cpu")
+    for path in (tiny_qwen2, tiny_qwen2_untied):
+        grads, logps = [], []
+        for frozen_blocks in (0, 1):
+            model = Transformer.from_pretrained(path)
+            model.gradient_checkpointing = True
+            model.frozen_blocks = frozen_blocks
+            logp, _ = token_logprobs(model, batch.tokens, batch.mask)
+            logps.append(logp.detach())
+            (-logp.sum()).backward()
+            grads.append({name: param.grad for name, param in model.named_parameters()})
+        torch.testing.assert_close(logps[1], logps[0], rtol=0, atol=0)
+        for name, grad in grads[1].items():
+            if name.startswith("model.layers.0."):
+                assert grad is None, name
+            elif name == "model.embed_tokens.weight":
+                assert grad is None if path == tiny_qwen2_untied else not torch.equal(grad, grads[0][name])
+            else:
+                torch.testing.assert_close(grad, grads[0][name], rtol=1e-5, atol=1e-7)  # an untied lm_head too
+    run = SimpleNamespace(model=Transformer.from_pretrained(tiny_qwen2))
+    with pytest.raises(ValueError, match="warm_start_frozen_layers=2 leaves none of the model's 2 transformer blocks"):
+        train.warm_start(run, Config(warm_start_frozen_layers=2), train.Dist())
 
 
 def test_cpu_bf16_runs_the_updates_in_bfloat16_with_fp32_weights(tiny_qwen2):
