@@ -1091,8 +1091,9 @@ def warm_start(run: Run, cfg: Config, proc: Dist) -> dict:
     started = time.perf_counter()
     n_blocks = len(run.model.model.layers)
     if cfg.warm_start_frozen_layers >= n_blocks:
-        raise ValueError(f"warm_start_frozen_layers={cfg.warm_start_frozen_layers} leaves none of the model's {n_blocks} "
-                         f"transformer blocks to train: pass {n_blocks // 2} or less (0 trains the whole model)")
+        raise ValueError(f"warm_start_frozen_layers={cfg.warm_start_frozen_layers} leaves none of the model's "
+                         f"{n_blocks} transformer blocks to train: pass {n_blocks // 2} or less (0 trains the whole "
+                         f"model)")
     demos = demonstrations(run.questions, run.tokenizer, run.browser, cfg, proc)
     optimizer = torch.optim.AdamW(run.model.parameters(), lr=cfg.warm_start_lr, weight_decay=0.0)
     per_rank = max(cfg.warm_start_batch // proc.world, 1)
