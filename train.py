@@ -100,7 +100,7 @@ then the supporting articles that search did not return and a bridge's bridge en
 that trains the top 15 of the 30 blocks and the (tied) output layer only (`warm_start_frozen_layers`: its backward
 stops above the embeddings and the lowest 15 blocks; 598 s instead of 993 s on a 2-core AVX2 CPU) and, in every GRPO
 group, one such demonstration in place of a sampled trajectory (`group_demo`), because GRPO alone
-drives a 135M policy to one search per question (README); then 5 GRPO steps of 4 questions x 8; on a CPU the
+drives a 135M policy to one search per question (README); then 4 GRPO steps of 4 questions x 8; on a CPU the
 updates' matmuls run in bf16 autocast with fp32 weights where the CPU has bf16 instructions (`cpu_bf16=auto`, ~1.7x
 faster warm start; without them bf16 is 6-16x slower, so auto keeps fp32). One pass over demonstrations from every
 template (the default until 2026-12-06's sixth session: `--cpu_bf16=false --warm_start_epochs=1
@@ -193,7 +193,7 @@ class Config(AgentConfig):
     data: str = "data/qa_train_research.jsonl"  # .jsonl / .parquet (data/prepare.py schema); the research mix
     out_dir: str = "runs/train"
     # steps and batch
-    steps: int = 5                  # GRPO steps after the warm start (the whole default run: README, Result)
+    steps: int = 4                  # GRPO steps after the warm start (the whole default run: README, Result)
     batch_size: int = 4             # questions per step, over all ranks (divisible by world size)
     group_size: int = 8             # trajectories per question (G); 8 gives most groups a reward spread
     # optimisation
