@@ -234,7 +234,7 @@ class Config(AgentConfig):
     min_entropy: float = 1e-3       # mean token entropy below this for 3 steps in a row = collapse: stop
     wandb_project: str = ""         # "" = off; imported lazily
     eval_every: int = 6             # greedy dev F1 on `eval_n` fixed dev questions every N steps and at the end,
-                                    # and before the first step (0 = off)
+                                    # and before the first step, after the warm start where there is one (0 = off)
     eval_before_warm_start: bool = False  # with a warm start, also a dev point of the model we were given (~80 s
                                     # here; `eval.py --limit=<eval_n>` gives the same number); without one, always
     eval_data: str = "data/qa_dev_research.jsonl"

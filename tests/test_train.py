@@ -1005,7 +1005,6 @@ def test_frozen_blocks_stop_the_backward_and_leave_the_other_gradients_exact(tin
     from model import Transformer
 
     samples = [dataclasses.replace(sample, advantage=1.0) for sample in _grouped_samples(5, [0.0] * 6)]
-    cfg = Config(micro_tokens=10_000, cpu_bf16="false")
     batch = train.collate(samples, "cpu")
     for path in (tiny_qwen2, tiny_qwen2_untied):
         grads, logps = [], []
