@@ -97,8 +97,8 @@ question, its real search, its answer; without it a 135M model never writes an `
 lr 1e-5, no KL; a warm start ("The algorithm, 5": three passes, 24 supervised steps, over 64 scripted
 demonstrations: 24 bridges, 16 comparisons and 24 from the other templates; each searches the question as it is,
 then the supporting articles that search did not return and a bridge's bridge entity, then answers: `demo_plan`)
-that trains the top 15 of the 30 blocks and the (tied) output layer only (`warm_start_frozen_layers`: its backward
-stops above the embeddings and the lowest 15 blocks; 598 s instead of 993 s on a 2-core AVX2 CPU) and, in every GRPO
+that trains the top 20 of the 30 blocks and the (tied) output layer only (`warm_start_frozen_layers`: its backward
+stops above the embeddings and the lowest 10 blocks; 697 s instead of 993 s on a 2-core AVX2 CPU) and, in every GRPO
 group, one such demonstration in place of a sampled trajectory (`group_demo`), because GRPO alone
 drives a 135M policy to one search per question (README); then 4 GRPO steps of 4 questions x 8; on a CPU the
 updates' matmuls run in bf16 autocast with fp32 weights where the CPU has bf16 instructions (`cpu_bf16=auto`, ~1.7x
@@ -247,9 +247,10 @@ class Config(AgentConfig):
                                     # the policy's searches follow the question (1 pass: a rate, README)
     warm_start_lr: float = 1e-4     # its own AdamW; GRPO's optimizer starts fresh after it
     # the warm start trains the top blocks only: the embeddings and the first N transformer blocks run without autograd
-    # (Transformer.frozen_blocks), so its backward stops above them (15 of SmolLM2's 30: ~40% less compute per step on
-    # a CPU); a tied output layer still trains. GRPO trains every parameter. 0 = the whole model
-    warm_start_frozen_layers: int = 15
+    # (Transformer.frozen_blocks), so its backward stops above them (10 of SmolLM2's 30: ~30% less time per step on
+    # a CPU); a tied output layer still trains. GRPO trains every parameter. 0 = the whole model. One run each: 10
+    # gave single-hop dev F1 61.3, 0 gave 56.8 and 15 gave 52.9, with like research F1 (README: "Result")
+    warm_start_frozen_layers: int = 10
     # comma-separated question templates the demonstrations come from ("" = any), each with an optional count:
     # 24 bridges, 16 comparisons, the rest from the other templates in the seeded order (README: "Result")
     warm_start_templates: str = "bridge:24,comparison:16,read,what,who,country"

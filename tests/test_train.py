@@ -773,17 +773,17 @@ def test_default_config_one_step(tmp_path):
     assert warm["warm_start_demos"] == 4 and "dev_f1_warm_start" in warm
     assert "dev_f1" not in warm and "dev_f1_first_title" in warm  # no dev point of the base model (eval.py has it)
     assert warm["warm_start_steps"] == 4  # 2 passes over 4 demonstrations, 2 per step
-    # the warm start trained the top 15 of the 30 blocks only (warm_start_frozen_layers); GRPO then trains them all
+    # the warm start trained the top 20 of the 30 blocks only (warm_start_frozen_layers=10); GRPO then trains them all
     from safetensors.torch import load_file
 
     from data.models import resolve_model
     base = load_file(str(Path(resolve_model(Config.model)) / "model.safetensors"))
     warmed = _hf_weights(out / "warm_start")
     grpo = _hf_weights(out / "ckpt" / "step_000001")
-    for name in ("model.layers.0.mlp.up_proj.weight", "model.layers.14.self_attn.q_proj.weight"):
+    for name in ("model.layers.0.mlp.up_proj.weight", "model.layers.9.self_attn.q_proj.weight"):
         assert torch.equal(warmed[name], base[name]) and not torch.equal(grpo[name], warmed[name])
-    assert not torch.equal(warmed["model.layers.15.self_attn.q_proj.weight"],
-                           base["model.layers.15.self_attn.q_proj.weight"])
+    assert not torch.equal(warmed["model.layers.10.self_attn.q_proj.weight"],
+                           base["model.layers.10.self_attn.q_proj.weight"])
     assert (out / "reward.png").stat().st_size > 1000
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and cfg["data"] == "data/qa_train_research.jsonl"
