@@ -248,8 +248,8 @@ class Config(AgentConfig):
     warm_start_lr: float = 1e-4     # its own AdamW; GRPO's optimizer starts fresh after it
     # the warm start trains the top blocks only: the embeddings and the first N transformer blocks run without autograd
     # (Transformer.frozen_blocks), so its backward stops above them (10 of SmolLM2's 30: ~30% less time per step on
-    # a CPU); a tied output layer still trains. GRPO trains every parameter. 0 = the whole model. One run each: 10
-    # gave single-hop dev F1 61.3, 0 gave 56.8 and 15 gave 52.9, with like research F1 (README: "Result")
+    # a CPU); a tied output layer still trains. GRPO trains every parameter. 0 = the whole model. At seed 0, 10 gave
+    # single-hop dev F1 61.3, 0 gave 56.8 and 15 gave 52.9, with like research F1; 10 at seed 1 gave 45.3 (README)
     warm_start_frozen_layers: int = 10
     # comma-separated question templates the demonstrations come from ("" = any), each with an optional count:
     # 24 bridges, 16 comparisons, the rest from the other templates in the seeded order (README: "Result")
