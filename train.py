@@ -1093,7 +1093,7 @@ def warm_start(run: Run, cfg: Config, proc: Dist) -> dict:
     n_blocks = len(run.model.model.layers)
     if cfg.warm_start_frozen_layers >= n_blocks:
         raise ValueError(f"warm_start_frozen_layers={cfg.warm_start_frozen_layers} leaves none of the model's "
-                         f"{n_blocks} transformer blocks to train: pass {n_blocks // 2} or less (0 trains the whole "
+                         f"{n_blocks} transformer blocks to train: pass {n_blocks - 1} or less (0 trains the whole "
                          f"model)")
     demos = demonstrations(run.questions, run.tokenizer, run.browser, cfg, proc)
     optimizer = torch.optim.AdamW(run.model.parameters(), lr=cfg.warm_start_lr, weight_decay=0.0)
@@ -1138,7 +1138,7 @@ LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")  # 
 MINIMUM = dict(steps=1, group_size=2, batch_size=1, max_turns=1, max_new_tokens=1, max_len=2, n_slots=1,
                micro_tokens=1, save_every=1, keep_last=1, n_minibatches=1, ppo_epochs=1, top_k=1, limit=0,
                warm_start_epochs=1, warmup_steps=0, plot_every=0, temperature=0, lr=0, kl_coef=0, entropy_coef=0,
-               grad_clip=0)
+               grad_clip=0, warm_start_frozen_layers=0)
 
 
 def check_model(name: str) -> None:

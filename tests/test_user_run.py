@@ -38,6 +38,7 @@ def _bad_inputs(tmp_path):
         (dict(steps=-3), r"--steps=-3: must be at least 1"),
         (dict(steps=0), r"--steps=0: must be at least 1"),
         (dict(group_size=1), r"--group_size=1: .*GRPO.*at least 2"),
+        (dict(warm_start_frozen_layers=-1), r"--warm_start_frozen_layers=-1: must be at least 0"),  # a negative slice froze all but one
         (dict(data=empty), r"holds no questions"),
         (dict(data=broken), r"broken\.jsonl: line 5 is not valid JSON"),
         (dict(data=no_q), r"no_question\.jsonl: line 2 has no 'question' field"),
@@ -46,7 +47,7 @@ def _bad_inputs(tmp_path):
     ]
 
 
-@pytest.mark.parametrize("case", range(8))
+@pytest.mark.parametrize("case", range(9))
 def test_bad_input_fails_at_startup_in_one_line(case, tmp_path, tiny_qwen2, monkeypatch):
     """Each bad input stops with a one-line SystemExit message before any model is built or resolved."""
     def no_model(*a, **k):
