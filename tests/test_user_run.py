@@ -38,7 +38,7 @@ def _bad_inputs(tmp_path):
         (dict(steps=-3), r"--steps=-3: must be at least 1"),
         (dict(steps=0), r"--steps=0: must be at least 1"),
         (dict(group_size=1), r"--group_size=1: .*GRPO.*at least 2"),
-        (dict(warm_start_frozen_layers=-1), r"--warm_start_frozen_layers=-1: must be at least 0"),  # a negative slice froze all but one
+        (dict(warm_start_frozen_layers=-1), r"--warm_start_frozen_layers=-1: must be at least 0"),  # slicing froze 29
         (dict(data=empty), r"holds no questions"),
         (dict(data=broken), r"broken\.jsonl: line 5 is not valid JSON"),
         (dict(data=no_q), r"no_question\.jsonl: line 2 has no 'question' field"),
